@@ -1,0 +1,245 @@
+"""Model configuration: one frozen dataclass for both families, plus the layer layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+FAMILIES = ("llama", "opt")
+# Hugging Face `model_type` values we can run, and the family that runs them.
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "opt": "opt"}
+SEGMENT_KINDS = ("layers", "layer", "ffn", "mlp")
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """A run of the decoder stack.
+
+    `layers`: `num_layers` original decoder layers, stacked and scanned.
+    `layer`, `ffn`, `mlp`: one replacement block standing in for a pruned span.
+    """
+
+    kind: str
+    num_layers: int = 1
+    width: int | None = None  # hidden width of an `mlp` block
+
+    def __post_init__(self):
+        if self.kind not in SEGMENT_KINDS:
+            raise ValueError(f"unknown segment kind {self.kind!r}; expected one of {SEGMENT_KINDS}")
+        if self.kind == "layers" and self.num_layers < 1:
+            raise ValueError("a `layers` segment needs at least one layer")
+        if self.kind != "layers" and self.num_layers != 1:
+            raise ValueError("a replacement block counts as exactly one layer")
+        if self.kind == "mlp" and not self.width:
+            raise ValueError("an `mlp` block needs a width")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    model_type: str = ""  # Hugging Face model_type, for export
+    # llama family
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    # opt family
+    word_embed_proj_dim: int | None = None
+    do_layer_norm_before: bool = True
+    enable_bias: bool = True
+    layer_norm_eps: float = 1e-5
+    activation: str = "silu"
+    # both
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    dtype: str = "float32"
+    # the stack after surgery; empty means `num_layers` original layers
+    layout: tuple[Segment, ...] = ()
+    # (start, length, kind) of each pruned span, in original layer numbers
+    pruned_spans: tuple[tuple[int, int, str], ...] = ()
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise UnsupportedArchitectureError(
+                f"unknown model family {self.family!r}; supported: {FAMILIES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if not self.layout:
+            object.__setattr__(self, "layout", (Segment("layers", self.num_layers),))
+        layout = tuple(s if isinstance(s, Segment) else Segment(**s) for s in self.layout)
+        object.__setattr__(self, "layout", layout)
+        if self.depth != self.num_layers:
+            raise ValueError(f"layout has {self.depth} layers but num_layers={self.num_layers}")
+        if self.rope_scaling is not None and isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+
+    @property
+    def depth(self) -> int:
+        return sum(s.num_layers for s in self.layout)
+
+    @property
+    def is_dense(self) -> bool:
+        return self.layout == (Segment("layers", self.num_layers),) and not self.pruned_spans
+
+    @property
+    def embed_dim(self) -> int:
+        """Width of the token embedding (OPT-350m projects it in and out)."""
+        return self.word_embed_proj_dim or self.hidden_size
+
+    @property
+    def has_projections(self) -> bool:
+        return self.family == "opt" and self.embed_dim != self.hidden_size
+
+    @property
+    def has_final_norm(self) -> bool:
+        return self.family == "llama" or self.do_layer_norm_before
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        check_keys(d, cls, "model config")
+        d["layout"] = tuple(Segment(**s) if isinstance(s, dict) else s for s in d.get("layout", ()))
+        d["pruned_spans"] = tuple(tuple(s) for s in d.get("pruned_spans", ()))
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = tuple(sorted(d["rope_scaling"].items()))
+        return cls(**d)
+
+
+def check_keys(d: dict, cls, what: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in d:
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise KeyError(f"unknown {what} key {key!r}{hint}")
+
+
+def from_hf_config(hf: dict, dtype: str = "float32") -> ModelConfig:
+    """Build a ModelConfig from a Hugging Face config.json dictionary."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture model_type={model_type!r}; supported: "
+            f"{sorted(SUPPORTED_MODEL_TYPES)} (Llama-2/3, SmolLM2, Mistral-style, OPT)")
+    family = SUPPORTED_MODEL_TYPES[model_type]
+    common = dict(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        bos_token_id=_first(hf.get("bos_token_id")),
+        eos_token_id=_first(hf.get("eos_token_id")),
+        pad_token_id=_first(hf.get("pad_token_id")),
+        dtype=dtype,
+    )
+    if family == "llama":
+        heads = hf["num_attention_heads"]
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        rope = dict(rope)
+        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise UnsupportedArchitectureError(
+                f"unsupported rope scaling type {rope_type!r}; supported: 'default', 'llama3'")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise UnsupportedArchitectureError(f"unsupported hidden_act {hf['hidden_act']!r} for llama; expected 'silu'")
+        scaling = None
+        if rope_type == "llama3":
+            scaling = tuple(sorted((k, v) for k, v in rope.items() if k != "type"))
+        return ModelConfig(
+            family="llama",
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            attention_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            activation="silu",
+            **common,
+        )
+    heads = hf["num_attention_heads"]
+    act = hf.get("activation_function", "relu")
+    if act != "relu":
+        raise UnsupportedArchitectureError(f"unsupported activation_function {act!r} for OPT; expected 'relu'")
+    if not hf.get("layer_norm_elementwise_affine", True):
+        raise UnsupportedArchitectureError("OPT with layer_norm_elementwise_affine=False is not supported")
+    if hf.get("_remove_final_layer_norm", False):
+        raise UnsupportedArchitectureError("OPT with _remove_final_layer_norm=True is not supported")
+    return ModelConfig(
+        family="opt",
+        intermediate_size=hf["ffn_dim"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hf["hidden_size"] // heads,
+        word_embed_proj_dim=hf.get("word_embed_proj_dim") or hf["hidden_size"],
+        do_layer_norm_before=hf.get("do_layer_norm_before", True),
+        enable_bias=hf.get("enable_bias", True),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        activation="relu",
+        **common,
+    )
+
+
+def to_hf_config(config: ModelConfig) -> dict:
+    """A stock Hugging Face config.json for `config`'s current depth."""
+    c = config
+    common = dict(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.depth,
+        num_attention_heads=c.num_heads, max_position_embeddings=c.max_position_embeddings,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+        tie_word_embeddings=c.tie_word_embeddings, torch_dtype=c.dtype,
+    )
+    if c.family == "llama":
+        rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+        if c.rope_scaling:
+            rope = {**dict(c.rope_scaling), "rope_theta": c.rope_theta}
+        d = dict(
+            model_type=c.model_type or "llama", architectures=["LlamaForCausalLM" if c.model_type != "mistral" else "MistralForCausalLM"],
+            intermediate_size=c.intermediate_size, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+            rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling) if c.rope_scaling else None,
+            rope_parameters=rope, attention_bias=c.attention_bias, mlp_bias=c.mlp_bias, hidden_act="silu", **common)
+        if c.model_type == "mistral":
+            d["sliding_window"] = c.sliding_window
+        return d
+    return dict(
+        model_type="opt", architectures=["OPTForCausalLM"], ffn_dim=c.intermediate_size,
+        word_embed_proj_dim=c.embed_dim, do_layer_norm_before=c.do_layer_norm_before, enable_bias=c.enable_bias,
+        activation_function="relu", layer_norm_elementwise_affine=True, **common)
+
+
+def _first(v):
+    if isinstance(v, (list, tuple)):
+        return v[0] if v else None
+    return v

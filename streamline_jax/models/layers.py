@@ -1,0 +1,143 @@
+"""Building blocks shared by the Llama and OPT decoders.
+
+Every parameter is created through `nn.with_logical_partitioning`, so an abstract init carries its logical axis
+names (see `streamline_jax.sharding`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from .config import ModelConfig
+
+MASK_VALUE = -1e30  # finite, so a fully masked (padding) query row gives no NaN
+
+
+def param_init(init, axes):
+    return nn.with_logical_partitioning(init, axes)
+
+
+def dense(features, in_axes, out_axes, use_bias, name, axis=-1, dtype=None):
+    """DenseGeneral whose kernel is [*in, *out] with logical names `in_axes + out_axes`."""
+    features = features if isinstance(features, tuple) else (features,)
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=dtype or jnp.float32,
+        kernel_init=param_init(nn.initializers.normal(0.02), in_axes + out_axes),
+        bias_init=param_init(nn.initializers.zeros, out_axes),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in float32, scale in the input dtype (as transformers does)."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("scale", param_init(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight * x32.astype(x.dtype)
+
+
+def layer_norm(eps, dtype, name):
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=dtype, use_fast_variance=False,
+        scale_init=param_init(nn.initializers.ones, ("embed",)),
+        bias_init=param_init(nn.initializers.zeros, ("embed",)), name=name)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies, including Llama-3's frequency-dependent scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if config.rope_scaling:
+        s = dict(config.rope_scaling)
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """x: [B, T, H, D]; positions: [B, T]. Rotate-half convention of transformers' Llama."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attend(q, k, v, mask):
+    """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, T, S] bool (True = may attend).
+
+    q must already carry the 1/sqrt(D) scale.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def update_cache(cache, k, v, cache_index):
+    """Write this step's keys and values into a preallocated [B, S_max, K, D] cache at `cache_index`."""
+    k_cache, v_cache = cache
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+    return k_cache, v_cache
+
+
+class SwiGLU(nn.Module):
+    """Llama's feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = dense(c.intermediate_size, ("embed",), ("mlp",), c.mlp_bias, "gate_proj", dtype=self.dtype)(x)
+        up = dense(c.intermediate_size, ("embed",), ("mlp",), c.mlp_bias, "up_proj", dtype=self.dtype)(x)
+        return dense(c.hidden_size, ("mlp",), ("embed",), c.mlp_bias, "down_proj", dtype=self.dtype)(
+            nn.silu(gate) * up)
+
+
+class MLPBlock(nn.Module):
+    """The `mlp` replacement: x + fc2(relu(fc1(x))). fc2 starts at zero, so the fresh block is the identity."""
+
+    width: int
+    hidden_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        fc1 = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.dtype, name="fc1",
+                       kernel_init=param_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                       bias_init=param_init(nn.initializers.zeros, ("mlp",)))
+        fc2 = nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.dtype, name="fc2",
+                       kernel_init=param_init(nn.initializers.zeros, ("mlp", "embed")),
+                       bias_init=param_init(nn.initializers.zeros, ("embed",)))
+        return x + fc2(nn.relu(fc1(x)))

@@ -1,0 +1,61 @@
+"""Llama-family decoder layer (Llama-2/3, SmolLM2, Mistral-style) and its FFN replacement block."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from .config import ModelConfig
+from .layers import RMSNorm, SwiGLU, apply_rope, attend, dense, rope_inv_freq, update_cache
+
+
+class LlamaAttention(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, positions, cache=None, cache_index=None):
+        c = self.config
+        bias = c.attention_bias
+        q = dense((c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), bias, "q_proj", dtype=self.dtype)(x)
+        k = dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), bias, "k_proj",
+                  dtype=self.dtype)(x)
+        v = dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), bias, "v_proj",
+                  dtype=self.dtype)(x)
+        inv_freq = rope_inv_freq(c)
+        q = apply_rope(q, positions, inv_freq) * jnp.asarray(c.head_dim ** -0.5, q.dtype)
+        k = apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            cache = update_cache(cache, k, v, cache_index)
+            k, v = cache
+        out = attend(q, k, v, mask)
+        out = dense(c.hidden_size, ("heads", "head_dim"), ("embed",), bias, "o_proj", axis=(-2, -1),
+                    dtype=self.dtype)(out)
+        return out, cache
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, positions, cache=None, cache_index=None):
+        c = self.config
+        h, cache = LlamaAttention(c, self.dtype, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), mask, positions, cache, cache_index)
+        x = x + h
+        x = x + SwiGLU(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
+        return x, cache
+
+
+class LlamaFFNBlock(nn.Module):
+    """The `ffn` replacement: x + mlp(post_attention_layernorm(x)), with the names of the layer it came from."""
+
+    config: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        return x + SwiGLU(c, self.dtype, name="mlp")(
+            RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))

@@ -1,0 +1,67 @@
+"""`Model`: config + parameters + tokenizer (+ mesh), and the public forward functions."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import transformer
+from .config import ModelConfig
+
+
+@dataclasses.dataclass
+class Model:
+    config: ModelConfig
+    params: Any
+    tokenizer: Any = None
+    mesh: Any = None  # a jax.sharding.Mesh when the parameters are sharded
+
+    @property
+    def num_params(self) -> int:
+        return transformer.count_params(self.params)
+
+    def replace(self, **changes) -> "Model":
+        return dataclasses.replace(self, **changes)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "collect_hidden", "return_logits"))
+def _jit_apply(config, params, input_ids, attention_mask, *, collect_hidden, return_logits):
+    out = transformer.apply(config, params, input_ids, attention_mask, collect_hidden=collect_hidden,
+                            return_logits=return_logits)
+    return out.get("logits"), out.get("hidden")
+
+
+def _prepare(model: Model, input_ids, attention_mask):
+    input_ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    attention_mask = jnp.asarray(np.asarray(attention_mask), jnp.int32).reshape(input_ids.shape)
+    if model.mesh is not None:
+        from ..sharding import shard_batch
+        input_ids, attention_mask = shard_batch(model.mesh, (input_ids, attention_mask))
+    return input_ids, attention_mask
+
+
+def forward(model: Model, input_ids, attention_mask=None):
+    """Logits [B, T, V] in float32."""
+    ids, mask = _prepare(model, input_ids, attention_mask)
+    logits, _ = _jit_apply(model.config, model.params, ids, mask, collect_hidden=False, return_logits=True)
+    return logits
+
+
+def hidden_states(model: Model, input_ids, attention_mask=None):
+    """All L+1 hidden states [L+1, B, T, D]: h[0] the embeddings, h[i] the input of layer i, h[L] the output of the
+    last layer *before* the final norm (transformers' `output_hidden_states` applies the final norm to its last entry).
+    A replacement block counts as one layer."""
+    ids, mask = _prepare(model, input_ids, attention_mask)
+    _, hidden = _jit_apply(model.config, model.params, ids, mask, collect_hidden=True, return_logits=False)
+    return hidden

@@ -1,0 +1,263 @@
+"""The decoder stack shared by both families: embeddings, scanned layer segments, replacement blocks, LM head.
+
+Parameters are a plain dict:
+
+    embed_tokens/embedding [V, E]           (OPT also: embed_positions/embedding, project_in, project_out)
+    segments/seg_<i>/...                    one entry per `config.layout` segment; `layers` segments are stacked
+                                            with the layer axis leading
+    final_norm/...                          (absent for OPT with do_layer_norm_before=False)
+    lm_head/kernel [E, V]                   (absent when the head is tied to the embedding)
+
+`apply` is a pure function of (config, params, inputs) that jit compiles with the config static.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from .config import ModelConfig, Segment
+from .layers import MLPBlock, RMSNorm, dense, layer_norm, param_init
+from .llama import LlamaDecoderLayer, LlamaFFNBlock
+from .opt import OPTDecoderLayer, OPTFFNBlock
+
+OPT_POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
+
+
+def compute_dtype(config: ModelConfig):
+    return jnp.dtype(config.dtype)
+
+
+def decoder_layer(config: ModelConfig) -> nn.Module:
+    cls = LlamaDecoderLayer if config.family == "llama" else OPTDecoderLayer
+    return cls(config, compute_dtype(config))
+
+
+def block_module(config: ModelConfig, segment: Segment) -> nn.Module:
+    if segment.kind in ("layers", "layer"):
+        return decoder_layer(config)
+    if segment.kind == "ffn":
+        cls = LlamaFFNBlock if config.family == "llama" else OPTFFNBlock
+        return cls(config, compute_dtype(config))
+    return MLPBlock(segment.width, config.hidden_size, compute_dtype(config))
+
+
+class Embedder(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids, positions):
+        c = self.config
+        dtype = compute_dtype(c)
+        table = self.param("embed_tokens", param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
+                           (c.vocab_size, c.embed_dim), dtype)
+        x = jnp.take(table, input_ids, axis=0)
+        if c.family == "llama":
+            return x
+        if c.has_projections:
+            x = dense(c.hidden_size, ("embed_proj",), ("embed",), False, "project_in", dtype=dtype)(x)
+        pos_table = self.param("embed_positions", param_init(nn.initializers.normal(0.02), ("positions", "embed")),
+                               (c.max_position_embeddings + OPT_POSITION_OFFSET, c.hidden_size), dtype)
+        return x + jnp.take(pos_table, positions + OPT_POSITION_OFFSET, axis=0)
+
+
+class Head(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, embed_table):
+        c = self.config
+        dtype = compute_dtype(c)
+        if c.has_final_norm:
+            norm = RMSNorm(c.rms_norm_eps, dtype, name="final_norm") if c.family == "llama" else layer_norm(
+                c.layer_norm_eps, dtype, "final_norm")
+            x = norm(x)
+        if c.has_projections:
+            x = dense(c.embed_dim, ("embed",), ("embed_proj",), False, "project_out", dtype=dtype)(x)
+        if c.tie_word_embeddings:
+            return jnp.einsum("bte,ve->btv", x, embed_table, preferred_element_type=jnp.float32)
+        kernel = self.param("lm_head", param_init(nn.initializers.normal(0.02), ("embed", "vocab")),
+                            (c.embed_dim, c.vocab_size), dtype)
+        return jnp.einsum("bte,ev->btv", x, kernel, preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parameters: init, abstract shapes, logical axes
+
+
+def _boxed_init(config: ModelConfig, rng):
+    """Initialise every parameter, each boxed with its logical axis names."""
+    b, t = 1, 4
+    ids = jnp.zeros((b, t), jnp.int32)
+    pos = jnp.zeros((b, t), jnp.int32)
+    x = jnp.zeros((b, t, config.hidden_size), compute_dtype(config))
+    mask = jnp.ones((b, t, t), bool)
+    rngs = jax.random.split(rng, len(config.layout) + 2)
+    emb = Embedder(config).init(rngs[0], ids, pos)["params"]
+    params = dict(emb)
+    head = Head(config).init(rngs[1], x, nn.meta.unbox(emb["embed_tokens"]))["params"]
+    segments = {}
+    for i, seg in enumerate(config.layout):
+        module = block_module(config, seg)
+        if seg.kind == "layers":
+            keys = jax.random.split(rngs[i + 2], seg.num_layers)
+            one = lambda k: module.init(k, x, mask, pos)["params"]
+            stacked = jax.vmap(one)(keys)
+            segments[f"seg_{i}"] = jax.tree.map(_prepend_layers_axis, stacked,
+                                                is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+        elif seg.kind == "layer":
+            segments[f"seg_{i}"] = module.init(rngs[i + 2], x, mask, pos)["params"]
+        else:
+            segments[f"seg_{i}"] = module.init(rngs[i + 2], x)["params"]
+    params["segments"] = segments
+    params.update(head)
+    return params
+
+
+def _prepend_layers_axis(boxed):
+    if isinstance(boxed, nn.LogicallyPartitioned):
+        return boxed.replace(names=("layers",) + tuple(boxed.names))
+    return boxed
+
+
+def _is_box(v):
+    return isinstance(v, nn.LogicallyPartitioned)
+
+
+def init_params(config: ModelConfig, rng=None):
+    """Random parameters (plain arrays)."""
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    boxed = jax.jit(functools.partial(_boxed_init, config))(rng)
+    return nn.meta.unbox(boxed)
+
+
+@functools.lru_cache(maxsize=64)
+def _abstract_boxed(config: ModelConfig):
+    return jax.eval_shape(functools.partial(_boxed_init, config), jax.random.PRNGKey(0))
+
+
+def abstract_params(config: ModelConfig):
+    """ShapeDtypeStructs of every parameter: no memory, usable for full-size presets."""
+    return nn.meta.unbox(_abstract_boxed(config))
+
+
+def param_axes(config: ModelConfig):
+    """The logical axis names of every parameter, as a tree of tuples shaped like the parameters."""
+    return jax.tree.map(lambda b: tuple(b.names), _abstract_boxed(config), is_leaf=_is_box)
+
+
+def count_params(tree) -> int:
+    return int(sum(int(jnp.size(x)) if not hasattr(x, "shape") else int(_prod(x.shape)) for x in jax.tree.leaves(tree)))
+
+
+def _prod(shape):
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward
+
+
+def attention_mask_matrix(key_mask, query_slots, sliding_window=None):
+    """[B, T, S] bool: query at slot q may see key slot k if k <= q, the key is real, and (optionally) q - k < window."""
+    key_slots = jnp.arange(key_mask.shape[1])
+    q = query_slots[..., :, None]
+    allowed = (key_slots[None, :] <= q) & key_mask[:, None, :].astype(bool)
+    if sliding_window:
+        allowed &= (q - key_slots[None, :]) < sliding_window
+    return allowed
+
+
+def default_positions(attention_mask):
+    """Positions count real tokens only, so a left-padded sequence gets the positions it has unpadded."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def embed(config: ModelConfig, params, input_ids, positions):
+    keys = ("embed_tokens", "embed_positions", "project_in")
+    return Embedder(config).apply({"params": {k: params[k] for k in keys if k in params}}, input_ids, positions)
+
+
+def head(config: ModelConfig, params, x):
+    keys = ("final_norm", "project_out", "lm_head")
+    return Head(config).apply({"params": {k: params[k] for k in keys if k in params}}, x, params["embed_tokens"])
+
+
+def run_segment(config, segment: Segment, seg_params, x, mask, positions, *, collect=False, cache=None,
+                cache_index=None, remat=False):
+    """Run one segment. Returns (x, inputs [n, B, T, D] or None, cache)."""
+    module = block_module(config, segment)
+    if segment.kind == "layers":
+        def body(h, layer):
+            p, c = layer
+            out, c = module.apply({"params": p}, h, mask, positions, c, cache_index)
+            return out, (h if collect else None, c)
+
+        if remat:
+            body = jax.checkpoint(body, policy=remat if callable(remat) else None)
+        x_out, (inputs, cache) = jax.lax.scan(body, x, (seg_params, cache))
+        return x_out, inputs, cache
+    if segment.kind == "layer":
+        out, cache = module.apply({"params": seg_params}, x, mask, positions, cache, cache_index)
+    else:
+        out = module.apply({"params": seg_params}, x)
+    return out, (x[None] if collect else None), cache
+
+
+def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions=None, *, collect_hidden=False,
+          return_logits=True, caches=None, cache_index=0, remat=False):
+    """The forward pass.
+
+    input_ids: [B, T]. attention_mask: [B, S] over key slots (S = T without a cache, S = cache length with one).
+    Returns a dict: `logits` [B, T, V] (float32), `hidden` [L+1, B, T, D] when collect_hidden (hidden[L] is the
+    last layer's output *before* the final norm), `last_hidden` (same, [B, T, D]) and `caches`.
+    """
+    b, t = input_ids.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((b, t if caches is None else _cache_len(caches)), jnp.int32)
+    query_slots = cache_index + jnp.arange(t)
+    if positions is None:
+        positions = jnp.take_along_axis(default_positions(attention_mask), jnp.broadcast_to(query_slots, (b, t)), 1)
+    mask = attention_mask_matrix(attention_mask, query_slots[None], config.sliding_window)
+    x = embed(config, params, input_ids, positions)
+    hidden, new_caches = [], {}
+    for i, seg in enumerate(config.layout):
+        key = f"seg_{i}"
+        cache = None if caches is None else caches.get(key)
+        x, inputs, cache = run_segment(config, seg, params["segments"][key], x, mask, positions,
+                                       collect=collect_hidden, cache=cache, cache_index=cache_index, remat=remat)
+        if inputs is not None:
+            hidden.append(inputs)
+        if cache is not None:
+            new_caches[key] = cache
+    out = {"last_hidden": x, "caches": new_caches if caches is not None else None}
+    if collect_hidden:
+        out["hidden"] = jnp.concatenate(hidden + [x[None]], axis=0)
+    if return_logits:
+        out["logits"] = head(config, params, x)
+    return out
+
+
+def _cache_len(caches):
+    return jax.tree.leaves(caches)[0].shape[-3]
+
+
+def init_caches(config: ModelConfig, batch: int, length: int, dtype=None):
+    """Preallocated key/value caches for every segment that has attention: {seg_i: (k, v)}."""
+    dtype = dtype or compute_dtype(config)
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    caches = {}
+    for i, seg in enumerate(config.layout):
+        if seg.kind == "layers":
+            z = jnp.zeros((seg.num_layers,) + shape, dtype)
+            caches[f"seg_{i}"] = (z, z)
+        elif seg.kind == "layer":
+            z = jnp.zeros(shape, dtype)
+            caches[f"seg_{i}"] = (z, z)
+    return caches

@@ -1,0 +1,48 @@
+"""Shared fixtures. Random tiny configs for most tests; the real SmolLM2-135M only where it proves something."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path} (expected ../shared/data beside the checkout)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Our SmolLM2-135M-Instruct, float32, from the embedded GGUF (converted once into the cache)."""
+    import streamline_jax as sj
+
+    return sj.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch():
+    """transformers' own float32 SmolLM2-135M, dequantized by transformers from the same GGUF: an independent path."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from streamline_jax.load import embedded_gguf
+
+    path = embedded_gguf("smollm2-135m")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def rel_err(ours, ref) -> float:
+    """Largest absolute difference relative to the largest reference magnitude."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
