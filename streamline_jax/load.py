@@ -485,8 +485,12 @@ def write_hf_folder_from_gguf(gguf_path: Path, folder: Path) -> None:
 def load(source: str | os.PathLike, dtype: str = "float32", mesh=None, cache: str | os.PathLike | None = None) -> Model:
     """Load a model: an embedded name (`smollm2-135m`), a Hugging Face folder or hub id, or a `.gguf` file.
 
-    With `mesh`, parameters are placed on it with their logical-axis shardings.
+    With `mesh`, parameters are streamed straight onto it with their logical-axis shardings (`streaming.py`).
     """
+    if mesh is not None:
+        from .streaming import stream_load
+
+        return stream_load(source, mesh, dtype, cache)
     source_str = str(source)
     if source_str in EMBEDDED_MODELS:
         model = load_hf_folder(embedded_hf_folder(source_str, cache), dtype)

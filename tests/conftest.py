@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests run on the CPU even where libtpu (the optional AOT-planning extra) is installed.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

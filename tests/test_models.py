@@ -1,0 +1,147 @@
+"""Layer-by-layer parity of our Flax Llama and OPT with transformers' PyTorch models, tiny random configs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from reference import params_from_torch, torch_forward, torch_model
+from streamline_jax.models import transformer
+from streamline_jax.models.config import ModelConfig, Segment, UnsupportedArchitectureError, from_hf_config
+from streamline_jax.models.layers import RMSNorm, layer_norm
+
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, head_dim=16,
+            max_position_embeddings=64)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+CONFIGS = {
+    "llama_gqa_tied": ModelConfig(family="llama", model_type="llama", num_kv_heads=2, **BASE),
+    "llama_mha_untied": ModelConfig(family="llama", model_type="llama", num_kv_heads=4, tie_word_embeddings=False,
+                                    **BASE),
+    "llama3_rope_scaling": ModelConfig(family="llama", model_type="llama", num_kv_heads=2, rope_scaling=LLAMA3_ROPE,
+                                       rope_theta=500000.0, tie_word_embeddings=False, **BASE),
+    "llama_bias": ModelConfig(family="llama", model_type="llama", num_kv_heads=2, attention_bias=True,
+                              mlp_bias=True, **BASE),
+    "mistral": ModelConfig(family="llama", model_type="mistral", num_kv_heads=2, tie_word_embeddings=False, **BASE),
+    "mistral_sliding_window": ModelConfig(family="llama", model_type="mistral", num_kv_heads=2, sliding_window=4,
+                                          **BASE),
+    "opt_125m_style": ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu", **BASE),
+    "opt_350m_style": ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu",
+                                  word_embed_proj_dim=32, do_layer_norm_before=False, **BASE),
+}
+
+PADDING = {"no_padding": None, "right_padding": "right", "left_padding": "left"}
+
+
+def make_batch(seed=0, batch=3, length=12, vocab=128, padding=None):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, size=(batch, length))
+    mask = np.ones((batch, length), np.int32)
+    if padding == "right":
+        mask[1, 7:] = 0
+        mask[2, 4:] = 0
+    elif padding == "left":
+        mask[1, :5] = 0
+        mask[2, :8] = 0
+    ids = np.where(mask == 1, ids, 0)
+    return ids, mask
+
+
+def final_hidden(config, params, h_last):
+    """Apply what transformers applies to its last hidden state: the final norm (and OPT-350m's project_out)."""
+    x = jnp.asarray(h_last)
+    if config.has_final_norm:
+        norm = RMSNorm(config.rms_norm_eps) if config.family == "llama" else layer_norm(config.layer_norm_eps,
+                                                                                         jnp.float32, None)
+        x = norm.apply({"params": params["final_norm"]}, x)
+    if config.has_projections:
+        x = x @ params["project_out"]["kernel"]
+    return np.asarray(x)
+
+
+@pytest.mark.parametrize("padding", PADDING.values(), ids=PADDING.keys())
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_and_hidden_states_match_transformers(name, padding):
+    config = CONFIGS[name]
+    ref_model = torch_model(config)
+    params = params_from_torch(config, ref_model)
+    ids, mask = make_batch(padding=padding)
+    positions = np.maximum(mask.cumsum(-1) - 1, 0)
+    ref_logits, ref_hidden = torch_forward(ref_model, ids, mask, positions)
+    out = transformer.apply(config, params, ids, mask, collect_hidden=True)
+    real = mask.astype(bool)
+    logits = np.asarray(out["logits"])
+    assert logits.shape == ref_logits.shape
+    assert rel_err(logits[real], ref_logits[real]) <= 1e-4
+    hidden = np.asarray(out["hidden"])
+    assert hidden.shape[0] == config.num_layers + 1 == len(ref_hidden)
+    for i in range(config.num_layers):
+        assert rel_err(hidden[i][real], ref_hidden[i][real]) <= 1e-4, f"hidden state {i}"
+    # transformers' last entry has the final norm applied; ours is the raw output of the last layer.
+    assert rel_err(final_hidden(config, params, hidden[-1])[real], ref_hidden[-1][real]) <= 1e-4
+    if config.has_final_norm:
+        assert rel_err(hidden[-1][real], ref_hidden[-1][real]) > 1e-2
+
+
+def test_padding_does_not_change_real_tokens():
+    """A left- or right-padded sequence gives the logits it has on its own."""
+    config = CONFIGS["llama_gqa_tied"]
+    params = transformer.init_params(config, jax.random.PRNGKey(1))
+    for padding in ("left", "right"):
+        ids, mask = make_batch(padding=padding)
+        out = np.asarray(transformer.apply(config, params, ids, mask)["logits"])
+        for row in range(ids.shape[0]):
+            keep = mask[row].astype(bool)
+            alone = np.asarray(transformer.apply(config, params, ids[row:row + 1, keep])["logits"])[0]
+            np.testing.assert_allclose(out[row, keep], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_remat_gives_same_logits_and_gradients():
+    config = CONFIGS["llama_bias"]
+    params = transformer.init_params(config, jax.random.PRNGKey(2))
+    ids, mask = make_batch(padding="right")
+
+    def loss(p, remat):
+        return transformer.apply(config, p, ids, mask, remat=remat)["logits"].sum()
+
+    g0 = jax.grad(loss)(params, False)
+    g1 = jax.grad(loss)(params, True)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        assert rel_err(a, b) <= 1e-5
+
+
+def test_params_are_stacked_on_a_leading_layer_axis_with_logical_names():
+    config = CONFIGS["llama_bias"]
+    shapes = transformer.abstract_params(config)
+    axes = transformer.param_axes(config)
+    q = shapes["segments"]["seg_0"]["self_attn"]["q_proj"]["kernel"]
+    assert q.shape == (3, 64, 4, 16)
+    assert axes["segments"]["seg_0"]["self_attn"]["q_proj"]["kernel"] == ("layers", "embed", "heads", "head_dim")
+    assert axes["embed_tokens"] == ("vocab", "embed")
+    for leaf_axes, leaf in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(shapes)):
+        assert len(leaf_axes) == len(leaf.shape)
+
+
+def test_layouts_with_replacement_blocks_run():
+    config = CONFIGS["opt_350m_style"].replace(
+        num_layers=4, layout=(Segment("layers", 1), Segment("layer"), Segment("ffn"), Segment("mlp", width=8)))
+    params = transformer.init_params(config)
+    out = transformer.apply(config, params, np.ones((2, 5), np.int32), collect_hidden=True)
+    assert out["hidden"].shape == (5, 2, 5, 64)
+    assert out["logits"].shape == (2, 5, 128)
+
+
+def test_unknown_architecture_names_the_supported_ones():
+    with pytest.raises(UnsupportedArchitectureError, match=r"gpt2.*llama.*mistral.*opt"):
+        from_hf_config({"model_type": "gpt2", "vocab_size": 10, "hidden_size": 8})
+
+
+def test_unsupported_rope_scaling_is_refused():
+    hf = {"model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+          "num_hidden_layers": 1, "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}
+    with pytest.raises(UnsupportedArchitectureError, match="yarn"):
+        from_hf_config(hf)
