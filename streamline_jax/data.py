@@ -1,0 +1,189 @@
+"""Text data for calibration, training and evaluation, streamed through `datasets`.
+
+    texts = text_source("../shared/data/corpus/train.jsonl")          # or a hub name, .txt, .json, .parquet, a folder
+    chunks = token_chunks(texts, tokenizer, seq_len=512)              # documents joined with EOS, cut to 512 tokens
+    split = split_chunks(chunks, calib=50, train=1000)                # calibration first, training after: no overlap
+    for batch in batches(split.calib, batch_size=8): ...              # {"input_ids", "attention_mask"} numpy arrays
+
+Everything is lazy: the corpus is read, tokenized and chunked as it is consumed, never held whole in memory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+
+# file suffix -> `datasets` packaged builder
+BUILDERS = {".txt": "text", ".text": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Bad or insufficient input data."""
+
+
+class TextSource:
+    """A re-iterable stream of document texts from a hub dataset or local files, checked on construction.
+
+    `spec`: a file, a folder (every file with a known suffix in it, sorted), a list of files, or a hub dataset name
+    (`"owner/name"`, optionally `"owner/name:config"`). Text files give one document per line (`sample_by="line"`;
+    "paragraph" splits on blank lines instead). Empty documents are skipped.
+    """
+
+    def __init__(self, spec, text_field: str = "text", split: str = "train", sample_by: str = "line"):
+        self.spec, self.text_field, self.split, self.sample_by = spec, text_field, split, sample_by
+        self._builder, self._kwargs = _resolve(spec, split, sample_by)
+        self.dataset = self._open()
+        self._check_first_record()
+
+    def _open(self):
+        import datasets
+
+        try:
+            return datasets.load_dataset(self._builder, split=self.split, streaming=True, **self._kwargs)
+        except (FileNotFoundError, DataError):
+            raise
+        except Exception as e:  # offline hub, unknown name, bad split
+            raise DataError(f"cannot open dataset {self.spec!r} ({type(e).__name__}: {e})") from e
+
+    def _check_first_record(self):
+        features = getattr(self.dataset, "features", None)
+        if features is not None and self.text_field not in features:
+            raise DataError(f"dataset {self.spec!r} has no text field {self.text_field!r}; its fields are "
+                            f"{sorted(features)}")
+        first = next(iter(self.dataset), None)
+        if first is None:
+            raise DataError(f"dataset {self.spec!r} is empty")
+        if self.text_field not in first:
+            raise DataError(f"dataset {self.spec!r} has no text field {self.text_field!r}; its fields are "
+                            f"{sorted(first)}")
+        if not isinstance(first[self.text_field], str):
+            raise DataError(f"field {self.text_field!r} of dataset {self.spec!r} holds "
+                            f"{type(first[self.text_field]).__name__}, not text")
+
+    def __iter__(self) -> Iterator[str]:
+        for record in self.dataset:
+            text = record[self.text_field]
+            if text:
+                yield text
+
+    def __repr__(self):
+        return f"TextSource({self.spec!r}, text_field={self.text_field!r})"
+
+
+def text_source(spec, text_field: str = "text", split: str = "train", sample_by: str = "line") -> TextSource:
+    """Documents from a hub dataset name or local text/json/jsonl/parquet files, streamed (see `TextSource`)."""
+    return TextSource(spec, text_field, split, sample_by)
+
+
+def _resolve(spec, split, sample_by):
+    if isinstance(spec, (list, tuple)):
+        files = [Path(p).expanduser() for p in spec]
+    else:
+        path = Path(str(spec)).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in BUILDERS)
+            if not files:
+                raise DataError(f"folder {path} holds no {'/'.join(sorted(BUILDERS))} files")
+        elif path.exists() or path.suffix in BUILDERS:
+            files = [path]
+        else:
+            name, _, config = str(spec).partition(":")
+            return name, ({"name": config} if config else {})
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"data file not found: {f}")
+        if f.suffix not in BUILDERS:
+            raise DataError(f"{f}: unknown data file type {f.suffix!r}; expected one of {sorted(BUILDERS)}")
+    if all(f.stat().st_size == 0 for f in files):
+        raise DataError(f"dataset {spec!r} is empty")
+    builders = {BUILDERS[f.suffix] for f in files}
+    if len(builders) > 1:
+        raise DataError(f"cannot mix data file types in one source: {[str(f) for f in files]}")
+    builder = builders.pop()
+    kwargs = {"data_files": {split: [str(f) for f in files]}}
+    if builder == "text":
+        if sample_by not in ("line", "paragraph", "document"):
+            raise DataError(f"sample_by must be 'line', 'paragraph' or 'document', got {sample_by!r}")
+        kwargs["sample_by"] = sample_by
+    return builder, kwargs
+
+
+def token_chunks(texts: Iterable[str], tokenizer, seq_len: int, *, eos_token_id: int | None = None,
+                 docs_per_call: int = 64) -> Iterator[np.ndarray]:
+    """Tokenize documents in order, append EOS to each, and yield consecutive full `seq_len` chunks (int32).
+
+    The tail that does not fill a chunk is dropped. Documents are tokenized `docs_per_call` at a time (one fast
+    tokenizer call), so memory holds a few documents and one chunk, never the corpus.
+    """
+    if seq_len < 1:
+        raise DataError(f"seq_len must be positive, got {seq_len}")
+    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to join documents with; pass eos_token_id")
+    return _chunks(texts, tokenizer, seq_len, eos, docs_per_call)
+
+
+def _chunks(texts, tokenizer, seq_len, eos, docs_per_call):
+    buffer: list[int] = []
+    docs = iter(texts)
+    while True:
+        group = list(itertools.islice(docs, docs_per_call))
+        if not group:
+            return
+        for ids in tokenizer(group, add_special_tokens=False, verbose=False)["input_ids"]:
+            buffer.extend(ids)
+            buffer.append(eos)
+        full = len(buffer) // seq_len
+        for i in range(full):
+            yield np.asarray(buffer[i * seq_len:(i + 1) * seq_len], np.int32)
+        del buffer[:full * seq_len]
+
+
+class ChunkSplit(NamedTuple):
+    calib: list  # the first `calib` chunks (after `skip`), materialised
+    train: Iterator[np.ndarray]  # the chunks after them, lazily
+
+
+def split_chunks(chunks: Iterable[np.ndarray], calib: int, train: int | None = None, skip: int = 0) -> ChunkSplit:
+    """Chunks [skip, skip+calib) for calibration and the next `train` (None: all the rest) for training.
+
+    The calibration set is read at once, so a short dataset is an error here, before any model work. The training
+    iterator raises `DataError` if the data runs out before `train` chunks.
+    """
+    if calib < 0 or skip < 0 or (train is not None and train < 0):
+        raise DataError(f"chunk counts must be non-negative (calib={calib}, train={train}, skip={skip})")
+    it = iter(chunks)
+    skipped = sum(1 for _ in itertools.islice(it, skip))
+    calib_chunks = list(itertools.islice(it, calib))
+    if skipped < skip or len(calib_chunks) < calib:
+        raise DataError(f"dataset too short: it gives {skipped + len(calib_chunks)} chunks, but {skip} skipped + "
+                        f"{calib} calibration chunks are needed")
+    return ChunkSplit(calib_chunks, _take_exactly(it, train, first=skip + calib))
+
+
+def _take_exactly(it, n, first):
+    if n is None:
+        yield from it
+        return
+    count = 0
+    for chunk in itertools.islice(it, n):
+        count += 1
+        yield chunk
+    if count < n:
+        raise DataError(f"dataset too short: only {count} training chunks after the first {first}, {n} requested")
+
+
+def batches(chunks: Iterable[np.ndarray], batch_size: int, *, drop_last: bool = False) -> Iterator[dict]:
+    """Stack chunks into {"input_ids": [B, T] int32, "attention_mask": [B, T] int32 (all ones)} batches."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be positive, got {batch_size}")
+    it = iter(chunks)
+    while True:
+        group: Sequence[np.ndarray] = list(itertools.islice(it, batch_size))
+        if not group or (drop_last and len(group) < batch_size):
+            return
+        ids = np.stack(group).astype(np.int32)
+        yield {"input_ids": ids, "attention_mask": np.ones_like(ids)}

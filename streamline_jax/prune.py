@@ -1,0 +1,208 @@
+"""Stage 3, prune: cut a span of consecutive layers out of the parameter tree and put one replacement block there.
+
+Pure surgery on (config, params) -> (config, params). Span indices are layers of the *current* model (a replacement
+block counts as one layer); the config records each span in original layer numbers (`pruned_spans`), so spans can
+be pruned one after another. The layout after is stack(before), block, stack(after), empty stacks omitted and
+neighbouring stacks merged, and the usual `transformer.apply` runs it.
+
+Replacements: `layer` (a decoder layer initialised from layer `start`), `ffn` (layer `start`'s feed-forward
+sub-block with its pre-norm and residual), `mlp` (x + fc2(relu(fc1(x))), fresh, fc2 zero so it starts as the
+identity), `none` (nothing).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from .models import transformer
+from .models.config import ModelConfig, Segment
+from .models.model import Model
+
+REPLACEMENTS = ("layer", "ffn", "mlp", "none")
+
+
+def _check_span(config: ModelConfig, start: int, length: int, replacement: str, mlp_width):
+    if replacement not in REPLACEMENTS:
+        raise ValueError(f"unknown replacement {replacement!r}; expected one of {REPLACEMENTS}")
+    if not all(isinstance(v, numbers.Integral) for v in (start, length)) or start < 0 or length < 1:
+        raise ValueError(f"a span needs start >= 0 and length >= 1, got start={start!r}, length={length!r}")
+    if start + length > config.depth:
+        raise ValueError(f"span [{start}, {start + length}) runs past the last layer: the model has {config.depth} "
+                         f"layers (0..{config.depth - 1})")
+    if replacement == "none" and length == config.depth:
+        raise ValueError("pruning every layer with replacement='none' leaves no layers")
+    if mlp_width is not None and (replacement != "mlp" or mlp_width < 1):
+        raise ValueError(f"mlp_width={mlp_width!r} needs replacement='mlp' and a positive width")
+
+
+def original_ranges(config: ModelConfig) -> list[tuple[int, int]]:
+    """The original layers [lo, hi) each current layer stands for (a replacement block: its whole span)."""
+    spans = {s: (n, kind) for s, n, kind in config.pruned_spans}
+    ranges, orig = [], 0
+    while len(ranges) < config.depth:
+        while orig in spans and spans[orig][1] == "none":
+            orig += spans[orig][0]
+        n = spans[orig][0] if orig in spans else 1
+        ranges.append((orig, orig + n))
+        orig += n
+    return ranges
+
+
+_original_ranges = original_ranges  # the name train.py imports
+
+
+def _replacement_segment(config: ModelConfig, replacement: str, mlp_width) -> Segment | None:
+    if replacement == "none":
+        return None
+    if replacement == "mlp":
+        return Segment("mlp", width=mlp_width or config.intermediate_size)
+    return Segment(replacement)
+
+
+def _merged(layout: list[Segment]) -> tuple[Segment, ...]:
+    out: list[Segment] = []
+    for seg in layout:
+        if out and seg.kind == "layers" and out[-1].kind == "layers":
+            out[-1] = Segment("layers", out[-1].num_layers + seg.num_layers)
+        else:
+            out.append(seg)
+    return tuple(out)
+
+
+def prune_config(config: ModelConfig, start: int, length: int, replacement: str = "layer",
+                 mlp_width: int | None = None) -> ModelConfig:
+    """The config after pruning layers [start, start+length) of `config` and inserting `replacement`."""
+    _check_span(config, start, length, replacement, mlp_width)
+    start, length = int(start), int(length)
+    end = start + length
+    before, after, layer = [], [], 0
+    for seg in config.layout:
+        a, b = layer, layer + seg.num_layers
+        if a < start:
+            before.append(seg if b <= start else Segment("layers", start - a))
+        if b > end:
+            after.append(seg if a >= end else Segment("layers", b - end))
+        layer = b
+    block = _replacement_segment(config, replacement, mlp_width)
+    layout = _merged(before + ([block] if block else []) + after)
+    ranges = original_ranges(config)
+    lo, hi = ranges[start][0], ranges[end - 1][1]
+    spans = [s for s in config.pruned_spans if not (lo <= s[0] and s[0] + s[1] <= hi)]
+    spans = tuple(sorted(spans + [(lo, hi - lo, replacement)]))
+    return config.replace(layout=layout, num_layers=sum(s.num_layers for s in layout), pruned_spans=spans)
+
+
+def _pieces(config: ModelConfig, params):
+    """(first current layer, segment, its params) for every segment."""
+    out, layer = [], 0
+    for i, seg in enumerate(config.layout):
+        out.append((layer, seg, params["segments"][f"seg_{i}"]))
+        layer += seg.num_layers
+    return out
+
+
+def _slice(tree, lo, hi):
+    return jax.tree.map(lambda a: a[lo:hi], tree)
+
+
+def _block_params(config: ModelConfig, params, start: int, segment: Segment, rng):
+    """Initial parameters of the replacement block, taken from layer `start` (or fresh for `mlp`)."""
+    if segment.kind == "mlp":
+        module = transformer.block_module(config, segment)
+        x = jnp.zeros((1, 1, config.hidden_size), transformer.compute_dtype(config))
+        return nn.meta.unbox(module.init(rng, x)["params"])
+    for first, seg, seg_params in _pieces(config, params):
+        if first <= start < first + seg.num_layers:
+            break
+    if seg.kind == "layers":
+        source = jax.tree.map(lambda a: a[start - first], seg_params)
+    elif seg.kind in ("layer", segment.kind):
+        source = seg_params
+    else:
+        raise ValueError(f"cannot initialise a {segment.kind!r} block from layer {start}, which is a {seg.kind!r} "
+                         f"block")
+    if segment.kind == "layer":
+        return jax.tree.map(jnp.copy, source)
+    # ffn: the sub-block's own names (post_attention_layernorm + mlp, or final_layer_norm + fc1/fc2)
+    one = config.replace(num_layers=1, layout=(segment,), pruned_spans=())
+    names = transformer.abstract_params(one)["segments"]["seg_0"].keys()
+    return {k: jax.tree.map(jnp.copy, source[k]) for k in names}
+
+
+def prune_params(config: ModelConfig, params, start: int, length: int, replacement: str = "layer",
+                 mlp_width: int | None = None, rng=None):
+    """Remove layers [start, start+length) of the current model and insert `replacement`: (config, params).
+
+    A pure function: the input tree is not modified, and untouched layers keep their values exactly.
+    """
+    new_config = prune_config(config, start, length, replacement, mlp_width)
+    start, length = int(start), int(length)
+    end = start + length
+    segment = _replacement_segment(config, replacement, mlp_width)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    before, after = [], []
+    for first, seg, seg_params in _pieces(config, params):
+        last = first + seg.num_layers
+        if first < start:
+            kept = seg_params if last <= start else _slice(seg_params, 0, start - first)
+            before.append((Segment("layers", min(last, start) - first) if seg.kind == "layers" else seg, kept))
+        if last > end:
+            kept = seg_params if first >= end else _slice(seg_params, end - first, seg.num_layers)
+            after.append((Segment("layers", last - max(first, end)) if seg.kind == "layers" else seg, kept))
+    block = [(segment, _block_params(config, params, start, segment, rng))] if segment else []
+    merged: list = []
+    for seg, p in before + block + after:
+        if merged and seg.kind == "layers" and merged[-1][0].kind == "layers":
+            prev_seg, prev = merged[-1]
+            merged[-1] = (Segment("layers", prev_seg.num_layers + seg.num_layers),
+                          jax.tree.map(lambda x, y: jnp.concatenate([x, y]), prev, p))
+        else:
+            merged.append((seg, p))
+    assert tuple(s for s, _ in merged) == new_config.layout, (merged, new_config.layout)
+    new_params = {k: v for k, v in params.items() if k != "segments"}
+    new_params["segments"] = {f"seg_{i}": p for i, (_, p) in enumerate(merged)}
+    _check_shapes(new_config, new_params)
+    return new_config, new_params
+
+
+def _check_shapes(config: ModelConfig, params):
+    expected = jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), transformer.abstract_params(config))
+    got = jax.tree.map(lambda a: (tuple(a.shape), jnp.dtype(a.dtype)), params)
+    if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
+        raise AssertionError("pruned parameters do not match the pruned config's shapes")
+
+
+def prune(model: Model, start: int, length: int, replacement: str = "layer", mlp_width: int | None = None,
+          rng=None) -> Model:
+    """A new Model without layers [start, start+length) and with `replacement` in their place."""
+    config, params = prune_params(model.config, model.params, start, length, replacement, mlp_width, rng)
+    out = model.replace(config=config, params=params, mesh=None)
+    if model.mesh is not None:
+        from .load import place_on_mesh
+
+        out = place_on_mesh(out, model.mesh)
+    return out
+
+
+def prune_layers(model: Model, layers) -> Model:
+    """Remove individual layers (ShortGPT's baseline, e.g. `score.choose_layers(...).layers`) without replacement."""
+    layers = sorted(set(int(i) for i in layers))
+    if not layers:
+        return model
+    for i in layers:
+        _check_span(model.config, i, 1, "none", None)
+    if len(layers) == model.config.depth:
+        raise ValueError("removing every layer leaves no layers")
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][1]:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    for lo, hi in reversed(runs):  # from the top, so lower indices stay valid
+        model = prune(model, lo, hi - lo, "none")
+    return model

@@ -1,0 +1,394 @@
+"""Stage 4, train: fit the replacement block with optax while everything else stays frozen.
+
+MSE mode (the paper's): the block's input is the frozen dense model's hidden state entering the pruned span, its
+target the state leaving it; both are computed inside the jitted step (no gradient through the frozen layers), so
+host memory does not grow with the number of training samples. LM mode: next-token cross-entropy of the whole pruned
+model, with gradients only for the block. A trained `layer` block uses the same causal mask as at inference.
+
+Training state (block params, optimizer state, step, data position, best block, history) is checkpointed with
+Orbax every `checkpoint_every` steps; `resume=True` continues from the latest checkpoint and ends with the same
+parameters as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .models import transformer
+from .models.config import ModelConfig, Segment
+from .models.model import Model
+from .sharding import shard_batch
+
+MODES = ("mse", "lm")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """The one replacement block being trained: its segment key in the pruned model, and the dense span it replaces."""
+
+    key: str
+    segment: Segment
+    start: int  # first original layer of the span
+    length: int
+
+
+def trainable_blocks(pruned: ModelConfig) -> list[Block]:
+    from .prune import original_ranges
+
+    ranges = original_ranges(pruned)
+    blocks, layer = [], 0
+    for i, seg in enumerate(pruned.layout):
+        if seg.kind != "layers":
+            lo, hi = ranges[layer]
+            blocks.append(Block(f"seg_{i}", seg, lo, hi - lo))
+        layer += seg.num_layers
+    return blocks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+
+
+def _dense_span_io(config: ModelConfig, params, input_ids, mask, start, length):
+    """The dense model's hidden states entering layer `start` and leaving layer `start+length-1` (no gradient)."""
+    stack = params["segments"]["seg_0"]
+    b, t = input_ids.shape
+    positions = transformer.default_positions(mask)
+    attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], config.sliding_window)
+    x = transformer.embed(config, params, input_ids, positions)
+
+    def run(x, lo, hi):
+        if hi <= lo:
+            return x
+        sliced = jax.tree.map(lambda a: a[lo:hi], stack)
+        out, _, _ = transformer.run_segment(config, Segment("layers", hi - lo), sliced, x, attn, positions)
+        return out
+
+    x_in = run(x, 0, start)
+    target = run(x_in, start, start + length)
+    return jax.lax.stop_gradient(x_in), jax.lax.stop_gradient(target), attn, positions
+
+
+def mse_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, compute_dtype):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    x_in, target, attn, positions = _dense_span_io(dense_config, frozen["dense"], ids, mask, block.start,
+                                                   block.length)
+    p = jax.tree.map(lambda a: a.astype(compute_dtype), block_params)
+    out, _, _ = transformer.run_segment(pruned_config, block.segment, p, x_in.astype(compute_dtype), attn, positions)
+    err = jnp.mean(jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
+    real = mask.astype(jnp.float32)
+    return jnp.sum(err * real) / jnp.maximum(jnp.sum(real), 1.0)
+
+
+def lm_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, compute_dtype):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    params = dict(frozen["pruned"])
+    params["segments"] = dict(params["segments"])
+    params["segments"][block.key] = jax.tree.map(lambda a: a.astype(compute_dtype), block_params)
+    logits = transformer.apply(pruned_config, params, ids, mask)["logits"]
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    real = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+    return jnp.sum(nll * real) / jnp.maximum(jnp.sum(real), 1.0)
+
+
+LOSSES = {"mse": mse_loss, "lm": lm_loss}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer and steps
+
+
+def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm, grad_accum):
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=max(warmup_steps, 1),
+        decay_steps=max(total_steps, warmup_steps + 1), end_value=min_lr)
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+    if grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
+    return tx, schedule
+
+
+def make_steps(loss_fn, tx):
+    @jax.jit
+    def train_step(block_params, opt_state, frozen, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(block_params, frozen, batch)
+        updates, opt_state = tx.update(grads, opt_state, block_params)
+        return optax.apply_updates(block_params, updates), opt_state, loss
+
+    @jax.jit
+    def eval_step(block_params, frozen, batch):
+        mask = batch["attention_mask"]
+        return loss_fn(block_params, frozen, batch), jnp.sum(mask)
+
+    return train_step, eval_step
+
+
+def _as_batch(batch, mesh):
+    ids = jnp.asarray(np.asarray(batch["input_ids"]), jnp.int32)
+    mask = jnp.asarray(np.asarray(batch.get("attention_mask", np.ones_like(batch["input_ids"]))), jnp.int32)
+    if mesh is not None:
+        ids, mask = shard_batch(mesh, (ids, mask))
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _evaluate(eval_step, block_params, frozen, batches, mesh):
+    total, weight = 0.0, 0.0
+    for batch in batches:
+        loss, n = eval_step(block_params, frozen, _as_batch(batch, mesh))
+        total += float(loss) * float(n)
+        weight += float(n)
+    return total / max(weight, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _checkpoint_manager(directory, keep=2):
+    import orbax.checkpoint as ocp
+
+    return ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+
+
+def _save(manager, step, state, history):
+    import orbax.checkpoint as ocp
+
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               history=ocp.args.JsonSave(history)))
+    manager.wait_until_finished()
+
+
+def _restore(manager, target):
+    import orbax.checkpoint as ocp
+
+    step = manager.latest_step()
+    if step is None:
+        return None
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                        history=ocp.args.JsonRestore()))
+    return out["state"], out["history"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def train_replacement(dense_model: Model, pruned_model: Model, train_batches: Iterable[dict], *, mode: str = "mse",
+                      valid_batches: Iterable[dict] | None = None, num_steps: int | None = None, lr: float = 2e-4,
+                      min_lr: float = 5e-5, warmup_steps: int | None = None, weight_decay: float = 1e-3,
+                      clip_norm: float = 5.0, grad_accum: int = 1, epochs: int = 1, eval_every: int | None = None,
+                      checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
+                      resume: bool = False, seed: int = 0, compute_dtype: str | None = None, progress: bool = True,
+                      block_key: str | None = None, on_step=None, batch_size: int | None = None,
+                      return_history: bool = False):
+    """Train the pruned model's replacement block; return the pruned model with the trained (best) block.
+
+    `train_batches` / `valid_batches`: re-iterable collections of {"input_ids", "attention_mask"} [B, T] arrays
+    (e.g. a list, or `data.batches` over a chunk source), read in order; one epoch is one pass. With
+    `return_history`, also return {"train": [(step, loss, lr)], "valid": [(step, loss)], "best_step", "wall_s"}.
+    `on_step(step, loss)` is called after every optimizer step. With `batch_size`, the data are token chunks
+    ([T] arrays, or a callable returning a fresh iterator of them) that are batched here.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown training mode {mode!r}; expected one of {MODES}")
+    if not lr > 0 or not min_lr >= 0:
+        raise ValueError(f"learning rates must be positive: lr={lr}, min_lr={min_lr}")
+    if grad_accum < 1 or epochs < 1:
+        raise ValueError(f"grad_accum and epochs must be >= 1, got {grad_accum}, {epochs}")
+    if not dense_model.config.is_dense:
+        raise ValueError("dense_model must be the unpruned model (its layers are the MSE teacher)")
+    blocks = trainable_blocks(pruned_model.config)
+    if block_key is not None:
+        blocks = [b for b in blocks if b.key == block_key]
+    if not blocks:
+        raise ValueError("the pruned model has no replacement block to train (replacement 'none'?)")
+    if len(blocks) > 1:
+        raise ValueError(f"the pruned model has {len(blocks)} replacement blocks ({[b.key for b in blocks]}); "
+                         f"pass block_key= to train one at a time")
+    block = blocks[0]
+    train_batches = _reiterable(train_batches, batch_size, "training")
+    if valid_batches is not None:
+        valid_batches = _reiterable(valid_batches, batch_size, "validation")
+    first = next(iter(train_batches), None)
+    if first is None:
+        raise ValueError("no training data: the training batches are empty")
+    batches_per_epoch = sum(1 for _ in train_batches)
+    total_batches = batches_per_epoch * epochs
+    if num_steps is None:
+        num_steps = total_batches // grad_accum
+    if num_steps < 1:
+        raise ValueError(f"not enough data for one optimizer step: {batches_per_epoch} batches per epoch x {epochs} "
+                         f"epoch(s) with grad_accum={grad_accum}; the batch may be larger than the data")
+    if num_steps * grad_accum > total_batches:
+        raise ValueError(f"num_steps={num_steps} x grad_accum={grad_accum} needs {num_steps * grad_accum} batches, "
+                         f"but the data gives {total_batches}")
+    warmup_steps = max(1, num_steps // 20) if warmup_steps is None else warmup_steps
+    eval_every = eval_every or max(1, num_steps // 5)
+    checkpoint_every = checkpoint_every or eval_every
+
+    dtype = jnp.dtype(compute_dtype or pruned_model.config.dtype)
+    mesh = pruned_model.mesh
+    # float32 master weights for the block, whatever the compute dtype
+    block_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pruned_model.params["segments"][block.key])
+    frozen = {"dense": dense_model.params} if mode == "mse" else {"pruned": pruned_model.params}
+    loss_fn = _partial(LOSSES[mode], dense_config=dense_model.config, pruned_config=pruned_model.config,
+                       block=block, compute_dtype=dtype)
+    tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum)
+    train_step, eval_step = make_steps(loss_fn, tx)
+
+    opt_state = tx.init(block_params)
+    history = {"train": [], "valid": [], "best_step": 0, "best_valid": None, "wall_s": 0.0}
+    best = block_params
+    micro = 0  # batches consumed: the data position
+    manager = _checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
+    if manager is not None and resume:
+        restored = _restore(manager, {"block": block_params, "opt_state": opt_state, "best": best,
+                                      "micro": np.zeros((), np.int64)})
+        if restored is not None:
+            state, history = restored
+            block_params, opt_state, best = state["block"], state["opt_state"], state["best"]
+            micro = int(state["micro"])
+    elif manager is not None and manager.latest_step() is not None:
+        raise TrainingError(f"{checkpoint_dir} already holds a training checkpoint (step {manager.latest_step()}); "
+                            f"pass resume=True to continue it, or use an empty directory")
+
+    def save(step):
+        if manager is not None and manager.latest_step() != step:
+            _save(manager, step, {"block": block_params, "opt_state": opt_state, "best": best,
+                                  "micro": np.asarray(micro, np.int64)}, history)
+
+    def data_from(position):
+        epoch_iters = (iter(train_batches) for _ in itertools.count())
+        stream = itertools.chain.from_iterable(epoch_iters)
+        return itertools.islice(stream, position, total_batches)
+
+    tokens_per_batch = int(np.sum(np.asarray(first.get("attention_mask", np.ones_like(first["input_ids"])))))
+    step = micro // grad_accum
+    bar = _progress(progress, num_steps, step)
+    start_time, start_micro = time.perf_counter(), micro
+    last_good = manager.latest_step() if manager is not None else None
+    valid = list(valid_batches) if valid_batches is not None else None
+    if valid is not None and not history["valid"] and step == 0:
+        loss0 = _evaluate(eval_step, block_params, frozen, valid, mesh)
+        history["valid"].append((0, loss0))
+        history["best_valid"], history["best_step"] = loss0, 0
+    try:
+        for batch in data_from(micro):
+            if step >= num_steps:
+                break
+            block_params, opt_state, loss = train_step(block_params, opt_state, frozen, _as_batch(batch, mesh))
+            loss = float(loss)
+            micro += 1
+            if not math.isfinite(loss):
+                where = f"the last good checkpoint is step {last_good} in {checkpoint_dir}" if last_good is not None \
+                    else "no checkpoint was saved"
+                raise TrainingError(f"{mode} loss is {loss} at step {step + 1} (batch {micro}); {where}")
+            if micro % grad_accum:
+                continue
+            step += 1
+            history["train"].append((step, loss, float(schedule(step - 1))))
+            if bar is not None:
+                elapsed = time.perf_counter() - start_time
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{(micro - start_micro) * tokens_per_batch / elapsed:.0f}")
+            if valid is not None and (step % eval_every == 0 or step == num_steps):
+                vloss = _evaluate(eval_step, block_params, frozen, valid, mesh)
+                history["valid"].append((step, vloss))
+                if history["best_valid"] is None or vloss < history["best_valid"]:
+                    history["best_valid"], history["best_step"] = vloss, step
+                    best = block_params
+            elif valid is None:
+                best = block_params
+            if manager is not None and (step % checkpoint_every == 0 or step == num_steps):
+                save(step)
+                last_good = step
+            if on_step is not None:
+                on_step(step, loss)
+    except KeyboardInterrupt:
+        # stop cleanly: what is trained so far is checkpointed, so `resume=True` picks it up
+        if manager is not None and micro % grad_accum == 0 and step > 0:
+            save(step)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    history["wall_s"] += time.perf_counter() - start_time
+    if valid is None:
+        best = block_params
+    params = dict(pruned_model.params)
+    params["segments"] = dict(params["segments"])
+    target_dtype = jnp.dtype(pruned_model.config.dtype)
+    params["segments"][block.key] = jax.tree.map(lambda a: a.astype(target_dtype), best)
+    trained = pruned_model.replace(params=params)
+    if checkpoint_dir:
+        (Path(checkpoint_dir) / "loss_curve.json").write_text(json.dumps(history, indent=1))
+    return (trained, history) if return_history else trained
+
+
+class _Batched:
+    """Re-iterable batches over re-iterable chunks (a sequence, or a callable returning a fresh iterator)."""
+
+    def __init__(self, chunks, batch_size):
+        self.chunks, self.batch_size = chunks, batch_size
+
+    def __iter__(self):
+        from .data import batches
+
+        chunks = self.chunks() if callable(self.chunks) else self.chunks
+        return batches(chunks, self.batch_size, drop_last=True)
+
+
+def _reiterable(data, batch_size, what):
+    if batch_size is None:
+        if callable(data):
+            return _Fresh(data)
+        if iter(data) is data:
+            raise ValueError(f"the {what} batches must be re-iterable (a list, or a callable returning an iterator), "
+                             f"not a one-shot iterator")
+        return data
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not callable(data) and iter(data) is data:
+        raise ValueError(f"the {what} chunks must be re-iterable (a list, or a callable returning an iterator)")
+    count = sum(1 for _ in itertools.islice(data() if callable(data) else data, batch_size))
+    if count < batch_size:
+        raise ValueError(f"batch size {batch_size} is larger than the {what} data ({count} chunks)")
+    return _Batched(data, batch_size)
+
+
+class _Fresh:
+    def __init__(self, factory):
+        self.factory = factory
+
+    def __iter__(self):
+        return iter(self.factory())
+
+
+def _partial(fn, **kwargs):
+    def bound(block_params, frozen, batch):
+        return fn(block_params, frozen, batch, **kwargs)
+    return bound
+
+
+def _progress(enabled, total, initial):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train block", unit="step")

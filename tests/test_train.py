@@ -1,0 +1,135 @@
+"""Training the replacement block: MSE and LM modes lower the loss, causal attention, resume, bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from streamline_jax.models import transformer
+from streamline_jax.models.config import ModelConfig
+from streamline_jax.models.model import Model
+from streamline_jax.prune import prune
+from streamline_jax.train import TrainingError, train_replacement, trainable_blocks
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=6, num_heads=4, head_dim=8,
+            max_position_embeddings=64)
+LLAMA = ModelConfig(family="llama", model_type="llama", num_kv_heads=2, **TINY)
+OPT = ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu", **TINY)
+
+
+def dense(config, seed=0):
+    """A random model whose layers change the hidden state a lot (std 0.02 weights barely do)."""
+    params = transformer.init_params(config, jax.random.PRNGKey(seed))
+    scale = lambda path, a: a * 8 if path[-1].key in ("kernel", "embed_tokens") else a
+    return Model(config, jax.tree_util.tree_map_with_path(scale, params))
+
+
+def chunks(n, seq=16, seed=0, vocab=64):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=seq).astype(np.int32) for _ in range(n)]
+
+
+def patterned_chunks(n, seq=16, seed=0):
+    """Learnable text: each chunk counts up from a random start, modulo 11."""
+    rng = np.random.default_rng(seed)
+    return [((rng.integers(0, 11) + np.arange(seq)) % 11 + 3).astype(np.int32) for _ in range(n)]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("replacement", ["layer", "ffn", "mlp"])
+def test_mse_training_lowers_validation_mse(family, replacement):
+    model = dense(LLAMA if family == "llama" else OPT)
+    pruned = prune(model, 2, 3, replacement, mlp_width=32 if replacement == "mlp" else None)
+    trained, history = train_replacement(model, pruned, chunks(64), batch_size=4, valid_batches=chunks(8, seed=1),
+                                         mode="mse", lr=1e-2, min_lr=1e-3, warmup_steps=1, progress=False,
+                                         return_history=True)
+    first, last = history["valid"][0][1], history["best_valid"]
+    # ffn and mlp blocks cannot absorb the span's attention on random tokens: gains are modest but real
+    assert last < 0.98 * first, history["valid"]
+    block = trainable_blocks(pruned.config)[0]
+    changed = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), trained.params["segments"][block.key],
+                           pruned.params["segments"][block.key])
+    assert max(jax.tree.leaves(changed)) > 0
+    # everything else stays frozen
+    for key in trained.params["segments"]:
+        if key != block.key:
+            assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), trained.params["segments"][key],
+                                             pruned.params["segments"][key]))
+
+
+def test_lm_training_lowers_validation_loss():
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 3, "layer")
+    _, history = train_replacement(model, pruned, patterned_chunks(64), batch_size=8, mode="lm",
+                                   valid_batches=patterned_chunks(8, seed=3), lr=1e-2, min_lr=1e-3,
+                                   warmup_steps=1, progress=False, return_history=True)
+    assert history["best_valid"] < 0.9 * history["valid"][0][1], history["valid"]
+
+
+def test_opt_layer_block_starts_as_a_copy_of_the_pruned_layer():
+    model = dense(OPT)
+    pruned = prune(model, 2, 3, "layer")
+    block = trainable_blocks(pruned.config)[0]
+    assert (block.start, block.length) == (2, 3)
+    original = jax.tree.map(lambda a: a[2], model.params["segments"]["seg_0"])
+    copied = pruned.params["segments"][block.key]
+    assert jax.tree.structure(original) == jax.tree.structure(copied)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), original, copied))
+
+
+def test_trained_layer_block_is_causal():
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 2, "layer")
+    trained = train_replacement(model, pruned, chunks(16), batch_size=4, lr=1e-2, warmup_steps=1, progress=False)
+    ids = np.asarray(chunks(2)).reshape(2, 16)
+    changed = ids.copy()
+    changed[:, 10:] = (changed[:, 10:] + 7) % 64
+    out = lambda x: np.asarray(transformer.apply(trained.config, trained.params, x, collect_hidden=True)["hidden"])
+    a, b = out(ids), out(changed)
+    # every hidden state, the block's output included, at positions before the change is unchanged
+    np.testing.assert_array_equal(a[:, :, :10], b[:, :, :10])
+    assert np.abs(a[:, :, 10:] - b[:, :, 10:]).max() > 0
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "layer")
+    data = chunks(24)
+    kwargs = dict(batch_size=4, lr=3e-3, warmup_steps=1, valid_batches=chunks(4, seed=2), eval_every=2,
+                  checkpoint_every=2, progress=False, grad_accum=1)
+    straight = train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "a", **kwargs)
+
+    def interrupt(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "b", on_step=interrupt, **kwargs)
+    with pytest.raises(TrainingError, match="resume=True"):
+        train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "b", **kwargs)
+    resumed = train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "b", resume=True, **kwargs)
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "mlp", mlp_width=16)
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+ .*last good checkpoint is step \d+"):
+        train_replacement(model, pruned, chunks(64), batch_size=4, lr=1e25, clip_norm=1e30, warmup_steps=1,
+                          checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
+
+
+def test_bad_input_is_refused_up_front():
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "layer")
+    with pytest.raises(ValueError, match="learning rates must be positive"):
+        train_replacement(model, pruned, chunks(8), batch_size=4, lr=0.0)
+    with pytest.raises(ValueError, match=r"batch size 8 is larger than the training data \(5 chunks\)"):
+        train_replacement(model, pruned, chunks(5), batch_size=8)
+    with pytest.raises(ValueError, match="no replacement block"):
+        train_replacement(model, prune(model, 1, 2, "none"), chunks(8), batch_size=4)
+    with pytest.raises(ValueError, match="unknown training mode"):
+        train_replacement(model, pruned, chunks(8), batch_size=4, mode="kl")
