@@ -107,7 +107,104 @@ def lm_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: 
     return jnp.sum(nll * real) / jnp.maximum(jnp.sum(real), 1.0)
 
 
-LOSSES = {"mse": mse_loss, "lm": lm_loss}
+def cached_mse_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, compute_dtype):
+    """MSE on (input, target) pairs read from a `SpanPairCache` instead of recomputed by the frozen model."""
+    mask = batch["attention_mask"]
+    t = mask.shape[1]
+    positions = transformer.default_positions(mask)
+    attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], pruned_config.sliding_window)
+    p = jax.tree.map(lambda a: a.astype(compute_dtype), block_params)
+    out, _, _ = transformer.run_segment(pruned_config, block.segment, p, batch["x_in"].astype(compute_dtype), attn,
+                                        positions)
+    err = jnp.mean(jnp.square(out.astype(jnp.float32) - batch["target"].astype(jnp.float32)), axis=-1)
+    real = mask.astype(jnp.float32)
+    return jnp.sum(err * real) / jnp.maximum(jnp.sum(real), 1.0)
+
+
+LOSSES = {"mse": mse_loss, "lm": lm_loss, "mse_cached": cached_mse_loss}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# On-disk (input, target) pairs for several epochs or several blocks over the same span
+
+
+class SpanPairCache:
+    """The dense model's hidden states entering and leaving a span, for every training batch, in tensorstore arrays
+    on disk ([N, T, D] each, plus the [N, T] mask). Written one batch at a time, so host memory stays at one batch;
+    a `complete.json` written last marks a finished cache, which later runs reuse."""
+
+    def __init__(self, path, start, length):
+        self.path, self.start, self.length = Path(path), start, length
+
+    def _spec(self, name):
+        return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
+
+    @property
+    def complete(self) -> bool:
+        marker = self.path / "complete.json"
+        if not marker.exists():
+            return False
+        meta = json.loads(marker.read_text())
+        return (meta["start"], meta["length"]) == (self.start, self.length)
+
+    def build(self, dense_model: Model, batches: Iterable[dict], progress=True):
+        import tensorstore as ts
+
+        if self.path.exists():
+            import shutil
+
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        config, params = dense_model.config, dense_model.params
+
+        @jax.jit
+        def span_io(params, ids, mask):
+            x_in, target, _, _ = _dense_span_io(config, params, ids, mask, self.start, self.length)
+            return x_in.astype(jnp.float32), target.astype(jnp.float32)
+
+        batch_list = iter(batches)
+        first = next(batch_list)
+        b, t = np.asarray(first["input_ids"]).shape
+        count = 1 + sum(1 for _ in batch_list)
+        n, d = count * b, config.hidden_size
+        arrays = {}
+        for name, shape, dtype in (("x_in", (n, t, d), ts.float32), ("target", (n, t, d), ts.float32),
+                                   ("attention_mask", (n, t), ts.int32)):
+            chunk = [b, t, d][:len(shape)]
+            arrays[name] = ts.open(self._spec(name), create=True, dtype=dtype, shape=shape,
+                                   chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
+        bar = _progress(progress, count, 0, "cache span pairs", "batch")
+        for i, batch in enumerate(batches):
+            mask = np.asarray(batch.get("attention_mask", np.ones_like(batch["input_ids"])), np.int32)
+            x_in, target = span_io(params, jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(mask))
+            rows = slice(i * b, (i + 1) * b)
+            writes = [arrays["x_in"][rows].write(np.asarray(x_in)), arrays["target"][rows].write(np.asarray(target)),
+                      arrays["attention_mask"][rows].write(mask)]
+            for w in writes:
+                w.result()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        (self.path / "complete.json").write_text(json.dumps(
+            {"start": self.start, "length": self.length, "rows": n, "batch": b, "seq": t}))
+
+    def batches(self, batch_size=None):
+        """Re-iterable batches {"x_in", "target", "attention_mask"} read from disk."""
+        cache = self
+
+        class _Reader:
+            def __iter__(self):
+                import tensorstore as ts
+
+                meta = json.loads((cache.path / "complete.json").read_text())
+                b = batch_size or meta["batch"]
+                arrays = {k: ts.open(cache._spec(k)).result() for k in ("x_in", "target", "attention_mask")}
+                for i in range(meta["rows"] // b):
+                    rows = slice(i * b, (i + 1) * b)
+                    yield {k: a[rows].read().result() for k, a in arrays.items()}
+
+        return _Reader()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,11 +237,16 @@ def make_steps(loss_fn, tx):
 
 
 def _as_batch(batch, mesh):
-    ids = jnp.asarray(np.asarray(batch["input_ids"]), jnp.int32)
-    mask = jnp.asarray(np.asarray(batch.get("attention_mask", np.ones_like(batch["input_ids"]))), jnp.int32)
+    if "x_in" in batch:  # cached span pairs
+        out = {"x_in": jnp.asarray(batch["x_in"]), "target": jnp.asarray(batch["target"]),
+               "attention_mask": jnp.asarray(batch["attention_mask"], jnp.int32)}
+    else:
+        ids = np.asarray(batch["input_ids"])
+        out = {"input_ids": jnp.asarray(ids, jnp.int32),
+               "attention_mask": jnp.asarray(np.asarray(batch.get("attention_mask", np.ones_like(ids))), jnp.int32)}
     if mesh is not None:
-        ids, mask = shard_batch(mesh, (ids, mask))
-    return {"input_ids": ids, "attention_mask": mask}
+        out = dict(zip(out, shard_batch(mesh, tuple(out.values()))))
+    return out
 
 
 def _evaluate(eval_step, block_params, frozen, batches, mesh):
@@ -196,14 +298,16 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                       checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
                       resume: bool = False, seed: int = 0, compute_dtype: str | None = None, progress: bool = True,
                       block_key: str | None = None, on_step=None, batch_size: int | None = None,
-                      return_history: bool = False):
+                      pair_cache: str | Path | None = None, return_history: bool = False):
     """Train the pruned model's replacement block; return the pruned model with the trained (best) block.
 
     `train_batches` / `valid_batches`: re-iterable collections of {"input_ids", "attention_mask"} [B, T] arrays
     (e.g. a list, or `data.batches` over a chunk source), read in order; one epoch is one pass. With
     `return_history`, also return {"train": [(step, loss, lr)], "valid": [(step, loss)], "best_step", "wall_s"}.
     `on_step(step, loss)` is called after every optimizer step. With `batch_size`, the data are token chunks
-    ([T] arrays, or a callable returning a fresh iterator of them) that are batched here.
+    ([T] arrays, or a callable returning a fresh iterator of them) that are batched here. With `pair_cache` (MSE
+    mode), the frozen model's (input, target) pairs are computed once into tensorstore arrays at that path (or
+    reused if a finished cache for the same span is there) and every epoch reads them from disk.
     """
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; expected one of {MODES}")
@@ -244,10 +348,26 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
 
     dtype = jnp.dtype(compute_dtype or pruned_model.config.dtype)
     mesh = pruned_model.mesh
+    loss_name = mode
+    if pair_cache is not None:
+        if mode != "mse":
+            raise ValueError("pair_cache is for mode='mse' only")
+        cache = SpanPairCache(pair_cache, block.start, block.length)
+        if not cache.complete:
+            cache.build(dense_model, train_batches, progress)
+        train_batches = cache.batches()
+        if valid_batches is not None:
+            valid_cache = SpanPairCache(Path(pair_cache) / "valid", block.start, block.length)
+            if not valid_cache.complete:
+                valid_cache.build(dense_model, valid_batches, progress=False)
+            valid_batches = valid_cache.batches()
+        loss_name = "mse_cached"
     # float32 master weights for the block, whatever the compute dtype
     block_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pruned_model.params["segments"][block.key])
     frozen = {"dense": dense_model.params} if mode == "mse" else {"pruned": pruned_model.params}
-    loss_fn = _partial(LOSSES[mode], dense_config=dense_model.config, pruned_config=pruned_model.config,
+    if loss_name == "mse_cached":
+        frozen = {}
+    loss_fn = _partial(LOSSES[loss_name], dense_config=dense_model.config, pruned_config=pruned_model.config,
                        block=block, compute_dtype=dtype)
     tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum)
     train_step, eval_step = make_steps(loss_fn, tx)
@@ -386,9 +506,9 @@ def _partial(fn, **kwargs):
     return bound
 
 
-def _progress(enabled, total, initial):
+def _progress(enabled, total, initial, desc="train block", unit="step"):
     if not enabled:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train block", unit="step")
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit)

@@ -133,3 +133,18 @@ def test_bad_input_is_refused_up_front():
         train_replacement(model, prune(model, 1, 2, "none"), chunks(8), batch_size=4)
     with pytest.raises(ValueError, match="unknown training mode"):
         train_replacement(model, pruned, chunks(8), batch_size=4, mode="kl")
+
+
+def test_tensorstore_pair_cache_trains_like_on_the_fly_mse(tmp_path):
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 2, "layer")
+    kwargs = dict(batch_size=4, lr=3e-3, warmup_steps=1, epochs=2, valid_batches=chunks(4, seed=2), eval_every=3,
+                  progress=False)
+    data = chunks(16)
+    live = train_replacement(model, pruned, data, **kwargs)
+    cached, history = train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs", return_history=True,
+                                        **kwargs)
+    assert (tmp_path / "pairs" / "complete.json").exists()
+    for a, b in zip(jax.tree.leaves(live.params), jax.tree.leaves(cached.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    assert len(history["train"]) == 8  # two epochs of four batches, read from disk

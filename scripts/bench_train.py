@@ -1,0 +1,77 @@
+"""Replacement-block training on SmolLM2-135M: training tokens/s, and peak host memory for 1000 vs 4000 chunks.
+
+Each measurement runs in a fresh child process, so its peak resident memory (ru_maxrss) is its own. Training data
+stream from ../shared/data/corpus/train.jsonl (re-tokenized each epoch, never held whole); the MSE pairs are computed
+inside the jitted step, so host memory must not grow with the number of chunks: the two peaks should be about equal.
+
+    python scripts/bench_train.py [--seq 64] [--counts 1000,4000] [--speed-steps 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def child(args):
+    import streamline_jax as sj
+    from streamline_jax import data, tasks
+    from streamline_jax.prune import prune
+
+    model = sj.load("smollm2-135m")
+    corpus = tasks.shared_data_dir() / "corpus" / "train.jsonl"
+
+    def chunks():
+        stream = data.token_chunks(data.text_source(str(corpus)), model.tokenizer, args.seq)
+        return data.split_chunks(stream, calib=0, train=args.chunks).train
+
+    pruned = prune(model, 11, 8, "layer")
+    steps = []
+    t = time.perf_counter()
+    sj.train_replacement(model, pruned, chunks, batch_size=args.batch, lr=2e-4, min_lr=5e-5, progress=False,
+                         on_step=lambda step, loss: steps.append(time.perf_counter()))
+    wall = time.perf_counter() - t
+    # steady-state speed: skip the first step (compile)
+    steady = (len(steps) - 1) * args.batch * args.seq / (steps[-1] - steps[0]) if len(steps) > 1 else float("nan")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"chunks": args.chunks, "seq": args.seq, "steps": len(steps), "wall_s": wall,
+                      "tokens_per_s": steady, "peak_rss_mib": peak_mib}))
+
+
+def run_child(chunks, seq, batch):
+    cmd = [sys.executable, __file__, "--child", "--chunks", str(chunks), "--seq", str(seq), "--batch", str(batch)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--chunks", type=int, default=1000)
+    ap.add_argument("--seq", type=int, default=64, help="chunk length for the memory comparison")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--counts", default="1000,4000")
+    ap.add_argument("--speed-steps", type=int, default=8, help="steps at 512 tokens for the tokens/s figure")
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    speed = run_child(args.speed_steps * args.batch, 512, args.batch)
+    print(f"MSE training, `layer` block over layers [11, 19), batch {args.batch} x 512: "
+          f"{speed['tokens_per_s']:.0f} training tokens/s (steady state, {speed['steps']} steps)")
+    peaks = []
+    for count in (int(c) for c in args.counts.split(",")):
+        r = run_child(count, args.seq, args.batch)
+        peaks.append(r["peak_rss_mib"])
+        print(f"{count:5d} chunks x {args.seq} tokens: peak host memory {r['peak_rss_mib']:.0f} MiB, "
+              f"{r['tokens_per_s']:.0f} tokens/s, wall {r['wall_s']:.0f} s")
+    print(f"peak memory ratio (largest / smallest count): {peaks[-1] / peaks[0]:.3f} (goal: about 1)")
+
+
+if __name__ == "__main__":
+    main()

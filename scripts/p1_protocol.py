@@ -1,0 +1,119 @@
+"""Protocol P1 on SmolLM2-135M: dense vs pruned (none / layer / ffn / mlp in MSE mode, layer in LM-loss mode).
+
+Calibration: the first 50 chunks of 512 tokens of corpus/train.jsonl (documents in file order, EOS between them);
+training: the next 1000 chunks; validation: the first 100 chunks of corpus/valid.jsonl built the same way. Span: 8
+layers chosen by cosine, replaced by one block. AdamW lr 2e-4, weight decay 1e-3, warm-up then cosine to 5e-5,
+clipping at 5, batch 8, one epoch, keep the best block on validation loss. Evaluation: WikiText-2 perplexity on the
+first 128 windows of 1024 tokens, PIQA accuracy on the first 1000 items (with its standard error).
+
+The MSE rows share one tensorstore cache of the frozen span's (input, target) pairs, so the frozen model runs once.
+Each finished row is appended to OUT/results.json, and a rerun skips rows already there.
+
+    python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import streamline_jax as sj
+from streamline_jax import data, tasks, train
+from streamline_jax.evaluate import evaluate as evaluate_tasks, perplexity
+from streamline_jax.prune import prune
+
+ROWS = ("dense", "none", "layer", "ffn", "mlp", "layer-lm")
+
+
+def chunk_lists(model, args):
+    corpus = tasks.shared_data_dir() / "corpus"
+    train_chunks = data.token_chunks(data.text_source(str(corpus / "train.jsonl")), model.tokenizer, args.seq)
+    split = data.split_chunks(train_chunks, calib=args.calib_chunks, train=args.train_chunks)
+    train_list = list(split.train)
+    valid = data.split_chunks(data.token_chunks(data.text_source(str(corpus / "valid.jsonl")), model.tokenizer,
+                                                args.seq), calib=args.valid_chunks).calib
+    return split.calib, train_list, valid
+
+
+def evaluate_row(model, args):
+    t = time.perf_counter()
+    ppl = perplexity(model, "wikitext2", window=1024, max_windows=args.eval_windows, batch_size=4)
+    piqa = evaluate_tasks(model, ["piqa"], limit=args.piqa_items, batch_size=32)["tasks"]["piqa"]
+    acc = piqa["acc"]
+    return {"wikitext2_ppl": ppl["perplexity"], "ppl_windows": ppl["windows"], "piqa_acc": acc,
+            "piqa_stderr": math.sqrt(acc * (1 - acc) / piqa["n"]), "piqa_n": piqa["n"],
+            "num_params": model.num_params, "eval_s": time.perf_counter() - t}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/p1")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--calib-chunks", type=int, default=50)
+    ap.add_argument("--train-chunks", type=int, default=1000)
+    ap.add_argument("--valid-chunks", type=int, default=100)
+    ap.add_argument("--span", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--min-lr", type=float, default=5e-5)
+    ap.add_argument("--eval-windows", type=int, default=128)
+    ap.add_argument("--piqa-items", type=int, default=1000)
+    args = ap.parse_args()
+    rows = args.rows.split(",")
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+
+    model = sj.load("smollm2-135m")
+    calib, train_chunks, valid_chunks = chunk_lists(model, args)
+    scores = sj.score_spans(model, list(data.batches(calib, args.batch)), metric="cosine")
+    choice = sj.choose_span(scores, length=args.span)
+    start = choice.start
+    print(f"span: layers [{start}, {start + args.span}) by cosine {scores.to_numpy()[start, args.span]:.4f}")
+
+    for row in rows:
+        if row in results:
+            continue
+        t0 = time.perf_counter()
+        train_s = 0.0
+        if row == "dense":
+            candidate = model
+        else:
+            replacement = row.split("-")[0]
+            candidate = prune(model, start, args.span, replacement)
+            if replacement != "none":
+                mode = "lm" if row.endswith("-lm") else "mse"
+                t = time.perf_counter()
+                candidate = train.train_replacement(
+                    model, candidate, train_chunks, batch_size=args.batch, mode=mode, valid_batches=valid_chunks,
+                    lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
+                    warmup_steps=max(1, len(train_chunks) // args.batch // 20),
+                    eval_every=max(1, len(train_chunks) // args.batch // 5),
+                    pair_cache=out / f"pairs_{start}_{args.span}" if mode == "mse" else None)
+                train_s = time.perf_counter() - t
+        results[row] = {"span": [start, start + args.span - 1], "train_s": train_s, **evaluate_row(candidate, args)}
+        results[row]["row_s"] = time.perf_counter() - t0
+        results_path.write_text(json.dumps(results, indent=1))
+        print(row, results[row], flush=True)
+
+    print(f"\nP1 on SmolLM2-135M ({args.train_chunks} training chunks of {args.seq}; WikiText-2 first "
+          f"{args.eval_windows} x 1024; PIQA first {args.piqa_items})")
+    print("| row | WikiText-2 ppl | PIQA acc | params | training wall time |")
+    print("|---|---|---|---|---|")
+    for row in ROWS:
+        if row in results:
+            r = results[row]
+            print(f"| {row} | {r['wikitext2_ppl']:.2f} | {r['piqa_acc']:.3f} ± {r['piqa_stderr']:.3f} | "
+                  f"{r['num_params']:,} | {r['train_s']:.0f} s |")
+
+
+if __name__ == "__main__":
+    main()
