@@ -1,0 +1,46 @@
+"""Convert a checkpoint between formats: a Hugging Face folder, hub id, .gguf file or embedded model name to an Orbax
+model folder (read back by `streamline_jax.load`), and an Orbax model folder back to a Hugging Face folder.
+
+    python scripts/convert.py smollm2-135m /tmp/smollm2-orbax                 # GGUF (embedded) -> Orbax
+    python scripts/convert.py path/to/hf-folder /tmp/m-orbax --dtype bfloat16  # Hugging Face -> Orbax
+    python scripts/convert.py /tmp/m-orbax /tmp/m-hf                           # Orbax -> Hugging Face
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from streamline_jax import export, load  # noqa: E402
+from streamline_jax.load import ORBAX_MARKER  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="embedded name, Hugging Face folder or hub id, .gguf file, or Orbax model folder")
+    p.add_argument("target", help="output folder (written atomically)")
+    p.add_argument("--to", choices=("orbax", "hf"), help="default: hf for an Orbax source, orbax otherwise")
+    p.add_argument("--dtype", default=None, help="parameter dtype (default: float32, or as saved for Orbax)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    is_orbax = (Path(args.source) / ORBAX_MARKER).exists()
+    to = args.to or ("hf" if is_orbax else "orbax")
+    try:
+        if to == "hf" and is_orbax:  # fail on an `mlp` block before loading any weights
+            export.check_hf_exportable(export.read_orbax_config(args.source))
+        model = export.load_orbax_model(args.source, args.dtype) if is_orbax else load(args.source,
+                                                                                       args.dtype or "float32")
+        out = export.export_hf(model, args.target, args.overwrite) if to == "hf" else \
+            export.save_orbax_model(model, args.target, args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.source} -> {out} ({to}, {model.config.depth} layers, {model.num_params:,} parameters)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

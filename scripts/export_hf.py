@@ -1,0 +1,44 @@
+"""Export a pruned model (an Orbax model folder, or a run folder holding one in model/) as a stock Hugging Face
+folder that `transformers.AutoModelForCausalLM.from_pretrained` loads with no custom code.
+
+    python scripts/export_hf.py runs/smollm2-135m /tmp/smollm2-pruned-hf
+
+`ffn` blocks become decoder layers whose attention output projection is zero (the same function); an `mlp` block
+has no stock form, and the script says so and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from streamline_jax import export  # noqa: E402
+from streamline_jax.load import ORBAX_MARKER  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="Orbax model folder, or a run folder (its model/ is used)")
+    p.add_argument("target", help="Hugging Face folder to write (atomically)")
+    p.add_argument("--dtype", default=None, help="dtype of the exported weights (default: as saved)")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    source = Path(args.source)
+    if not (source / ORBAX_MARKER).exists() and (source / "model" / ORBAX_MARKER).exists():
+        source = source / "model"
+    try:
+        export.check_hf_exportable(export.read_orbax_config(source))  # before loading any weights
+        model = export.load_orbax_model(source, args.dtype)
+        out = export.export_hf(model, args.target, args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{source} -> {out}: {model.config.depth} layers, {model.num_params:,} parameters")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Stage 6, export: the pruned model as an Orbax checkpoint (any layout, restored onto any mesh) and as a stock
+Hugging Face folder (layouts made of decoder layers and `ffn` blocks).
+
+Orbax folder:   params/ (Orbax), tokenizer files, `streamline_model.json` (the config; written last: its presence
+                means the folder is complete). `load.load(folder)` reads it back through `load_orbax_model`.
+HF folder:      config.json (the pruned depth), model.safetensors (or shards + index), tokenizer files.
+                An `ffn` block becomes a decoder layer whose attention output projection is zero: the same function.
+                An `mlp` block has no stock form: `ExportError`.
+
+Every folder is written into a temporary folder beside the target and renamed into place, so a failed or
+interrupted write never leaves a folder that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .load import ORBAX_MARKER, hf_tensors_from_params, load_tokenizer
+from .models import transformer
+from .models.config import ModelConfig, Segment, to_hf_config
+from .models.model import Model
+
+ORBAX_FORMAT = 1
+PARAMS_DIR = "params"
+MAX_SHARD_BYTES = 5 * 1024 ** 3  # safetensors shard size, as transformers' save_pretrained defaults to
+
+
+class ExportError(ValueError):
+    pass
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary folder beside `target`; on success it replaces `target`, on error it is removed."""
+    target = Path(target).absolute()
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; pass overwrite (--overwrite) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Orbax
+
+
+def save_orbax_model(model: Model, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Save params (Orbax, sharded as they are), the tokenizer and the config marker (last) into `folder`."""
+    from .distributed import save_params
+
+    folder = Path(folder).absolute()
+    with atomic_folder(folder, overwrite) as tmp:
+        save_params(tmp / PARAMS_DIR, model.params)
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(str(tmp))
+        (tmp / ORBAX_MARKER).write_text(json.dumps(
+            {"format": ORBAX_FORMAT, "params": PARAMS_DIR, "config": model.config.to_dict()}, indent=2) + "\n")
+    return folder
+
+
+def read_orbax_config(folder: str | os.PathLike) -> ModelConfig:
+    marker = Path(folder) / ORBAX_MARKER
+    if not marker.exists():
+        raise FileNotFoundError(f"{folder} is not a finished streamline_jax model folder (no {ORBAX_MARKER})")
+    meta = json.loads(marker.read_text())
+    if meta.get("format") != ORBAX_FORMAT:
+        raise ValueError(f"{marker}: unknown format {meta.get('format')!r}; this version reads format {ORBAX_FORMAT}")
+    return ModelConfig.from_dict(meta["config"])
+
+
+def load_orbax_model(path: str | os.PathLike, dtype: str | None = None, mesh=None) -> Model:
+    """Restore a model saved by `save_orbax_model` onto `mesh` (sharded by the logical-axis rules) or, without one,
+    onto the default device, whatever device count saved it. `dtype` casts the parameters (default: as saved)."""
+    from .distributed import restore_params
+    from .sharding import param_shardings
+
+    folder = Path(path).absolute()
+    config = read_orbax_config(folder)
+    if dtype is not None:
+        config = config.replace(dtype=str(jnp.dtype(dtype)))
+    abstract = transformer.abstract_params(config)
+    if mesh is not None:
+        shardings = param_shardings(abstract, transformer.param_axes(config), mesh)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    params = restore_params(folder / PARAMS_DIR, target)
+    return Model(config, params, load_tokenizer(folder), mesh)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hugging Face
+
+
+def check_hf_exportable(config: ModelConfig) -> None:
+    """Raise `ExportError` before any work if the layout has no stock Hugging Face form."""
+    for i, seg in enumerate(config.layout):
+        if seg.kind == "mlp":
+            raise ExportError(f"segment {i} is an `mlp` replacement block, which no stock Hugging Face architecture "
+                              f"has; it can only be saved as an Orbax checkpoint (load it with streamline_jax.load)")
+        if seg.kind == "ffn" and config.family == "opt" and not config.do_layer_norm_before:
+            raise ExportError("an `ffn` block of a post-norm OPT (do_layer_norm_before=False) is not a decoder layer "
+                              "with zero attention (the attention layer norm would still apply); use Orbax")
+
+
+def as_decoder_layers(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
+    """The same function with every `ffn` block written as a full decoder layer whose attention adds zero:
+    attention projections (and biases) zero, the attention norm's scale one and bias zero."""
+    check_hf_exportable(config)
+    if not any(seg.kind == "ffn" for seg in config.layout):
+        return config, params
+    layer_config = config.replace(num_layers=1, layout=(Segment("layer"),), pruned_spans=())
+    layer_shapes = transformer.abstract_params(layer_config)["segments"]["seg_0"]
+    segments, layout = {}, []
+    for i, seg in enumerate(config.layout):
+        p = params["segments"][f"seg_{i}"]
+        if seg.kind == "ffn":
+            def fill(path, a, ffn=p):
+                keys = [k.key for k in path]
+                try:
+                    sub = ffn
+                    for k in keys:
+                        sub = sub[k]
+                    return jnp.asarray(sub)
+                except KeyError:  # attention part: a zero contribution
+                    value = 1.0 if keys[-1] == "scale" else 0.0
+                    return jnp.full(a.shape, value, a.dtype)
+            p = jax.tree_util.tree_map_with_path(fill, layer_shapes)
+            seg = Segment("layer")
+        segments[f"seg_{i}"] = p
+        layout.append(seg)
+    new_params = {**params, "segments": segments}
+    return config.replace(layout=tuple(layout)), new_params
+
+
+def _host(tree):
+    from .distributed import to_host
+
+    return to_host(tree)
+
+
+def write_safetensors(tensors, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+    """Write (name, array) pairs as model.safetensors, or as shards plus model.safetensors.index.json."""
+    from safetensors.numpy import save_file
+
+    shards, current, size = [], {}, 0
+    for name, array in tensors:
+        array = np.ascontiguousarray(array)
+        if current and size + array.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = array
+        size += array.nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        _save_shard(save_file, shards[0], folder / "model.safetensors")
+        return ["model.safetensors"]
+    names, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _save_shard(save_file, shard, folder / fname)
+        names.append(fname)
+        for k, v in shard.items():
+            weight_map[k] = fname
+            total += v.nbytes
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return names
+
+
+def _save_shard(save_file, shard: dict, path: Path):
+    # safetensors' numpy writer has no bfloat16: store its bits under the BF16 tag by hand
+    if any(a.dtype == jnp.bfloat16 for a in shard.values()):
+        _save_with_bf16(shard, path)
+    else:
+        save_file(shard, str(path), metadata={"format": "pt"})
+
+
+def _save_with_bf16(shard: dict, path: Path):
+    codes = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(jnp.bfloat16): "BF16",
+             np.dtype(np.float64): "F64", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, a in shard.items():
+        header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for a in shard.values():
+            f.write(a.tobytes())
+
+
+def export_hf(model: Model, folder: str | os.PathLike, overwrite: bool = False,
+              max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write `model` as a stock Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads with no custom
+    code: config.json with the pruned depth, safetensors, tokenizer. `ExportError` for an `mlp` block."""
+    config = model.config
+    check_hf_exportable(config)  # before any work
+    if model.tokenizer is None:
+        raise ExportError("the model has no tokenizer; a Hugging Face folder needs one (load the model with it)")
+    folder = Path(folder).absolute()
+    layer_config, params = as_decoder_layers(config, model.params)
+    hf_config = to_hf_config(layer_config)
+    with atomic_folder(folder, overwrite) as tmp:
+        write_safetensors(hf_tensors_from_params(layer_config, _host(params)), tmp, max_shard_bytes)
+        model.tokenizer.save_pretrained(str(tmp))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")  # last
+    return folder

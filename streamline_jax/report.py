@@ -1,0 +1,204 @@
+"""The run's report: report.json (everything, machine-readable), report.md (a readable summary) and three plots:
+the span-score heatmap over (start, length) with the chosen span marked, block influence per layer, and the
+training loss curve."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def jsonable(x):
+    """numpy scalars/arrays to Python, NaN/inf to None (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, np.generic):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def write_json(report: dict, path: Path) -> None:
+    Path(path).write_text(json.dumps(jsonable(report), indent=1, allow_nan=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_span_scores(table, metric: str, chosen: tuple[int, int] | None, path: Path) -> None:
+    """Heatmap of a [L, L+1] (start, length) table: start on x, length on y; the chosen span is boxed."""
+    plt = _pyplot()
+    table = np.asarray(table, np.float64)
+    layers = table.shape[0]
+    grid = table[:, 1:].T  # [length-1, start]
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    cmap = "viridis" if metric == "cosine" else "viridis_r"  # bright = redundant either way
+    im = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap=cmap,
+                   extent=(-0.5, layers - 0.5, 0.5, layers + 0.5))
+    fig.colorbar(im, ax=ax, label=f"{metric} between h[start] and h[start+length]")
+    if chosen is not None:
+        s, n = chosen
+        ax.add_patch(plt.Rectangle((s - 0.5, n - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+        ax.annotate(f"chosen: layers {s}..{s + n - 1}", (s, n), xytext=(8, 8), textcoords="offset points",
+                    color="red", fontsize=9, fontweight="bold")
+    ax.set_xlabel("start layer")
+    ax.set_ylabel("span length (layers)")
+    ax.set_title(f"span scores ({metric}); bright = most redundant")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_block_influence(block_influence, chosen: tuple[int, int] | None, path: Path) -> None:
+    """ShortGPT's block influence 1 - cos(h[i], h[i+1]) per layer; the pruned span's bars in red."""
+    plt = _pyplot()
+    bi = np.asarray(block_influence, np.float64)
+    colors = ["tab:blue"] * len(bi)
+    if chosen is not None:
+        for i in range(chosen[0], chosen[0] + chosen[1]):
+            colors[i] = "tab:red"
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.bar(np.arange(len(bi)), bi, color=colors)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("block influence (1 - cos)")
+    ax.set_title("block influence per layer" + ("; red: pruned span" if chosen else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_loss(history: dict, path: Path) -> None:
+    """Training loss per step, and the validation loss where it was measured."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    train = history.get("train") or []
+    if train:
+        steps, losses = zip(*[(s, l) for s, l, *_ in train])
+        ax.plot(steps, losses, label="train", color="tab:blue")
+    valid = history.get("valid") or []
+    if valid:
+        steps, losses = zip(*[(s, l) for s, l in valid])
+        ax.plot(steps, losses, "o-", label="valid", color="tab:orange")
+    if history.get("best_step") is not None and valid:
+        ax.axvline(history["best_step"], color="grey", linestyle=":", label="best (kept)")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"{history.get('mode', 'training')} loss")
+    if train or valid:
+        values = [l for _, l, *_ in train] + [l for _, l in valid]
+        if min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("replacement block training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _fmt(v, spec=".4f"):
+    return "n/a" if v is None else format(v, spec)
+
+
+def to_markdown(report: dict) -> str:
+    lines = [f"# LLM-Streamline run: {report.get('model', {}).get('source', '?')}", ""]
+    model = report.get("model", {})
+    if model:
+        lines += [f"- model: `{model.get('source')}`, {model.get('layers')} layers, {model.get('params', 0):,} "
+                  f"parameters, {model.get('dtype')}"]
+    stages = report.get("stages", [])
+    lines += [f"- stages: {', '.join(stages)}", f"- finished: {report.get('finished', 'no')}", ""]
+    span = report.get("span")
+    if span:
+        lines += ["## Chosen span", "",
+                  f"Layers {span['start']}..{span['end'] - 1} ({span['length']} layers) by {span['metric']} "
+                  f"(score {_fmt(span.get('score'))}), replaced by `{span['replacement']}`: "
+                  f"{span['params_removed']:,} of {span['params_total']:,} parameters removed net "
+                  f"({span['sparsity']:.2%}).", ""]
+    params = report.get("params")
+    if params:
+        lines += [f"Parameters: dense {params['dense']:,} → pruned {params['pruned']:,} "
+                  f"({params['pruned'] / params['dense']:.2%}); layers {params['dense_layers']} → "
+                  f"{params['pruned_layers']}.", ""]
+    plots = report.get("plots", {})
+    if plots.get("span_scores"):
+        lines += ["## Scores", "", f"![span scores]({plots['span_scores']})", ""]
+    if plots.get("block_influence"):
+        lines += [f"![block influence]({plots['block_influence']})", ""]
+    training = report.get("training")
+    if training:
+        train = training.get("train") or []
+        lines += ["## Training", "",
+                  f"{training.get('mode')} loss, {len(train)} steps in {training.get('wall_s', 0):.1f} s; "
+                  f"first {_fmt(train[0][1] if train else None)}, last {_fmt(train[-1][1] if train else None)}; "
+                  f"best validation {_fmt(training.get('best_valid'))} at step {training.get('best_step')}.", ""]
+        if plots.get("loss"):
+            lines += [f"![training loss]({plots['loss']})", ""]
+    retention = report.get("retention")
+    if retention:
+        lines += ["## Evaluation", "", "| task | metric | dense | pruned | retention | stability |",
+                  "|---|---|---|---|---|---|"]
+        for r in retention["rows"]:
+            stab = retention["stability"].get(r["task"]) if r["metric"] == "acc" else None
+            lines.append(f"| {r['task']} | {r['metric']} | {_fmt(r['dense'])} | {_fmt(r['pruned'])} | "
+                         f"{_fmt(r['retention'], '.2%')} | {_fmt(stab) if stab is not None else ''} |")
+        if retention.get("mean_retention") is not None:
+            lines += ["", f"Mean accuracy retention: {retention['mean_retention']:.2%}."]
+        lines.append("")
+    elif report.get("evaluation"):
+        lines += ["## Evaluation", ""]
+        for which, res in report["evaluation"].items():
+            for name, t in res.get("tasks", {}).items():
+                value = t.get("perplexity", t.get("acc"))
+                lines.append(f"- {which} {name}: {_fmt(value)}")
+        lines.append("")
+    if report.get("samples"):
+        lines += ["## Samples (greedy)", "", report["samples"], ""]
+    outputs = report.get("outputs")
+    if outputs:
+        lines += ["## Outputs", ""] + [f"- {k}: {v}" for k, v in outputs.items()] + [""]
+    times = report.get("stage_times")
+    if times:
+        lines += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, folder: Path, scores=None, chosen=None, history=None) -> dict:
+    """Write the plots (those whose data exist), report.json and report.md into `folder`; return the report."""
+    folder = Path(folder)
+    plots = {}
+    (folder / "plots").mkdir(parents=True, exist_ok=True)
+    if scores is not None:
+        plot_span_scores(scores.table(scores.span_metric), scores.span_metric, chosen,
+                         folder / "plots" / "span_scores.png")
+        plot_block_influence(scores.block_influence, chosen, folder / "plots" / "block_influence.png")
+        plots.update(span_scores="plots/span_scores.png", block_influence="plots/block_influence.png")
+    if history and (history.get("train") or history.get("valid")):
+        plot_loss(history, folder / "plots" / "loss.png")
+        plots["loss"] = "plots/loss.png"
+    report = {**report, "plots": plots}
+    write_json(report, folder / "report.json")
+    (folder / "report.md").write_text(to_markdown(jsonable(report)))
+    return report

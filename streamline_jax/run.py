@@ -1,0 +1,725 @@
+"""The whole pipeline in one command:
+
+    python -m streamline_jax.run                                   # the embedded SmolLM2-135M, offline, minutes
+    python -m streamline_jax.run --model llama2-13b --out runs/l13 prune.replacement=ffn train.lr=1e-4
+
+load → score → choose span → prune → train the block → evaluate dense and pruned → save (Orbax + Hugging Face) and
+report (report.json, report.md, plots). Settings: configs/pipeline.yaml (the paper's defaults), then the model
+preset configs/<name>.yaml, then `--config FILE`, then `key=value` overrides (dotted keys, YAML values).
+
+The output folder is marked finished by a `DONE` file written last; a folder holding a finished run is refused
+unless --overwrite, an unfinished one unless --resume (continue training from its checkpoint) or --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import json
+import logging
+import shutil
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_MODEL = "smollm2-135m"
+STAGES = ("score", "prune", "train", "evaluate", "save")
+NEEDS = {"prune": ("score",), "train": ("prune",), "save": ("prune",)}
+DONE = "DONE"
+RUN_CONFIG = "run_config.yaml"
+TRAIN_CHECKPOINT = "train_checkpoint"
+NOT_PRESETS = ("pipeline", "meshes")
+
+log = logging.getLogger("streamline_jax.run")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Settings: frozen dataclasses, one per section
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    source: str = DEFAULT_MODEL
+    hub_id: str | None = None
+    dtype: str | None = None
+    architecture: dict | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    calibration: str = "{data}/corpus/train.jsonl"
+    train: str | None = None
+    valid: str | None = "{data}/corpus/valid.jsonl"
+    text_field: str = "text"
+    seq_len: int = 2048
+    calib_chunks: int = 256
+    train_chunks: int = 4096
+    valid_chunks: int = 64
+    batch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSection:
+    metric: str = "cosine"
+    sparsity: float | None = 0.25
+    num_layers: int | None = None
+    protect_first: int = 0
+    protect_last: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSection:
+    replacement: str = "layer"
+    mlp_width: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    mode: str = "mse"
+    num_steps: int | None = None
+    epochs: int = 1
+    lr: float = 2e-4
+    min_lr: float = 5e-5
+    warmup_steps: int | None = None
+    weight_decay: float = 1e-3
+    clip_norm: float = 5.0
+    grad_accum: int = 1
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    compute_dtype: str | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    tasks: tuple[str, ...] = ("wikitext2", "piqa")
+    limit: int | None = None
+    ppl_windows: int | None = None
+    perplexity_text: str | None = None
+    window: int = 1024
+    batch_size: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplesSection:
+    prompts: tuple[str, ...] = ()
+    max_new_tokens: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+    orbax: bool = True
+    hf: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    score: ScoreSection = ScoreSection()
+    prune: PruneSection = PruneSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+    samples: SamplesSection = SamplesSection()
+    export: ExportSection = ExportSection()
+    mesh: MeshSection = MeshSection()
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, for YAML/JSON
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(RunConfig)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def valid_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in _section_classes().items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str, candidates: list[str], where: str) -> ConfigError:
+    near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    leaf = key.rsplit(".", 1)[-1]
+    by_leaf = [c for c in candidates if c.rsplit(".", 1)[-1] == leaf]
+    hint = f"; did you mean {(near or by_leaf)[0]!r}?" if (near or by_leaf) else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _check_type(value, hint, key: str, where: str):
+    """`value` as the type `hint` asks for, or a ConfigError naming the key, the expected type and the value."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], key, where)
+    bad = ConfigError(f"{where}: {key} must be {_type_name(hint)}, got {value!r} ({type(value).__name__})")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad
+        return tuple(value)
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    return value
+
+
+def _type_name(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return f"{_type_name(inner[0])} or null"
+    if origin is tuple:
+        return "a list of strings"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
+        hint, str(hint))
+
+
+def check_layer(layer: dict, where: str) -> dict:
+    """Check one settings layer (a YAML file or the overrides): known sections and keys, right types."""
+    if layer is None:
+        return {}
+    if not isinstance(layer, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(layer).__name__}")
+    classes = _section_classes()
+    out = {}
+    for section, values in layer.items():
+        if section not in classes:
+            raise _unknown(str(section), list(classes) + valid_keys(), where)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section {section!r} must be a mapping, got {values!r}")
+        hints = typing.get_type_hints(classes[section])
+        checked = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise _unknown(f"{section}.{key}", valid_keys(), where)
+            checked[key] = _check_type(value, hints[key], f"{section}.{key}", where)
+        if section == "model" and checked.get("architecture"):
+            from .models.config import ModelConfig, check_keys
+
+            try:
+                check_keys(checked["architecture"], ModelConfig, "model.architecture")
+            except KeyError as e:
+                raise ConfigError(f"{where}: {e.args[0]}") from None
+        out[section] = checked
+    return out
+
+
+def merge(base: dict, layer: dict) -> dict:
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in layer.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    layer: dict = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+        if "." not in key:
+            raise _unknown(key, valid_keys(), "override")
+        section, _, name = key.partition(".")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse the value ({e})") from None
+        layer.setdefault(section, {})[name] = value
+    return layer
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem not in NOT_PRESETS)
+
+
+def resolve_model(model: str | None) -> tuple[str | None, dict]:
+    """(preset name or None, a settings layer) for --model: a preset, a local folder/.gguf, or a hub id."""
+    model = model or DEFAULT_MODEL
+    if model in preset_names():
+        return model, {}
+    path = Path(model).expanduser()
+    if path.exists() or path.suffix == ".gguf":
+        if not path.exists():
+            raise ConfigError(f"GGUF file not found: {path}")
+        return None, {"model": {"source": str(path.absolute())}}
+    if "/" in model and not model.startswith((".", "/", "~")):
+        return None, {"model": {"source": model, "hub_id": model}}
+    near = difflib.get_close_matches(model, preset_names(), n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise ConfigError(f"unknown model preset {model!r}{hint} (presets: {', '.join(preset_names())}; or pass a local "
+                      f"folder, a .gguf file or a hub id owner/name)")
+
+
+def build_config(model: str | None = None, config_file: str | None = None,
+                 overrides: list[str] = ()) -> tuple[RunConfig, str | None]:
+    """pipeline.yaml ← preset ← --config FILE ← key=value overrides, each layer checked; a frozen RunConfig."""
+    settings = check_layer(read_yaml(CONFIG_DIR / "pipeline.yaml"), "configs/pipeline.yaml")
+    preset, model_layer = resolve_model(model)
+    if preset:
+        settings = merge(settings, check_layer(read_yaml(CONFIG_DIR / f"{preset}.yaml"), f"configs/{preset}.yaml"))
+    else:  # a path or hub id: the preset's source and shapes no longer apply
+        settings = merge(settings, {"model": {"hub_id": None, "architecture": None}})
+    settings = merge(settings, check_layer(model_layer, "--model"))
+    if config_file:
+        settings = merge(settings, check_layer(read_yaml(Path(config_file)), str(config_file)))
+    settings = merge(settings, check_layer(parse_overrides(list(overrides)), "override"))
+    classes = _section_classes()
+    config = RunConfig(**{s: classes[s](**settings.get(s, {})) for s in classes})
+    check_values(config)
+    return config, preset
+
+
+def check_values(c: RunConfig) -> None:
+    """Choices and ranges, before any work."""
+    from .prune import REPLACEMENTS
+    from .score import METRICS
+    from .train import MODES
+
+    def choice(key, value, allowed):
+        if value not in allowed:
+            near = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}{hint}")
+
+    choice("score.metric", c.score.metric, METRICS)
+    choice("prune.replacement", c.prune.replacement, REPLACEMENTS)
+    choice("train.mode", c.train.mode, MODES)
+    if (c.score.sparsity is None) == (c.score.num_layers is None):
+        raise ConfigError("set exactly one of score.sparsity and score.num_layers (the other to null)")
+    for key in ("seq_len", "calib_chunks", "batch_size"):
+        if getattr(c.data, key) < 1:
+            raise ConfigError(f"data.{key} must be positive, got {getattr(c.data, key)}")
+    if c.model.dtype is not None:
+        import jax.numpy as jnp
+
+        try:
+            jnp.dtype(c.model.dtype)
+        except TypeError:
+            raise ConfigError(f"model.dtype={c.model.dtype!r} is not a dtype (float32, bfloat16, float16)") from None
+    from .tasks import TASKS
+
+    for t in c.eval.tasks:
+        choice("eval.tasks", t, sorted(TASKS))
+
+
+def preset_model_config(name: str):
+    """The abstract ModelConfig of a YAML preset (shapes only), for eval_shape planning and parameter counts."""
+    from .models.config import ModelConfig
+
+    layer = check_layer(read_yaml(CONFIG_DIR / f"{name}.yaml"), f"configs/{name}.yaml")
+    model = layer.get("model", {})
+    if not model.get("architecture"):
+        raise ConfigError(f"preset {name!r} gives no model.architecture")
+    return ModelConfig(**model["architecture"], dtype=model.get("dtype") or "float32")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data: re-iterable batch streams over a text source
+
+
+class ChunkBatches:
+    """Batches of `count` chunks of `seq_len` tokens after the first `skip`, re-read on every iteration (train.py
+    iterates once to count and once per epoch). Incomplete batches are dropped, so every step has one shape."""
+
+    def __init__(self, source, tokenizer, seq_len: int, skip: int, count: int, batch_size: int):
+        self.source, self.tokenizer = source, tokenizer
+        self.seq_len, self.skip, self.count, self.batch_size = seq_len, skip, count, batch_size
+
+    def __iter__(self):
+        from . import data
+
+        chunks = data.token_chunks(self.source, self.tokenizer, self.seq_len)
+        train = data.split_chunks(chunks, 0, self.count, self.skip).train
+        return data.batches(train, self.batch_size, drop_last=True)
+
+
+def _data_path(spec: str | None) -> str | None:
+    if spec is None:
+        return None
+    from .tasks import resolve_path
+
+    path = resolve_path(spec)
+    return str(path) if path.exists() or "{data}" in spec else spec
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The output folder
+
+
+def prepare_out(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> None:
+    """Refuse a finished run (unless overwrite) or an unfinished one (unless resume or overwrite), before any work."""
+    if overwrite and resume:
+        raise ConfigError("--overwrite and --resume exclude each other")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file")
+    contents = list(out.iterdir()) if out.exists() else []
+    ours = (out / RUN_CONFIG).exists() or (out / DONE).exists()
+    if contents and not ours:
+        raise ConfigError(f"--out {out} is not empty and holds no streamline_jax run; choose another folder")
+    if (out / DONE).exists():
+        if resume:
+            raise ConfigError(f"{out} holds a finished run; nothing to resume (pass --overwrite to run again)")
+        if not overwrite:
+            raise ConfigError(f"{out} holds a finished run; pass --overwrite to replace it")
+    elif contents and not (overwrite or resume):
+        raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to start again")
+    if resume:
+        if not contents:
+            raise ConfigError(f"--resume: {out} holds no run to resume")
+        saved = read_yaml(out / RUN_CONFIG)
+        now = config.to_dict()
+        diff = [f"{s}.{k}" for s in now for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
+        if diff:
+            raise ConfigError(f"--resume: the settings differ from the saved run's in {', '.join(diff)}")
+    if overwrite and contents:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / RUN_CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+
+
+@contextlib.contextmanager
+def stage(name: str, times: dict):
+    log.info("[%s] started", name)
+    start = time.perf_counter()
+    yield
+    times[name] = times.get(name, 0.0) + time.perf_counter() - start
+    log.info("[%s] done in %.1f s", name, times[name])
+
+
+def _tokenizer_files(folder: Path) -> bool:
+    return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                               "vocab.json"))
+
+
+def _check_tokenizer_before_load(source: str):
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "streamline_model.json").exists() and not _tokenizer_files(path):
+        raise ConfigError(f"{path} has no tokenizer (tokenizer.json, tokenizer_config.json, tokenizer.model or "
+                          f"vocab.json); calibration, training and evaluation need one: add it to the folder")
+
+
+def _strip(results: dict) -> dict:
+    """Evaluation results without per-item lists (they stay out of report.json)."""
+    drop = ("labels", "predictions", "loglikelihoods")
+    return {**results, "tasks": {n: {k: v for k, v in t.items() if k not in drop}
+                                 for n, t in results["tasks"].items()}}
+
+
+def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overwrite: bool = False,
+        resume: bool = False, preset: str | None = None, progress: bool = True) -> dict:
+    """Run `stages` of the pipeline into `out`; return the report. KeyboardInterrupt propagates (the caller logs)."""
+    c = config
+    out = Path(out).absolute()
+    total_start = time.perf_counter()
+    # every check that needs no model first
+    prepare_out(out, c, overwrite, resume)
+    handler = logging.FileHandler(out / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        return _run(c, out, stages, resume, preset, progress, total_start)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start) -> dict:
+    import jax
+
+    from . import data, evaluate as ev, export, prune as prune_mod, score as score_mod
+    from .load import load
+    from .report import write_report
+    from .tasks import PerplexityTask, get_task, load_items
+
+    times: dict[str, float] = {}
+    log.info("output folder %s; stages %s", out, ", ".join(stages))
+    calib_source = data.text_source(_data_path(c.data.calibration), c.data.text_field)
+    train_spec = _data_path(c.data.train)
+    train_source = data.text_source(train_spec, c.data.text_field) if train_spec else calib_source
+    valid_source = data.text_source(_data_path(c.data.valid), c.data.text_field) if c.data.valid else None
+    tasks = [get_task(t) for t in c.eval.tasks]
+    if c.eval.perplexity_text:
+        path = _data_path(c.eval.perplexity_text)
+        if not Path(path).is_file():
+            raise ConfigError(f"eval.perplexity_text: file not found: {path}")
+        tasks.append(PerplexityTask("text", path, window=c.eval.window))
+    if "evaluate" in stages:
+        for t in tasks:
+            if not isinstance(t, PerplexityTask):
+                load_items(t, c.eval.limit)  # a missing or malformed task file fails here
+    hf_ok = c.export.hf and "save" in stages
+    if hf_ok and c.prune.replacement == "mlp":
+        log.warning("an `mlp` block cannot be exported to a stock Hugging Face architecture: writing the Orbax "
+                    "checkpoint only")
+        hf_ok = False
+    _check_tokenizer_before_load(c.model.source)
+
+    report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
+                              "devices": [str(d) for d in jax.devices()], "finished": None}
+    with stage("load", times):
+        mesh = None
+        if jax.device_count() > 1:
+            from .sharding import make_mesh
+
+            mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        dense = load(c.model.source, c.model.dtype or "float32", mesh=mesh)
+        if dense.tokenizer is None:
+            raise ConfigError(f"{c.model.source}: the model has no tokenizer; calibration, training and evaluation "
+                              f"need one")
+        _check_architecture(c, dense.config)
+        log.info("%s: %d layers, %s parameters, %s", c.model.source, dense.config.depth, f"{dense.num_params:,}",
+                 dense.config.dtype)
+    report["model"] = {"source": c.model.source, "layers": dense.config.depth, "params": dense.num_params,
+                       "dtype": dense.config.dtype, "config": dense.config.to_dict()}
+    scores = choice = pruned = history = None
+    batch, seq = c.data.batch_size, c.data.seq_len
+    if "score" in stages:
+        with stage("score", times):
+            chunks = data.token_chunks(calib_source, dense.tokenizer, seq)
+            calib = data.split_chunks(chunks, c.data.calib_chunks).calib
+            scores = score_mod.score_spans(dense, data.batches(calib, batch), c.score.metric, progress=progress)
+            choice = score_mod.choose_span(scores, length=c.score.num_layers, sparsity=c.score.sparsity,
+                                           replacement=c.prune.replacement, protect_first=c.score.protect_first,
+                                           protect_last=c.score.protect_last, mlp_width=c.prune.mlp_width)
+            log.info("chosen span: %s", choice)
+        report["scores"] = {"metric": scores.metric, "num_tokens": scores.num_tokens,
+                            "cosine": scores.cosine, "angular": scores.angular,
+                            "block_influence": scores.block_influence}
+        report["span"] = {"start": choice.start, "length": choice.length, "end": choice.end,
+                          "replacement": choice.replacement, "metric": scores.span_metric, "score": choice.score,
+                          "params_removed": choice.params_removed, "params_total": choice.params_total,
+                          "sparsity": choice.sparsity}
+    if "prune" in stages:
+        with stage("prune", times):
+            pruned = prune_mod.prune(dense, choice.start, choice.length, c.prune.replacement, c.prune.mlp_width)
+        report["params"] = {"dense": dense.num_params, "pruned": pruned.num_params, "dense_layers": dense.config.depth,
+                            "pruned_layers": pruned.config.depth}
+        report["pruned_config"] = pruned.config.to_dict()
+    if "train" in stages and c.prune.replacement != "none":
+        from .train import train_replacement
+
+        with stage("train", times):
+            skip = c.data.calib_chunks if train_source is calib_source else 0
+            train_batches = ChunkBatches(train_source, dense.tokenizer, seq, skip, c.data.train_chunks, batch)
+            valid_batches = None
+            if valid_source is not None and c.data.valid_chunks:
+                vchunks = data.split_chunks(data.token_chunks(valid_source, dense.tokenizer, seq),
+                                            c.data.valid_chunks).calib
+                valid_batches = list(data.batches(vchunks, batch))
+            t = c.train
+            pruned, history = train_replacement(
+                dense, pruned, train_batches, mode=t.mode, valid_batches=valid_batches, num_steps=t.num_steps,
+                lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+                clip_norm=t.clip_norm, grad_accum=t.grad_accum, epochs=t.epochs, eval_every=t.eval_every,
+                checkpoint_dir=out / TRAIN_CHECKPOINT, checkpoint_every=t.checkpoint_every, resume=resume,
+                seed=t.seed, compute_dtype=t.compute_dtype, progress=progress, return_history=True)
+            history = {**history, "mode": t.mode}
+        report["training"] = history
+    if "evaluate" in stages and tasks:
+        with stage("evaluate", times):
+            results = {"dense": _evaluate(ev, dense, tasks, c, progress)}
+            if pruned is not None:
+                results["pruned"] = _evaluate(ev, pruned, tasks, c, progress)
+                retention = ev.compare(results["dense"], results["pruned"])
+                report["retention"] = retention.to_dict()
+                log.info("evaluation:\n%s", retention.to_markdown())
+        report["evaluation"] = {k: _strip(v) for k, v in results.items()}
+    if pruned is not None and c.samples.prompts and "evaluate" in stages:
+        with stage("samples", times):
+            from .generate import side_by_side
+
+            report["samples"] = side_by_side({"dense": dense, "pruned": pruned}, list(c.samples.prompts),
+                                             c.samples.max_new_tokens)
+    outputs = {}
+    if "save" in stages:
+        with stage("save", times):
+            if c.export.orbax:
+                export.save_orbax_model(pruned, out / "model", overwrite=True)
+                outputs["orbax"] = "model/ (streamline_jax.load)"
+            if hf_ok:
+                export.export_hf(pruned, out / "hf", overwrite=True)
+                outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
+            elif c.export.hf:
+                outputs["hf"] = "not written: an `mlp` block has no stock Hugging Face form"
+    report["outputs"] = outputs
+    times["total"] = time.perf_counter() - total_start
+    report["stage_times"] = times
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    chosen = (choice.start, choice.length) if choice else None
+    report = write_report(report, out, scores, chosen, history)
+    (out / DONE).write_text(report["finished"] + "\n")  # last: the folder is finished
+    log.info("report: %s", out / "report.md")
+    return report
+
+
+def _evaluate(ev, model, tasks, c: RunConfig, progress: bool) -> dict:
+    from .tasks import PerplexityTask
+
+    ppl = [t for t in tasks if isinstance(t, PerplexityTask)]
+    mc = [t for t in tasks if not isinstance(t, PerplexityTask)]
+    merged = None
+    for group, limit in ((ppl, c.eval.ppl_windows), (mc, c.eval.limit)):
+        if group:
+            res = ev.evaluate(model, group, limit=limit, batch_size=c.eval.batch_size, progress=progress)
+            merged = res if merged is None else {**merged, "tasks": {**merged["tasks"], **res["tasks"]}}
+    return merged
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(a - b) <= 1e-6 * max(abs(a), abs(b))
+    return a == b
+
+
+def _check_architecture(c: RunConfig, loaded) -> None:
+    arch = c.model.architecture
+    if not arch:
+        return
+    diff = {k: (v, getattr(loaded, k)) for k, v in arch.items()
+            if k not in ("dtype", "model_type") and not _same(getattr(loaded, k), v)}
+    if diff:
+        log.warning("the loaded model differs from the preset's architecture in %s",
+                    ", ".join(f"{k} (preset {a}, loaded {b})" for k, (a, b) in diff.items()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_stages(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return STAGES
+    wanted = [s.strip() for s in text.replace(",", " ").split() if s.strip()]
+    for s in wanted:
+        if s not in STAGES:
+            near = difflib.get_close_matches(s, STAGES, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown stage {s!r}{hint} (stages: {', '.join(STAGES)}; load always runs)")
+    chosen = set(wanted)
+    for s in reversed(STAGES):  # prerequisites, later stages first: train needs prune, which needs score
+        if s in chosen:
+            chosen.update(NEEDS.get(s, ()))
+    return tuple(s for s in STAGES if s in chosen)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m streamline_jax.run",
+        description="LLM-Streamline in one command: load, score, prune, train, evaluate, save, report.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="presets: " + ", ".join(preset_names()) + "\nstages: " + ", ".join(STAGES) +
+               "\nkeys: " + ", ".join(valid_keys()))
+    p.add_argument("--model", help=f"preset name, local folder, .gguf file or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--config", help="a YAML file of settings, applied after the preset")
+    p.add_argument("--out", help="output folder (default runs/<model>)")
+    p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (prerequisites are added)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out from its checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. train.lr=1e-4")
+    return p
+
+
+def default_out(config: RunConfig, preset: str | None) -> Path:
+    name = preset or Path(config.model.source.rstrip("/")).name.removesuffix(".gguf")
+    return Path("runs") / name
+
+
+def _training_error():
+    from .train import TrainingError
+
+    return TrainingError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_intermixed_args(argv)
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    try:
+        config, preset = build_config(args.model, args.config, args.overrides)
+        stages = parse_stages(args.stages)
+        out = Path(args.out) if args.out else default_out(config, preset)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = run(config, out, stages, overwrite=args.overwrite, resume=args.resume, preset=preset,
+                     progress=not args.quiet)
+    except KeyboardInterrupt:
+        ckpt = Path(out) / TRAIN_CHECKPOINT
+        where = f"; the training checkpoint in {ckpt} continues with --resume" if ckpt.exists() else ""
+        log.error("interrupted: %s is not marked finished%s", out, where)
+        return 130
+    except (ConfigError, FileNotFoundError, ValueError, _training_error()) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {Path(out).absolute() / 'report.md'}  ({report['stage_times']['total']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

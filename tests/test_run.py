@@ -1,0 +1,268 @@
+"""The `python -m streamline_jax.run` CLI end to end on tiny random Llama and OPT Hugging Face folders (with a tiny
+trained tokenizer and tiny data files), its settings layers, presets, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+
+from reference import torch_model
+from streamline_jax import run as run_mod
+from streamline_jax.load import load
+from streamline_jax.models import transformer
+from streamline_jax.models.config import ModelConfig
+from streamline_jax.models.model import forward
+
+WORDS = ("the cat dog sat on a mat and ran to house big small red blue tree river sun moon walked quickly slowly "
+         "under over near far bird sang song happy sad green old new").split()
+
+LLAMA = ModelConfig(family="llama", model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96,
+                    num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
+                    eos_token_id=1, bos_token_id=1)
+OPT = ModelConfig(family="opt", model_type="opt", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6,
+                  num_heads=4, num_kv_heads=4, head_dim=16, word_embed_proj_dim=64, activation="relu",
+                  max_position_embeddings=256, eos_token_id=1, bos_token_id=1)
+
+
+def _sentences(n, seed):
+    rng = np.random.RandomState(seed)
+    return [" ".join(rng.choice(WORDS, rng.randint(6, 14))) + "." for _ in range(n)]
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>", "<eos>"])
+    tok.train_from_iterator(_sentences(300, 0), trainer)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
+                                                bos_token="<eos>")
+
+
+def _hf_folder(path: Path, config: ModelConfig, tokenizer=True) -> Path:
+    torch_model(config).save_pretrained(str(path))
+    if tokenizer:
+        _tokenizer().save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    data = root / "data"
+    data.mkdir()
+    for name, seed, n in (("train.jsonl", 1, 400), ("valid.jsonl", 2, 60)):
+        with open(data / name, "w") as f:
+            for s in _sentences(n, seed):
+                f.write(json.dumps({"text": s}) + "\n")
+    (data / "eval.txt").write_text("\n".join(_sentences(40, 3)))
+    return {"root": root, "data": data, "llama": _hf_folder(root / "llama", LLAMA), "opt": _hf_folder(root / "opt", OPT)}
+
+
+def _args(files, model, out, *extra):
+    d = files["data"]
+    return ["--model", str(files[model]), "--out", str(out), "--quiet",
+            f"data.calibration={d / 'train.jsonl'}", f"data.valid={d / 'valid.jsonl'}", "data.seq_len=32",
+            "data.calib_chunks=4", "data.train_chunks=16", "data.valid_chunks=2", "data.batch_size=4",
+            "score.sparsity=null", "score.num_layers=2", "eval.tasks=[]", f"eval.perplexity_text={d / 'eval.txt'}",
+            "eval.window=64", "samples.prompts=[the cat]", "samples.max_new_tokens=4", "train.lr=1e-3", *extra]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("replacement", ["none", "layer", "ffn"])
+def test_cli_end_to_end_hf_export_matches_pruned_model(files, tmp_path, family, replacement):
+    out = tmp_path / "out"
+    # the whole pipeline for two of the six; the others skip evaluation (the slow part on a shared CPU)
+    full = (family, replacement) in (("llama", "layer"), ("opt", "ffn"))
+    stages = [] if full else ["--stages", "train,save"]
+    assert run_mod.main(_args(files, family, out, f"prune.replacement={replacement}", *stages)) == 0
+    assert (out / "DONE").exists()
+    report = json.loads((out / "report.json").read_text())
+    span = report["span"]
+    assert span["length"] == 2 and report["params"]["pruned_layers"] == 6 - 2 + (replacement != "none")
+    # the Orbax checkpoint reads back through streamline_jax.load ...
+    pruned = load(out / "model")
+    assert pruned.config.pruned_spans == ((span["start"], 2, replacement),)
+    assert pruned.num_params == report["params"]["pruned"]
+    # ... and the Hugging Face folder loads with stock transformers classes and gives the same logits
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "hf"), dtype=torch.float32).eval()
+    assert type(hf).__module__.startswith("transformers.models.")
+    assert hf.config.num_hidden_layers == pruned.config.depth
+    tok = transformers.AutoTokenizer.from_pretrained(str(out / "hf"))
+    ids = np.asarray(tok(["the big cat sat on a red mat near the river"])["input_ids"])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(forward(pruned, ids))
+    assert np.max(np.abs(ours - ref)) / np.max(np.abs(ref)) < 1e-5
+    dense = load(files[family])
+    assert np.max(np.abs(np.asarray(forward(dense, ids)) - ref)) > 1e-3  # really pruned
+    if replacement != "none":
+        train = report["training"]["train"]
+        assert len(train) == 4 and report["training"]["mode"] == "mse"
+        assert (out / "plots" / "loss.png").exists()
+    assert {"span_scores.png", "block_influence.png"} <= {p.name for p in (out / "plots").iterdir()}
+    md = (out / "report.md").read_text()
+    assert "## Chosen span" in md
+    if full:
+        assert "text" in report["evaluation"]["pruned"]["tasks"]
+        assert "| text | perplexity |" in md and "## Samples" in md
+
+
+def test_mlp_writes_orbax_only(files, tmp_path):
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "prune.replacement=mlp", "--stages", "train,save")) == 0
+    assert (out / "model").is_dir() and not (out / "hf").exists() and (out / "DONE").exists()
+    assert "mlp" in json.loads((out / "report.json").read_text())["outputs"]["hf"]
+
+
+def test_scoring_only(files, tmp_path):
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "opt", out, "--stages", "score")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"] == ["score"] and "span" in report and "training" not in report
+    assert not (out / "model").exists()
+
+
+def test_finished_output_folder_is_refused_without_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 0
+    before = (out / "report.json").read_text()
+    assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 2
+    assert "finished run" in capsys.readouterr().err and (out / "report.json").read_text() == before
+    assert run_mod.main(_args(files, "llama", out, "--stages", "score", "--resume")) == 2
+    assert run_mod.main(_args(files, "llama", out, "--stages", "score", "--overwrite", "score.num_layers=3")) == 0
+    assert json.loads((out / "report.json").read_text())["span"]["length"] == 3
+
+
+def test_unrelated_folder_is_never_overwritten(files, tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep")
+    assert run_mod.main(_args(files, "llama", tmp_path, "--overwrite")) == 2
+    assert "holds no streamline_jax run" in capsys.readouterr().err and (tmp_path / "mine.txt").exists()
+
+
+def test_model_without_tokenizer_is_refused_before_loading(files, tmp_path, capsys):
+    folder = _hf_folder(tmp_path / "notok", LLAMA, tokenizer=False)
+    assert run_mod.main(_args(files, "llama", tmp_path / "out", "--model", str(folder))) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_then_resume(files, tmp_path, monkeypatch):
+    from streamline_jax import train
+
+    out = tmp_path / "out"
+    args = _args(files, "llama", out, "prune.replacement=layer", "train.checkpoint_every=1", "--stages", "train")
+    saves = []
+    real_save = train._save
+
+    def save_then_interrupt(*a, **k):
+        real_save(*a, **k)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C came right after the second checkpoint
+
+    monkeypatch.setattr(train, "_save", save_then_interrupt)
+    assert run_mod.main(args) == 130
+    assert not (out / "DONE").exists() and not (out / "report.json").exists()
+    assert (out / "train_checkpoint").is_dir()
+    monkeypatch.setattr(train, "_save", real_save)
+    assert run_mod.main(args) == 2  # an unfinished run is not silently restarted
+    assert run_mod.main(args + ["--resume"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [s for s, *_ in report["training"]["train"]] == [1, 2, 3, 4]
+    assert (out / "DONE").exists()
+    # the resumed result equals an uninterrupted run's
+    fresh = tmp_path / "fresh"
+    assert run_mod.main(_args(files, "llama", fresh, "prune.replacement=layer", "train.checkpoint_every=1",
+                              "--stages", "train")) == 0
+    uninterrupted = json.loads((fresh / "report.json").read_text())["training"]["train"]
+    np.testing.assert_allclose([l for _, l, _ in report["training"]["train"]], [l for _, l, _ in uninterrupted],
+                               rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+def test_unknown_preset_suggests_the_nearest(capsys):
+    assert run_mod.main(["--model", "llama2-13", "--out", "/nonexistent/x"]) == 2
+    assert "did you mean 'llama2-13b'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=fast", "train.lr must be a number"),
+    ("data.seq_len=1.5", "data.seq_len must be an integer"),
+    ("export.hf=maybe", "export.hf must be true or false"),
+    ("train.lrr=1e-4", "did you mean 'train.lr'"),
+    ("lr=1e-4", "did you mean 'train.lr'"),
+    ("prune.replacement=layers", "did you mean 'layer'"),
+    ("trian.lr=1e-4", "did you mean 'train"),
+])
+def test_bad_overrides_are_clear_errors(override, message, capsys):
+    assert run_mod.main(["--out", "/nonexistent/x", override]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_settings_layers(tmp_path):
+    cfg_file = tmp_path / "mine.yaml"
+    cfg_file.write_text(yaml.safe_dump({"train": {"lr": 1e-4, "mode": "lm"}, "eval": {"tasks": ["piqa"]}}))
+    config, preset = run_mod.build_config("smollm2-135m", str(cfg_file), ["train.lr=3e-4", "score.sparsity=0.3"])
+    assert preset == "smollm2-135m"
+    assert config.train.lr == 3e-4 and config.train.mode == "lm" and config.eval.tasks == ("piqa",)
+    assert config.data.seq_len == 128  # from the preset
+    assert config.train.weight_decay == 1e-3  # from pipeline.yaml
+    with pytest.raises(run_mod.ConfigError, match="exactly one of score.sparsity"):
+        run_mod.build_config(None, None, ["score.num_layers=4"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("score:\n  metrik: cosine\n")
+    with pytest.raises(run_mod.ConfigError, match=r"bad.yaml: unknown key 'score.metrik'; did you mean 'score.metric'"):
+        run_mod.build_config(None, str(bad))
+    assert run_mod.parse_stages("train") == ("score", "prune", "train")
+    with pytest.raises(run_mod.ConfigError, match="did you mean 'evaluate'"):
+        run_mod.parse_stages("evaluat")
+
+
+def test_every_preset_parses_and_matches_the_shape_table():
+    from streamline_jax.models.presets import PRESETS
+
+    assert set(run_mod.preset_names()) == set(PRESETS)
+    for name in run_mod.preset_names():
+        config, preset = run_mod.build_config(name)
+        assert preset == name and config.model.architecture
+        shapes = run_mod.preset_model_config(name)
+        ref = PRESETS[name]
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                      "head_dim", "tie_word_embeddings", "family"):
+            assert getattr(shapes, field) == getattr(ref, field), (name, field)
+
+
+@pytest.mark.parametrize("name, billions", [("llama2-7b", 6.74), ("llama2-13b", 13.0), ("opt-6.7b", 6.66)])
+def test_preset_parameter_counts_equal_the_published(name, billions):
+    config = run_mod.preset_model_config(name)
+    count = transformer.count_params(transformer.abstract_params(config))  # jax.eval_shape: no memory
+    assert float(f"{count / 1e9:.3g}") == billions, count  # to the published 3 significant figures
+
+
+def test_convert_and_export_scripts_round_trip(files, tmp_path):
+    import importlib.util
+
+    def script(name):
+        spec = importlib.util.spec_from_file_location(name, Path(run_mod.__file__).parents[1] / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    convert, export_hf = script("convert"), script("export_hf")
+    assert convert.main([str(files["opt"]), str(tmp_path / "orbax")]) == 0
+    assert convert.main([str(tmp_path / "orbax"), str(tmp_path / "hf")]) == 0
+    assert export_hf.main([str(tmp_path / "orbax"), str(tmp_path / "hf")]) == 2  # exists: refused
+    assert export_hf.main([str(tmp_path / "orbax"), str(tmp_path / "hf"), "--overwrite"]) == 0
+    ids = np.arange(3, 20)[None]
+    a, b = load(files["opt"]), load(tmp_path / "hf")
+    np.testing.assert_array_equal(np.asarray(forward(a, ids)), np.asarray(forward(b, ids)))
