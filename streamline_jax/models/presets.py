@@ -1,0 +1,55 @@
+"""Full-size model shapes as frozen `ModelConfig`s, for memory plans and ahead-of-time compiles without weights.
+
+The numbers are the published Hugging Face config.json values; `tests/test_plan.py` checks the parameter counts
+against the published totals.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from .config import ModelConfig
+
+
+def _llama(vocab, hidden, inter, layers, heads, kv, *, max_pos=4096, theta=10000.0, eps=1e-5, tied=False,
+           scaling=None, model_type="llama", dtype="bfloat16"):
+    return ModelConfig(family="llama", model_type=model_type, vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=inter, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+                       head_dim=hidden // heads, max_position_embeddings=max_pos, rope_theta=theta, rms_norm_eps=eps,
+                       rope_scaling=scaling, tie_word_embeddings=tied, activation="silu", dtype=dtype)
+
+
+def _opt(hidden, ffn, layers, heads):
+    return ModelConfig(family="opt", model_type="opt", vocab_size=50272, hidden_size=hidden, intermediate_size=ffn,
+                       num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
+                       max_position_embeddings=2048, word_embed_proj_dim=hidden, tie_word_embeddings=True,
+                       activation="relu", dtype="float16", bos_token_id=2, eos_token_id=2, pad_token_id=1)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "smollm2-135m": _llama(49152, 576, 1536, 30, 9, 3, max_pos=8192, theta=100000.0, tied=True, dtype="float32"),
+    "llama2-7b": _llama(32000, 4096, 11008, 32, 32, 32),
+    "llama2-13b": _llama(32000, 5120, 13824, 40, 40, 40),
+    "llama2-70b": _llama(32000, 8192, 28672, 80, 64, 8),
+    "llama3-8b": _llama(128256, 4096, 14336, 32, 32, 8, max_pos=8192, theta=500000.0),
+    "opt-1.3b": _opt(2048, 8192, 24, 32),
+    "opt-2.7b": _opt(2560, 10240, 32, 32),
+    "opt-6.7b": _opt(4096, 16384, 32, 32),
+    "opt-13b": _opt(5120, 20480, 40, 40),
+}
+
+# Published totals (model cards / papers), for the parameter-count test.
+PUBLISHED_PARAMS = {
+    "smollm2-135m": 134.5e6, "llama2-7b": 6.74e9, "llama2-13b": 13.0e9, "llama2-70b": 69.0e9, "llama3-8b": 8.03e9,
+    "opt-1.3b": 1.32e9, "opt-2.7b": 2.65e9, "opt-6.7b": 6.66e9, "opt-13b": 12.9e9,
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The preset called `name`; a clear error (with the nearest name) for an unknown one."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        near = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise KeyError(f"unknown model preset {name!r}{hint} (known: {', '.join(PRESETS)})") from None

@@ -1,0 +1,571 @@
+"""Pod-scale planning: mesh layouts per target (configs/meshes.yaml), the three sharded steps (scoring, MSE
+training, LM-loss training), and ahead-of-time compiles for real TPU topologies with per-chip memory.
+
+The AOT path needs no TPU and no weights: libtpu (the `tpu` extra) describes the topology, parameters are
+`ShapeDtypeStruct`s carrying their `NamedSharding`, and `jit(...).lower(...).compile()` gives XLA's own
+`memory_analysis()` and `cost_analysis()` for one chip.
+
+Scoring plans `score.score_sums`; the two training steps here are self-contained stand-ins with the shapes,
+dtypes and shardings of the real ones (frozen bfloat16 model, float32 master weights and AdamW state for the block
+only). Every planner function takes the step as an argument, so `train.py`'s steps can be planned instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .models import transformer
+from .models.config import ModelConfig, Segment
+from .sharding import MESH_AXES, ShardingError, param_shardings
+
+# Compile-only use of libtpu touches no chip, so several planning processes may load it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+MESHES_YAML = Path(__file__).resolve().parents[1] / "configs" / "meshes.yaml"
+STAGES = ("scoring", "mse", "lm")
+REMAT_POLICIES = ("none", "dots", "full")
+GIB = 1024 ** 3
+# XLA keeps a little HBM for itself; a plan must fit in this share of the chip.
+USABLE_HBM = 0.95
+
+
+class TopologyError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+    data: int
+    fsdp: int
+    tensor: int
+    batch: int
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {REMAT_POLICIES}")
+
+    @property
+    def devices(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+    def replace(self, **changes) -> "StageLayout":
+        return dataclasses.replace(self, **changes)
+
+    def __str__(self):
+        return f"data={self.data} fsdp={self.fsdp} tensor={self.tensor} batch={self.batch} remat={self.remat}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    platform: str
+    device_kind: str
+    devices: int
+    hbm_gib: float
+    stages: dict
+    topology: str | None = None
+    chip_config: str = "default"
+
+    def layout(self, stage: str, model: str | None = None, overrides: dict | None = None) -> StageLayout:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        d = dict(self.stages[stage])
+        d.update(((overrides or {}).get(self.name, {}).get(model, {}) or {}).get(stage, {}))
+        return StageLayout(**d)
+
+
+def load_targets(path: str | Path = MESHES_YAML) -> tuple[dict[str, Target], dict, int]:
+    """(targets by name, overrides, default seq_len) from the mesh layouts file, checked."""
+    raw = yaml.safe_load(Path(path).read_text())
+    targets = {}
+    for name, t in raw["targets"].items():
+        t = dict(t)
+        stages = t.pop("stages")
+        missing = [s for s in STAGES if s not in stages]
+        if missing:
+            raise ValueError(f"{path}: target {name!r} has no layout for stage(s) {missing}")
+        target = Target(name=name, stages=stages, **t)
+        for stage in STAGES:
+            layout = target.layout(stage)
+            if layout.devices != target.devices:
+                raise ValueError(f"{path}: {name}/{stage} splits {layout.devices} devices, the target has "
+                                 f"{target.devices}")
+        targets[name] = target
+    return targets, raw.get("overrides") or {}, int(raw.get("seq_len", 2048))
+
+
+def find_target(name: str, targets: dict[str, Target] | None = None) -> Target:
+    """A target by its name (`v5e-16`) or its topology (`v5e:4x4`); a clear error otherwise."""
+    targets = targets or load_targets()[0]
+    if name in targets:
+        return targets[name]
+    for t in targets.values():
+        if t.topology == name:
+            return t
+    known = list(targets) + [t.topology for t in targets.values() if t.topology]
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    raise TopologyError(f"unknown target or topology {name!r}{hint} (known: {', '.join(known)})")
+
+
+def _chip(kind: str) -> str:
+    """A device kind as the chip family meshes.yaml names (`TPU v5 lite`/`TPU v5e` → v5e, `TPU v5`/`TPU v5p` → v5p)."""
+    k = kind.lower()
+    for chip, marks in (("v5e", ("v5 lite", "v5e", "v5litepod")), ("v6e", ("v6 lite", "v6e")), ("v5p", ("v5p", "tpu v5")),
+                        ("v4", ("tpu v4",)), ("h100", ("h100",)), ("h200", ("h200",))):
+        if any(m in k for m in marks):
+            return chip
+    return k
+
+
+def pick_target(devices=None, targets: dict[str, Target] | None = None) -> Target | None:
+    """The target matching the devices JAX sees (chip and count), or None."""
+    devices = list(devices if devices is not None else jax.devices())
+    targets = targets or load_targets()[0]
+    chip = _chip(devices[0].device_kind)
+    for t in targets.values():
+        if len(devices) == t.devices and _chip(t.device_kind) == chip:
+            return t
+    return None
+
+
+def stage_mesh(stage: str, target: str | None = None, model: str | None = None, devices=None) -> tuple[Mesh, StageLayout]:
+    """The mesh (and layout) for a stage on the devices JAX sees: the named target's layout, else the target that
+    matches the devices, else every device on fsdp."""
+    devices = list(devices if devices is not None else jax.devices())
+    targets, overrides, _ = load_targets()
+    t = find_target(target, targets) if target else pick_target(devices, targets)
+    if t is None:
+        layout = StageLayout(1, len(devices), 1, len(devices), "full" if stage == "lm" else "none")
+    else:
+        layout = t.layout(stage, model, overrides)
+    return layout_mesh(layout, devices), layout
+
+
+def check_layout(config: ModelConfig, layout: StageLayout, batch: int | None = None) -> None:
+    """A clear error when the mesh cannot split the heads, the MLP, the vocabulary or the batch."""
+    batch = layout.batch if batch is None else batch
+    t = layout.tensor
+    for what, size in (("num_heads", config.num_heads), ("num_kv_heads", config.num_kv_heads),
+                       ("intermediate_size", config.intermediate_size), ("vocab_size", config.vocab_size)):
+        if size % t:
+            raise ShardingError(f"tensor={t} does not divide {what}={size}; pick a tensor size that divides it "
+                                f"(divisors: {_divisors(size, up_to=64)})")
+    shards = layout.data * layout.fsdp
+    if batch % shards:
+        raise ShardingError(f"batch {batch} cannot be split over data×fsdp = {layout.data}×{layout.fsdp} = {shards} "
+                            f"shards; use a multiple of {shards}")
+    if config.hidden_size % layout.fsdp:
+        raise ShardingError(f"fsdp={layout.fsdp} does not divide hidden_size={config.hidden_size}")
+
+
+def _divisors(n, up_to):
+    return [d for d in range(1, up_to + 1) if n % d == 0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Topologies (libtpu, compile only)
+
+
+def libtpu_available() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+_TOPOLOGY_RE = re.compile(r"v(4|5e|5p|6e):\d+(x\d+){1,2}")
+
+
+@functools.lru_cache(maxsize=16)
+def topology_devices(topology: str, chip_config: str = "default") -> tuple:
+    """Compile-only TPU devices for a topology such as `v5e:4x4` (no TPU needed, libtpu is)."""
+    if not _TOPOLOGY_RE.fullmatch(topology):
+        raise TopologyError(f"topology {topology!r} is not of the form v5e:4x4, v5p:2x2x4 or v4:2x2x4")
+    if not libtpu_available():
+        raise TopologyError("ahead-of-time compiles for TPU need libtpu: pip install 'jax[tpu]==%s' "
+                            "(the `tpu` extra); no TPU is needed" % jax.__version__)
+    from jax.experimental import topologies
+
+    kwargs = {}
+    dims = [int(x) for x in topology.split(":")[1].split("x")]
+    if topology.startswith("v5e") or topology.startswith("v6e"):
+        kwargs["chips_per_host_bounds"] = (min(dims[0], 2), min(dims[1], 2), 1)
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=chip_config,
+                                            num_slices=1, **kwargs)
+    except Exception as e:  # libtpu rejects the shape
+        raise TopologyError(f"libtpu rejects topology {topology!r}: {e}") from None
+    return tuple(desc.devices)
+
+
+def target_devices(target: Target) -> tuple:
+    if target.platform != "tpu" or not target.topology:
+        raise TopologyError(f"target {target.name} ({target.platform}) has no topology to compile for ahead of "
+                            f"time; only TPU targets do")
+    devices = topology_devices(target.topology, target.chip_config)
+    if len(devices) != target.devices:
+        raise TopologyError(f"topology {target.topology} has {len(devices)} devices, target {target.name} says "
+                            f"{target.devices}")
+    return devices
+
+
+def layout_mesh(layout: StageLayout, devices) -> Mesh:
+    devices = list(devices)
+    if layout.devices != len(devices):
+        raise ShardingError(f"layout {layout} needs {layout.devices} devices, found {len(devices)}")
+    shape = (layout.data, layout.fsdp, layout.tensor)
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # not a shape the physical mesh helper knows: plain order
+        grid = np.array(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model shapes for each stage
+
+
+def default_span(config: ModelConfig) -> tuple[int, int]:
+    """A quarter of the layers starting a quarter of the way in: the backward pass of the LM step then runs
+    through half the model, more than for the late spans LLM-Streamline usually picks."""
+    n = max(1, config.num_layers // 4)
+    return max(1, config.num_layers // 4), n
+
+
+def split_config(config: ModelConfig, start: int, length: int) -> ModelConfig:
+    """The dense model as three stacks: layers before the span, the span, the layers after it."""
+    L = config.num_layers
+    if not (0 <= start and length >= 1 and start + length <= L):
+        raise ValueError(f"span start={start} length={length} does not fit {L} layers")
+    segs = [Segment("layers", n) for n in (start, length, L - start - length) if n]
+    return config.replace(layout=tuple(segs))
+
+
+def pruned_config(config: ModelConfig, start: int, length: int, replacement: str = "layer") -> ModelConfig:
+    segs = ([Segment("layers", start)] if start else []) + [Segment(replacement)]
+    rest = config.num_layers - start - length
+    segs += [Segment("layers", rest)] if rest else []
+    return config.replace(layout=tuple(segs), num_layers=start + 1 + rest, pruned_spans=((start, length, replacement),))
+
+
+def block_index(config: ModelConfig) -> int:
+    return [i for i, s in enumerate(config.layout) if s.kind != "layers"][0]
+
+
+def remat_arg(policy: str):
+    return {"none": False, "full": True, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The three steps (stand-ins with the real shapes; swap in score.py / train.py steps through `step=`)
+
+
+def scoring_step(config: ModelConfig, params, input_ids, attention_mask):
+    """The scoring stage's step: `score.score_sums` (forward with every hidden state, cosine and angular sums)."""
+    from .score import score_sums
+
+    return score_sums(config, params, input_ids, attention_mask)
+
+
+def make_optimizer(learning_rate: float = 1e-4, weight_decay: float = 0.0):
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def mse_step(config: ModelConfig, optimizer, block, opt_state, frozen, input_ids, attention_mask, *,
+             remat: str = "none"):
+    """One step of training the replacement block on MSE(block(h_in), h_out); `config` is a `split_config` and
+    `frozen` holds the embeddings and the first two stacks (before and in the span). Block weights are float32
+    master weights; the block runs in the model's dtype."""
+    compute = transformer.compute_dtype(config)
+    positions = transformer.default_positions(attention_mask)
+    t = input_ids.shape[1]
+    mask = transformer.attention_mask_matrix(attention_mask, jnp.arange(t)[None], config.sliding_window)
+    x = transformer.embed(config, frozen, input_ids, positions)
+    segs = frozen["segments"]
+    i = len(segs) - 1  # frozen = (layers before the span,) + the span
+    if i:
+        x, _, _ = transformer.run_segment(config, config.layout[0], segs["seg_0"], x, mask, positions)
+    h_in = jax.lax.stop_gradient(x)
+    h_out, _, _ = transformer.run_segment(config, config.layout[i], segs[f"seg_{i}"], h_in, mask, positions)
+    h_out = jax.lax.stop_gradient(h_out).astype(jnp.float32)
+    layer = transformer.decoder_layer(config)
+    w = attention_mask.astype(jnp.float32)[..., None]
+
+    def loss_fn(block):
+        def run(b, h):
+            return layer.apply({"params": _cast(b, compute)}, h, mask, positions)[0]
+
+        if remat != "none":
+            run = jax.checkpoint(run, policy=remat_arg(remat) if remat == "dots" else None)
+        y = run(block, h_in).astype(jnp.float32)
+        return jnp.sum(jnp.square(y - h_out) * w) / (jnp.sum(w) * config.hidden_size)
+
+    loss, grads = jax.value_and_grad(loss_fn)(block)
+    updates, opt_state = optimizer.update(grads, opt_state, block)
+    return optax.apply_updates(block, updates), opt_state, loss
+
+
+def lm_step(config: ModelConfig, optimizer, block, opt_state, frozen, input_ids, attention_mask, *,
+            remat: str = "full"):
+    """One step of training the replacement block on the language-model loss of the whole pruned model
+    (`config` is a `pruned_config`); only the block gets gradients."""
+    k = f"seg_{block_index(config)}"
+    compute = transformer.compute_dtype(config)
+
+    def loss_fn(block):
+        params = dict(frozen, segments={**frozen["segments"], k: _cast(block, compute)})
+        out = transformer.apply(config, params, input_ids, attention_mask, remat=remat_arg(remat))
+        logits = out["logits"][:, :-1]
+        labels = input_ids[:, 1:]
+        w = (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(jnp.float32)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+    loss, grads = jax.value_and_grad(loss_fn)(block)
+    updates, opt_state = optimizer.update(grads, opt_state, block)
+    return optax.apply_updates(block, updates), opt_state, loss
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Abstract, sharded arguments
+
+
+def _abstract(tree, shardings, dtype=None):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), tree, shardings)
+
+
+def _batch_args(mesh, batch, seq):
+    s = NamedSharding(mesh, P(("data", "fsdp"), None))
+    return (jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s),
+            jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s))
+
+
+def opt_state_shardings(optimizer, block_abstract, block_shardings, mesh):
+    state = jax.eval_shape(optimizer.init, block_abstract)
+    replicated = NamedSharding(mesh, P())
+    shardings = optax.tree_map_params(optimizer, lambda _, s: s, state, block_shardings,
+                                      transform_non_params=lambda _: replicated)
+    return state, shardings
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """A step ready to lower: the function, abstract sharded arguments, output shardings and donations."""
+    stage: str
+    fn: Callable
+    args: tuple
+    out_shardings: Any
+    donate_argnums: tuple = ()
+
+    def lower(self):
+        jitted = jax.jit(self.fn, out_shardings=self.out_shardings, donate_argnums=self.donate_argnums)
+        return jitted.lower(*self.args)
+
+
+def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh, seq_len: int, *,
+               span: tuple[int, int] | None = None, step: Callable | None = None, optimizer=None) -> StepPlan:
+    """Abstract arguments with shardings for one stage; `step` replaces the stand-in step of that stage
+    (same signature)."""
+    check_layout(config, layout)
+    ids = _batch_args(mesh, layout.batch, seq_len)
+    replicated = NamedSharding(mesh, P())
+    if stage == "scoring":
+        abstract = transformer.abstract_params(config)
+        shard = param_shardings(abstract, transformer.param_axes(config), mesh)
+        fn = functools.partial(step or scoring_step, config)
+        return StepPlan(stage, fn, (_abstract(abstract, shard),) + ids, replicated)
+    start, length = span or default_span(config)
+    optimizer = optimizer or make_optimizer()
+    if stage == "mse":
+        model_cfg = split_config(config, start, length)
+        abstract = transformer.abstract_params(model_cfg)
+        axes = transformer.param_axes(model_cfg)
+        n_keep = 2 if start else 1
+        keep = [f"seg_{i}" for i in range(n_keep)]
+        abstract = dict(abstract, segments={k: abstract["segments"][k] for k in keep})
+        axes = dict(axes, segments={k: axes["segments"][k] for k in keep})
+        for k in ("final_norm", "lm_head", "project_out"):
+            abstract.pop(k, None), axes.pop(k, None)
+        block_cfg = pruned_config(config, start, length, "layer")
+        bi = f"seg_{block_index(block_cfg)}"
+        block_abs = transformer.abstract_params(block_cfg)["segments"][bi]
+        block_axes = transformer.param_axes(block_cfg)["segments"][bi]
+        fn_step = step or mse_step
+    elif stage == "lm":
+        model_cfg = pruned_config(config, start, length, "layer")
+        bi = f"seg_{block_index(model_cfg)}"
+        full = transformer.abstract_params(model_cfg)
+        full_axes = transformer.param_axes(model_cfg)
+        block_abs, block_axes = full["segments"][bi], full_axes["segments"][bi]
+        abstract = dict(full, segments={k: v for k, v in full["segments"].items() if k != bi})
+        axes = dict(full_axes, segments={k: v for k, v in full_axes["segments"].items() if k != bi})
+        fn_step = step or lm_step
+    else:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    frozen_shard = param_shardings(abstract, axes, mesh)
+    block_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), block_abs)
+    block_shard = param_shardings(block_abs, block_axes, mesh)
+    opt_abs, opt_shard = opt_state_shardings(optimizer, block_abs, block_shard, mesh)
+    fn = functools.partial(fn_step, model_cfg, optimizer, remat=layout.remat)
+    args = (_abstract(block_abs, block_shard), _abstract(opt_abs, opt_shard), _abstract(abstract, frozen_shard)) + ids
+    return StepPlan(stage, fn, args, (block_shard, opt_shard, replicated), donate_argnums=(0, 1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compile and report
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    stage: str
+    layout: StageLayout
+    seq_len: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    flops: float  # XLA's count for one chip; it counts a scanned layer stack's body once
+    hbm_bytes: float
+    model_flops: float = float("nan")  # per step, all chips, counted by `step_flops`
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak per-chip need: arguments + outputs not aliased to (donated) arguments + temporaries + code."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= USABLE_HBM * self.hbm_bytes
+
+    def row(self) -> dict:
+        g = lambda b: round(b / GIB, 2)
+        return dict(stage=self.stage, layout=str(self.layout), args_gib=g(self.argument_bytes),
+                    out_gib=g(self.output_bytes - self.alias_bytes), temp_gib=g(self.temp_bytes),
+                    total_gib=g(self.total_bytes), hbm_gib=g(self.hbm_bytes),
+                    tflops_per_chip=round(self.model_flops / self.layout.devices / 1e12, 1),
+                    xla_tflops_per_chip=round(self.flops / 1e12, 2), fits=self.fits)
+
+
+def argument_bytes(args) -> int:
+    """Bytes of one device's shards of abstract sharded arguments."""
+    return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(args))
+
+
+def compile_plan(plan: StepPlan):
+    return plan.lower().compile()
+
+
+def layer_flops(config: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs of one decoder layer per token: 2 per matmul weight, plus attention scores and mixing over
+    all `seq_len` key slots (the masked einsum computes them all)."""
+    d, h, kv, hd, f = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim, config.intermediate_size
+    weights = d * hd * (2 * h + 2 * kv) + d * f * (3 if config.family == "llama" else 2)
+    return 2 * weights + 4 * seq_len * h * hd
+
+
+def step_flops(config: ModelConfig, stage: str, batch: int, seq_len: int, span=None, remat: str = "none") -> float:
+    """FLOPs of one step on the whole mesh. XLA's cost analysis counts the body of a scanned layer stack once,
+    so the per-step total is counted here from the shapes: backward = 2× forward for trained weights, 1× for
+    frozen layers the gradient only passes through, plus one more forward where remat recomputes."""
+    tokens = batch * seq_len
+    layer = layer_flops(config, seq_len)
+    head = 2 * config.embed_dim * config.vocab_size
+    L = config.num_layers
+    start, length = span or default_span(config)
+    if stage == "scoring":
+        return tokens * (L * layer + 2 * (L + 1) ** 2 * config.hidden_size)
+    if stage == "mse":
+        return tokens * ((start + length) * layer + 3 * layer)
+    after = L - start - length
+    recompute = 0 if remat == "none" else 1
+    return tokens * (start * layer + (3 + recompute) * layer + (2 + recompute) * after * layer + 2 * head)
+
+
+def memory_plan(compiled, stage: str, layout: StageLayout, seq_len: int, hbm_gib: float) -> MemoryPlan:
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    return MemoryPlan(stage, layout, seq_len, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
+                      int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes),
+                      int(mem.generated_code_size_in_bytes), float((cost or {}).get("flops", float("nan"))),
+                      hbm_gib * GIB)
+
+
+def plan_stage(config: ModelConfig, target: Target, stage: str, layout: StageLayout, seq_len: int, *,
+               span=None, step=None, devices=None) -> MemoryPlan:
+    devices = devices if devices is not None else target_devices(target)
+    mesh = layout_mesh(layout, devices)
+    plan = build_step(stage, config, layout, mesh, seq_len, span=span, step=step)
+    try:
+        result = memory_plan(compile_plan(plan), stage, layout, seq_len, target.hbm_gib)
+    except jax.errors.JaxRuntimeError as e:
+        # the TPU compiler refuses a program whose temporaries exceed HBM: that is a plan that does not fit
+        m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+        if "RESOURCE_EXHAUSTED" not in str(e) or not m:
+            raise
+        result = MemoryPlan(stage, layout, seq_len, argument_bytes(plan.args), 0, 0, int(float(m.group(1)) * GIB), 0,
+                            float("nan"), target.hbm_gib * GIB)
+    result.model_flops = step_flops(config, stage, layout.batch, seq_len, span, layout.remat)
+    return result
+
+
+def candidate_layouts(config: ModelConfig, layout: StageLayout, devices: int):
+    """Layouts to try when `layout` does not fit, nearest first: a smaller batch, then more remat, then
+    tensor parallelism (which also splits activations), each at the largest batch the mesh can split."""
+    out = []
+    b = layout.batch // 2
+    while b >= layout.data * layout.fsdp and b % (layout.data * layout.fsdp) == 0:
+        out.append(layout.replace(batch=b))
+        b //= 2
+    if layout.remat != "full":
+        out.append(layout.replace(remat="full"))
+    for t in (2, 4, 8):
+        if devices % t or config.num_kv_heads % t or config.num_heads % t:
+            continue
+        f = devices // t
+        for batch in (layout.batch, max(f, layout.batch // t)):
+            cand = StageLayout(1, f, t, batch, "full" if layout.remat != "none" else "none")
+            try:
+                check_layout(config, cand)
+            except ShardingError:
+                continue
+            if cand not in out:
+                out.append(cand)
+    return [c for c in out if c != layout]
+
+
+def nearest_fitting(config: ModelConfig, target: Target, stage: str, layout: StageLayout, seq_len: int, *,
+                    span=None, step=None, max_tries: int = 6):
+    """The first candidate layout that fits, with its plan, or (None, tried plans)."""
+    tried = []
+    for cand in candidate_layouts(config, layout, target.devices)[:max_tries]:
+        plan = plan_stage(config, target, stage, cand, seq_len, span=span, step=step)
+        tried.append(plan)
+        if plan.fits:
+            return plan, tried
+    return None, tried

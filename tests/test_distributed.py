@@ -1,0 +1,304 @@
+"""Pod-scale paths on simulated CPU devices: streaming load onto a mesh, two processes joined by jax.distributed,
+multi-host Orbax save / single-process restore, and the errors for a bad coordinator.
+
+Simulated devices need XLA_FLAGS before JAX starts, so those parts run in subprocesses; this process keeps its
+single CPU device and is the single-process reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from streamline_jax import distributed
+from streamline_jax.models import transformer
+from streamline_jax.models.config import ModelConfig, to_hf_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LLAMA = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6, num_heads=4,
+                    num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
+OPT = ModelConfig(family="opt", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4,
+                  num_kv_heads=4, head_dim=16, word_embed_proj_dim=32, activation="relu")
+
+
+def write_hf(config: ModelConfig, folder: Path, shard_size="20KB", seed=0):
+    """A random transformers checkpoint, sharded into many safetensors files."""
+    import torch
+    import transformers
+
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "opt": (transformers.OPTConfig, transformers.OPTForCausalLM)}[config.family]
+    torch.manual_seed(seed)
+    model = cls[1](cls[0](**to_hf_config(config)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model.save_pretrained(folder, max_shard_size=shard_size)
+    return folder
+
+
+def run_python(code: str, devices: int = 8, env: dict | None = None, timeout: int = 240, wait=True):
+    full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                    PYTHONPATH=str(ROOT), **(env or {}))
+    cmd = [sys.executable, "-c", textwrap.dedent(code)]
+    if not wait:
+        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming load
+
+
+def test_streaming_load_matches_plain_load_on_8_devices(tmp_path):
+    write_hf(LLAMA, tmp_path / "llama")
+    write_hf(OPT, tmp_path / "opt")
+    assert len(list((tmp_path / "llama").glob("*.safetensors"))) > 5  # really sharded
+    out = run_python(f"""
+        import importlib, json, numpy as np, jax
+        from streamline_jax.sharding import make_mesh, ShardingError
+        L = importlib.import_module("streamline_jax.load")
+        res = {{}}
+        for fam in ("llama", "opt"):
+            folder = {str(tmp_path)!r} + "/" + fam
+            ref = L.load(folder)
+            for shape in [(1, 8, 1), (2, 2, 2), (1, 4, 2), (8, 1, 1)]:
+                mesh = make_mesh(*shape)
+                got = L.load(folder, mesh=mesh)
+                same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), ref.params,
+                                    got.params)
+                placed = jax.tree.map(lambda a: a.sharding.mesh.shape == mesh.shape and len(a.addressable_shards) == 8,
+                                      got.params)
+                res[f"{{fam}}{{shape}}"] = all(jax.tree.leaves(same)) and all(jax.tree.leaves(placed))
+            # dtype conversion on the way
+            half = L.load(folder, "bfloat16", mesh=make_mesh(1, 8, 1))
+            res[fam + " bf16"] = all(a.dtype == jax.numpy.bfloat16 for a in jax.tree.leaves(half.params))
+        try:
+            L.load({str(tmp_path)!r} + "/llama", mesh=make_mesh(1, 1, 8))  # 2 kv heads cannot split 8 ways
+            res["bad mesh"] = "no error"
+        except ShardingError as e:
+            res["bad mesh"] = str(e)
+        print(json.dumps(res))
+    """)
+    res = json.loads(out.strip().splitlines()[-1])
+    bad = res.pop("bad mesh")
+    assert all(res.values()), res
+    assert "tensor=8 does not divide num_heads=4" in bad, bad
+
+
+def _tiny_gguf(path: Path, config: ModelConfig, seed=0):
+    """A tiny llama GGUF with Q8_0 matrices (quantised rows) and float32 norms, like llama.cpp writes."""
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_vocab_size(config.vocab_size)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_block_count(config.num_layers)
+    w.add_head_count(config.num_heads)
+    w.add_head_count_kv(config.num_kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_context_length(256)
+
+    def q8(name, shape):
+        a = rng.standard_normal(shape).astype(np.float32) * 0.1
+        w.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                     raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
+    q8("token_embd.weight", (config.vocab_size, d))
+    q8("output.weight", (config.vocab_size, d))
+    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    for i in range(config.num_layers):
+        q8(f"blk.{i}.attn_q.weight", (config.num_heads * hd, d))
+        q8(f"blk.{i}.attn_k.weight", (config.num_kv_heads * hd, d))
+        q8(f"blk.{i}.attn_v.weight", (config.num_kv_heads * hd, d))
+        q8(f"blk.{i}.attn_output.weight", (d, config.num_heads * hd))
+        q8(f"blk.{i}.ffn_gate.weight", (f, d))
+        q8(f"blk.{i}.ffn_up.weight", (f, d))
+        q8(f"blk.{i}.ffn_down.weight", (d, f))
+        w.add_tensor(f"blk.{i}.attn_norm.weight", rng.standard_normal(d).astype(np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", rng.standard_normal(d).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_streaming_gguf_matches_plain_dequantization(tmp_path):
+    path = _tiny_gguf(tmp_path / "tiny.gguf", LLAMA)
+    out = run_python(f"""
+        import importlib, json, numpy as np, jax, gguf
+        from streamline_jax.sharding import make_mesh
+        from streamline_jax.models.config import from_hf_config
+        from streamline_jax import streaming
+        L = importlib.import_module("streamline_jax.load")
+        reader = gguf.GGUFReader({str(path)!r})
+        hf = L.gguf_hf_config(reader)
+        config = from_hf_config(hf)
+        ref = L.params_from_tensors(config, L.read_gguf({str(path)!r}, hf, reader))
+        res = {{}}
+        for shape in [(1, 8, 1), (1, 4, 2)]:
+            _, sources, _ = streaming.gguf_sources({str(path)!r})
+            got = streaming.stream_params(config, sources, make_mesh(*shape))
+            same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), got, ref)
+            res[str(shape)] = all(jax.tree.leaves(same))
+        print(json.dumps(res))
+    """)
+    res = json.loads(out.strip().splitlines()[-1])
+    assert all(res.values()), res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two processes
+
+
+WORKER = """
+import json, sys, numpy as np, jax
+from streamline_jax import distributed
+distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id={pid}, timeout_s=60)
+assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
+import importlib
+from streamline_jax import plan, prune, score
+from streamline_jax.models import transformer
+from streamline_jax.sharding import make_mesh
+L = importlib.import_module("streamline_jax.load")
+mesh = make_mesh(2, 4, 1)
+model = L.load({folder!r}, mesh=mesh)   # streamed: each process reads only its own devices' slices
+batch = np.load({batch!r})
+ids, mask = batch["ids"], batch["mask"]
+scores = score.score_spans(model, [(ids, mask), (ids[::-1], mask[::-1])])
+pruned = prune.prune(model, 2, 2, "layer")
+gids, gmask = distributed.global_batch(mesh, (ids, mask))
+logits = jax.jit(lambda p, i, m: transformer.apply(pruned.config, p, i, m)["logits"])(pruned.params, gids, gmask)
+logits = distributed.to_host(logits)
+distributed.save_params({ckpt!r}, pruned.params)
+distributed.main_only(lambda: np.savez({out!r}, scores=scores.to_numpy(), logits=logits,
+                                        config=json.dumps(pruned.config.to_dict())))()
+print("done", jax.process_index())
+"""
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_process")
+    folder = write_hf(LLAMA, tmp / "model")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, LLAMA.vocab_size, (8, 16)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    mask[6, :9] = 0
+    np.savez(tmp / "batch.npz", ids=ids, mask=mask)
+    port = free_port()
+    procs = [run_python(WORKER.format(port=port, pid=pid, folder=str(folder), batch=str(tmp / "batch.npz"),
+                                      ckpt=str(tmp / "ckpt"), out=str(tmp / "out.npz")), devices=4, wait=False)
+             for pid in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-4000:]
+    assert sorted(so.split()[-1] for so, _ in outs) == ["0", "1"]
+    return tmp, folder, ids, mask
+
+
+def test_two_processes_score_like_one(two_process_run):
+    import importlib
+
+    from streamline_jax import score
+
+    tmp, folder, ids, mask = two_process_run
+    L = importlib.import_module("streamline_jax.load")
+    model = L.load(folder)  # this process: one CPU device
+    assert jax.device_count() == 1
+    ref = score.score_spans(model, [(ids, mask), (ids[::-1], mask[::-1])])
+    got = np.load(tmp / "out.npz")["scores"]
+    want = ref.to_numpy()
+    assert np.isfinite(want).sum() > 10
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_orbax_save_from_two_processes_restores_in_one(two_process_run):
+    import importlib
+
+    from streamline_jax import prune
+    from streamline_jax.models.config import ModelConfig
+
+    tmp, folder, ids, mask = two_process_run
+    saved = np.load(tmp / "out.npz")
+    config = ModelConfig.from_dict(json.loads(str(saved["config"])))
+    L = importlib.import_module("streamline_jax.load")
+    ref_config, ref_params = prune.prune_params(*(lambda m: (m.config, m.params))(L.load(folder)), 2, 2, "layer")
+    assert config == ref_config
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            transformer.abstract_params(config))
+    restored = distributed.restore_params(tmp / "ckpt", abstract)
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), restored, ref_params)
+    assert all(jax.tree.leaves(same))
+    logits = np.asarray(transformer.apply(config, restored, jnp.asarray(ids), jnp.asarray(mask))["logits"])
+    np.testing.assert_allclose(logits, saved["logits"], rtol=0, atol=1e-5 * np.abs(logits).max())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_unreachable_coordinator_fails_fast_with_a_clear_error():
+    port = free_port()  # nothing listens there
+    t0 = time.monotonic()
+    out = run_python(f"""
+        from streamline_jax import distributed
+        try:
+            distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id=1, timeout_s=3)
+            print("no error")
+        except distributed.DistributedError as e:
+            print("error:", e)
+    """, devices=1, timeout=60)
+    assert time.monotonic() - t0 < 40
+    assert f"coordinator 127.0.0.1:{port} could not be reached within 3 s" in out
+
+
+def test_bad_distributed_arguments():
+    with pytest.raises(distributed.DistributedError, match="not host:port"):
+        distributed.wait_for_coordinator("localhost", 1)
+    with pytest.raises(distributed.DistributedError, match="without the process count"):
+        distributed.initialize("127.0.0.1:1234")
+    with pytest.raises(distributed.DistributedError, match=r"process id 2 is not in \[0, 2\)"):
+        distributed.initialize("127.0.0.1:1234", 2, 2)
+    with pytest.raises(distributed.DistributedError, match="need a coordinator address"):
+        distributed.initialize(num_processes=4, process_id=0, platform="cpu")
+    assert distributed.initialize(platform="cpu") is False  # a single process is left alone
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    distributed.add_arguments(parser)
+    args = parser.parse_args(["--coordinator-address", "127.0.0.1:1234", "--num-processes", "2"])
+    with pytest.raises(distributed.DistributedError, match="without the process count"):
+        distributed.initialize_from_args(args)
+
+
+def test_main_only_runs_on_process_zero(tmp_path):
+    calls = []
+    assert distributed.main_only(lambda: calls.append(1) or "written")() == "written"
+    assert calls == [1] and distributed.is_main_process()
