@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 import streamline_jax as sj
-from streamline_jax.load import embedded_hf_folder
+from streamline_jax.loading import embedded_hf_folder
 from streamline_jax.models import transformer
 
 

@@ -1,4 +1,4 @@
-"""Greedy decoding speed: streamline_jax.generate against transformers' generate on SmolLM2-135M (float32, CPU).
+"""Greedy decoding speed: streamline_jax.generation against transformers' generate on SmolLM2-135M (float32, CPU).
 
 Each side makes `--new-tokens` tokens (EOS ignored) for a batch of copies of one prompt, at batch 1 and batch 8.
 Ours is timed on its second call (the first compiles); transformers after a short warm-up. Tokens per second =
@@ -15,7 +15,7 @@ import time
 import torch
 
 import streamline_jax as sj
-from streamline_jax.generate import compile_count, generate
+from streamline_jax.generation import compile_count, generate
 
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
 
@@ -55,7 +55,7 @@ def main():
 
     from transformers import AutoModelForCausalLM
 
-    from streamline_jax.load import embedded_gguf
+    from streamline_jax.loading import embedded_gguf
 
     ours = sj.load("smollm2-135m")
     path = embedded_gguf("smollm2-135m")

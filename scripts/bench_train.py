@@ -20,7 +20,7 @@ import time
 def child(args):
     import streamline_jax as sj
     from streamline_jax import data, tasks
-    from streamline_jax.prune import prune
+    from streamline_jax.pruning import prune
 
     model = sj.load("smollm2-135m")
     corpus = tasks.shared_data_dir() / "corpus" / "train.jsonl"

@@ -1,5 +1,5 @@
 """Convert a checkpoint between formats: a Hugging Face folder, hub id, .gguf file or embedded model name to an Orbax
-model folder (read back by `streamline_jax.load`), and an Orbax model folder back to a Hugging Face folder.
+model folder (read back by `streamline_jax.loading`), and an Orbax model folder back to a Hugging Face folder.
 
     python scripts/convert.py smollm2-135m /tmp/smollm2-orbax                 # GGUF (embedded) -> Orbax
     python scripts/convert.py path/to/hf-folder /tmp/m-orbax --dtype bfloat16  # Hugging Face -> Orbax
@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamline_jax import export, load  # noqa: E402
-from streamline_jax.load import ORBAX_MARKER  # noqa: E402
+from streamline_jax.loading import ORBAX_MARKER  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import streamline_jax as sj
 from streamline_jax import data, tasks, train
-from streamline_jax.evaluate import evaluate as evaluate_tasks, perplexity
-from streamline_jax.prune import prune
+from streamline_jax.evaluation import evaluate as evaluate_tasks, perplexity
+from streamline_jax.pruning import prune
 
 ROWS = ("dense", "none", "layer", "ffn", "mlp", "layer-lm")
 

@@ -9,6 +9,10 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q -e ".[test]"
+  # libtpu, beside the venv rather than in it (in it, every JAX process would try to start a TPU): the tests compile
+  # ahead of time for real TPU topologies with it. The version is the one the installed jax's `tpu` extra pins.
+  LIBTPU_REQ=$(.venv/bin/python -c "import importlib.metadata as m; print(next(r.split(';')[0].strip() for r in m.requires('jax') if r.startswith('libtpu')))")
+  .venv/bin/python -m pip install -q --no-deps --target .venv/libtpu-site "$LIBTPU_REQ"
 else
   .venv/bin/python -m pip install -q -e .
 fi

@@ -1,18 +1,28 @@
 """streamline-jax: LLM-Streamline layer pruning for Llama and OPT in JAX/Flax.
 
-Pipeline, one module per stage: load → score → prune → train → evaluate → export (and generate).
+Pipeline, one module per stage: loading → score → pruning → train → evaluation → export (and generation).
+The stage functions are exported here: load, score_spans / choose_span, prune, train_replacement, perplexity /
+evaluate / compare, save_orbax_model / export_hf, generate.
 """
 
 from .models.config import ModelConfig, Segment
 from .models.model import Model, forward, hidden_states
-from .load import load
+from .models.presets import PRESETS, preset
+from .loading import load
 from .sharding import make_mesh
 from .data import batches, split_chunks, text_source, token_chunks
 from .score import SpanChoice, SpanScores, choose_layers, choose_span, score_spans
+from .pruning import prune, prune_layers
 from .train import train_replacement
+from .evaluation import RetentionReport, compare, evaluate, perplexity, stability
+from .tasks import TASKS, PerplexityTask, Task
+from .export import export_hf, load_orbax_model, save_orbax_model
+from .generation import Generation, generate
 
 __all__ = [
-    "Model", "ModelConfig", "Segment", "forward", "hidden_states", "load", "make_mesh",
+    "Model", "ModelConfig", "Segment", "PRESETS", "preset", "forward", "hidden_states", "load", "make_mesh",
     "text_source", "token_chunks", "split_chunks", "batches",
-    "score_spans", "choose_span", "choose_layers", "SpanScores", "SpanChoice", "train_replacement",
+    "score_spans", "choose_span", "choose_layers", "SpanScores", "SpanChoice", "prune", "prune_layers",
+    "train_replacement", "perplexity", "evaluate", "compare", "stability", "RetentionReport", "Task",
+    "PerplexityTask", "TASKS", "save_orbax_model", "load_orbax_model", "export_hf", "generate", "Generation",
 ]

@@ -13,7 +13,7 @@ import re
 import string
 from typing import Callable
 
-from .generate import generate
+from .generation import generate
 from .models.model import Model
 from .tasks import TaskFileError, read_source
 

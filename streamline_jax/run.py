@@ -326,7 +326,7 @@ def build_config(model: str | None = None, config_file: str | None = None,
 
 def check_values(c: RunConfig) -> None:
     """Choices and ranges, before any work."""
-    from .prune import REPLACEMENTS
+    from .pruning import REPLACEMENTS
     from .score import METRICS
     from .train import MODES
 
@@ -486,8 +486,8 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
 def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start) -> dict:
     import jax
 
-    from . import data, evaluate as ev, export, prune as prune_mod, score as score_mod
-    from .load import load
+    from . import data, evaluation as ev, export, pruning as prune_mod, score as score_mod
+    from .loading import load
     from .report import write_report
     from .tasks import PerplexityTask, get_task, load_items
 
@@ -586,7 +586,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start)
         report["evaluation"] = {k: _strip(v) for k, v in results.items()}
     if pruned is not None and c.samples.prompts and "evaluate" in stages:
         with stage("samples", times):
-            from .generate import side_by_side
+            from .generation import side_by_side
 
             report["samples"] = side_by_side({"dense": dense, "pruned": pruned}, list(c.samples.prompts),
                                              c.samples.max_new_tokens)
@@ -595,7 +595,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start)
         with stage("save", times):
             if c.export.orbax:
                 export.save_orbax_model(pruned, out / "model", overwrite=True)
-                outputs["orbax"] = "model/ (streamline_jax.load)"
+                outputs["orbax"] = "model/ (streamline_jax.loading)"
             if hf_ok:
                 export.export_hf(pruned, out / "hf", overwrite=True)
                 outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"

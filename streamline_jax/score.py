@@ -25,7 +25,7 @@ import numpy as np
 from .models import transformer
 from .models.config import ModelConfig, Segment
 from .models.model import Model, _prepare
-from .prune import REPLACEMENTS, prune_config
+from .pruning import REPLACEMENTS, prune_config
 
 METRICS = ("cosine", "angular", "block_influence")
 

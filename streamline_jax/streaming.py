@@ -24,7 +24,7 @@ from .models.config import ModelConfig, from_hf_config
 from .models.model import Model
 from .sharding import LOGICAL_AXIS_RULES, ShardingError, param_shardings
 
-L = importlib.import_module(__package__ + ".load")  # the module; the package exports the function `load`
+L = importlib.import_module(__package__ + ".loading")
 
 
 # --------------------------------------------------------------------------------------------------------------

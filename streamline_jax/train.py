@@ -48,7 +48,7 @@ class Block:
 
 
 def trainable_blocks(pruned: ModelConfig) -> list[Block]:
-    from .prune import original_ranges
+    from .pruning import original_ranges
 
     ranges = original_ranges(pruned)
     blocks, layer = [], 0

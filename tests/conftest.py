@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests run on the CPU even where libtpu (the optional AOT-planning extra) is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu for the ahead-of-time TPU memory plans, where `scripts/setup.sh --test` put it
+_LIBTPU = Path(__file__).resolve().parents[1] / ".venv" / "libtpu-site"
+if _LIBTPU.is_dir():
+    os.environ.setdefault("LIBTPU_PATH", str(_LIBTPU))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -36,7 +40,7 @@ def smollm2_torch():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from streamline_jax.load import embedded_gguf
+    from streamline_jax.loading import embedded_gguf
 
     path = embedded_gguf("smollm2-135m")
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import transformers
 
-from streamline_jax.load import params_from_tensors
+from streamline_jax.loading import params_from_tensors
 from streamline_jax.models.config import ModelConfig, to_hf_config
 
 _CLASSES = {

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import shared_data
 from streamline_jax import data
-from streamline_jax.load import embedded_hf_folder, load_tokenizer
+from streamline_jax.loading import embedded_hf_folder, load_tokenizer
 
 DOCS = ["The quick brown fox.", "Jumps over the lazy dog, again and again.", "", "A third document here."]
 

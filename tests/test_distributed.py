@@ -77,7 +77,7 @@ def test_streaming_load_matches_plain_load_on_8_devices(tmp_path):
     out = run_python(f"""
         import importlib, json, numpy as np, jax
         from streamline_jax.sharding import make_mesh, ShardingError
-        L = importlib.import_module("streamline_jax.load")
+        L = importlib.import_module("streamline_jax.loading")
         res = {{}}
         for fam in ("llama", "opt"):
             folder = {str(tmp_path)!r} + "/" + fam
@@ -154,7 +154,7 @@ def test_streaming_gguf_matches_plain_dequantization(tmp_path):
         from streamline_jax.sharding import make_mesh
         from streamline_jax.models.config import from_hf_config
         from streamline_jax import streaming
-        L = importlib.import_module("streamline_jax.load")
+        L = importlib.import_module("streamline_jax.loading")
         reader = gguf.GGUFReader({str(path)!r})
         hf = L.gguf_hf_config(reader)
         config = from_hf_config(hf)
@@ -181,10 +181,10 @@ from streamline_jax import distributed
 distributed.initialize("127.0.0.1:{port}", num_processes=2, process_id={pid}, timeout_s=60)
 assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
 import importlib
-from streamline_jax import plan, prune, score
+from streamline_jax import plan, pruning as prune, score
 from streamline_jax.models import transformer
 from streamline_jax.sharding import make_mesh
-L = importlib.import_module("streamline_jax.load")
+L = importlib.import_module("streamline_jax.loading")
 mesh = make_mesh(2, 4, 1)
 model = L.load({folder!r}, mesh=mesh)   # streamed: each process reads only its own devices' slices
 batch = np.load({batch!r})
@@ -228,7 +228,7 @@ def test_two_processes_score_like_one(two_process_run):
     from streamline_jax import score
 
     tmp, folder, ids, mask = two_process_run
-    L = importlib.import_module("streamline_jax.load")
+    L = importlib.import_module("streamline_jax.loading")
     model = L.load(folder)  # this process: one CPU device
     assert jax.device_count() == 1
     ref = score.score_spans(model, [(ids, mask), (ids[::-1], mask[::-1])])
@@ -241,13 +241,13 @@ def test_two_processes_score_like_one(two_process_run):
 def test_orbax_save_from_two_processes_restores_in_one(two_process_run):
     import importlib
 
-    from streamline_jax import prune
+    from streamline_jax import pruning as prune
     from streamline_jax.models.config import ModelConfig
 
     tmp, folder, ids, mask = two_process_run
     saved = np.load(tmp / "out.npz")
     config = ModelConfig.from_dict(json.loads(str(saved["config"])))
-    L = importlib.import_module("streamline_jax.load")
+    L = importlib.import_module("streamline_jax.loading")
     ref_config, ref_params = prune.prune_params(*(lambda m: (m.config, m.params))(L.load(folder)), 2, 2, "layer")
     assert config == ref_config
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

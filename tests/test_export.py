@@ -16,8 +16,8 @@ import torch
 import transformers
 
 from reference import params_from_torch, torch_model
-from streamline_jax import export, prune as prune_mod
-from streamline_jax.load import ORBAX_MARKER, load
+from streamline_jax import export, pruning as prune_mod
+from streamline_jax.loading import ORBAX_MARKER, load
 from streamline_jax.models.config import ModelConfig
 from streamline_jax.models.model import Model, forward
 

@@ -16,11 +16,11 @@ from conftest import rel_err
 from reference import params_from_torch, torch_model
 from streamline_jax.gen_tasks import (GSM8K, evaluate_generative, first_number, gsm8k_answer,
                                       load_generative_items, normalise)
-from streamline_jax.generate import _filter_logits, compile_count, generate
+from streamline_jax.generation import _filter_logits, compile_count, generate
 from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig
 from streamline_jax.models.model import Model
-from streamline_jax.prune import prune
+from streamline_jax.pruning import prune
 from streamline_jax.tasks import TaskFileError
 
 TINY = {

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 import streamline_jax as sj
 from conftest import rel_err, shared_data
 from reference import torch_forward, torch_model
-from streamline_jax.load import CheckpointError, unpermute_rows
+from streamline_jax.loading import CheckpointError, unpermute_rows
 from streamline_jax.models.config import ModelConfig, UnsupportedArchitectureError
 from test_models import CONFIGS, make_batch
 

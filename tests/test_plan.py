@@ -102,7 +102,7 @@ def hf_llama():
             p.normal_(0, 0.1)
     import importlib
 
-    L = importlib.import_module("streamline_jax.load")
+    L = importlib.import_module("streamline_jax.loading")
     params = L.params_from_tensors(LLAMA, ((k, lambda v=v: v.numpy()) for k, v in model.state_dict().items()))
     return model, jax.tree.map(jnp.asarray, params)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamline_jax import prune as sj_prune
+from streamline_jax import pruning as sj_prune
 from streamline_jax.models import transformer
 from streamline_jax.models.config import Segment
 from streamline_jax.models.model import forward

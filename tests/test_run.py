@@ -14,7 +14,7 @@ import yaml
 
 from reference import torch_model
 from streamline_jax import run as run_mod
-from streamline_jax.load import load
+from streamline_jax.loading import load
 from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig
 from streamline_jax.models.model import forward
@@ -87,7 +87,7 @@ def test_cli_end_to_end_hf_export_matches_pruned_model(files, tmp_path, family, 
     report = json.loads((out / "report.json").read_text())
     span = report["span"]
     assert span["length"] == 2 and report["params"]["pruned_layers"] == 6 - 2 + (replacement != "none")
-    # the Orbax checkpoint reads back through streamline_jax.load ...
+    # the Orbax checkpoint reads back through streamline_jax.loading ...
     pruned = load(out / "model")
     assert pruned.config.pruned_spans == ((span["start"], 2, replacement),)
     assert pruned.num_params == report["params"]["pruned"]

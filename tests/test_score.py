@@ -251,7 +251,7 @@ def test_bad_choice_input():
 
 def test_sparsity_on_an_already_pruned_model_counts_each_layer():
     """Layers differ in size once a block is in: the search must agree with counting every pruned config."""
-    from streamline_jax.prune import prune_config
+    from streamline_jax.pruning import prune_config
 
     config = prune_config(TINY["llama"], 1, 2, "mlp", mlp_width=8)  # layers: full, tiny mlp, full, full, full
     scores = fake_scores(config, seed=2)

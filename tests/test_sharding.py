@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent("""
     import streamline_jax as sj
     from streamline_jax.models.config import ModelConfig
     from streamline_jax.models import transformer
-    from streamline_jax.load import place_on_mesh
+    from streamline_jax.loading import place_on_mesh
     assert len(jax.devices()) == 8, jax.devices()
     config = ModelConfig(family="llama", model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128,
                          num_layers=3, num_heads=8, num_kv_heads=4, head_dim=8, tie_word_embeddings=False)

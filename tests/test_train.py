@@ -10,7 +10,7 @@ import pytest
 from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig
 from streamline_jax.models.model import Model
-from streamline_jax.prune import prune
+from streamline_jax.pruning import prune
 from streamline_jax.train import TrainingError, train_replacement, trainable_blocks
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=6, num_heads=4, head_dim=8,

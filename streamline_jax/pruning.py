@@ -182,7 +182,7 @@ def prune(model: Model, start: int, length: int, replacement: str = "layer", mlp
     config, params = prune_params(model.config, model.params, start, length, replacement, mlp_width, rng)
     out = model.replace(config=config, params=params, mesh=None)
     if model.mesh is not None:
-        from .load import place_on_mesh
+        from .loading import place_on_mesh
 
         out = place_on_mesh(out, model.mesh)
     return out

@@ -1,0 +1,129 @@
+"""Our evaluation against the same evaluation with transformers' PyTorch model, in one run: tokens per second
+(compile time included on our side), compiles, and parity of the figures.
+
+    python scripts/bench_eval.py [--windows 16] [--window 1024] [--items 50] [--batch-size 8] [--mc-batch-size 32]
+
+Perplexity: the first `--windows` windows of WikiText-2 test. Multiple choice: the first `--items` PIQA items, every
+(item, choice) request sorted by length and batched the same way on both sides (PyTorch pads each batch to its
+longest request; we pad to a length bucket). Also prints how many compiles a full PIQA run needs (no model work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import streamline_jax as sj  # noqa: E402
+from streamline_jax import evaluation as ev  # noqa: E402
+from streamline_jax import tasks as tk  # noqa: E402
+
+
+def torch_model():
+    from transformers import AutoModelForCausalLM
+
+    from streamline_jax.loading import embedded_gguf
+
+    path = embedded_gguf("smollm2-135m")
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def torch_score(model, sequences, num_scored, batch_size):
+    """The same batching as ours (longest first), padded to each batch's longest; per-token log-probs."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    out = [None] * len(sequences)
+    for k in range(0, len(order), batch_size):
+        batch = order[k:k + batch_size]
+        length = max(len(sequences[i]) for i in batch) - 1
+        ids = torch.zeros((len(batch), length), dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(sequences[i]) - 1
+            ids[row, :n] = torch.tensor(sequences[i][:-1])
+            mask[row, :n] = 1
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask).logits
+            logp = torch.log_softmax(logits.float(), -1)
+        for row, i in enumerate(batch):
+            seq = sequences[i]
+            n = len(seq) - 1
+            targets = torch.tensor(seq[1:])
+            lp = logp[row, :n].gather(-1, targets[:, None])[:, 0].double().numpy()
+            out[i] = lp[n - num_scored[i]:]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--items", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=8, help="perplexity batch (windows)")
+    parser.add_argument("--mc-batch-size", type=int, default=32, help="multiple-choice batch (requests)")
+    args = parser.parse_args()
+    print(f"torch threads {torch.get_num_threads()}", flush=True)
+
+    model = sj.load("smollm2-135m")
+    ref = torch_model()
+
+    # --- perplexity
+    text, _ = ev.read_text("wikitext2")
+    ids = ev.tokenize_text(model.tokenizer, text)
+    spans = ev.perplexity_windows(len(ids), args.window)[:args.windows]
+    seqs = [ids[b:e] for b, e, _ in spans]
+    scored = [s for _, _, s in spans]
+    t0 = time.perf_counter()
+    ours = ev.perplexity(model, "wikitext2", args.window, batch_size=args.batch_size, max_windows=args.windows)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    theirs = torch_score(ref, seqs, scored, args.batch_size)
+    t_torch = time.perf_counter() - t0
+    ppl_torch = math.exp(-sum(x.sum() for x in theirs) / sum(len(x) for x in theirs))
+    fed = sum(len(s) - 1 for s in seqs)
+    print(f"perplexity, {len(seqs)} windows of {args.window} (batch {args.batch_size}): ours {ours['perplexity']:.4f}"
+          f" torch {ppl_torch:.4f} (rel diff {abs(ours['perplexity'] / ppl_torch - 1):.2e})", flush=True)
+    print(f"  ours  {fed / t_ours:8.0f} tokens/s ({t_ours:.1f}s, {ours['compiles']} compiles included)\n"
+          f"  torch {fed / t_torch:8.0f} tokens/s ({t_torch:.1f}s)\n  ratio ours/torch {t_torch / t_ours:.2f}x",
+          flush=True)
+
+    # --- multiple choice
+    items = tk.load_items(tk.PIQA, args.items)
+    pairs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
+    t0 = time.perf_counter()
+    sums, counts, stats = ev.loglikelihoods(model, pairs, batch_size=args.mc_batch_size)
+    t_ours = time.perf_counter() - t0
+    encoded = ev.encode_pairs(model.tokenizer, pairs)
+    seqs = [np.asarray(c + x, np.int32) for c, x in encoded]
+    t0 = time.perf_counter()
+    theirs = torch_score(ref, seqs, [len(x) for _, x in encoded], args.mc_batch_size)
+    t_torch = time.perf_counter() - t0
+    theirs = np.array([x.sum() for x in theirs])
+    fed = sum(len(s) - 1 for s in seqs)
+    acc = lambda s: np.mean([np.argmax(s[2 * i:2 * i + 2]) == it.label for i, it in enumerate(items)])
+    print(f"PIQA, first {len(items)} items = {len(pairs)} requests (batch {args.mc_batch_size}): acc ours "
+          f"{acc(sums):.4f} torch {acc(theirs):.4f}; per-request log-likelihood max abs diff "
+          f"{np.max(np.abs(sums - theirs)):.2e} (max rel {np.max(np.abs(sums - theirs) / np.abs(theirs)):.2e})")
+    print(f"  ours  {fed / t_ours:8.0f} tokens/s ({t_ours:.1f}s, {stats['compiles']} compiles included)\n"
+          f"  torch {fed / t_torch:8.0f} tokens/s ({t_torch:.1f}s)\n  ratio ours/torch {t_torch / t_ours:.2f}x",
+          flush=True)
+
+    # --- shapes of a full PIQA run (no model work)
+    items = tk.load_items(tk.PIQA)
+    pairs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
+    lengths = sorted((len(c) + len(x) - 1 for c, x in ev.encode_pairs(model.tokenizer, pairs)), reverse=True)
+    b = args.mc_batch_size
+    shapes = {ev.length_bucket(lengths[k]) for k in range(0, len(lengths), b)}
+    padded = sum(ev.length_bucket(lengths[k]) * b for k in range(0, len(lengths), b))
+    print(f"full PIQA: {len(pairs)} requests, {sum(lengths):,} tokens, {len(shapes)} compiles at batch {b} "
+          f"(lengths {sorted(shapes)}); padding {1 - sum(lengths) / padded:.1%} of the fed slots")
+
+
+if __name__ == "__main__":
+    main()

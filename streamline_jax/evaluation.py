@@ -1,0 +1,442 @@
+"""Stage 5, evaluate: perplexity, zero-shot multiple choice scored like lm-evaluation-harness, the paper's stability
+metric, and a retention report comparing a dense and a pruned model.
+
+Every score comes from one jitted function, the log-probability of each target token given its prefix. Inputs are
+right-padded into a few fixed shapes (length buckets, a fixed batch), so a new length does not mean a new compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from .models import transformer
+from .models.model import Model
+from .tasks import Item, PerplexityTask, Task, get_task, load_items, resolve_path
+
+
+class EvaluationError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The one jitted scoring function
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def target_logprobs(config, params, input_ids, attention_mask, targets):
+    """log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] float32."""
+    logits = transformer.apply(config, params, input_ids, attention_mask)["logits"]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _compiles() -> int:
+    """Shapes compiled so far (jax's jit cache size; 0 where this jax lacks it)."""
+    return getattr(target_logprobs, "_cache_size", lambda: 0)()
+
+
+def _run(model: Model, ids: np.ndarray, mask: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    arrays = (jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(targets, jnp.int32))
+    if model.mesh is not None:
+        from .sharding import shard_batch
+        arrays = shard_batch(model.mesh, arrays)
+    return np.asarray(target_logprobs(model.config, model.params, *arrays), np.float64)
+
+
+def length_bucket(n: int, cap: int | None = None) -> int:
+    """The padded length for a sequence of n tokens: a multiple of 16 up to 128, then of an eighth of the power of
+    two above n (under 25% padding, and a logarithmic number of shapes to compile)."""
+    step = max(16, 1 << max(n - 1, 1).bit_length() >> 3)
+    b = -(-n // step) * step
+    return min(b, cap) if cap else b
+
+
+def score_sequences(model: Model, sequences: Sequence[np.ndarray], num_scored: Sequence[int], *, batch_size: int = 32,
+                    fixed_length: int | None = None, desc: str | None = None) -> tuple[list[np.ndarray], dict]:
+    """Log-probabilities of the last `num_scored[i]` tokens of each `sequences[i]` given the tokens before them.
+
+    Sequences are sorted by length (longest first, so memory problems show at once), batched, right-padded to a
+    length bucket (or `fixed_length`), and the batch is padded with empty rows to `batch_size`: every shape is one of
+    a few, compiled once. Returns the per-token log-probs of each sequence in input order, and stats (tokens,
+    compiles, seconds).
+    """
+    if not len(sequences):
+        raise EvaluationError("nothing to score")
+    start, compiles = time.perf_counter(), _compiles()
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    out: list[np.ndarray | None] = [None] * len(sequences)
+    tokens = 0
+    # a small job gets a small batch (a power of two, so the shapes stay few) instead of mostly empty rows
+    batch_size = min(batch_size, 1 << (len(sequences) - 1).bit_length())
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+        longest = max(len(sequences[i]) for i in batch) - 1
+        length = fixed_length or length_bucket(longest, model.config.max_position_embeddings)
+        ids = np.zeros((batch_size, length), np.int32)
+        targets = np.zeros((batch_size, length), np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        for row, i in enumerate(batch):
+            seq = sequences[i]
+            n = len(seq) - 1
+            ids[row, :n], targets[row, :n], mask[row, :n] = seq[:-1], seq[1:], 1
+            tokens += n
+        logprobs = _run(model, ids, mask, targets)
+        for row, i in enumerate(batch):
+            n = len(sequences[i]) - 1
+            out[i] = logprobs[row, n - num_scored[i]:n]
+    stats = {"tokens": tokens, "compiles": _compiles() - compiles, "seconds": time.perf_counter() - start}
+    return out, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Perplexity
+
+
+def read_text(source, text_field: str = "text") -> tuple[str, str]:
+    """(text, description) from a file path, a `datasets` spec dict or Dataset, a task name, or the text itself.
+
+    A `.jsonl` file contributes its `text_field` values; a `.raw`/`.txt` file its lines joined with "\\n" (the shared
+    WikiText-2 copy has its blank lines dropped, and its README says to join with "\\n")."""
+    if isinstance(source, PerplexityTask):
+        source = source.source
+    if isinstance(source, str) and source in _perplexity_task_names():
+        source = get_task(source).source
+    if isinstance(source, dict):
+        import datasets
+
+        ds = datasets.load_dataset(**source)
+        return "\n".join(ds[text_field]), f"datasets {source}"
+    if hasattr(source, "column_names"):  # a datasets.Dataset
+        return "\n".join(source[text_field]), "dataset"
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and _names_a_file(source)):
+        path = resolve_path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"text file {path} not found")
+        if path.suffix == ".jsonl":
+            from .tasks import read_jsonl
+
+            parts = []
+            for where, doc in read_jsonl(path):
+                if text_field not in doc:
+                    raise EvaluationError(f"{where}: missing field {text_field!r}")
+                parts.append(doc[text_field])
+            return "\n".join(parts), str(path)
+        return "\n".join(path.read_text(encoding="utf-8").splitlines()), str(path)
+    if isinstance(source, str):
+        return source, "text"
+    raise TypeError(f"cannot read text from {type(source).__name__}")
+
+
+def _names_a_file(s: str) -> bool:
+    """A string is a path when it names an existing file (or the shared data); otherwise it is the text."""
+    if s.startswith("{data}"):
+        return True
+    try:
+        return "\n" not in s and len(s) < 4096 and Path(s).is_file()
+    except OSError:  # too long or otherwise not a possible path
+        return False
+
+
+def _perplexity_task_names():
+    from .tasks import TASKS
+
+    return {n for n, t in TASKS.items() if isinstance(t, PerplexityTask)}
+
+
+def perplexity_windows(num_tokens: int, window: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(begin, end, scored) per window: tokens[begin:end] are fed, and the last `scored` of them are predicted.
+
+    Without a stride the windows do not overlap and every token but each window's first is predicted. With a stride
+    (sliding window, as in the transformers perplexity guide) each window moves by `stride` tokens and scores only
+    the tokens no earlier window scored, so they see up to `window - stride` tokens of context."""
+    stride = stride or window
+    spans, prev_end = [], 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + window, num_tokens)
+        scored = min(end - prev_end, end - begin - 1)
+        if scored > 0:
+            spans.append((begin, end, scored))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return spans
+
+
+def tokenize_text(tokenizer, text: str) -> np.ndarray:
+    """The whole text at once, with the tokenizer's own special tokens (SmolLM2 adds none; Llama-2 adds BOS)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "sequence longer than the model's maximum" is expected here
+    try:
+        return np.asarray(tokenizer(text)["input_ids"], np.int32)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def perplexity(model: Model, text_or_source, window: int = 1024, *, stride: int | None = None, batch_size: int = 8,
+               max_windows: int | None = None, text_field: str = "text", progress: bool = False) -> dict:
+    """exp(mean NLL over all predicted tokens) of a text, in windows of `window` tokens (see `perplexity_windows`).
+
+    text_or_source: the text, a file path (`{data}/...` for the shared data), a `datasets` spec dict, or
+    'wikitext2'. Returns a dict: perplexity, nll (mean), tokens (predicted), windows, window, stride, seconds.
+    """
+    _need_tokenizer(model)
+    if not isinstance(window, int) or window < 2:
+        raise EvaluationError(f"window must be an integer of at least 2 tokens, got {window!r}")
+    limit = model.config.max_position_embeddings
+    if window > limit:
+        raise EvaluationError(f"window {window} is longer than the model's context of {limit} tokens")
+    if stride is not None and not 0 < stride <= window:
+        raise EvaluationError(f"stride must be in 1..window={window}, got {stride}")
+    text, where = read_text(text_or_source, text_field)
+    if not text.strip():
+        raise EvaluationError(f"the text to score is empty ({where})")
+    ids = tokenize_text(model.tokenizer, text)
+    if len(ids) < 2:
+        raise EvaluationError(f"the text has {len(ids)} token(s); perplexity needs at least 2 ({where})")
+    spans = perplexity_windows(len(ids), window, stride)[:max_windows]
+    seqs = [ids[b:e] for b, e, _ in spans]
+    logprobs, stats = score_sequences(model, seqs, [s for _, _, s in spans], batch_size=batch_size,
+                                      fixed_length=min(window, max(len(s) for s in seqs)) - 1,
+                                      desc="perplexity" if progress else None)
+    total = sum(float(lp.sum()) for lp in logprobs)
+    count = sum(len(lp) for lp in logprobs)
+    nll = -total / count
+    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "windows": len(spans), "window": window,
+            "stride": stride or window, "source": where, "compiles": stats["compiles"], "seconds": stats["seconds"],
+            "tokens_fed": stats["tokens"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multiple choice, the lm-evaluation-harness way
+
+
+def _need_tokenizer(model: Model):
+    if model.tokenizer is None:
+        raise EvaluationError("the model has no tokenizer; load it with one (streamline_jax.loading) to evaluate text")
+
+
+def prefix_token_id(tokenizer) -> int:
+    """What the harness puts before an empty context: BOS, or EOS when there is none."""
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise EvaluationError("an empty context needs a BOS or EOS token, and the tokenizer has neither")
+    return int(tid)
+
+
+def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(context tokens, continuation tokens) per (context, continuation), as lm-evaluation-harness's HFLM does it:
+    trailing spaces of the context move onto the continuation; the context is encoded alone and the continuation is
+    the rest of the encoding of the joined text; no special tokens; an empty context becomes [BOS or EOS]."""
+    contexts, wholes, empty = [], [], []
+    for context, continuation in pairs:
+        if context == "":
+            empty.append(True)
+            contexts.append("")
+            wholes.append(continuation)
+            continue
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        empty.append(False)
+        contexts.append(context)
+        wholes.append(context + continuation)
+    encode = functools.partial(tokenizer, add_special_tokens=False)
+    context_ids = encode(contexts)["input_ids"]
+    whole_ids = encode(wholes)["input_ids"]
+    out = []
+    for is_empty, ctx, whole in zip(empty, context_ids, whole_ids):
+        if is_empty:
+            out.append(([prefix_token_id(tokenizer)], list(whole)))
+        else:
+            out.append((list(ctx), list(whole[len(ctx):])))
+    return out
+
+
+def loglikelihoods(model: Model, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32,
+                   max_length: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Summed log-probability of each continuation given its context, with the number of continuation tokens.
+
+    The joined tokens are truncated from the left to `max_length + 1` (default: the model's context), and the model
+    reads all but the last, exactly as the harness's `_loglikelihood_tokens`."""
+    _need_tokenizer(model)
+    max_length = max_length or model.config.max_position_embeddings
+    encoded = encode_pairs(model.tokenizer, pairs)
+    seqs, scored = [], []
+    for i, (ctx, cont) in enumerate(encoded):
+        if not cont:
+            raise EvaluationError(f"request {i}: the continuation {pairs[i][1]!r} encodes to no tokens")
+        seq = np.asarray((ctx + cont)[-(max_length + 1):], np.int32)
+        seqs.append(seq)
+        scored.append(min(len(cont), len(seq) - 1))
+    logprobs, stats = score_sequences(model, seqs, scored, batch_size=batch_size,
+                                      desc="loglikelihood" if progress else None)
+    sums = np.array([lp.sum() for lp in logprobs])
+    return sums, np.array(scored), stats
+
+
+def score_items(items: Sequence[Item], lls: Sequence[Sequence[float]]) -> dict:
+    """acc: argmax of the summed log-likelihoods; acc_norm: argmax of the sums over the choices' UTF-8 byte lengths."""
+    acc, acc_norm, preds = [], [], []
+    for item, ll in zip(items, lls):
+        ll = np.asarray(ll, np.float64)
+        lengths = np.array([max(len(c.encode("utf-8")), 1) for c in item.choices], np.float64)
+        pred = int(np.argmax(ll))
+        preds.append(pred)
+        acc.append(pred == item.label)
+        acc_norm.append(int(np.argmax(ll / lengths)) == item.label)
+    return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "predictions": preds}
+
+
+def evaluate_task(model: Model, task: Task, *, limit: int | None = None, batch_size: int = 32,
+                  progress: bool = False) -> dict:
+    items = load_items(task, limit)
+    pairs = [(ctx, cont) for item in items for ctx, cont in zip(item.contexts, item.continuations)]
+    sums, _, stats = loglikelihoods(model, pairs, batch_size=batch_size, progress=progress)
+    lls, k = [], 0
+    for item in items:
+        lls.append([float(x) for x in sums[k:k + len(item.choices)]])
+        k += len(item.choices)
+    scores = score_items(items, lls)
+    result = {"task": task.name, "kind": "multiple_choice", "n": len(items)}
+    result.update({m: scores[m] for m in task.metrics})
+    result.update({"labels": [item.label for item in items], "predictions": scores["predictions"],
+                   "loglikelihoods": lls, **stats})
+    return result
+
+
+def evaluate(model: Model, tasks, *, limit: int | None = None, batch_size: int = 32, progress: bool = False) -> dict:
+    """Evaluate `model` on tasks: names from `tasks.TASKS` ('piqa', 'hellaswag', ..., 'wikitext2'), Task or
+    PerplexityTask objects, or a list of them. Every task's items are read and checked before any model work.
+
+    Returns {"num_params", "layers", "tasks": {name: result}}; a multiple-choice result holds acc (and acc_norm),
+    n, per-item labels, predictions and per-choice log-likelihoods; a perplexity result the `perplexity` dict."""
+    if isinstance(tasks, (str, Task, PerplexityTask)):
+        tasks = [tasks]
+    tasks = [get_task(t) for t in tasks]
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise EvaluationError(f"task names must be unique, got {names}")
+    _need_tokenizer(model)
+    for t in tasks:  # bad files fail here, before any compile
+        if isinstance(t, Task):
+            load_items(t, limit)
+        else:
+            text, where = read_text(t.source)
+            if not text.strip():
+                raise EvaluationError(f"the text to score is empty ({where})")
+    results = {}
+    for t in tasks:
+        if isinstance(t, Task):
+            results[t.name] = evaluate_task(model, t, limit=limit, batch_size=batch_size, progress=progress)
+        else:
+            ppl = perplexity(model, t.source, t.window, stride=t.stride, max_windows=limit, progress=progress)
+            results[t.name] = {"task": t.name, "kind": "perplexity", **ppl}
+    return {"num_params": model.num_params, "layers": model.config.depth, "tasks": results}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stability and the retention report
+
+
+def stability(dense_loglikelihoods: Sequence[Sequence[float]], pruned_loglikelihoods: Sequence[Sequence[float]],
+              labels: Sequence[int]) -> float:
+    """The paper's stability: how far the pruned model keeps the dense model's right/wrong pattern.
+
+    Item i weighs w_i = softmax_i(std of the dense model's per-choice scores of item i): items the dense model
+    separates clearly count more. Stability = sum of w_i over the items where both models are right or both wrong.
+    (The authors' script sums the first k weights, k the number of such items; that is not the definition.)"""
+    if not len(dense_loglikelihoods) == len(pruned_loglikelihoods) == len(labels):
+        raise EvaluationError(f"stability needs the same items: {len(dense_loglikelihoods)} dense, "
+                              f"{len(pruned_loglikelihoods)} pruned, {len(labels)} labels")
+    if not labels:
+        raise EvaluationError("stability needs at least one item")
+    spread = np.array([np.std(np.asarray(s, np.float64)) for s in dense_loglikelihoods])
+    weights = np.exp(spread - spread.max())
+    weights /= weights.sum()
+    dense_right = np.array([int(np.argmax(s)) == y for s, y in zip(dense_loglikelihoods, labels)])
+    pruned_right = np.array([int(np.argmax(s)) == y for s, y in zip(pruned_loglikelihoods, labels)])
+    return float(weights[dense_right == pruned_right].sum())
+
+
+@dataclasses.dataclass
+class RetentionReport:
+    """Dense vs pruned: one row per (task, metric) with the ratio (pruned/dense; dense/pruned for perplexity, so
+    above 1 is better in both), the parameter counts, and the stability of each multiple-choice task."""
+
+    rows: list[dict]
+    num_params: dict
+    layers: dict
+    stability: dict
+    mean_retention: float | None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def to_markdown(self) -> str:
+        lines = ["| task | metric | dense | pruned | retention | stability |", "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            stab = self.stability.get(r["task"])
+            stab = f"{stab:.4f}" if stab is not None and r["metric"] == "acc" else ""
+            lines.append(f"| {r['task']} | {r['metric']} | {r['dense']:.4f} | {r['pruned']:.4f} | "
+                         f"{r['retention']:.2%} | {stab} |")
+        d, p = self.num_params["dense"], self.num_params["pruned"]
+        lines += ["", f"parameters: dense {d:,}, pruned {p:,} ({p / d:.2%}); "
+                      f"layers: dense {self.layers['dense']}, pruned {self.layers['pruned']}"]
+        if self.mean_retention is not None:
+            lines.append(f"mean accuracy retention: {self.mean_retention:.2%}")
+        return "\n".join(lines)
+
+    __str__ = to_markdown
+
+
+def compare(dense_results: dict, pruned_results: dict) -> RetentionReport:
+    """A RetentionReport for the tasks both results share (`evaluate`'s output for each model)."""
+    dense, pruned = dense_results["tasks"], pruned_results["tasks"]
+    shared = [name for name in dense if name in pruned]
+    if not shared:
+        raise EvaluationError(f"no task in common: dense has {sorted(dense)}, pruned has {sorted(pruned)}")
+    rows, stab, accs = [], {}, []
+    for name in shared:
+        d, p = dense[name], pruned[name]
+        if d["kind"] != p["kind"]:
+            raise EvaluationError(f"task {name!r} is {d['kind']} for dense but {p['kind']} for pruned")
+        if d["kind"] == "perplexity":
+            rows.append({"task": name, "metric": "perplexity", "dense": d["perplexity"], "pruned": p["perplexity"],
+                         "retention": d["perplexity"] / p["perplexity"]})
+            continue
+        if d["labels"] != p["labels"]:
+            raise EvaluationError(f"task {name!r}: dense and pruned results are over different items")
+        for metric in ("acc", "acc_norm"):
+            if metric in d and metric in p:
+                rows.append({"task": name, "metric": metric, "dense": d[metric], "pruned": p[metric],
+                             "retention": p[metric] / d[metric] if d[metric] else float("nan")})
+        accs.append(p["acc"] / d["acc"] if d["acc"] else float("nan"))
+        stab[name] = stability(d["loglikelihoods"], p["loglikelihoods"], d["labels"])
+    return RetentionReport(
+        rows=rows,
+        num_params={"dense": dense_results["num_params"], "pruned": pruned_results["num_params"]},
+        layers={"dense": dense_results.get("layers"), "pruned": pruned_results.get("layers")},
+        stability=stab,
+        mean_retention=float(np.mean(accs)) if accs else None,
+    )
