@@ -1,4 +1,4 @@
-"""Greedy decoding speed: streamline_jax.generation against transformers' generate on SmolLM2-135M (float32, CPU).
+"""Greedy decoding speed: streamline_jax.generate against transformers' generate on SmolLM2-135M (float32, CPU).
 
 Each side makes `--new-tokens` tokens (EOS ignored) for a batch of copies of one prompt, at batch 1 and batch 8.
 Ours is timed on its second call (the first compiles); transformers after a short warm-up. Tokens per second =

@@ -226,7 +226,7 @@ def perplexity(model: Model, text_or_source, window: int = 1024, *, stride: int 
 
 def _need_tokenizer(model: Model):
     if model.tokenizer is None:
-        raise EvaluationError("the model has no tokenizer; load it with one (streamline_jax.loading) to evaluate text")
+        raise EvaluationError("the model has no tokenizer; load it with one (streamline_jax.load) to evaluate text")
 
 
 def prefix_token_id(tokenizer) -> int:

@@ -118,7 +118,7 @@ def check_hf_exportable(config: ModelConfig) -> None:
     for i, seg in enumerate(config.layout):
         if seg.kind == "mlp":
             raise ExportError(f"segment {i} is an `mlp` replacement block, which no stock Hugging Face architecture "
-                              f"has; it can only be saved as an Orbax checkpoint (load it with streamline_jax.loading)")
+                              f"has; it can only be saved as an Orbax checkpoint (load it with streamline_jax.load)")
         if seg.kind == "ffn" and config.family == "opt" and not config.do_layer_norm_before:
             raise ExportError("an `ffn` block of a post-norm OPT (do_layer_norm_before=False) is not a decoder layer "
                               "with zero attention (the attention layer norm would still apply); use Orbax")

@@ -466,7 +466,7 @@ def _strip(results: dict) -> dict:
 
 
 def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overwrite: bool = False,
-        resume: bool = False, preset: str | None = None, progress: bool = True) -> dict:
+        resume: bool = False, preset: str | None = None, progress: bool = True, target: str | None = None) -> dict:
     """Run `stages` of the pipeline into `out`; return the report. KeyboardInterrupt propagates (the caller logs)."""
     c = config
     out = Path(out).absolute()
@@ -477,17 +477,18 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     try:
-        return _run(c, out, stages, resume, preset, progress, total_start)
+        return _run(c, out, stages, resume, preset, progress, total_start, target)
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
-def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start) -> dict:
+def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target=None) -> dict:
     import jax
 
     from . import data, evaluation as ev, export, pruning as prune_mod, score as score_mod
     from .loading import load
+    from .distributed import main_only
     from .report import write_report
     from .tasks import PerplexityTask, get_task, load_items
 
@@ -517,11 +518,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start)
     report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
                               "devices": [str(d) for d in jax.devices()], "finished": None}
     with stage("load", times):
-        mesh = None
-        if jax.device_count() > 1:
-            from .sharding import make_mesh
-
-            mesh = make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+        mesh = _mesh(c, preset, target)
         dense = load(c.model.source, c.model.dtype or "float32", mesh=mesh)
         if dense.tokenizer is None:
             raise ConfigError(f"{c.model.source}: the model has no tokenizer; calibration, training and evaluation "
@@ -595,9 +592,9 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start)
         with stage("save", times):
             if c.export.orbax:
                 export.save_orbax_model(pruned, out / "model", overwrite=True)
-                outputs["orbax"] = "model/ (streamline_jax.loading)"
+                outputs["orbax"] = "model/ (streamline_jax.load)"
             if hf_ok:
-                export.export_hf(pruned, out / "hf", overwrite=True)
+                main_only(export.export_hf)(pruned, out / "hf", overwrite=True)
                 outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
             elif c.export.hf:
                 outputs["hf"] = "not written: an `mlp` block has no stock Hugging Face form"
@@ -606,10 +603,29 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start)
     report["stage_times"] = times
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     chosen = (choice.start, choice.length) if choice else None
-    report = write_report(report, out, scores, chosen, history)
-    (out / DONE).write_text(report["finished"] + "\n")  # last: the folder is finished
+    report = main_only(write_report)(report, out, scores, chosen, history) or report
+    main_only((out / DONE).write_text)(report["finished"] + "\n")  # last: the folder is finished
     log.info("report: %s", out / "report.md")
     return report
+
+
+def _mesh(c: RunConfig, preset: str | None, target: str | None):
+    """The mesh for the run: a named layout from configs/meshes.yaml, else the layout matching the devices found,
+    else the mesh.* settings. One device: no mesh."""
+    import jax
+
+    from . import plan
+    from .sharding import make_mesh
+
+    if target is None and jax.device_count() == 1:
+        return None
+    if target is not None or plan.pick_target() is not None:
+        # one mesh for the whole run: the scoring stage's layout (its batch is the largest)
+        mesh, layout = plan.stage_mesh("scoring", target=target, model=preset)
+        log.info("mesh layout %s: data=%d fsdp=%d tensor=%d", target or "matching the devices", layout.data,
+                 layout.fsdp, layout.tensor)
+        return mesh
+    return make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
 
 
 def _evaluate(ev, model, tasks, c: RunConfig, progress: bool) -> dict:
@@ -676,7 +692,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out from its checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--target", help="mesh layout from configs/meshes.yaml (e.g. v5e-16, v5p-32, 8xH100); default: the "
+                                    "layout whose chips and count match the devices found, else the mesh.* settings")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. train.lr=1e-4")
+    from .distributed import add_arguments
+
+    add_arguments(p)
     return p
 
 
@@ -706,9 +727,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .distributed import DistributedError, initialize_from_args
+
+    try:
+        initialize_from_args(args)  # before any other JAX call; a no-op for one process off TPU
+        if args.target:
+            from .plan import find_target
+
+            find_target(args.target)  # an unknown layout name fails before any work
+    except (DistributedError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         report = run(config, out, stages, overwrite=args.overwrite, resume=args.resume, preset=preset,
-                     progress=not args.quiet)
+                     progress=not args.quiet, target=args.target)
     except KeyboardInterrupt:
         ckpt = Path(out) / TRAIN_CHECKPOINT
         where = f"; the training checkpoint in {ckpt} continues with --resume" if ckpt.exists() else ""

@@ -87,7 +87,7 @@ def test_cli_end_to_end_hf_export_matches_pruned_model(files, tmp_path, family, 
     report = json.loads((out / "report.json").read_text())
     span = report["span"]
     assert span["length"] == 2 and report["params"]["pruned_layers"] == 6 - 2 + (replacement != "none")
-    # the Orbax checkpoint reads back through streamline_jax.loading ...
+    # the Orbax checkpoint reads back through streamline_jax.load ...
     pruned = load(out / "model")
     assert pruned.config.pruned_spans == ((span["start"], 2, replacement),)
     assert pruned.num_params == report["params"]["pruned"]
@@ -266,3 +266,27 @@ def test_convert_and_export_scripts_round_trip(files, tmp_path):
     ids = np.arange(3, 20)[None]
     a, b = load(files["opt"]), load(tmp_path / "hf")
     np.testing.assert_array_equal(np.asarray(forward(a, ids)), np.asarray(forward(b, ids)))
+
+
+def test_unknown_mesh_layout_is_refused_before_any_work(tmp_path, capsys):
+    code = run_mod.main(["--target", "v5e-17", "--out", str(tmp_path / "out"), "--stages", "score"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown target or topology 'v5e-17'" in err and "did you mean" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mesh_layout_by_flag_on_simulated_devices():
+    import subprocess
+    import sys
+
+    script = (
+        "import jax; from streamline_jax import run\n"
+        "cfg, preset = run.build_config('llama2-7b', None, [])\n"
+        "mesh = run._mesh(cfg, preset, 'v5e-8')\n"
+        "print(dict(mesh.shape))\n")
+    env = dict(__import__("os").environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shape = eval(out.stdout.strip().splitlines()[-1])
+    assert shape["data"] * shape["fsdp"] * shape["tensor"] == 8
