@@ -14,6 +14,7 @@ Parameters are a plain dict:
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -150,14 +151,8 @@ def param_axes(config: ModelConfig):
 
 
 def count_params(tree) -> int:
-    return int(sum(int(jnp.size(x)) if not hasattr(x, "shape") else int(_prod(x.shape)) for x in jax.tree.leaves(tree)))
-
-
-def _prod(shape):
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
+    """Parameters in a tree of arrays or ShapeDtypeStructs."""
+    return sum(math.prod(int(d) for d in x.shape) for x in jax.tree.leaves(tree))
 
 
 # ----------------------------------------------------------------------------------------------------------------
