@@ -87,13 +87,32 @@ def apply_rope(x, positions, inv_freq):
     return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
-def attend(q, k, v, mask):
+# Query rows per block in causal attention; 128 keeps a block's scores in cache on CPU (measured against 32-512).
+CAUSAL_BLOCK = 128
+
+
+def attend(q, k, v, mask, causal=False):
     """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, T, S] bool (True = may attend).
 
     q must already carry the 1/sqrt(D) scale. The G = H/K query heads that share a key head are stacked along the
     query axis, so each (batch, key head) is one [G*T, D] x [D, S] matmul: fewer, larger products, which run
     faster on CPU than G separate [T, D] ones.
+
+    `causal=True` promises that query t never sees a key past slot t (no cache: keys and queries are the same
+    slots). Then queries go in blocks of CAUSAL_BLOCK rows, each against only the keys up to its last row: about
+    half the score work and softmax of the full square is skipped, and each block's scores stay in cache.
     """
+    t, s = q.shape[1], k.shape[1]
+    if not causal or t != s or t <= CAUSAL_BLOCK:
+        return _attend_dense(q, k, v, mask)
+    outs = []
+    for start in range(0, t, CAUSAL_BLOCK):
+        end = min(start + CAUSAL_BLOCK, t)
+        outs.append(_attend_dense(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+    return jnp.concatenate(outs, axis=1)
+
+
+def _attend_dense(q, k, v, mask):
     b, t, h, d = q.shape
     kv = k.shape[2]
     g = h // kv

@@ -28,7 +28,7 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             cache = update_cache(cache, k, v, cache_index)
             k, v = cache
-        out = attend(q, k, v, mask)
+        out = attend(q, k, v, mask, causal=cache is None)
         out = dense(c.hidden_size, ("heads", "head_dim"), ("embed",), bias, "o_proj", axis=(-2, -1),
                     dtype=self.dtype)(out)
         return out, cache

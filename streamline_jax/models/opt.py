@@ -25,7 +25,7 @@ class OPTAttention(nn.Module):
         if cache is not None:
             cache = update_cache(cache, k, v, cache_index)
             k, v = cache
-        out = attend(q, k, v, mask)
+        out = attend(q, k, v, mask, causal=cache is None)
         out = dense(c.hidden_size, axes, ("embed",), c.enable_bias, "out_proj", axis=(-2, -1), dtype=self.dtype)(out)
         return out, cache
 
