@@ -188,6 +188,15 @@ def test_loglikelihoods_match_transformers(tiny):
     want[3] = float(sum(logp[j, t] for j, t in enumerate(cont)))
     np.testing.assert_allclose(ours, want, rtol=2e-5)
     assert stats["compiles"] <= 3
+    unpacked, _, _ = ev.loglikelihoods(model, pairs, batch_size=2, pack_length=None)
+    np.testing.assert_allclose(unpacked, want, rtol=2e-5)
+
+
+def test_first_fit_packing():
+    rows = ev.pack_first_fit([9, 7, 5, 4, 3, 2, 1], 10)
+    assert rows == [[0, 6], [1, 4], [2, 3], [5]]
+    with pytest.raises(ev.EvaluationError, match="11 tokens does not fit a row of 10"):
+        ev.pack_first_fit([11], 10)
 
 
 def test_piqa_parity_smollm2(smollm2, smollm2_torch):

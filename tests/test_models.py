@@ -87,6 +87,46 @@ def test_logits_and_hidden_states_match_transformers(name, padding):
         assert rel_err(hidden[-1][real], ref_hidden[-1][real]) > 1e-2
 
 
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "mistral_sliding_window", "opt_125m_style"])
+def test_long_sequences_match_transformers(name):
+    """Past CAUSAL_BLOCK tokens, queries go in blocks that see only the keys up to their end: still transformers'
+    logits (right padding included)."""
+    config = CONFIGS[name].replace(max_position_embeddings=512)
+    ref_model = torch_model(config)
+    params = params_from_torch(config, ref_model)
+    ids, mask = make_batch(length=300, padding="right")
+    ref_logits, _ = torch_forward(ref_model, ids, mask, np.maximum(mask.cumsum(-1) - 1, 0))
+    logits = np.asarray(transformer.apply(config, params, ids, mask)["logits"])
+    real = mask.astype(bool)
+    assert rel_err(logits[real], ref_logits[real]) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "mistral_sliding_window", "opt_350m_style"])
+def test_packed_rows_give_each_sequence_its_own_logits(name):
+    """Several sequences packed into one row (segment ids) see only themselves, with positions from 0."""
+    config = CONFIGS[name].replace(max_position_embeddings=512)
+    params = transformer.init_params(config, jax.random.PRNGKey(2))
+    rng = np.random.default_rng(3)
+    lengths = [[90, 130, 60, 20], [7, 200]]  # rows of 300 slots, longer than one attention block
+    ids = np.zeros((2, 300), np.int32)
+    segments = np.zeros((2, 300), np.int32)
+    for row, parts in enumerate(lengths):
+        offset = 0
+        for seg, n in enumerate(parts, start=1):
+            ids[row, offset:offset + n] = rng.integers(3, 128, n)
+            segments[row, offset:offset + n] = seg
+            offset += n
+    packed = np.asarray(transformer.apply(config, params, ids, segment_ids=segments)["logits"])
+    for row, parts in enumerate(lengths):
+        offset = 0
+        for n in parts:
+            alone = np.asarray(transformer.apply(config, params, ids[row:row + 1, offset:offset + n])["logits"])[0]
+            assert rel_err(packed[row, offset:offset + n], alone) <= 1e-5
+            offset += n
+    with pytest.raises(ValueError, match="segment_ids"):
+        transformer.apply(config, params, ids, np.ones_like(ids), segment_ids=segments)
+
+
 def test_padding_does_not_change_real_tokens():
     """A left- or right-padded sequence gives the logits it has on its own."""
     config = CONFIGS["llama_gqa_tied"]

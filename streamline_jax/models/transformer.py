@@ -169,6 +169,23 @@ def attention_mask_matrix(key_mask, query_slots, sliding_window=None):
     return allowed
 
 
+def segment_mask_matrix(segment_ids, sliding_window=None):
+    """[B, T, T] bool for packed rows: a query sees earlier keys of its own segment (segment 0 is padding)."""
+    slots = jnp.arange(segment_ids.shape[1])
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    allowed = same & (slots[None, :] <= slots[:, None])[None]
+    if sliding_window:
+        allowed &= (slots[:, None] - slots[None, :])[None] < sliding_window
+    return allowed
+
+
+def segment_positions(segment_ids):
+    """Each packed segment counts its positions from 0: slot minus the slot where its segment starts."""
+    slots = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+    first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    return slots - jax.lax.cummax(jnp.where(first, slots, 0), axis=1)
+
+
 def default_positions(attention_mask):
     """Positions count real tokens only, so a left-padded sequence gets the positions it has unpadded."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -206,20 +223,31 @@ def run_segment(config, segment: Segment, seg_params, x, mask, positions, *, col
 
 
 def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions=None, *, collect_hidden=False,
-          return_logits=True, caches=None, cache_index=0, remat=False):
+          return_logits=True, caches=None, cache_index=0, remat=False, segment_ids=None):
     """The forward pass.
 
     input_ids: [B, T]. attention_mask: [B, S] over key slots (S = T without a cache, S = cache length with one).
+    segment_ids: [B, T] for packed rows (several sequences per row, 0 = padding; replaces attention_mask): each
+    token sees only earlier tokens of its own segment, and positions restart at 0 in each segment.
     Returns a dict: `logits` [B, T, V] (float32), `hidden` [L+1, B, T, D] when collect_hidden (hidden[L] is the
     last layer's output *before* the final norm), `last_hidden` (same, [B, T, D]) and `caches`.
     """
     b, t = input_ids.shape
+    if segment_ids is not None:
+        if caches is not None or attention_mask is not None:
+            raise ValueError("segment_ids (packed rows) take neither an attention_mask nor caches")
+        if positions is None:
+            positions = segment_positions(segment_ids)
+        mask = segment_mask_matrix(segment_ids, config.sliding_window)
+    else:
+        mask = None
     if attention_mask is None:
         attention_mask = jnp.ones((b, t if caches is None else _cache_len(caches)), jnp.int32)
     query_slots = cache_index + jnp.arange(t)
     if positions is None:
         positions = jnp.take_along_axis(default_positions(attention_mask), jnp.broadcast_to(query_slots, (b, t)), 1)
-    mask = attention_mask_matrix(attention_mask, query_slots[None], config.sliding_window)
+    if mask is None:
+        mask = attention_mask_matrix(attention_mask, query_slots[None], config.sliding_window)
     x = embed(config, params, input_ids, positions)
     hidden, new_caches = [], {}
     for i, seg in enumerate(config.layout):
