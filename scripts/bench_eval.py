@@ -4,8 +4,9 @@
     python scripts/bench_eval.py [--windows 16] [--window 1024] [--items 50] [--batch-size 8] [--mc-batch-size 32]
 
 Perplexity: the first `--windows` windows of WikiText-2 test. Multiple choice: the first `--items` PIQA items, every
-(item, choice) request sorted by length and batched the same way on both sides (PyTorch pads each batch to its
-longest request; we pad to a length bucket). Also prints how many compiles a full PIQA run needs (no model work).
+(item, choice) request sorted by length. PyTorch gets batches of --mc-batch-size requests, each padded to its
+longest; we pack requests into rows of 256 tokens, --mc-batch-size/4 rows a call (the same slots as 32 requests of
+64 tokens). Also prints how many compiles a full PIQA run needs (no model work).
 """
 
 from __future__ import annotations
@@ -118,12 +119,15 @@ def main():
     items = tk.load_items(tk.PIQA)
     pairs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
     lengths = sorted((len(c) + len(x) - 1 for c, x in ev.encode_pairs(model.tokenizer, pairs)), reverse=True)
-    b = args.mc_batch_size
-    shapes = {ev.length_bucket(lengths[k]) for k in range(0, len(lengths), b)}
-    padded = sum(ev.length_bucket(lengths[k]) * b for k in range(0, len(lengths), b))
-    print(f"full PIQA: {len(pairs)} requests, {sum(lengths):,} tokens, {len(shapes)} compiles at batch {b} "
-          f"(lengths {sorted(shapes)}); padding {1 - sum(lengths) / padded:.1%} of the fed slots")
-
+    pack = 256
+    rows = len(ev.pack_first_fit(lengths, max(pack, ev.length_bucket(lengths[0]))))
+    per_call = max(1, args.mc_batch_size // 4)
+    calls = ev._batches([[r] for r in range(rows)], per_call)
+    shapes = {len(c) for c in calls}
+    slots = sum(len(c) for c in calls) * pack
+    print(f"full PIQA: {len(pairs)} requests, {sum(lengths):,} tokens packed into {rows} rows of {pack} "
+          f"({per_call} rows a call): {len(shapes)} compiles (rows per call {sorted(shapes)}); padding "
+          f"{1 - sum(lengths) / slots:.1%} of the fed slots")
 
 if __name__ == "__main__":
     main()

@@ -101,6 +101,28 @@ def test_long_sequences_match_transformers(name):
     assert rel_err(logits[real], ref_logits[real]) <= 1e-4
 
 
+def test_blocked_causal_attention_equals_dense_in_values_and_gradients():
+    from streamline_jax.models import layers
+
+    b, t, h, kv, d = 2, 150, 6, 2, 8
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (b, t, h, d))
+    k, v = (jax.random.normal(key, (b, t, kv, d)) for key in keys[1:])
+    key_mask = jnp.ones((b, t), jnp.int32).at[1, 140:].set(0)
+    mask = transformer.attention_mask_matrix(key_mask, jnp.arange(t)[None], sliding_window=100)
+    assert t > layers.CAUSAL_BLOCK
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v, mask)))
+
+    blocked = jax.value_and_grad(lambda *a: loss(lambda *x: layers.attend(*x, causal=True), *a), argnums=(0, 1, 2))
+    dense = jax.value_and_grad(lambda *a: loss(layers.attend, *a), argnums=(0, 1, 2))
+    (vb, gb), (vd, gd) = blocked(q, k, v), dense(q, k, v)
+    np.testing.assert_allclose(vb, vd, rtol=1e-5)
+    for x, y in zip(gb, gd):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["llama_gqa_tied", "mistral_sliding_window", "opt_350m_style"])
 def test_packed_rows_give_each_sequence_its_own_logits(name):
     """Several sequences packed into one row (segment ids) see only themselves, with positions from 0."""
