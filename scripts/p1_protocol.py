@@ -83,7 +83,7 @@ def main():
         if row in results:
             continue
         t0 = time.perf_counter()
-        train_s = 0.0
+        train_s, extra = 0.0, {}
         if row == "dense":
             candidate = model
         else:
@@ -92,14 +92,18 @@ def main():
             if replacement != "none":
                 mode = "lm" if row.endswith("-lm") else "mse"
                 t = time.perf_counter()
-                candidate = train.train_replacement(
+                candidate, history = train.train_replacement(
                     model, candidate, train_chunks, batch_size=args.batch, mode=mode, valid_batches=valid_chunks,
                     lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
                     warmup_steps=max(1, len(train_chunks) // args.batch // 20),
                     eval_every=max(1, len(train_chunks) // args.batch // 5),
-                    pair_cache=out / f"pairs_{start}_{args.span}" if mode == "mse" else None)
+                    pair_cache=out / f"pairs_{start}_{args.span}" if mode == "mse" else None, return_history=True)
                 train_s = time.perf_counter() - t
-        results[row] = {"span": [start, start + args.span - 1], "train_s": train_s, **evaluate_row(candidate, args)}
+                (out / f"history_{row}.json").write_text(json.dumps(history, indent=1))
+                extra = {"valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
+                         "best_step": history["best_step"], "steps": history["train"][-1][0]}
+        results[row] = {"span": [start, start + args.span - 1], "train_s": train_s, **extra,
+                        **evaluate_row(candidate, args)}
         results[row]["row_s"] = time.perf_counter() - t0
         results_path.write_text(json.dumps(results, indent=1))
         print(row, results[row], flush=True)
