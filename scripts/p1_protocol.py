@@ -9,7 +9,10 @@ first 128 windows of 1024 tokens, PIQA accuracy on the first 1000 items (with it
 The MSE rows share one tensorstore cache of the frozen span's (input, target) pairs, so the frozen model runs once.
 Each finished row is appended to OUT/results.json, and a rerun skips rows already there.
 
-    python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm]
+    python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token]
+
+`layer-token` is the `layer` block trained on a per-token relative MSE (`mse_weighting="token"`): the span's output
+at position 0 carries a massive activation that makes up ~98% of the plain MSE.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ from streamline_jax import data, tasks, train
 from streamline_jax.evaluation import evaluate as evaluate_tasks, perplexity
 from streamline_jax.pruning import prune
 
-ROWS = ("dense", "none", "layer", "ffn", "mlp", "layer-lm")
+# row: (replacement, training mode, MSE weighting)
+ROW_SPECS = {"dense": (None, None, None), "none": ("none", None, None), "layer": ("layer", "mse", "uniform"),
+             "ffn": ("ffn", "mse", "uniform"), "mlp": ("mlp", "mse", "uniform"), "layer-lm": ("layer", "lm", None),
+             "layer-token": ("layer", "mse", "token")}
+ROWS = tuple(ROW_SPECS)
 
 
 def chunk_lists(model, args):
@@ -52,6 +59,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/p1")
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--pairs", default=None, help="folder for the MSE rows' pair cache (default: --out)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--calib-chunks", type=int, default=50)
     ap.add_argument("--train-chunks", type=int, default=1000)
@@ -70,6 +78,7 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
+    pairs_dir = Path(args.pairs) if args.pairs else out
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 
     model = sj.load("smollm2-135m")
@@ -84,20 +93,21 @@ def main():
             continue
         t0 = time.perf_counter()
         train_s, extra = 0.0, {}
+        replacement, mode, weighting = ROW_SPECS[row]
         if row == "dense":
             candidate = model
         else:
-            replacement = row.split("-")[0]
             candidate = prune(model, start, args.span, replacement)
             if replacement != "none":
-                mode = "lm" if row.endswith("-lm") else "mse"
                 t = time.perf_counter()
                 candidate, history = train.train_replacement(
                     model, candidate, train_chunks, batch_size=args.batch, mode=mode, valid_batches=valid_chunks,
                     lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
                     warmup_steps=max(1, len(train_chunks) // args.batch // 20),
-                    eval_every=max(1, len(train_chunks) // args.batch // 5),
-                    pair_cache=out / f"pairs_{start}_{args.span}" if mode == "mse" else None, return_history=True)
+                    # the LM loss validates through the whole pruned model, so it validates less often
+                    eval_every=max(1, len(train_chunks) // args.batch // (2 if mode == "lm" else 5)),
+                    pair_cache=pairs_dir / f"pairs_{start}_{args.span}" if mode == "mse" else None,
+                    mse_weighting=weighting or "uniform", return_history=True)
                 train_s = time.perf_counter() - t
                 (out / f"history_{row}.json").write_text(json.dumps(history, indent=1))
                 extra = {"valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
@@ -105,6 +115,9 @@ def main():
         results[row] = {"span": [start, start + args.span - 1], "train_s": train_s, **extra,
                         **evaluate_row(candidate, args)}
         results[row]["row_s"] = time.perf_counter() - t0
+        # merge into what is on disk now, so runs of different rows into one folder keep each other's rows
+        on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
+        results = {**on_disk, row: results[row]}
         results_path.write_text(json.dumps(results, indent=1))
         print(row, results[row], flush=True)
 
