@@ -133,6 +133,29 @@ def test_bad_input_is_refused_up_front():
         train_replacement(model, prune(model, 1, 2, "none"), chunks(8), batch_size=4)
     with pytest.raises(ValueError, match="unknown training mode"):
         train_replacement(model, pruned, chunks(8), batch_size=4, mode="kl")
+    with pytest.raises(ValueError, match="unknown mse_weighting 'dims'"):
+        train_replacement(model, pruned, chunks(8), batch_size=4, mse_weighting="dims")
+
+
+def test_token_weighted_mse_is_the_mean_relative_error_over_real_tokens():
+    from streamline_jax.train import masked_mse
+
+    target = np.array([[[300.0, 0.0], [1.0, 1.0], [2.0, 0.0]]])  # one huge token, as at a massive activation
+    out = np.array([[[270.0, 0.0], [1.0, 0.0], [9.0, 9.0]]])
+    mask = np.array([[1, 1, 0]])
+    plain = ((30 ** 2) / 2 + 1 / 2) / 2
+    relative = ((30 ** 2 / 2) / (300 ** 2 / 2) + (1 / 2) / 1.0) / 2
+    np.testing.assert_allclose(masked_mse(out, target, mask), plain, rtol=1e-6)
+    np.testing.assert_allclose(masked_mse(out, target, mask, "token"), relative, rtol=1e-5)
+
+
+def test_token_weighted_mse_training_lowers_validation_loss():
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "layer")
+    _, history = train_replacement(model, pruned, chunks(64), batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=1,
+                                   valid_batches=chunks(8, seed=1), progress=False, mse_weighting="token",
+                                   return_history=True)
+    assert history["best_valid"] < 0.98 * history["valid"][0][1], history["valid"]
 
 
 def test_tensorstore_pair_cache_trains_like_on_the_fly_mse(tmp_path):
