@@ -104,8 +104,8 @@ def main():
                     model, candidate, train_chunks, batch_size=args.batch, mode=mode, valid_batches=valid_chunks,
                     lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
                     warmup_steps=max(1, len(train_chunks) // args.batch // 20),
-                    # the LM loss validates through the whole pruned model, so it validates less often
-                    eval_every=max(1, len(train_chunks) // args.batch // (2 if mode == "lm" else 5)),
+                    # the LM loss validates through the whole pruned model: only at the start and the end
+                    eval_every=max(1, len(train_chunks) // args.batch // (1 if mode == "lm" else 5)),
                     pair_cache=pairs_dir / f"pairs_{start}_{args.span}" if mode == "mse" else None,
                     mse_weighting=weighting or "uniform", return_history=True)
                 train_s = time.perf_counter() - t
