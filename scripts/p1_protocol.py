@@ -12,7 +12,9 @@ Each finished row is appended to OUT/results.json, and a rerun skips rows alread
     python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token]
 
 `layer-token` is the `layer` block trained on a per-token relative MSE (`mse_weighting="token"`): the span's output
-at position 0 carries a massive activation that makes up ~98% of the plain MSE.
+at position 0 carries a massive activation that makes up ~98% of the plain MSE. `layer-untrained` is the `layer`
+block as initialised (a copy of the span's first layer), the same model as the authors' `none` row (layers 12-18
+removed when the span is 11-18).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from streamline_jax.pruning import prune
 # row: (replacement, training mode, MSE weighting)
 ROW_SPECS = {"dense": (None, None, None), "none": ("none", None, None), "layer": ("layer", "mse", "uniform"),
              "ffn": ("ffn", "mse", "uniform"), "mlp": ("mlp", "mse", "uniform"), "layer-lm": ("layer", "lm", None),
-             "layer-token": ("layer", "mse", "token")}
+             "layer-token": ("layer", "mse", "token"), "layer-untrained": ("layer", None, None)}
 ROWS = tuple(ROW_SPECS)
 
 
@@ -98,7 +100,7 @@ def main():
             candidate = model
         else:
             candidate = prune(model, start, args.span, replacement)
-            if replacement != "none":
+            if replacement != "none" and mode is not None:
                 t = time.perf_counter()
                 candidate, history = train.train_replacement(
                     model, candidate, train_chunks, batch_size=args.batch, mode=mode, valid_batches=valid_chunks,
