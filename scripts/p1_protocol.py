@@ -33,7 +33,8 @@ from streamline_jax.pruning import prune
 # row: (replacement, training mode, MSE weighting)
 ROW_SPECS = {"dense": (None, None, None), "none": ("none", None, None), "layer": ("layer", "mse", "uniform"),
              "ffn": ("ffn", "mse", "uniform"), "mlp": ("mlp", "mse", "uniform"), "layer-lm": ("layer", "lm", None),
-             "layer-token": ("layer", "mse", "token"), "layer-untrained": ("layer", None, None)}
+             "layer-token": ("layer", "mse", "token"), "layer-untrained": ("layer", None, None),
+             "mlp-token": ("mlp", "mse", "token")}
 ROWS = tuple(ROW_SPECS)
 
 
