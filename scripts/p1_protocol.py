@@ -9,9 +9,9 @@ first 128 windows of 1024 tokens, PIQA accuracy on the first 1000 items (with it
 The MSE rows share one tensorstore cache of the frozen span's (input, target) pairs, so the frozen model runs once.
 Each finished row is appended to OUT/results.json, and a rerun skips rows already there.
 
-    python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token]
+    python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token,layer-untrained,mlp-token]
 
-`layer-token` is the `layer` block trained on a per-token relative MSE (`mse_weighting="token"`): the span's output
+`layer-token` and `mlp-token` are those blocks trained on a per-token relative MSE (`mse_weighting="token"`): the span's output
 at position 0 carries a massive activation that makes up ~98% of the plain MSE. `layer-untrained` is the `layer`
 block as initialised (a copy of the span's first layer), the same model as the authors' `none` row (layers 12-18
 removed when the span is 11-18).
