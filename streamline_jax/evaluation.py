@@ -35,7 +35,7 @@ class EvaluationError(ValueError):
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def target_logprobs(config, params, input_ids, attention_mask, targets, segment_ids=None):
+def target_logprobs(config, params, input_ids, targets, attention_mask=None, segment_ids=None):
     """log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] float32 (within its own segment for packed rows)."""
     logits = transformer.apply(config, params, input_ids, attention_mask, segment_ids=segment_ids)["logits"]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -47,18 +47,14 @@ def _compiles() -> int:
     return getattr(target_logprobs, "_cache_size", lambda: 0)()
 
 
-def _run(model: Model, ids: np.ndarray, mask: np.ndarray | None, targets: np.ndarray,
-         segments: np.ndarray | None = None) -> np.ndarray:
-    arrays = [jnp.asarray(a, jnp.int32) for a in (ids, targets) + ((mask,) if segments is None else (segments,))]
+def _run(model: Model, ids: np.ndarray, targets: np.ndarray, **rows: np.ndarray) -> np.ndarray:
+    """target_logprobs on host arrays; `rows` is attention_mask= (padded rows) or segment_ids= (packed rows)."""
+    arrays = {"input_ids": ids, "targets": targets, **rows}
+    arrays = {k: jnp.asarray(a, jnp.int32) for k, a in arrays.items()}
     if model.mesh is not None:
         from .sharding import shard_batch
-        arrays = list(shard_batch(model.mesh, tuple(arrays)))
-    ids, targets, extra = arrays
-    if segments is None:
-        out = target_logprobs(model.config, model.params, ids, extra, targets)
-    else:
-        out = target_logprobs(model.config, model.params, ids, None, targets, extra)
-    return np.asarray(out, np.float64)
+        arrays = dict(zip(arrays, shard_batch(model.mesh, tuple(arrays.values()))))
+    return np.asarray(target_logprobs(model.config, model.params, **arrays), np.float64)
 
 
 def length_bucket(n: int, cap: int | None = None) -> int:
@@ -116,7 +112,7 @@ def score_sequences(model: Model, sequences: Sequence[np.ndarray], num_scored: S
                 where.append((i, row, offset + n))
                 offset += n
         slots += ids.size
-        logprobs = _run(model, ids, None, targets, place) if pack_length else _run(model, ids, place, targets)
+        logprobs = _run(model, ids, targets, **{"segment_ids" if pack_length else "attention_mask": place})
         for i, row, end in where:
             out[i] = logprobs[row, end - num_scored[i]:end]
     stats = {"tokens": tokens, "compiles": _compiles() - compiles, "seconds": time.perf_counter() - start,

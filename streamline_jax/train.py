@@ -109,8 +109,7 @@ def mse_loss(block_params, frozen, batch, *, dense_config, pruned_config, block:
     return masked_mse(out, target, mask, weighting)
 
 
-def lm_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, compute_dtype,
-            weighting=None):
+def lm_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, compute_dtype):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     params = dict(frozen["pruned"])
     params["segments"] = dict(params["segments"])
@@ -386,7 +385,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     if loss_name == "mse_cached":
         frozen = {}
     loss_fn = _partial(LOSSES[loss_name], dense_config=dense_model.config, pruned_config=pruned_model.config,
-                       block=block, compute_dtype=dtype, weighting=mse_weighting)
+                       block=block, compute_dtype=dtype, **({} if mode == "lm" else {"weighting": mse_weighting}))
     tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum)
     train_step, eval_step = make_steps(loss_fn, tx)
 

@@ -159,23 +159,16 @@ def count_params(tree) -> int:
 # Forward
 
 
-def attention_mask_matrix(key_mask, query_slots, sliding_window=None):
-    """[B, T, S] bool: query at slot q may see key slot k if k <= q, the key is real, and (optionally) q - k < window."""
+def attention_mask_matrix(key_mask, query_slots, sliding_window=None, segment_ids=None):
+    """[B, T, S] bool: query at slot q may see key slot k if k <= q, the key is real, (optionally) q - k < window,
+    and (for packed rows, without a cache) both slots belong to the same segment."""
     key_slots = jnp.arange(key_mask.shape[1])
     q = query_slots[..., :, None]
     allowed = (key_slots[None, :] <= q) & key_mask[:, None, :].astype(bool)
     if sliding_window:
         allowed &= (q - key_slots[None, :]) < sliding_window
-    return allowed
-
-
-def segment_mask_matrix(segment_ids, sliding_window=None):
-    """[B, T, T] bool for packed rows: a query sees earlier keys of its own segment (segment 0 is padding)."""
-    slots = jnp.arange(segment_ids.shape[1])
-    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
-    allowed = same & (slots[None, :] <= slots[:, None])[None]
-    if sliding_window:
-        allowed &= (slots[:, None] - slots[None, :])[None] < sliding_window
+    if segment_ids is not None:
+        allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
     return allowed
 
 
@@ -236,18 +229,15 @@ def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions
     if segment_ids is not None:
         if caches is not None or attention_mask is not None:
             raise ValueError("segment_ids (packed rows) take neither an attention_mask nor caches")
+        attention_mask = segment_ids > 0
         if positions is None:
             positions = segment_positions(segment_ids)
-        mask = segment_mask_matrix(segment_ids, config.sliding_window)
-    else:
-        mask = None
     if attention_mask is None:
         attention_mask = jnp.ones((b, t if caches is None else _cache_len(caches)), jnp.int32)
     query_slots = cache_index + jnp.arange(t)
     if positions is None:
         positions = jnp.take_along_axis(default_positions(attention_mask), jnp.broadcast_to(query_slots, (b, t)), 1)
-    if mask is None:
-        mask = attention_mask_matrix(attention_mask, query_slots[None], config.sliding_window)
+    mask = attention_mask_matrix(attention_mask, query_slots[None], config.sliding_window, segment_ids)
     x = embed(config, params, input_ids, positions)
     hidden, new_caches = [], {}
     for i, seg in enumerate(config.layout):
