@@ -10,6 +10,11 @@ The MSE rows share one tensorstore cache of the frozen span's (input, target) pa
 Each finished row is appended to OUT/results.json, and a rerun skips rows already there.
 
     python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token,layer-untrained,mlp-token]
+        [--shuffle [--seed 0]] [--piqa-items 0]
+
+`--shuffle` reads the 1000 training chunks in a seeded random order (the authors' DataLoader shuffles); without it
+they go in file order, so a batch holds neighbouring pieces of the same documents. `--piqa-items 0` skips PIQA, for
+quick screening on perplexity.
 
 `layer-token` and `mlp-token` are those blocks trained on a per-token relative MSE (`mse_weighting="token"`): the span's output
 at position 0 carries a massive activation that makes up ~98% of the plain MSE. `layer-untrained` is the `layer`
@@ -51,11 +56,12 @@ def chunk_lists(model, args):
 def evaluate_row(model, args):
     t = time.perf_counter()
     ppl = perplexity(model, "wikitext2", window=1024, max_windows=args.eval_windows, batch_size=4)
-    piqa = evaluate_tasks(model, ["piqa"], limit=args.piqa_items, batch_size=32)["tasks"]["piqa"]
-    acc = piqa["acc"]
-    return {"wikitext2_ppl": ppl["perplexity"], "ppl_windows": ppl["windows"], "piqa_acc": acc,
-            "piqa_stderr": math.sqrt(acc * (1 - acc) / piqa["n"]), "piqa_n": piqa["n"],
-            "num_params": model.num_params, "eval_s": time.perf_counter() - t}
+    out = {"wikitext2_ppl": ppl["perplexity"], "ppl_windows": ppl["windows"]}
+    if args.piqa_items > 0:  # 0: perplexity only, for quick screening
+        piqa = evaluate_tasks(model, ["piqa"], limit=args.piqa_items, batch_size=32)["tasks"]["piqa"]
+        acc = piqa["acc"]
+        out.update(piqa_acc=acc, piqa_stderr=math.sqrt(acc * (1 - acc) / piqa["n"]), piqa_n=piqa["n"])
+    return {**out, "num_params": model.num_params, "eval_s": time.perf_counter() - t}
 
 
 def main():
@@ -72,7 +78,11 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--min-lr", type=float, default=5e-5)
     ap.add_argument("--eval-windows", type=int, default=128)
-    ap.add_argument("--piqa-items", type=int, default=1000)
+    ap.add_argument("--piqa-items", type=int, default=1000, help="0: perplexity only")
+    ap.add_argument("--shuffle", action="store_true", help="read the training chunks in a seeded random order")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr-schedule", default="cosine", choices=train.LR_SCHEDULES)
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of the steps)")
     args = ap.parse_args()
     rows = args.rows.split(",")
     unknown = set(rows) - set(ROWS)
@@ -106,14 +116,17 @@ def main():
                 candidate, history = train.train_replacement(
                     model, candidate, train_chunks, batch_size=args.batch, mode=mode, valid_batches=valid_chunks,
                     lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
-                    warmup_steps=max(1, len(train_chunks) // args.batch // 20),
+                    warmup_steps=args.warmup or max(1, len(train_chunks) // args.batch // 20),
+                    lr_schedule=args.lr_schedule,
                     # the LM loss validates through the whole pruned model: only at the start and the end
                     eval_every=max(1, len(train_chunks) // args.batch // (1 if mode == "lm" else 5)),
                     pair_cache=pairs_dir / f"pairs_{start}_{args.span}" if mode == "mse" else None,
-                    mse_weighting=weighting or "uniform", return_history=True)
+                    mse_weighting=weighting or "uniform", shuffle=args.shuffle, seed=args.seed,
+                    return_history=True)
                 train_s = time.perf_counter() - t
                 (out / f"history_{row}.json").write_text(json.dumps(history, indent=1))
-                extra = {"valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
+                extra = {"shuffle_seed": args.seed if args.shuffle else None, "lr_schedule": args.lr_schedule,
+                         "valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
                          "best_step": history["best_step"], "steps": history["train"][-1][0]}
         results[row] = {"span": [start, start + args.span - 1], "train_s": train_s, **extra,
                         **evaluate_row(candidate, args)}
@@ -131,8 +144,8 @@ def main():
     for row in ROWS:
         if row in results:
             r = results[row]
-            print(f"| {row} | {r['wikitext2_ppl']:.2f} | {r['piqa_acc']:.3f} ± {r['piqa_stderr']:.3f} | "
-                  f"{r['num_params']:,} | {r['train_s']:.0f} s |")
+            piqa = f"{r['piqa_acc']:.3f} ± {r['piqa_stderr']:.3f}" if "piqa_acc" in r else "–"
+            print(f"| {row} | {r['wikitext2_ppl']:.2f} | {piqa} | {r['num_params']:,} | {r['train_s']:.0f} s |")
 
 
 if __name__ == "__main__":

@@ -176,8 +176,11 @@ def _take_exactly(it, n, first):
         raise DataError(f"dataset too short: only {count} training chunks after the first {first}, {n} requested")
 
 
-def batches(chunks: Iterable[np.ndarray], batch_size: int, *, drop_last: bool = False) -> Iterator[dict]:
-    """Stack chunks into {"input_ids": [B, T] int32, "attention_mask": [B, T] int32 (all ones)} batches."""
+def batches(chunks: Iterable[np.ndarray], batch_size: int, *, drop_last: bool = False,
+            pad_last: bool = False) -> Iterator[dict]:
+    """Stack chunks into {"input_ids": [B, T] int32, "attention_mask": [B, T] int32} batches (mask all ones).
+    A short last batch is dropped (`drop_last`), padded to `batch_size` with all-masked rows (`pad_last`, so every
+    batch has one shape), or kept short."""
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
     it = iter(chunks)
@@ -186,4 +189,8 @@ def batches(chunks: Iterable[np.ndarray], batch_size: int, *, drop_last: bool = 
         if not group or (drop_last and len(group) < batch_size):
             return
         ids = np.stack(group).astype(np.int32)
-        yield {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        mask = np.ones_like(ids)
+        if pad_last and len(group) < batch_size:
+            pad = ((0, batch_size - len(group)), (0, 0))
+            ids, mask = np.pad(ids, pad), np.pad(mask, pad)
+        yield {"input_ids": ids, "attention_mask": mask}

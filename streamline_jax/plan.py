@@ -29,6 +29,7 @@ import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .models import transformer
+from .models.layers import attention_platform
 from .models.config import ModelConfig, Segment
 from .sharding import MESH_AXES, ShardingError, param_shardings
 
@@ -382,7 +383,10 @@ class StepPlan:
 
     def lower(self):
         jitted = jax.jit(self.fn, out_shardings=self.out_shardings, donate_argnums=self.donate_argnums)
-        return jitted.lower(*self.args)
+        shardings = [a.sharding for a in jax.tree.leaves(self.args) if getattr(a, "sharding", None) is not None]
+        platform = next(iter(shardings[0].device_set)).platform if shardings else None
+        with attention_platform(platform):  # the target's attention, not this host's
+            return jitted.lower(*self.args)
 
 
 def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh, seq_len: int, *,

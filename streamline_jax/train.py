@@ -152,13 +152,13 @@ class SpanPairCache:
     def _spec(self, name):
         return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
 
-    @property
-    def complete(self) -> bool:
+    def complete(self, rows: int | None = None) -> bool:
+        """Whether a finished cache for this span (and, if given, this many rows) is there."""
         marker = self.path / "complete.json"
         if not marker.exists():
             return False
         meta = json.loads(marker.read_text())
-        return (meta["start"], meta["length"]) == (self.start, self.length)
+        return (meta["start"], meta["length"]) == (self.start, self.length) and rows in (None, meta["rows"])
 
     def build(self, dense_model: Model, batches: Iterable[dict], progress=True):
         import tensorstore as ts
@@ -188,8 +188,12 @@ class SpanPairCache:
                                    chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
         bar = _progress(progress, count, 0, "cache span pairs", "batch")
         for i, batch in enumerate(batches):
-            mask = np.asarray(batch.get("attention_mask", np.ones_like(batch["input_ids"])), np.int32)
-            x_in, target = span_io(params, jnp.asarray(batch["input_ids"], jnp.int32), jnp.asarray(mask))
+            ids = np.asarray(batch["input_ids"], np.int32)
+            mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)), np.int32)
+            if len(ids) < b:  # a short last batch: pad with all-masked rows, which every loss ignores
+                pad = ((0, b - len(ids)), (0, 0))
+                ids, mask = np.pad(ids, pad), np.pad(mask, pad)
+            x_in, target = span_io(params, jnp.asarray(ids), jnp.asarray(mask))
             rows = slice(i * b, (i + 1) * b)
             writes = [arrays["x_in"][rows].write(np.asarray(x_in)), arrays["target"][rows].write(np.asarray(target)),
                       arrays["attention_mask"][rows].write(mask)]
@@ -203,19 +207,24 @@ class SpanPairCache:
             {"start": self.start, "length": self.length, "rows": n, "batch": b, "seq": t}))
 
     def batches(self, batch_size=None):
-        """Re-iterable batches {"x_in", "target", "attention_mask"} read from disk."""
+        """Re-iterable batches {"x_in", "target", "attention_mask"} read from disk: rows in order, or in epoch e's
+        permutation under a seed (`.epoch(e, shuffle_seed)`)."""
         cache = self
 
         class _Reader:
-            def __iter__(self):
+            def epoch(self, e, shuffle_seed=None):
                 import tensorstore as ts
 
                 meta = json.loads((cache.path / "complete.json").read_text())
                 b = batch_size or meta["batch"]
                 arrays = {k: ts.open(cache._spec(k)).result() for k in ("x_in", "target", "attention_mask")}
+                order = _epoch_order(meta["rows"], shuffle_seed, e)
                 for i in range(meta["rows"] // b):
-                    rows = slice(i * b, (i + 1) * b)
+                    rows = order[i * b:(i + 1) * b]
                     yield {k: a[rows].read().result() for k, a in arrays.items()}
+
+            def __iter__(self):
+                return self.epoch(0)
 
         return _Reader()
 
@@ -224,10 +233,32 @@ class SpanPairCache:
 # Optimizer and steps
 
 
-def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm, grad_accum):
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=max(warmup_steps, 1),
-        decay_steps=max(total_steps, warmup_steps + 1), end_value=min_lr)
+LR_SCHEDULES = ("cosine", "cosine-cycle")
+
+
+def lr_schedule(name, lr, min_lr, warmup_steps, total_steps):
+    """Linear warm-up from 0, then `cosine`: half a cosine from lr down to min_lr at the last step; or
+    `cosine-cycle`: a whole cosine period, down to min_lr half-way and back up to lr at the end. The second is what
+    the authors' code runs when it asks for the first: it sets the scheduler's length to half the steps, and its
+    cosine keeps going past that length."""
+    warmup_steps = max(warmup_steps, 1)
+    if name == "cosine":
+        return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
+                                                  decay_steps=max(total_steps, warmup_steps + 1), end_value=min_lr)
+    half = max(total_steps / 2 - warmup_steps, 1.0)
+
+    def schedule(step):
+        warm = lr * step / warmup_steps
+        cosine = 0.5 * (1 + jnp.cos(jnp.pi * (step - warmup_steps) / half))
+        return jnp.where(step < warmup_steps, warm, min_lr + cosine * (lr - min_lr))
+
+    return schedule
+
+
+def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm, grad_accum, schedule="cosine"):
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {schedule!r}; expected one of {LR_SCHEDULES}")
+    schedule = lr_schedule(schedule, lr, min_lr, warmup_steps, total_steps)
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
     if grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
@@ -311,8 +342,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                       checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
                       resume: bool = False, seed: int = 0, compute_dtype: str | None = None, progress: bool = True,
                       block_key: str | None = None, on_step=None, batch_size: int | None = None,
-                      pair_cache: str | Path | None = None, mse_weighting: str = "uniform",
-                      return_history: bool = False):
+                      pair_cache: str | Path | None = None, mse_weighting: str = "uniform", shuffle: bool = False,
+                      lr_schedule: str = "cosine", return_history: bool = False):
     """Train the pruned model's replacement block; return the pruned model with the trained (best) block.
 
     `train_batches` / `valid_batches`: re-iterable collections of {"input_ids", "attention_mask"} [B, T] arrays
@@ -322,12 +353,17 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     ([T] arrays, or a callable returning a fresh iterator of them) that are batched here. With `pair_cache` (MSE
     mode), the frozen model's (input, target) pairs are computed once into tensorstore arrays at that path (or
     reused if a finished cache for the same span is there) and every epoch reads them from disk.
-    `mse_weighting="token"` makes the MSE relative per token (see `masked_mse`).
+    `mse_weighting="token"` makes the MSE relative per token (see `masked_mse`). `shuffle`: each epoch reads the
+    training chunks (with `batch_size`), the batches of a list, or the cached rows in a fresh permutation drawn from
+    `seed`; validation keeps its order. Validation chunks are never dropped: a short last batch is padded with
+    masked rows. `lr_schedule`: "cosine" or "cosine-cycle" (see `lr_schedule`).
     """
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; expected one of {MODES}")
     if mse_weighting not in MSE_WEIGHTINGS:
         raise ValueError(f"unknown mse_weighting {mse_weighting!r}; expected one of {MSE_WEIGHTINGS}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {lr_schedule!r}; expected one of {LR_SCHEDULES}")
     if not lr > 0 or not min_lr >= 0:
         raise ValueError(f"learning rates must be positive: lr={lr}, min_lr={min_lr}")
     if grad_accum < 1 or epochs < 1:
@@ -345,7 +381,11 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     block = blocks[0]
     train_batches = _reiterable(train_batches, batch_size, "training")
     if valid_batches is not None:
-        valid_batches = _reiterable(valid_batches, batch_size, "validation")
+        valid_batches = _reiterable(valid_batches, batch_size, "validation", pad_last=True)
+    shuffle_seed = seed if shuffle else None
+    if shuffle and pair_cache is None and not hasattr(train_batches, "epoch"):
+        raise ValueError("shuffle=True needs the training data as a sequence (a list of batches, or of chunks with "
+                         "batch_size), or a pair_cache; a callable stream cannot be permuted")
     first = next(iter(train_batches), None)
     if first is None:
         raise ValueError("no training data: the training batches are empty")
@@ -369,13 +409,15 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     if pair_cache is not None:
         if mode != "mse":
             raise ValueError("pair_cache is for mode='mse' only")
+        rows = batches_per_epoch * len(np.asarray(first["input_ids"]))
         cache = SpanPairCache(pair_cache, block.start, block.length)
-        if not cache.complete:
+        if not cache.complete(rows):
             cache.build(dense_model, train_batches, progress)
         train_batches = cache.batches()
         if valid_batches is not None:
+            valid_rows = sum(len(np.asarray(b["input_ids"])) for b in valid_batches)
             valid_cache = SpanPairCache(Path(pair_cache) / "valid", block.start, block.length)
-            if not valid_cache.complete:
+            if not valid_cache.complete(valid_rows):
                 valid_cache.build(dense_model, valid_batches, progress=False)
             valid_batches = valid_cache.batches()
         loss_name = "mse_cached"
@@ -386,7 +428,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
         frozen = {}
     loss_fn = _partial(LOSSES[loss_name], dense_config=dense_model.config, pruned_config=pruned_model.config,
                        block=block, compute_dtype=dtype, **({} if mode == "lm" else {"weighting": mse_weighting}))
-    tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum)
+    tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum,
+                                  lr_schedule)
     train_step, eval_step = make_steps(loss_fn, tx)
 
     opt_state = tx.init(block_params)
@@ -411,7 +454,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                                   "micro": np.asarray(micro, np.int64)}, history)
 
     def data_from(position):
-        epoch_iters = (iter(train_batches) for _ in itertools.count())
+        epoch_iters = (train_batches.epoch(e, shuffle_seed) if shuffle else iter(train_batches) for e in itertools.count())
         stream = itertools.chain.from_iterable(epoch_iters)
         return itertools.islice(stream, position, total_batches)
 
@@ -478,27 +521,57 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     return (trained, history) if return_history else trained
 
 
-class _Batched:
-    """Re-iterable batches over re-iterable chunks (a sequence, or a callable returning a fresh iterator)."""
+def _epoch_order(n, shuffle_seed, epoch):
+    """Indices 0..n-1 in order, or in epoch `epoch`'s permutation under `shuffle_seed` (the same on a resume)."""
+    if shuffle_seed is None:
+        return np.arange(n)
+    return np.random.default_rng([shuffle_seed, epoch]).permutation(n)
 
-    def __init__(self, chunks, batch_size):
-        self.chunks, self.batch_size = chunks, batch_size
+
+class _Batched:
+    """Re-iterable batches over re-iterable chunks (a sequence, or a callable returning a fresh iterator). Training
+    drops a short last batch; validation pads it (`pad_last`) so that no chunk is left out."""
+
+    def __init__(self, chunks, batch_size, pad_last=False):
+        self.chunks, self.batch_size, self.pad_last = chunks, batch_size, pad_last
+        if _indexable(chunks):
+            self.epoch = self._epoch
+
+    def _epoch(self, e, shuffle_seed=None):
+        from .data import batches
+
+        order = _epoch_order(len(self.chunks), shuffle_seed, e)
+        return batches((self.chunks[i] for i in order), self.batch_size, drop_last=not self.pad_last,
+                       pad_last=self.pad_last)
 
     def __iter__(self):
         from .data import batches
 
         chunks = self.chunks() if callable(self.chunks) else self.chunks
-        return batches(chunks, self.batch_size, drop_last=True)
+        return batches(chunks, self.batch_size, drop_last=not self.pad_last, pad_last=self.pad_last)
 
 
-def _reiterable(data, batch_size, what):
+class _BatchList:
+    """A list of ready batches, read in order or (`epoch`) in a permutation of the batches."""
+
+    def __init__(self, batch_list):
+        self.batch_list = batch_list
+
+    def epoch(self, e, shuffle_seed=None):
+        return (self.batch_list[i] for i in _epoch_order(len(self.batch_list), shuffle_seed, e))
+
+    def __iter__(self):
+        return iter(self.batch_list)
+
+
+def _reiterable(data, batch_size, what, pad_last=False):
     if batch_size is None:
         if callable(data):
             return _Fresh(data)
         if iter(data) is data:
             raise ValueError(f"the {what} batches must be re-iterable (a list, or a callable returning an iterator), "
                              f"not a one-shot iterator")
-        return data
+        return _BatchList(data) if _indexable(data) else data
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not callable(data) and iter(data) is data:
@@ -506,7 +579,11 @@ def _reiterable(data, batch_size, what):
     count = sum(1 for _ in itertools.islice(data() if callable(data) else data, batch_size))
     if count < batch_size:
         raise ValueError(f"batch size {batch_size} is larger than the {what} data ({count} chunks)")
-    return _Batched(data, batch_size)
+    return _Batched(data, batch_size, pad_last)
+
+
+def _indexable(data):
+    return not callable(data) and hasattr(data, "__len__") and hasattr(data, "__getitem__")
 
 
 class _Fresh:

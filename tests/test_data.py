@@ -87,6 +87,9 @@ def test_batches():
     assert all(b["attention_mask"].dtype == np.int32 and b["attention_mask"].all() for b in out)
     np.testing.assert_array_equal(out[1]["input_ids"][1], chunks[3])
     assert len(list(data.batches(chunks, 2, drop_last=True))) == 2
+    padded = list(data.batches(chunks, 2, pad_last=True))[-1]
+    np.testing.assert_array_equal(padded["attention_mask"], [[1] * 6, [0] * 6])
+    np.testing.assert_array_equal(padded["input_ids"][0], chunks[4])
 
 
 def test_calibration_set_from_the_shared_corpus(tokenizer):

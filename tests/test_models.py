@@ -123,6 +123,20 @@ def test_blocked_causal_attention_equals_dense_in_values_and_gradients():
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
+def test_attention_is_traced_for_the_target_platform():
+    """CPU traces the blocked loop; an ahead-of-time TPU plan traced on this CPU host gets the dense attention."""
+    from streamline_jax.models import layers
+
+    t = layers.CAUSAL_BLOCK + 8
+    q = k = v = jnp.zeros((1, t, 2, 4))
+    mask = jnp.ones((1, t, t), bool)
+    traced = lambda: str(jax.make_jaxpr(lambda *a: layers.attend(*a, causal=True))(q, k, v, mask))
+    assert "scan" in traced() or "while" in traced()
+    with layers.attention_platform("tpu"):
+        assert "scan" not in traced() and "while" not in traced()
+    assert "scan" in traced() or "while" in traced()  # the override ends with its block
+
+
 @pytest.mark.parametrize("name", ["llama_gqa_tied", "mistral_sliding_window", "opt_350m_style"])
 def test_packed_rows_give_each_sequence_its_own_logits(name):
     """Several sequences packed into one row (segment ids) see only themselves, with positions from 0."""

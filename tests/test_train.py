@@ -135,6 +135,21 @@ def test_bad_input_is_refused_up_front():
         train_replacement(model, pruned, chunks(8), batch_size=4, mode="kl")
     with pytest.raises(ValueError, match="unknown mse_weighting 'dims'"):
         train_replacement(model, pruned, chunks(8), batch_size=4, mse_weighting="dims")
+    with pytest.raises(ValueError, match="unknown lr_schedule 'linear'"):
+        train_replacement(model, pruned, chunks(8), batch_size=4, lr_schedule="linear")
+
+
+def test_lr_schedules():
+    from streamline_jax.train import lr_schedule
+
+    lr, low = 2e-4, 5e-5
+    half = lr_schedule("cosine", lr, low, 6, 100)
+    assert float(half(0)) == 0 and float(half(3)) == pytest.approx(lr / 2)
+    assert float(half(6)) == pytest.approx(lr) and float(half(100)) == pytest.approx(low)
+    cycle = lr_schedule("cosine-cycle", lr, low, 1, 100)  # the authors' schedule: down at half-way, up again
+    assert float(cycle(0)) == 0 and float(cycle(1)) == pytest.approx(lr)
+    assert float(cycle(50)) == pytest.approx(low, rel=1e-3) and float(cycle(99)) == pytest.approx(lr, rel=1e-2)
+    assert float(cycle(25)) == pytest.approx((lr + low) / 2, rel=2e-2)
 
 
 def test_token_weighted_mse_is_the_mean_relative_error_over_real_tokens():
@@ -171,3 +186,66 @@ def test_tensorstore_pair_cache_trains_like_on_the_fly_mse(tmp_path):
     for a, b in zip(jax.tree.leaves(live.params), jax.tree.leaves(cached.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
     assert len(history["train"]) == 8  # two epochs of four batches, read from disk
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_validation_uses_every_chunk(tmp_path, cached):
+    """Six validation chunks at batch 4: the short last batch is padded with masked rows, not dropped."""
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 2, "layer")
+
+    def valid_loss0(valid, batch_size, name):
+        kwargs = dict(pair_cache=tmp_path / name) if cached else {}
+        _, history = train_replacement(model, pruned, chunks(8), batch_size=batch_size, valid_batches=valid,
+                                       num_steps=1, progress=False, return_history=True, **kwargs)
+        return history["valid"][0][1]
+
+    six = chunks(6, seed=1)
+    padded = valid_loss0(six, 4, "b4")
+    np.testing.assert_allclose(padded, valid_loss0(six, 2, "b2"), rtol=1e-5)
+    assert abs(padded - valid_loss0(six[:4], 4, "first4")) > 1e-3 * padded
+
+
+def test_shuffled_training_reads_the_same_permutation_live_and_from_the_pair_cache(tmp_path):
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 2, "layer")
+    kwargs = dict(batch_size=4, lr=3e-3, warmup_steps=1, epochs=2, progress=False, seed=5)
+    data = chunks(16)
+    in_order = train_replacement(model, pruned, data, **kwargs)
+    live = train_replacement(model, pruned, data, shuffle=True, **kwargs)
+    cached = train_replacement(model, pruned, data, shuffle=True, pair_cache=tmp_path / "pairs", **kwargs)
+    for a, b in zip(jax.tree.leaves(live.params), jax.tree.leaves(cached.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(jax.tree.leaves(live.params), jax.tree.leaves(in_order.params))]
+    assert max(moved) > 1e-4  # another order is another run
+    from streamline_jax.train import _epoch_order
+
+    first, second = _epoch_order(16, 5, 0), _epoch_order(16, 5, 1)
+    assert sorted(first) == list(range(16)) and list(first) != list(second)
+
+
+def test_shuffled_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "layer")
+    data = chunks(12)
+    kwargs = dict(batch_size=4, lr=3e-3, warmup_steps=1, epochs=2, checkpoint_every=1, progress=False,
+                  shuffle=True, seed=3)
+    straight = train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "a", **kwargs)
+
+    def interrupt(step, loss):
+        if step == 4:  # in the second epoch, whose permutation differs from the first
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "b", on_step=interrupt, **kwargs)
+    resumed = train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "b", resume=True, **kwargs)
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_shuffle_refuses_a_stream():
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "layer")
+    with pytest.raises(ValueError, match="shuffle=True needs the training data as a sequence"):
+        train_replacement(model, pruned, lambda: iter(chunks(8)), batch_size=4, shuffle=True, progress=False)

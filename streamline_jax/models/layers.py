@@ -6,6 +6,7 @@ names (see `streamline_jax.sharding`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -90,6 +91,19 @@ def apply_rope(x, positions, inv_freq):
 # Query rows per block in causal attention on CPU: a block's scores for one key head stay in cache between the
 # score product, the softmax and the value product (128 was among the fastest of 32-256 tried).
 CAUSAL_BLOCK = 128
+_attention_platform: str | None = None  # set while tracing for another platform (ahead-of-time plans)
+
+
+@contextlib.contextmanager
+def attention_platform(platform: str | None):
+    """Trace attention for `platform` ("cpu", "tpu", "gpu"), not for this host's default backend: an
+    ahead-of-time TPU plan compiled on a CPU host must trace the attention a TPU runs."""
+    global _attention_platform
+    previous, _attention_platform = _attention_platform, platform
+    try:
+        yield
+    finally:
+        _attention_platform = previous
 
 
 def attend(q, k, v, mask, causal=False):
@@ -105,7 +119,8 @@ def attend(q, k, v, mask, causal=False):
     accelerators XLA's fused dense attention is kept.
     """
     t, s = q.shape[1], k.shape[1]
-    if causal and t == s and t > CAUSAL_BLOCK and jax.default_backend() == "cpu":
+    platform = _attention_platform or jax.default_backend()
+    if causal and t == s and t > CAUSAL_BLOCK and platform == "cpu":
         return _attend_causal_blocks(q, k, v, mask)
     return _attend_dense(q, k, v, mask)
 
