@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--shuffle", action="store_true", help="read the training chunks in a seeded random order")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lr-schedule", default="cosine", choices=train.LR_SCHEDULES)
+    ap.add_argument("--tag", default="", help="suffix for the row names (row@tag), for runs off the protocol")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of the steps)")
     args = ap.parse_args()
     rows = args.rows.split(",")
@@ -102,7 +103,8 @@ def main():
     print(f"span: layers [{start}, {start + args.span}) by cosine {scores.to_numpy()[start, args.span]:.4f}")
 
     for row in rows:
-        if row in results:
+        name = f"{row}@{args.tag}" if args.tag else row
+        if name in results:
             continue
         t0 = time.perf_counter()
         train_s, extra = 0.0, {}
@@ -128,24 +130,23 @@ def main():
                 extra = {"shuffle_seed": args.seed if args.shuffle else None, "lr_schedule": args.lr_schedule,
                          "valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
                          "best_step": history["best_step"], "steps": history["train"][-1][0]}
-        results[row] = {"span": [start, start + args.span - 1], "train_s": train_s, **extra,
+        results[name] = {"span": [start, start + args.span - 1], "train_s": train_s, **extra,
                         **evaluate_row(candidate, args)}
-        results[row]["row_s"] = time.perf_counter() - t0
+        results[name]["row_s"] = time.perf_counter() - t0
         # merge into what is on disk now, so runs of different rows into one folder keep each other's rows
         on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
-        results = {**on_disk, row: results[row]}
+        results = {**on_disk, name: results[name]}
         results_path.write_text(json.dumps(results, indent=1))
-        print(row, results[row], flush=True)
+        print(name, results[name], flush=True)
 
     print(f"\nP1 on SmolLM2-135M ({args.train_chunks} training chunks of {args.seq}; WikiText-2 first "
           f"{args.eval_windows} x 1024; PIQA first {args.piqa_items})")
     print("| row | WikiText-2 ppl | PIQA acc | params | training wall time |")
     print("|---|---|---|---|---|")
-    for row in ROWS:
-        if row in results:
-            r = results[row]
-            piqa = f"{r['piqa_acc']:.3f} ± {r['piqa_stderr']:.3f}" if "piqa_acc" in r else "–"
-            print(f"| {row} | {r['wikitext2_ppl']:.2f} | {piqa} | {r['num_params']:,} | {r['train_s']:.0f} s |")
+    for row in sorted(results, key=lambda k: (ROWS.index(k.split("@")[0]), k)):
+        r = results[row]
+        piqa = f"{r['piqa_acc']:.3f} ± {r['piqa_stderr']:.3f}" if "piqa_acc" in r else "–"
+        print(f"| {row} | {r['wikitext2_ppl']:.2f} | {piqa} | {r['num_params']:,} | {r['train_s']:.0f} s |")
 
 
 if __name__ == "__main__":

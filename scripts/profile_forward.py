@@ -14,9 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import streamline_jax as sj
+from streamline_jax.evaluation import head_logprobs, target_logprobs
 from streamline_jax.models import transformer
 from streamline_jax.models.layers import SwiGLU
 from streamline_jax.models.llama import LlamaAttention, LlamaDecoderLayer
+
+
+def unchunked_logprobs(config, params, input_ids, targets):
+    logits = transformer.apply(config, params, input_ids)["logits"]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def best_of(fn, *args, repeats=3):
@@ -58,6 +65,13 @@ def main():
         "decoder stack (no head)": (jax.jit(lambda p, i: transformer.apply(c, p, i, return_logits=False)["last_hidden"]),
                                     (p, ids), c.num_layers * (attn_flops + mlp_flops)),
         "LM head": (jax.jit(lambda p, h: transformer.head(c, p, h)), (p, x), head_flops),
+        "LM head + logsumexp": (jax.jit(lambda p, h: jax.nn.logsumexp(transformer.head(c, p, h), axis=-1)), (p, x),
+                                head_flops),
+        "LM head + logsumexp, chunked": (jax.jit(lambda p, h: head_logprobs(c, p, h, ids)), (p, x), head_flops),
+        "perplexity logprobs (unchunked head)": (jax.jit(lambda p, i: unchunked_logprobs(c, p, i, i)), (p, ids),
+                                                  c.num_layers * (attn_flops + mlp_flops) + head_flops),
+        "perplexity logprobs": (jax.jit(lambda p, i: target_logprobs(c, p, i, i)), (p, ids),
+                                c.num_layers * (attn_flops + mlp_flops) + head_flops),
         "one decoder layer": (jax.jit(lambda q, h: LlamaDecoderLayer(c).apply({"params": q}, h, allowed, positions)[0]),
                               (layer0, x), attn_flops + mlp_flops),
         "  its attention": (jax.jit(lambda q, h: LlamaAttention(c).apply({"params": q["self_attn"]}, h, allowed,

@@ -34,12 +34,36 @@ class EvaluationError(ValueError):
 # The one jitted scoring function
 
 
+HEAD_CHUNK = 128  # tokens per LM-head call when scoring: their [128, V] logits stay small enough to stay in cache
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
+
 def target_logprobs(config, params, input_ids, targets, attention_mask=None, segment_ids=None):
-    """log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] float32 (within its own segment for packed rows)."""
-    logits = transformer.apply(config, params, input_ids, attention_mask, segment_ids=segment_ids)["logits"]
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+    """log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] float32 (within its own segment for packed rows).
+
+    The LM head runs HEAD_CHUNK tokens at a time, and each chunk's logits are reduced to (target logit,
+    logsumexp) at once: the [B, T, V] float32 logits are never written out whole."""
+    hidden = transformer.apply(config, params, input_ids, attention_mask, segment_ids=segment_ids,
+                               return_logits=False)["last_hidden"]
+    return head_logprobs(config, params, hidden, targets)
+
+
+def head_logprobs(config, params, hidden, targets):
+    """log softmax(head(hidden))[targets] for [B, T, D] last hidden states, HEAD_CHUNK tokens at a time."""
+    b, t, d = hidden.shape
+    n = b * t
+    chunk = min(HEAD_CHUNK, n)
+    pad = -n % chunk
+    flat_hidden = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
+    flat_targets = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
+
+    def one_chunk(args):
+        h, tg = args
+        logits = transformer.head(config, params, h[None])[0]
+        return jnp.take_along_axis(logits, tg[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    return jax.lax.map(one_chunk, (flat_hidden, flat_targets)).reshape(-1)[:n].reshape(b, t)
 
 
 def _compiles() -> int:

@@ -87,6 +87,22 @@ def torch_loglikelihood(model, tokenizer, context, continuation, max_length=None
 # Perplexity
 
 
+def test_chunked_head_logprobs_equal_the_full_log_softmax():
+    """The head runs HEAD_CHUNK tokens at a time; 3 x 100 tokens leave a padded last chunk."""
+    import jax
+    import jax.numpy as jnp
+    from streamline_jax.models import transformer
+
+    config = TINY["llama"]
+    params = transformer.init_params(config, jax.random.PRNGKey(0))
+    hidden = jax.random.normal(jax.random.PRNGKey(1), (3, 100, config.hidden_size))
+    targets = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (3, 100)), jnp.int32)
+    assert (3 * 100) % ev.HEAD_CHUNK
+    logits = transformer.head(config, params, hidden)
+    full = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(ev.head_logprobs(config, params, hidden, targets), full, rtol=1e-5, atol=1e-5)
+
+
 def test_length_buckets_bound_padding_and_shapes():
     buckets = {ev.length_bucket(n) for n in range(1, 4097)}
     assert len(buckets) <= 30
