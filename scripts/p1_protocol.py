@@ -126,7 +126,7 @@ def main():
                     mse_weighting=weighting or "uniform", shuffle=args.shuffle, seed=args.seed,
                     return_history=True)
                 train_s = time.perf_counter() - t
-                (out / f"history_{row}.json").write_text(json.dumps(history, indent=1))
+                (out / f"history_{name}.json").write_text(json.dumps(history, indent=1))
                 extra = {"shuffle_seed": args.seed if args.shuffle else None, "lr_schedule": args.lr_schedule,
                          "valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
                          "best_step": history["best_step"], "steps": history["train"][-1][0]}

@@ -1,7 +1,7 @@
 """Where the forward's time goes on SmolLM2-135M (float32, batch 8 x 512): each part's time and GFLOP/s against a
 float32 matmul measured in the same run.
 
-    python scripts/profile_forward.py [--batch 8] [--seq 512]
+    python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128]
 """
 
 from __future__ import annotations
@@ -40,7 +40,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--causal-block", type=int, default=None, help="query rows per block of CPU causal attention")
     args = ap.parse_args()
+    if args.causal_block:
+        from streamline_jax.models import layers
+
+        layers.CAUSAL_BLOCK = args.causal_block
     model = sj.load("smollm2-135m")
     c, p = model.config, model.params
     b, t, d = args.batch, args.seq, c.hidden_size
