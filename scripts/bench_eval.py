@@ -95,6 +95,10 @@ def main():
           f"took {t_call:.1f}s with reading and tokenizing all of WikiText-2)\n"
           f"  torch {fed / t_torch:8.0f} tokens/s ({t_torch:.1f}s)\n  ratio ours/torch {t_torch / t_ours:.2f}x",
           flush=True)
+    warm = ev.perplexity(model, "wikitext2", args.window, batch_size=args.batch_size, max_windows=args.windows)
+    print(f"  ours again, compiled: {fed / warm['seconds']:8.0f} tokens/s ({warm['seconds']:.1f}s, "
+          f"{warm['compiles']} compiles); ratio ours/torch without the compile {t_torch / warm['seconds']:.2f}x",
+          flush=True)
 
     # --- multiple choice
     items = tk.load_items(tk.PIQA, args.items)
