@@ -190,7 +190,12 @@ def batches(chunks: Iterable[np.ndarray], batch_size: int, *, drop_last: bool = 
             return
         ids = np.stack(group).astype(np.int32)
         mask = np.ones_like(ids)
-        if pad_last and len(group) < batch_size:
-            pad = ((0, batch_size - len(group)), (0, 0))
-            ids, mask = np.pad(ids, pad), np.pad(mask, pad)
+        if pad_last:
+            ids, mask = pad_rows(ids, mask, batch_size)
         yield {"input_ids": ids, "attention_mask": mask}
+
+
+def pad_rows(ids: np.ndarray, mask: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """[B, T] ids and mask padded to `rows` rows with all-masked rows (which every loss and score ignores)."""
+    pad = ((0, max(rows - len(ids), 0)), (0, 0))
+    return np.pad(ids, pad), np.pad(mask, pad)

@@ -38,7 +38,6 @@ HEAD_CHUNK = 128  # tokens per LM-head call when scoring: their [128, V] logits 
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-
 def target_logprobs(config, params, input_ids, targets, attention_mask=None, segment_ids=None):
     """log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] float32 (within its own segment for packed rows).
 

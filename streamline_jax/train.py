@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .data import batches as batch_chunks, pad_rows
 from .models import transformer
 from .models.config import ModelConfig, Segment
 from .models.model import Model
@@ -152,6 +153,12 @@ class SpanPairCache:
     def _spec(self, name):
         return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
 
+    def open(self, name):
+        """One of the cache's arrays ("x_in", "target", "attention_mask") as an open TensorStore."""
+        import tensorstore as ts
+
+        return ts.open(self._spec(name)).result()
+
     def complete(self, rows: int | None = None) -> bool:
         """Whether a finished cache for this span (and, if given, this many rows) is there."""
         marker = self.path / "complete.json"
@@ -190,9 +197,7 @@ class SpanPairCache:
         for i, batch in enumerate(batches):
             ids = np.asarray(batch["input_ids"], np.int32)
             mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)), np.int32)
-            if len(ids) < b:  # a short last batch: pad with all-masked rows, which every loss ignores
-                pad = ((0, b - len(ids)), (0, 0))
-                ids, mask = np.pad(ids, pad), np.pad(mask, pad)
+            ids, mask = pad_rows(ids, mask, b)  # a short last batch
             x_in, target = span_io(params, jnp.asarray(ids), jnp.asarray(mask))
             rows = slice(i * b, (i + 1) * b)
             writes = [arrays["x_in"][rows].write(np.asarray(x_in)), arrays["target"][rows].write(np.asarray(target)),
@@ -213,11 +218,9 @@ class SpanPairCache:
 
         class _Reader:
             def epoch(self, e, shuffle_seed=None):
-                import tensorstore as ts
-
                 meta = json.loads((cache.path / "complete.json").read_text())
                 b = batch_size or meta["batch"]
-                arrays = {k: ts.open(cache._spec(k)).result() for k in ("x_in", "target", "attention_mask")}
+                arrays = {k: cache.open(k) for k in ("x_in", "target", "attention_mask")}
                 order = _epoch_order(meta["rows"], shuffle_seed, e)
                 for i in range(meta["rows"] // b):
                     rows = order[i * b:(i + 1) * b]
@@ -241,6 +244,8 @@ def lr_schedule(name, lr, min_lr, warmup_steps, total_steps):
     `cosine-cycle`: a whole cosine period, down to min_lr half-way and back up to lr at the end. The second is what
     the authors' code runs when it asks for the first: it sets the scheduler's length to half the steps, and its
     cosine keeps going past that length."""
+    if name not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {name!r}; expected one of {LR_SCHEDULES}")
     warmup_steps = max(warmup_steps, 1)
     if name == "cosine":
         return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
@@ -256,8 +261,6 @@ def lr_schedule(name, lr, min_lr, warmup_steps, total_steps):
 
 
 def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm, grad_accum, schedule="cosine"):
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {schedule!r}; expected one of {LR_SCHEDULES}")
     schedule = lr_schedule(schedule, lr, min_lr, warmup_steps, total_steps)
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
     if grad_accum > 1:
@@ -538,17 +541,13 @@ class _Batched:
             self.epoch = self._epoch
 
     def _epoch(self, e, shuffle_seed=None):
-        from .data import batches
-
-        order = _epoch_order(len(self.chunks), shuffle_seed, e)
-        return batches((self.chunks[i] for i in order), self.batch_size, drop_last=not self.pad_last,
-                       pad_last=self.pad_last)
+        return self._stack(self.chunks[i] for i in _epoch_order(len(self.chunks), shuffle_seed, e))
 
     def __iter__(self):
-        from .data import batches
+        return self._stack(self.chunks() if callable(self.chunks) else self.chunks)
 
-        chunks = self.chunks() if callable(self.chunks) else self.chunks
-        return batches(chunks, self.batch_size, drop_last=not self.pad_last, pad_last=self.pad_last)
+    def _stack(self, chunks):
+        return batch_chunks(chunks, self.batch_size, drop_last=not self.pad_last, pad_last=self.pad_last)
 
 
 class _BatchList:
