@@ -25,14 +25,18 @@ removed when the span is 11-18).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
+
 import streamline_jax as sj
 from streamline_jax import data, tasks, train
 from streamline_jax.evaluation import evaluate as evaluate_tasks, perplexity
+from streamline_jax.models import layers, llama
 from streamline_jax.pruning import prune
 
 # row: (replacement, training mode, MSE weighting)
@@ -51,6 +55,26 @@ def chunk_lists(model, args):
     valid = data.split_chunks(data.token_chunks(data.text_source(str(corpus / "valid.jsonl")), model.tokenizer,
                                                 args.seq), calib=args.valid_chunks).calib
     return split.calib, train_list, valid
+
+
+@contextlib.contextmanager
+def authors_bidirectional_training(enabled):
+    """The authors' flaw, reproduced for comparison only: their training calls the replacement layer without an
+    attention mask, so (with eager attention) every position sees the whole chunk, later tokens included. Evaluation
+    afterwards is causal as always. P1's chunks have no padding, so every key is real."""
+    if not enabled:
+        yield
+        return
+    causal_attend = llama.attend
+
+    def attend_everything(q, k, v, mask, causal=False):
+        return layers._attend_dense(q, k, v, jnp.ones_like(mask))
+
+    llama.attend = attend_everything
+    try:
+        yield
+    finally:
+        llama.attend = causal_attend
 
 
 def evaluate_row(model, args):
@@ -84,6 +108,10 @@ def main():
     ap.add_argument("--lr-schedule", default="cosine", choices=train.LR_SCHEDULES)
     ap.add_argument("--tag", default="", help="suffix for the row names (row@tag), for runs off the protocol")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of the steps)")
+    ap.add_argument("--authors-bidirectional", action="store_true",
+                    help="train the block without a causal mask, as the authors' code does (comparison only)")
+    ap.add_argument("--grad-accum", type=int, default=1,
+                    help="batches per optimizer step (the authors' code defaults to 16)")
     args = ap.parse_args()
     rows = args.rows.split(",")
     unknown = set(rows) - set(ROWS)
@@ -115,19 +143,25 @@ def main():
             candidate = prune(model, start, args.span, replacement)
             if replacement != "none" and mode is not None:
                 t = time.perf_counter()
-                candidate, history = train.train_replacement(
-                    model, candidate, train_chunks, batch_size=args.batch, mode=mode, valid_batches=valid_chunks,
-                    lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
-                    warmup_steps=args.warmup or max(1, len(train_chunks) // args.batch // 20),
-                    lr_schedule=args.lr_schedule,
-                    # the LM loss validates through the whole pruned model: only at the start and the end
-                    eval_every=max(1, len(train_chunks) // args.batch // (1 if mode == "lm" else 5)),
-                    pair_cache=pairs_dir / f"pairs_{start}_{args.span}" if mode == "mse" else None,
-                    mse_weighting=weighting or "uniform", shuffle=args.shuffle, seed=args.seed,
-                    return_history=True)
+                steps = len(train_chunks) // args.batch // args.grad_accum
+                if args.authors_bidirectional and (row != "layer" or mode != "mse"):
+                    raise SystemExit("--authors-bidirectional applies to the MSE layer row only")
+                with authors_bidirectional_training(args.authors_bidirectional):
+                    candidate, history = train.train_replacement(
+                        model, candidate, train_chunks, batch_size=args.batch, mode=mode, valid_batches=valid_chunks,
+                        lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
+                        warmup_steps=args.warmup or max(1, steps // 20), grad_accum=args.grad_accum,
+                        lr_schedule=args.lr_schedule,
+                        # the LM loss validates through the whole pruned model: only at the start and the end
+                        eval_every=max(1, steps // (1 if mode == "lm" else 5)),
+                        pair_cache=pairs_dir / f"pairs_{start}_{args.span}" if mode == "mse" else None,
+                        mse_weighting=weighting or "uniform", shuffle=args.shuffle, seed=args.seed,
+                        return_history=True)
                 train_s = time.perf_counter() - t
                 (out / f"history_{name}.json").write_text(json.dumps(history, indent=1))
                 extra = {"shuffle_seed": args.seed if args.shuffle else None, "lr_schedule": args.lr_schedule,
+                         "lr": args.lr, "min_lr": args.min_lr, "grad_accum": args.grad_accum,
+                         "bidirectional_training": args.authors_bidirectional,
                          "valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
                          "best_step": history["best_step"], "steps": history["train"][-1][0]}
         results[name] = {"span": [start, start + args.span - 1], "train_s": train_s, **extra,
