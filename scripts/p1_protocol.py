@@ -10,11 +10,14 @@ The MSE rows share one tensorstore cache of the frozen span's (input, target) pa
 Each finished row is appended to OUT/results.json, and a rerun skips rows already there.
 
     python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token,layer-untrained,mlp-token]
-        [--shuffle [--seed 0]] [--piqa-items 0]
+        [--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine --warmup N]
+        [--grad-accum 1] [--authors-bidirectional] [--tag name]
 
 `--shuffle` reads the 1000 training chunks in a seeded random order (the authors' DataLoader shuffles); without it
 they go in file order, so a batch holds neighbouring pieces of the same documents. `--piqa-items 0` skips PIQA, for
-quick screening on perplexity.
+quick screening on perplexity. `--grad-accum 16` is the authors' default (batch 8 x 16 per optimizer step: 7 steps on
+1000 chunks). `--authors-bidirectional` trains the `layer` block without a causal mask, the way the authors' code
+calls its layer, to compare with their figures; it is never what the package does.
 
 `layer-token` and `mlp-token` are those blocks trained on a per-token relative MSE (`mse_weighting="token"`): the span's output
 at position 0 carries a massive activation that makes up ~98% of the plain MSE. `layer-untrained` is the `layer`
