@@ -123,6 +123,23 @@ def test_blocked_causal_attention_equals_dense_in_values_and_gradients():
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
+def test_blocked_causal_attention_keeps_fully_masked_rows_finite():
+    """Left padding leaves the first queries no key to see; the blocked softmax, normalised after the value
+    product, must still give finite outputs and gradients there (the rows are ignored, but a NaN would spread)."""
+    from streamline_jax.models import layers
+
+    b, t, h, kv, d = 1, layers.CAUSAL_BLOCK + 20, 4, 2, 8
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(keys[0], (b, t, h, d))
+    k, v = (jax.random.normal(key, (b, t, kv, d)) for key in keys[1:])
+    key_mask = jnp.ones((b, t), jnp.int32).at[0, :5].set(0)
+    mask = transformer.attention_mask_matrix(key_mask, jnp.arange(t)[None])
+    assert not bool(mask[0, 0].any())
+    out, grads = jax.value_and_grad(lambda *a: jnp.sum(layers.attend(*a, mask, causal=True) ** 2),
+                                    argnums=(0, 1, 2))(q, k, v)
+    assert np.isfinite(float(out)) and all(bool(jnp.isfinite(g).all()) for g in grads)
+
+
 def test_attention_is_traced_for_the_target_platform():
     """CPU traces the blocked loop; an ahead-of-time TPU plan traced on this CPU host gets the dense attention."""
     from streamline_jax.models import layers
