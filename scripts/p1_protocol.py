@@ -120,6 +120,9 @@ def main():
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
+    trained = [r for r in rows if ROW_SPECS[r][1] is not None]
+    if args.authors_bidirectional and trained != ["layer"]:
+        raise SystemExit(f"--authors-bidirectional applies to the MSE layer row only, not {trained}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
@@ -147,8 +150,6 @@ def main():
             if replacement != "none" and mode is not None:
                 t = time.perf_counter()
                 steps = len(train_chunks) // args.batch // args.grad_accum
-                if args.authors_bidirectional and (row != "layer" or mode != "mse"):
-                    raise SystemExit("--authors-bidirectional applies to the MSE layer row only")
                 with authors_bidirectional_training(args.authors_bidirectional):
                     candidate, history = train.train_replacement(
                         model, candidate, train_chunks, batch_size=args.batch, mode=mode, valid_batches=valid_chunks,
