@@ -11,13 +11,15 @@ Each finished row is appended to OUT/results.json, and a rerun skips rows alread
 
     python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token,layer-untrained,mlp-token]
         [--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine --warmup N]
-        [--grad-accum 1] [--authors-bidirectional] [--tag name]
+        [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name]
 
 `--shuffle` reads the 1000 training chunks in a seeded random order (the authors' DataLoader shuffles); without it
 they go in file order, so a batch holds neighbouring pieces of the same documents. `--piqa-items 0` skips PIQA, for
 quick screening on perplexity. `--grad-accum 16` is the authors' default (batch 8 x 16 per optimizer step: 7 steps on
 1000 chunks). `--authors-bidirectional` trains the `layer` block without a causal mask, the way the authors' code
-calls its layer, to compare with their figures; it is never what the package does.
+calls its layer, to compare with their figures; it is never what the package does. `--freeze` keeps the block's
+parameters whose paths match as initialised (`train_replacement(freeze=...)`); `self_attn,input_layernorm` trains
+only the `layer` block's feed-forward half.
 
 `layer-token` and `mlp-token` are those blocks trained on a per-token relative MSE (`mse_weighting="token"`): the span's output
 at position 0 carries a massive activation that makes up ~98% of the plain MSE. `layer-untrained` is the `layer`
@@ -113,6 +115,9 @@ def main():
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 5%% of the steps)")
     ap.add_argument("--authors-bidirectional", action="store_true",
                     help="train the block without a causal mask, as the authors' code does (comparison only)")
+    ap.add_argument("--freeze", default="",
+                    help="comma-separated regexes over the block's parameter paths to keep as initialised "
+                         "(e.g. self_attn,input_layernorm: train the layer block's feed-forward half only)")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="batches per optimizer step (the authors' code defaults to 16)")
     args = ap.parse_args()
@@ -121,6 +126,9 @@ def main():
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
     trained = [r for r in rows if ROW_SPECS[r][1] is not None]
+    freeze = tuple(f for f in args.freeze.split(",") if f)
+    if freeze and any(ROW_SPECS[r][0] != "layer" for r in trained):
+        raise SystemExit(f"--freeze names parts of the layer block; train only layer rows with it, not {trained}")
     if args.authors_bidirectional and trained != ["layer"]:
         raise SystemExit(f"--authors-bidirectional applies to the MSE layer row only, not {trained}")
     out = Path(args.out)
@@ -160,12 +168,12 @@ def main():
                         eval_every=max(1, steps // (1 if mode == "lm" else 5)),
                         pair_cache=pairs_dir / f"pairs_{start}_{args.span}" if mode == "mse" else None,
                         mse_weighting=weighting or "uniform", shuffle=args.shuffle, seed=args.seed,
-                        return_history=True)
+                        freeze=freeze, return_history=True)
                 train_s = time.perf_counter() - t
                 (out / f"history_{name}.json").write_text(json.dumps(history, indent=1))
                 extra = {"shuffle_seed": args.seed if args.shuffle else None, "lr_schedule": args.lr_schedule,
                          "lr": args.lr, "min_lr": args.min_lr, "grad_accum": args.grad_accum,
-                         "bidirectional_training": args.authors_bidirectional,
+                         "bidirectional_training": args.authors_bidirectional, "freeze": list(freeze),
                          "valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
                          "best_step": history["best_step"], "steps": history["train"][-1][0]}
         results[name] = {"span": [start, start + args.span - 1], "train_s": train_s, **extra,

@@ -99,6 +99,7 @@ class TrainSection:
     checkpoint_every: int | None = None
     compute_dtype: str | None = None
     seed: int = 0
+    freeze: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -569,7 +570,8 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
                 lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
                 clip_norm=t.clip_norm, grad_accum=t.grad_accum, epochs=t.epochs, eval_every=t.eval_every,
                 checkpoint_dir=out / TRAIN_CHECKPOINT, checkpoint_every=t.checkpoint_every, resume=resume,
-                seed=t.seed, compute_dtype=t.compute_dtype, progress=progress, return_history=True)
+                seed=t.seed, compute_dtype=t.compute_dtype, freeze=t.freeze, progress=progress,
+                return_history=True)
             history = {**history, "mode": t.mode}
         report["training"] = history
     if "evaluate" in stages and tasks:

@@ -16,9 +16,10 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -260,12 +261,42 @@ def lr_schedule(name, lr, min_lr, warmup_steps, total_steps):
     return schedule
 
 
-def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm, grad_accum, schedule="cosine"):
+def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm, grad_accum, schedule="cosine",
+                   labels=None):
+    """AdamW with clipping, the schedule and accumulation. `labels` (a tree like the parameters, "train" or
+    "frozen" per leaf) keeps the frozen leaves as they are: their updates are zeros that do not depend on the
+    gradient, so jit drops their gradient computation, and clipping and weight decay see the trained leaves only."""
     schedule = lr_schedule(schedule, lr, min_lr, warmup_steps, total_steps)
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+    if labels is not None:
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     if grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
     return tx, schedule
+
+
+def freeze_labels(block_params, freeze: Sequence[str]):
+    """"train" / "frozen" for each of the block's parameters: frozen where a `freeze` regex matches its path
+    ("self_attn/q_proj/kernel"). None when nothing is frozen. Every pattern must match, and something must train."""
+    if isinstance(freeze, str):
+        freeze = (freeze,)
+    if not freeze:
+        return None
+    paths = {jax.tree_util.keystr(k, simple=True, separator="/") for k, _ in
+             jax.tree_util.tree_leaves_with_path(block_params)}
+    for pattern in freeze:
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"freeze pattern {pattern!r} is not a regular expression: {e}") from None
+        if not any(regex.search(p) for p in paths):
+            raise ValueError(f"freeze pattern {pattern!r} matches none of the block's parameters: {sorted(paths)}")
+    labels = jax.tree_util.tree_map_with_path(
+        lambda k, _: "frozen" if any(re.search(f, jax.tree_util.keystr(k, simple=True, separator="/"))
+                                     for f in freeze) else "train", block_params)
+    if "train" not in jax.tree.leaves(labels):
+        raise ValueError(f"freeze {list(freeze)} freezes every parameter of the block; nothing would train")
+    return labels
 
 
 def make_steps(loss_fn, tx):
@@ -346,7 +377,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                       resume: bool = False, seed: int = 0, compute_dtype: str | None = None, progress: bool = True,
                       block_key: str | None = None, on_step=None, batch_size: int | None = None,
                       pair_cache: str | Path | None = None, mse_weighting: str = "uniform", shuffle: bool = False,
-                      lr_schedule: str = "cosine", return_history: bool = False):
+                      lr_schedule: str = "cosine", freeze: Sequence[str] = (), return_history: bool = False):
     """Train the pruned model's replacement block; return the pruned model with the trained (best) block.
 
     `train_batches` / `valid_batches`: re-iterable collections of {"input_ids", "attention_mask"} [B, T] arrays
@@ -359,7 +390,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     `mse_weighting="token"` makes the MSE relative per token (see `masked_mse`). `shuffle`: each epoch reads the
     training chunks (with `batch_size`), the batches of a list, or the cached rows in a fresh permutation drawn from
     `seed`; validation keeps its order. Validation chunks are never dropped: a short last batch is padded with
-    masked rows. `lr_schedule`: "cosine" or "cosine-cycle" (see `lr_schedule`).
+    masked rows. `lr_schedule`: "cosine" or "cosine-cycle" (see `lr_schedule`). `freeze`: regexes over the block's
+    parameter paths (e.g. ("self_attn", "input_layernorm")) whose parameters stay as initialised.
     """
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; expected one of {MODES}")
@@ -382,6 +414,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
         raise ValueError(f"the pruned model has {len(blocks)} replacement blocks ({[b.key for b in blocks]}); "
                          f"pass block_key= to train one at a time")
     block = blocks[0]
+    labels = freeze_labels(pruned_model.params["segments"][block.key], freeze)
     train_batches = _reiterable(train_batches, batch_size, "training")
     if valid_batches is not None:
         valid_batches = _reiterable(valid_batches, batch_size, "validation", pad_last=True)
@@ -432,7 +465,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     loss_fn = _partial(LOSSES[loss_name], dense_config=dense_model.config, pruned_config=pruned_model.config,
                        block=block, compute_dtype=dtype, **({} if mode == "lm" else {"weighting": mse_weighting}))
     tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum,
-                                  lr_schedule)
+                                  lr_schedule, labels)
     train_step, eval_step = make_steps(loss_fn, tx)
 
     opt_state = tx.init(block_params)

@@ -217,6 +217,9 @@ def test_settings_layers(tmp_path):
     assert config.train.lr == 3e-4 and config.train.mode == "lm" and config.eval.tasks == ("piqa",)
     assert config.data.seq_len == 128  # from the preset
     assert config.train.weight_decay == 1e-3  # from pipeline.yaml
+    assert config.train.freeze == ()
+    config, _ = run_mod.build_config(None, None, ["train.freeze=[self_attn, input_layernorm]"])
+    assert config.train.freeze == ("self_attn", "input_layernorm")
     with pytest.raises(run_mod.ConfigError, match="exactly one of score.sparsity"):
         run_mod.build_config(None, None, ["score.num_layers=4"])
     bad = tmp_path / "bad.yaml"

@@ -93,12 +93,13 @@ def test_trained_layer_block_is_causal():
     assert np.abs(a[:, :, 10:] - b[:, :, 10:]).max() > 0
 
 
-def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("freeze", [(), ("self_attn",)])
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, freeze):
     model = dense(LLAMA)
     pruned = prune(model, 1, 2, "layer")
     data = chunks(24)
     kwargs = dict(batch_size=4, lr=3e-3, warmup_steps=1, valid_batches=chunks(4, seed=2), eval_every=2,
-                  checkpoint_every=2, progress=False, grad_accum=1)
+                  checkpoint_every=2, progress=False, grad_accum=1, freeze=freeze)
     straight = train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "a", **kwargs)
 
     def interrupt(step, loss):
@@ -112,6 +113,34 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     resumed = train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "b", resume=True, **kwargs)
     for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_frozen_parameters_stay_as_initialised_and_the_rest_trains():
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 3, "layer")
+    trained, history = train_replacement(model, pruned, chunks(64), batch_size=4, valid_batches=chunks(8, seed=1),
+                                         lr=1e-2, min_lr=1e-3, warmup_steps=1, weight_decay=0.1, progress=False,
+                                         freeze=("self_attn", "input_layernorm"), return_history=True)
+    assert history["best_valid"] < 0.98 * history["valid"][0][1], history["valid"]
+    key = trainable_blocks(pruned.config)[0].key
+    before, after = pruned.params["segments"][key], trained.params["segments"][key]
+    # weight decay included: a frozen parameter does not move at all
+    for part in ("self_attn", "input_layernorm"):
+        assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), before[part], after[part])), part
+    for part in ("mlp", "post_attention_layernorm"):
+        assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), before[part],
+                                                after[part]))) > 0, part
+
+
+def test_freeze_patterns_are_checked_up_front():
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "layer")
+    with pytest.raises(ValueError, match="freeze pattern 'mixer' matches none of the block's parameters"):
+        train_replacement(model, pruned, chunks(8), batch_size=4, freeze=("mixer",))
+    with pytest.raises(ValueError, match="freezes every parameter of the block"):
+        train_replacement(model, pruned, chunks(8), batch_size=4, freeze=(".",))
+    with pytest.raises(ValueError, match="not a regular expression"):
+        train_replacement(model, pruned, chunks(8), batch_size=4, freeze=("self_attn(",))
 
 
 def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
