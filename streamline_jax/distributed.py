@@ -1,4 +1,4 @@
-"""Multi-host start and process-0 helpers.
+"""Process setup: multi-host start, the compilation cache, and process-0 helpers.
 
 On TPU pod slices `jax.distributed.initialize()` finds everything itself. On GPU and CPU clusters the coordinator
 address, the process count and this process's id come from arguments or the environment
@@ -13,6 +13,7 @@ import functools
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import jax
@@ -21,6 +22,8 @@ import numpy as np
 ENV_ADDRESS = "STREAMLINE_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "STREAMLINE_NUM_PROCESSES"
 ENV_PROCESS_ID = "STREAMLINE_PROCESS_ID"
+ENV_COMPILATION_CACHE = "STREAMLINE_JAX_COMPILATION_CACHE"
+DEFAULT_COMPILATION_CACHE = Path("~/.cache/streamline_jax/xla")
 
 
 class DistributedError(RuntimeError):
@@ -119,6 +122,32 @@ def _int_env(name):
         return int(v)
     except ValueError:
         raise DistributedError(f"{name}={v!r} is not an integer") from None
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
+    """Keep compiled programs on disk (jax's persistent compilation cache), so a later run with the same shapes
+    loads them instead of compiling again, as MaxText does. `directory`: a folder, or "off"; default
+    $STREAMLINE_JAX_COMPILATION_CACHE, else a folder jax was already given (JAX_COMPILATION_CACHE_DIR), else
+    ~/.cache/streamline_jax/xla. Returns the folder in use, or None. A folder that cannot be made only warns: the
+    cache saves time, and a run does not need it."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    choice = os.fspath(directory) if directory is not None else os.environ.get(ENV_COMPILATION_CACHE, "")
+    if choice.lower() in ("off", "none", "false", "0"):
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+        return None
+    if not choice and jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    path = Path(choice or DEFAULT_COMPILATION_CACHE).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        warnings.warn(f"compilation cache off: cannot create {path} ({e})", stacklevel=2)
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    compilation_cache.reset_cache()  # drop any cache state jax set up before the folder was given
+    return path
 
 
 def shutdown() -> None:

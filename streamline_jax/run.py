@@ -694,6 +694,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out from its checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--compilation-cache", metavar="DIR",
+                   help="folder for compiled programs reused by later runs, or 'off' (default: "
+                        "$STREAMLINE_JAX_COMPILATION_CACHE, else ~/.cache/streamline_jax/xla)")
     p.add_argument("--target", help="mesh layout from configs/meshes.yaml (e.g. v5e-16, v5p-32, 8xH100); default: the "
                                     "layout whose chips and count match the devices found, else the mesh.* settings")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. train.lr=1e-4")
@@ -729,10 +732,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .distributed import DistributedError, initialize_from_args
+    from .distributed import DistributedError, enable_compilation_cache, initialize_from_args
 
     try:
         initialize_from_args(args)  # before any other JAX call; a no-op for one process off TPU
+        enable_compilation_cache(args.compilation_cache)
         if args.target:
             from .plan import find_target
 

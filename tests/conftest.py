@@ -11,6 +11,8 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests run on the CPU even where libtpu (the optional AOT-planning extra) is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The command line keeps compiled programs in ~/.cache; tests stay hermetic (test_distributed checks the cache).
+os.environ.setdefault("STREAMLINE_JAX_COMPILATION_CACHE", "off")
 # libtpu for the ahead-of-time TPU memory plans, where `scripts/setup.sh --test` put it
 _LIBTPU = Path(__file__).resolve().parents[1] / ".venv" / "libtpu-site"
 if _LIBTPU.is_dir():

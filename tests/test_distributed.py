@@ -302,3 +302,24 @@ def test_main_only_runs_on_process_zero(tmp_path):
     calls = []
     assert distributed.main_only(lambda: calls.append(1) or "written")() == "written"
     assert calls == [1] and distributed.is_main_process()
+
+
+def test_compilation_cache_keeps_compiled_programs_for_a_later_run(tmp_path):
+    hits = []
+    jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if "cache_hits" in event else None)
+    min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    folder = tmp_path / "xla"
+    try:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even this tiny program
+        assert distributed.enable_compilation_cache(folder) == folder
+        f = lambda x: jnp.sin(x) * 3 + 1  # noqa: E731
+        np.testing.assert_allclose(jax.jit(f)(jnp.arange(5.0)), np.sin(np.arange(5.0)) * 3 + 1, rtol=1e-6)
+        assert any(folder.iterdir()), "nothing was written to the cache"
+        jax.clear_caches()  # what a new process starts with
+        before = len(hits)
+        np.testing.assert_allclose(jax.jit(f)(jnp.arange(5.0)), np.sin(np.arange(5.0)) * 3 + 1, rtol=1e-6)
+        assert len(hits) > before, "the second compile did not read the cache"
+    finally:
+        assert distributed.enable_compilation_cache("off") is None
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
+    assert not jax.config.jax_compilation_cache_dir
