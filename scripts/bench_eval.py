@@ -152,6 +152,23 @@ def main():
           f"({later['seconds']:.1f}s, {len(cache_hits)} programs read from the cache so far); ratio ours/torch "
           f"{t_torch / later['seconds']:.2f}x", flush=True)
 
+    # --- the perplexity program's compile: from scratch, and read from the persistent cache
+    shape = jax.ShapeDtypeStruct((args.batch_size, args.window - 1), np.int32)
+
+    def compile_once():
+        jax.clear_caches()
+        lowered, t_lower = timed(ev.target_logprobs.lower, model.config, model.params, shape, shape, shape)
+        return t_lower, timed(lowered.compile)[1]
+
+    distributed.enable_compilation_cache("off")
+    scratch = compile_once()
+    distributed.enable_compilation_cache(cache_dir.name)
+    compile_once()  # makes sure the cache holds it
+    cached = compile_once()
+    for label, (t_lower, t_compile) in (("from scratch", scratch), ("from the persistent cache", cached)):
+        print(f"perplexity program [{args.batch_size}, {args.window - 1}], {label}: trace and lower {t_lower:.2f}s, "
+              f"compile {t_compile:.2f}s", flush=True)
+
     # --- shapes of a full PIQA run (no model work)
     items = tk.load_items(tk.PIQA)
     pairs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
