@@ -22,7 +22,8 @@ parameters whose paths match as initialised (`train_replacement(freeze=...)`); `
 only the `layer` block's feed-forward half.
 
 `layer-token` and `mlp-token` are those blocks trained on a per-token relative MSE (`mse_weighting="token"`): the span's output
-at position 0 carries a massive activation that makes up ~98% of the plain MSE. `layer-untrained` is the `layer`
+at position 0 carries a massive activation that makes up ~98% of the plain MSE of a block that starts as the
+identity (`scripts/span_pair_stats.py`). `layer-untrained` is the `layer`
 block as initialised (a copy of the span's first layer), the same model as the authors' `none` row (layers 12-18
 removed when the span is 11-18).
 """

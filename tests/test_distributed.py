@@ -306,7 +306,8 @@ def test_main_only_runs_on_process_zero(tmp_path):
 
 def test_compilation_cache_keeps_compiled_programs_for_a_later_run(tmp_path):
     hits = []
-    jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if "cache_hits" in event else None)
+    listener = lambda event, **kw: hits.append(event) if "cache_hits" in event else None  # noqa: E731
+    jax.monitoring.register_event_listener(listener)
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
     folder = tmp_path / "xla"
     try:
@@ -320,6 +321,7 @@ def test_compilation_cache_keeps_compiled_programs_for_a_later_run(tmp_path):
         np.testing.assert_allclose(jax.jit(f)(jnp.arange(5.0)), np.sin(np.arange(5.0)) * 3 + 1, rtol=1e-6)
         assert len(hits) > before, "the second compile did not read the cache"
     finally:
+        jax.monitoring.unregister_event_listener(listener)
         assert distributed.enable_compilation_cache("off") is None
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
     assert not jax.config.jax_compilation_cache_dir
