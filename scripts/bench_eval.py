@@ -1,18 +1,23 @@
 """Our evaluation against the same evaluation with transformers' PyTorch model, in one run: tokens per second
 (compile time included on our side; tokenizing is timed on neither side), compiles, and parity of the figures.
-PyTorch runs once before ours and once after, and ratios use the mean of the two: the machine is shared, and its
-speed drifts during a run.
 
-Ours is timed three ways: a first run on a machine (compiles from scratch, the persistent compilation cache empty),
-compiled (the same process again), and a later run (jax's in-memory caches cleared, as in a new process; the
-compile is read from the persistent cache that `streamline_jax.run` keeps, here a fresh temporary folder).
+Perplexity goes batch by batch, PyTorch's batch and ours in turn (which goes first alternates, with a pause between
+them): the machine is shared and its speed drifts by 10-20% within a minute, and taking turns puts the same drift on
+both sides. Ours is timed in three passes, each against its own PyTorch pass:
+- first run: compiles from scratch (the persistent compilation cache starts empty), the compile counted;
+- compiled: the same process again;
+- later run: jax's in-memory caches cleared, as in a new process; the compile is read from the persistent cache
+  that `streamline_jax.run` keeps (here a fresh temporary folder).
+Our batches are the calls `streamline_jax.perplexity` makes (`score_sequences` on the same windows, same batch);
+the public call is then timed whole once, compiled, for its figure.
 
     python scripts/bench_eval.py [--windows 16] [--window 1024] [--items 50] [--batch-size 8] [--mc-batch-size 32]
 
 Perplexity: the first `--windows` windows of WikiText-2 test. Multiple choice: the first `--items` PIQA items, every
 (item, choice) request sorted by length. PyTorch gets batches of --mc-batch-size requests, each padded to its
 longest; we pack requests into rows of 256 tokens, --mc-batch-size/4 rows a call (the same slots as 32 requests of
-64 tokens). Also prints how many compiles a full PIQA run needs (no model work).
+64 tokens). PyTorch runs once before ours and once after, and ratios use the mean of the two. Also prints how many
+compiles a full PIQA run needs (no model work).
 """
 
 from __future__ import annotations
@@ -76,6 +81,21 @@ def timed(fn, *args):
     return out, time.perf_counter() - t0
 
 
+def interleaved(batches, ours, theirs, pause=0.5):
+    """Run each batch on both sides in turn, alternating which goes first, with a pause before each (PyTorch's
+    OpenMP threads spin for a while after its work, and would slow ours). Per side: outputs, seconds, compiles."""
+    sides = {"ours": ours, "torch": theirs}
+    out = {side: {"out": [], "seconds": 0.0, "compiles": 0} for side in sides}
+    for k, rows in enumerate(batches):
+        for side in (("torch", "ours") if k % 2 == 0 else ("ours", "torch")):
+            time.sleep(pause)
+            (result, compiles), seconds = timed(sides[side], rows)
+            out[side]["out"].append(result)
+            out[side]["seconds"] += seconds
+            out[side]["compiles"] += compiles
+    return out
+
+
 def print_later_run(seconds, fed, t_torch, cache_hits):
     print(f"  ours in a later run (compile read from the persistent cache): {fed / seconds:8.0f} tokens/s "
           f"({seconds:.1f}s, {cache_hits} programs read from the cache so far); ratio ours/torch "
@@ -105,28 +125,42 @@ def main():
     spans = ev.perplexity_windows(len(ids), args.window)[:args.windows]
     seqs = [ids[b:e] for b, e, _ in spans]
     scored = [s for _, _, s in spans]
-    theirs, t_before = timed(torch_score, ref, seqs, scored, args.batch_size)
+    fed = sum(len(s) - 1 for s in seqs)
+    length = min(args.window, max(len(s) for s in seqs)) - 1  # what perplexity() pads every window to
+    batches = [range(k, min(k + args.batch_size, len(seqs))) for k in range(0, len(seqs), args.batch_size)]
+
+    def ours_batch(rows):
+        logprobs, stats = ev.score_sequences(model, [seqs[i] for i in rows], [scored[i] for i in rows],
+                                             batch_size=args.batch_size, fixed_length=length)
+        return logprobs, stats["compiles"]
+
+    def torch_batch(rows):
+        return torch_score(ref, [seqs[i] for i in rows], [scored[i] for i in rows], args.batch_size), 0
+
+    passes = {}
+    for name in ("first run", "compiled", "later run"):
+        if name == "later run":
+            jax.clear_caches()
+        passes[name] = interleaved(batches, ours_batch, torch_batch)
+    ppl = {side: math.exp(-sum(float(x.sum()) for lp in passes["first run"][side]["out"] for x in lp) /
+                          sum(len(x) for lp in passes["first run"][side]["out"] for x in lp))
+           for side in ("ours", "torch")}
+    print(f"perplexity, {len(seqs)} windows of {args.window} (batch {args.batch_size}, {len(batches)} batches, "
+          f"PyTorch's and ours in turn): ours {ppl['ours']:.4f} torch {ppl['torch']:.4f} "
+          f"(rel diff {abs(ppl['ours'] / ppl['torch'] - 1):.2e})", flush=True)
+    labels = {"first run": "first run (compiles from scratch, counted)", "compiled": "compiled",
+              "later run": "later run (compile read from the persistent cache)"}
+    for name, sides in passes.items():
+        t_ours, t_torch = sides["ours"]["seconds"], sides["torch"]["seconds"]
+        print(f"  {labels[name]}: ours {fed / t_ours:6.0f} tokens/s ({t_ours:.1f}s, {sides['ours']['compiles']} "
+              f"compiles), torch {fed / t_torch:6.0f} tokens/s ({t_torch:.1f}s); ratio ours/torch "
+              f"{t_torch / t_ours:.2f}x", flush=True)
+    print(f"  {len(cache_hits)} programs read from the persistent cache in the later run", flush=True)
     t0 = time.perf_counter()
     ours = ev.perplexity(model, "wikitext2", args.window, batch_size=args.batch_size, max_windows=args.windows)
-    t_call = time.perf_counter() - t0
-    t_ours = ours["seconds"]  # model work and compiles; reading and tokenizing the text is not timed on either side
-    _, t_after = timed(torch_score, ref, seqs, scored, args.batch_size)
-    t_torch = (t_before + t_after) / 2
-    ppl_torch = math.exp(-sum(x.sum() for x in theirs) / sum(len(x) for x in theirs))
-    fed = sum(len(s) - 1 for s in seqs)
-    print(f"perplexity, {len(seqs)} windows of {args.window} (batch {args.batch_size}): ours {ours['perplexity']:.4f}"
-          f" torch {ppl_torch:.4f} (rel diff {abs(ours['perplexity'] / ppl_torch - 1):.2e})", flush=True)
-    print(f"  ours  {fed / t_ours:8.0f} tokens/s ({t_ours:.1f}s, {ours['compiles']} compiles included; the call "
-          f"took {t_call:.1f}s with reading and tokenizing all of WikiText-2)\n"
-          f"  torch {fed / t_torch:8.0f} tokens/s ({t_torch:.1f}s: {t_before:.1f}s before ours, {t_after:.1f}s after)\n"
-          f"  ratio ours/torch {t_torch / t_ours:.2f}x", flush=True)
-    warm = ev.perplexity(model, "wikitext2", args.window, batch_size=args.batch_size, max_windows=args.windows)
-    print(f"  ours again, compiled: {fed / warm['seconds']:8.0f} tokens/s ({warm['seconds']:.1f}s, "
-          f"{warm['compiles']} compiles); ratio ours/torch without the compile {t_torch / warm['seconds']:.2f}x",
-          flush=True)
-    jax.clear_caches()
-    later = ev.perplexity(model, "wikitext2", args.window, batch_size=args.batch_size, max_windows=args.windows)
-    print_later_run(later["seconds"], fed, t_torch, len(cache_hits))
+    print(f"  the public call, compiled: perplexity {ours['perplexity']:.4f}, {fed / ours['seconds']:.0f} tokens/s "
+          f"({ours['seconds']:.1f}s, {ours['compiles']} compiles; {time.perf_counter() - t0:.1f}s with reading and "
+          f"tokenizing all of WikiText-2)", flush=True)
 
     # --- multiple choice
     items = tk.load_items(tk.PIQA, args.items)

@@ -131,10 +131,14 @@ def attend(q, k, v, mask, causal=False):
 def _attend_causal_blocks(q, k, v, mask):
     b, t, h, d = q.shape
     kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
+    g = h // kv
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g, t, d)
+    k = k.transpose(0, 2, 1, 3).reshape(b * kv, t, d)
+    v = v.transpose(0, 2, 1, 3).reshape(b * kv, t, d)
 
-    def one_head(qh, kh, vh, allowed):  # [G, T, D], [S, D], [S, D], [T, S]
+    def one_head(args):  # [G, T, D], [S, D], [S, D], index into B * K
+        qh, kh, vh, index = args
+        allowed = jax.lax.dynamic_index_in_dim(mask, index // kv, keepdims=False)  # [T, S]
         outs = []
         for start in range(0, t, CAUSAL_BLOCK):
             end = min(start + CAUSAL_BLOCK, t)
@@ -146,12 +150,9 @@ def _attend_causal_blocks(q, k, v, mask):
             outs.append((out / jnp.sum(weights, axis=-1, keepdims=True)).astype(vh.dtype))
         return jnp.concatenate(outs, axis=1)
 
-    def one_row(args):
-        qb, kb, vb, allowed = args
-        return jax.lax.map(lambda a: one_head(*a, allowed), (qb, kb, vb))
-
-    out = jax.lax.map(one_row, (q, k, v, mask))  # [B, K, G, T, D]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    # one loop over every (batch, key head), not one nested in another: faster on CPU, and quicker to compile
+    out = jax.lax.map(one_head, (q, k, v, jnp.arange(b * kv)))  # [B * K, G, T, D]
+    return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def _attend_dense(q, k, v, mask):
