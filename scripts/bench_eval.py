@@ -109,6 +109,8 @@ def main():
     parser.add_argument("--items", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=8, help="perplexity batch (windows)")
     parser.add_argument("--mc-batch-size", type=int, default=32, help="multiple-choice batch (requests)")
+    parser.add_argument("--passes", default="first,compiled,later",
+                        help="perplexity passes to run, in this order: first (cold compile), compiled, later")
     args = parser.parse_args()
     print(f"torch threads {torch.get_num_threads()}", flush=True)
     cache_dir = tempfile.TemporaryDirectory(prefix="bench_eval_xla_")
@@ -137,8 +139,12 @@ def main():
     def torch_batch(rows):
         return torch_score(ref, [seqs[i] for i in rows], [scored[i] for i in rows], args.batch_size), 0
 
+    names = {"first": "first run", "compiled": "compiled", "later": "later run"}
+    chosen = args.passes.split(",")
+    if not chosen or any(p not in names for p in chosen) or chosen[0] != "first":
+        parser.error(f"--passes: a comma-separated list of {', '.join(names)}, starting with first")
     passes = {}
-    for name in ("first run", "compiled", "later run"):
+    for name in (names[p] for p in chosen):
         if name == "later run":
             jax.clear_caches()
         passes[name] = interleaved(batches, ours_batch, torch_batch)
@@ -155,14 +161,21 @@ def main():
         print(f"  {labels[name]}: ours {fed / t_ours:6.0f} tokens/s ({t_ours:.1f}s, {sides['ours']['compiles']} "
               f"compiles), torch {fed / t_torch:6.0f} tokens/s ({t_torch:.1f}s); ratio ours/torch "
               f"{t_torch / t_ours:.2f}x", flush=True)
-    print(f"  {len(cache_hits)} programs read from the persistent cache in the later run", flush=True)
+    if "later run" in passes:
+        print(f"  {len(cache_hits)} programs read from the persistent cache in the later run", flush=True)
     t0 = time.perf_counter()
     ours = ev.perplexity(model, "wikitext2", args.window, batch_size=args.batch_size, max_windows=args.windows)
     print(f"  the public call, compiled: perplexity {ours['perplexity']:.4f}, {fed / ours['seconds']:.0f} tokens/s "
           f"({ours['seconds']:.1f}s, {ours['compiles']} compiles; {time.perf_counter() - t0:.1f}s with reading and "
           f"tokenizing all of WikiText-2)", flush=True)
 
-    # --- multiple choice
+    if args.items > 0:
+        multiple_choice(model, ref, args, cache_hits)
+    compile_timing(model, args, cache_dir.name, cache_hits)
+    full_piqa_shapes(model, args)
+
+
+def multiple_choice(model, ref, args, cache_hits):
     items = tk.load_items(tk.PIQA, args.items)
     pairs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
     encoded = ev.encode_pairs(model.tokenizer, pairs)
@@ -188,7 +201,9 @@ def main():
     _, _, later = ev.loglikelihoods(model, pairs, batch_size=args.mc_batch_size)
     print_later_run(later["seconds"], fed, t_torch, len(cache_hits))
 
-    # --- the perplexity program's compile: from scratch, and read from the persistent cache
+
+def compile_timing(model, args, cache_dir, cache_hits):
+    """The perplexity program's trace and compile: from scratch, and read from the persistent cache."""
     shape = jax.ShapeDtypeStruct((args.batch_size, args.window - 1), np.int32)
 
     def compile_once():
@@ -198,7 +213,7 @@ def main():
 
     distributed.enable_compilation_cache("off")
     scratch = compile_once()
-    distributed.enable_compilation_cache(cache_dir.name)
+    distributed.enable_compilation_cache(cache_dir)
     compile_once()  # makes sure the cache holds it (jax caches compiles over 1 s only)
     hits_before = len(cache_hits)
     cached = compile_once()
@@ -207,7 +222,9 @@ def main():
         print(f"perplexity program [{args.batch_size}, {args.window - 1}], {label}: trace and lower {t_lower:.2f}s, "
               f"compile {t_compile:.2f}s", flush=True)
 
-    # --- shapes of a full PIQA run (no model work)
+
+def full_piqa_shapes(model, args):
+    """How many compiles a full PIQA run needs, and its padding (no model work)."""
     items = tk.load_items(tk.PIQA)
     pairs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
     lengths = sorted((len(c) + len(x) - 1 for c, x in ev.encode_pairs(model.tokenizer, pairs)), reverse=True)
@@ -220,6 +237,7 @@ def main():
     print(f"full PIQA: {len(pairs)} requests, {sum(lengths):,} tokens packed into {rows} rows of {pack} "
           f"({per_call} rows a call): {len(shapes)} compiles (rows per call {sorted(shapes)}); padding "
           f"{1 - sum(lengths) / slots:.1%} of the fed slots")
+
 
 if __name__ == "__main__":
     main()
