@@ -1,12 +1,21 @@
 """Where the forward's time goes on SmolLM2-135M (float32, batch 8 x 512): each part's time and GFLOP/s against a
 float32 matmul measured in the same run.
 
-    python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128]
+    python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace]
+
+Each part is timed as its own compiled program. With --trace, the perplexity program is instead traced once with
+jax's profiler, whole, and its compiled operations are summed by part (each operation is told apart by the jax op
+it came from): the times inside the real program, fusion and scheduling included. XLA runs independent operations
+at the same time on the two cores, so the parts can add up to more than the wall time.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import re
+import tempfile
 import time
 
 import jax
@@ -41,6 +50,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--causal-block", type=int, default=None, help="query rows per block of CPU causal attention")
+    ap.add_argument("--trace", action="store_true", help="trace the whole perplexity program and sum it by part")
     args = ap.parse_args()
     if args.causal_block:
         from streamline_jax.models import layers
@@ -83,6 +93,12 @@ def main():
                                                                          positions)[0]), (layer0, x), attn_flops),
         "  its SwiGLU MLP": (jax.jit(lambda q, h: SwiGLU(c).apply({"params": q["mlp"]}, h)), (layer0, x), mlp_flops),
     }
+    if args.trace:
+        return print_traced_parts(c, p, ids, (a, 2 * 2048 ** 3),
+                                  {"q, k, v and o projections": c.num_layers * (attn_flops - 4 * tokens * t * q_dims),
+                                   "attention products": c.num_layers * causal_product_flops(b, t, q_dims),
+                                   "MLP gate and up": c.num_layers * mlp_flops * 2 / 3,
+                                   "MLP down": c.num_layers * mlp_flops / 3, "LM head product": head_flops})
     ceiling = None
     print(f"SmolLM2-135M, float32, batch {b} x {t}")
     for name, (fn, fn_args, flops) in parts.items():
@@ -90,6 +106,66 @@ def main():
         rate = flops / s
         ceiling = ceiling or rate
         print(f"  {name:26s} {s * 1e3:9.1f} ms  {rate / 1e9:7.1f} GFLOP/s  {rate / ceiling:5.2f} of the ceiling")
+
+
+def causal_product_flops(b, t, q_dims):
+    """The score and value products of the CPU causal attention: each block of queries against the keys up to its
+    last row (the dense square when t fits one block)."""
+    from streamline_jax.models import layers
+
+    block = layers.CAUSAL_BLOCK if t > layers.CAUSAL_BLOCK else t
+    seen = sum(min(start + block, t) * (min(start + block, t) - start) for start in range(0, t, block))
+    return b * 4 * seen * q_dims
+
+
+# (part, pattern over the jax op an operation came from), first match wins
+TRACE_PARTS = (
+    ("attention products", r"gqd,sd->gqs|gqs,sd->gqd|bkqd,bskd->bkqs|bkqs,bskd->bkqd"),
+    ("attention softmax and masking", r"self_attn/while|self_attn/.*(exp|reduce_max|reduce_sum|select|div)"),
+    ("q, k, v and o projections", r"(q_proj|k_proj|v_proj|o_proj)/dot_general"),
+    ("MLP gate and up", r"mlp/.*dkf.*/dot_general"),
+    ("MLP down", r"down_proj/dot_general"),
+    ("LM head product", r"Head/.*dot_general"),
+    ("LM head logsumexp", r"target_logprobs\)/while/body/closed_call/(?!LlamaDecoderLayer)"),
+    ("norms, rope, residuals, other", r""),
+)
+CONTAINERS = re.compile(r"^(while|call|conditional)(\.\d+)?$|ThunkExecutor|ThreadPool")
+
+
+def print_traced_parts(config, params, ids, ceiling_case, part_flops):
+    """Trace one call of the perplexity program and sum its operations' times by part."""
+    fn = jax.jit(lambda p, i: target_logprobs(config, p, i, i))
+    compiled = fn.lower(params, ids).compile()
+    op_of = dict(re.findall(r'^\s+(?:ROOT )?%(\S+) = .*?metadata=\{op_name="([^"]+)"', compiled.as_text(), re.M))
+    matmul = jax.jit(lambda a: a @ a)
+    ceiling = ceiling_case[1] / best_of(matmul, ceiling_case[0])
+    jax.block_until_ready(compiled(params, ids))
+    with tempfile.TemporaryDirectory(prefix="profile_forward_") as folder:
+        jax.profiler.start_trace(folder)
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params, ids))
+        wall = time.perf_counter() - t0
+        jax.profiler.stop_trace()
+        trace = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+        seconds, counts = collections.Counter(), collections.Counter()
+        for plane in trace.planes:
+            for line in plane.lines:
+                for event in line.events:
+                    op = op_of.get(event.name)
+                    if op is None or CONTAINERS.search(event.name):
+                        continue
+                    part = next(name for name, pattern in TRACE_PARTS if re.search(pattern, op))
+                    seconds[part] += event.duration_ns / 1e9
+                    counts[part] += 1
+    b, t = ids.shape
+    print(f"SmolLM2-135M perplexity program, float32, batch {b} x {t}, traced whole: {wall:.2f}s wall; matmul "
+          f"2048^3 ceiling {ceiling / 1e9:.1f} GFLOP/s in the same run")
+    for part, _ in TRACE_PARTS:
+        rate = f"{part_flops[part] / seconds[part] / 1e9:7.1f} GFLOP/s {part_flops[part] / seconds[part] / ceiling:5.2f}" \
+            f" of the ceiling" if part in part_flops and seconds[part] else ""
+        print(f"  {part:32s} {seconds[part]:7.2f}s {seconds[part] / wall:6.1%} of the wall  "
+              f"({counts[part]:6d} operations) {rate}")
+    print(f"  {'sum of the parts':32s} {sum(seconds.values()):7.2f}s (above the wall where operations overlapped)")
 
 
 if __name__ == "__main__":
