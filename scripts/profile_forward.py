@@ -1,12 +1,13 @@
 """Where the forward's time goes on SmolLM2-135M (float32, batch 8 x 512): each part's time and GFLOP/s against a
 float32 matmul measured in the same run.
 
-    python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace]
+    python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]
 
 Each part is timed as its own compiled program. With --trace, the perplexity program is instead traced once with
 jax's profiler, whole, and its compiled operations are summed by part (each operation is told apart by the jax op
 it came from): the times inside the real program, fusion and scheduling included. XLA runs independent operations
-at the same time on the two cores, so the parts can add up to more than the wall time.
+at the same time on the two cores, so the parts can add up to more than the wall time. --torch also profiles
+transformers' PyTorch model on the same batch (logits and log-softmax, as bench_eval scores it), by aten operator.
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ import argparse
 import collections
 import glob
 import re
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import streamline_jax as sj
-from streamline_jax.evaluation import head_logprobs, target_logprobs
-from streamline_jax.models import transformer
-from streamline_jax.models.layers import SwiGLU
-from streamline_jax.models.llama import LlamaAttention, LlamaDecoderLayer
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_eval's PyTorch model, for --torch
+
+import streamline_jax as sj  # noqa: E402
+from streamline_jax.evaluation import head_logprobs, target_logprobs  # noqa: E402
+from streamline_jax.models import transformer  # noqa: E402
+from streamline_jax.models.layers import SwiGLU  # noqa: E402
+from streamline_jax.models.llama import LlamaAttention, LlamaDecoderLayer  # noqa: E402
 
 
 def unchunked_logprobs(config, params, input_ids, targets):
@@ -51,6 +56,7 @@ def main():
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--causal-block", type=int, default=None, help="query rows per block of CPU causal attention")
     ap.add_argument("--trace", action="store_true", help="trace the whole perplexity program and sum it by part")
+    ap.add_argument("--torch", action="store_true", help="with --trace: profile PyTorch's forward too")
     args = ap.parse_args()
     if args.causal_block:
         from streamline_jax.models import layers
@@ -93,6 +99,9 @@ def main():
                                                                          positions)[0]), (layer0, x), attn_flops),
         "  its SwiGLU MLP": (jax.jit(lambda q, h: SwiGLU(c).apply({"params": q["mlp"]}, h)), (layer0, x), mlp_flops),
     }
+    if args.trace and args.torch:
+        print_torch_parts(ids, product_flops=c.num_layers * (attn_flops - 4 * tokens * t * q_dims + mlp_flops)
+                          + head_flops)
     if args.trace:
         return print_traced_parts(c, p, ids, (a, 2 * 2048 ** 3),
                                   {"q, k, v and o projections": c.num_layers * (attn_flops - 4 * tokens * t * q_dims),
@@ -106,6 +115,33 @@ def main():
         rate = flops / s
         ceiling = ceiling or rate
         print(f"  {name:26s} {s * 1e3:9.1f} ms  {rate / 1e9:7.1f} GFLOP/s  {rate / ceiling:5.2f} of the ceiling")
+
+
+def print_torch_parts(ids, product_flops):
+    """transformers' PyTorch model on the same batch under torch's profiler: time by aten operator group."""
+    import torch
+    from bench_eval import torch_model
+
+    model, tids = torch_model(), torch.from_numpy(np.asarray(ids, np.int64))
+    mask = torch.ones_like(tids)
+    run = lambda: torch.log_softmax(model(tids, attention_mask=mask).logits.float(), -1)  # noqa: E731
+    with torch.no_grad():
+        run()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            run()
+            wall = time.perf_counter() - t0
+    groups = collections.Counter()
+    for event in prof.key_averages():
+        name = event.key
+        group = ("matrix products (aten::mm)" if name in ("aten::mm", "aten::addmm", "aten::bmm") else
+                 "attention (scaled_dot_product)" if "scaled_dot_product" in name else "everything else")
+        groups[group] += event.self_cpu_time_total / 1e6
+    b, t = ids.shape
+    print(f"PyTorch (transformers, {torch.get_num_threads()} threads), batch {b} x {t}, profiled: {wall:.2f}s wall")
+    for group, seconds in groups.most_common():
+        rate = f"  {product_flops / seconds / 1e9:7.1f} GFLOP/s" if group.startswith("matrix") else ""
+        print(f"  {group:32s} {seconds:7.2f}s {seconds / wall:6.1%} of the wall{rate}")
 
 
 def causal_product_flops(b, t, q_dims):
