@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--trace", action="store_true", help="trace the whole perplexity program and sum it by part")
     ap.add_argument("--torch", action="store_true", help="with --trace: profile PyTorch's forward too")
     args = ap.parse_args()
+    if args.torch and not args.trace:
+        ap.error("--torch goes with --trace")
     if args.causal_block:
         from streamline_jax.models import layers
 
