@@ -12,6 +12,7 @@ Our batches are the calls `streamline_jax.perplexity` makes (`score_sequences` o
 the public call is then timed whole once, compiled, for its figure.
 
     python scripts/bench_eval.py [--windows 16] [--window 1024] [--items 50] [--batch-size 8] [--mc-batch-size 32]
+        [--passes first,compiled,later]
 
 Perplexity: the first `--windows` windows of WikiText-2 test. Multiple choice: the first `--items` PIQA items, every
 (item, choice) request sorted by length. PyTorch gets batches of --mc-batch-size requests, each padded to its
@@ -96,6 +97,17 @@ def interleaved(batches, ours, theirs, pause=0.5):
     return out
 
 
+# perplexity passes: --passes name -> printed label
+PASSES = {"first": "first run (compiles from scratch, counted)", "compiled": "compiled",
+          "later": "later run (compile read from the persistent cache)"}
+
+
+def perplexity_of(batch_outputs):
+    """exp(mean NLL) over the per-window log-probs of every batch."""
+    logprobs = [x for batch in batch_outputs for x in batch]
+    return math.exp(-sum(float(x.sum()) for x in logprobs) / sum(len(x) for x in logprobs))
+
+
 def print_later_run(seconds, fed, t_torch, cache_hits):
     print(f"  ours in a later run (compile read from the persistent cache): {fed / seconds:8.0f} tokens/s "
           f"({seconds:.1f}s, {cache_hits} programs read from the cache so far); ratio ours/torch "
@@ -112,6 +124,9 @@ def main():
     parser.add_argument("--passes", default="first,compiled,later",
                         help="perplexity passes to run, in this order: first (cold compile), compiled, later")
     args = parser.parse_args()
+    chosen = args.passes.split(",")
+    if any(p not in PASSES for p in chosen) or chosen[0] != "first":
+        parser.error(f"--passes: a comma-separated list of {', '.join(PASSES)}, starting with first")
     print(f"torch threads {torch.get_num_threads()}", flush=True)
     cache_dir = tempfile.TemporaryDirectory(prefix="bench_eval_xla_")
     distributed.enable_compilation_cache(cache_dir.name)  # empty: the first runs below compile from scratch
@@ -139,29 +154,21 @@ def main():
     def torch_batch(rows):
         return torch_score(ref, [seqs[i] for i in rows], [scored[i] for i in rows], args.batch_size), 0
 
-    names = {"first": "first run", "compiled": "compiled", "later": "later run"}
-    chosen = args.passes.split(",")
-    if not chosen or any(p not in names for p in chosen) or chosen[0] != "first":
-        parser.error(f"--passes: a comma-separated list of {', '.join(names)}, starting with first")
     passes = {}
-    for name in (names[p] for p in chosen):
-        if name == "later run":
+    for name in chosen:
+        if name == "later":
             jax.clear_caches()
         passes[name] = interleaved(batches, ours_batch, torch_batch)
-    ppl = {side: math.exp(-sum(float(x.sum()) for lp in passes["first run"][side]["out"] for x in lp) /
-                          sum(len(x) for lp in passes["first run"][side]["out"] for x in lp))
-           for side in ("ours", "torch")}
+    ppl = {side: perplexity_of(passes["first"][side]["out"]) for side in ("ours", "torch")}
     print(f"perplexity, {len(seqs)} windows of {args.window} (batch {args.batch_size}, {len(batches)} batches, "
           f"PyTorch's and ours in turn): ours {ppl['ours']:.4f} torch {ppl['torch']:.4f} "
           f"(rel diff {abs(ppl['ours'] / ppl['torch'] - 1):.2e})", flush=True)
-    labels = {"first run": "first run (compiles from scratch, counted)", "compiled": "compiled",
-              "later run": "later run (compile read from the persistent cache)"}
     for name, sides in passes.items():
         t_ours, t_torch = sides["ours"]["seconds"], sides["torch"]["seconds"]
-        print(f"  {labels[name]}: ours {fed / t_ours:6.0f} tokens/s ({t_ours:.1f}s, {sides['ours']['compiles']} "
+        print(f"  {PASSES[name]}: ours {fed / t_ours:6.0f} tokens/s ({t_ours:.1f}s, {sides['ours']['compiles']} "
               f"compiles), torch {fed / t_torch:6.0f} tokens/s ({t_torch:.1f}s); ratio ours/torch "
               f"{t_torch / t_ours:.2f}x", flush=True)
-    if "later run" in passes:
+    if "later" in passes:
         print(f"  {len(cache_hits)} programs read from the persistent cache in the later run", flush=True)
     t0 = time.perf_counter()
     ours = ev.perplexity(model, "wikitext2", args.window, batch_size=args.batch_size, max_windows=args.windows)

@@ -77,7 +77,8 @@ def main():
 
     q_dims = c.num_heads * c.head_dim
     kv_dims = c.num_kv_heads * c.head_dim
-    attn_flops = tokens * 2 * (2 * d * q_dims + 2 * d * kv_dims) + 4 * tokens * t * q_dims
+    projection_flops = tokens * 2 * (2 * d * q_dims + 2 * d * kv_dims)
+    attn_flops = projection_flops + 4 * tokens * t * q_dims
     mlp_flops = tokens * 2 * 3 * d * c.intermediate_size
     head_flops = tokens * 2 * d * c.vocab_size
     a = jax.random.normal(jax.random.PRNGKey(1), (2048, 2048))
@@ -102,11 +103,10 @@ def main():
         "  its SwiGLU MLP": (jax.jit(lambda q, h: SwiGLU(c).apply({"params": q["mlp"]}, h)), (layer0, x), mlp_flops),
     }
     if args.trace and args.torch:
-        print_torch_parts(ids, product_flops=c.num_layers * (attn_flops - 4 * tokens * t * q_dims + mlp_flops)
-                          + head_flops)
+        print_torch_parts(ids, product_flops=c.num_layers * (projection_flops + mlp_flops) + head_flops)
     if args.trace:
         return print_traced_parts(c, p, ids, (a, 2 * 2048 ** 3),
-                                  {"q, k, v and o projections": c.num_layers * (attn_flops - 4 * tokens * t * q_dims),
+                                  {"q, k, v and o projections": c.num_layers * projection_flops,
                                    "attention products": c.num_layers * causal_product_flops(b, t, q_dims),
                                    "MLP gate and up": c.num_layers * mlp_flops * 2 / 3,
                                    "MLP down": c.num_layers * mlp_flops / 3, "LM head product": head_flops})
