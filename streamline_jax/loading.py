@@ -414,10 +414,59 @@ def read_gguf(path: Path, hf_config: dict, reader=None) -> Iterator[tuple[str, C
         yield name, load
 
 
-def gguf_tokenizer(path: Path):
-    from transformers import AutoTokenizer
+# tokenizer.* metadata keys -> the names transformers' GGUF tokenizer converter reads
+GGUF_TOKENIZER_KEYS = {
+    "ggml.model": "tokenizer_type", "ggml.pre": "pre_tokenizer_type", "ggml.tokens": "tokens",
+    "ggml.scores": "scores", "ggml.token_type": "token_type", "ggml.merges": "merges",
+    "ggml.precompiled_charsmap": "precompiled_charsmap", "ggml.bos_token_id": "bos_token_id",
+    "ggml.eos_token_id": "eos_token_id", "ggml.unknown_token_id": "unk_token_id",
+    "ggml.padding_token_id": "pad_token_id", "ggml.add_space_prefix": "add_prefix_space",
+}
+GGUF_TOKENIZER_CONFIG_KEYS = {"chat_template": "chat_template", "ggml.add_bos_token": "add_bos_token",
+                              "ggml.add_eos_token": "add_eos_token"}
+GGUF_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                       "pad_token": "padding_token_id"}
 
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+def gguf_tokenizer(path: Path, reader=None):
+    """The GGUF's tokenizer, built from its own metadata with the `tokenizers` library: no torch.
+
+    transformers' `AutoTokenizer.from_pretrained(gguf_file=...)` gives the same ids (tests/test_load.py checks it on
+    WikiText-2, PIQA and chat prompts), but it reads the file through its PyTorch GGUF reader, so it needs torch.
+    Only its torch-free converter (metadata -> `tokenizers.Tokenizer`) is used here.
+    """
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+
+    reader = reader or gguf.GGUFReader(str(path))
+    arch = _gguf_field(reader, "general.architecture")
+    meta = lambda key: _gguf_field(reader, f"tokenizer.{key}")
+    tokens = meta("ggml.tokens")
+    if not tokens:  # like a Hugging Face folder without tokenizer files: the caller decides whether it needs one
+        return None
+    spec = {name: meta(key) for key, name in GGUF_TOKENIZER_KEYS.items() if meta(key) is not None}
+    config = {name: meta(key) for key, name in GGUF_TOKENIZER_CONFIG_KEYS.items() if meta(key) is not None}
+    if spec.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to a sentencepiece vocabulary unless told not to
+        config.setdefault("add_bos_token", True)
+    for name, key in GGUF_SPECIAL_TOKENS.items():
+        token_id = meta(f"ggml.{key}")
+        config[name] = tokens[token_id] if token_id is not None else None
+    backend = _gguf_tokenizer_converter()(arch, spec)[0]
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **config)
+
+
+def _gguf_tokenizer_converter():
+    try:  # transformers 5.x
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    except ImportError:
+        try:  # transformers 4.x
+            from transformers.integrations.ggml import convert_gguf_tokenizer
+        except ImportError:
+            import transformers
+
+            raise CheckpointError(f"transformers {transformers.__version__} has no GGUF tokenizer converter; "
+                                  f"install transformers>=4.50") from None
+    return convert_gguf_tokenizer
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -467,7 +516,7 @@ def write_hf_folder_from_gguf(gguf_path: Path, folder: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp", dir=folder.parent))
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        gguf_tokenizer(gguf_path).save_pretrained(str(tmp))
+        gguf_tokenizer(gguf_path, reader).save_pretrained(str(tmp))
         (tmp / "config.json").write_text(json.dumps(
             {**to_hf_config(from_hf_config(hf)), "architectures": ["LlamaForCausalLM"]}, indent=2))
         if folder.exists():
@@ -548,7 +597,7 @@ def load_gguf(path: Path, dtype: str = "float32") -> Model:
     hf = gguf_hf_config(reader)
     config = from_hf_config(hf, dtype=dtype)
     params = params_from_tensors(config, read_gguf(path, hf, reader), dtype, source=str(path))
-    return Model(config, jax.tree.map(jnp.asarray, params), gguf_tokenizer(path))
+    return Model(config, jax.tree.map(jnp.asarray, params), gguf_tokenizer(path, reader))
 
 
 def load_tokenizer(folder: Path):

@@ -279,7 +279,7 @@ def stream_load(source, mesh, dtype: str = "float32", cache=None, on_shard: Call
         hf, sources, _reader = gguf_sources(path)
         config = from_hf_config(hf, dtype=dtype)
         params = stream_params(config, sources, mesh, dtype, origin=str(path), on_shard=on_shard)
-        return Model(config, params, L.gguf_tokenizer(path), mesh)
+        return Model(config, params, L.gguf_tokenizer(path, _reader), mesh)
     elif path.is_dir() and (path / L.ORBAX_MARKER).exists():  # our Orbax format restores sharded by itself
         return importlib.import_module(__package__ + ".export").load_orbax_model(path, dtype=dtype, mesh=mesh)
     elif not path.exists() and L._looks_like_hub_id(source_str):

@@ -176,3 +176,80 @@ def test_smollm2_wikitext_perplexity_matches_transformers(smollm2, smollm2_torch
         ref = _windows_nll(lambda x: smollm2_torch(torch.tensor(x)).logits.numpy(), ids, 1024, 16)
     assert abs(ours / ref - 1) <= 1e-3, (ours, ref)
     assert 10 < ours < 60
+
+
+# ---- the GGUF tokenizer, built from the file's metadata without torch ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_tokenizers():
+    """(ours, transformers' own GGUF tokenizer) for the embedded SmolLM2 GGUF."""
+    from transformers import AutoTokenizer
+
+    from streamline_jax.loading import embedded_gguf, gguf_tokenizer
+
+    path = embedded_gguf("smollm2-135m")
+    return gguf_tokenizer(path), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
+def test_gguf_tokenizer_matches_transformers_on_wikitext(gguf_tokenizers):
+    ours, ref = gguf_tokenizers
+    text = "\n".join(shared_data("wikitext-2-raw", "wiki.test.raw").read_text().splitlines())
+    ids = ours(text).input_ids
+    assert len(ids) > 250_000 and ids == ref(text).input_ids
+    assert ours.decode(ids[:2000]) == ref.decode(ids[:2000])
+
+
+def test_gguf_tokenizer_matches_transformers_on_piqa(gguf_tokenizers):
+    from streamline_jax.tasks import get_task, load_items
+
+    shared_data("piqa", "valid.jsonl")
+    ours, ref = gguf_tokenizers
+    items = load_items(get_task("piqa"))
+    strings = [s for it in items for s in (*it.contexts, *it.continuations)]
+    strings += [ctx + cont for it in items for ctx, cont in zip(it.contexts, it.continuations)]
+    assert len(strings) == 6 * 1838  # per item: two contexts, two continuations, and each whole request
+    assert ours(strings).input_ids == ref(strings).input_ids
+
+
+def test_gguf_tokenizer_matches_transformers_on_chat_and_special_tokens(gguf_tokenizers):
+    ours, ref = gguf_tokenizers
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    assert len(ours) == len(ref) == 49152
+    conversations = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "You answer in French."}, {"role": "user", "content": "Hello  there,\n friend"},
+         {"role": "assistant", "content": "Bonjour !"}, {"role": "user", "content": "Ça va ? 😀 <|im_end|>"}],
+    ]
+    for messages in conversations:
+        for generation_prompt in (True, False):
+            kwargs = {"add_generation_prompt": generation_prompt}
+            assert ours.apply_chat_template(messages, tokenize=False, **kwargs) == \
+                ref.apply_chat_template(messages, tokenize=False, **kwargs)
+            assert list(ours.apply_chat_template(messages, **kwargs)["input_ids"]) == \
+                list(ref.apply_chat_template(messages, **kwargs)["input_ids"])
+    text = "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>"
+    assert ours(text).input_ids == ref(text).input_ids
+    assert ours.decode(ours(text).input_ids, skip_special_tokens=True) == \
+        ref.decode(ref(text).input_ids, skip_special_tokens=True)
+
+
+def test_gguf_loads_without_importing_torch():
+    """The embedded model's GGUF (weights and tokenizer) loads in a process that never imports torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, streamline_jax as sj\n"
+            "from streamline_jax.loading import embedded_gguf\n"
+            "model = sj.load(str(embedded_gguf('smollm2-135m')))\n"
+            "print(model.tokenizer('Hello world').input_ids, 'torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[19556, 905] False"
+
+
+def test_gguf_without_tokenizer_metadata_loads_with_no_tokenizer(tmp_path):
+    from test_distributed import LLAMA, _tiny_gguf
+
+    model = sj.load(_tiny_gguf(tmp_path / "tiny.gguf", LLAMA))
+    assert model.tokenizer is None and model.config.num_layers == LLAMA.num_layers
