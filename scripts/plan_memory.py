@@ -4,9 +4,12 @@
     python scripts/plan_memory.py --model llama2-70b --topology v5p-32 --stage lm --batch 16
 
 Compiles the scoring step, the MSE training step and the LM-loss training step for the target's mesh layouts
-(configs/meshes.yaml) with libtpu (`pip install 'jax[tpu]'`), and prints XLA's memory analysis per chip
-(arguments, outputs, temporaries), the FLOPs per step and whether it fits the chip's HBM. For a step that does not
-fit it compiles the nearest layouts (smaller batch, full remat, tensor parallelism) and names the first that fits.
+(configs/meshes.yaml) with libtpu, and prints XLA's memory analysis per chip (arguments, outputs, temporaries), the
+FLOPs per step and whether it fits the chip's HBM. For a step that does not fit it compiles the nearest layouts
+(smaller batch, full remat, tensor parallelism) and names the first that fits.
+
+libtpu is looked for in $LIBTPU_PATH (a folder holding the `libtpu` package), then in the venv's libtpu-site/ (where
+`bash scripts/setup.sh --test` installs it), then among the installed packages (`pip install 'jax[tpu]'`).
 """
 
 from __future__ import annotations

@@ -12,12 +12,14 @@ only). Every planner function takes the step as an argument, so `train.py`'s ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -187,8 +189,56 @@ def _divisors(n, up_to):
 # Topologies (libtpu, compile only)
 
 
+LIBTPU_PATH_ENV = "LIBTPU_PATH"
+# `scripts/setup.sh --test` installs libtpu into this folder of the venv, beside its packages rather than among them:
+# there, every JAX process would try to start a TPU.
+LIBTPU_SITE = "libtpu-site"
+
+
+def libtpu_places() -> list[tuple[Path, str]]:
+    """(folder, why it is looked in) for the `libtpu` package, in order: $LIBTPU_PATH, then libtpu-site/ in the
+    running venv and in this checkout's .venv."""
+    env = os.environ.get(LIBTPU_PATH_ENV)
+    places = [(Path(env).expanduser().absolute(), f"${LIBTPU_PATH_ENV}")] if env else []
+    for venv, why in ((Path(sys.prefix), "the running venv"),
+                      (Path(__file__).resolve().parents[1] / ".venv", "this checkout's venv")):
+        if all(venv / LIBTPU_SITE != p for p, _ in places):
+            places.append((venv / LIBTPU_SITE, why))
+    return places
+
+
+def libtpu_folder() -> Path | None:
+    """The first of `libtpu_places()` that holds the `libtpu` package, or None."""
+    return next((p for p, _ in libtpu_places() if (p / "libtpu" / "__init__.py").is_file()), None)
+
+
 def libtpu_available() -> bool:
-    return importlib.util.find_spec("libtpu") is not None
+    return libtpu_folder() is not None or importlib.util.find_spec("libtpu") is not None
+
+
+def libtpu_missing_message() -> str:
+    looked = [f"{p} ({why})" for p, why in libtpu_places()]
+    if not os.environ.get(LIBTPU_PATH_ENV):
+        looked.insert(0, f"${LIBTPU_PATH_ENV} (not set)")
+    return (f"ahead-of-time compiles for TPU need libtpu (no TPU is needed), and none was found. Looked for the "
+            f"libtpu package in: {', '.join(looked)}, and the Python path. Install it with `bash scripts/setup.sh "
+            f"--test` (into .venv/{LIBTPU_SITE}), or pip install 'jax[tpu]=={jax.__version__}' (the `tpu` extra), or "
+            f"set {LIBTPU_PATH_ENV} to a folder holding the libtpu package")
+
+
+@contextlib.contextmanager
+def _libtpu_importable():
+    """The found libtpu folder on sys.path while JAX loads the TPU plugin (it imports `libtpu` to find
+    libtpu.so); $LIBTPU_PATH comes before an installed libtpu."""
+    folder = libtpu_folder()
+    if folder is None:
+        yield
+        return
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
 
 
 _TOPOLOGY_RE = re.compile(r"v(4|5e|5p|6e):\d+(x\d+){1,2}")
@@ -200,8 +250,7 @@ def topology_devices(topology: str, chip_config: str = "default") -> tuple:
     if not _TOPOLOGY_RE.fullmatch(topology):
         raise TopologyError(f"topology {topology!r} is not of the form v5e:4x4, v5p:2x2x4 or v4:2x2x4")
     if not libtpu_available():
-        raise TopologyError("ahead-of-time compiles for TPU need libtpu: pip install 'jax[tpu]==%s' "
-                            "(the `tpu` extra); no TPU is needed" % jax.__version__)
+        raise TopologyError(libtpu_missing_message())
     from jax.experimental import topologies
 
     kwargs = {}
@@ -209,8 +258,9 @@ def topology_devices(topology: str, chip_config: str = "default") -> tuple:
     if topology.startswith("v5e") or topology.startswith("v6e"):
         kwargs["chips_per_host_bounds"] = (min(dims[0], 2), min(dims[1], 2), 1)
     try:
-        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, chip_config_name=chip_config,
-                                            num_slices=1, **kwargs)
+        with _libtpu_importable():
+            desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                                chip_config_name=chip_config, num_slices=1, **kwargs)
     except Exception as e:  # libtpu rejects the shape
         raise TopologyError(f"libtpu rejects topology {topology!r}: {e}") from None
     return tuple(desc.devices)

@@ -13,10 +13,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The command line keeps compiled programs in ~/.cache; tests stay hermetic (test_distributed checks the cache).
 os.environ.setdefault("STREAMLINE_JAX_COMPILATION_CACHE", "off")
-# libtpu for the ahead-of-time TPU memory plans, where `scripts/setup.sh --test` put it
-_LIBTPU = Path(__file__).resolve().parents[1] / ".venv" / "libtpu-site"
-if _LIBTPU.is_dir():
-    os.environ.setdefault("LIBTPU_PATH", str(_LIBTPU))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -26,6 +22,14 @@ def shared_data(*parts) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not found at {path} (expected ../shared/data beside the checkout)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """Tiny random Llama and OPT folders and tiny text files, made once (see tests/tiny.py)."""
+    from tiny import run_files
+
+    return run_files(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ TPU topology (skipped without libtpu)."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -189,8 +188,8 @@ def test_step_flops_count():
 
 
 def _run(code, env=None, timeout=300):
-    full = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("LIBTPU_PATH")] if p]),
-                **(env or {}))
+    # no LIBTPU_PATH: plan finds libtpu where `scripts/setup.sh --test` put it, as the README's command relies on
+    full = {k: v for k, v in os.environ.items() if k != plan.LIBTPU_PATH_ENV} | dict(PYTHONPATH=str(ROOT), **(env or {}))
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=full, capture_output=True, text=True,
                          timeout=timeout)
     assert out.returncode == 0, out.stderr[-4000:]
@@ -232,16 +231,24 @@ def test_planned_steps_compile_and_run_sharded_on_8_cpu_devices():
         assert r["err"] < 1e-4 and r["total"] > 0, (stage, r)
 
 
-def _libtpu_importable():
-    if importlib.util.find_spec("libtpu") is not None:
-        return True
-    extra = os.environ.get("LIBTPU_PATH")
-    return bool(extra) and (Path(extra) / "libtpu").exists()
+needs_libtpu = pytest.mark.skipif(not plan.libtpu_available(), reason="libtpu not installed: `bash scripts/setup.sh "
+                                  "--test` (or set LIBTPU_PATH to a folder holding it) to compile for TPU topologies "
+                                  "on this host")
 
 
-needs_libtpu = pytest.mark.skipif(not _libtpu_importable(), reason="libtpu not installed: pip install "
-                                  "'jax[tpu]' at the installed jax version (or set LIBTPU_PATH to a folder holding it) "
-                                  "to compile for TPU topologies on this host")
+def test_missing_libtpu_is_an_error_naming_every_place_looked(tmp_path, monkeypatch):
+    monkeypatch.setenv(plan.LIBTPU_PATH_ENV, str(tmp_path / "mine"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    assert [p for p, _ in plan.libtpu_places()] == [tmp_path / "mine", tmp_path / "venv" / "libtpu-site",
+                                                     ROOT / ".venv" / "libtpu-site"]
+    monkeypatch.setattr(plan, "libtpu_available", lambda: False)
+    with pytest.raises(plan.TopologyError) as e:
+        plan.topology_devices("v5e:2x2")
+    for place in plan.libtpu_places():
+        assert f"{place[0]} ({place[1]})" in str(e.value)
+    assert "the Python path" in str(e.value) and "bash scripts/setup.sh --test" in str(e.value)
+    monkeypatch.delenv(plan.LIBTPU_PATH_ENV)
+    assert "$LIBTPU_PATH (not set)" in plan.libtpu_missing_message()
 
 
 @needs_libtpu

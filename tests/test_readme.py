@@ -1,0 +1,402 @@
+"""Every command the README shows, and every command in the docstrings of the scripts and modules it runs, runs as
+written; and the README's Python example runs on a tiny model.
+
+Commands come from the README's indented code blocks, its ```bash / ```sh blocks and its inline code that starts
+with a command (`python ...`, `VAR=... python ...`), and from the indented `python ...` lines of the docstrings. Each
+must have an entry in COMMANDS saying how it runs here: as written, with --help (pod-sized work, long benchmarks) or
+tiny (arguments appended that shrink it onto a tiny random model). A command without an entry fails, and so does
+an entry whose command is documented nowhere any more.
+
+Each runs in a fresh folder that holds links to the checkout's scripts/, configs/, streamline_jax/ and .venv (the
+test's venv), so relative paths resolve as they do in the checkout and whatever it writes (runs/..., /tmp/...
+rewritten into the folder) stays out of the repository. `python` and `.venv/bin/python` are the test's interpreter;
+`bash scripts/setup.sh ... &&` is not run again (this venv is what it made). The shared data is a tiny folder laid
+out like ../shared/data ($STREAMLINE_JAX_DATA), and the runs share one compilation cache, so that only the first
+compiles.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import dataclasses
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PROGRAMS = ("python", "python3", ".venv/bin/python", "bash")
+# what a fresh folder links to, so that the commands' relative paths resolve as in the checkout
+LINKED = ("scripts", "configs", "streamline_jax")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What each documented command does here
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    how: str  # "as written", "help" (the program's --help, nothing else) or "tiny" (`extra` appended)
+    why: str = ""  # why not as written
+    extra: tuple[str, ...] = ()
+    subs: tuple[tuple[str, str], ...] = ()  # (written, replacement) in the command; {llama}: a tiny model folder
+    first: str | None = None  # a documented command whose finished folder this one starts from
+    then: Callable[[Path], None] | None = None  # what happens to that folder before this command
+    makes: tuple[str, ...] = ()  # paths the command must leave in its folder
+    setup: bool = False  # `bash scripts/setup.sh ... && rest`: only the rest runs
+    needs_libtpu: bool = False
+
+
+HELP_BENCH = Run("help", "a benchmark: minutes on the real model")
+# `python -m streamline_jax.run` on the tiny model and the tiny shared data, every stage in seconds (float32: the
+# large presets' bfloat16 is slow on CPU)
+TINY_RUN = ("--quiet", "model.source={llama}", "model.architecture=null", "model.dtype=float32", "data.seq_len=32",
+            "data.calib_chunks=4", "data.train_chunks=16", "data.valid_chunks=2", "data.batch_size=4",
+            "eval.limit=4", "eval.ppl_windows=1", "samples.max_new_tokens=4")
+# the default run evaluates and samples; the others need not again
+TINY_QUICK = TINY_RUN + ("eval.tasks=[]", "samples.prompts=[]")
+DEFAULT_RUN = "python -m streamline_jax.run"
+SCORE_RUN = "python -m streamline_jax.run --stages score"
+
+
+def _interrupt(folder: Path):
+    """A finished run's folder as a run that stopped before it finished (the same settings continue it)."""
+    (folder / "runs" / "smollm2-135m" / "DONE").unlink()
+
+
+COMMANDS: dict[str, Run] = {
+    # README: two commands for a fresh machine
+    "bash scripts/setup.sh && .venv/bin/python -m streamline_jax.run": Run(
+        "tiny", "the default run takes minutes", TINY_RUN, setup=True, makes=("runs/smollm2-135m/DONE",)),
+    "bash scripts/setup.sh --test && .venv/bin/python -m pytest -q": Run(
+        "help", "this test suite is that command", setup=True),
+    # README: command line
+    DEFAULT_RUN: Run("tiny", "the default run takes minutes", TINY_RUN,
+                     makes=("runs/smollm2-135m/DONE", "runs/smollm2-135m/report.md", "runs/smollm2-135m/hf")),
+    "python -m streamline_jax.run --model llama2-13b --out runs/l13 prune.replacement=ffn train.lr=1e-4": Run(
+        "tiny", "13B parameters", TINY_QUICK, makes=("runs/l13/DONE", "runs/l13/hf")),
+    SCORE_RUN: Run("tiny", "the default run's scoring takes a minute", TINY_QUICK,
+                   makes=("runs/smollm2-135m/report.json",)),
+    "python -m streamline_jax.run --resume": Run(
+        "tiny", "the default run takes minutes", TINY_QUICK, first=SCORE_RUN, then=_interrupt,
+        makes=("runs/smollm2-135m/DONE", "runs/smollm2-135m/model")),
+    "python -m streamline_jax.run --config configs/recipes/paper.yaml": Run(
+        "tiny", "the paper's sizes take hours", TINY_QUICK, makes=("runs/smollm2-135m/DONE",)),
+    "python scripts/export_hf.py runs/smollm2-135m /tmp/pruned-hf": Run(
+        "as written", first=DEFAULT_RUN, makes=("tmp/pruned-hf/config.json",)),
+    "python scripts/convert.py path/to/hf-folder-or.gguf /tmp/m-orbax && python scripts/convert.py /tmp/m-orbax "
+    "/tmp/m-hf": Run("as written", subs=(("path/to/hf-folder-or.gguf", "{llama}"),), makes=("tmp/m-hf/config.json",)),
+    # README: pod scale
+    "LIBTPU_PATH=.venv/libtpu-site python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4": Run(
+        "tiny", "all three stages compile for 4 minutes; the scoring step at 128 tokens for 30 s",
+        ("--stage", "scoring", "--seq-len", "128"), needs_libtpu=True),
+    # README: benchmarks
+    ".venv/bin/python scripts/bench_forward.py": HELP_BENCH,
+    ".venv/bin/python scripts/profile_forward.py": HELP_BENCH,
+    ".venv/bin/python scripts/bench_score.py": HELP_BENCH,
+    ".venv/bin/python scripts/bench_eval.py": HELP_BENCH,
+    ".venv/bin/python scripts/bench_generate.py": HELP_BENCH,
+    ".venv/bin/python scripts/bench_train.py": HELP_BENCH,
+    ".venv/bin/python scripts/bench_load.py": HELP_BENCH,
+    ".venv/bin/python scripts/bench_default.py": HELP_BENCH,  # the README's next benchmarks
+    ".venv/bin/python scripts/bench_pipeline.py": HELP_BENCH,
+    # docstrings: the options' synopsis is no command line
+    "python scripts/bench_eval.py [--windows 16] [--window 1024] [--items 50] [--batch-size 8] [--mc-batch-size 32] "
+    "[--passes first,compiled,later]": HELP_BENCH,
+    "python scripts/bench_forward.py [--batch 8] [--seq 512] [--repeats 5] [--profile DIR]": HELP_BENCH,
+    "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N]": HELP_BENCH,
+    "python scripts/bench_load.py [--layers 4] [--devices 8] [--mesh 1,8,1] [--keep DIR]": HELP_BENCH,
+    "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2]": HELP_BENCH,
+    "python scripts/bench_train.py [--seq 64] [--counts 1000,4000] [--speed-steps 8]": HELP_BENCH,
+    "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": HELP_BENCH,
+    "python scripts/bench_default.py": HELP_BENCH,  # bench_default's and bench_pipeline's, once the README names them
+    "python scripts/bench_default.py --config configs/recipes/paper.yaml": HELP_BENCH,
+    "python scripts/bench_default.py --keep runs/bench_default": HELP_BENCH,
+    "python scripts/bench_pipeline.py": HELP_BENCH,
+    "python scripts/bench_pipeline.py --calib-chunks 8 --train-chunks 16 --valid-chunks 8": HELP_BENCH,
+    "python scripts/bench_pipeline.py --calib-chunks 50 --train-chunks 1000 --valid-chunks 100 --rounds 2": HELP_BENCH,
+    "python scripts/eval_full.py [--model smollm2-135m] [--batch-size 32] [--json results.json]": Run(
+        "help", "full PIQA and WikiText-2 on the real model"),
+    "python scripts/score_smollm2.py [--length 8] [--chunks 50] [--seq-len 512] [--batch-size 8] [--table]": Run(
+        "help", "the real model on the real corpus"),
+    "python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token,"
+    "layer-untrained,mlp-token] [--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine "
+    "--warmup N] [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name]": Run(
+        "help", "hours on the real model"),
+    "python scripts/span_pair_stats.py runs/p1/pairs_11_8/valid": Run("help", "reads a pair cache p1_protocol makes"),
+    "python scripts/convert.py smollm2-135m /tmp/smollm2-orbax": Run(
+        "help", "20 s to write the 135M model; the README's convert command runs the same code on a tiny one"),
+    "python scripts/convert.py path/to/hf-folder /tmp/m-orbax --dtype bfloat16": Run(
+        "as written", subs=(("path/to/hf-folder", "{llama}"),), makes=("tmp/m-orbax",)),
+    "python scripts/convert.py /tmp/m-orbax /tmp/m-hf": Run(
+        "as written", first="python scripts/convert.py path/to/hf-folder /tmp/m-orbax --dtype bfloat16",
+        makes=("tmp/m-hf/config.json",)),
+    "python scripts/export_hf.py runs/smollm2-135m /tmp/smollm2-pruned-hf": Run(
+        "as written", first=DEFAULT_RUN, makes=("tmp/smollm2-pruned-hf/config.json",)),
+    "python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4": Run(
+        "help", "4 minutes of compiling; the README's form of it is planned tiny"),
+    "python scripts/plan_memory.py --model llama2-70b --topology v5p-32 --stage lm --batch 16": Run(
+        "help", "minutes of compiling; the README's plan command is planned tiny"),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The documented commands
+
+
+def _without_comment(line: str) -> str:
+    return re.sub(r"\s+#\s.*$", "", line).strip()
+
+
+def _starts_a_command(text: str) -> bool:
+    words = text.split()
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        words = words[1:]
+    return bool(words) and words[0] in PROGRAMS
+
+
+def readme_blocks(text: str) -> tuple[list[str], list[str], str]:
+    """(shell commands of the indented and ```bash/```sh blocks, ```python blocks, the prose outside blocks)."""
+    commands, python, prose = [], [], []
+    fence, body, previous, in_code = None, [], "", False
+    for line in text.splitlines():
+        if fence is not None:
+            if line.strip().startswith("```"):
+                if fence in ("bash", "sh", "shell"):
+                    joined = "\n".join(body).replace("\\\n", " ")
+                    commands += [_without_comment(x) for x in joined.splitlines() if _without_comment(x)]
+                elif fence == "python":
+                    python.append("\n".join(body) + "\n")
+                fence, body = None, []
+            else:
+                body.append(line)
+        elif line.strip().startswith("```"):
+            fence = line.strip()[3:].strip()
+        elif line.startswith("    ") and line.strip() and (in_code or not previous.strip()):
+            in_code = True  # an indented block starts after a blank line and lasts while its lines stay indented
+            if _without_comment(line):  # a line of only a comment continues the comment above it
+                commands.append(_without_comment(line))
+        else:
+            in_code = in_code and not line.strip()
+            prose.append(line)
+        previous = line
+    return commands, python, "\n".join(prose)
+
+
+def documented_commands() -> dict[str, list[str]]:
+    """Every documented command → where it is documented."""
+    text = README.read_text()
+    commands, _, prose = readme_blocks(text)
+    inline = [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
+    found: dict[str, list[str]] = {}
+    for c in commands + [c for c in inline if _starts_a_command(c)]:
+        found.setdefault(c, []).append("README.md")
+    # the docstrings of the scripts and modules the README runs
+    scripts = set(re.findall(r"\bscripts/\w+\.py\b", text))
+    modules = {m.replace(".", "/") + ".py" for m in re.findall(r"python -m (streamline_jax[\w.]*)", text)}
+    for path in sorted(ROOT / p for p in scripts | modules if (ROOT / p).exists()):  # a missing one fails to run
+        doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
+        lines = doc.splitlines()
+        for i, line in enumerate(lines):
+            indent = len(line) - len(line.lstrip())
+            if indent < 4 or not _starts_a_command(line):
+                continue
+            command = line.strip()
+            for more in lines[i + 1:]:  # continuation lines are indented deeper
+                if not more.strip() or len(more) - len(more.lstrip()) <= indent:
+                    break
+                command += " " + more.strip()
+            found.setdefault(_without_comment(command), []).append(str(path.relative_to(ROOT)))
+    return found
+
+
+DOCUMENTED = documented_commands()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running them
+
+
+def _has_libtpu() -> bool:
+    """libtpu where `scripts/setup.sh --test` puts it, or installed (checked apart from plan.py's own search)."""
+    return (Path(sys.prefix) / "libtpu-site" / "libtpu").is_dir() or importlib.util.find_spec("libtpu") is not None
+
+
+@dataclasses.dataclass
+class Result:
+    folder: Path
+    log: str = ""
+    error: str | None = None
+
+
+class Runner:
+    """Runs documented commands, each in a fresh folder. The same work (the same programs with the same arguments,
+    from the same starting folder) runs once per session: the README's benchmark and its docstring's synopsis are
+    one `--help`, and a command other commands start from runs once."""
+
+    def __init__(self, root: Path, files: dict):
+        self.root, self.files = root, files
+        self.done: dict[str, Result] = {}
+        self.env = {k: v for k, v in os.environ.items() if k != "LIBTPU_PATH"} | {
+            "STREAMLINE_JAX_DATA": str(files["shared"]),
+            # one compilation cache for every run, every compile kept: only the first run compiles
+            "STREAMLINE_JAX_COMPILATION_CACHE": str(root / "xla-cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+    def steps(self, command: str, how: Run) -> list[tuple[dict, list[str]]]:
+        """(environment, arguments) of each program the command runs here; FOLDER stands for its folder."""
+        text = command.replace("/tmp/", "FOLDER/tmp/")
+        for written, replacement in how.subs:
+            assert written in text, f"{written!r} is not in {command!r}: update its entry in COMMANDS"
+            text = text.replace(written, replacement.format(llama=self.files["llama_2k"]))
+        steps = []
+        for step in text.split("&&"):
+            words = shlex.split(step)
+            if words[:2] == ["bash", "scripts/setup.sh"]:
+                assert how.setup, f"{command!r} runs the setup: its entry must say setup=True"
+                setup = (ROOT / "scripts" / "setup.sh").read_text()
+                unknown = [flag for flag in words[2:] if f'"{flag}"' not in setup]
+                assert not unknown, f"scripts/setup.sh does not know {unknown}"
+                continue
+            env = {}
+            while "=" in words[0]:
+                name, _, value = words.pop(0).partition("=")
+                env[name] = value
+            if words[0] in ("python", "python3", ".venv/bin/python"):
+                words[0] = sys.executable
+            if how.how == "help":
+                words = words[:3 if words[1] == "-m" else 2] + ["--help"]
+            elif how.how == "tiny":
+                words += [x.format(llama=self.files["llama_2k"]) for x in how.extra]
+            steps.append((env, words))
+        return steps
+
+    def run(self, command: str) -> Result:
+        how = COMMANDS[command]
+        steps = self.steps(command, how)
+        key = repr((steps, how.first, how.then))
+        if key not in self.done:
+            self.done[key] = self.execute(command, how, steps)
+        result = self.done[key]
+        missing = [p for p in how.makes if not (result.folder / p).exists()]
+        if missing and result.error is None:
+            return Result(result.folder, result.log, f"it did not make {missing}")
+        return result
+
+    def execute(self, command: str, how: Run, steps) -> Result:
+        before = self.run(how.first) if how.first else None
+        folder = self.root / f"{len(self.done)}-{re.sub(r'[^A-Za-z0-9.]+', '-', command)[:60]}"
+        if before:
+            if before.error:
+                return Result(folder, before.log, f"{how.first!r}, which it starts from, failed: {before.error}")
+            shutil.copytree(before.folder, folder, symlinks=True)
+        else:
+            folder.mkdir()
+            for link in LINKED:
+                (folder / link).symlink_to(ROOT / link)
+            (folder / ".venv").symlink_to(sys.prefix)
+            (folder / "tmp").mkdir()
+        if how.then:
+            how.then(folder)
+        log = []
+        for env, words in steps:
+            words = [w.replace("FOLDER", str(folder)) for w in words]
+            out = subprocess.run(words, cwd=folder, env=self.env | env, capture_output=True, text=True, timeout=600)
+            log.append(f"$ {shlex.join(words)}\n{out.stdout[-3000:]}{out.stderr[-3000:]}")
+            if out.returncode != 0:
+                return Result(folder, "\n".join(log), f"exit status {out.returncode}")
+            if how.how == "help" and "usage" not in out.stdout.lower():
+                return Result(folder, "\n".join(log), "--help printed no usage")
+        return Result(folder, "\n".join(log))
+
+
+@pytest.fixture(scope="session")
+def runner(tmp_path_factory, tiny_files):
+    return Runner(tmp_path_factory.mktemp("readme"), tiny_files)
+
+
+@pytest.mark.parametrize("command", sorted(DOCUMENTED), ids=lambda c: c if len(c) <= 90 else c[:87] + "...")
+def test_documented_command_runs(command, runner):
+    where = ", ".join(DOCUMENTED[command])
+    if command not in COMMANDS:
+        pytest.fail(f"{where} shows {command!r}, which has no entry in COMMANDS (tests/test_readme.py): add one "
+                    f"saying how this test runs it (as written, --help or tiny)")
+    how = COMMANDS[command]
+    if how.needs_libtpu and not _has_libtpu():
+        pytest.skip("libtpu is not installed: `bash scripts/setup.sh --test` puts it in .venv/libtpu-site")
+    result = runner.run(command)
+    assert result.error is None, f"{command!r} ({where}, {how.how}) failed: {result.error}\n{result.log}"
+
+
+def test_every_entry_is_a_documented_command():
+    stale = sorted(set(COMMANDS) - set(DOCUMENTED))
+    assert not stale, f"COMMANDS has entries for commands documented nowhere; remove or update them: {stale}"
+
+
+def test_commands_are_found_in_every_kind_of_block():
+    text = "\n".join(["Run:", "", "    python a.py   # comment", "                  # more comment", "    bash b.sh",
+                      "", "  - a list item", "    continued, not code", "    nor this", "", "```bash",
+                      "python c.py \\", "  --x 1",
+                      "```", "```python", "import d", "```", "```", "python e.py", "```",
+                      "and `X=1 python f.py` inline, `not a command`."])
+    commands, python, prose = readme_blocks(text)
+    assert commands == ["python a.py", "bash b.sh", "python c.py    --x 1"] and python == ["import d\n"]
+    assert "`X=1 python f.py`" in prose and "python e.py" not in prose
+    assert _starts_a_command("X=1 python f.py") and not _starts_a_command("not a command")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The Python API example
+
+
+# the literals that must change for a tiny model: (as written, replacement); {llama}: the tiny model's folder
+PYTHON_SUBS = (('sj.load("smollm2-135m")', "sj.load({llama!r})"),)
+
+
+def _free_names(code: str) -> set[str]:
+    """Names the code reads but neither assigns nor imports, builtins aside."""
+    tree = ast.parse(code)
+    bound = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    bound |= {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+              for a in n.names}
+    read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    return read - bound - set(dir(builtins))
+
+
+def test_python_example_runs_on_a_tiny_model(tiny_files, tmp_path, monkeypatch):
+    """The README's ```python block as written on a tiny random Llama: only the model name changes, the data it
+    names are tiny files in the working folder, and the names it leaves to the reader are bound to tiny arrays."""
+    from transformers import AutoTokenizer
+
+    from streamline_jax import data
+    from tiny import sentences, write_jsonl
+
+    (code,) = readme_blocks(README.read_text())[1]
+    for written, replacement in PYTHON_SUBS:
+        assert code.count(written) == 1, f"the README's Python example no longer has {written!r}: update PYTHON_SUBS"
+        code = code.replace(written, replacement.format(llama=str(tiny_files["llama_2k"])))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STREAMLINE_JAX_DATA", str(tiny_files["shared"]))
+    write_jsonl(tmp_path / "corpus.jsonl", sentences(3000, 9))  # the example's 50 chunks of 512 tokens
+    chunks = list(data.token_chunks(sentences(1200, 10), AutoTokenizer.from_pretrained(tiny_files["llama_2k"]), 512))
+    ids = np.asarray([chunks[0][:16], chunks[1][:16]])
+    given = {"input_ids": ids, "attention_mask": np.ones_like(ids), "train_chunks": chunks[:16],
+             "valid_chunks": chunks[16:24]}
+    assert _free_names(code) == set(given), "bind every name the README's Python example leaves to the reader"
+    namespace = dict(given)
+    exec(compile(code, "README.md (python example)", "exec"), namespace)
+    L = namespace["model"].config.depth
+    assert namespace["logits"].shape == (2, 16, 128) and namespace["hidden"].shape == (L + 1, 2, 16, 64)
+    assert namespace["pruned"].config.depth < L
+    assert "piqa" in namespace["report"].to_markdown()
+    assert (tmp_path / "out" / "model").is_dir() and (tmp_path / "out" / "hf" / "config.json").is_file()
