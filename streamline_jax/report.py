@@ -202,3 +202,31 @@ def write_report(report: dict, folder: Path, scores=None, chosen=None, history=N
     write_json(report, folder / "report.json")
     (folder / "report.md").write_text(to_markdown(jsonable(report)))
     return report
+
+
+def summary(report: dict, folder: Path) -> str:
+    """The few lines the command line prints at the end: span, parameters, dense vs pruned, time, outputs."""
+    lines = []
+    span, params = report.get("span"), report.get("params")
+    if span:
+        lines.append(f"span: layers {span['start']}..{span['end'] - 1} ({span['length']} layers, {span['metric']} "
+                     f"{_fmt(span.get('score'))}) -> one `{span['replacement']}` block")
+    if params:
+        lines.append(f"parameters: {params['dense']:,} -> {params['pruned']:,} "
+                     f"({1 - params['pruned'] / params['dense']:.2%} removed); layers {params['dense_layers']} -> "
+                     f"{params['pruned_layers']}")
+    retention = report.get("retention")
+    if retention:
+        width = max(len(f"{r['task']} {r['metric']}") for r in retention["rows"])
+        lines.append(f"{'':{width}}  {'dense':>9}  {'pruned':>9}  pruned/dense")
+        for r in retention["rows"]:
+            ratio = r["pruned"] / r["dense"] if r["dense"] else float("nan")
+            lines.append(f"{r['task'] + ' ' + r['metric']:{width}}  {r['dense']:9.4f}  {r['pruned']:9.4f}  "
+                         f"{ratio:.3f}")
+    times = report.get("stage_times", {})
+    if times:
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in times.items() if k != "total")
+        lines.append(f"time: {times.get('total', 0):.0f} s ({parts})")
+    outputs = ", ".join(v.split(" ")[0] for v in report.get("outputs", {}).values() if not v.startswith("not "))
+    lines.append(f"outputs in {folder}: report.md, report.json" + (f", {outputs}" if outputs else ""))
+    return "\n".join(lines)

@@ -34,7 +34,10 @@ STAGES = ("score", "prune", "train", "evaluate", "save")
 NEEDS = {"prune": ("score",), "train": ("prune",), "save": ("prune",)}
 DONE = "DONE"
 RUN_CONFIG = "run_config.yaml"
+FAILED = "FAILED"  # what the last failed run said: its stage and error; removed when a run finishes
+LOCK = ".lock"
 TRAIN_CHECKPOINT = "train_checkpoint"
+PAIR_CACHE = "pair_cache"  # the span's (input, target) pairs on disk while the run lasts (train.pair_cache)
 NOT_PRESETS = ("pipeline", "meshes")
 
 log = logging.getLogger("streamline_jax.run")
@@ -100,6 +103,10 @@ class TrainSection:
     compute_dtype: str | None = None
     seed: int = 0
     freeze: tuple[str, ...] = ()
+    shuffle: bool = False
+    lr_schedule: str = "cosine"
+    mse_weighting: str = "uniform"
+    pair_cache: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -329,7 +336,7 @@ def check_values(c: RunConfig) -> None:
     """Choices and ranges, before any work."""
     from .pruning import REPLACEMENTS
     from .score import METRICS
-    from .train import MODES
+    from .train import LR_SCHEDULES, MODES, MSE_WEIGHTINGS
 
     def choice(key, value, allowed):
         if value not in allowed:
@@ -340,6 +347,8 @@ def check_values(c: RunConfig) -> None:
     choice("score.metric", c.score.metric, METRICS)
     choice("prune.replacement", c.prune.replacement, REPLACEMENTS)
     choice("train.mode", c.train.mode, MODES)
+    choice("train.lr_schedule", c.train.lr_schedule, LR_SCHEDULES)
+    choice("train.mse_weighting", c.train.mse_weighting, MSE_WEIGHTINGS)
     if (c.score.sparsity is None) == (c.score.num_layers is None):
         raise ConfigError("set exactly one of score.sparsity and score.num_layers (the other to null)")
     for key in ("seq_len", "calib_chunks", "batch_size"):
@@ -402,13 +411,29 @@ def _data_path(spec: str | None) -> str | None:
 # The output folder
 
 
-def prepare_out(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> None:
-    """Refuse a finished run (unless overwrite) or an unfinished one (unless resume or overwrite), before any work."""
+def settings_diff(saved: dict, now: dict) -> list[str]:
+    """`key: saved -> now` for every setting that differs between a saved run's settings and these."""
+    return [f"{s}.{k}: {saved.get(s, {}).get(k)!r} -> {now[s][k]!r}" for s in now for k in now[s]
+            if saved.get(s, {}).get(k) != now[s][k]]
+
+
+def read_failure(out: Path) -> str | None:
+    """What the last run in `out` said when it failed ("stage: error"), or None."""
+    path = out / FAILED
+    return path.read_text().strip() if path.exists() else None
+
+
+def prepare_out(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> bool:
+    """Check `out` before any work; return whether the run resumes there.
+
+    A finished run is refused (unless overwrite); an unfinished one resumes by itself when its settings equal these,
+    and is refused, naming the settings that differ, when they do not (unless overwrite). Finished work is never
+    deleted without --overwrite."""
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume exclude each other")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file")
-    contents = list(out.iterdir()) if out.exists() else []
+    contents = [p for p in out.iterdir() if p.name != LOCK] if out.exists() else []
     ours = (out / RUN_CONFIG).exists() or (out / DONE).exists()
     if contents and not ours:
         raise ConfigError(f"--out {out} is not empty and holds no streamline_jax run; choose another folder")
@@ -417,30 +442,67 @@ def prepare_out(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> 
             raise ConfigError(f"{out} holds a finished run; nothing to resume (pass --overwrite to run again)")
         if not overwrite:
             raise ConfigError(f"{out} holds a finished run; pass --overwrite to replace it")
-    elif contents and not (overwrite or resume):
-        raise ConfigError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to start again")
-    if resume:
-        if not contents:
-            raise ConfigError(f"--resume: {out} holds no run to resume")
-        saved = read_yaml(out / RUN_CONFIG)
-        now = config.to_dict()
-        diff = [f"{s}.{k}" for s in now for k in now[s] if saved.get(s, {}).get(k) != now[s][k]]
+    elif contents and not overwrite:
+        failure = read_failure(out)
+        stopped = f"it stopped in {failure}" if failure else "it did not finish"
+        diff = settings_diff(read_yaml(out / RUN_CONFIG), config.to_dict())
         if diff:
-            raise ConfigError(f"--resume: the settings differ from the saved run's in {', '.join(diff)}")
-    if overwrite and contents:
-        shutil.rmtree(out)
+            raise ConfigError(f"{out} holds an unfinished run ({stopped}) whose settings differ from these in "
+                              f"{'; '.join(diff)}. Rerun with its settings to continue it, pass --overwrite to "
+                              f"start again with these, or choose another --out")
+        if not resume:
+            log.info("%s holds an unfinished run with the same settings (%s): resuming it", out, stopped)
+        resume = True
+    elif resume:
+        raise ConfigError(f"--resume: {out} holds no run to resume")
+    if overwrite:  # everything but the lock this run holds
+        for path in contents:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / RUN_CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return resume
+
+
+@contextlib.contextmanager
+def folder_lock(out: Path):
+    """Hold `out`'s lock for the run: a second run on the same folder is refused with the holder's pid and start
+    time. The lock is the kernel's (flock), so it goes with the process however it dies."""
+    import fcntl
+    import os
+
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise ConfigError(f"{out} is in use by another run ({f.read().strip() or 'holder unknown'}); wait for "
+                              f"it to finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The run
 
 
+class StageTimes(dict):
+    """Seconds per stage, and the stage running now (what FAILED names when the run fails)."""
+
+    current = "setup"
+
+
 @contextlib.contextmanager
-def stage(name: str, times: dict):
+def stage(name: str, times: StageTimes):
     log.info("[%s] started", name)
+    times.current = name
     start = time.perf_counter()
     yield
     times[name] = times.get(name, 0.0) + time.perf_counter() - start
@@ -469,22 +531,35 @@ def _strip(results: dict) -> dict:
 def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overwrite: bool = False,
         resume: bool = False, preset: str | None = None, progress: bool = True, target: str | None = None) -> dict:
     """Run `stages` of the pipeline into `out`; return the report. KeyboardInterrupt propagates (the caller logs)."""
-    c = config
+    from .distributed import is_main_process
+
     out = Path(out).absolute()
     total_start = time.perf_counter()
-    # every check that needs no model first
-    prepare_out(out, c, overwrite, resume)
-    handler = logging.FileHandler(out / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
-    try:
-        return _run(c, out, stages, resume, preset, progress, total_start, target)
-    finally:
-        log.removeHandler(handler)
-        handler.close()
+    times = StageTimes()
+    # every check that needs no model first; one run at a time per folder
+    with folder_lock(out) if is_main_process() else contextlib.nullcontext():
+        resume = prepare_out(out, config, overwrite, resume)
+        handler = logging.FileHandler(out / "run.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+        try:
+            report = _run(config, out, stages, resume, preset, progress, total_start, target, times)
+        except BaseException as e:
+            if is_main_process():  # the next run says what failed, and resumes
+                what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+                (out / FAILED).write_text(f"stage {times.current}: {what}\n")
+            e.add_note(f"{out} is not marked finished: once the cause is fixed, the same command continues it; "
+                       f"other settings need --overwrite")
+            raise
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+        if is_main_process():
+            (out / FAILED).unlink(missing_ok=True)
+        return report
 
 
-def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target=None) -> dict:
+def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes) -> dict:
     import jax
 
     from . import data, evaluation as ev, export, pruning as prune_mod, score as score_mod
@@ -493,7 +568,6 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     from .report import write_report
     from .tasks import PerplexityTask, get_task, load_items
 
-    times: dict[str, float] = {}
     log.info("output folder %s; stages %s", out, ", ".join(stages))
     calib_source = data.text_source(_data_path(c.data.calibration), c.data.text_field)
     train_spec = _data_path(c.data.train)
@@ -559,6 +633,8 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
         with stage("train", times):
             skip = c.data.calib_chunks if train_source is calib_source else 0
             train_batches = ChunkBatches(train_source, dense.tokenizer, seq, skip, c.data.train_chunks, batch)
+            if c.train.shuffle:  # a permutation per epoch needs the batches listed (token ids only: small)
+                train_batches = list(train_batches)
             valid_batches = None
             if valid_source is not None and c.data.valid_chunks:
                 vchunks = data.split_chunks(data.token_chunks(valid_source, dense.tokenizer, seq),
@@ -570,8 +646,9 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
                 lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
                 clip_norm=t.clip_norm, grad_accum=t.grad_accum, epochs=t.epochs, eval_every=t.eval_every,
                 checkpoint_dir=out / TRAIN_CHECKPOINT, checkpoint_every=t.checkpoint_every, resume=resume,
-                seed=t.seed, compute_dtype=t.compute_dtype, freeze=t.freeze, progress=progress,
-                return_history=True)
+                seed=t.seed, compute_dtype=t.compute_dtype, freeze=t.freeze, shuffle=t.shuffle,
+                lr_schedule=t.lr_schedule, mse_weighting=t.mse_weighting, progress=progress, return_history=True,
+                pair_cache=out / PAIR_CACHE if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
             history = {**history, "mode": t.mode}
         report["training"] = history
     if "evaluate" in stages and tasks:
@@ -607,6 +684,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     chosen = (choice.start, choice.length) if choice else None
     report = main_only(write_report)(report, out, scores, chosen, history) or report
     main_only((out / DONE).write_text)(report["finished"] + "\n")  # last: the folder is finished
+    main_only(shutil.rmtree)(out / PAIR_CACHE, ignore_errors=True)  # only a resume of this run needed it
     log.info("report: %s", out / "report.md")
     return report
 
@@ -749,13 +827,15 @@ def main(argv: list[str] | None = None) -> int:
                      progress=not args.quiet, target=args.target)
     except KeyboardInterrupt:
         ckpt = Path(out) / TRAIN_CHECKPOINT
-        where = f"; the training checkpoint in {ckpt} continues with --resume" if ckpt.exists() else ""
-        log.error("interrupted: %s is not marked finished%s", out, where)
+        where = f" from the training checkpoint in {ckpt}" if ckpt.exists() else ""
+        log.error("interrupted: %s is not marked finished; the same command continues it%s", out, where)
         return 130
     except (ConfigError, FileNotFoundError, ValueError, _training_error()) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("\n".join([f"error: {e}", *getattr(e, "__notes__", ())]), file=sys.stderr)
         return 2
-    print(f"report: {Path(out).absolute() / 'report.md'}  ({report['stage_times']['total']:.0f} s)")
+    from .report import summary
+
+    print(summary(report, Path(out).absolute()))
     return 0
 
 

@@ -12,58 +12,16 @@ import torch
 import transformers
 import yaml
 
-from reference import torch_model
 from streamline_jax import run as run_mod
 from streamline_jax.loading import load
 from streamline_jax.models import transformer
-from streamline_jax.models.config import ModelConfig
 from streamline_jax.models.model import forward
-
-WORDS = ("the cat dog sat on a mat and ran to house big small red blue tree river sun moon walked quickly slowly "
-         "under over near far bird sang song happy sad green old new").split()
-
-LLAMA = ModelConfig(family="llama", model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96,
-                    num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256,
-                    eos_token_id=1, bos_token_id=1)
-OPT = ModelConfig(family="opt", model_type="opt", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6,
-                  num_heads=4, num_kv_heads=4, head_dim=16, word_embed_proj_dim=64, activation="relu",
-                  max_position_embeddings=256, eos_token_id=1, bos_token_id=1)
-
-
-def _sentences(n, seed):
-    rng = np.random.RandomState(seed)
-    return [" ".join(rng.choice(WORDS, rng.randint(6, 14))) + "." for _ in range(n)]
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=128, special_tokens=["<unk>", "<eos>"])
-    tok.train_from_iterator(_sentences(300, 0), trainer)
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>",
-                                                bos_token="<eos>")
-
-
-def _hf_folder(path: Path, config: ModelConfig, tokenizer=True) -> Path:
-    torch_model(config).save_pretrained(str(path))
-    if tokenizer:
-        _tokenizer().save_pretrained(str(path))
-    return path
+from tiny import LLAMA, hf_folder
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    data = root / "data"
-    data.mkdir()
-    for name, seed, n in (("train.jsonl", 1, 400), ("valid.jsonl", 2, 60)):
-        with open(data / name, "w") as f:
-            for s in _sentences(n, seed):
-                f.write(json.dumps({"text": s}) + "\n")
-    (data / "eval.txt").write_text("\n".join(_sentences(40, 3)))
-    return {"root": root, "data": data, "llama": _hf_folder(root / "llama", LLAMA), "opt": _hf_folder(root / "opt", OPT)}
+def files(tiny_files):
+    return tiny_files
 
 
 def _args(files, model, out, *extra):
@@ -148,7 +106,7 @@ def test_unrelated_folder_is_never_overwritten(files, tmp_path, capsys):
 
 
 def test_model_without_tokenizer_is_refused_before_loading(files, tmp_path, capsys):
-    folder = _hf_folder(tmp_path / "notok", LLAMA, tokenizer=False)
+    folder = hf_folder(tmp_path / "notok", LLAMA, tokenizer=False)
     assert run_mod.main(_args(files, "llama", tmp_path / "out", "--model", str(folder))) == 2
     assert "no tokenizer" in capsys.readouterr().err
 
@@ -171,9 +129,12 @@ def test_ctrl_c_during_training_then_resume(files, tmp_path, monkeypatch):
     assert run_mod.main(args) == 130
     assert not (out / "DONE").exists() and not (out / "report.json").exists()
     assert (out / "train_checkpoint").is_dir()
+    assert (out / "FAILED").read_text().strip() == "stage train: interrupted"
     monkeypatch.setattr(train, "_save", real_save)
-    assert run_mod.main(args) == 2  # an unfinished run is not silently restarted
-    assert run_mod.main(args + ["--resume"]) == 0
+    assert run_mod.main(args + ["train.lr=2e-3"]) == 2  # other settings: refused, the checkpoint kept
+    assert (out / "train_checkpoint").is_dir()
+    assert run_mod.main(args) == 0  # the same settings: it resumes by itself
+    assert not (out / "FAILED").exists()
     report = json.loads((out / "report.json").read_text())
     assert [s for s, *_ in report["training"]["train"]] == [1, 2, 3, 4]
     assert (out / "DONE").exists()
@@ -184,6 +145,50 @@ def test_ctrl_c_during_training_then_resume(files, tmp_path, monkeypatch):
     uninterrupted = json.loads((fresh / "report.json").read_text())["training"]["train"]
     np.testing.assert_allclose([l for _, l, _ in report["training"]["train"]], [l for _, l, _ in uninterrupted],
                                rtol=1e-5)
+
+
+def test_failed_run_says_what_failed_and_the_same_command_resumes_it(files, tmp_path, monkeypatch, capsys):
+    from streamline_jax import evaluation
+
+    out = tmp_path / "out"
+    args = _args(files, "llama", out, "prune.replacement=layer", "train.checkpoint_every=1")
+
+    def broken(*a, **k):
+        raise ValueError("the evaluation broke")
+
+    monkeypatch.setattr(evaluation, "evaluate", broken)
+    assert run_mod.main(args) == 2
+    err = capsys.readouterr().err
+    assert "the evaluation broke" in err and "the same command continues it" in err
+    assert (out / "FAILED").read_text().strip() == "stage evaluate: ValueError: the evaluation broke"
+    assert not (out / "DONE").exists()
+    monkeypatch.undo()
+    # other settings: refused, naming each difference and the flag; nothing deleted
+    assert run_mod.main(args + ["train.lr=2e-3", "data.seq_len=16"]) == 2
+    err = capsys.readouterr().err
+    assert "it stopped in stage evaluate: ValueError: the evaluation broke" in err
+    assert "data.seq_len: 32 -> 16" in err and "train.lr: 0.001 -> 0.002" in err and "--overwrite" in err
+    assert (out / "train_checkpoint").is_dir()
+    # the same settings: resumes (training is read back from its last checkpoint) and finishes
+    caplog_lines = []
+    monkeypatch.setattr(run_mod.log, "info", lambda msg, *a: caplog_lines.append(msg % a))
+    assert run_mod.main(args) == 0
+    assert any("unfinished run with the same settings (it stopped in stage evaluate" in line and "resuming" in line
+               for line in caplog_lines)
+    assert (out / "DONE").exists() and not (out / "FAILED").exists()
+    summary = capsys.readouterr().out
+    assert "span: layers" in summary and "parameters: " in summary and "text perplexity" in summary
+    assert f"outputs in {out}" in summary
+
+
+def test_a_folder_in_use_by_another_run_is_refused(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    with run_mod.folder_lock(out):  # as another live run would hold it
+        assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 2
+    err = capsys.readouterr().err
+    assert f"{out} is in use by another run (pid " in err and "started" in err
+    assert not (out / "run_config.yaml").exists()
+    assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 0  # free once the holder is gone
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,9 +220,13 @@ def test_settings_layers(tmp_path):
     config, preset = run_mod.build_config("smollm2-135m", str(cfg_file), ["train.lr=3e-4", "score.sparsity=0.3"])
     assert preset == "smollm2-135m"
     assert config.train.lr == 3e-4 and config.train.mode == "lm" and config.eval.tasks == ("piqa",)
-    assert config.data.seq_len == 128  # from the preset
+    assert config.data.seq_len == 512 and config.train.pair_cache  # from the preset
     assert config.train.weight_decay == 1e-3  # from pipeline.yaml
-    assert config.train.freeze == ()
+    assert config.train.freeze == ("attention",) and config.train.shuffle  # the default recipe
+    # the paper's recipe is one file away, on the preset's sizes
+    paper, _ = run_mod.build_config("smollm2-135m", str(run_mod.CONFIG_DIR / "recipes" / "paper.yaml"))
+    assert (paper.train.lr, paper.train.freeze, paper.train.shuffle, paper.train.epochs) == (2e-4, (), False, 1)
+    assert paper.data.seq_len == 512 and paper.score.sparsity == 0.2
     config, _ = run_mod.build_config(None, None, ["train.freeze=[self_attn, input_layernorm]"])
     assert config.train.freeze == ("self_attn", "input_layernorm")
     with pytest.raises(run_mod.ConfigError, match="exactly one of score.sparsity"):
