@@ -275,11 +275,22 @@ def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_nor
     return tx, schedule
 
 
+# What `freeze=("attention",)` stands for: the attention projections and the norm before them (Llama's
+# input_layernorm; OPT's self_attn_layer_norm matches self_attn).
+ATTENTION_HALF = ("self_attn", "input_layernorm")
+
+
 def freeze_labels(block_params, freeze: Sequence[str]):
     """"train" / "frozen" for each of the block's parameters: frozen where a `freeze` regex matches its path
-    ("self_attn/q_proj/kernel"). None when nothing is frozen. Every pattern must match, and something must train."""
+    ("self_attn/q_proj/kernel"). `attention` stands for the block's attention half, and for nothing in a block that
+    has no attention (`ffn`, `mlp`), so one setting serves every replacement. None when nothing is frozen. Every
+    other pattern must match, and something must train."""
     if isinstance(freeze, str):
         freeze = (freeze,)
+    path_of = lambda key_path: jax.tree_util.keystr(key_path, simple=True, separator="/")  # noqa: E731
+    paths = [path_of(k) for k, _ in jax.tree_util.tree_leaves_with_path(block_params)]
+    freeze = [pattern for name in freeze for pattern in (
+        [r for r in ATTENTION_HALF if any(re.search(r, p) for p in paths)] if name == "attention" else [name])]
     if not freeze:
         return None
     regexes = []
@@ -288,8 +299,6 @@ def freeze_labels(block_params, freeze: Sequence[str]):
             regexes.append(re.compile(pattern))
         except re.error as e:
             raise ValueError(f"freeze pattern {pattern!r} is not a regular expression: {e}") from None
-    path_of = lambda key_path: jax.tree_util.keystr(key_path, simple=True, separator="/")  # noqa: E731
-    paths = [path_of(k) for k, _ in jax.tree_util.tree_leaves_with_path(block_params)]
     for regex in regexes:
         if not any(regex.search(p) for p in paths):
             raise ValueError(f"freeze pattern {regex.pattern!r} matches none of the block's parameters: "
@@ -327,6 +336,32 @@ def _as_batch(batch, mesh):
     if mesh is not None:
         out = dict(zip(out, shard_batch(mesh, tuple(out.values()))))
     return out
+
+
+# Validation pairs up to this size are computed once and kept (on the device, sharded like the batch): every later
+# validation pass then runs only the block instead of the frozen prefix and span again.
+VALID_PAIRS_BYTES = 1 << 30
+
+
+def _validation_pairs(dense_model: Model, block: Block, batches: list, mesh) -> list[dict] | None:
+    """The validation batches as (input, target) span pairs, or None where they would exceed VALID_PAIRS_BYTES."""
+    first = np.asarray(batches[0]["input_ids"])
+    size = 2 * len(batches) * first.size * dense_model.config.hidden_size * 4
+    if size > VALID_PAIRS_BYTES:
+        return None
+    config = dense_model.config
+
+    @jax.jit
+    def span_io(params, ids, mask):
+        x_in, target, _, _ = _dense_span_io(config, params, ids, mask, block.start, block.length)
+        return x_in, target.astype(jnp.float32)
+
+    pairs = []
+    for batch in batches:
+        batch = _as_batch(batch, mesh)
+        x_in, target = span_io(dense_model.params, batch["input_ids"], batch["attention_mask"])
+        pairs.append({"x_in": x_in, "target": target, "attention_mask": batch["attention_mask"]})
+    return pairs
 
 
 def _evaluate(eval_step, block_params, frozen, batches, mesh):
@@ -470,6 +505,14 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                                   lr_schedule, labels)
     train_step, eval_step = make_steps(loss_fn, tx)
 
+    valid = list(valid_batches) if valid_batches is not None else None
+    if valid and loss_name == "mse":  # the frozen span's validation pairs once, not on every pass
+        pairs = _validation_pairs(dense_model, block, valid, mesh)
+        if pairs is not None:
+            cached_loss = _partial(cached_mse_loss, dense_config=dense_model.config, pruned_config=pruned_model.config,
+                                   block=block, compute_dtype=dtype, weighting=mse_weighting)
+            valid, eval_step = pairs, make_steps(cached_loss, tx)[1]
+
     opt_state = tx.init(block_params)
     history = {"train": [], "valid": [], "best_step": 0, "best_valid": None, "wall_s": 0.0}
     best = block_params
@@ -501,7 +544,6 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     bar = _progress(progress, num_steps, step)
     start_time, start_micro = time.perf_counter(), micro
     last_good = manager.latest_step() if manager is not None else None
-    valid = list(valid_batches) if valid_batches is not None else None
     if valid is not None and not history["valid"] and step == 0:
         loss0 = _evaluate(eval_step, block_params, frozen, valid, mesh)
         history["valid"].append((0, loss0))

@@ -143,6 +143,23 @@ def test_freeze_patterns_are_checked_up_front():
         train_replacement(model, pruned, chunks(8), batch_size=4, freeze=("self_attn(",))
 
 
+def test_freeze_attention_names_the_attention_half_of_any_block():
+    from streamline_jax.train import freeze_labels
+
+    def frozen(model, replacement):
+        width = {"mlp_width": 16} if replacement == "mlp" else {}
+        block = prune(model, 1, 2, replacement, **width).params["segments"]["seg_1"]
+        labels = freeze_labels(block, ("attention",))
+        if labels is None:
+            return None
+        paths = jax.tree_util.tree_leaves_with_path(labels)
+        return sorted(jax.tree_util.keystr(k[:1], simple=True) for k, v in paths if v == "frozen")
+
+    assert set(frozen(dense(LLAMA), "layer")) == {"self_attn", "input_layernorm"}
+    assert set(frozen(dense(OPT), "layer")) == {"self_attn", "self_attn_layer_norm"}
+    assert frozen(dense(LLAMA), "ffn") is None and frozen(dense(LLAMA), "mlp") is None  # nothing to freeze there
+
+
 def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
     model = dense(LLAMA)
     pruned = prune(model, 1, 2, "mlp", mlp_width=16)
@@ -278,3 +295,20 @@ def test_shuffle_refuses_a_stream():
     pruned = prune(model, 1, 2, "layer")
     with pytest.raises(ValueError, match="shuffle=True needs the training data as a sequence"):
         train_replacement(model, pruned, lambda: iter(chunks(8)), batch_size=4, shuffle=True, progress=False)
+
+
+def test_validation_pairs_computed_once_give_the_recomputed_losses(monkeypatch):
+    from streamline_jax import train
+
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "layer")
+
+    def valid_losses():
+        _, history = train_replacement(model, pruned, chunks(16), batch_size=4, valid_batches=chunks(6, seed=1),
+                                       eval_every=1, progress=False, return_history=True)
+        return [loss for _, loss in history["valid"]]
+
+    kept = valid_losses()
+    monkeypatch.setattr(train, "VALID_PAIRS_BYTES", 0)  # too large to keep: every pass recomputes the pairs
+    np.testing.assert_allclose(kept, valid_losses(), rtol=1e-6)
+    assert len(kept) == 5 and kept[-1] < kept[0]
