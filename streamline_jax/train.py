@@ -86,6 +86,16 @@ def _dense_span_io(config: ModelConfig, params, input_ids, mask, start, length):
     return jax.lax.stop_gradient(x_in), jax.lax.stop_gradient(target), attn, positions
 
 
+def span_pairs_fn(config: ModelConfig, start, length):
+    """A jitted (params, ids, mask) -> (input, target) in float32: the span's pairs for a pair cache or validation."""
+    @jax.jit
+    def span_io(params, ids, mask):
+        x_in, target, _, _ = _dense_span_io(config, params, ids, mask, start, length)
+        return x_in.astype(jnp.float32), target.astype(jnp.float32)
+
+    return span_io
+
+
 MSE_WEIGHTINGS = ("uniform", "token")
 
 
@@ -177,12 +187,7 @@ class SpanPairCache:
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
         config, params = dense_model.config, dense_model.params
-
-        @jax.jit
-        def span_io(params, ids, mask):
-            x_in, target, _, _ = _dense_span_io(config, params, ids, mask, self.start, self.length)
-            return x_in.astype(jnp.float32), target.astype(jnp.float32)
-
+        span_io = span_pairs_fn(config, self.start, self.length)
         batch_list = iter(batches)
         first = next(batch_list)
         b, t = np.asarray(first["input_ids"]).shape
@@ -346,16 +351,9 @@ VALID_PAIRS_BYTES = 1 << 30
 def _validation_pairs(dense_model: Model, block: Block, batches: list, mesh) -> list[dict] | None:
     """The validation batches as (input, target) span pairs, or None where they would exceed VALID_PAIRS_BYTES."""
     first = np.asarray(batches[0]["input_ids"])
-    size = 2 * len(batches) * first.size * dense_model.config.hidden_size * 4
-    if size > VALID_PAIRS_BYTES:
+    if 2 * len(batches) * first.size * dense_model.config.hidden_size * 4 > VALID_PAIRS_BYTES:
         return None
-    config = dense_model.config
-
-    @jax.jit
-    def span_io(params, ids, mask):
-        x_in, target, _, _ = _dense_span_io(config, params, ids, mask, block.start, block.length)
-        return x_in, target.astype(jnp.float32)
-
+    span_io = span_pairs_fn(dense_model.config, block.start, block.length)
     pairs = []
     for batch in batches:
         batch = _as_batch(batch, mesh)
