@@ -69,6 +69,8 @@ def print_figures(report: dict, wall: float) -> None:
     }
     span = report["span"]
     training = report.get("training", {})
+    model = report["model"]
+    print(f"compute dtype: {model.get('compute_dtype')} ({model.get('compute_dtype_why')})")
     print(f"span: layers {span['start']}..{span['end'] - 1} -> {span['replacement']}; training: "
           f"{len(training.get('train', []))} steps, best validation {training.get('best_valid')}")
     print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["stage_times"].items()))

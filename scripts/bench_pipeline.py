@@ -122,7 +122,7 @@ def ceiling_jax(dtype="float32", n=2048):
 
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
-    f = jax.jit(lambda x, y: x @ y)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))  # bf16: f32 accumulation, as ours
     return 2 * n ** 3 / best_of(lambda: f(a, b).block_until_ready())
 
 
@@ -143,9 +143,13 @@ def child_ours(args):
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **_: compile_s.__setitem__(0, compile_s[0] + secs)
         if event.startswith("/jax/core/compile/") else None)
-    out = {"ceiling": [ceiling_jax()], "ceiling_bf16": ceiling_jax("bfloat16"), "rss_before_load_mib": peak_rss_mib()}
+    from streamline_jax.backend import resolve_compute_dtype
+
+    compute, why = resolve_compute_dtype(args.compute_dtype)
+    out = {"ceiling": [ceiling_jax()], "ceiling_bf16": [ceiling_jax("bfloat16")], "rss_before_load_mib": peak_rss_mib(),
+           "compute_dtype": compute, "compute_dtype_why": why}
     t = time.perf_counter()
-    model = sj.load("smollm2-135m")
+    model = sj.with_compute_dtype(sj.load("smollm2-135m"), compute)
     out.update(load_s=time.perf_counter() - t, rss_after_load_mib=peak_rss_mib())
     calib, train_batches = load_batches(args.data, "calib"), load_batches(args.data, "train")
     valid = load_batches(args.data, "valid") if args.valid_chunks else None
@@ -170,8 +174,8 @@ def child_ours(args):
             return result
         return call
 
-    def timed_make_steps(loss_fn, tx):
-        train_step, eval_step = make_steps(loss_fn, tx)
+    def timed_make_steps(*args):
+        train_step, eval_step = make_steps(*args)
         return timed("train_step", train_step), timed("eval_step", eval_step)
 
     train.make_steps = timed_make_steps
@@ -187,6 +191,7 @@ def child_ours(args):
                valid_passes=len(history["valid"]), valid_loss=[v for _, v in history["valid"]],
                train_loss_last=history["train"][-1][1], rss_after_train_mib=peak_rss_mib())
     out["ceiling"].append(ceiling_jax())
+    out["ceiling_bf16"].append(ceiling_jax("bfloat16"))
     return out
 
 
@@ -358,7 +363,8 @@ def child_data(args):
 def run_child(side, args):
     flags = {"data": args.data, "hf-folder": args.hf_folder, "span": args.span, "lr": args.lr, "seq": args.seq,
              "batch": args.batch, "calib-chunks": args.calib_chunks, "train-chunks": args.train_chunks,
-             "valid-chunks": args.valid_chunks, "eval-every": args.eval_every, "threads": args.threads}
+             "valid-chunks": args.valid_chunks, "eval-every": args.eval_every, "threads": args.threads,
+             "compute-dtype": args.compute_dtype}
     cmd = [sys.executable, __file__, "--child", side] + [f"--{k}={v}" for k, v in flags.items() if v is not None]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("JAX_PLATFORMS", "cpu")  # both sides on the same CPU cores
@@ -382,6 +388,8 @@ def merge(runs):
         elif key.endswith("_mib"):
             out[key] = max(r[key] for r in runs)
     out["ceiling"] = [c for r in runs for c in r["ceiling"]]
+    if isinstance(runs[0].get("ceiling_bf16"), list):
+        out["ceiling_bf16"] = [c for r in runs for c in r["ceiling_bf16"]]
     out["rounds"] = runs
     return out
 
@@ -400,6 +408,9 @@ def main():
                          "the product's steps // 5 would validate after every step of a short slice)")
     ap.add_argument("--rounds", type=int, default=1, help="2: ours, torch, torch, ours; each stage's best time")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch's intra-op threads")
+    ap.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                    help="our dot products' input dtype (the pipeline's model.compute_dtype); torch stays float32, "
+                         "as the authors run it")
     ap.add_argument("--out", default="runs/bench_pipeline.json")
     ap.add_argument("--child", choices=("data", "ours", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -424,10 +435,15 @@ def main():
             for side in ("ours", "torch") if r % 2 == 0 else ("torch", "ours"):
                 runs[side].append(run_child(side, args))
     ours, theirs = merge(runs["ours"]), merge(runs["torch"])
+    # the limit is the work at the best rate measured for the dtype each side computes in: ours (float32 or bf16
+    # inputs), torch float32 (the authors' path)
     ceiling = max(ours["ceiling"] + theirs["ceiling"])
+    bf16 = ours["compute_dtype"] == "bfloat16"
+    ceiling_ours = max(ours["ceiling_bf16"] + [theirs["ceiling_bf16"]]) if bf16 else ceiling
     passes = len(eval_steps(num_steps, args.eval_every)) if args.valid_chunks else 0
     flops = stage_flops(cfg, args.seq, tokens, ours["start"], args.span, passes)
-    limit = {k: v / ceiling for k, v in flops.items() if not k.endswith("per_token")}
+    limit = {k: v / ceiling_ours for k, v in flops.items() if not k.endswith("per_token")}
+    torch_scale = ceiling_ours / ceiling  # torch's limit over ours
 
     # rows: stage, ours s, torch s, limit s (None where a side has no such stage)
     ours_valid = ours["valid_s"]
@@ -452,14 +468,16 @@ def main():
     def cell(x, fmt="{:9.1f}"):
         return fmt.format(x) if x is not None else f"{'-':>9}"
 
-    print(f"\nP1 pipeline on SmolLM2-135M, float32: {args.calib_chunks} calibration + {args.train_chunks} training + "
+    print(f"\nP1 pipeline on SmolLM2-135M, ours with {ours['compute_dtype']} dot inputs ({ours['compute_dtype_why']}), "
+          f"torch float32: {args.calib_chunks} calibration + {args.train_chunks} training + "
           f"{args.valid_chunks} validation chunks of {args.seq}, batch {args.batch}, span {args.span}, `layer` block "
           f"with {'/'.join(FREEZE)} frozen, lr {args.lr:g}, {num_steps} steps, {args.rounds} round(s)")
     print(f"threads: {len(os.sched_getaffinity(0))} cores, torch {theirs['threads']}; load average "
           f"{os.getloadavg()[0]:.1f}")
     print(f"matmul ceiling (2048^3 f32, best of before/after): jax {max(ours['ceiling']) / 1e9:.1f} GFLOP/s, torch "
-          f"{max(theirs['ceiling']) / 1e9:.1f} GFLOP/s; limit at {ceiling / 1e9:.1f} (bf16: jax "
-          f"{ours['ceiling_bf16'] / 1e9:.1f}, torch {theirs['ceiling_bf16'] / 1e9:.1f})")
+          f"{max(theirs['ceiling']) / 1e9:.1f} GFLOP/s; bf16 inputs with f32 accumulation: jax "
+          f"{max(ours['ceiling_bf16']) / 1e9:.1f}, torch {theirs['ceiling_bf16'] / 1e9:.1f}. Limits at "
+          f"{ceiling_ours / 1e9:.1f} for ours (its dtype), {ceiling / 1e9:.1f} for torch's float32")
     same = "the same span" if ours["start"] == theirs["start"] else "DIFFERENT spans (limits use ours)"
     print(f"span by cosine: ours layers [{ours['start']}, {ours['start'] + args.span}), torch layers "
           f"[{theirs['start']}, {theirs['start'] + args.span}): {same}")
@@ -470,14 +488,15 @@ def main():
     for name, o, th, lim in rows:
         ratio = th / o if o and th else None
         fo = lim / o if o and lim else None  # the fraction of the limit reached: 1.0 is the limit
-        ft = lim / th if th and lim else None
+        ft = lim * torch_scale / th if th and lim else None
         table.append({"stage": name.strip(), "ours_s": o, "torch_s": th, "ratio": ratio, "limit_s": lim})
         print(f"| {name:<24} | {cell(o)} | {cell(th)} | {cell(ratio, '{:10.2f}'):>10} | {cell(lim)} | "
               f"{cell(fo, '{:10.2f}'):>10} | {cell(ft, '{:11.2f}'):>11} |")
     po, pt = ours["peak_rss_mib"], theirs["peak_rss_mib"]
     print(f"| {'peak host memory, MiB':<24} | {po:9.0f} | {pt:9.0f} | {pt / po:10.2f} | {'-':>9} | {'-':>10} | "
           f"{'-':>11} |")
-    print("\nfrac: the fraction of the limit reached (limit s / measured s); torch/ours > 1: we are faster")
+    print("\nfrac: the fraction of the limit reached (limit s / measured s, each side against its own dtype's "
+          "ceiling; the limit s column is ours); torch/ours > 1: we are faster")
     print(f"load (not in the table): ours {ours['load_s']:.1f} s, torch {theirs['load_s']:.1f} s")
     print(f"peak host memory before load / after load / score / train: ours {ours['rss_before_load_mib']:.0f} / "
           f"{ours['rss_after_load_mib']:.0f} / {ours['rss_after_score_mib']:.0f} / {ours['rss_after_train_mib']:.0f} "

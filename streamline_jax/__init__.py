@@ -6,7 +6,7 @@ evaluate / compare, save_orbax_model / export_hf, generate.
 """
 
 from .models.config import ModelConfig, Segment
-from .models.model import Model, forward, hidden_states
+from .models.model import Model, forward, hidden_states, with_compute_dtype
 from .models.presets import PRESETS, preset
 from .loading import load
 from .sharding import make_mesh
@@ -20,7 +20,8 @@ from .export import export_hf, load_orbax_model, save_orbax_model
 from .generation import Generation, generate
 
 __all__ = [
-    "Model", "ModelConfig", "Segment", "PRESETS", "preset", "forward", "hidden_states", "load", "make_mesh",
+    "Model", "ModelConfig", "Segment", "PRESETS", "preset", "forward", "hidden_states", "with_compute_dtype", "load",
+    "make_mesh",
     "text_source", "token_chunks", "split_chunks", "batches",
     "score_spans", "choose_span", "choose_layers", "SpanScores", "SpanChoice", "prune", "prune_layers",
     "train_replacement", "perplexity", "evaluate", "compare", "stability", "RetentionReport", "Task",

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from .backend import jit_by_config
 from .models import transformer
 from .models.model import Model
 from .tasks import Item, PerplexityTask, Task, get_task, load_items, resolve_path
@@ -37,7 +38,7 @@ class EvaluationError(ValueError):
 HEAD_CHUNK = 128  # tokens per LM-head call when scoring: their [128, V] logits stay small enough to stay in cache
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@jit_by_config(static_argnames=("config",))
 def target_logprobs(config, params, input_ids, targets, attention_mask=None, segment_ids=None):
     """log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] float32 (within its own segment for packed rows).
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .backend import jit_by_config
 from .models import transformer
 from .models.config import ModelConfig, Segment
 from .models.model import Model
@@ -100,7 +101,7 @@ def unrolled(config: ModelConfig, params):
 # The two compiled functions: prefill, and a decode loop that runs until a step limit or until every row is done
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "cache_len", "greedy", "output_logits"))
+@jit_by_config(static_argnames=("config", "max_new_tokens", "cache_len", "greedy", "output_logits"))
 def _prefill(config: ModelConfig, params, prompt_ids, prompt_mask, eos_ids, sampling, rng, *, max_new_tokens,
              cache_len, greedy, output_logits):
     _TRACES["prefill"] += 1
@@ -121,7 +122,7 @@ def _prefill(config: ModelConfig, params, prompt_ids, prompt_mask, eos_ids, samp
     return state
 
 
-@functools.partial(jax.jit, static_argnames=("config", "greedy"), donate_argnames=("state",))
+@jit_by_config(static_argnames=("config", "greedy"), donate_argnames=("state",))
 def _decode(config: ModelConfig, params, state, stop_at, eos_ids, pad_id, sampling, *, greedy):
     _TRACES["decode"] += 1
     prompt_len = state["key_mask"].shape[1] - state["tokens"].shape[1] + 1  # cache_len = P + max_new_tokens - 1

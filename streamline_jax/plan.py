@@ -341,16 +341,11 @@ def make_optimizer(learning_rate: float = 1e-4, weight_decay: float = 0.0):
     return optax.adamw(learning_rate, weight_decay=weight_decay)
 
 
-def _cast(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype), tree)
-
-
 def mse_step(config: ModelConfig, optimizer, block, opt_state, frozen, input_ids, attention_mask, *,
              remat: str = "none"):
     """One step of training the replacement block on MSE(block(h_in), h_out); `config` is a `split_config` and
     `frozen` holds the embeddings and the first two stacks (before and in the span). Block weights are float32
-    master weights; the block runs in the model's dtype."""
-    compute = transformer.compute_dtype(config)
+    master weights; its products run in the model's compute dtype."""
     positions = transformer.default_positions(attention_mask)
     t = input_ids.shape[1]
     mask = transformer.attention_mask_matrix(attention_mask, jnp.arange(t)[None], config.sliding_window)
@@ -367,7 +362,7 @@ def mse_step(config: ModelConfig, optimizer, block, opt_state, frozen, input_ids
 
     def loss_fn(block):
         def run(b, h):
-            return layer.apply({"params": _cast(b, compute)}, h, mask, positions)[0]
+            return layer.apply({"params": b}, h, mask, positions)[0]
 
         if remat != "none":
             run = jax.checkpoint(run, policy=remat_arg(remat) if remat == "dots" else None)
@@ -384,10 +379,9 @@ def lm_step(config: ModelConfig, optimizer, block, opt_state, frozen, input_ids,
     """One step of training the replacement block on the language-model loss of the whole pruned model
     (`config` is a `pruned_config`); only the block gets gradients."""
     k = f"seg_{block_index(config)}"
-    compute = transformer.compute_dtype(config)
 
     def loss_fn(block):
-        params = dict(frozen, segments={**frozen["segments"], k: _cast(block, compute)})
+        params = dict(frozen, segments={**frozen["segments"], k: block})
         out = transformer.apply(config, params, input_ids, attention_mask, remat=remat_arg(remat))
         logits = out["logits"][:, :-1]
         labels = input_ids[:, 1:]

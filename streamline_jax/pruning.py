@@ -113,7 +113,7 @@ def _block_params(config: ModelConfig, params, start: int, segment: Segment, rng
     """Initial parameters of the replacement block, taken from layer `start` (or fresh for `mlp`)."""
     if segment.kind == "mlp":
         module = transformer.block_module(config, segment)
-        x = jnp.zeros((1, 1, config.hidden_size), transformer.compute_dtype(config))
+        x = jnp.zeros((1, 1, config.hidden_size), jnp.float32)
         return nn.meta.unbox(module.init(rng, x)["params"])
     for first, seg, seg_params in _pieces(config, params):
         if first <= start < first + seg.num_layers:

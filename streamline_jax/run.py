@@ -56,6 +56,7 @@ class ModelSection:
     source: str = DEFAULT_MODEL
     hub_id: str | None = None
     dtype: str | None = None
+    compute_dtype: str = "auto"
     architecture: dict | None = None
 
 
@@ -354,6 +355,11 @@ def check_values(c: RunConfig) -> None:
     for key in ("seq_len", "calib_chunks", "batch_size"):
         if getattr(c.data, key) < 1:
             raise ConfigError(f"data.{key} must be positive, got {getattr(c.data, key)}")
+    from .models.model import COMPUTE_DTYPES
+
+    choice("model.compute_dtype", c.model.compute_dtype, ("auto",) + COMPUTE_DTYPES)
+    if c.train.compute_dtype is not None:
+        choice("train.compute_dtype", c.train.compute_dtype, COMPUTE_DTYPES)
     if c.model.dtype is not None:
         import jax.numpy as jnp
 
@@ -563,8 +569,10 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     import jax
 
     from . import data, evaluation as ev, export, pruning as prune_mod, score as score_mod
+    from .backend import resolve_compute_dtype
     from .loading import load
     from .distributed import main_only
+    from .models.model import with_compute_dtype
     from .report import write_report
     from .tasks import PerplexityTask, get_task, load_items
 
@@ -599,10 +607,13 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
             raise ConfigError(f"{c.model.source}: the model has no tokenizer; calibration, training and evaluation "
                               f"need one")
         _check_architecture(c, dense.config)
-        log.info("%s: %d layers, %s parameters, %s", c.model.source, dense.config.depth, f"{dense.num_params:,}",
-                 dense.config.dtype)
+        compute, why = resolve_compute_dtype(c.model.compute_dtype)
+        dense = with_compute_dtype(dense, compute)
+        log.info("%s: %d layers, %s parameters, %s weights, %s products (%s)", c.model.source, dense.config.depth,
+                 f"{dense.num_params:,}", dense.config.dtype, compute, why)
     report["model"] = {"source": c.model.source, "layers": dense.config.depth, "params": dense.num_params,
-                       "dtype": dense.config.dtype, "config": dense.config.to_dict()}
+                       "dtype": dense.config.dtype, "compute_dtype": compute, "compute_dtype_why": why,
+                       "config": dense.config.to_dict()}
     scores = choice = pruned = history = None
     batch, seq = c.data.batch_size, c.data.seq_len
     if "score" in stages:
@@ -669,6 +680,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     outputs = {}
     if "save" in stages:
         with stage("save", times):
+            pruned = with_compute_dtype(pruned, None)  # the checkpoint leaves the choice to whoever loads it
             if c.export.orbax:
                 export.save_orbax_model(pruned, out / "model", overwrite=True)
                 outputs["orbax"] = "model/ (streamline_jax.load)"

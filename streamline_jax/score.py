@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .backend import jit_by_config
 from .models import transformer
 from .models.config import ModelConfig, Segment
 from .models.model import Model, _prepare
@@ -34,7 +35,7 @@ METRICS = ("cosine", "angular", "block_influence")
 # Scoring
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
+@jit_by_config(static_argnames=("config",))
 def score_sums(config: ModelConfig, params, input_ids, attention_mask):
     """One batch's sums: (cosine [L+1, L+1], real tokens, angular [L+1, L+1], sequences with a real token)."""
     hidden = transformer.apply(config, params, input_ids, attention_mask, collect_hidden=True,

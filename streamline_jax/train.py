@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from .backend import jit_for
 from .data import batches as batch_chunks, pad_rows
 from .models import transformer
 from .models.config import ModelConfig, Segment
-from .models.model import Model
+from .models.model import Model, with_compute_dtype
 from .sharding import shard_batch
 
 MODES = ("mse", "lm")
@@ -88,12 +89,11 @@ def _dense_span_io(config: ModelConfig, params, input_ids, mask, start, length):
 
 def span_pairs_fn(config: ModelConfig, start, length):
     """A jitted (params, ids, mask) -> (input, target) in float32: the span's pairs for a pair cache or validation."""
-    @jax.jit
     def span_io(params, ids, mask):
         x_in, target, _, _ = _dense_span_io(config, params, ids, mask, start, length)
         return x_in.astype(jnp.float32), target.astype(jnp.float32)
 
-    return span_io
+    return jit_for(transformer.compute_dtype(config), span_io)
 
 
 MSE_WEIGHTINGS = ("uniform", "token")
@@ -111,21 +111,19 @@ def masked_mse(out, target, mask, weighting="uniform"):
     return jnp.sum(err * real) / jnp.maximum(jnp.sum(real), 1.0)
 
 
-def mse_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, compute_dtype,
-             weighting="uniform"):
+def mse_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform"):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     x_in, target, attn, positions = _dense_span_io(dense_config, frozen["dense"], ids, mask, block.start,
                                                    block.length)
-    p = jax.tree.map(lambda a: a.astype(compute_dtype), block_params)
-    out, _, _ = transformer.run_segment(pruned_config, block.segment, p, x_in.astype(compute_dtype), attn, positions)
+    out, _, _ = transformer.run_segment(pruned_config, block.segment, block_params, x_in, attn, positions)
     return masked_mse(out, target, mask, weighting)
 
 
-def lm_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, compute_dtype):
+def lm_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     params = dict(frozen["pruned"])
     params["segments"] = dict(params["segments"])
-    params["segments"][block.key] = jax.tree.map(lambda a: a.astype(compute_dtype), block_params)
+    params["segments"][block.key] = block_params
     logits = transformer.apply(pruned_config, params, ids, mask)["logits"]
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
@@ -133,16 +131,13 @@ def lm_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: 
     return jnp.sum(nll * real) / jnp.maximum(jnp.sum(real), 1.0)
 
 
-def cached_mse_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, compute_dtype,
-                    weighting="uniform"):
+def cached_mse_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform"):
     """MSE on (input, target) pairs read from a `SpanPairCache` instead of recomputed by the frozen model."""
     mask = batch["attention_mask"]
     t = mask.shape[1]
     positions = transformer.default_positions(mask)
     attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], pruned_config.sliding_window)
-    p = jax.tree.map(lambda a: a.astype(compute_dtype), block_params)
-    out, _, _ = transformer.run_segment(pruned_config, block.segment, p, batch["x_in"].astype(compute_dtype), attn,
-                                        positions)
+    out, _, _ = transformer.run_segment(pruned_config, block.segment, block_params, batch["x_in"], attn, positions)
     return masked_mse(out, batch["target"], mask, weighting)
 
 
@@ -315,19 +310,18 @@ def freeze_labels(block_params, freeze: Sequence[str]):
     return labels
 
 
-def make_steps(loss_fn, tx):
-    @jax.jit
+def make_steps(loss_fn, tx, compute_dtype=jnp.float32):
+    """Jitted (train_step, eval_step) for `loss_fn`, compiled for `compute_dtype` dot products."""
     def train_step(block_params, opt_state, frozen, batch):
         loss, grads = jax.value_and_grad(loss_fn)(block_params, frozen, batch)
         updates, opt_state = tx.update(grads, opt_state, block_params)
         return optax.apply_updates(block_params, updates), opt_state, loss
 
-    @jax.jit
     def eval_step(block_params, frozen, batch):
         mask = batch["attention_mask"]
         return loss_fn(block_params, frozen, batch), jnp.sum(mask)
 
-    return train_step, eval_step
+    return jit_for(compute_dtype, train_step), jit_for(compute_dtype, eval_step)
 
 
 def _as_batch(batch, mesh):
@@ -474,7 +468,10 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     eval_every = eval_every or max(1, num_steps // 5)
     checkpoint_every = checkpoint_every or eval_every
 
-    dtype = jnp.dtype(compute_dtype or pruned_model.config.dtype)
+    result_config = pruned_model.config
+    if compute_dtype is not None:  # the products' input dtype for this training only (the models' own otherwise)
+        dense_model = with_compute_dtype(dense_model, compute_dtype)
+        pruned_model = with_compute_dtype(pruned_model, compute_dtype)
     mesh = pruned_model.mesh
     loss_name = mode
     if pair_cache is not None:
@@ -498,18 +495,18 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     if loss_name == "mse_cached":
         frozen = {}
     loss_fn = _partial(LOSSES[loss_name], dense_config=dense_model.config, pruned_config=pruned_model.config,
-                       block=block, compute_dtype=dtype, **({} if mode == "lm" else {"weighting": mse_weighting}))
+                       block=block, **({} if mode == "lm" else {"weighting": mse_weighting}))
     tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum,
                                   lr_schedule, labels)
-    train_step, eval_step = make_steps(loss_fn, tx)
+    train_step, eval_step = make_steps(loss_fn, tx, transformer.compute_dtype(pruned_model.config))
 
     valid = list(valid_batches) if valid_batches is not None else None
     if valid and loss_name == "mse":  # the frozen span's validation pairs once, not on every pass
         pairs = _validation_pairs(dense_model, block, valid, mesh)
         if pairs is not None:
             cached_loss = _partial(cached_mse_loss, dense_config=dense_model.config, pruned_config=pruned_model.config,
-                                   block=block, compute_dtype=dtype, weighting=mse_weighting)
-            valid, eval_step = pairs, make_steps(cached_loss, tx)[1]
+                                   block=block, weighting=mse_weighting)
+            valid, eval_step = pairs, make_steps(cached_loss, tx, transformer.compute_dtype(pruned_model.config))[1]
 
     opt_state = tx.init(block_params)
     history = {"train": [], "valid": [], "best_step": 0, "best_valid": None, "wall_s": 0.0}
@@ -593,7 +590,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     params["segments"] = dict(params["segments"])
     target_dtype = jnp.dtype(pruned_model.config.dtype)
     params["segments"][block.key] = jax.tree.map(lambda a: a.astype(target_dtype), best)
-    trained = pruned_model.replace(params=params)
+    trained = pruned_model.replace(config=result_config, params=params)
     if checkpoint_dir:
         (Path(checkpoint_dir) / "loss_curve.json").write_text(json.dumps(history, indent=1))
     return (trained, history) if return_history else trained

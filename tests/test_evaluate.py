@@ -438,3 +438,16 @@ def test_compare_report():
     other = fake_results(100, [[1.0, 0.0]], [1], 25.0)
     with pytest.raises(ev.EvaluationError, match="different items"):
         ev.compare(dense, other)
+
+
+def test_bf16_compute_keeps_smollm2_wikitext_perplexity_within_half_a_percent(smollm2, smollm2_torch):
+    """The same 4 windows as the parity test above, with bf16 dot inputs: perplexity within 0.5% of transformers'
+    float32 (the quality bar for the bf16 path; P1's full figures are in the README)."""
+    from streamline_jax.models.model import with_compute_dtype
+
+    ours = ev.perplexity(with_compute_dtype(smollm2, "bfloat16"), "wikitext2", window=256, max_windows=4,
+                         batch_size=4)
+    text, _ = ev.read_text("wikitext2")
+    want, _ = torch_perplexity(smollm2_torch, smollm2.tokenizer(text)["input_ids"][:4 * 256], 256, 256)
+    assert ours["perplexity"] == pytest.approx(want, rel=5e-3)
+    assert ours["perplexity"] != pytest.approx(want, rel=1e-5)  # bf16 really ran

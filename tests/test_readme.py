@@ -113,7 +113,8 @@ COMMANDS: dict[str, Run] = {
     # docstrings: the options' synopsis is no command line
     "python scripts/bench_eval.py [--windows 16] [--window 1024] [--items 50] [--batch-size 8] [--mc-batch-size 32] "
     "[--passes first,compiled,later]": HELP_BENCH,
-    "python scripts/bench_forward.py [--batch 8] [--seq 512] [--repeats 5] [--profile DIR]": HELP_BENCH,
+    "python scripts/bench_forward.py": HELP_BENCH,
+    "python scripts/bench_forward.py --shapes 4x512 --rounds 3": HELP_BENCH,
     "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N]": HELP_BENCH,
     "python scripts/bench_load.py [--layers 4] [--devices 8] [--mesh 1,8,1] [--keep DIR]": HELP_BENCH,
     "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2]": HELP_BENCH,
@@ -131,7 +132,8 @@ COMMANDS: dict[str, Run] = {
         "help", "the real model on the real corpus"),
     "python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token,"
     "layer-untrained,mlp-token] [--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine "
-    "--warmup N] [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name]": Run(
+    "--warmup N] [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name] "
+    "[--compute-dtype float32|bfloat16|auto]": Run(
         "help", "hours on the real model"),
     "python scripts/span_pair_stats.py runs/p1/pairs_11_8/valid": Run("help", "reads a pair cache p1_protocol makes"),
     "python scripts/convert.py smollm2-135m /tmp/smollm2-orbax": Run(

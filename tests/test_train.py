@@ -312,3 +312,18 @@ def test_validation_pairs_computed_once_give_the_recomputed_losses(monkeypatch):
     monkeypatch.setattr(train, "VALID_PAIRS_BYTES", 0)  # too large to keep: every pass recomputes the pairs
     np.testing.assert_allclose(kept, valid_losses(), rtol=1e-6)
     assert len(kept) == 5 and kept[-1] < kept[0]
+
+
+def test_bf16_compute_trains_float32_master_weights():
+    """bf16 dot inputs in training: the block's weights stay float32 (the model's dtype) and still train, and the
+    returned model keeps its own compute setting."""
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 3, "layer")
+    trained, history = train_replacement(model, pruned, patterned_chunks(64), batch_size=4,
+                                         valid_batches=patterned_chunks(8, seed=1), lr=1e-2, min_lr=1e-3,
+                                         warmup_steps=1, progress=False, return_history=True,
+                                         compute_dtype="bfloat16")
+    assert history["best_valid"] < 0.9 * history["valid"][0][1], history["valid"]
+    block = trainable_blocks(pruned.config)[0]
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(trained.params["segments"][block.key]))
+    assert trained.config == pruned.config and trained.config.compute_dtype is None

@@ -69,7 +69,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"  # the weights'
+    # the dtype dot products take their inputs in (accumulating in float32); None: the weights' dtype. Norms,
+    # softmax, the residual stream and losses are float32 whatever this says.
+    compute_dtype: str | None = None
     # the stack after surgery; empty means `num_layers` original layers
     layout: tuple[Segment, ...] = ()
     # (start, length, kind) of each pruned span, in original layer numbers

@@ -26,23 +26,58 @@ def param_init(init, axes):
 KERNEL_INIT = nn.initializers.normal(0.02)  # every dense kernel, whether `dense` or `DenseParams` makes it
 
 
-def dense(features, in_axes, out_axes, use_bias, name, axis=-1, dtype=None):
-    """DenseGeneral whose kernel is [*in, *out] with logical names `in_axes + out_axes`."""
+ACTIVATION_DTYPE = jnp.float32  # residual stream, norms, softmax and dot outputs, whatever the weights' dtype
+
+
+class Dense(nn.Module):
+    """y = x . kernel (+ bias) over x's trailing `axis` dims; kernel [*in, *features] with logical names
+    `in_axes + out_axes`, stored in `param_dtype`. Input and kernel enter the product in `compute_dtype` and it
+    accumulates and returns float32 (`preferred_element_type`): bf16 inputs run at the bf16 rate of TPUs, GPUs and
+    AMX CPUs while sums, biases and the residual stream stay float32."""
+
+    features: tuple
+    in_axes: tuple
+    out_axes: tuple
+    use_bias: bool
+    axis: tuple = (-1,)
+    param_dtype: jnp.dtype = jnp.float32
+    compute_dtype: jnp.dtype = jnp.float32
+    kernel_init: object = KERNEL_INIT
+
+    @nn.compact
+    def __call__(self, x):
+        axis = tuple(sorted(a % x.ndim for a in self.axis))
+        if axis != tuple(range(x.ndim - len(axis), x.ndim)):
+            raise ValueError(f"Dense contracts trailing axes only, got axis={self.axis} for rank {x.ndim}")
+        in_shape = tuple(x.shape[a] for a in axis)
+        kernel = self.param("kernel", param_init(self.kernel_init, self.in_axes + self.out_axes),
+                            in_shape + self.features, self.param_dtype)
+        y = jax.lax.dot_general(x.astype(self.compute_dtype), kernel.astype(self.compute_dtype),
+                                ((axis, tuple(range(len(axis)))), ((), ())), preferred_element_type=ACTIVATION_DTYPE)
+        if self.use_bias:
+            bias = self.param("bias", param_init(nn.initializers.zeros, self.out_axes), self.features,
+                              self.param_dtype)
+            y = y + bias.astype(ACTIVATION_DTYPE)
+        return y
+
+
+def dense(features, in_axes, out_axes, use_bias, name, axis=-1, dtype=None, compute_dtype=None, kernel_init=None):
+    """A `Dense` with its kernel in `dtype` (float32 by default) and its product in `compute_dtype` (default: the
+    kernel's dtype)."""
     features = features if isinstance(features, tuple) else (features,)
-    return nn.DenseGeneral(
-        features=features,
-        axis=axis,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=dtype or jnp.float32,
-        kernel_init=param_init(KERNEL_INIT, in_axes + out_axes),
-        bias_init=param_init(nn.initializers.zeros, out_axes),
-        name=name,
-    )
+    axis = axis if isinstance(axis, tuple) else (axis,)
+    dtype = jnp.dtype(dtype or jnp.float32)
+    return Dense(features, tuple(in_axes), tuple(out_axes), use_bias, axis, dtype, jnp.dtype(compute_dtype or dtype),
+                 kernel_init or KERNEL_INIT, name=name)
+
+
+def matmul_dtype(config: ModelConfig):
+    """The dtype dot inputs take: `config.compute_dtype`, or the weights' own dtype when it is unset."""
+    return jnp.dtype(config.compute_dtype or config.dtype)
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in float32, scale in the input dtype (as transformers does)."""
+    """Llama's RMSNorm, in float32 (the residual stream's dtype) whatever the weight's dtype."""
 
     eps: float
     dtype: jnp.dtype = jnp.float32
@@ -52,12 +87,13 @@ class RMSNorm(nn.Module):
         weight = self.param("scale", param_init(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight * x32.astype(x.dtype)
+        return weight.astype(ACTIVATION_DTYPE) * x32
 
 
 def layer_norm(eps, dtype, name):
+    """OPT's LayerNorm: weights in `dtype`, computed and returned in float32."""
     return nn.LayerNorm(
-        epsilon=eps, dtype=dtype, param_dtype=dtype, use_fast_variance=False,
+        epsilon=eps, dtype=ACTIVATION_DTYPE, param_dtype=dtype, use_fast_variance=False,
         scale_init=param_init(nn.initializers.ones, ("embed",)),
         bias_init=param_init(nn.initializers.zeros, ("embed",)), name=name)
 
@@ -164,7 +200,7 @@ def _attend_dense(q, k, v, mask):
     scores = scores.reshape(b, kv, g, t, -1)
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
-    out = jnp.einsum("bkqs,bskd->bkqd", probs, v)
+    out = jnp.einsum("bkqs,bskd->bkqd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
@@ -198,20 +234,22 @@ class SwiGLU(nn.Module):
     stacked on a new axis (faster on CPU than two products; the new axis leaves the mlp axis's sharding as it is)."""
 
     config: ModelConfig
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32  # the weights'
 
     @nn.compact
     def __call__(self, x):
         c = self.config
+        compute = matmul_dtype(c)
         shape, axes = (c.hidden_size, c.intermediate_size), ("embed", "mlp")
         gate_kernel, gate_bias = DenseParams(shape, axes, c.mlp_bias, self.dtype, name="gate_proj")()
         up_kernel, up_bias = DenseParams(shape, axes, c.mlp_bias, self.dtype, name="up_proj")()
-        kernels = jnp.stack([gate_kernel, up_kernel], axis=1).astype(self.dtype)  # [D, 2, F]
-        gate_up = jnp.einsum("...d,dkf->...kf", x.astype(self.dtype), kernels)
+        kernels = jnp.stack([gate_kernel, up_kernel], axis=1).astype(compute)  # [D, 2, F]
+        gate_up = jnp.einsum("...d,dkf->...kf", x.astype(compute), kernels, preferred_element_type=ACTIVATION_DTYPE)
         if c.mlp_bias:
-            gate_up = gate_up + jnp.stack([gate_bias, up_bias]).astype(self.dtype)
+            gate_up = gate_up + jnp.stack([gate_bias, up_bias]).astype(ACTIVATION_DTYPE)
         hidden = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
-        return dense(c.hidden_size, ("mlp",), ("embed",), c.mlp_bias, "down_proj", dtype=self.dtype)(hidden)
+        return dense(c.hidden_size, ("mlp",), ("embed",), c.mlp_bias, "down_proj", dtype=self.dtype,
+                     compute_dtype=compute)(hidden)
 
 
 class MLPBlock(nn.Module):
@@ -219,14 +257,13 @@ class MLPBlock(nn.Module):
 
     width: int
     hidden_size: int
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32  # the weights'
+    compute_dtype: jnp.dtype | None = None
 
     @nn.compact
     def __call__(self, x):
-        fc1 = nn.Dense(self.width, dtype=self.dtype, param_dtype=self.dtype, name="fc1",
-                       kernel_init=param_init(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                       bias_init=param_init(nn.initializers.zeros, ("mlp",)))
-        fc2 = nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.dtype, name="fc2",
-                       kernel_init=param_init(nn.initializers.zeros, ("mlp", "embed")),
-                       bias_init=param_init(nn.initializers.zeros, ("embed",)))
+        fc1 = dense(self.width, ("embed",), ("mlp",), True, "fc1", dtype=self.dtype, compute_dtype=self.compute_dtype,
+                    kernel_init=nn.initializers.lecun_normal())
+        fc2 = dense(self.hidden_size, ("mlp",), ("embed",), True, "fc2", dtype=self.dtype,
+                    compute_dtype=self.compute_dtype, kernel_init=nn.initializers.zeros)
         return x + fc2(nn.relu(fc1(x)))

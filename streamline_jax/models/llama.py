@@ -6,31 +6,34 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .config import ModelConfig
-from .layers import RMSNorm, SwiGLU, apply_rope, attend, dense, rope_inv_freq, update_cache
+from .layers import RMSNorm, SwiGLU, apply_rope, attend, dense, matmul_dtype, rope_inv_freq, update_cache
 
 
 class LlamaAttention(nn.Module):
     config: ModelConfig
-    dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32  # the weights'; products run in `matmul_dtype(config)`
 
     @nn.compact
     def __call__(self, x, mask, positions, cache=None, cache_index=None):
         c = self.config
         bias = c.attention_bias
-        q = dense((c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), bias, "q_proj", dtype=self.dtype)(x)
+        compute = matmul_dtype(c)
+        q = dense((c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), bias, "q_proj", dtype=self.dtype,
+                  compute_dtype=compute)(x)
         k = dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), bias, "k_proj",
-                  dtype=self.dtype)(x)
+                  dtype=self.dtype, compute_dtype=compute)(x)
         v = dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), bias, "v_proj",
-                  dtype=self.dtype)(x)
+                  dtype=self.dtype, compute_dtype=compute)(x)
         inv_freq = rope_inv_freq(c)
-        q = apply_rope(q, positions, inv_freq) * jnp.asarray(c.head_dim ** -0.5, q.dtype)
-        k = apply_rope(k, positions, inv_freq)
+        q = (apply_rope(q, positions, inv_freq) * jnp.asarray(c.head_dim ** -0.5, q.dtype)).astype(compute)
+        k = apply_rope(k, positions, inv_freq).astype(compute)
+        v = v.astype(compute)
         if cache is not None:
             cache = update_cache(cache, k, v, cache_index)
             k, v = cache
         out = attend(q, k, v, mask, causal=cache is None)
         out = dense(c.hidden_size, ("heads", "head_dim"), ("embed",), bias, "o_proj", axis=(-2, -1),
-                    dtype=self.dtype)(out)
+                    dtype=self.dtype, compute_dtype=compute)(out)
         return out, cache
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..backend import jit_by_config
 from . import transformer
 from .config import ModelConfig
 
@@ -29,7 +30,24 @@ class Model:
         return dataclasses.replace(self, **changes)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "collect_hidden", "return_logits"))
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def with_compute_dtype(model: Model, compute_dtype: str | None) -> Model:
+    """The same model whose dot products take `compute_dtype` inputs (accumulating in float32); "auto": bfloat16
+    where this backend runs it fast (`streamline_jax.backend`), else float32; None: the weights' dtype. The weights
+    themselves are not cast."""
+    if compute_dtype == "auto":
+        from ..backend import auto_compute_dtype
+
+        compute_dtype = auto_compute_dtype()[0]
+    if compute_dtype is not None and str(compute_dtype) not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype={compute_dtype!r} is not one of {COMPUTE_DTYPES}")
+    compute_dtype = None if compute_dtype is None else str(compute_dtype)
+    return model.replace(config=model.config.replace(compute_dtype=compute_dtype))
+
+
+@jit_by_config(static_argnames=("config", "collect_hidden", "return_logits"))
 def _jit_apply(config, params, input_ids, attention_mask, *, collect_hidden, return_logits):
     out = transformer.apply(config, params, input_ids, attention_mask, collect_hidden=collect_hidden,
                             return_logits=return_logits)

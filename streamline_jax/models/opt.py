@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .config import ModelConfig
-from .layers import attend, dense, layer_norm, update_cache
+from .layers import attend, dense, layer_norm, matmul_dtype, update_cache
 
 
 class OPTAttention(nn.Module):
@@ -18,15 +18,18 @@ class OPTAttention(nn.Module):
         c = self.config
         shape = (c.num_heads, c.head_dim)
         axes = ("heads", "head_dim")
-        q = dense(shape, ("embed",), axes, c.enable_bias, "q_proj", dtype=self.dtype)(x)
-        k = dense(shape, ("embed",), axes, c.enable_bias, "k_proj", dtype=self.dtype)(x)
-        v = dense(shape, ("embed",), axes, c.enable_bias, "v_proj", dtype=self.dtype)(x)
-        q = q * jnp.asarray(c.head_dim ** -0.5, q.dtype)
+        compute = matmul_dtype(c)
+        q = dense(shape, ("embed",), axes, c.enable_bias, "q_proj", dtype=self.dtype, compute_dtype=compute)(x)
+        k = dense(shape, ("embed",), axes, c.enable_bias, "k_proj", dtype=self.dtype, compute_dtype=compute)(x)
+        v = dense(shape, ("embed",), axes, c.enable_bias, "v_proj", dtype=self.dtype, compute_dtype=compute)(x)
+        q = (q * jnp.asarray(c.head_dim ** -0.5, q.dtype)).astype(compute)
+        k, v = k.astype(compute), v.astype(compute)
         if cache is not None:
             cache = update_cache(cache, k, v, cache_index)
             k, v = cache
         out = attend(q, k, v, mask, causal=cache is None)
-        out = dense(c.hidden_size, axes, ("embed",), c.enable_bias, "out_proj", axis=(-2, -1), dtype=self.dtype)(out)
+        out = dense(c.hidden_size, axes, ("embed",), c.enable_bias, "out_proj", axis=(-2, -1), dtype=self.dtype,
+                    compute_dtype=compute)(out)
         return out, cache
 
 
@@ -54,8 +57,9 @@ def opt_ffn(c: ModelConfig, dtype, x):
     """
     norm = layer_norm(c.layer_norm_eps, dtype, "final_layer_norm")
     h = norm(x) if c.do_layer_norm_before else x
-    h = dense(c.intermediate_size, ("embed",), ("mlp",), c.enable_bias, "fc1", dtype=dtype)(h)
-    h = dense(c.hidden_size, ("mlp",), ("embed",), c.enable_bias, "fc2", dtype=dtype)(nn.relu(h))
+    compute = matmul_dtype(c)
+    h = dense(c.intermediate_size, ("embed",), ("mlp",), c.enable_bias, "fc1", dtype=dtype, compute_dtype=compute)(h)
+    h = dense(c.hidden_size, ("mlp",), ("embed",), c.enable_bias, "fc2", dtype=dtype, compute_dtype=compute)(nn.relu(h))
     x = x + h
     return x if c.do_layer_norm_before else norm(x)
 

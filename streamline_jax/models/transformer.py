@@ -21,20 +21,26 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .config import ModelConfig, Segment
-from .layers import MLPBlock, RMSNorm, dense, layer_norm, param_init
+from .layers import ACTIVATION_DTYPE, MLPBlock, RMSNorm, dense, layer_norm, matmul_dtype, param_init
 from .llama import LlamaDecoderLayer, LlamaFFNBlock
 from .opt import OPTDecoderLayer, OPTFFNBlock
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 
 
-def compute_dtype(config: ModelConfig):
+def param_dtype(config: ModelConfig):
+    """The dtype the weights are stored in."""
     return jnp.dtype(config.dtype)
+
+
+def compute_dtype(config: ModelConfig):
+    """The dtype dot products take their inputs in (they accumulate in float32); also the KV cache's."""
+    return matmul_dtype(config)
 
 
 def decoder_layer(config: ModelConfig) -> nn.Module:
     cls = LlamaDecoderLayer if config.family == "llama" else OPTDecoderLayer
-    return cls(config, compute_dtype(config))
+    return cls(config, param_dtype(config))
 
 
 def block_module(config: ModelConfig, segment: Segment) -> nn.Module:
@@ -42,8 +48,8 @@ def block_module(config: ModelConfig, segment: Segment) -> nn.Module:
         return decoder_layer(config)
     if segment.kind == "ffn":
         cls = LlamaFFNBlock if config.family == "llama" else OPTFFNBlock
-        return cls(config, compute_dtype(config))
-    return MLPBlock(segment.width, config.hidden_size, compute_dtype(config))
+        return cls(config, param_dtype(config))
+    return MLPBlock(segment.width, config.hidden_size, param_dtype(config), compute_dtype(config))
 
 
 class Embedder(nn.Module):
@@ -52,17 +58,18 @@ class Embedder(nn.Module):
     @nn.compact
     def __call__(self, input_ids, positions):
         c = self.config
-        dtype = compute_dtype(c)
+        dtype = param_dtype(c)
         table = self.param("embed_tokens", param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
                            (c.vocab_size, c.embed_dim), dtype)
-        x = jnp.take(table, input_ids, axis=0)
+        x = jnp.take(table, input_ids, axis=0).astype(ACTIVATION_DTYPE)
         if c.family == "llama":
             return x
         if c.has_projections:
-            x = dense(c.hidden_size, ("embed_proj",), ("embed",), False, "project_in", dtype=dtype)(x)
+            x = dense(c.hidden_size, ("embed_proj",), ("embed",), False, "project_in", dtype=dtype,
+                      compute_dtype=compute_dtype(c))(x)
         pos_table = self.param("embed_positions", param_init(nn.initializers.normal(0.02), ("positions", "embed")),
                                (c.max_position_embeddings + OPT_POSITION_OFFSET, c.hidden_size), dtype)
-        return x + jnp.take(pos_table, positions + OPT_POSITION_OFFSET, axis=0)
+        return x + jnp.take(pos_table, positions + OPT_POSITION_OFFSET, axis=0).astype(ACTIVATION_DTYPE)
 
 
 class Head(nn.Module):
@@ -71,18 +78,20 @@ class Head(nn.Module):
     @nn.compact
     def __call__(self, x, embed_table):
         c = self.config
-        dtype = compute_dtype(c)
+        dtype, compute = param_dtype(c), compute_dtype(c)
         if c.has_final_norm:
             norm = RMSNorm(c.rms_norm_eps, dtype, name="final_norm") if c.family == "llama" else layer_norm(
                 c.layer_norm_eps, dtype, "final_norm")
             x = norm(x)
         if c.has_projections:
-            x = dense(c.embed_dim, ("embed",), ("embed_proj",), False, "project_out", dtype=dtype)(x)
+            x = dense(c.embed_dim, ("embed",), ("embed_proj",), False, "project_out", dtype=dtype,
+                      compute_dtype=compute)(x)
+        x = x.astype(compute)
         if c.tie_word_embeddings:
-            return jnp.einsum("bte,ve->btv", x, embed_table, preferred_element_type=jnp.float32)
+            return jnp.einsum("bte,ve->btv", x, embed_table.astype(compute), preferred_element_type=jnp.float32)
         kernel = self.param("lm_head", param_init(nn.initializers.normal(0.02), ("embed", "vocab")),
                             (c.embed_dim, c.vocab_size), dtype)
-        return jnp.einsum("bte,ev->btv", x, kernel, preferred_element_type=jnp.float32)
+        return jnp.einsum("bte,ev->btv", x, kernel.astype(compute), preferred_element_type=jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,7 +103,7 @@ def _boxed_init(config: ModelConfig, rng):
     b, t = 1, 4
     ids = jnp.zeros((b, t), jnp.int32)
     pos = jnp.zeros((b, t), jnp.int32)
-    x = jnp.zeros((b, t, config.hidden_size), compute_dtype(config))
+    x = jnp.zeros((b, t, config.hidden_size), ACTIVATION_DTYPE)
     mask = jnp.ones((b, t, t), bool)
     rngs = jax.random.split(rng, len(config.layout) + 2)
     emb = Embedder(config).init(rngs[0], ids, pos)["params"]

@@ -1,0 +1,149 @@
+"""What this machine's backend runs fast: the compute dtype `auto` resolves to.
+
+TPUs and GPUs run bf16 dot products with float32 accumulation at several times their float32 rate. So do CPUs with
+AMX or AVX512-BF16 (on a Sapphire Rapids Xeon, 2048^3: ~690 GFLOP/s against ~190 in float32), but not every CPU
+that lists the flags gains as much, so on a CPU with the flags a small probe times both once per process; a CPU
+without them keeps float32, as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+PROBE_SIZE = 1024
+PROBE_MIN_SPEEDUP = 1.3  # bf16 must beat float32 by this much to be chosen (it costs a little accuracy)
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
+    """The CPU feature flags Linux reports (empty where /proc/cpuinfo is absent, e.g. macOS)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _time_dot(a, b, dtype) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    dot = jax.jit(lambda x, y: jnp.dot(x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32))
+    dot(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        dot(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def bf16_probe_speedup() -> float:
+    """float32 time over bf16-input time of one PROBE_SIZE^3 dot product on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (PROBE_SIZE, PROBE_SIZE), jnp.float32)
+    return _time_dot(a, a, jnp.float32) / _time_dot(a, a, jnp.bfloat16)
+
+
+def auto_compute_dtype(platform: str | None = None, flags: set[str] | None = None) -> tuple[str, str]:
+    """(dtype, why) for `compute_dtype: auto` on `platform` (default: jax's default backend)."""
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    if platform in ("tpu", "gpu", "cuda", "rocm"):
+        return "bfloat16", f"{platform}: bf16 dot products at several times the float32 rate"
+    flags = cpu_flags() if flags is None else flags
+    found = [f for f in BF16_CPU_FLAGS if f in flags]
+    if not found:
+        return "float32", f"{platform} without {' or '.join(BF16_CPU_FLAGS)}: float32"
+    speedup = bf16_probe_speedup()
+    dtype = "bfloat16" if speedup >= PROBE_MIN_SPEEDUP else "float32"
+    return dtype, (f"{platform} with {', '.join(found)}: a {PROBE_SIZE}^3 bf16 dot ran {speedup:.1f}x the float32 "
+                   f"rate (bf16 needs >= {PROBE_MIN_SPEEDUP}x)")
+
+
+def resolve_compute_dtype(setting: str | None) -> tuple[str, str]:
+    """A `compute_dtype` setting ("auto", "float32", "bfloat16", "float16") as (dtype, why)."""
+    if setting in (None, "auto"):
+        return auto_compute_dtype()
+    return str(setting), "set explicitly"
+
+
+# XLA's CPU backend sends dot products to YNNPACK by default. For float32 products its Eigen path measured faster
+# on our layer shapes (2048x576x1536 and the like), for bf16 inputs several times slower; so float32 programs get
+# the option where the probe below finds it faster on this machine, bf16 ones never.
+EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+EIGEN_MIN_SPEEDUP = 1.05
+
+
+def _time_f32_dot(options) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((2048, 576), jnp.float32)
+    w = jnp.ones((576, 1536), jnp.float32)
+    dot = jax.jit(jnp.dot).lower(x, w).compile(compiler_options=options or None)
+    dot(x, w).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        dot(x, w).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def float32_cpu_dot_options() -> dict:
+    """EIGEN_DOTS where this jaxlib knows the option and a layer-shaped float32 dot runs faster with it; else {}."""
+    import jax
+
+    if jax.default_backend() != "cpu":
+        return {}
+    try:
+        eigen = _time_f32_dot(EIGEN_DOTS)
+    except Exception:  # a jaxlib that does not know (or renamed) the option: its default dots
+        return {}
+    return dict(EIGEN_DOTS) if _time_f32_dot({}) >= EIGEN_MIN_SPEEDUP * eigen else {}
+
+
+def compiler_options(compute_dtype) -> dict:
+    """XLA compiler options for a program whose dot inputs are `compute_dtype`."""
+    import jax.numpy as jnp
+
+    return float32_cpu_dot_options() if jnp.dtype(compute_dtype) == jnp.float32 else {}
+
+
+def jit_for(compute_dtype, fn, **jit_kwargs):
+    """jax.jit(fn) compiled with the options that suit `compute_dtype`'s dot products on this backend."""
+    import jax
+
+    return jax.jit(fn, compiler_options=compiler_options(compute_dtype) or None, **jit_kwargs)
+
+
+def jit_by_config(**jit_kwargs):
+    """Like functools.partial(jax.jit, **jit_kwargs) for a function whose first argument is a static ModelConfig:
+    each compute dtype gets its own jit with the compiler options that suit it."""
+    def decorate(fn):
+        compiled = {}
+
+        @functools.wraps(fn)
+        def wrapper(config, *args, **kwargs):
+            from .models.layers import matmul_dtype
+
+            dtype = matmul_dtype(config)
+            if dtype not in compiled:
+                compiled[dtype] = jit_for(dtype, fn, **jit_kwargs)
+            return compiled[dtype](config, *args, **kwargs)
+
+        return wrapper
+
+    return decorate

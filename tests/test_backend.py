@@ -1,0 +1,42 @@
+"""`compute_dtype: auto`: bf16 where the backend has fast bf16 dot products, float32 elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from streamline_jax import backend
+from streamline_jax.models.model import Model, with_compute_dtype
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse2 avx512f amx_bf16 avx512_bf16\n")
+    assert {"amx_bf16", "avx512_bf16", "sse2"} <= backend.cpu_flags(info)
+    assert backend.cpu_flags(tmp_path / "missing") == set()
+
+
+def test_auto_compute_dtype(monkeypatch):
+    assert backend.auto_compute_dtype("tpu")[0] == "bfloat16"
+    assert backend.auto_compute_dtype("gpu")[0] == "bfloat16"
+
+    def no_probe():
+        raise AssertionError("a CPU without bf16 units is never probed")
+
+    monkeypatch.setattr(backend, "bf16_probe_speedup", no_probe)
+    dtype, why = backend.auto_compute_dtype("cpu", flags={"avx2", "fma"})
+    assert dtype == "float32" and "amx_bf16" in why
+    monkeypatch.setattr(backend, "bf16_probe_speedup", lambda: 3.4)
+    dtype, why = backend.auto_compute_dtype("cpu", flags={"avx512_bf16"})
+    assert dtype == "bfloat16" and "3.4x" in why
+    monkeypatch.setattr(backend, "bf16_probe_speedup", lambda: 1.1)  # flags, but no real gain: keep float32
+    assert backend.auto_compute_dtype("cpu", flags={"amx_bf16"})[0] == "float32"
+    assert backend.resolve_compute_dtype("float32") == ("float32", "set explicitly")
+
+
+def test_probe_runs_and_returns_a_ratio():
+    assert backend.bf16_probe_speedup() > 0
+
+
+def test_unknown_compute_dtype_is_refused():
+    with pytest.raises(ValueError, match="compute_dtype='int8' is not one of"):
+        with_compute_dtype(Model(config=None, params=None), "int8")
