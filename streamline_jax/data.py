@@ -39,8 +39,12 @@ class TextSource:
         self._check_first_record()
 
     def _open(self):
+        import logging
+
         import datasets
 
+        # a file that cannot be parsed is reported by `_records`, with its line; not by datasets' own log line
+        logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
         try:
             return datasets.load_dataset(self._builder, split=self.split, streaming=True, **self._kwargs)
         except (FileNotFoundError, DataError):

@@ -426,7 +426,13 @@ def peek_model_config(c: RunConfig):
 
             if (path / ORBAX_MARKER).exists():
                 return read_orbax_config(path)
-            return read_hf_model_config(path)
+            config = read_hf_model_config(path)
+            from .loading import hf_checkpoint_files, safetensors_index
+
+            for f in hf_checkpoint_files(path)[0]:  # headers only: a truncated file is named before any work
+                if f.suffix == ".safetensors" and f.is_file():
+                    safetensors_index(f)
+            return config
         if path.suffix == ".gguf" and path.is_file():
             import gguf
 
@@ -1080,10 +1086,16 @@ def _training_error():
     return TrainingError
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not as it was when the handler was made."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_intermixed_args(argv)
     if not log.handlers:
-        h = logging.StreamHandler()
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(h)
         log.setLevel(logging.INFO)
