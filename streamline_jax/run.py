@@ -7,8 +7,10 @@ load → score → choose span → prune → train the block → evaluate dense 
 report (report.json, report.md, plots). Settings: configs/pipeline.yaml (the paper's defaults), then the model
 preset configs/<name>.yaml, then `--config FILE`, then `key=value` overrides (dotted keys, YAML values).
 
-The output folder is marked finished by a `DONE` file written last; a folder holding a finished run is refused
-unless --overwrite, an unfinished one unless --resume (continue training from its checkpoint) or --overwrite.
+The output folder is marked finished by a `DONE` file written last. A folder holding a finished run is refused
+unless --overwrite, which writes the new run beside it (`.NAME.overwrite`) and puts it in its place only once it has
+finished; an unfinished one is continued by the same command (training from its checkpoint). A folder holding
+anything a run does not write is never touched. Every setting is checked before the folder is.
 """
 
 from __future__ import annotations
@@ -415,9 +417,9 @@ def check_ranges(c: RunConfig) -> None:
 
 
 def peek_model_config(c: RunConfig):
-    """The model's shapes without its weights (config.json, the Orbax marker, the GGUF header or the preset), or
-    None where that would need a download."""
-    from .loading import EMBEDDED_MODELS, read_hf_model_config
+    """The model's shapes without its weights (config.json, the Orbax marker, the GGUF header or the preset's
+    architecture), or None where that would need a download."""
+    from .loading import read_hf_model_config
 
     path = Path(c.model.source).expanduser()
     try:
@@ -442,7 +444,7 @@ def peek_model_config(c: RunConfig):
             return from_hf_config(gguf_hf_config(gguf.GGUFReader(str(path))))
     except (KeyError, TypeError) as e:
         raise ConfigError(f"{path}: cannot read the model's configuration ({type(e).__name__}: {e})") from None
-    if c.model.architecture and c.model.source in EMBEDDED_MODELS:
+    if c.model.architecture:  # a preset (embedded, or a hub id not downloaded yet): its shapes
         from .models.config import ModelConfig
 
         return ModelConfig(**c.model.architecture)
