@@ -6,8 +6,9 @@ host memory does not grow with the number of training samples. LM mode: next-tok
 model, with gradients only for the block. A trained `layer` block uses the same causal mask as at inference.
 
 Training state (block params, optimizer state, step, data position, best block, history) is checkpointed with
-Orbax every `checkpoint_every` steps; `resume=True` continues from the latest checkpoint and ends with the same
-parameters as an uninterrupted run.
+Orbax every `checkpoint_every` steps, and at the step a Ctrl-C stops (it waits for the step under way: see
+interrupts.py); `resume=True` continues from the latest checkpoint and ends with the same parameters as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -583,7 +584,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                     _loop_point("validated")
                 elif valid is None:
                     best = block_params
-                if manager is not None and (step % checkpoint_every == 0 or step == num_steps or interrupt.pending):
+                if manager is not None and (step % checkpoint_every == 0 or step == num_steps):
                     save(step)
                     last_good = step
                     _loop_point("saved")
