@@ -39,8 +39,12 @@ class TextSource:
         self._check_first_record()
 
     def _open(self):
+        import logging
+
         import datasets
 
+        # a file that cannot be parsed is reported by `_records`, with its line; not by datasets' own log line
+        logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
         try:
             return datasets.load_dataset(self._builder, split=self.split, streaming=True, **self._kwargs)
         except (FileNotFoundError, DataError):
@@ -53,7 +57,7 @@ class TextSource:
         if features is not None and self.text_field not in features:
             raise DataError(f"dataset {self.spec!r} has no text field {self.text_field!r}; its fields are "
                             f"{sorted(features)}")
-        first = next(iter(self.dataset), None)
+        first = next(self._records(), None)
         if first is None:
             raise DataError(f"dataset {self.spec!r} is empty")
         if self.text_field not in first:
@@ -63,14 +67,50 @@ class TextSource:
             raise DataError(f"field {self.text_field!r} of dataset {self.spec!r} holds "
                             f"{type(first[self.text_field]).__name__}, not text")
 
+    def _records(self):
+        """The dataset's records; a file that cannot be parsed is named with the line at fault."""
+        try:
+            yield from self.dataset
+        except Exception as e:
+            files = self._kwargs.get("data_files", {}).get(self.split, []) if self._builder == "json" else []
+            where = _bad_json_line(files)
+            if where:
+                raise DataError(where) from None
+            raise DataError(f"cannot read dataset {self.spec!r} ({type(e).__name__}: {e})") from None
+
     def __iter__(self) -> Iterator[str]:
-        for record in self.dataset:
+        for record in self._records():
             text = record[self.text_field]
             if text:
                 yield text
 
     def __repr__(self):
         return f"TextSource({self.spec!r}, text_field={self.text_field!r})"
+
+
+def _bad_json_line(files) -> str | None:
+    """"file, line N: what is wrong" for the first line of these JSON Lines files that is not a JSON object (or
+    the place where a whole .json file stops parsing), or None."""
+    import json
+
+    for f in files:
+        if Path(f).suffix == ".json":
+            try:
+                json.loads(Path(f).read_text())
+            except ValueError as e:
+                return f"{f}, line {getattr(e, 'lineno', '?')}: not valid JSON ({e})"
+            continue
+        with open(f) as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    return f"{f}, line {number}: not valid JSON ({e})"
+                if not isinstance(record, dict):
+                    return f"{f}, line {number}: expected a JSON object, got {type(record).__name__}"
+    return None
 
 
 def text_source(spec, text_field: str = "text", split: str = "train", sample_by: str = "line") -> TextSource:

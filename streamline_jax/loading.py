@@ -273,15 +273,24 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": m
 
 def safetensors_index(path: Path) -> dict[str, tuple]:
     """name -> (dtype, shape, absolute byte offset) from a safetensors header; reads no tensor data."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    out = {}
+        try:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+        except (struct.error, ValueError):
+            header = None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header cannot be read; truncated?)")
+    out, end = {}, 0
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        start, _ = info["data_offsets"]
+        start, stop = info["data_offsets"]
+        end = max(end, stop)
         out[name] = (_ST_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + start)
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated: its header lists {8 + n + end:,} bytes, the file has {size:,}")
     return out
 
 
@@ -581,10 +590,36 @@ def place_on_mesh(model: Model, mesh) -> Model:
     return model.replace(params=params, mesh=mesh)
 
 
+# config.json fields that must be whole numbers
+HF_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "ffn_dim", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                 "word_embed_proj_dim")
+
+
+def read_hf_model_config(folder: Path, dtype: str = "float32") -> ModelConfig:
+    """A Hugging Face folder's config.json as a ModelConfig; an error names the file and the field at fault."""
+    path = Path(folder) / "config.json"
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    for key in HF_INT_FIELDS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise CheckpointError(f"{path}: field {key!r} must be an integer, got {value!r}")
+    try:
+        return from_hf_config(hf, dtype=dtype)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: missing field {e.args[0]!r}") from None
+    except UnsupportedArchitectureError as e:
+        raise UnsupportedArchitectureError(f"{path}: {e}") from None
+
+
 def load_hf_folder(folder: Path, dtype: str = "float32") -> Model:
     folder = Path(folder)
-    hf = json.loads((folder / "config.json").read_text())
-    config = from_hf_config(hf, dtype=dtype)
+    config = read_hf_model_config(folder, dtype)
     files, reader = hf_checkpoint_files(folder)
     params = params_from_tensors(config, _chain(files, reader), dtype, source=str(folder))
     return Model(config, jax.tree.map(jnp.asarray, params), load_tokenizer(folder))

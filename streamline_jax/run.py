@@ -7,8 +7,10 @@ load → score → choose span → prune → train the block → evaluate dense 
 report (report.json, report.md, plots). Settings: configs/pipeline.yaml (the paper's defaults), then the model
 preset configs/<name>.yaml, then `--config FILE`, then `key=value` overrides (dotted keys, YAML values).
 
-The output folder is marked finished by a `DONE` file written last; a folder holding a finished run is refused
-unless --overwrite, an unfinished one unless --resume (continue training from its checkpoint) or --overwrite.
+The output folder is marked finished by a `DONE` file written last. A folder holding a finished run is refused
+unless --overwrite, which writes the new run beside it (`.NAME.overwrite`) and puts it in its place only once it has
+finished; an unfinished one is continued by the same command (training from its checkpoint). A folder holding
+anything a run does not write is never touched. Every setting is checked before the folder is.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
+import os
+import re
 import shutil
 import sys
 import time
@@ -308,6 +313,8 @@ def resolve_model(model: str | None) -> tuple[str | None, dict]:
         return None, {"model": {"source": str(path.absolute())}}
     if "/" in model and not model.startswith((".", "/", "~")):
         return None, {"model": {"source": model, "hub_id": model}}
+    if model.startswith((".", "/", "~")) or "\\" in model:
+        raise ConfigError(f"--model {model}: no such folder or file ({path.absolute()})")
     near = difflib.get_close_matches(model, preset_names(), n=1, cutoff=0.5)
     hint = f"; did you mean {near[0]!r}?" if near else ""
     raise ConfigError(f"unknown model preset {model!r}{hint} (presets: {', '.join(preset_names())}; or pass a local "
@@ -352,9 +359,7 @@ def check_values(c: RunConfig) -> None:
     choice("train.mse_weighting", c.train.mse_weighting, MSE_WEIGHTINGS)
     if (c.score.sparsity is None) == (c.score.num_layers is None):
         raise ConfigError("set exactly one of score.sparsity and score.num_layers (the other to null)")
-    for key in ("seq_len", "calib_chunks", "batch_size"):
-        if getattr(c.data, key) < 1:
-            raise ConfigError(f"data.{key} must be positive, got {getattr(c.data, key)}")
+    check_ranges(c)
     from .models.model import COMPUTE_DTYPES
 
     choice("model.compute_dtype", c.model.compute_dtype, ("auto",) + COMPUTE_DTYPES)
@@ -371,6 +376,113 @@ def check_values(c: RunConfig) -> None:
 
     for t in c.eval.tasks:
         choice("eval.tasks", t, sorted(TASKS))
+
+
+# (key, lowest allowed, whether the lowest itself is allowed); None (where the type allows it) is always allowed
+RANGES = [
+    ("data.seq_len", 1, True), ("data.calib_chunks", 1, True), ("data.train_chunks", 1, True),
+    ("data.valid_chunks", 0, True), ("data.batch_size", 1, True),
+    ("score.sparsity", 0, False), ("score.num_layers", 1, True), ("score.protect_first", 0, True),
+    ("score.protect_last", 0, True), ("prune.mlp_width", 1, True),
+    ("train.num_steps", 1, True), ("train.epochs", 1, True), ("train.lr", 0, False), ("train.min_lr", 0, True),
+    ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
+    ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
+    ("eval.limit", 1, True), ("eval.ppl_windows", 1, True), ("eval.window", 2, True), ("eval.batch_size", 1, True),
+    ("samples.max_new_tokens", 1, True), ("mesh.data", 1, True), ("mesh.tensor", 1, True),
+]
+
+
+def check_ranges(c: RunConfig) -> None:
+    """Every number in its range, before any work: a wrong one is named with the range it must be in."""
+    for key, low, inclusive in RANGES:
+        section, _, name = key.partition(".")
+        value = getattr(getattr(c, section), name)
+        if value is None:
+            continue
+        if not math.isfinite(value) or (value < low if inclusive else value <= low):
+            bound = f">= {low}" if inclusive else f"> {low}"
+            raise ConfigError(f"{key} must be {bound}, got {value}")
+    if c.score.sparsity is not None and not c.score.sparsity < 1:
+        raise ConfigError(f"score.sparsity is the fraction of parameters removed: it must be in (0, 1), got "
+                          f"{c.score.sparsity}")
+    if c.mesh.fsdp != -1 and c.mesh.fsdp < 1:
+        raise ConfigError(f"mesh.fsdp must be >= 1, or -1 (every device left), got {c.mesh.fsdp}")
+    if c.train.min_lr > c.train.lr:
+        raise ConfigError(f"train.min_lr ({c.train.min_lr}) must not exceed train.lr ({c.train.lr})")
+    per_step = c.data.batch_size * c.train.grad_accum
+    if c.train.num_steps is None and c.data.train_chunks < per_step:
+        raise ConfigError(f"data.train_chunks={c.data.train_chunks} gives no optimizer step: one step takes "
+                          f"data.batch_size x train.grad_accum = {per_step} chunks")
+    if c.train.num_steps is not None:
+        available = c.data.train_chunks // c.data.batch_size * c.train.epochs
+        if c.train.num_steps * c.train.grad_accum > available:
+            raise ConfigError(f"train.num_steps={c.train.num_steps} x train.grad_accum={c.train.grad_accum} needs "
+                              f"{c.train.num_steps * c.train.grad_accum} batches, but data.train_chunks="
+                              f"{c.data.train_chunks} in batches of {c.data.batch_size} x train.epochs="
+                              f"{c.train.epochs} give {available}")
+
+
+def peek_model_config(c: RunConfig):
+    """The model's shapes without its weights (config.json, the Orbax marker, the GGUF header or the preset's
+    architecture), or None where that would need a download."""
+    from .loading import read_hf_model_config
+
+    path = Path(c.model.source).expanduser()
+    try:
+        if path.is_dir():
+            from .export import ORBAX_MARKER, read_orbax_config
+
+            if (path / ORBAX_MARKER).exists():
+                return read_orbax_config(path)
+            config = read_hf_model_config(path)
+            from .loading import hf_checkpoint_files, safetensors_index
+
+            for f in hf_checkpoint_files(path)[0]:  # headers only: a truncated file is named before any work
+                if f.suffix == ".safetensors" and f.is_file():
+                    safetensors_index(f)
+            return config
+        if path.suffix == ".gguf" and path.is_file():
+            import gguf
+
+            from .loading import gguf_hf_config
+            from .models.config import from_hf_config
+
+            return from_hf_config(gguf_hf_config(gguf.GGUFReader(str(path))))
+    except (KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: cannot read the model's configuration ({type(e).__name__}: {e})") from None
+    if c.model.architecture:  # a preset (embedded, or a hub id not downloaded yet): its shapes
+        from .models.config import ModelConfig
+
+        return ModelConfig(**c.model.architecture)
+    return None
+
+
+def check_against_model(c: RunConfig, config) -> None:
+    """Settings that depend on the model's shape: span length and sparsity, and sequence lengths against learned
+    positions (OPT's table has max_position_embeddings rows; beyond it there are no positions)."""
+    from .score import spans_for_sparsity
+
+    depth = config.depth
+    room = depth - c.score.protect_first - c.score.protect_last
+    if c.score.num_layers is not None:
+        if c.score.num_layers >= depth:
+            raise ConfigError(f"score.num_layers={c.score.num_layers} would replace all {depth} layers of the model; "
+                              f"it must be below {depth}")
+        if c.score.num_layers > room:
+            raise ConfigError(f"score.num_layers={c.score.num_layers} does not fit between score.protect_first="
+                              f"{c.score.protect_first} and score.protect_last={c.score.protect_last} in {depth} "
+                              f"layers")
+    if c.score.sparsity is not None:
+        try:
+            length, _ = spans_for_sparsity(config, c.score.sparsity, c.prune.replacement, c.prune.mlp_width,
+                                           c.score.protect_first, c.score.protect_last)
+        except ValueError as e:
+            raise ConfigError(f"score.sparsity: {e}") from None
+        if length >= depth:
+            raise ConfigError(f"score.sparsity={c.score.sparsity} would replace all {depth} layers of the model")
+    if config.family == "opt" and c.data.seq_len > config.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={c.data.seq_len} is longer than the {config.max_position_embeddings} "
+                          f"positions OPT learned (max_position_embeddings of {c.model.source})")
 
 
 def preset_model_config(name: str):
@@ -429,70 +541,178 @@ def read_failure(out: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def prepare_out(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> bool:
-    """Check `out` before any work; return whether the run resumes there.
+# What a run writes in its folder; a folder holding anything else is not ours and is never touched.
+RUN_FILES = {DONE, RUN_CONFIG, FAILED, LOCK, "report.json", "report.md", "run.log"}
+RUN_FOLDERS = {TRAIN_CHECKPOINT, PAIR_CACHE, "model", "hf", "plots"}
+EXPORT_TEMP = re.compile(r"^\.(model|hf)\.tmp-")  # export.atomic_folder's, left by a run killed while saving
+# Settings that change only evaluation, samples and what is saved: a resume may change them (training is kept).
+RESUMABLE_SECTIONS = ("eval", "samples", "export")
 
-    A finished run is refused (unless overwrite); an unfinished one resumes by itself when its settings equal these,
-    and is refused, naming the settings that differ, when they do not (unless overwrite). Finished work is never
-    deleted without --overwrite."""
+
+def staging_folder(out: Path) -> Path:
+    """Where --overwrite writes the new run, beside the old one, until it finishes and takes the old one's place."""
+    return out.parent / f".{out.name}.overwrite"
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """What `out` holds that no run writes (a user's notes, other folders): such a folder is never ours."""
+    return sorted(p.name for p in out.iterdir()
+                  if not ((p.name in RUN_FILES and p.is_file()) or (p.name in RUN_FOLDERS and p.is_dir())
+                          or (EXPORT_TEMP.match(p.name) and p.is_dir())))
+
+
+def is_run_folder(out: Path) -> bool:
+    return (out / RUN_CONFIG).is_file() and not foreign_entries(out)
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _refuse_foreign(out: Path) -> None:
+    if (out / RUN_CONFIG).is_file():
+        raise ConfigError(f"--out {out} holds a run and also {', '.join(foreign_entries(out))}, which no run writes; "
+                          f"move them out or choose another folder (nothing was changed)")
+    raise ConfigError(f"--out {out} is not empty and holds no streamline_jax run; choose another folder")
+
+
+def prepare_out(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> tuple[Path, bool]:
+    """Check `out` before any work; return (the folder to write the run in, whether the run resumes there).
+
+    A finished run is refused unless overwrite; an unfinished one resumes by itself when its settings equal these
+    (or differ only in evaluation, samples or export settings), and is refused, naming the settings that differ,
+    when they do not (unless overwrite). With overwrite, the new run is written in `staging_folder(out)`, and
+    `finish_out` puts it in the old run's place once it has finished: until then the old run is kept whole."""
     if overwrite and resume:
         raise ConfigError("--overwrite and --resume exclude each other")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file")
     contents = [p for p in out.iterdir() if p.name != LOCK] if out.exists() else []
-    ours = (out / RUN_CONFIG).exists() or (out / DONE).exists()
-    if contents and not ours:
-        raise ConfigError(f"--out {out} is not empty and holds no streamline_jax run; choose another folder")
+    if contents and not is_run_folder(out):
+        _refuse_foreign(out)
+    if overwrite and contents:
+        return _prepare_staging(out, config), False
     if (out / DONE).exists():
         if resume:
             raise ConfigError(f"{out} holds a finished run; nothing to resume (pass --overwrite to run again)")
-        if not overwrite:
-            raise ConfigError(f"{out} holds a finished run; pass --overwrite to replace it")
-    elif contents and not overwrite:
-        failure = read_failure(out)
-        stopped = f"it stopped in {failure}" if failure else "it did not finish"
-        diff = settings_diff(read_yaml(out / RUN_CONFIG), config.to_dict())
-        if diff:
-            raise ConfigError(f"{out} holds an unfinished run ({stopped}) whose settings differ from these in "
-                              f"{'; '.join(diff)}. Rerun with its settings to continue it, pass --overwrite to "
-                              f"start again with these, or choose another --out")
-        if not resume:
-            log.info("%s holds an unfinished run with the same settings (%s): resuming it", out, stopped)
+        raise ConfigError(f"{out} holds a finished run; pass --overwrite to replace it (it is kept until the new "
+                          f"run finishes)")
+    if contents:
+        _check_resume(out, config, resume)
         resume = True
     elif resume:
         raise ConfigError(f"--resume: {out} holds no run to resume")
-    if overwrite:  # everything but the lock this run holds
-        for path in contents:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out / RUN_CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    return resume
+    return out, resume
+
+
+def _check_resume(out: Path, config: RunConfig, resume: bool) -> None:
+    """Allow continuing the unfinished run in `out` with these settings, or refuse naming what differs."""
+    failure = read_failure(out)
+    stopped = f"it stopped in {failure}" if failure else "it did not finish"
+    diff = settings_diff(read_yaml(out / RUN_CONFIG), config.to_dict())
+    fixed = [d for d in diff if not d.startswith(tuple(f"{s}." for s in RESUMABLE_SECTIONS))]
+    if fixed:
+        raise ConfigError(f"{out} holds an unfinished run ({stopped}) whose settings differ from these in "
+                          f"{'; '.join(fixed)}. Rerun with its settings to continue it, pass --overwrite to "
+                          f"start again with these (the old run is kept until the new one finishes), or choose "
+                          f"another --out")
+    if diff:  # evaluation-only changes: training and its checkpoint are kept
+        log.info("%s: continuing the unfinished run (%s) with new evaluation settings: %s", out, stopped,
+                 "; ".join(diff))
+        (out / RUN_CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    elif not resume:
+        log.info("%s holds an unfinished run with the same settings (%s): resuming it", out, stopped)
+    for path in out.iterdir():  # export temporaries of a run killed while saving
+        if EXPORT_TEMP.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _prepare_staging(out: Path, config: RunConfig) -> Path:
+    """The staging folder for --overwrite: an unfinished replacement with these settings is continued, any other
+    is started again."""
+    staging = staging_folder(out)
+    if staging.exists():
+        if not staging.is_dir() or [p for p in staging.iterdir() if p.name != LOCK] and not is_run_folder(staging):
+            raise ConfigError(f"{staging} (where --overwrite writes the new run) holds something else; remove it")
+        same = (staging / RUN_CONFIG).is_file() and not settings_diff(read_yaml(staging / RUN_CONFIG),
+                                                                       config.to_dict())
+        if same and not (staging / DONE).exists():
+            log.info("continuing the unfinished replacement of %s in %s", out, staging)
+            _check_resume(staging, config, True)
+            return staging
+        shutil.rmtree(staging)
+    staging.mkdir()
+    (staging / RUN_CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    log.info("--overwrite: the new run is written in %s; %s is kept until it finishes", staging, out)
+    return staging
+
+
+def finish_out(work: Path, out: Path) -> None:
+    """Put a finished run written in a staging folder in `out`'s place (one atomic exchange where the system has
+    it), then remove the old run."""
+    if work == out:
+        return
+    if not _exchange(work, out):
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(out, old)
+        os.rename(work, out)
+        work = old
+    shutil.rmtree(work)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 @contextlib.contextmanager
 def folder_lock(out: Path):
     """Hold `out`'s lock for the run: a second run on the same folder is refused with the holder's pid and start
-    time. The lock is the kernel's (flock), so it goes with the process however it dies."""
+    time. The lock is the kernel's (flock on the folder itself), so it goes with the process however it dies; the
+    holder's pid and start time are written in `out/.lock` once the folder is known to be ours (`mark_holder`)
+    and cleared at the end, so a record left behind is a stale lock of a run that was killed."""
     import fcntl
-    import os
 
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "a+") as f:
+    fd = os.open(out, os.O_RDONLY)
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            raise ConfigError(f"{out} is in use by another run ({f.read().strip() or 'holder unknown'}); wait for "
-                              f"it to finish or choose another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
-        f.flush()
+            holder = (out / LOCK).read_text().strip() if (out / LOCK).is_file() else ""
+            raise ConfigError(f"{out} is in use by another run ({holder or 'holder unknown'}); wait for it to "
+                              f"finish or choose another --out") from None
+        stale = (out / LOCK).read_text().strip() if (out / LOCK).is_file() else ""
+        if stale:
+            log.warning("%s: stale lock of a run that ended without releasing it (%s, no longer running): taken "
+                        "over", out, stale)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if (out / LOCK).is_file():
+                (out / LOCK).write_text("")
+            if created and out.exists() and not any(out.iterdir()):
+                out.rmdir()  # refused before any work: leave no empty folder behind
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def mark_holder(folder: Path) -> None:
+    (folder / LOCK).write_text(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -542,45 +762,92 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
     out = Path(out).absolute()
     total_start = time.perf_counter()
     times = StageTimes()
-    # every check that needs no model first; one run at a time per folder
+    # every check that needs no model first, before the folder is touched; then one run at a time per folder
+    inputs = check_inputs(config, stages)
     with folder_lock(out) if is_main_process() else contextlib.nullcontext():
-        resume = prepare_out(out, config, overwrite, resume)
-        handler = logging.FileHandler(out / "run.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
-        try:
-            report = _run(config, out, stages, resume, preset, progress, total_start, target, times)
-        except BaseException as e:
-            if is_main_process():  # the next run says what failed, and resumes
-                what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-                (out / FAILED).write_text(f"stage {times.current}: {what}\n")
-            e.add_note(f"{out} is not marked finished: once the cause is fixed, the same command continues it; "
-                       f"other settings need --overwrite")
-            raise
-        finally:
-            log.removeHandler(handler)
-            handler.close()
-        if is_main_process():
-            (out / FAILED).unlink(missing_ok=True)
+        work, resume = _prepare_all_processes(out, config, overwrite, resume)
+        with folder_lock(work) if work != out and is_main_process() else contextlib.nullcontext():
+            if is_main_process():
+                mark_holder(out)
+                mark_holder(work)
+            handler = logging.FileHandler(work / "run.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(handler)
+            try:
+                report = _run(config, work, stages, resume, preset, progress, total_start, target, times, inputs)
+                if is_main_process():
+                    (work / FAILED).unlink(missing_ok=True)
+                    finish_out(work, out)
+            except BaseException as e:
+                if is_main_process():  # the next run says what failed, and resumes
+                    _record_failure(work, e, times.current)
+                kept = f"; the finished run in {out} is kept as it was" if work != out else ""
+                e.add_note(f"{work} is not marked finished{kept}: once the cause is fixed, the same command "
+                           f"continues it; other settings need --overwrite")
+                raise
+            finally:
+                log.removeHandler(handler)
+                handler.close()
         return report
 
 
-def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes) -> dict:
+def _prepare_all_processes(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> tuple[Path, bool]:
+    """prepare_out on process 0; every process learns where the run is written and whether it resumes."""
     import jax
 
-    from . import data, evaluation as ev, export, pruning as prune_mod, score as score_mod
-    from .backend import resolve_compute_dtype
-    from .loading import load
-    from .distributed import main_only
-    from .models.model import with_compute_dtype
-    from .report import write_report
+    from .distributed import barrier, is_main_process
+
+    if jax.process_count() == 1:
+        return prepare_out(out, config, overwrite, resume)
+    from jax.experimental import multihost_utils
+
+    import numpy as np
+
+    decided = np.zeros(2, np.int32)
+    if is_main_process():
+        work, resume = prepare_out(out, config, overwrite, resume)
+        decided[:] = (work != out, resume)
+    barrier("prepare_out")
+    staged, resume = (bool(v) for v in multihost_utils.broadcast_one_to_all(decided))
+    return (staging_folder(out) if staged else out), resume
+
+
+def _record_failure(work: Path, error: BaseException, stage_name: str) -> None:
+    """FAILED (stage and error) for the next run; the traceback of an unexpected error goes to run.log only."""
+    import traceback
+
+    what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    (work / FAILED).write_text(f"stage {stage_name}: {what}\n")
+    if not isinstance(error, (KeyboardInterrupt, ConfigError)):
+        with open(work / "run.log", "a") as f:
+            traceback.print_exception(error, file=f)
+        error.add_note(f"the traceback is in {work / 'run.log'}")
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What the checks before any work found: the data sources and tasks."""
+
+    calib_source: Any
+    train_source: Any
+    valid_source: Any
+    tasks: list
+    hf_ok: bool
+
+
+def check_inputs(c: RunConfig, stages) -> Inputs:
+    """Data files, tasks, the tokenizer and the model's shape against the settings: everything that needs no
+    model weights, so that bad input fails before the output folder is touched."""
+    from . import data
     from .tasks import PerplexityTask, get_task, load_items
 
-    log.info("output folder %s; stages %s", out, ", ".join(stages))
-    calib_source = data.text_source(_data_path(c.data.calibration), c.data.text_field)
-    train_spec = _data_path(c.data.train)
-    train_source = data.text_source(train_spec, c.data.text_field) if train_spec else calib_source
-    valid_source = data.text_source(_data_path(c.data.valid), c.data.text_field) if c.data.valid else None
+    try:
+        calib_source = data.text_source(_data_path(c.data.calibration), c.data.text_field)
+        train_spec = _data_path(c.data.train)
+        train_source = data.text_source(train_spec, c.data.text_field) if train_spec else calib_source
+        valid_source = data.text_source(_data_path(c.data.valid), c.data.text_field) if c.data.valid else None
+    except data.DataError as e:
+        raise ConfigError(str(e)) from None
     tasks = [get_task(t) for t in c.eval.tasks]
     if c.eval.perplexity_text:
         path = _data_path(c.eval.perplexity_text)
@@ -597,6 +864,31 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
                     "checkpoint only")
         hf_ok = False
     _check_tokenizer_before_load(c.model.source)
+    model_config = peek_model_config(c)
+    if model_config is not None:
+        check_against_model(c, model_config)
+        for t in tasks:
+            if isinstance(t, PerplexityTask) and "evaluate" in stages and t.window > model_config.max_position_embeddings:
+                raise ConfigError(f"the {t.name} perplexity window of {t.window} tokens (eval.window) is longer than "
+                                  f"the model's context of {model_config.max_position_embeddings} tokens")
+    return Inputs(calib_source, train_source, valid_source, tasks, hf_ok)
+
+
+def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes,
+         inputs: Inputs) -> dict:
+    import jax
+
+    from . import data, evaluation as ev, export, pruning as prune_mod, score as score_mod
+    from .backend import resolve_compute_dtype
+    from .loading import load
+    from .distributed import main_only
+    from .interrupts import deferred_interrupts
+    from .models.model import with_compute_dtype
+    from .report import write_report
+
+    log.info("output folder %s; stages %s", out, ", ".join(stages))
+    calib_source, train_source, valid_source = inputs.calib_source, inputs.train_source, inputs.valid_source
+    tasks, hf_ok = inputs.tasks, inputs.hf_ok
 
     report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
                               "devices": [str(d) for d in jax.devices()], "finished": None}
@@ -607,6 +899,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
             raise ConfigError(f"{c.model.source}: the model has no tokenizer; calibration, training and evaluation "
                               f"need one")
         _check_architecture(c, dense.config)
+        check_against_model(c, dense.config)
         compute, why = resolve_compute_dtype(c.model.compute_dtype)
         dense = with_compute_dtype(dense, compute)
         log.info("%s: %d layers, %s parameters, %s weights, %s products (%s)", c.model.source, dense.config.depth,
@@ -679,7 +972,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
                                              c.samples.max_new_tokens)
     outputs = {}
     if "save" in stages:
-        with stage("save", times):
+        with stage("save", times), deferred_interrupts():  # Ctrl-C waits for the files to be whole
             pruned = with_compute_dtype(pruned, None)  # the checkpoint leaves the choice to whoever loads it
             if c.export.orbax:
                 export.save_orbax_model(pruned, out / "model", overwrite=True)
@@ -807,10 +1100,16 @@ def _training_error():
     return TrainingError
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not as it was when the handler was made."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_intermixed_args(argv)
     if not log.handlers:
-        h = logging.StreamHandler()
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
         log.addHandler(h)
         log.setLevel(logging.INFO)
@@ -838,13 +1137,21 @@ def main(argv: list[str] | None = None) -> int:
         report = run(config, out, stages, overwrite=args.overwrite, resume=args.resume, preset=preset,
                      progress=not args.quiet, target=args.target)
     except KeyboardInterrupt:
-        ckpt = Path(out) / TRAIN_CHECKPOINT
+        work = staging_folder(Path(out).absolute()) if args.overwrite else Path(out)
+        work = work if work.exists() else Path(out)
+        ckpt = work / TRAIN_CHECKPOINT
         where = f" from the training checkpoint in {ckpt}" if ckpt.exists() else ""
-        log.error("interrupted: %s is not marked finished; the same command continues it%s", out, where)
+        kept = f" ({out} is kept as it was)" if work != Path(out) else ""
+        log.error("interrupted: %s is not marked finished%s; the same command continues it%s", work, kept, where)
         return 130
     except (ConfigError, FileNotFoundError, ValueError, _training_error()) as e:
         print("\n".join([f"error: {e}", *getattr(e, "__notes__", ())]), file=sys.stderr)
         return 2
+    except Exception as e:  # not bad input but a fault of ours: one line here, the traceback in run.log
+        if not getattr(e, "__notes__", None):
+            raise
+        print("\n".join([f"error: {type(e).__name__}: {e}", *e.__notes__]), file=sys.stderr)
+        return 1
     from .report import summary
 
     print(summary(report, Path(out).absolute()))

@@ -6,8 +6,9 @@ host memory does not grow with the number of training samples. LM mode: next-tok
 model, with gradients only for the block. A trained `layer` block uses the same causal mask as at inference.
 
 Training state (block params, optimizer state, step, data position, best block, history) is checkpointed with
-Orbax every `checkpoint_every` steps; `resume=True` continues from the latest checkpoint and ends with the same
-parameters as an uninterrupted run.
+Orbax every `checkpoint_every` steps, and at the step a Ctrl-C stops (it waits for the step under way: see
+interrupts.py); `resume=True` continues from the latest checkpoint and ends with the same parameters as an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import optax
 
 from .backend import jit_for
 from .data import batches as batch_chunks, pad_rows
+from .interrupts import deferred_interrupts
 from .models import transformer
 from .models.config import ModelConfig, Segment
 from .models.model import Model, with_compute_dtype
@@ -543,43 +545,51 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
         loss0 = _evaluate(eval_step, block_params, frozen, valid, mesh)
         history["valid"].append((0, loss0))
         history["best_valid"], history["best_step"] = loss0, 0
+    # Ctrl-C stops only between steps, after a checkpoint of that step: whatever the moment it comes, the checkpoint
+    # is one consistent (step, data position, block, optimizer state, history) and a resume ends bitwise as an
+    # uninterrupted run would.
     try:
-        for batch in data_from(micro):
-            if step >= num_steps:
-                break
-            block_params, opt_state, loss = train_step(block_params, opt_state, frozen, _as_batch(batch, mesh))
-            loss = float(loss)
-            micro += 1
-            if not math.isfinite(loss):
-                where = f"the last good checkpoint is step {last_good} in {checkpoint_dir}" if last_good is not None \
-                    else "no checkpoint was saved"
-                raise TrainingError(f"{mode} loss is {loss} at step {step + 1} (batch {micro}); {where}")
-            if micro % grad_accum:
-                continue
-            step += 1
-            history["train"].append((step, loss, float(schedule(step - 1))))
-            if bar is not None:
-                elapsed = time.perf_counter() - start_time
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4g}", tok_s=f"{(micro - start_micro) * tokens_per_batch / elapsed:.0f}")
-            if valid is not None and (step % eval_every == 0 or step == num_steps):
-                vloss = _evaluate(eval_step, block_params, frozen, valid, mesh)
-                history["valid"].append((step, vloss))
-                if history["best_valid"] is None or vloss < history["best_valid"]:
-                    history["best_valid"], history["best_step"] = vloss, step
+        with deferred_interrupts() as interrupt:
+            for batch in data_from(micro):
+                _loop_point("batch")
+                if step >= num_steps:
+                    break
+                block_params, opt_state, loss = train_step(block_params, opt_state, frozen, _as_batch(batch, mesh))
+                _loop_point("stepped")
+                loss = float(loss)
+                micro += 1
+                if not math.isfinite(loss):
+                    where = f"the last good checkpoint is step {last_good} in {checkpoint_dir}" \
+                        if last_good is not None else "no checkpoint was saved"
+                    raise TrainingError(f"{mode} loss is {loss} at step {step + 1} (batch {micro}); {where}")
+                if micro % grad_accum:
+                    continue
+                step += 1
+                history["train"].append((step, loss, float(schedule(step - 1))))
+                _loop_point("logged")
+                if bar is not None:
+                    elapsed = time.perf_counter() - start_time
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4g}",
+                                    tok_s=f"{(micro - start_micro) * tokens_per_batch / elapsed:.0f}")
+                if valid is not None and (step % eval_every == 0 or step == num_steps):
+                    vloss = _evaluate(eval_step, block_params, frozen, valid, mesh)
+                    history["valid"].append((step, vloss))
+                    if history["best_valid"] is None or vloss < history["best_valid"]:
+                        history["best_valid"], history["best_step"] = vloss, step
+                        best = block_params
+                    _loop_point("validated")
+                elif valid is None:
                     best = block_params
-            elif valid is None:
-                best = block_params
-            if manager is not None and (step % checkpoint_every == 0 or step == num_steps):
-                save(step)
-                last_good = step
-            if on_step is not None:
-                on_step(step, loss)
-    except KeyboardInterrupt:
-        # stop cleanly: what is trained so far is checkpointed, so `resume=True` picks it up
-        if manager is not None and micro % grad_accum == 0 and step > 0:
-            save(step)
-        raise
+                if manager is not None and (step % checkpoint_every == 0 or step == num_steps):
+                    save(step)
+                    last_good = step
+                    _loop_point("saved")
+                if on_step is not None:
+                    on_step(step, loss)
+                if interrupt.pending:
+                    save(step)
+                    break  # the guard raises KeyboardInterrupt
     finally:
         if bar is not None:
             bar.close()
@@ -594,6 +604,16 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     if checkpoint_dir:
         (Path(checkpoint_dir) / "loss_curve.json").write_text(json.dumps(history, indent=1))
     return (trained, history) if return_history else trained
+
+
+# Tests set this to a function of a point name ("batch", "stepped", "logged", "validated", "saved") to interrupt the
+# training loop exactly there.
+LOOP_HOOK = None
+
+
+def _loop_point(name):
+    if LOOP_HOOK is not None:
+        LOOP_HOOK(name)
 
 
 def _epoch_order(n, shuffle_seed, epoch):

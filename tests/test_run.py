@@ -184,6 +184,7 @@ def test_failed_run_says_what_failed_and_the_same_command_resumes_it(files, tmp_
 def test_a_folder_in_use_by_another_run_is_refused(files, tmp_path, capsys):
     out = tmp_path / "out"
     with run_mod.folder_lock(out):  # as another live run would hold it
+        run_mod.mark_holder(out)
         assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 2
     err = capsys.readouterr().err
     assert f"{out} is in use by another run (pid " in err and "started" in err

@@ -1,0 +1,370 @@
+"""Runs that never lose work: Ctrl-C and SIGKILL at any point of training resume bitwise; --overwrite replaces a
+finished run only once the new one has finished; one run per folder; every setting checked before any work; every
+error names its file and field. One test (or more) per row of the README's reliability table."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from streamline_jax import train
+from streamline_jax.pruning import prune
+from streamline_jax.train import train_replacement
+from test_train import LLAMA, chunks, dense
+
+TESTS = Path(__file__).resolve().parent
+
+# --------------------------------------------------------------------------------------------------------------
+# Training: interrupted anywhere, resumed bitwise
+
+TRAIN_KW = dict(batch_size=4, lr=3e-3, warmup_steps=1, eval_every=2, checkpoint_every=3, grad_accum=2,
+                progress=False, return_history=True)
+
+
+def make_setup():
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "layer")
+    return model, pruned, chunks(32), chunks(4, seed=2)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return make_setup()
+
+
+def _train(setup, folder, **kw):
+    model, pruned, data, valid = setup
+    return train_replacement(model, pruned, data, valid_batches=valid, checkpoint_dir=folder, **TRAIN_KW, **kw)
+
+
+def _same_result(a, b):
+    (model_a, hist_a), (model_b, hist_b) = a, b
+    for x, y in zip(jax.tree.leaves(model_a.params), jax.tree.leaves(model_b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    norm = lambda h: json.loads(json.dumps({k: v for k, v in h.items() if k != "wall_s"}))  # noqa: E731
+    assert norm(hist_a) == norm(hist_b)
+
+
+@pytest.fixture(scope="module")
+def straight(setup, tmp_path_factory):
+    """The loop's interrupt points, in order, in an uninterrupted run; and that run's result."""
+    seen = []
+    train.LOOP_HOOK = seen.append
+    try:
+        result = _train(setup, tmp_path_factory.mktemp("straight"))
+    finally:
+        train.LOOP_HOOK = None
+    return seen, result
+
+
+def _latest_checkpoint(folder: Path) -> int | None:
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.exists() else []
+    return max(steps, default=None)
+
+
+def _interrupt_at(k, signum):
+    calls = []
+
+    def hook(point):
+        calls.append(point)
+        if len(calls) == k + 1:
+            os.kill(os.getpid(), signum)
+
+    return hook
+
+
+def test_ctrl_c_at_any_point_of_training_checkpoints_that_step_and_resumes_bitwise(setup, straight, tmp_path):
+    points, straight = straight
+    num_steps = points.count("logged")
+    assert num_steps == 4 and {"batch", "stepped", "validated", "saved"} <= set(points)
+    # points of each kind at different steps (all 25 pass; each costs a run and a resume, so the test takes three):
+    # mid-accumulation in step 1, after validation in step 2, after the periodic checkpoint of step 3
+    picks = [points.index("stepped"), points.index("validated"), points.index("saved")]
+    for k in picks:
+        folder = tmp_path / f"int{k}"
+        train.LOOP_HOOK = _interrupt_at(k, signal.SIGINT)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                _train(setup, folder)
+        finally:
+            train.LOOP_HOOK = None
+        # the step under way is finished and checkpointed: no work is lost, none is done twice
+        step = min(points[:k].count("logged") + (points[k] not in ("validated", "saved")), num_steps)
+        assert _latest_checkpoint(folder) == step, (k, points[k])
+        _same_result(_train(setup, folder, resume=True), straight)
+
+
+KILLED_RUN = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import orbax.checkpoint as ocp
+from streamline_jax import train
+import test_reliability as t
+
+point = {point!r}
+if point == "mid-save":  # killed while Orbax writes the checkpoint
+    def save(manager, step, state, history):
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   history=ocp.args.JsonSave(history)))
+        os.kill(os.getpid(), signal.SIGKILL)
+    train._save = save
+else:
+    train.LOOP_HOOK = t._interrupt_at(point, signal.SIGKILL)
+model, pruned, data, valid = t.make_setup()
+train.train_replacement(model, pruned, data, valid_batches=valid, checkpoint_dir={folder!r}, **t.TRAIN_KW)
+"""
+
+
+def test_sigkill_at_any_point_of_training_resumes_bitwise(setup, straight, tmp_path):
+    points, straight = straight
+    after_checkpoint = points.index("saved") + 3  # in the step after the first checkpoint
+    for point in ("mid-save", after_checkpoint):
+        folder = tmp_path / f"kill{point}"
+        script = KILLED_RUN.format(tests=str(TESTS), point=point, folder=str(folder))
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+        assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+        _same_result(_train(setup, folder, resume=True), straight)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The command line: output folder, lock, settings, errors
+
+from streamline_jax import run as run_mod  # noqa: E402
+from test_run import _args  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def files(tiny_files):
+    return tiny_files
+
+
+def _report(out):
+    return json.loads((out / "report.json").read_text())
+
+
+def test_overwrite_keeps_the_finished_run_until_the_new_one_finishes(files, tmp_path, monkeypatch, capsys):
+    from streamline_jax import score
+
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 0
+    before = (out / "report.json").read_text()
+    # a bad model path and a failure half-way both leave the finished run as it was
+    assert run_mod.main(_args(files, "llama", out, "--stages", "score", "--overwrite",
+                              "--model", str(tmp_path / "nowhere"))) == 2
+    assert "no such folder or file" in capsys.readouterr().err
+    real = score.score_spans
+
+    def broken(*a, **k):
+        raise ValueError("scoring broke")
+
+    monkeypatch.setattr(score, "score_spans", broken)
+    again = _args(files, "llama", out, "--stages", "score", "--overwrite", "score.num_layers=3")
+    assert run_mod.main(again) == 2
+    err = capsys.readouterr().err
+    assert "scoring broke" in err and f"the finished run in {out} is kept as it was" in err
+    assert (out / "report.json").read_text() == before and (out / "DONE").exists()
+    staging = run_mod.staging_folder(out)
+    assert (staging / "FAILED").exists() and not (staging / "DONE").exists()
+    # the same command continues the replacement and puts it in place once it has finished
+    monkeypatch.setattr(score, "score_spans", real)
+    assert run_mod.main(again) == 0
+    assert _report(out)["span"]["length"] == 3 and (out / "DONE").exists() and not (out / "FAILED").exists()
+    assert not staging.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "my_subfolder"])
+def test_overwrite_refuses_a_folder_holding_more_than_a_run(files, tmp_path, capsys, extra):
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 0
+    (out / extra).mkdir() if "." not in extra else (out / extra).write_text("keep")
+    listing = sorted(p.name for p in out.iterdir())
+    assert run_mod.main(_args(files, "llama", out, "--stages", "score", "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert extra in err and "which no run writes" in err and "nothing was changed" in err
+    assert sorted(p.name for p in out.iterdir()) == listing and not run_mod.staging_folder(out).exists()
+
+
+KILLED_HOLDER = """
+import os, signal
+from pathlib import Path
+from streamline_jax import run
+with run.folder_lock(Path({out!r})):
+    run.mark_holder(Path({out!r}))
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_stale_lock_of_a_killed_run_is_noticed_and_taken_over(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", KILLED_HOLDER.format(out=str(out))], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    holder = (out / ".lock").read_text().strip()
+    assert holder.startswith("pid ") and "started" in holder
+    warnings = []
+    monkeypatch.setattr(run_mod.log, "warning", lambda msg, *a: warnings.append(msg % a))
+    assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 0
+    assert any("stale lock" in w and holder in w for w in warnings), warnings
+    assert (out / ".lock").read_text() == ""  # released: the next run finds no stale record
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.clip_norm=-1", "train.clip_norm must be > 0, got -1.0"),
+    ("train.clip_norm=0", "train.clip_norm must be > 0, got 0.0"),
+    ("eval.ppl_windows=-1", "eval.ppl_windows must be >= 1, got -1"),
+    ("eval.ppl_windows=0", "eval.ppl_windows must be >= 1, got 0"),
+    ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+    ("score.num_layers=6", "score.num_layers=6 would replace all 6 layers"),
+    ("score.num_layers=0", "score.num_layers must be >= 1, got 0"),
+    ("data.train_chunks=2", "data.train_chunks=2 gives no optimizer step"),
+    ("train.lr=-1e-3", "train.lr must be > 0"),
+    ("train.num_steps=99", "train.num_steps=99 x train.grad_accum=1 needs 99 batches"),
+])
+def test_every_setting_is_checked_before_any_work(files, tmp_path, monkeypatch, capsys, override, message):
+    from streamline_jax import loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, override)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("score.sparsity=1.5", "score.sparsity is the fraction of parameters removed: it must be in (0, 1)"),
+    ("score.sparsity=0.99", "score.sparsity: sparsity 0.99 cannot be reached"),
+    ("data.seq_len=300", "data.seq_len=300 is longer than the 256 positions OPT learned"),
+])
+def test_settings_against_the_model_shape_are_checked_before_loading(files, tmp_path, monkeypatch, capsys,
+                                                                     override, message):
+    from streamline_jax import loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    extra = ["score.num_layers=null"] if "sparsity" in override else []
+    assert run_mod.main(_args(files, "opt", out, *extra, override)) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_evaluation_settings_can_change_on_resume_without_training_again(files, tmp_path, monkeypatch, capsys):
+    from streamline_jax import evaluation
+
+    out = tmp_path / "out"
+    args = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train,evaluate")
+    real = evaluation.evaluate
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: (_ for _ in ()).throw(ValueError("bad windows")))
+    assert run_mod.main(args) == 2
+    assert "stage evaluate" in (out / "FAILED").read_text()
+    trained = _report_history(out)
+    monkeypatch.setattr(evaluation, "evaluate", real)
+    steps = []
+    monkeypatch.setattr(train, "LOOP_HOOK", lambda point: steps.append(point) if point == "stepped" else None)
+    assert run_mod.main(args + ["eval.ppl_windows=1"]) == 0
+    assert steps == [] and (out / "DONE").exists()  # training was read back, not run again
+    report = _report(out)
+    assert report["config"]["eval"]["ppl_windows"] == 1 and report["evaluation"]["pruned"]["tasks"]["text"]
+    assert report["training"]["train"] == trained["train"]
+    assert run_mod.read_yaml(out / "run_config.yaml")["eval"]["ppl_windows"] == 1
+
+
+def _report_history(out):
+    return json.loads((out / "train_checkpoint" / "loss_curve.json").read_text())
+
+
+def _copy_model(files, tmp_path, edit=None):
+    import shutil
+
+    folder = Path(shutil.copytree(files["llama"], tmp_path / "model"))
+    if edit:
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _bad_config_json(folder):
+    (folder / "config.json").write_text('{"model_type": "llama",')
+
+
+def _truncate_weights(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("missing", "no such folder or file"),
+    ("bad_json", "config.json: not valid JSON"),
+    ("no_hidden_size", "config.json: missing field 'hidden_size'"),
+    ("string_hidden_size", "config.json: field 'hidden_size' must be an integer, got '64'"),
+    ("truncated", "model.safetensors: truncated"),
+    ("bad_jsonl_line", "train.jsonl, line 250: not valid JSON"),
+])
+def test_every_error_names_the_file_and_the_field_or_line(files, tmp_path, monkeypatch, capsys, fault, message):
+    args = _args(files, "llama", tmp_path / "out")
+    if fault == "missing":
+        args += ["--model", str(tmp_path / "no" / "such" / "model")]
+    elif fault == "bad_jsonl_line":
+        lines = (files["data"] / "train.jsonl").read_text().splitlines()
+        lines[249] = '{"text": "unterminated'
+        (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+        args += [f"data.calibration={tmp_path / 'train.jsonl'}"]
+    else:
+        edits = {"no_hidden_size": lambda c: c.pop("hidden_size"),
+                 "string_hidden_size": lambda c: c.update(hidden_size="64")}
+        folder = _copy_model(files, tmp_path, edits.get(fault))
+        {"bad_json": _bad_config_json, "truncated": _truncate_weights}.get(fault, lambda f: None)(folder)
+        args += ["--model", str(folder)]
+    assert run_mod.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_ctrl_c_during_save_waits_for_whole_files_and_temp_folders_are_cleaned(files, tmp_path, monkeypatch,
+                                                                             capsys):
+    from streamline_jax import export, load
+
+    out = tmp_path / "out"
+    args = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train,save")
+    real = export.save_orbax_model
+
+    def interrupted_save(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the save starts
+        return real(*a, **k)
+
+    monkeypatch.setattr(export, "save_orbax_model", interrupted_save)
+    assert run_mod.main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err
+    assert load(out / "model").config.depth == 5  # written whole before stopping
+    assert (out / "FAILED").read_text().strip() == "stage save: interrupted" and not (out / "DONE").exists()
+    monkeypatch.setattr(export, "save_orbax_model", real)
+    (out / ".hf.tmp-leftover").mkdir()  # as a run killed while writing hf/ leaves it
+    (out / ".model.tmp-leftover").mkdir()
+    assert run_mod.main(args) == 0
+    assert not list(out.glob(".*.tmp-*")) and (out / "DONE").exists() and (out / "hf" / "config.json").exists()
+
+
+def test_an_unexpected_error_is_one_line_and_its_traceback_goes_to_run_log(files, tmp_path, monkeypatch, capsys):
+    from streamline_jax import score
+
+    def bug(*a, **k):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(score, "score_spans", bug)
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: RuntimeError: a bug of ours"] and "Traceback" not in err
+    assert f"the traceback is in {out / 'run.log'}" in err
+    assert "Traceback" in (out / "run.log").read_text()
