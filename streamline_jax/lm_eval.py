@@ -395,23 +395,36 @@ def offline_tasks_folder() -> Path | None:
 # Python entry point (the pipeline's eval.harness_tasks) and the command line
 
 
-def evaluate_harness(model: Model, tasks, *, limit: int | None = None, batch_size: int = 32,
-                     include_path=None, **simple_evaluate_args) -> dict:
-    """lm-eval's `simple_evaluate` on an in-memory model: {task: {metric: value}} (stderr entries dropped), plus
-    the full lm-eval results under "lm_eval". The offline tasks are included when the shared data is there."""
-    from lm_eval import simple_evaluate
+def task_manager(include_path=None):
+    """lm-eval's TaskManager over its own tasks, `include_path` and the offline tasks (when the shared data is
+    there). Indexing lm-eval's thousands of task files takes seconds: make one and pass it on."""
     from lm_eval.tasks import TaskManager
 
-    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
     paths = [p for p in ([include_path] if include_path else []) + [offline_tasks_folder()] if p]
-    manager = TaskManager(include_path=[str(p) for p in paths] or None)
+    return TaskManager(include_path=[str(p) for p in paths] or None)
+
+
+def check_tasks(tasks, manager=None):
+    """The TaskManager (`task_manager()` unless given), once every name in `tasks` is a task or group it knows."""
+    manager = manager or task_manager()
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise StreamlineLMError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm-eval ls tasks`; offline: "
                                 f"{', '.join(OFFLINE_TASKS)})")
+    return manager
+
+
+def evaluate_harness(model: Model, tasks, *, limit: int | None = None, batch_size: int = 32, manager=None,
+                     **simple_evaluate_args) -> dict:
+    """lm-eval's `simple_evaluate` on an in-memory model: {"tasks": {task: {metric: value}}} (stderr entries
+    dropped; `n` the number of items), and lm-eval's full results under "lm_eval". `manager`: see `task_manager`."""
+    from lm_eval import simple_evaluate
+
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    manager = check_tasks(tasks, manager)
     lm = StreamlineLM(model=model, batch_size=batch_size)
     results = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=manager, **simple_evaluate_args)
-    scores = {task: {k.split(",")[0]: v for k, v in metrics.items()
+    scores = {task: {("n" if k == "sample_len" else k.split(",")[0]): v for k, v in metrics.items()
                      if "_stderr" not in k and isinstance(v, (int, float))}
               for task, metrics in results["results"].items()}
     return {"tasks": scores, "lm_eval": results}

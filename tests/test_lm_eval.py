@@ -192,3 +192,29 @@ def test_command_line(folders, offline_tasks, tmp_path):
                   "--tasks", "piqa_local", "--include_path", str(offline_tasks), "--limit", "2", cwd=ROOT)
     assert bad.returncode == 2 and "unknown model argument(s) for streamline-jax: temperature" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_pipeline_runs_harness_tasks_into_its_report(tiny_files, tmp_path, monkeypatch):
+    """eval.harness_tasks: lm-eval's tasks on the dense and the pruned model, in report.json and report.md; the
+    pruned model in the run's folder is what `pretrained=<run folder>` evaluates."""
+    import json
+
+    from streamline_jax import run as run_mod
+
+    monkeypatch.setenv("STREAMLINE_JAX_DATA", str(tiny_files["shared"]))
+    d, out = tiny_files["data"], tmp_path / "run"
+    args = ["--model", str(tiny_files["llama"]), "--out", str(out), "--quiet", f"data.calibration={d / 'train.jsonl'}",
+            "data.seq_len=32", "data.calib_chunks=4", "data.train_chunks=8", "data.batch_size=4", "data.valid=null",
+            "score.sparsity=null", "score.num_layers=2", "eval.tasks=[]", "eval.limit=4", "export.hf=false",
+            "eval.harness_tasks=[piqa_local]"]
+    assert run_mod.main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    harness = report["harness"]
+    assert set(harness) == {"dense", "pruned"} and harness["pruned"]["piqa_local"]["n"] == 4
+    assert "## lm-evaluation-harness" in (out / "report.md").read_text()
+    lm = StreamlineLM(pretrained=str(out))
+    assert lm.model.config.depth == report["params"]["pruned_layers"]
+    scores = simple_evaluate(model=lm, tasks=["piqa_local"], limit=4,
+                             task_manager=TaskManager(include_path=str(write_offline_tasks(tmp_path / "t"))))
+    assert scores["results"]["piqa_local"]["acc,none"] == harness["pruned"]["piqa_local"]["acc"]
+    assert run_mod.main([*args[:3], str(tmp_path / "bad"), *args[4:-1], "eval.harness_tasks=[nosuch]"]) != 0
