@@ -5,8 +5,8 @@
 evaluator), and answers `generate_until` with the KV-cache generation of `generation.py`. Tokenization, BOS and
 truncation follow lm-eval's `hf` model, so the two give the same numbers on the same weights.
 
-    python -m streamline_jax.lm_eval --model streamline-jax --model_args pretrained=smollm2-135m \\
-        --tasks piqa_local --limit 50 --batch_size 32
+    python -m streamline_jax.lm_eval --model streamline-jax --model_args pretrained=smollm2-135m
+        --tasks piqa_local --limit 50
 
 takes lm-eval's own command line. `piqa_local` and `wikitext_local` are offline task files over the shared data
 (`write_offline_tasks`), added when no --include_path is given. lm-eval is an optional extra: `pip install lm-eval`.
@@ -382,11 +382,17 @@ def write_offline_tasks(folder, data_dir=None) -> Path:
 
 
 def offline_tasks_folder() -> Path | None:
-    """The offline task files, written into the cache on first use; None when the shared data is absent."""
-    from .loading import cache_dir
+    """The offline task files for the shared data ($STREAMLINE_JAX_DATA or ../shared/data), written into the cache
+    (a folder per data folder); None when the data is absent."""
+    import hashlib
 
+    from .loading import cache_dir
+    from .tasks import shared_data_dir
+
+    data = shared_data_dir().resolve()
+    key = hashlib.sha256(str(data).encode()).hexdigest()[:12]
     try:
-        return write_offline_tasks(cache_dir() / "lm_eval_tasks")
+        return write_offline_tasks(cache_dir() / "lm_eval_tasks" / key, data)
     except StreamlineLMError:
         return None
 
