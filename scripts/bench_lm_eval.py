@@ -8,8 +8,8 @@ Both read the same Hugging Face folder (for the embedded model, its cached conve
 CPU (or, for ours, the accelerator JAX finds). Each pass is timed whole (wall: lm-eval's `simple_evaluate` on a
 task index built once beforehand, the dataset, prompts and metrics included) and in the model's calls alone
 (`loglikelihood`, `loglikelihood_rolling`, `generate_until`, tokenizing included); the first `ours` pass includes
-compiling (a later one in the same process does not). Tokens are the tokens the model reads (context and continuation, one position less per request), counted by
-our adapter; the `hf` model reads the same requests. `--order` runs the passes in turn (the machine's speed drifts);
+compiling (a later one in the same process does not). Tokens are the tokens the model reads (context and
+continuation, one position less per request), counted by our adapter; the `hf` model reads the same requests. `--order` runs the passes in turn (the machine's speed drifts);
 the ratios use the mean of each backend's passes after the first of ours.
 """
 

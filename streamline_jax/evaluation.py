@@ -14,7 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -372,7 +372,7 @@ def loglikelihoods(model: Model, pairs: Sequence[tuple[str, str]], *, batch_size
 
 def loglikelihood_tokens(model: Model, encoded: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                          batch_size: int = 32, max_length: int | None = None, pack_length: int | None = 256,
-                         progress: bool = False, greedy: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+                         progress: bool = False, greedy: bool = True) -> tuple[np.ndarray, np.ndarray, Any, dict]:
     """Summed log-probability of each (context tokens, continuation tokens), the number of continuation tokens
     scored, and whether every one of them was the argmax (the harness's is_greedy; None without `greedy`).
 

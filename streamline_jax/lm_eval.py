@@ -127,7 +127,8 @@ class StreamlineLM(TemplateLM):
         encoded = []
         for i, (args, context, continuation) in enumerate(requests):
             if not continuation:
-                raise StreamlineLMError(f"request {i}: the continuation {args[1]!r} encodes to no tokens")
+                raise StreamlineLMError(f"request {i}: the continuation {args[1] if args else ''!r} encodes to no "
+                                        f"tokens")
             if len(continuation) > self.max_length:
                 raise StreamlineLMError(f"request {i}: the continuation is {len(continuation)} tokens, longer than "
                                         f"the model's context of {self.max_length} tokens")

@@ -131,23 +131,26 @@ def test_our_piqa_equals_lm_evals(folders, offline_tasks, tiny_files, monkeypatc
 
 @pytest.mark.slow
 def test_smollm2_piqa_and_wikitext_match_hf(smollm2, tmp_path):
-    """The real model on the real data: our evaluator, our adapter and lm-eval's hf model on an HF folder export."""
+    """The real model on the real data: our evaluator, our adapter and lm-eval's hf model on the Hugging Face folder
+    our SmolLM2 was loaded from."""
+    from streamline_jax.loading import embedded_hf_folder
+
     shared_data("piqa", "valid.jsonl")
-    folder = tmp_path / "hf"
-    sj.export_hf(smollm2, folder)
+    folder = embedded_hf_folder("smollm2-135m")
     manager = TaskManager(include_path=str(write_offline_tasks(tmp_path / "tasks")))
-    theirs_lm = HFLM(pretrained=str(folder), batch_size=8, device="cpu", dtype="float32")
-    ours, theirs, lls = our_piqa(smollm2, theirs_lm, manager, 20)
+    # WikiText's pages are scored in windows of 1024 tokens (not SmolLM2's 8192), to keep the PyTorch side short
+    theirs_lm = HFLM(pretrained=str(folder), batch_size=8, device="cpu", dtype="float32", max_length=1024)
+    ours, theirs, lls = our_piqa(smollm2, theirs_lm, manager, 10)
     np.testing.assert_allclose(ours["loglikelihoods"], lls, rtol=1e-4)
     assert ours["acc"] == theirs["acc,none"] and ours["acc_norm"] == theirs["acc_norm,none"]
-    ours_lm = StreamlineLM(model=smollm2, batch_size=8)
-    got = simple_evaluate(model=ours_lm, tasks=["piqa_local", "wikitext_local"], task_manager=manager, limit=2)
-    want = simple_evaluate(model=theirs_lm, tasks=["piqa_local", "wikitext_local"], task_manager=manager, limit=2)
+    ours_lm = StreamlineLM(model=smollm2, batch_size=8, max_length=1024)
+    got = simple_evaluate(model=ours_lm, tasks=["piqa_local", "wikitext_local"], task_manager=manager, limit=1)
+    want = simple_evaluate(model=theirs_lm, tasks=["piqa_local", "wikitext_local"], task_manager=manager, limit=1)
     assert got["results"]["piqa_local"]["acc,none"] == want["results"]["piqa_local"]["acc,none"]
     assert got["results"]["wikitext_local"]["word_perplexity,none"] == pytest.approx(
         want["results"]["wikitext_local"]["word_perplexity,none"], rel=1e-4)
-    gen = requests("generate_until", [(p, {"until": ["\n"], "max_gen_toks": 16})
-                                      for p in ["The capital of France is", "Question: How do I boil an egg?\nAnswer:"]])
+    prompts = ["The capital of France is", "Question: How do I boil an egg?\nAnswer:"]
+    gen = requests("generate_until", [(p, {"until": ["\n"], "max_gen_toks": 16}) for p in prompts])
     assert ours_lm.generate_until(gen) == theirs_lm.generate_until(gen)
 
 
@@ -167,7 +170,10 @@ def test_bad_input(folders, offline_tasks):
         StreamlineLM(pretrained="/nonexistent")
     with pytest.raises(StreamlineLMError, match="max_length=512 is longer than the model's context of 256"):
         StreamlineLM(pretrained=str(folders["llama"]), max_length=512)
-    lm = StreamlineLM(pretrained=str(folders["llama"]))
+    with pytest.raises(StreamlineLMError, match="mesh must be 'auto' or DxFxT"):
+        StreamlineLM(pretrained=str(folders["llama"]), mesh="8")
+    lm = StreamlineLM(pretrained=str(folders["llama"]), mesh="1x1x1")  # loaded onto a mesh, scored sharded
+    assert lm.model.mesh is not None and lm.loglikelihood(requests("loglikelihood", PAIRS[:1]))[0][0] < 0
     with pytest.raises(StreamlineLMError, match="num_beams are not supported"):
         lm.generate_until(requests("generate_until", [("the cat", {"until": ["."], "num_beams": 4})]))
     with pytest.raises(StreamlineLMError, match="max_gen_toks=300 leaves no room"):
