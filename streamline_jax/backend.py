@@ -144,6 +144,7 @@ def jit_by_config(**jit_kwargs):
                 compiled[dtype] = jit_for(dtype, fn, **jit_kwargs)
             return compiled[dtype](config, *args, **kwargs)
 
+        wrapper._cache_size = lambda: sum(f._cache_size() for f in compiled.values())  # shapes compiled so far
         return wrapper
 
     return decorate

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +38,21 @@ class EvaluationError(ValueError):
 HEAD_CHUNK = 128  # tokens per LM-head call when scoring: their [128, V] logits stay small enough to stay in cache
 
 
-@jit_by_config(static_argnames=("config",))
-def target_logprobs(config, params, input_ids, targets, attention_mask=None, segment_ids=None):
+@jit_by_config(static_argnames=("config", "with_greedy"))
+def target_logprobs(config, params, input_ids, targets, attention_mask=None, segment_ids=None, with_greedy=False):
     """log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] float32 (within its own segment for packed rows).
+    With `with_greedy`, also [B, T] bool: whether each target is the argmax token (the harness's is_greedy).
 
     The LM head runs HEAD_CHUNK tokens at a time, and each chunk's logits are reduced to (target logit,
     logsumexp) at once: the [B, T, V] float32 logits are never written out whole."""
     hidden = transformer.apply(config, params, input_ids, attention_mask, segment_ids=segment_ids,
                                return_logits=False)["last_hidden"]
-    return head_logprobs(config, params, hidden, targets)
+    return head_logprobs(config, params, hidden, targets, with_greedy=with_greedy)
 
 
-def head_logprobs(config, params, hidden, targets):
-    """log softmax(head(hidden))[targets] for [B, T, D] last hidden states, HEAD_CHUNK tokens at a time."""
+def head_logprobs(config, params, hidden, targets, with_greedy=False):
+    """log softmax(head(hidden))[targets] for [B, T, D] last hidden states, HEAD_CHUNK tokens at a time (and, with
+    `with_greedy`, whether each target is the argmax)."""
     b, t, d = hidden.shape
     n = b * t
     chunk = min(HEAD_CHUNK, n)
@@ -61,9 +63,11 @@ def head_logprobs(config, params, hidden, targets):
     def one_chunk(args):
         h, tg = args
         logits = transformer.head(config, params, h[None])[0]
-        return jnp.take_along_axis(logits, tg[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+        logprob = jnp.take_along_axis(logits, tg[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
+        return (logprob, jnp.argmax(logits, axis=-1) == tg) if with_greedy else logprob
 
-    return jax.lax.map(one_chunk, (flat_hidden, flat_targets)).reshape(-1)[:n].reshape(b, t)
+    unchunk = lambda x: x.reshape(-1)[:n].reshape(b, t)
+    return jax.tree.map(unchunk, jax.lax.map(one_chunk, (flat_hidden, flat_targets)))
 
 
 def _compiles() -> int:
@@ -71,14 +75,18 @@ def _compiles() -> int:
     return getattr(target_logprobs, "_cache_size", lambda: 0)()
 
 
-def _run(model: Model, ids: np.ndarray, targets: np.ndarray, **rows: np.ndarray) -> np.ndarray:
-    """target_logprobs on host arrays; `rows` is attention_mask= (padded rows) or segment_ids= (packed rows)."""
+def _run(model: Model, ids: np.ndarray, targets: np.ndarray, with_greedy: bool = False, **rows: np.ndarray):
+    """target_logprobs on host arrays; `rows` is attention_mask= (padded rows) or segment_ids= (packed rows).
+    Returns [B, T] float64 log-probs, or (log-probs, [B, T] bool is-argmax) with `with_greedy`."""
     arrays = {"input_ids": ids, "targets": targets, **rows}
     arrays = {k: jnp.asarray(a, jnp.int32) for k, a in arrays.items()}
     if model.mesh is not None:
         from .sharding import shard_batch
         arrays = dict(zip(arrays, shard_batch(model.mesh, tuple(arrays.values()))))
-    return np.asarray(target_logprobs(model.config, model.params, **arrays), np.float64)
+    out = target_logprobs(model.config, model.params, **arrays, with_greedy=with_greedy)
+    if with_greedy:
+        return np.asarray(out[0], np.float64), np.asarray(out[1], bool)
+    return np.asarray(out, np.float64)
 
 
 def length_bucket(n: int, cap: int | None = None) -> int:
@@ -91,7 +99,7 @@ def length_bucket(n: int, cap: int | None = None) -> int:
 
 def score_sequences(model: Model, sequences: Sequence[np.ndarray], num_scored: Sequence[int], *, batch_size: int = 32,
                     fixed_length: int | None = None, pack_length: int | None = None,
-                    desc: str | None = None) -> tuple[list[np.ndarray], dict]:
+                    desc: str | None = None, greedy: bool = False) -> tuple[list, dict]:
     """Log-probabilities of the last `num_scored[i]` tokens of each `sequences[i]` given the tokens before them.
 
     Sequences are sorted by length (longest first, so memory problems show at once), batched, right-padded to a
@@ -102,7 +110,8 @@ def score_sequences(model: Model, sequences: Sequence[np.ndarray], num_scored: S
     longest sequence's bucket, if longer), each seeing only itself; a call holds batch_size/4 rows (2,048 slots at
     32 x 256, what 32 unpacked requests of 64 tokens fill). One shape, almost no padding.
 
-    Returns the per-token log-probs of each sequence in input order, and stats (tokens, compiles, seconds, padding).
+    Returns the per-token log-probs of each sequence in input order (with `greedy`, a (log-probs, is-argmax) pair
+    per sequence), and stats (tokens, compiles, seconds, padding).
     """
     if not len(sequences):
         raise EvaluationError("nothing to score")
@@ -136,9 +145,12 @@ def score_sequences(model: Model, sequences: Sequence[np.ndarray], num_scored: S
                 where.append((i, row, offset + n))
                 offset += n
         slots += ids.size
-        logprobs = _run(model, ids, targets, **{"segment_ids" if pack_length else "attention_mask": place})
+        scored = _run(model, ids, targets, greedy, **{"segment_ids" if pack_length else "attention_mask": place})
         for i, row, end in where:
-            out[i] = logprobs[row, end - num_scored[i]:end]
+            if greedy:
+                out[i] = (scored[0][row, end - num_scored[i]:end], scored[1][row, end - num_scored[i]:end])
+            else:
+                out[i] = scored[row, end - num_scored[i]:end]
     stats = {"tokens": tokens, "compiles": _compiles() - compiles, "seconds": time.perf_counter() - start,
              "padding": 1 - tokens / max(slots, 1)}
     return out, stats
@@ -311,8 +323,10 @@ def prefix_token_id(tokenizer) -> int:
 
 def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
     """(context tokens, continuation tokens) per (context, continuation), as lm-evaluation-harness's HFLM does it:
-    trailing spaces of the context move onto the continuation; the context is encoded alone and the continuation is
-    the rest of the encoding of the joined text; no special tokens; an empty context becomes [BOS or EOS]."""
+    trailing spaces of the context move onto the continuation; the context is encoded alone, with the tokenizer's
+    own special tokens (Llama's BOS; SmolLM2 adds none), and the continuation is the rest of the encoding of the
+    joined text; an empty context becomes [BOS or EOS] before the continuation encoded without special tokens (or
+    the continuation's first token, where that is already the prefix token)."""
     contexts, wholes, empty = [], [], []
     for context, continuation in pairs:
         if context == "":
@@ -327,13 +341,16 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list
         empty.append(False)
         contexts.append(context)
         wholes.append(context + continuation)
-    encode = functools.partial(tokenizer, add_special_tokens=False)
-    context_ids = encode(contexts)["input_ids"]
-    whole_ids = encode(wholes)["input_ids"]
+    context_ids = tokenizer(contexts)["input_ids"]
+    whole_ids = tokenizer(wholes)["input_ids"]
+    bare_texts = [w for w, e in zip(wholes, empty) if e]
+    bare = iter(tokenizer(bare_texts, add_special_tokens=False)["input_ids"] if bare_texts else [])
     out = []
     for is_empty, ctx, whole in zip(empty, context_ids, whole_ids):
         if is_empty:
-            out.append(([prefix_token_id(tokenizer)], list(whole)))
+            cont = list(next(bare))
+            prefix = prefix_token_id(tokenizer)
+            out.append(([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:]))
         else:
             out.append((list(ctx), list(whole[len(ctx):])))
     return out
@@ -343,37 +360,56 @@ def loglikelihoods(model: Model, pairs: Sequence[tuple[str, str]], *, batch_size
                    max_length: int | None = None, pack_length: int | None = 256,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """Summed log-probability of each continuation given its context, with the number of continuation tokens.
+    See `loglikelihood_tokens`."""
+    _need_tokenizer(model)
+    encoded = encode_pairs(model.tokenizer, pairs)
+    for i, (_, cont) in enumerate(encoded):
+        if not cont:
+            raise EvaluationError(f"request {i}: the continuation {pairs[i][1]!r} encodes to no tokens")
+    sums, scored, _, stats = loglikelihood_tokens(model, encoded, batch_size=batch_size, max_length=max_length,
+                                                  pack_length=pack_length, progress=progress, greedy=False)
+    return sums, scored, stats
+
+
+def loglikelihood_tokens(model: Model, encoded: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+                         batch_size: int = 32, max_length: int | None = None, pack_length: int | None = 256,
+                         progress: bool = False, greedy: bool = True) -> tuple[np.ndarray, np.ndarray, Any, dict]:
+    """Summed log-probability of each (context tokens, continuation tokens), the number of continuation tokens
+    scored, and whether every one of them was the argmax (the harness's is_greedy; None without `greedy`).
 
     The joined tokens are truncated from the left to `max_length + 1` (default: the model's context), and the model
     reads all but the last, exactly as the harness's `_loglikelihood_tokens`. Requests are packed into rows of
     `pack_length` tokens (None: one request per row); see `score_sequences`."""
-    _need_tokenizer(model)
     max_length = max_length or model.config.max_position_embeddings
-    encoded = encode_pairs(model.tokenizer, pairs)
     seqs, scored = [], []
-    for i, (ctx, cont) in enumerate(encoded):
-        if not cont:
-            raise EvaluationError(f"request {i}: the continuation {pairs[i][1]!r} encodes to no tokens")
-        seq = np.asarray((ctx + cont)[-(max_length + 1):], np.int32)
+    for ctx, cont in encoded:
+        seq = np.asarray((list(ctx) + list(cont))[-(max_length + 1):], np.int32)
         seqs.append(seq)
         scored.append(min(len(cont), len(seq) - 1))
-    logprobs, stats = score_sequences(model, seqs, scored, batch_size=batch_size, pack_length=pack_length,
-                                      desc="loglikelihood" if progress else None)
-    sums = np.array([lp.sum() for lp in logprobs])
-    return sums, np.array(scored), stats
+    out, stats = score_sequences(model, seqs, scored, batch_size=batch_size, pack_length=pack_length,
+                                 desc="loglikelihood" if progress else None, greedy=greedy)
+    if not greedy:
+        return np.array([lp.sum() for lp in out]), np.array(scored), None, stats
+    sums = np.array([lp.sum() for lp, _ in out])
+    return sums, np.array(scored), np.array([bool(g.all()) for _, g in out]), stats
 
 
 def score_items(items: Sequence[Item], lls: Sequence[Sequence[float]]) -> dict:
-    """acc: argmax of the summed log-likelihoods; acc_norm: argmax of the sums over the choices' UTF-8 byte lengths."""
-    acc, acc_norm, preds = [], [], []
+    """acc: argmax of the summed log-likelihoods; acc_norm: argmax of the sums over the choices' lengths in
+    characters, as lm-evaluation-harness; acc_bytes: the same over UTF-8 bytes (the harness's acc_bytes)."""
+    acc, acc_norm, acc_bytes, preds = [], [], [], []
     for item, ll in zip(items, lls):
         ll = np.asarray(ll, np.float64)
-        lengths = np.array([max(len(c.encode("utf-8")), 1) for c in item.choices], np.float64)
+        chars = np.array([len(c) for c in item.choices], np.float64)
+        utf8 = np.array([len(c.encode("utf-8")) for c in item.choices], np.float64)
         pred = int(np.argmax(ll))
         preds.append(pred)
         acc.append(pred == item.label)
-        acc_norm.append(int(np.argmax(ll / lengths)) == item.label)
-    return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "predictions": preds}
+        with np.errstate(divide="ignore", invalid="ignore"):  # an empty choice divides by 0, as in the harness
+            acc_norm.append(int(np.argmax(ll / chars)) == item.label)
+            acc_bytes.append(int(np.argmax(ll / utf8)) == item.label)
+    return {"acc": float(np.mean(acc)), "acc_norm": float(np.mean(acc_norm)), "acc_bytes": float(np.mean(acc_bytes)),
+            "predictions": preds}
 
 
 def evaluate_task(model: Model, task: Task, *, limit: int | None = None, batch_size: int = 32,
@@ -388,6 +424,8 @@ def evaluate_task(model: Model, task: Task, *, limit: int | None = None, batch_s
     scores = score_items(items, lls)
     result = {"task": task.name, "kind": "multiple_choice", "n": len(items)}
     result.update({m: scores[m] for m in task.metrics})
+    if "acc_norm" in task.metrics:
+        result["acc_bytes"] = scores["acc_bytes"]
     result.update({"labels": [item.label for item in items], "predictions": scores["predictions"],
                    "loglikelihoods": lls, **stats})
     return result

@@ -172,6 +172,17 @@ def to_markdown(report: dict) -> str:
                 value = t.get("perplexity", t.get("acc"))
                 lines.append(f"- {which} {name}: {_fmt(value)}")
         lines.append("")
+    harness = report.get("harness")
+    if harness:
+        lines += ["## lm-evaluation-harness", "", "| task | metric | " + " | ".join(harness) + " |",
+                  "|---|---|" + "---|" * len(harness)]
+        first = next(iter(harness.values()))
+        for task, metrics in first.items():
+            for metric in metrics:
+                values = [harness[m].get(task, {}).get(metric) for m in harness]
+                cells = [str(v) if isinstance(v, int) else _fmt(v) for v in values]
+                lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+        lines.append("")
     if report.get("samples"):
         lines += ["## Samples (greedy)", "", report["samples"], ""]
     outputs = report.get("outputs")

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
+import importlib.util
 import json
 import logging
 import math
@@ -123,6 +124,7 @@ class EvalSection:
     perplexity_text: str | None = None
     window: int = 1024
     batch_size: int = 32
+    harness_tasks: tuple[str, ...] = ()  # lm-evaluation-harness task names (needs the lm-eval extra), eval.limit each
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,6 +378,8 @@ def check_values(c: RunConfig) -> None:
 
     for t in c.eval.tasks:
         choice("eval.tasks", t, sorted(TASKS))
+    if c.eval.harness_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("eval.harness_tasks needs lm-evaluation-harness: pip install 'streamline-jax[lm-eval]'")
 
 
 # (key, lowest allowed, whether the lowest itself is allowed); None (where the type allows it) is always allowed
@@ -858,6 +862,11 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
         for t in tasks:
             if not isinstance(t, PerplexityTask):
                 load_items(t, c.eval.limit)  # a missing or malformed task file fails here
+    harness = None
+    if "evaluate" in stages and c.eval.harness_tasks:
+        from .lm_eval import check_tasks
+
+        harness = check_tasks(c.eval.harness_tasks)  # lm-eval's task index; an unknown name fails here
     hf_ok = c.export.hf and "save" in stages
     if hf_ok and c.prune.replacement == "mlp":
         log.warning("an `mlp` block cannot be exported to a stock Hugging Face architecture: writing the Orbax "
@@ -964,6 +973,13 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
                 report["retention"] = retention.to_dict()
                 log.info("evaluation:\n%s", retention.to_markdown())
         report["evaluation"] = {k: _strip(v) for k, v in results.items()}
+    if harness is not None:
+        with stage("harness", times):
+            from .lm_eval import evaluate_harness
+
+            report["harness"] = {name: evaluate_harness(m, c.eval.harness_tasks, limit=c.eval.limit,
+                                                        batch_size=c.eval.batch_size, manager=harness)["tasks"]
+                                 for name, m in (("dense", dense), ("pruned", pruned)) if m is not None}
     if pruned is not None and c.samples.prompts and "evaluate" in stages:
         with stage("samples", times):
             from .generation import side_by_side

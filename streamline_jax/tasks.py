@@ -85,7 +85,7 @@ class Item:
 
     contexts: tuple[str, ...]
     continuations: tuple[str, ...]
-    choices: tuple[str, ...]  # the choice texts whose byte lengths normalise acc_norm
+    choices: tuple[str, ...]  # the choice texts whose lengths normalise acc_norm (characters) and acc_bytes
     label: int
     where: str  # "file:line" or "dataset[index]", for errors
 

@@ -231,10 +231,12 @@ def test_piqa_parity_smollm2(smollm2, smollm2_torch):
 def test_acc_and_acc_norm():
     items = [tk.Item(("c",) * 2, (" aa", " bbbbbb"), ("aa", "bbbbbb"), 1, "x"),
              tk.Item(("c",) * 2, (" é", " e"), ("é", "e"), 0, "y")]
-    # item 1: acc picks 0 (-2 > -3); acc_norm picks 1 (-3/6 > -2/2).
-    # item 2: acc picks 1; per byte "é" is 2 bytes: -1.5/2 > -1/1, so acc_norm picks 0.
+    # item 1: acc picks 0 (-2 > -3); acc_norm and acc_bytes pick 1 (-3/6 > -2/2).
+    # item 2: acc picks 1; per character (lm-eval's acc_norm) both are 1 long, so acc_norm picks 1 too; per byte
+    # "é" is 2 bytes: -1.5/2 > -1/1, so acc_bytes picks 0.
     scores = ev.score_items(items, [[-2.0, -3.0], [-1.5, -1.0]])
-    assert scores["acc"] == 0.0 and scores["acc_norm"] == 1.0 and scores["predictions"] == [0, 1]
+    assert scores["acc"] == 0.0 and scores["predictions"] == [0, 1]
+    assert scores["acc_norm"] == 0.5 and scores["acc_bytes"] == 1.0
 
 
 def write_jsonl(path, rows):

@@ -110,6 +110,16 @@ COMMANDS: dict[str, Run] = {
     ".venv/bin/python scripts/bench_load.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_default.py": HELP_BENCH,  # the README's next benchmarks
     ".venv/bin/python scripts/bench_pipeline.py": HELP_BENCH,
+    ".venv/bin/python scripts/bench_lm_eval.py": HELP_BENCH,
+    "python scripts/bench_lm_eval.py [--model smollm2-135m] [--tasks piqa_local] [--limit 100] [--batch-size 32] "
+    "[--order ours,hf,ours]": HELP_BENCH,
+    # README: lm-evaluation-harness (the first is also lm_eval.py's docstring)
+    "python -m streamline_jax.lm_eval --model streamline-jax --model_args pretrained=smollm2-135m --tasks piqa_local "
+    "--limit 50": Run("tiny", "the real model on 50 items takes a minute", ("--limit", "4"),
+                      subs=(("pretrained=smollm2-135m", "pretrained={llama}"),)),
+    "python -m streamline_jax.lm_eval --model streamline-jax --model_args pretrained=runs/smollm2-135m --tasks "
+    "piqa_local,wikitext_local --limit 20 --output_path runs/lm-eval --log_samples": Run(
+        "as written", first=DEFAULT_RUN, makes=("runs/lm-eval",)),
     # docstrings: the options' synopsis is no command line
     "python scripts/bench_eval.py [--windows 16] [--window 1024] [--items 50] [--batch-size 8] [--mc-batch-size 32] "
     "[--passes first,compiled,later]": HELP_BENCH,
