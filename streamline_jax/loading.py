@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from .models.config import ModelConfig, from_hf_config, to_hf_config, UnsupportedArchitectureError
+from .models.config import ModelConfig, from_hf_config, to_hf_config
+from .models.families import BLOCK_FAMILIES, IGNORED_TENSORS, UnsupportedArchitectureError, gguf_architecture
 from .models.model import Model
 from .models import transformer
 
@@ -33,52 +34,15 @@ class CheckpointError(ValueError):
 ORBAX_MARKER = "streamline_model.json"  # written last by export.save_orbax_model
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Name tables. Target paths are dot-separated keys in our tree; `layers.` means the decoder stack, indexed by the
-# first regex group. Transforms: "R" reshape; "T<k>" transpose a [out, in] matrix, then reshape, where k is the
-# number of leading parameter dims that come from `in`; "F" a flat [H*D] bias to [H, D].
-
-LLAMA_RULES = (
-    (r"model\.embed_tokens\.weight", "embed_tokens", "R"),
-    (r"model\.norm\.weight", "final_norm.scale", "R"),
-    (r"lm_head\.weight", "lm_head", "T1"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", r"layers.self_attn.\2_proj.kernel", "T1"),
-    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", r"layers.self_attn.\2_proj.bias", "F"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.self_attn.o_proj.kernel", "T2"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.bias", r"layers.self_attn.o_proj.bias", "R"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.mlp.\2_proj.kernel", "T1"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.bias", r"layers.mlp.\2_proj.bias", "R"),
-    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers.\2.scale", "R"),
-)
-
-OPT_RULES = (
-    (r"model\.decoder\.embed_tokens\.weight", "embed_tokens", "R"),
-    (r"model\.decoder\.embed_positions\.weight", "embed_positions", "R"),
-    (r"model\.decoder\.project_in\.weight", "project_in.kernel", "T1"),
-    (r"model\.decoder\.project_out\.weight", "project_out.kernel", "T1"),
-    (r"model\.decoder\.final_layer_norm\.weight", "final_norm.scale", "R"),
-    (r"model\.decoder\.final_layer_norm\.bias", "final_norm.bias", "R"),
-    (r"lm_head\.weight", "lm_head", "T1"),
-    (r"model\.decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", r"layers.self_attn.\2_proj.kernel", "T1"),
-    (r"model\.decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", r"layers.self_attn.\2_proj.bias", "F"),
-    (r"model\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.weight", r"layers.self_attn.out_proj.kernel", "T2"),
-    (r"model\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.bias", r"layers.self_attn.out_proj.bias", "R"),
-    (r"model\.decoder\.layers\.(\d+)\.(fc1|fc2)\.weight", r"layers.\2.kernel", "T1"),
-    (r"model\.decoder\.layers\.(\d+)\.(fc1|fc2)\.bias", r"layers.\2.bias", "R"),
-    (r"model\.decoder\.layers\.(\d+)\.(self_attn_layer_norm|final_layer_norm)\.weight", r"layers.\2.scale", "R"),
-    (r"model\.decoder\.layers\.(\d+)\.(self_attn_layer_norm|final_layer_norm)\.bias", r"layers.\2.bias", "R"),
-)
-
-# Buffers some checkpoints carry that are not parameters.
-IGNORED = (r".*rotary_emb\.inv_freq", r".*\.masked_bias", r".*attn\.bias$")
-
-RULES = {"llama": LLAMA_RULES, "opt": OPT_RULES}
+RULES = {name: family.rules for name, family in BLOCK_FAMILIES.items()}
+IGNORED = IGNORED_TENSORS
 
 
 def _normalise_name(family: str, name: str) -> str:
     # facebook/opt-* checkpoints name their tensors without the `model.` prefix
-    if family == "opt" and name.startswith("decoder."):
-        return "model." + name
+    fix = BLOCK_FAMILIES[family].hf_prefix_fix
+    if fix and name.startswith(fix[0]):
+        return fix[1] + name[len(fix[0]):]
     return name
 
 
