@@ -278,3 +278,11 @@ def test_unimplemented_config_flags_are_named(model_type, key, value):
     hf = {**to_hf_config(CONFIGS[model_type if model_type == "qwen3" else "qwen2_tied"]), key: value}
     with pytest.raises(UnsupportedArchitectureError, match=f"{model_type}: config {key}="):
         from_hf_config(hf)
+
+
+@pytest.mark.parametrize("name,flag", [("qwen2_tied", {"attention_bias": True}), ("qwen3", {"qkv_bias": True}),
+                                       ("llama_gqa_tied", {"qk_norm": True}), ("qwen2_tied", {"sliding_window": 8})])
+def test_a_flag_the_architecture_cannot_hold_is_not_exported(name, flag):
+    config = CONFIGS[name].replace(**flag)
+    with pytest.raises(UnsupportedArchitectureError, match=f"has no config for {next(iter(flag))}="):
+        to_hf_config(config)

@@ -160,12 +160,21 @@ def to_hf_config(config: ModelConfig) -> dict:
     """A stock Hugging Face config.json for `config`'s current depth, naming its architecture's class."""
     c = config
     arch = architecture(c.model_type or c.family)
-    return dict(
+    hf = dict(
         model_type=arch.model_type, architectures=[arch.hf_class],
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.depth,
         num_attention_heads=c.num_heads, max_position_embeddings=c.max_position_embeddings,
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
         tie_word_embeddings=c.tie_word_embeddings, torch_dtype=c.dtype, **arch.to_hf(c))
+    # a flag the architecture's config cannot hold would be lost silently: the export would be another model
+    back, defaults = arch.from_hf(hf), {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    lost = [f"{f}={getattr(c, f)!r}" for f in PROJECTION_FLAGS if back.get(f, defaults[f]) != getattr(c, f)]
+    if lost:
+        raise UnsupportedArchitectureError(f"{arch.hf_class} has no config for {', '.join(lost)}")
+    return hf
+
+
+PROJECTION_FLAGS = ("attention_bias", "qkv_bias", "qk_norm", "mlp_bias", "sliding_window")
 
 
 def _first(v):
