@@ -149,14 +149,6 @@ def place_on_mesh(model: Model, mesh) -> Model:
     return model.replace(params=params, mesh=mesh)
 
 
-def load_hf_folder(folder: Path, dtype: str = "float32") -> Model:
-    return load(Path(folder), dtype)
-
-
-def load_gguf(path: Path, dtype: str = "float32") -> Model:
-    return load(Path(path), dtype)
-
-
 def _looks_like_hub_id(s: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", s))
 
