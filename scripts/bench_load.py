@@ -76,7 +76,7 @@ import json, os, sys, threading, time, tracemalloc
 sys.path.insert(0, {root!r})
 import jax, numpy as np
 from streamline_jax.sharding import make_mesh
-from streamline_jax.streaming import stream_load
+from streamline_jax.loading import load
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 def rss():
@@ -98,7 +98,7 @@ def sample():
 t = threading.Thread(target=sample, daemon=True); t.start()
 tracemalloc.start()
 t0 = time.perf_counter()
-model = stream_load({folder!r}, mesh, "float16", on_shard=lambda n: placed.__setitem__(0, placed[0] + n))
+model = load({folder!r}, "float16", mesh=mesh, on_shard=lambda n: placed.__setitem__(0, placed[0] + n))
 jax.block_until_ready(model.params)
 seconds = time.perf_counter() - t0
 _, traced_peak = tracemalloc.get_traced_memory()

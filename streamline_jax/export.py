@@ -1,8 +1,7 @@
 """Stage 6, export: the pruned model as an Orbax checkpoint (any layout, restored onto any mesh) and as a stock
 Hugging Face folder (layouts made of decoder layers and `ffn` blocks).
 
-Orbax folder:   params/ (Orbax), tokenizer files, `streamline_model.json` (the config; written last: its presence
-                means the folder is complete). `load.load(folder)` reads it back through `load_orbax_model`.
+Orbax folder:   see `model_io.py`.
 HF folder:      config.json (the pruned depth), model.safetensors (or shards + index), tokenizer files.
                 An `ffn` block becomes a decoder layer whose attention output projection is zero: the same function.
                 An `mlp` block has no stock form: `ExportError`.
@@ -13,100 +12,25 @@ interrupted write never leaves a folder that looks finished.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .loading import ORBAX_MARKER, hf_tensors_from_params, load_tokenizer
+from .checkpoint import hf_tensors_from_params
+from .model_io import ORBAX_MARKER, atomic_folder, load_orbax_model, read_orbax_config, save_orbax_model  # noqa: F401
 from .models import transformer
 from .models.config import ModelConfig, Segment, to_hf_config
 from .models.model import Model
 
-ORBAX_FORMAT = 1
-PARAMS_DIR = "params"
 MAX_SHARD_BYTES = 5 * 1024 ** 3  # safetensors shard size, as transformers' save_pretrained defaults to
 
 
 class ExportError(ValueError):
     pass
-
-
-@contextlib.contextmanager
-def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside `target`; on success it replaces `target`, on error it is removed."""
-    target = Path(target).absolute()
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; pass overwrite (--overwrite) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Orbax
-
-
-def save_orbax_model(model: Model, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Save params (Orbax, sharded as they are), the tokenizer and the config marker (last) into `folder`."""
-    from .distributed import save_params
-
-    folder = Path(folder).absolute()
-    with atomic_folder(folder, overwrite) as tmp:
-        save_params(tmp / PARAMS_DIR, model.params)
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(tmp))
-        (tmp / ORBAX_MARKER).write_text(json.dumps(
-            {"format": ORBAX_FORMAT, "params": PARAMS_DIR, "config": model.config.to_dict()}, indent=2) + "\n")
-    return folder
-
-
-def read_orbax_config(folder: str | os.PathLike) -> ModelConfig:
-    marker = Path(folder) / ORBAX_MARKER
-    if not marker.exists():
-        raise FileNotFoundError(f"{folder} is not a finished streamline_jax model folder (no {ORBAX_MARKER})")
-    meta = json.loads(marker.read_text())
-    if meta.get("format") != ORBAX_FORMAT:
-        raise ValueError(f"{marker}: unknown format {meta.get('format')!r}; this version reads format {ORBAX_FORMAT}")
-    return ModelConfig.from_dict(meta["config"])
-
-
-def load_orbax_model(path: str | os.PathLike, dtype: str | None = None, mesh=None) -> Model:
-    """Restore a model saved by `save_orbax_model` onto `mesh` (sharded by the logical-axis rules) or, without one,
-    onto the default device, whatever device count saved it. `dtype` casts the parameters (default: as saved)."""
-    from .distributed import restore_params
-    from .sharding import param_shardings
-
-    folder = Path(path).absolute()
-    config = read_orbax_config(folder)
-    if dtype is not None:
-        config = config.replace(dtype=str(jnp.dtype(dtype)))
-    abstract = transformer.abstract_params(config)
-    if mesh is not None:
-        shardings = param_shardings(abstract, transformer.param_axes(config), mesh)
-    else:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: device, abstract)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    params = restore_params(folder / PARAMS_DIR, target)
-    return Model(config, params, load_tokenizer(folder), mesh)
 
 
 # --------------------------------------------------------------------------------------------------------------

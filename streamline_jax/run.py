@@ -429,19 +429,17 @@ def check_ranges(c: RunConfig) -> None:
 def peek_model_config(c: RunConfig):
     """The model's shapes without its weights (config.json, the Orbax marker, the GGUF header or the preset's
     architecture), or None where that would need a download."""
-    from .loading import read_hf_model_config
+    from .checkpoint import checkpoint_files, read_hf_model_config, safetensors_index
 
     path = Path(c.model.source).expanduser()
     try:
         if path.is_dir():
-            from .export import ORBAX_MARKER, read_orbax_config
+            from .model_io import ORBAX_MARKER, read_orbax_config
 
             if (path / ORBAX_MARKER).exists():
                 return read_orbax_config(path)
             config = read_hf_model_config(path)
-            from .loading import hf_checkpoint_files, safetensors_index
-
-            for f in hf_checkpoint_files(path)[0]:  # headers only: a truncated file is named before any work
+            for f in checkpoint_files(path):  # headers only: a truncated file is named before any work
                 if f.suffix == ".safetensors" and f.is_file():
                     safetensors_index(f)
             return config

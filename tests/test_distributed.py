@@ -150,18 +150,24 @@ def _tiny_gguf(path: Path, config: ModelConfig, seed=0):
 def test_streaming_gguf_matches_plain_dequantization(tmp_path):
     path = _tiny_gguf(tmp_path / "tiny.gguf", LLAMA)
     out = run_python(f"""
-        import importlib, json, numpy as np, jax, gguf
+        import json, numpy as np, jax, gguf
         from streamline_jax.sharding import make_mesh
         from streamline_jax.models.config import from_hf_config
-        from streamline_jax import streaming
-        L = importlib.import_module("streamline_jax.loading")
-        reader = gguf.GGUFReader({str(path)!r})
-        hf = L.gguf_hf_config(reader)
+        from streamline_jax import gguf_file, streaming
+        from streamline_jax.checkpoint import params_from_tensors
+        reader = gguf_file.open_gguf({str(path)!r})
+        hf = gguf_file.gguf_hf_config(reader)
         config = from_hf_config(hf)
-        ref = L.params_from_tensors(config, L.read_gguf({str(path)!r}, hf, reader))
+        heads = {{"q_proj": hf["num_attention_heads"], "k_proj": hf["num_key_value_heads"]}}
+        def whole(t, name):  # whole tensors dequantized, then un-permuted: not the row-wise reads streaming does
+            w = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(d) for d in t.shape])))
+            n = next((n for k, n in heads.items() if "." + k + ".weight" in name), None)
+            return gguf_file.unpermute_rows(w, n) if n else w
+        ref = params_from_tensors(config, ((s.name, lambda s=s: whole(s.tensor, s.name))
+                                           for s in gguf_file.gguf_sources(reader, hf, "tiny")))
         res = {{}}
         for shape in [(1, 8, 1), (1, 4, 2)]:
-            _, sources, _ = streaming.gguf_sources({str(path)!r})
+            sources = gguf_file.gguf_sources(reader, hf, "tiny")
             got = streaming.stream_params(config, sources, make_mesh(*shape))
             same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), b)), got, ref)
             res[str(shape)] = all(jax.tree.leaves(same))

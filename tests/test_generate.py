@@ -30,6 +30,12 @@ TINY = {
     "opt": ModelConfig(family="opt", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6, num_heads=4,
                        num_kv_heads=4, head_dim=16, activation="relu", eos_token_id=3, pad_token_id=1,
                        tie_word_embeddings=False),
+    "qwen2": ModelConfig(family="llama", model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96,
+                         num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, eos_token_id=3,
+                         pad_token_id=0, tie_word_embeddings=False),
+    "qwen3": ModelConfig(family="llama", model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96,
+                         num_layers=6, num_heads=4, num_kv_heads=2, head_dim=24, qk_norm=True, eos_token_id=3,
+                         pad_token_id=0, tie_word_embeddings=False),
 }
 PROMPT_IDS = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3 + 1, 30, 31, 32, 33], [100, 101, 102, 103, 104, 105, 106]]
 NEW = 16  # new tokens in the tiny-model tests: one shape, so the tests share compiles
@@ -57,7 +63,9 @@ def torch_greedy(ref, prompt, n, eos):
 
 def delete_layers(ref, keep):
     """transformers' model with only the decoder layers `keep` (renumbered), the others deleted."""
-    cfg = ref.config.__class__(**{**ref.config.to_dict(), "num_hidden_layers": len(keep)})
+    per_layer = ("layer_types",)  # recomputed for the new depth
+    cfg = ref.config.__class__(**{**{k: v for k, v in ref.config.to_dict().items() if k not in per_layer},
+                                  "num_hidden_layers": len(keep)})
     cfg._attn_implementation = "eager"
     out = ref.__class__(cfg).eval()
     layers = out.model.decoder.layers if cfg.model_type == "opt" else out.model.layers
@@ -109,7 +117,7 @@ def one_torch_thread():
         torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "qwen3"])
 def test_greedy_matches_transformers_on_tiny_models(family):
     model, ref = tiny(family)
     ours = generate(model, PROMPT_IDS, NEW)  # one batch, left-padded
@@ -119,7 +127,8 @@ def test_greedy_matches_transformers_on_tiny_models(family):
     assert generate(model, PROMPT_IDS, NEW, unroll_layers=False).tokens == ours.tokens  # scanned stacks
 
 
-@pytest.mark.parametrize("family,replacement", [("llama", "none"), ("llama", "layer"), ("opt", "none")])
+@pytest.mark.parametrize("family,replacement", [("llama", "none"), ("llama", "layer"), ("opt", "none"),
+                                                ("qwen2", "layer"), ("qwen3", "none")])
 def test_pruned_model_matches_transformers_with_the_layers_deleted(family, replacement):
     model, ref = tiny(family)
     # drop layers 2..4; a `layer` block starts as a copy of layer 2, so that equals deleting 3 and 4
@@ -150,7 +159,8 @@ def every_block_kind(model):
     return model.replace(params={**model.params, "segments": segs})
 
 
-@pytest.mark.parametrize("family,pruned", [("llama", False), ("llama", True), ("opt", False), ("opt", True)])
+@pytest.mark.parametrize("family,pruned", [("llama", False), ("llama", True), ("opt", False), ("opt", True),
+                                           ("qwen3", True)])
 def test_cached_decode_logits_equal_a_full_forward(family, pruned):
     model, _ = tiny(family)
     if pruned:

@@ -10,7 +10,8 @@ import pytest
 from conftest import rel_err
 from reference import params_from_torch, torch_forward, torch_model
 from streamline_jax.models import transformer
-from streamline_jax.models.config import ModelConfig, Segment, UnsupportedArchitectureError, from_hf_config
+from streamline_jax.models.config import (ModelConfig, Segment, UnsupportedArchitectureError, from_hf_config,
+                                          to_hf_config)
 from streamline_jax.models.layers import RMSNorm, layer_norm
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, head_dim=16,
@@ -29,6 +30,15 @@ CONFIGS = {
     "mistral": ModelConfig(family="llama", model_type="mistral", num_kv_heads=2, tie_word_embeddings=False, **BASE),
     "mistral_sliding_window": ModelConfig(family="llama", model_type="mistral", num_kv_heads=2, sliding_window=4,
                                           **BASE),
+    "qwen2_tied": ModelConfig(family="llama", model_type="qwen2", num_kv_heads=2, qkv_bias=True,
+                              rope_theta=1000000.0, **BASE),
+    "qwen2_untied": ModelConfig(family="llama", model_type="qwen2", num_kv_heads=2, qkv_bias=True,
+                                tie_word_embeddings=False, **BASE),
+    # head_dim 24 != hidden_size / num_heads, as in Qwen3-0.6B (1024 / 16 heads, head_dim 128)
+    "qwen3": ModelConfig(family="llama", model_type="qwen3", num_kv_heads=2, qk_norm=True,
+                         **{**BASE, "head_dim": 24}),
+    "qwen3_bias_untied": ModelConfig(family="llama", model_type="qwen3", num_kv_heads=4, qk_norm=True,
+                                     attention_bias=True, tie_word_embeddings=False, **BASE),
     "opt_125m_style": ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu", **BASE),
     "opt_350m_style": ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu",
                                   word_embed_proj_dim=32, do_layer_norm_before=False, **BASE),
@@ -261,3 +271,41 @@ def test_bf16_compute_stays_within_bf16_rounding_of_transformers_float32(name):
     assert all(c.dtype == jnp.bfloat16 for c in jax.tree.leaves(caches))
     # the weights are not cast: a bf16 compute config runs the float32 parameters as they are
     assert transformer.abstract_params(config.replace(compute_dtype="bfloat16")) == transformer.abstract_params(config)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIGS if not n.startswith("opt")] + ["opt_350m_style"])
+def test_hf_config_round_trip_names_the_architecture_class(name):
+    import transformers
+
+    config = CONFIGS[name]
+    hf = to_hf_config(config)
+    assert from_hf_config(hf) == config
+    # transformers builds the class the config names from it
+    ref = torch_model(config)
+    assert type(ref).__name__ == hf["architectures"][0]
+
+
+def test_qwen_projection_flags_and_qk_norm_axis():
+    qwen2 = transformer.abstract_params(CONFIGS["qwen2_tied"])["segments"]["seg_0"]["self_attn"]
+    assert {"bias"} <= set(qwen2["q_proj"]) and "bias" not in qwen2["o_proj"]
+    axes = transformer.param_axes(CONFIGS["qwen3"])["segments"]["seg_0"]["self_attn"]
+    assert axes["q_norm"]["scale"] == axes["k_norm"]["scale"] == ("layers", "head_dim")
+    assert transformer.abstract_params(CONFIGS["qwen3"])["segments"]["seg_0"]["self_attn"]["q_norm"]["scale"].shape \
+        == (3, 24)
+
+
+@pytest.mark.parametrize("model_type,key,value", [("qwen2", "use_sliding_window", True),
+                                                  ("qwen3", "layer_types", ["sliding_attention"]),
+                                                  ("qwen2", "hidden_act", "gelu")])
+def test_unimplemented_config_flags_are_named(model_type, key, value):
+    hf = {**to_hf_config(CONFIGS[model_type if model_type == "qwen3" else "qwen2_tied"]), key: value}
+    with pytest.raises(UnsupportedArchitectureError, match=f"{model_type}: config {key}="):
+        from_hf_config(hf)
+
+
+@pytest.mark.parametrize("name,flag", [("qwen2_tied", {"attention_bias": True}), ("qwen3", {"qkv_bias": True}),
+                                       ("llama_gqa_tied", {"qk_norm": True}), ("qwen2_tied", {"sliding_window": 8})])
+def test_a_flag_the_architecture_cannot_hold_is_not_exported(name, flag):
+    config = CONFIGS[name].replace(**flag)
+    with pytest.raises(UnsupportedArchitectureError, match=f"has no config for {next(iter(flag))}="):
+        to_hf_config(config)

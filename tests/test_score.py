@@ -19,6 +19,10 @@ TINY = {
     "opt": ModelConfig(family="opt", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6, num_heads=4,
                        num_kv_heads=4, head_dim=16, word_embed_proj_dim=64, activation="relu", pad_token_id=1,
                        max_position_embeddings=64),
+    "qwen2": ModelConfig(family="llama", model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96,
+                         num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True),
+    "qwen3": ModelConfig(family="llama", model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96,
+                         num_layers=6, num_heads=4, num_kv_heads=2, head_dim=24, qk_norm=True),
 }
 
 
@@ -79,7 +83,7 @@ def numpy_scores(hiddens_masks):
     return cos_sum / tokens, ang_sum / seqs
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "qwen3"])
 def test_scores_match_transformers_hidden_states_with_padding(family):
     ref, model = reference_pair(family)
     data = padded_batches()

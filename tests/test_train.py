@@ -17,6 +17,8 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=6, n
             max_position_embeddings=64)
 LLAMA = ModelConfig(family="llama", model_type="llama", num_kv_heads=2, **TINY)
 OPT = ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu", **TINY)
+QWEN = {"qwen2": ModelConfig(family="llama", model_type="qwen2", num_kv_heads=2, qkv_bias=True, **TINY),
+        "qwen3": ModelConfig(family="llama", model_type="qwen3", num_kv_heads=2, qk_norm=True, **TINY)}
 
 
 def dense(config, seed=0):
@@ -37,10 +39,10 @@ def patterned_chunks(n, seq=16, seed=0):
     return [((rng.integers(0, 11) + np.arange(seq)) % 11 + 3).astype(np.int32) for _ in range(n)]
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
-@pytest.mark.parametrize("replacement", ["layer", "ffn", "mlp"])
+@pytest.mark.parametrize("family,replacement", [(f, r) for f in ("llama", "opt") for r in ("layer", "ffn", "mlp")]
+                         + [("qwen2", "layer"), ("qwen3", "ffn"), ("qwen3", "layer")])
 def test_mse_training_lowers_validation_mse(family, replacement):
-    model = dense(LLAMA if family == "llama" else OPT)
+    model = dense({"llama": LLAMA, "opt": OPT, **QWEN}[family])
     pruned = prune(model, 2, 3, replacement, mlp_width=32 if replacement == "mlp" else None)
     trained, history = train_replacement(model, pruned, chunks(64), batch_size=4, valid_batches=chunks(8, seed=1),
                                          mode="mse", lr=1e-2, min_lr=1e-3, warmup_steps=1, progress=False,

@@ -6,14 +6,9 @@ import dataclasses
 import difflib
 from typing import Any
 
-FAMILIES = ("llama", "opt")
-# Hugging Face `model_type` values we can run, and the family that runs them.
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "opt": "opt"}
+from .families import FAMILIES, UnsupportedArchitectureError, architecture
+
 SEGMENT_KINDS = ("layers", "layer", "ffn", "mlp")
-
-
-class UnsupportedArchitectureError(ValueError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +50,9 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
-    attention_bias: bool = False
+    attention_bias: bool = False  # bias on q, k, v and o
+    qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before the rotary embedding (Qwen3)
     mlp_bias: bool = False
     sliding_window: int | None = None
     # opt family
@@ -82,6 +79,9 @@ class ModelConfig:
         if self.family not in FAMILIES:
             raise UnsupportedArchitectureError(
                 f"unknown model family {self.family!r}; supported: {FAMILIES}")
+        if self.model_type and architecture(self.model_type).family != self.family:
+            raise ValueError(f"model_type {self.model_type!r} runs on the "
+                             f"{architecture(self.model_type).family!r} family, not {self.family!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if not self.layout:
@@ -143,15 +143,11 @@ def check_keys(d: dict, cls, what: str) -> None:
 
 
 def from_hf_config(hf: dict, dtype: str = "float32") -> ModelConfig:
-    """Build a ModelConfig from a Hugging Face config.json dictionary."""
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedArchitectureError(
-            f"unsupported architecture model_type={model_type!r}; supported: "
-            f"{sorted(SUPPORTED_MODEL_TYPES)} (Llama-2/3, SmolLM2, Mistral-style, OPT)")
-    family = SUPPORTED_MODEL_TYPES[model_type]
-    common = dict(
-        model_type=model_type,
+    """Build a ModelConfig from a Hugging Face config.json dictionary (architectures: see `families.py`)."""
+    arch = architecture(hf.get("model_type"))
+    return ModelConfig(
+        family=arch.family,
+        model_type=arch.model_type,
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
@@ -159,87 +155,29 @@ def from_hf_config(hf: dict, dtype: str = "float32") -> ModelConfig:
         eos_token_id=_first(hf.get("eos_token_id")),
         pad_token_id=_first(hf.get("pad_token_id")),
         dtype=dtype,
-    )
-    if family == "llama":
-        heads = hf["num_attention_heads"]
-        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-        rope = dict(rope)
-        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise UnsupportedArchitectureError(
-                f"unsupported rope scaling type {rope_type!r}; supported: 'default', 'llama3'")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise UnsupportedArchitectureError(f"unsupported hidden_act {hf['hidden_act']!r} for llama; expected 'silu'")
-        scaling = None
-        if rope_type == "llama3":
-            scaling = tuple(sorted((k, v) for k, v in rope.items() if k != "type"))
-        return ModelConfig(
-            family="llama",
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=scaling,
-            attention_bias=hf.get("attention_bias", False),
-            mlp_bias=hf.get("mlp_bias", False),
-            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
-            tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            activation="silu",
-            **common,
-        )
-    heads = hf["num_attention_heads"]
-    act = hf.get("activation_function", "relu")
-    if act != "relu":
-        raise UnsupportedArchitectureError(f"unsupported activation_function {act!r} for OPT; expected 'relu'")
-    if not hf.get("layer_norm_elementwise_affine", True):
-        raise UnsupportedArchitectureError("OPT with layer_norm_elementwise_affine=False is not supported")
-    if hf.get("_remove_final_layer_norm", False):
-        raise UnsupportedArchitectureError("OPT with _remove_final_layer_norm=True is not supported")
-    return ModelConfig(
-        family="opt",
-        intermediate_size=hf["ffn_dim"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hf["hidden_size"] // heads,
-        word_embed_proj_dim=hf.get("word_embed_proj_dim") or hf["hidden_size"],
-        do_layer_norm_before=hf.get("do_layer_norm_before", True),
-        enable_bias=hf.get("enable_bias", True),
-        tie_word_embeddings=hf.get("tie_word_embeddings", True),
-        activation="relu",
-        **common,
+        **arch.from_hf(hf),
     )
 
 
 def to_hf_config(config: ModelConfig) -> dict:
-    """A stock Hugging Face config.json for `config`'s current depth."""
+    """A stock Hugging Face config.json for `config`'s current depth, naming its architecture's class."""
     c = config
-    common = dict(
+    arch = architecture(c.model_type or c.family)
+    hf = dict(
+        model_type=arch.model_type, architectures=[arch.hf_class],
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.depth,
         num_attention_heads=c.num_heads, max_position_embeddings=c.max_position_embeddings,
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-        tie_word_embeddings=c.tie_word_embeddings, torch_dtype=c.dtype,
-    )
-    if c.family == "llama":
-        rope = {"rope_type": "default", "rope_theta": c.rope_theta}
-        if c.rope_scaling:
-            rope = {**dict(c.rope_scaling), "rope_theta": c.rope_theta}
-        d = dict(
-            model_type=c.model_type or "llama", architectures=["LlamaForCausalLM" if c.model_type != "mistral" else "MistralForCausalLM"],
-            intermediate_size=c.intermediate_size, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
-            rms_norm_eps=c.rms_norm_eps, rope_theta=c.rope_theta, rope_scaling=dict(c.rope_scaling) if c.rope_scaling else None,
-            rope_parameters=rope, attention_bias=c.attention_bias, mlp_bias=c.mlp_bias, hidden_act="silu", **common)
-        if c.model_type == "mistral":
-            d["sliding_window"] = c.sliding_window
-        return d
-    return dict(
-        model_type="opt", architectures=["OPTForCausalLM"], ffn_dim=c.intermediate_size,
-        word_embed_proj_dim=c.embed_dim, do_layer_norm_before=c.do_layer_norm_before, enable_bias=c.enable_bias,
-        activation_function="relu", layer_norm_elementwise_affine=True, **common)
+        tie_word_embeddings=c.tie_word_embeddings, torch_dtype=c.dtype, **arch.to_hf(c))
+    # a flag the architecture's config cannot hold would be lost silently: the export would be another model
+    back, defaults = arch.from_hf(hf), {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    lost = [f"{f}={getattr(c, f)!r}" for f in PROJECTION_FLAGS if back.get(f, defaults[f]) != getattr(c, f)]
+    if lost:
+        raise UnsupportedArchitectureError(f"{arch.hf_class} has no config for {', '.join(lost)}")
+    return hf
+
+
+PROJECTION_FLAGS = ("attention_bias", "qkv_bias", "qk_norm", "mlp_bias", "sliding_window")
 
 
 def _first(v):

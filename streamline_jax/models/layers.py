@@ -81,10 +81,11 @@ class RMSNorm(nn.Module):
 
     eps: float
     dtype: jnp.dtype = jnp.float32
+    axis_name: str = "embed"  # the logical name of the normalised axis ("head_dim" for Qwen3's q/k norms)
 
     @nn.compact
     def __call__(self, x):
-        weight = self.param("scale", param_init(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.dtype)
+        weight = self.param("scale", param_init(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return weight.astype(ACTIVATION_DTYPE) * x32

@@ -1,4 +1,5 @@
-"""Llama-family decoder layer (Llama-2/3, SmolLM2, Mistral-style) and its FFN replacement block."""
+"""The llama block family's decoder layer (Llama-2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3) and its FFN replacement
+block. Per-architecture differences are `ModelConfig` flags (q/k/v bias, o bias, q/k norm, sliding window)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ class LlamaAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, positions, cache=None, cache_index=None):
         c = self.config
-        bias = c.attention_bias
+        bias = c.attention_bias or c.qkv_bias
         compute = matmul_dtype(c)
         q = dense((c.num_heads, c.head_dim), ("embed",), ("heads", "head_dim"), bias, "q_proj", dtype=self.dtype,
                   compute_dtype=compute)(x)
@@ -24,6 +25,9 @@ class LlamaAttention(nn.Module):
                   dtype=self.dtype, compute_dtype=compute)(x)
         v = dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), bias, "v_proj",
                   dtype=self.dtype, compute_dtype=compute)(x)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="k_norm")(k)
         inv_freq = rope_inv_freq(c)
         q = (apply_rope(q, positions, inv_freq) * jnp.asarray(c.head_dim ** -0.5, q.dtype)).astype(compute)
         k = apply_rope(k, positions, inv_freq).astype(compute)
@@ -32,7 +36,7 @@ class LlamaAttention(nn.Module):
             cache = update_cache(cache, k, v, cache_index)
             k, v = cache
         out = attend(q, k, v, mask, causal=cache is None)
-        out = dense(c.hidden_size, ("heads", "head_dim"), ("embed",), bias, "o_proj", axis=(-2, -1),
+        out = dense(c.hidden_size, ("heads", "head_dim"), ("embed",), c.attention_bias, "o_proj", axis=(-2, -1),
                     dtype=self.dtype, compute_dtype=compute)(out)
         return out, cache
 

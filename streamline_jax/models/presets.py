@@ -19,6 +19,18 @@ def _llama(vocab, hidden, inter, layers, heads, kv, *, max_pos=4096, theta=10000
                        rope_scaling=scaling, tie_word_embeddings=tied, activation="silu", dtype=dtype)
 
 
+def _qwen(model_type, vocab, hidden, inter, layers, heads, kv, *, head_dim=None, tied, max_pos):
+    flags = {"qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}}[model_type]
+    return ModelConfig(family="llama", model_type=model_type, vocab_size=vocab, hidden_size=hidden,
+                       intermediate_size=inter, num_layers=layers, num_heads=heads, num_kv_heads=kv,
+                       head_dim=head_dim or hidden // heads, max_position_embeddings=max_pos, rope_theta=1000000.0,
+                       rms_norm_eps=1e-6, tie_word_embeddings=tied, activation="silu", dtype="bfloat16", **flags)
+
+
+LLAMA31_ROPE = (("factor", 8.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                ("original_max_position_embeddings", 8192), ("rope_type", "llama3"))
+
+
 def _opt(hidden, ffn, layers, heads):
     return ModelConfig(family="opt", model_type="opt", vocab_size=50272, hidden_size=hidden, intermediate_size=ffn,
                        num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
@@ -32,6 +44,14 @@ PRESETS: dict[str, ModelConfig] = {
     "llama2-13b": _llama(32000, 5120, 13824, 40, 40, 40),
     "llama2-70b": _llama(32000, 8192, 28672, 80, 64, 8),
     "llama3-8b": _llama(128256, 4096, 14336, 32, 32, 8, max_pos=8192, theta=500000.0),
+    "llama3.1-8b": _llama(128256, 4096, 14336, 32, 32, 8, max_pos=131072, theta=500000.0, scaling=LLAMA31_ROPE),
+    "mistral-7b": _llama(32000, 4096, 14336, 32, 32, 8, max_pos=32768, model_type="mistral").replace(
+        sliding_window=4096),  # Mistral-7B-v0.1
+    "qwen2.5-0.5b": _qwen("qwen2", 151936, 896, 4864, 24, 14, 2, tied=True, max_pos=32768),
+    "qwen2.5-1.5b": _qwen("qwen2", 151936, 1536, 8960, 28, 12, 2, tied=True, max_pos=131072),
+    "qwen2.5-7b": _qwen("qwen2", 152064, 3584, 18944, 28, 28, 4, tied=False, max_pos=131072),
+    "qwen3-0.6b": _qwen("qwen3", 151936, 1024, 3072, 28, 16, 8, head_dim=128, tied=True, max_pos=40960),
+    "qwen3-8b": _qwen("qwen3", 151936, 4096, 12288, 36, 32, 8, head_dim=128, tied=False, max_pos=40960),
     "opt-1.3b": _opt(2048, 8192, 24, 32),
     "opt-2.7b": _opt(2560, 10240, 32, 32),
     "opt-6.7b": _opt(4096, 16384, 32, 32),
@@ -41,6 +61,10 @@ PRESETS: dict[str, ModelConfig] = {
 # Published totals (model cards / papers), for the parameter-count test.
 PUBLISHED_PARAMS = {
     "smollm2-135m": 134.5e6, "llama2-7b": 6.74e9, "llama2-13b": 13.0e9, "llama2-70b": 69.0e9, "llama3-8b": 8.03e9,
+    # Hugging Face's safetensors totals (Qwen3-0.6B's includes its tied head a second time: 751,632,384)
+    "llama3.1-8b": 8_030_261_248, "mistral-7b": 7_241_732_096, "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304, "qwen2.5-7b": 7_615_616_512, "qwen3-0.6b": 751_632_384 - 151936 * 1024,
+    "qwen3-8b": 8_190_735_360,
     "opt-1.3b": 1.32e9, "opt-2.7b": 2.65e9, "opt-6.7b": 6.66e9, "opt-13b": 12.9e9,
 }
 

@@ -1,0 +1,273 @@
+"""The supported architectures, each described once: its Hugging Face `model_type` and class, its llama.cpp GGUF
+name and conventions, the block family that runs it, and the `ModelConfig` flags it sets.
+
+A block family ("llama": rotary attention, RMSNorm, gated MLP; "opt": learned positions, LayerNorm, fc1/fc2) is
+one decoder implementation with one checkpoint-name table; an architecture is a family plus flags (q/k/v bias,
+o bias, q/k norm, sliding window, ...). Adding an architecture is an entry here plus its tests.
+
+This module imports nothing from the rest of the package: config.py builds on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoint names (Hugging Face) -> our parameter tree, one table per block family. Target paths are dot-separated
+# keys in our tree; `layers.` means the decoder stack, indexed by the first regex group. Transforms: "R" reshape;
+# "T<k>" transpose a [out, in] matrix, then reshape, where k is the number of leading parameter dims that come from
+# `in`; "F" a flat [H*D] bias to [H, D].
+
+LLAMA_RULES = (
+    (r"model\.embed_tokens\.weight", "embed_tokens", "R"),
+    (r"model\.norm\.weight", "final_norm.scale", "R"),
+    (r"lm_head\.weight", "lm_head", "T1"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", r"layers.self_attn.\2_proj.kernel", "T1"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", r"layers.self_attn.\2_proj.bias", "F"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.self_attn.o_proj.kernel", "T2"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.bias", r"layers.self_attn.o_proj.bias", "R"),
+    (r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", r"layers.self_attn.\2_norm.scale", "R"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.mlp.\2_proj.kernel", "T1"),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.bias", r"layers.mlp.\2_proj.bias", "R"),
+    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers.\2.scale", "R"),
+)
+
+OPT_RULES = (
+    (r"model\.decoder\.embed_tokens\.weight", "embed_tokens", "R"),
+    (r"model\.decoder\.embed_positions\.weight", "embed_positions", "R"),
+    (r"model\.decoder\.project_in\.weight", "project_in.kernel", "T1"),
+    (r"model\.decoder\.project_out\.weight", "project_out.kernel", "T1"),
+    (r"model\.decoder\.final_layer_norm\.weight", "final_norm.scale", "R"),
+    (r"model\.decoder\.final_layer_norm\.bias", "final_norm.bias", "R"),
+    (r"lm_head\.weight", "lm_head", "T1"),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight", r"layers.self_attn.\2_proj.kernel", "T1"),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.bias", r"layers.self_attn.\2_proj.bias", "F"),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.weight", r"layers.self_attn.out_proj.kernel", "T2"),
+    (r"model\.decoder\.layers\.(\d+)\.self_attn\.out_proj\.bias", r"layers.self_attn.out_proj.bias", "R"),
+    (r"model\.decoder\.layers\.(\d+)\.(fc1|fc2)\.weight", r"layers.\2.kernel", "T1"),
+    (r"model\.decoder\.layers\.(\d+)\.(fc1|fc2)\.bias", r"layers.\2.bias", "R"),
+    (r"model\.decoder\.layers\.(\d+)\.(self_attn_layer_norm|final_layer_norm)\.weight", r"layers.\2.scale", "R"),
+    (r"model\.decoder\.layers\.(\d+)\.(self_attn_layer_norm|final_layer_norm)\.bias", r"layers.\2.bias", "R"),
+)
+
+# Buffers some checkpoints carry that are not parameters.
+IGNORED_TENSORS = (r".*rotary_emb\.inv_freq", r".*\.masked_bias", r".*attn\.bias$")
+
+# GGUF tensor names (llama.cpp) -> Hugging Face names, for the llama block family.
+LLAMA_GGUF_NAMES = (
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"blk\.(\d+)\.attn_q\.(weight|bias)", r"model.layers.\1.self_attn.q_proj.\2"),
+    (r"blk\.(\d+)\.attn_k\.(weight|bias)", r"model.layers.\1.self_attn.k_proj.\2"),
+    (r"blk\.(\d+)\.attn_v\.(weight|bias)", r"model.layers.\1.self_attn.v_proj.\2"),
+    (r"blk\.(\d+)\.attn_output\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2"),
+    (r"blk\.(\d+)\.attn_q_norm\.weight", r"model.layers.\1.self_attn.q_norm.weight"),
+    (r"blk\.(\d+)\.attn_k_norm\.weight", r"model.layers.\1.self_attn.k_norm.weight"),
+    (r"blk\.(\d+)\.ffn_(gate|up|down)\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFamily:
+    """One decoder implementation and its checkpoint names."""
+
+    name: str
+    rules: tuple
+    gguf_names: tuple = ()
+    hf_prefix_fix: tuple[str, str] | None = None  # (prefix, replacement) for checkpoints saved without `model.`
+
+
+BLOCK_FAMILIES = {
+    "llama": BlockFamily("llama", LLAMA_RULES, LLAMA_GGUF_NAMES),
+    "opt": BlockFamily("opt", OPT_RULES, hf_prefix_fix=("decoder.", "model.decoder.")),
+}
+FAMILIES = tuple(BLOCK_FAMILIES)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Architectures
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One Hugging Face `model_type` as we run it.
+
+    `from_hf(hf)` gives the `ModelConfig` fields particular to it (on top of the family's), raising
+    `UnsupportedArchitectureError` for a config flag we do not implement; `to_hf(config)` the config.json keys
+    particular to it.
+    """
+
+    model_type: str
+    hf_class: str
+    family: str
+    from_hf: Callable[[dict], dict]
+    to_hf: Callable[[Any], dict]
+    gguf_name: str | None = None
+    gguf_permutes_qk: bool = False  # llama.cpp's converter permutes q/k rows for the llama architecture only
+    description: str = ""
+
+
+def _unsupported(model_type: str, key: str, value, expected) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"{model_type}: config {key}={value!r} is not implemented (supported: {expected})")
+
+
+def rope_fields(hf: dict, model_type: str) -> dict:
+    """rope_theta and (Llama-3) rope_scaling from either transformers 4's or 5's config keys."""
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise _unsupported(model_type, "rope_scaling.rope_type", rope_type, "'default', 'llama3'")
+    scaling = tuple(sorted((k, v) for k, v in rope.items() if k != "type")) if rope_type == "llama3" else None
+    return {"rope_theta": float(theta), "rope_scaling": scaling}
+
+
+def _require(hf: dict, model_type: str, key: str, default, allowed: tuple) -> None:
+    value = hf.get(key, default)
+    if value not in allowed:
+        raise _unsupported(model_type, key, value, ", ".join(repr(a) for a in allowed))
+
+
+def _rope_to_hf(c) -> dict:
+    rope = {"rope_type": "default", "rope_theta": c.rope_theta}
+    if c.rope_scaling:
+        rope = {**dict(c.rope_scaling), "rope_theta": c.rope_theta}
+    return {"rope_theta": c.rope_theta, "rope_scaling": dict(c.rope_scaling) if c.rope_scaling else None,
+            "rope_parameters": rope}
+
+
+def _llama_block_from_hf(hf: dict, model_type: str) -> dict:
+    """Fields every llama-block architecture reads the same way."""
+    _require(hf, model_type, "hidden_act", "silu", ("silu",))
+    heads = hf["num_attention_heads"]
+    return dict(
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        activation="silu",
+        **rope_fields(hf, model_type),
+    )
+
+
+def _llama_block_to_hf(c) -> dict:
+    return dict(intermediate_size=c.intermediate_size, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+                rms_norm_eps=c.rms_norm_eps, hidden_act="silu", **_rope_to_hf(c))
+
+
+def _llama_from_hf(hf):
+    return dict(_llama_block_from_hf(hf, "llama"), attention_bias=hf.get("attention_bias", False),
+                mlp_bias=hf.get("mlp_bias", False))
+
+
+def _llama_to_hf(c):
+    return dict(_llama_block_to_hf(c), attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+
+
+def _mistral_from_hf(hf):
+    return dict(_llama_block_from_hf(hf, "mistral"), sliding_window=hf.get("sliding_window"))
+
+
+def _mistral_to_hf(c):
+    return dict(_llama_block_to_hf(c), sliding_window=c.sliding_window)
+
+
+def _no_sliding_window(hf, model_type):
+    _require(hf, model_type, "use_sliding_window", False, (False,))
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise _unsupported(model_type, "layer_types", sorted(layer_types), "'full_attention' only")
+
+
+def _qwen2_from_hf(hf):
+    _no_sliding_window(hf, "qwen2")
+    return dict(_llama_block_from_hf(hf, "qwen2"), qkv_bias=True)
+
+
+def _qwen2_to_hf(c):
+    return dict(_llama_block_to_hf(c), use_sliding_window=False, sliding_window=None,
+                max_window_layers=c.num_layers)
+
+
+def _qwen3_from_hf(hf):
+    _no_sliding_window(hf, "qwen3")
+    return dict(_llama_block_from_hf(hf, "qwen3"), attention_bias=hf.get("attention_bias", False), qk_norm=True)
+
+
+def _qwen3_to_hf(c):
+    return dict(_llama_block_to_hf(c), attention_bias=c.attention_bias, use_sliding_window=False,
+                sliding_window=None, max_window_layers=c.num_layers)
+
+
+def _opt_from_hf(hf):
+    _require(hf, "opt", "activation_function", "relu", ("relu",))
+    _require(hf, "opt", "layer_norm_elementwise_affine", True, (True,))
+    _require(hf, "opt", "_remove_final_layer_norm", False, (False,))
+    heads = hf["num_attention_heads"]
+    return dict(
+        intermediate_size=hf["ffn_dim"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hf["hidden_size"] // heads,
+        word_embed_proj_dim=hf.get("word_embed_proj_dim") or hf["hidden_size"],
+        do_layer_norm_before=hf.get("do_layer_norm_before", True),
+        enable_bias=hf.get("enable_bias", True),
+        tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        activation="relu",
+    )
+
+
+def _opt_to_hf(c):
+    return dict(ffn_dim=c.intermediate_size, word_embed_proj_dim=c.embed_dim,
+                do_layer_norm_before=c.do_layer_norm_before, enable_bias=c.enable_bias,
+                activation_function="relu", layer_norm_elementwise_affine=True)
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
+    Architecture("llama", "LlamaForCausalLM", "llama", _llama_from_hf, _llama_to_hf, gguf_name="llama",
+                 gguf_permutes_qk=True, description="Llama-2/3/3.1, SmolLM2"),
+    Architecture("mistral", "MistralForCausalLM", "llama", _mistral_from_hf, _mistral_to_hf,
+                 description="Mistral-7B (GGUFs of it say `llama`)"),
+    Architecture("qwen2", "Qwen2ForCausalLM", "llama", _qwen2_from_hf, _qwen2_to_hf, gguf_name="qwen2",
+                 description="Qwen2, Qwen2.5"),
+    Architecture("qwen3", "Qwen3ForCausalLM", "llama", _qwen3_from_hf, _qwen3_to_hf, gguf_name="qwen3",
+                 description="Qwen3 (dense)"),
+    Architecture("opt", "OPTForCausalLM", "opt", _opt_from_hf, _opt_to_hf, description="OPT-125m to 66b"),
+)}
+GGUF_ARCHITECTURES = {a.gguf_name: a for a in ARCHITECTURES.values() if a.gguf_name}
+
+
+def supported_list() -> str:
+    return ", ".join(f"{a.model_type} ({a.description})" for a in ARCHITECTURES.values())
+
+
+def architecture(model_type: str | None) -> Architecture:
+    """The architecture of a Hugging Face `model_type`; an error naming the supported ones for any other."""
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture model_type={model_type!r}; supported: {supported_list()}") from None
+
+
+def gguf_architecture(name: str | None) -> Architecture:
+    try:
+        return GGUF_ARCHITECTURES[name]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"unsupported GGUF architecture {name!r}; supported: {', '.join(map(repr, GGUF_ARCHITECTURES))}"
+        ) from None
