@@ -8,7 +8,6 @@ right-padded into a few fixed shapes (length buckets, a fixed batch), so a new l
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os

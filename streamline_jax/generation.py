@@ -12,7 +12,6 @@ does: decoding runs in chunks of `stop_check_every` tokens and ends early once e
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax

@@ -835,6 +835,7 @@ class Inputs:
     valid_source: Any
     tasks: list
     hf_ok: bool
+    harness: Any = None  # lm-eval's task manager, when eval.harness_tasks names tasks
 
 
 def check_inputs(c: RunConfig, stages) -> Inputs:
@@ -878,7 +879,7 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
             if isinstance(t, PerplexityTask) and "evaluate" in stages and t.window > model_config.max_position_embeddings:
                 raise ConfigError(f"the {t.name} perplexity window of {t.window} tokens (eval.window) is longer than "
                                   f"the model's context of {model_config.max_position_embeddings} tokens")
-    return Inputs(calib_source, train_source, valid_source, tasks, hf_ok)
+    return Inputs(calib_source, train_source, valid_source, tasks, hf_ok, harness)
 
 
 def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes,
@@ -895,7 +896,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
 
     log.info("output folder %s; stages %s", out, ", ".join(stages))
     calib_source, train_source, valid_source = inputs.calib_source, inputs.train_source, inputs.valid_source
-    tasks, hf_ok = inputs.tasks, inputs.hf_ok
+    tasks, hf_ok, harness = inputs.tasks, inputs.hf_ok, inputs.harness
 
     report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
                               "devices": [str(d) for d in jax.devices()], "finished": None}

@@ -14,7 +14,6 @@ Only these [L+1, L+1] sums cross from one batch to the next. h[L] is the last la
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 from typing import Iterable
 

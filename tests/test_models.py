@@ -275,8 +275,6 @@ def test_bf16_compute_stays_within_bf16_rounding_of_transformers_float32(name):
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if not n.startswith("opt")] + ["opt_350m_style"])
 def test_hf_config_round_trip_names_the_architecture_class(name):
-    import transformers
-
     config = CONFIGS[name]
     hf = to_hf_config(config)
     assert from_hf_config(hf) == config
