@@ -25,11 +25,13 @@ def test_auto_compute_dtype(monkeypatch):
     monkeypatch.setattr(backend, "bf16_probe_speedup", no_probe)
     dtype, why = backend.auto_compute_dtype("cpu", flags={"avx2", "fma"})
     assert dtype == "float32" and "amx_bf16" in why
+    dtype, why = backend.auto_compute_dtype("cpu", flags={"amx_bf16", "avx512_bf16"})  # AMX: no probe needed
+    assert dtype == "bfloat16" and "AMX" in why
     monkeypatch.setattr(backend, "bf16_probe_speedup", lambda: 3.4)
     dtype, why = backend.auto_compute_dtype("cpu", flags={"avx512_bf16"})
     assert dtype == "bfloat16" and "3.4x" in why
-    monkeypatch.setattr(backend, "bf16_probe_speedup", lambda: 1.1)  # flags, but no real gain: keep float32
-    assert backend.auto_compute_dtype("cpu", flags={"amx_bf16"})[0] == "float32"
+    monkeypatch.setattr(backend, "bf16_probe_speedup", lambda: 1.1)  # AVX512-BF16 without a real gain: float32
+    assert backend.auto_compute_dtype("cpu", flags={"avx512_bf16"})[0] == "float32"
     assert backend.resolve_compute_dtype("float32") == ("float32", "set explicitly")
 
 
