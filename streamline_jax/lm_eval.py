@@ -217,10 +217,22 @@ class StreamlineLM(TemplateLM):
     # -- chat ------------------------------------------------------------------------------------------------------
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """As lm-eval's `hf`: without the generation prompt the last message is left open (continued), and a
+        template that rejects the system role is retried without the system messages."""
+        import jinja2
+
         if not getattr(self.tokenizer, "chat_template", None):
             raise StreamlineLMError("--apply_chat_template: the model's tokenizer has no chat template")
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+
+        def render(history):
+            return self.tokenizer.apply_chat_template(history, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=not add_generation_prompt)
+        try:
+            return render(chat_history)
+        except jinja2.exceptions.TemplateError:
+            log.warning("the chat template failed; retrying without the system messages, as lm-eval's hf does")
+            return render([message for message in chat_history if message["role"] != "system"])
 
 
 def _positive_int(name: str, value) -> int:

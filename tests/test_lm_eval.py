@@ -4,6 +4,7 @@ our own evaluator's PIQA against lm-eval's; bad input."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import streamline_jax as sj  # noqa: E402
 from conftest import shared_data  # noqa: E402
+from test_distributed import run_python  # noqa: E402
 from streamline_jax import evaluation as ev  # noqa: E402
 from streamline_jax import tasks as tk  # noqa: E402
 from streamline_jax.lm_eval import StreamlineLM, StreamlineLMError, write_offline_tasks  # noqa: E402
@@ -180,6 +182,78 @@ def test_bad_input(folders, offline_tasks):
         lm.generate_until(requests("generate_until", [("the cat", {"max_gen_toks": 300})]))
     with pytest.raises(StreamlineLMError, match="continuation is 300 tokens, longer than the model's context"):
         lm.loglikelihood(requests("loglikelihood", [("the cat", " sat" * 300)]))
+
+
+CHAT = [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Is the sky blue?"},
+        {"role": "assistant", "content": "Yes"}, {"role": "user", "content": "And the sun?"}]
+# Gemma-style: a template that rejects the system role (lm-eval's hf then drops the system messages)
+NO_SYSTEM_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                      "{% endif %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+                      "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def with_tokenizer(src: Path, dst: Path, tokenizer) -> Path:
+    """A copy of a tiny model folder with another tokenizer (only its text side matters to chat templates)."""
+    shutil.copytree(src, dst)
+    tokenizer.save_pretrained(str(dst))
+    return dst
+
+
+def test_chat_template_matches_hf(folders, tmp_path):
+    """SmolLM2's chat template, and one that rejects the system role: the same text as lm-eval's hf for system,
+    user and assistant turns, with the generation prompt and without (the last message left open)."""
+    from transformers import AutoTokenizer
+
+    from streamline_jax.loading import embedded_hf_folder
+
+    smol = AutoTokenizer.from_pretrained(str(embedded_hf_folder("smollm2-135m")))
+    assert "<|im_start|>" in smol.chat_template
+    no_system = AutoTokenizer.from_pretrained(str(folders["llama"]))
+    no_system.chat_template = NO_SYSTEM_TEMPLATE
+    for name, tokenizer in (("smol", smol), ("no_system", no_system)):
+        ours, theirs = both(with_tokenizer(folders["llama"], tmp_path / name, tokenizer))
+        for history in (CHAT, CHAT[:3], CHAT[1:2]):
+            for prompt in (True, False):
+                got = ours.apply_chat_template(history, add_generation_prompt=prompt)
+                assert got == theirs.apply_chat_template(history, add_generation_prompt=prompt)
+                if name == "no_system":
+                    assert "Answer in one word" not in got
+        assert got == "<user>Is the sky blue?" if name == "no_system" else got.endswith("user\nIs the sky blue?")
+    ours, theirs = both(folders["llama"])  # a tokenizer without a chat template: an error that says so, as in hf
+    with pytest.raises(ValueError, match="chat_template is not set"):
+        theirs.apply_chat_template(CHAT)
+    with pytest.raises(StreamlineLMError, match="tokenizer has no chat template"):
+        ours.apply_chat_template(CHAT)
+
+
+def test_loglikelihoods_sharded_on_8_devices_equal_unsharded(folders):
+    """The adapter on meshes over 8 simulated CPU devices (data, fsdp and tensor axes) scores as this process's
+    single device does: log-likelihoods and rolling log-likelihoods within 1e-5 relative."""
+    unsharded = StreamlineLM(pretrained=str(folders["llama"]), batch_size=4)
+    want = [ll for ll, _ in unsharded.loglikelihood(requests("loglikelihood", PAIRS))]
+    want_rolling = unsharded.loglikelihood_rolling(requests("loglikelihood_rolling", [(t,) for t in TEXTS]))
+    out = run_python(f"""
+        import json, jax
+        from lm_eval.api.instance import Instance
+        from streamline_jax.lm_eval import StreamlineLM
+
+        assert len(jax.devices()) == 8
+        pairs, texts = {PAIRS!r}, {TEXTS!r}
+        res = {{}}
+        for mesh in ("1x8x1", "2x2x2", "8x1x1"):
+            lm = StreamlineLM(pretrained={str(folders["llama"])!r}, batch_size=4, mesh=mesh)
+            assert len(jax.tree.leaves(lm.model.params)[0].sharding.device_set) == 8
+            lls = lm.loglikelihood([Instance("loglikelihood", {{}}, p, i) for i, p in enumerate(pairs)])
+            rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {{}}, (t,), i)
+                                                for i, t in enumerate(texts)])
+            res[mesh] = {{"ll": [ll for ll, _ in lls], "rolling": rolling}}
+        print(json.dumps(res))
+    """, timeout=400)
+    results = json.loads(out.strip().splitlines()[-1])
+    assert set(results) == {"1x8x1", "2x2x2", "8x1x1"}
+    for mesh, got in results.items():
+        np.testing.assert_allclose(got["ll"], want, rtol=1e-5, err_msg=mesh)
+        np.testing.assert_allclose(got["rolling"], want_rolling, rtol=1e-5, err_msg=mesh)
 
 
 def run_cli(*args, cwd):
