@@ -29,18 +29,23 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
+def best_seconds(fn, *args, repeats: int = 3) -> float:
+    """The best wall time of `repeats` calls of a jax function, after one call that compiles and warms it."""
+    fn(*args).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def _time_dot(a, b, dtype) -> float:
     import jax
     import jax.numpy as jnp
 
-    dot = jax.jit(lambda x, y: jnp.dot(x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32))
-    dot(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        dot(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_seconds(jax.jit(lambda x, y: jnp.dot(x.astype(dtype), y.astype(dtype),
+                                                     preferred_element_type=jnp.float32)), a, b)
 
 
 @functools.cache
@@ -97,14 +102,7 @@ def _time_f32_dot(options) -> float:
 
     x = jnp.ones((2048, 576), jnp.float32)
     w = jnp.ones((576, 1536), jnp.float32)
-    dot = jax.jit(jnp.dot).lower(x, w).compile(compiler_options=options or None)
-    dot(x, w).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        dot(x, w).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_seconds(jax.jit(jnp.dot).lower(x, w).compile(compiler_options=options or None), x, w, repeats=5)
 
 
 @functools.cache
