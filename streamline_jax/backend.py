@@ -90,33 +90,27 @@ def resolve_compute_dtype(setting: str | None) -> tuple[str, str]:
 
 
 # XLA's CPU backend sends dot products to YNNPACK by default. For float32 products its Eigen path measured faster
-# on our layer shapes (2048x576x1536 and the like), for bf16 inputs several times slower; so float32 programs get
-# the option where the probe below finds it faster on this machine, bf16 ones never.
+# on our layer shapes (scripts/bench_forward.py: 0.97-1.07x torch float32 at 4-8 x 512 with it, 0.81-0.84x without),
+# for bf16 inputs several times slower; so float32 CPU programs get the option wherever this jaxlib accepts it, bf16
+# ones never. Not decided by timing: a probe on a busy machine flips, and two processes of one run would then
+# compile different dots and lose bitwise resume.
 EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-EIGEN_MIN_SPEEDUP = 1.05
-
-
-def _time_f32_dot(options) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    x = jnp.ones((2048, 576), jnp.float32)
-    w = jnp.ones((576, 1536), jnp.float32)
-    return best_seconds(jax.jit(jnp.dot).lower(x, w).compile(compiler_options=options or None), x, w, repeats=5)
 
 
 @functools.cache
 def float32_cpu_dot_options() -> dict:
-    """EIGEN_DOTS where this jaxlib knows the option and a layer-shaped float32 dot runs faster with it; else {}."""
+    """EIGEN_DOTS on a CPU whose jaxlib accepts the option; else {} (its default dots)."""
     import jax
+    import jax.numpy as jnp
 
     if jax.default_backend() != "cpu":
         return {}
+    x = jnp.ones((8, 8), jnp.float32)
     try:
-        eigen = _time_f32_dot(EIGEN_DOTS)
-    except Exception:  # a jaxlib that does not know (or renamed) the option: its default dots
+        jax.jit(jnp.dot).lower(x, x).compile(compiler_options=EIGEN_DOTS)
+    except Exception:  # a jaxlib that does not know (or renamed) the option
         return {}
-    return dict(EIGEN_DOTS) if _time_f32_dot({}) >= EIGEN_MIN_SPEEDUP * eigen else {}
+    return dict(EIGEN_DOTS)
 
 
 def compiler_options(compute_dtype) -> dict:

@@ -42,3 +42,10 @@ def test_probe_runs_and_returns_a_ratio():
 def test_unknown_compute_dtype_is_refused():
     with pytest.raises(ValueError, match="compute_dtype='int8' is not one of"):
         with_compute_dtype(Model(config=None, params=None), "int8")
+
+
+def test_float32_cpu_programs_get_eigen_dots_and_bf16_ones_never():
+    """Decided by what the jaxlib accepts, never by timing: every process of a run compiles the same dots (bitwise
+    resume)."""
+    assert backend.compiler_options("float32") == backend.EIGEN_DOTS
+    assert backend.compiler_options("bfloat16") == {}
