@@ -129,18 +129,22 @@ def jit_for(compute_dtype, fn, **jit_kwargs):
 
 def jit_by_config(**jit_kwargs):
     """Like functools.partial(jax.jit, **jit_kwargs) for a function whose first argument is a static ModelConfig:
-    each compute dtype gets its own jit with the compiler options that suit it."""
+    each compute dtype gets its own jit with the compiler options that suit it. Called inside another jit's trace,
+    it is a plain nested jit (jax takes compiler options on the outermost jit only)."""
     def decorate(fn):
         compiled = {}
 
         @functools.wraps(fn)
         def wrapper(config, *args, **kwargs):
+            import jax
+
             from .models.layers import matmul_dtype
 
-            dtype = matmul_dtype(config)
-            if dtype not in compiled:
-                compiled[dtype] = jit_for(dtype, fn, **jit_kwargs)
-            return compiled[dtype](config, *args, **kwargs)
+            nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
+            key = None if nested else matmul_dtype(config)
+            if key not in compiled:
+                compiled[key] = jax.jit(fn, **jit_kwargs) if nested else jit_for(key, fn, **jit_kwargs)
+            return compiled[key](config, *args, **kwargs)
 
         wrapper._cache_size = lambda: sum(f._cache_size() for f in compiled.values())  # shapes compiled so far
         return wrapper
