@@ -128,13 +128,14 @@ def to_markdown(report: dict) -> str:
                   f"parameters, {model.get('dtype')}"]
     stages = report.get("stages", [])
     lines += [f"- stages: {', '.join(stages)}", f"- finished: {report.get('finished', 'no')}", ""]
-    span = report.get("span")
-    if span:
-        lines += ["## Chosen span", "",
-                  f"Layers {span['start']}..{span['end'] - 1} ({span['length']} layers) by {span['metric']} "
+    spans = report.get("spans") or ([report["span"]] if report.get("span") else [])
+    if spans:
+        lines += ["## Chosen span" + ("s" if len(spans) > 1 else ""), ""]
+        lines += [f"Layers {span['start']}..{span['end'] - 1} ({span['length']} layers) by {span['metric']} "
                   f"(score {_fmt(span.get('score'))}), replaced by `{span['replacement']}`: "
                   f"{span['params_removed']:,} of {span['params_total']:,} parameters removed net "
-                  f"({span['sparsity']:.2%}).", ""]
+                  f"({span['sparsity']:.2%})." for span in spans]
+        lines.append("")
     params = report.get("params")
     if params:
         lines += [f"Parameters: dense {params['dense']:,} → pruned {params['pruned']:,} "
@@ -147,11 +148,14 @@ def to_markdown(report: dict) -> str:
         lines += [f"![block influence]({plots['block_influence']})", ""]
     training = report.get("training")
     if training:
-        train = training.get("train") or []
-        lines += ["## Training", "",
-                  f"{training.get('mode')} loss, {len(train)} steps in {training.get('wall_s', 0):.1f} s; "
-                  f"first {_fmt(train[0][1] if train else None)}, last {_fmt(train[-1][1] if train else None)}; "
-                  f"best validation {_fmt(training.get('best_valid'))} at step {training.get('best_step')}.", ""]
+        lines += ["## Training", ""]
+        for block in training.get("blocks", [training]):
+            train = block.get("train") or []
+            which = f"block {block['block']} (layers {block['span'][0]}..{sum(block['span']) - 1}): " \
+                if "blocks" in training else ""
+            lines += [f"{which}{block.get('mode')} loss, {len(train)} steps in {block.get('wall_s', 0):.1f} s; "
+                      f"first {_fmt(train[0][1] if train else None)}, last {_fmt(train[-1][1] if train else None)}; "
+                      f"best validation {_fmt(block.get('best_valid'))} at step {block.get('best_step')}.", ""]
         if plots.get("loss"):
             lines += [f"![training loss]({plots['loss']})", ""]
     retention = report.get("retention")
@@ -218,8 +222,8 @@ def write_report(report: dict, folder: Path, scores=None, chosen=None, history=N
 def summary(report: dict, folder: Path) -> str:
     """The few lines the command line prints at the end: span, parameters, dense vs pruned, time, outputs."""
     lines = []
-    span, params = report.get("span"), report.get("params")
-    if span:
+    params = report.get("params")
+    for span in report.get("spans") or ([report["span"]] if report.get("span") else []):
         lines.append(f"span: layers {span['start']}..{span['end'] - 1} ({span['length']} layers, {span['metric']} "
                      f"{_fmt(span.get('score'))}) -> one `{span['replacement']}` block")
     if params:
@@ -241,3 +245,71 @@ def summary(report: dict, folder: Path) -> str:
     outputs = ", ".join(v.split(" ")[0] for v in report.get("outputs", {}).values() if not v.startswith("not "))
     lines.append(f"outputs in {folder}: report.md, report.json" + (f", {outputs}" if outputs else ""))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A sweep's report (streamline_jax.sweep)
+
+
+def _series(rows: list[dict]) -> dict[str, list[dict]]:
+    """Points grouped into lines: by every swept setting except the one that sets the size."""
+    size_keys = {"score.sparsity", "score.num_layers", "score.spans"}
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        label = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["settings"].items() if k not in size_keys)
+        groups.setdefault(label or (r.get("replacement") or "pruned"), []).append(r)
+    return groups
+
+
+def plot_sweep(rows: list[dict], dense: dict, path: Path) -> None:
+    """Each task's figure (perplexity on a log axis, accuracy) against parameter count: a line per series of
+    points, the dense model as a star."""
+    plt = _pyplot()
+    tasks = list(dense["tasks"])
+    fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.2 * max(len(tasks), 1), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        ppl = any(isinstance(r["tasks"].get(task), float) and r["tasks"][task] > 1.5 for r in rows) \
+            and dense["tasks"][task] > 1.5
+        for label, group in _series(rows).items():
+            pts = sorted((r["params"], r["tasks"].get(task)) for r in group if r["params"] and
+                         r["tasks"].get(task) is not None)
+            if pts:
+                ax.plot([p / 1e6 for p, _ in pts], [v for _, v in pts], "o-", label=label)
+        ax.plot([dense["params"] / 1e6], [dense["tasks"][task]], "k*", markersize=12, label="dense")
+        if ppl:
+            ax.set_yscale("log")
+        ax.set_xlabel("parameters (millions)")
+        ax.set_ylabel("perplexity" if ppl else "accuracy")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sweep_markdown(report: dict) -> str:
+    rows, dense = report.get("points", []), report.get("dense") or {"tasks": {}, "params": None}
+    axes = ", ".join(f"`{a['key']}` = {', '.join(a['values'])}" for a in report.get("axes", []))
+    tasks = list(dense["tasks"]) or sorted({t for r in rows for t in r["tasks"]})
+    lines = [f"# LLM-Streamline sweep: {report.get('model')}", "", f"Swept: {axes}. Updated {report.get('updated')}.",
+             "", "| point | span(s) | parameters | removed | " + " | ".join(tasks) + " | retention | train s |",
+             "|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
+    if dense["params"]:
+        lines.append(f"| dense | | {dense['params']:,} | 0% | " +
+                     " | ".join(_fmt(dense["tasks"].get(t)) for t in tasks) + " | | |")
+    for r in rows:
+        spans = "; ".join(f"{s}..{s + n - 1}" for s, n in r["spans"])
+        params = f"{r['params']:,}" if r["params"] else "n/a"
+        removed = _fmt(r["params_removed"], ".1%") if r["params_removed"] is not None else "n/a"
+        train = _fmt(r["train_s"], ".0f") if r["train_s"] is not None else ""
+        lines.append(f"| {r['point']} | {spans} | {params} | {removed} | " +
+                     " | ".join(_fmt(r["tasks"].get(t)) for t in tasks) +
+                     f" | {_fmt(r['retention'], '.1%') if r['retention'] is not None else ''} | {train} |")
+    if report.get("plot"):
+        lines += ["", f"![quality against size]({report['plot']})"]
+    times = report.get("times", {})
+    if times.get("total") is not None:
+        lines += ["", f"Total {times['total']:.0f} s in this invocation; each point's folder under `points/` "
+                      f"holds its own report."]
+    return "\n".join(lines) + "\n"

@@ -86,6 +86,7 @@ class ScoreSection:
     num_layers: int | None = None
     protect_first: int = 0
     protect_last: int = 0
+    spans: int = 1  # disjoint spans, each replaced by its own block (score.choose_spans)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,7 +388,7 @@ RANGES = [
     ("data.seq_len", 1, True), ("data.calib_chunks", 1, True), ("data.train_chunks", 1, True),
     ("data.valid_chunks", 0, True), ("data.batch_size", 1, True),
     ("score.sparsity", 0, False), ("score.num_layers", 1, True), ("score.protect_first", 0, True),
-    ("score.protect_last", 0, True), ("prune.mlp_width", 1, True),
+    ("score.protect_last", 0, True), ("score.spans", 1, True), ("prune.mlp_width", 1, True),
     ("train.num_steps", 1, True), ("train.epochs", 1, True), ("train.lr", 0, False), ("train.min_lr", 0, True),
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
@@ -757,7 +758,8 @@ def _strip(results: dict) -> dict:
 
 
 def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overwrite: bool = False,
-        resume: bool = False, preset: str | None = None, progress: bool = True, target: str | None = None) -> dict:
+        resume: bool = False, preset: str | None = None, progress: bool = True, target: str | None = None,
+        shared: SharedWork | None = None) -> dict:
     """Run `stages` of the pipeline into `out`; return the report. KeyboardInterrupt propagates (the caller logs)."""
     from .distributed import is_main_process
 
@@ -776,7 +778,8 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             log.addHandler(handler)
             try:
-                report = _run(config, work, stages, resume, preset, progress, total_start, target, times, inputs)
+                report = _run(config, work, stages, resume, preset, progress, total_start, target, times, inputs,
+                              shared)
                 if is_main_process():
                     (work / FAILED).unlink(missing_ok=True)
                     finish_out(work, out)
@@ -882,25 +885,36 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
     return Inputs(calib_source, train_source, valid_source, tasks, hf_ok, harness)
 
 
-def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes,
-         inputs: Inputs) -> dict:
-    import jax
+@dataclasses.dataclass
+class SharedWork:
+    """Work that runs in one process share when their settings agree (a sweep's points): the loaded dense model,
+    keyed by the model and mesh settings, and span scores, keyed by those and the calibration settings."""
 
-    from . import data, evaluation as ev, export, pruning as prune_mod, score as score_mod
+    models: dict = dataclasses.field(default_factory=dict)
+    scores: dict = dataclasses.field(default_factory=dict)
+    dense_evaluations: dict = dataclasses.field(default_factory=dict)  # for when the disk cache is off
+
+
+def _load_key(c: RunConfig, preset, target) -> str:
+    return json.dumps([dataclasses.asdict(c.model), dataclasses.asdict(c.mesh), preset, target], sort_keys=True)
+
+
+def _score_key(c: RunConfig, load_key: str) -> str:
+    d = c.data
+    return json.dumps([load_key, d.calibration, d.text_field, d.seq_len, d.calib_chunks, d.batch_size, c.score.metric])
+
+
+def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
+    """The dense model on its mesh, with the compute dtype resolved; (model, its part of the report)."""
     from .backend import resolve_compute_dtype
     from .loading import load
-    from .distributed import main_only
-    from .interrupts import deferred_interrupts
     from .models.model import with_compute_dtype
-    from .report import write_report
 
-    log.info("output folder %s; stages %s", out, ", ".join(stages))
-    calib_source, train_source, valid_source = inputs.calib_source, inputs.train_source, inputs.valid_source
-    tasks, hf_ok, harness = inputs.tasks, inputs.hf_ok, inputs.harness
-
-    report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
-                              "devices": [str(d) for d in jax.devices()], "finished": None}
-    with stage("load", times):
+    key = _load_key(c, preset, target)
+    if shared is not None and key in shared.models:
+        dense, why = shared.models[key]
+        log.info("%s: loaded already (%s products)", c.model.source, dense.config.compute_dtype)
+    else:
         mesh = _mesh(c, preset, target)
         dense = load(c.model.source, c.model.dtype or "float32", mesh=mesh)
         if dense.tokenizer is None:
@@ -912,73 +926,203 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
         dense = with_compute_dtype(dense, compute)
         log.info("%s: %d layers, %s parameters, %s weights, %s products (%s)", c.model.source, dense.config.depth,
                  f"{dense.num_params:,}", dense.config.dtype, compute, why)
-    report["model"] = {"source": c.model.source, "layers": dense.config.depth, "params": dense.num_params,
-                       "dtype": dense.config.dtype, "compute_dtype": compute, "compute_dtype_why": why,
-                       "config": dense.config.to_dict()}
-    scores = choice = pruned = history = None
-    batch, seq = c.data.batch_size, c.data.seq_len
+        if shared is not None:
+            shared.models = {key: (dense, why)}  # one model at a time: a sweep over models frees the last
+    compute = dense.config.compute_dtype
+    return dense, {"source": c.model.source, "layers": dense.config.depth, "params": dense.num_params,
+                   "dtype": dense.config.dtype, "compute_dtype": compute, "compute_dtype_why": why,
+                   "config": dense.config.to_dict()}
+
+
+def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: SharedWork | None, load_key: str):
+    """Span scores on the calibration chunks (reused from `shared` when their settings agree) and the span they
+    choose: (scores, choice, report parts)."""
+    from . import data, score as score_mod
+
+    key = _score_key(c, load_key)
+    scores = shared.scores.get(key) if shared is not None else None
+    if scores is None:
+        chunks = data.token_chunks(calib_source, dense.tokenizer, c.data.seq_len)
+        calib = data.split_chunks(chunks, c.data.calib_chunks).calib
+        scores = score_mod.score_spans(dense, data.batches(calib, c.data.batch_size), c.score.metric,
+                                       progress=progress)
+        if shared is not None:
+            shared.scores[key] = scores
+    else:
+        log.info("span scores: computed already for these calibration settings")
+    choices = score_mod.choose_spans(scores, c.score.spans, length=c.score.num_layers, sparsity=c.score.sparsity,
+                                     replacement=c.prune.replacement, protect_first=c.score.protect_first,
+                                     protect_last=c.score.protect_last, mlp_width=c.prune.mlp_width)
+    for choice in choices:
+        log.info("chosen span: %s", choice)
+    described = [{"start": ch.start, "length": ch.length, "end": ch.end, "replacement": ch.replacement,
+                  "metric": scores.span_metric, "score": ch.score, "params_removed": ch.params_removed,
+                  "params_total": ch.params_total, "sparsity": ch.sparsity} for ch in choices]
+    parts = {"scores": {"metric": scores.metric, "num_tokens": scores.num_tokens, "cosine": scores.cosine,
+                        "angular": scores.angular, "block_influence": scores.block_influence}}
+    parts.update({"span": described[0]} if len(choices) == 1 else {"spans": described})
+    return scores, choices, parts
+
+
+def prune_stage(c: RunConfig, dense, choices):
+    from . import pruning as prune_mod
+
+    pruned = dense
+    for choice in sorted(choices, key=lambda ch: -ch.start):  # later spans first: earlier starts stay valid
+        pruned = prune_mod.prune(pruned, choice.start, choice.length, c.prune.replacement, c.prune.mlp_width)
+    return pruned, {"params": {"dense": dense.num_params, "pruned": pruned.num_params,
+                               "dense_layers": dense.config.depth, "pruned_layers": pruned.config.depth},
+                    "pruned_config": pruned.config.to_dict()}
+
+
+def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: bool, progress: bool):
+    """The replacement block trained; (pruned model, training history)."""
+    from . import data
+    from .train import train_replacement, trainable_blocks
+
+    seq, batch = c.data.seq_len, c.data.batch_size
+    skip = c.data.calib_chunks if inputs.train_source is inputs.calib_source else 0
+    train_batches = ChunkBatches(inputs.train_source, dense.tokenizer, seq, skip, c.data.train_chunks, batch)
+    if c.train.shuffle:  # a permutation per epoch needs the batches listed (token ids only: small)
+        train_batches = list(train_batches)
+    valid_batches = None
+    if inputs.valid_source is not None and c.data.valid_chunks:
+        vchunks = data.split_chunks(data.token_chunks(inputs.valid_source, dense.tokenizer, seq),
+                                    c.data.valid_chunks).calib
+        valid_batches = list(data.batches(vchunks, batch))
+    t = c.train
+    blocks = trainable_blocks(pruned.config)
+    histories = []
+    for block in blocks:  # one at a time: each learns its own dense span, the others' weights do not enter
+        sub = "" if len(blocks) == 1 else block.key  # one block: the folders a single-span run always had
+        pruned, history = train_replacement(
+            dense, pruned, train_batches, mode=t.mode, valid_batches=valid_batches, num_steps=t.num_steps,
+            lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+            clip_norm=t.clip_norm, grad_accum=t.grad_accum, epochs=t.epochs, eval_every=t.eval_every,
+            checkpoint_dir=out / TRAIN_CHECKPOINT / sub, checkpoint_every=t.checkpoint_every, resume=resume,
+            seed=t.seed, compute_dtype=t.compute_dtype, freeze=t.freeze, shuffle=t.shuffle, block_key=block.key,
+            lr_schedule=t.lr_schedule, mse_weighting=t.mse_weighting, progress=progress, return_history=True,
+            pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
+        histories.append({**history, "mode": t.mode, "block": block.key, "span": [block.start, block.length]})
+    if len(histories) == 1:
+        return pruned, histories[0]
+    return pruned, {"mode": t.mode, "blocks": histories, "wall_s": sum(h.get("wall_s", 0) for h in histories)}
+
+
+def dense_evaluation_key(c: RunConfig, dense, tasks) -> str:
+    """What the dense model's evaluation depends on: the model's files and settings, the tasks and their files."""
+    from . import cache
+    from .loading import resolve_source
+
+    _, path = resolve_source(c.model.source)
+    task_files = [cache.path_stamp(_data_path(v)) for t in tasks for v in dataclasses.asdict(t).values()
+                  if isinstance(v, str) and Path(_data_path(v)).exists()]
+    e = c.eval
+    return cache.content_key(model=cache.path_stamp(path), dtype=dense.config.dtype,
+                             compute_dtype=dense.config.compute_dtype, tasks=tasks, task_files=task_files,
+                             limit=e.limit, ppl_windows=e.ppl_windows, batch_size=e.batch_size,
+                             devices=_device_kind())
+
+
+def _device_kind() -> str:
+    import jax
+
+    return f"{jax.default_backend()} x{jax.device_count()}"
+
+
+def evaluate_dense(c: RunConfig, dense, tasks, progress: bool, shared: SharedWork | None = None) -> dict:
+    """The dense model's evaluation, from the cache when these settings were evaluated before (`cache.py`)."""
+    from . import cache, evaluation as ev
+    from .distributed import main_only
+    from .report import jsonable
+
+    key = dense_evaluation_key(c, dense, tasks)
+    found = cache.read("dense_eval", key) or (shared.dense_evaluations.get(key) if shared is not None else None)
+    if found is not None:
+        log.info("dense evaluation: reused from the cache (%s)", key)
+        return found
+    results = jsonable(_evaluate(ev, dense, tasks, c, progress))
+    main_only(cache.write)("dense_eval", key, results)
+    if shared is not None:
+        shared.dense_evaluations[key] = results
+    return results
+
+
+def evaluate_stage(c: RunConfig, dense, pruned, tasks, progress: bool, shared: SharedWork | None = None) -> dict:
+    from . import evaluation as ev
+
+    results = {"dense": evaluate_dense(c, dense, tasks, progress, shared)}
+    parts = {}
+    if pruned is not None:
+        results["pruned"] = _evaluate(ev, pruned, tasks, c, progress)
+        retention = ev.compare(results["dense"], results["pruned"])
+        parts["retention"] = retention.to_dict()
+        log.info("evaluation:\n%s", retention.to_markdown())
+    parts["evaluation"] = {k: _strip(v) for k, v in results.items()}
+    return parts
+
+
+def harness_stage(c: RunConfig, dense, pruned, harness) -> dict:
+    from .lm_eval import evaluate_harness
+
+    return {name: evaluate_harness(m, c.eval.harness_tasks, limit=c.eval.limit, batch_size=c.eval.batch_size,
+                                   manager=harness)["tasks"]
+            for name, m in (("dense", dense), ("pruned", pruned)) if m is not None}
+
+
+def save_stage(c: RunConfig, pruned, out: Path, hf_ok: bool) -> dict:
+    """The pruned model as an Orbax checkpoint and a Hugging Face folder; what was written where."""
+    from . import export
+    from .distributed import main_only
+    from .interrupts import deferred_interrupts
+    from .models.model import with_compute_dtype
+
+    outputs = {}
+    with deferred_interrupts():  # Ctrl-C waits for the files to be whole
+        pruned = with_compute_dtype(pruned, None)  # the checkpoint leaves the choice to whoever loads it
+        if c.export.orbax:
+            export.save_orbax_model(pruned, out / "model", overwrite=True)
+            outputs["orbax"] = "model/ (streamline_jax.load)"
+        if hf_ok:
+            main_only(export.export_hf)(pruned, out / "hf", overwrite=True)
+            outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
+        elif c.export.hf:
+            outputs["hf"] = "not written: an `mlp` block has no stock Hugging Face form"
+    return outputs
+
+
+def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes,
+         inputs: Inputs, shared: SharedWork | None = None) -> dict:
+    import jax
+
+    from .distributed import main_only
+    from .report import write_report
+
+    log.info("output folder %s; stages %s", out, ", ".join(stages))
+    report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
+                              "devices": [str(d) for d in jax.devices()], "finished": None}
+    with stage("load", times):
+        dense, report["model"] = load_stage(c, preset, target, shared)
+    scores = choices = pruned = history = None
     if "score" in stages:
         with stage("score", times):
-            chunks = data.token_chunks(calib_source, dense.tokenizer, seq)
-            calib = data.split_chunks(chunks, c.data.calib_chunks).calib
-            scores = score_mod.score_spans(dense, data.batches(calib, batch), c.score.metric, progress=progress)
-            choice = score_mod.choose_span(scores, length=c.score.num_layers, sparsity=c.score.sparsity,
-                                           replacement=c.prune.replacement, protect_first=c.score.protect_first,
-                                           protect_last=c.score.protect_last, mlp_width=c.prune.mlp_width)
-            log.info("chosen span: %s", choice)
-        report["scores"] = {"metric": scores.metric, "num_tokens": scores.num_tokens,
-                            "cosine": scores.cosine, "angular": scores.angular,
-                            "block_influence": scores.block_influence}
-        report["span"] = {"start": choice.start, "length": choice.length, "end": choice.end,
-                          "replacement": choice.replacement, "metric": scores.span_metric, "score": choice.score,
-                          "params_removed": choice.params_removed, "params_total": choice.params_total,
-                          "sparsity": choice.sparsity}
+            scores, choices, parts = score_stage(c, dense, inputs.calib_source, progress, shared,
+                                                _load_key(c, preset, target))
+        report.update(parts)
     if "prune" in stages:
         with stage("prune", times):
-            pruned = prune_mod.prune(dense, choice.start, choice.length, c.prune.replacement, c.prune.mlp_width)
-        report["params"] = {"dense": dense.num_params, "pruned": pruned.num_params, "dense_layers": dense.config.depth,
-                            "pruned_layers": pruned.config.depth}
-        report["pruned_config"] = pruned.config.to_dict()
+            pruned, parts = prune_stage(c, dense, choices)
+        report.update(parts)
     if "train" in stages and c.prune.replacement != "none":
-        from .train import train_replacement
-
         with stage("train", times):
-            skip = c.data.calib_chunks if train_source is calib_source else 0
-            train_batches = ChunkBatches(train_source, dense.tokenizer, seq, skip, c.data.train_chunks, batch)
-            if c.train.shuffle:  # a permutation per epoch needs the batches listed (token ids only: small)
-                train_batches = list(train_batches)
-            valid_batches = None
-            if valid_source is not None and c.data.valid_chunks:
-                vchunks = data.split_chunks(data.token_chunks(valid_source, dense.tokenizer, seq),
-                                            c.data.valid_chunks).calib
-                valid_batches = list(data.batches(vchunks, batch))
-            t = c.train
-            pruned, history = train_replacement(
-                dense, pruned, train_batches, mode=t.mode, valid_batches=valid_batches, num_steps=t.num_steps,
-                lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-                clip_norm=t.clip_norm, grad_accum=t.grad_accum, epochs=t.epochs, eval_every=t.eval_every,
-                checkpoint_dir=out / TRAIN_CHECKPOINT, checkpoint_every=t.checkpoint_every, resume=resume,
-                seed=t.seed, compute_dtype=t.compute_dtype, freeze=t.freeze, shuffle=t.shuffle,
-                lr_schedule=t.lr_schedule, mse_weighting=t.mse_weighting, progress=progress, return_history=True,
-                pair_cache=out / PAIR_CACHE if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
-            history = {**history, "mode": t.mode}
+            pruned, history = train_stage(c, dense, pruned, inputs, out, resume, progress)
         report["training"] = history
-    if "evaluate" in stages and tasks:
+    if "evaluate" in stages and inputs.tasks:
         with stage("evaluate", times):
-            results = {"dense": _evaluate(ev, dense, tasks, c, progress)}
-            if pruned is not None:
-                results["pruned"] = _evaluate(ev, pruned, tasks, c, progress)
-                retention = ev.compare(results["dense"], results["pruned"])
-                report["retention"] = retention.to_dict()
-                log.info("evaluation:\n%s", retention.to_markdown())
-        report["evaluation"] = {k: _strip(v) for k, v in results.items()}
-    if harness is not None:
+            report.update(evaluate_stage(c, dense, pruned, inputs.tasks, progress, shared))
+    if inputs.harness is not None:
         with stage("harness", times):
-            from .lm_eval import evaluate_harness
-
-            report["harness"] = {name: evaluate_harness(m, c.eval.harness_tasks, limit=c.eval.limit,
-                                                        batch_size=c.eval.batch_size, manager=harness)["tasks"]
-                                 for name, m in (("dense", dense), ("pruned", pruned)) if m is not None}
+            report["harness"] = harness_stage(c, dense, pruned, inputs.harness)
     if pruned is not None and c.samples.prompts and "evaluate" in stages:
         with stage("samples", times):
             from .generation import side_by_side
@@ -987,21 +1131,13 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
                                              c.samples.max_new_tokens)
     outputs = {}
     if "save" in stages:
-        with stage("save", times), deferred_interrupts():  # Ctrl-C waits for the files to be whole
-            pruned = with_compute_dtype(pruned, None)  # the checkpoint leaves the choice to whoever loads it
-            if c.export.orbax:
-                export.save_orbax_model(pruned, out / "model", overwrite=True)
-                outputs["orbax"] = "model/ (streamline_jax.load)"
-            if hf_ok:
-                main_only(export.export_hf)(pruned, out / "hf", overwrite=True)
-                outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
-            elif c.export.hf:
-                outputs["hf"] = "not written: an `mlp` block has no stock Hugging Face form"
+        with stage("save", times):
+            outputs = save_stage(c, pruned, out, inputs.hf_ok)
     report["outputs"] = outputs
     times["total"] = time.perf_counter() - total_start
     report["stage_times"] = times
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    chosen = (choice.start, choice.length) if choice else None
+    chosen = (choices[0].start, choices[0].length) if choices else None
     report = main_only(write_report)(report, out, scores, chosen, history) or report
     main_only((out / DONE).write_text)(report["finished"] + "\n")  # last: the folder is finished
     main_only(shutil.rmtree)(out / PAIR_CACHE, ignore_errors=True)  # only a resume of this run needed it
@@ -1097,6 +1233,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "$STREAMLINE_JAX_COMPILATION_CACHE, else ~/.cache/streamline_jax/xla)")
     p.add_argument("--target", help="mesh layout from configs/meshes.yaml (e.g. v5e-16, v5p-32, 8xH100); default: the "
                                     "layout whose chips and count match the devices found, else the mesh.* settings")
+    p.add_argument("--sweep", action="append", default=[], metavar="key=v1,v2",
+                   help="run every value (every combination, when repeated) into OUT/points/: one load, one scoring "
+                        "pass and one dense evaluation for all; a table and plot of quality against size in OUT")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. train.lr=1e-4")
     from .distributed import add_arguments
 
@@ -1104,9 +1243,9 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def default_out(config: RunConfig, preset: str | None) -> Path:
+def default_out(config: RunConfig, preset: str | None, sweep: bool = False) -> Path:
     name = preset or Path(config.model.source.rstrip("/")).name.removesuffix(".gguf")
-    return Path("runs") / name
+    return Path("runs") / (f"{name}-sweep" if sweep else name)
 
 
 def _training_error():
@@ -1132,7 +1271,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, preset = build_config(args.model, args.config, args.overrides)
         stages = parse_stages(args.stages)
-        out = Path(args.out) if args.out else default_out(config, preset)
+        out = Path(args.out) if args.out else default_out(config, preset, bool(args.sweep))
+        if args.sweep:
+            from .sweep import parse_axes
+
+            axes = parse_axes(args.sweep)
+            if args.resume:
+                raise ConfigError("--resume does not apply to a sweep: a sweep continues its unfinished points "
+                                  "by itself")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1149,6 +1295,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        if args.sweep:
+            from .sweep import run_sweep
+
+            run_sweep(args.model, args.config, args.overrides, axes, out, stages, overwrite=args.overwrite,
+                      progress=not args.quiet, target=args.target)
+            print(f"sweep report: {Path(out).absolute() / 'report.md'}")
+            return 0
         report = run(config, out, stages, overwrite=args.overwrite, resume=args.resume, preset=preset,
                      progress=not args.quiet, target=args.target)
     except KeyboardInterrupt:

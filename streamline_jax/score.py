@@ -332,6 +332,67 @@ def choose_span(scores: SpanScores, length: int | None = None, sparsity: float |
     return SpanChoice(start, length, replacement, float(table[start]), removed, total)
 
 
+def _even_lengths(total: int, count: int) -> list[int]:
+    """`total` layers in `count` spans as even as possible, longer ones first."""
+    return [total // count + (i < total % count) for i in range(count)]
+
+
+def _place_spans(scores: SpanScores, lengths: list[int], lo: int, hi: int) -> list[tuple[int, int]] | None:
+    """Spans of `lengths`, each the best-scoring start that neither overlaps nor touches those placed before
+    (touching spans would be one longer span); None where one does not fit."""
+    metric = scores.span_metric
+    taken: list[tuple[int, int]] = []
+    for n in lengths:
+        table = scores.table(metric)[:, n]
+        free = [s for s in range(lo, hi - n + 1) if all(s + n < a or a + m < s for a, m in taken)]
+        if not free:
+            return None
+        taken.append((max(free, key=lambda s: table[s]) if metric == "cosine" else
+                      min(free, key=lambda s: table[s]), n))
+    return taken
+
+
+def choose_spans(scores: SpanScores, count: int, length: int | None = None, sparsity: float | None = None,
+                 replacement: str = "layer", protect_first: int = 0, protect_last: int = 0,
+                 mlp_width: int | None = None, config: ModelConfig | None = None) -> list[SpanChoice]:
+    """`count` disjoint, non-adjacent spans, each replaced by its own block, sorted by start.
+
+    `length` layers in all (split as evenly as possible), or the smallest total whose spans reach `sparsity` net of
+    the blocks. Spans are placed best first on the dense model's scores, which are not re-scored after each cut:
+    a span's score is the similarity of the dense hidden states around it, and removing a distant span changes
+    what flows into it only through the layers between. `count=1` is `choose_span`.
+    """
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"the number of spans must be a positive integer, got {count!r}")
+    if count == 1:
+        return [choose_span(scores, length, sparsity, replacement, protect_first, protect_last, mlp_width, config)]
+    config = config or scores.config
+    if (length is None) == (sparsity is None):
+        raise ValueError("give exactly one of length or sparsity")
+    if sparsity is not None:
+        _check_sparsity(sparsity)
+    _check_protect(config.depth, protect_first, protect_last)
+    lo, hi = protect_first, config.depth - protect_last
+    total = _size(transformer.abstract_params(config))
+    counts = layer_param_counts(config)
+    block = replacement_param_count(config, replacement, mlp_width)
+    for n in ([length] if length is not None else range(count, hi - lo + 1)):
+        placed = _place_spans(scores, _even_lengths(n, count), lo, hi) if n >= count else None
+        if placed is None:
+            if length is not None:
+                raise ValueError(f"{count} spans of {length} layers in all do not fit apart from each other in the "
+                                 f"{hi - lo} prunable layers")
+            continue
+        pruned = config
+        for start, m in sorted(placed, reverse=True):  # later spans first: earlier starts stay valid
+            pruned = prune_config(pruned, start, m, replacement, mlp_width)
+        if length is not None or total - _size(transformer.abstract_params(pruned)) >= sparsity * total:
+            table = scores.table(scores.span_metric)
+            return [SpanChoice(s, m, replacement, float(table[s, m]), _net_removed(counts, s, m, block), total)
+                    for s, m in sorted(placed)]
+    raise ValueError(f"sparsity {sparsity} cannot be reached with {count} spans of replacement={replacement!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerChoice:
     """ShortGPT's baseline: individual layers with the lowest block influence, removed without replacement."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The command line keeps compiled programs in ~/.cache; tests stay hermetic (test_distributed checks the cache).
 os.environ.setdefault("STREAMLINE_JAX_COMPILATION_CACHE", "off")
+# ... and cached results (the dense model's evaluation) live in a folder of this session's own.
+os.environ.setdefault("STREAMLINE_JAX_CACHE", tempfile.mkdtemp(prefix="streamline-jax-cache-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

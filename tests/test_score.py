@@ -266,3 +266,31 @@ def test_sparsity_on_an_already_pruned_model_counts_each_layer():
                for n in range(1, 6) for s in range(6 - n)}
         shortest = min(n for (s, n), removed in net.items() if removed >= r * total)
         assert choice.length == shortest and choice.params_removed == net[choice.start, choice.length] >= r * total
+
+
+def test_several_spans_best_first_apart_and_exact_sparsity():
+    config = from_hf_config(LLAMA2_7B)
+    scores = fake_scores(config, seed=2)
+    assert score.choose_spans(scores, 1, length=8) == [score.choose_span(scores, length=8)]
+    spans = score.choose_spans(scores, 2, length=9)
+    assert sorted(s.length for s in spans) == [4, 5]
+    five = next(s for s in spans if s.length == 5)
+    four = next(s for s in spans if s.length == 4)
+    assert five.start == int(np.nanargmax(scores.cosine[:, 5]))  # the longer span is placed first, at its best
+    free = [s for s in range(0, 32 - 4 + 1) if s + 4 < five.start or five.end < s]  # apart: not even touching
+    assert four.start == max(free, key=lambda s: scores.cosine[s, 4])
+    assert spans == sorted(spans, key=lambda s: s.start)
+    # by sparsity: the smallest total length whose two spans reach it, counted on the pruned config
+    total = transformer.count_params(transformer.abstract_params(config))
+    chosen = score.choose_spans(scores, 2, sparsity=0.25)
+    pruned = config
+    for s in sorted(chosen, key=lambda s: -s.start):
+        pruned = score.prune_config(pruned, s.start, s.length, "layer")
+    removed = total - transformer.count_params(transformer.abstract_params(pruned))
+    assert removed == sum(s.params_removed for s in chosen) >= 0.25 * total
+    shorter = score.choose_spans(scores, 2, length=sum(s.length for s in chosen) - 1)
+    assert sum(s.params_removed for s in shorter) < 0.25 * total
+    with pytest.raises(ValueError, match="do not fit apart"):
+        score.choose_spans(scores, 16, length=32)
+    with pytest.raises(ValueError, match="positive integer"):
+        score.choose_spans(scores, 0, length=4)
