@@ -34,6 +34,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_default-") as work:
         work = Path(work)
         env = {**os.environ, "STREAMLINE_JAX_CACHE": str(work / "models"),
+               "STREAMLINE_JAX_RESULTS_CACHE": str(work / "results"),
                "STREAMLINE_JAX_COMPILATION_CACHE": str(work / "xla")}
         env.pop("STREAMLINE_JAX_DATA", None)
         command = [sys.executable, "-m", "streamline_jax.run", "--quiet"]

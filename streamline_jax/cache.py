@@ -3,8 +3,8 @@ every point of a sweep (see `run`).
 
 A key is a SHA-256 over a JSON description of the inputs. Files enter it by path, size and modification time (not
 their bytes: hashing a 26 GB checkpoint would cost more than most evaluations), and the package's own source enters
-it whole, so a code change never serves a stale figure. The cache folder is $STREAMLINE_JAX_CACHE, else
-~/.cache/streamline_jax; `STREAMLINE_JAX_CACHE=off` turns it off.
+it whole, so a code change never serves a stale figure. The cache folder is $STREAMLINE_JAX_RESULTS_CACHE, else
+~/.cache/streamline_jax/results; `STREAMLINE_JAX_RESULTS_CACHE=off` turns it off.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ PACKAGE = Path(__file__).resolve().parent
 
 
 def cache_root() -> Path | None:
-    where = os.environ.get("STREAMLINE_JAX_CACHE", "")
+    where = os.environ.get("STREAMLINE_JAX_RESULTS_CACHE", "")
     if where.lower() == "off":
         return None
-    return Path(where).expanduser() if where else Path.home() / ".cache" / "streamline_jax"
+    return Path(where).expanduser() if where else Path.home() / ".cache" / "streamline_jax" / "results"
 
 
 def _file_stamp(path: Path) -> list:

@@ -15,7 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The command line keeps compiled programs in ~/.cache; tests stay hermetic (test_distributed checks the cache).
 os.environ.setdefault("STREAMLINE_JAX_COMPILATION_CACHE", "off")
 # ... and cached results (the dense model's evaluation) live in a folder of this session's own.
-os.environ.setdefault("STREAMLINE_JAX_CACHE", tempfile.mkdtemp(prefix="streamline-jax-cache-"))
+os.environ.setdefault("STREAMLINE_JAX_RESULTS_CACHE", tempfile.mkdtemp(prefix="streamline-jax-cache-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

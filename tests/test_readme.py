@@ -96,6 +96,14 @@ COMMANDS: dict[str, Run] = {
         "as written", first=DEFAULT_RUN, makes=("tmp/pruned-hf/config.json",)),
     "python scripts/convert.py path/to/hf-folder-or.gguf /tmp/m-orbax && python scripts/convert.py /tmp/m-orbax "
     "/tmp/m-hf": Run("as written", subs=(("path/to/hf-folder-or.gguf", "{llama}"),), makes=("tmp/m-hf/config.json",)),
+    "python -m streamline_jax.run --sweep score.sparsity=0.1,0.2,0.3,0.4": Run(
+        "tiny", "four trained points take many minutes", TINY_QUICK,
+        makes=("runs/smollm2-135m-sweep/report.md", "runs/smollm2-135m-sweep/plots/sweep.png",
+               "runs/smollm2-135m-sweep/points/score.sparsity=0.4/DONE")),
+    "python -m streamline_jax.run --sweep score.sparsity=0.2,0.3 --sweep prune.replacement=none,layer": Run(
+        "help", "tests/test_sweep.py sweeps two settings at once on the tiny model"),
+    "python -m streamline_jax.run --sweep score.spans=1,2 score.num_layers=8 score.sparsity=null": Run(
+        "help", "tests/test_sweep.py runs two spans with their own blocks, and sweeps on the tiny model"),
     # README: pod scale
     "LIBTPU_PATH=.venv/libtpu-site python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4": Run(
         "tiny", "all three stages compile for 4 minutes; the scoring step at 128 tokens for 30 s",
@@ -111,6 +119,10 @@ COMMANDS: dict[str, Run] = {
     ".venv/bin/python scripts/bench_default.py": HELP_BENCH,  # the README's next benchmarks
     ".venv/bin/python scripts/bench_pipeline.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_lm_eval.py": HELP_BENCH,
+    ".venv/bin/python scripts/bench_sweep.py": HELP_BENCH,
+    "python scripts/bench_sweep.py": HELP_BENCH,
+    "python scripts/bench_sweep.py --sweep prune.replacement=none,layer,ffn,mlp": HELP_BENCH,
+    "python scripts/bench_sweep.py -- train.epochs=8 data.train_chunks=192": HELP_BENCH,
     "python scripts/bench_lm_eval.py [--model smollm2-135m] [--tasks piqa_local] [--limit 100] [--batch-size 32] "
     "[--order ours,hf,ours]": HELP_BENCH,
     # README: lm-evaluation-harness (the first is also lm_eval.py's docstring)

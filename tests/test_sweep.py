@@ -39,7 +39,7 @@ def _sweep_args(files, out, *axes, extra=()):
 
 
 def test_sweep_shares_load_scoring_and_dense_evaluation(files, tmp_path, counted, monkeypatch):
-    monkeypatch.setenv("STREAMLINE_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("STREAMLINE_JAX_RESULTS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sweep"
     args = _sweep_args(files, out, "score.num_layers=1,2", "prune.replacement=none,layer", extra=["--stages",
                                                                                                   "prune,evaluate"])
@@ -75,7 +75,7 @@ def test_sweep_shares_load_scoring_and_dense_evaluation(files, tmp_path, counted
 
 
 def test_an_interrupted_sweep_resumes_where_it_stopped(files, tmp_path, counted, monkeypatch):
-    monkeypatch.setenv("STREAMLINE_JAX_CACHE", "off")
+    monkeypatch.setenv("STREAMLINE_JAX_RESULTS_CACHE", "off")
     out = tmp_path / "sweep"
     args = _sweep_args(files, out, "score.num_layers=1,2", extra=["--stages", "train"])
     real_run = run_mod.run
