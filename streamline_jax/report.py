@@ -268,15 +268,15 @@ def plot_sweep(rows: list[dict], dense: dict, path: Path) -> None:
     tasks = list(dense["tasks"])
     fig, axes = plt.subplots(1, max(len(tasks), 1), figsize=(5.2 * max(len(tasks), 1), 4.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        ppl = any(isinstance(r["tasks"].get(task), float) and r["tasks"][task] > 1.5 for r in rows) \
-            and dense["tasks"][task] > 1.5
+        ppl = dense["tasks"][task] > 1.5  # accuracies lie in [0, 1]
+        values = [v for r in rows for v in [r["tasks"].get(task)] if v] + [dense["tasks"][task]]
         for label, group in _series(rows).items():
             pts = sorted((r["params"], r["tasks"].get(task)) for r in group if r["params"] and
                          r["tasks"].get(task) is not None)
             if pts:
                 ax.plot([p / 1e6 for p, _ in pts], [v for _, v in pts], "o-", label=label)
         ax.plot([dense["params"] / 1e6], [dense["tasks"][task]], "k*", markersize=12, label="dense")
-        if ppl:
+        if ppl and max(values) > 3 * min(values):  # a log axis only where the range calls for one
             ax.set_yscale("log")
         ax.set_xlabel("parameters (millions)")
         ax.set_ylabel("perplexity" if ppl else "accuracy")
