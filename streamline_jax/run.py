@@ -37,6 +37,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "smollm2-135m"
 STAGES = ("score", "prune", "train", "evaluate", "save")
+PRUNE_INITS = ("default", "linear")
 NEEDS = {"prune": ("score",), "train": ("prune",), "save": ("prune",)}
 DONE = "DONE"
 RUN_CONFIG = "run_config.yaml"
@@ -92,6 +93,8 @@ class ScoreSection:
 class PruneSection:
     replacement: str = "layer"
     mlp_width: int | None = None
+    init: str = "default"  # `linear`: fit an mlp/ffn block's output projection in closed form before training
+    ridge: float = 1e-4  # of the closed-form fits (`linear` blocks, init=linear), relative to trace(X^T X)/width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,7 +348,7 @@ def build_config(model: str | None = None, config_file: str | None = None,
 def check_values(c: RunConfig) -> None:
     """Choices and ranges, before any work."""
     from .pruning import REPLACEMENTS
-    from .score import METRICS
+    from .score import SPAN_METRICS
     from .train import LR_SCHEDULES, MODES, MSE_WEIGHTINGS
 
     def choice(key, value, allowed):
@@ -354,8 +357,12 @@ def check_values(c: RunConfig) -> None:
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}{hint}")
 
-    choice("score.metric", c.score.metric, METRICS)
+    choice("score.metric", c.score.metric, SPAN_METRICS)
     choice("prune.replacement", c.prune.replacement, REPLACEMENTS)
+    choice("prune.init", c.prune.init, PRUNE_INITS)
+    if c.prune.init == "linear" and c.prune.replacement not in ("mlp", "ffn"):
+        raise ConfigError(f"prune.init=linear fits the output projection of an mlp or ffn block, not of "
+                          f"prune.replacement={c.prune.replacement!r} (a `linear` block is always fitted)")
     choice("train.mode", c.train.mode, MODES)
     choice("train.lr_schedule", c.train.lr_schedule, LR_SCHEDULES)
     choice("train.mse_weighting", c.train.mse_weighting, MSE_WEIGHTINGS)
@@ -387,7 +394,7 @@ RANGES = [
     ("data.seq_len", 1, True), ("data.calib_chunks", 1, True), ("data.train_chunks", 1, True),
     ("data.valid_chunks", 0, True), ("data.batch_size", 1, True),
     ("score.sparsity", 0, False), ("score.num_layers", 1, True), ("score.protect_first", 0, True),
-    ("score.protect_last", 0, True), ("prune.mlp_width", 1, True),
+    ("score.protect_last", 0, True), ("prune.mlp_width", 1, True), ("prune.ridge", 0, True),
     ("train.num_steps", 1, True), ("train.epochs", 1, True), ("train.lr", 0, False), ("train.min_lr", 0, True),
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
@@ -867,8 +874,8 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
 
         harness = check_tasks(c.eval.harness_tasks)  # lm-eval's task index; an unknown name fails here
     hf_ok = c.export.hf and "save" in stages
-    if hf_ok and c.prune.replacement == "mlp":
-        log.warning("an `mlp` block cannot be exported to a stock Hugging Face architecture: writing the Orbax "
+    if hf_ok and c.prune.replacement in ("mlp", "linear"):
+        log.warning(f"an `{c.prune.replacement}` block cannot be exported to a stock Hugging Face architecture: writing the Orbax "
                     "checkpoint only")
         hf_ok = False
     _check_tokenizer_before_load(c.model.source)
@@ -921,25 +928,44 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
         with stage("score", times):
             chunks = data.token_chunks(calib_source, dense.tokenizer, seq)
             calib = data.split_chunks(chunks, c.data.calib_chunks).calib
-            scores = score_mod.score_spans(dense, data.batches(calib, batch), c.score.metric, progress=progress)
-            choice = score_mod.choose_span(scores, length=c.score.num_layers, sparsity=c.score.sparsity,
-                                           replacement=c.prune.replacement, protect_first=c.score.protect_first,
-                                           protect_last=c.score.protect_last, mlp_width=c.prune.mlp_width)
+            by_similarity = c.score.metric in score_mod.METRICS  # else the cosine tables go in the report only
+            scores = score_mod.score_spans(dense, data.batches(calib, batch),
+                                           c.score.metric if by_similarity else "cosine", progress=progress)
+            span_args = dict(length=c.score.num_layers, sparsity=c.score.sparsity, replacement=c.prune.replacement,
+                             protect_first=c.score.protect_first, protect_last=c.score.protect_last,
+                             mlp_width=c.prune.mlp_width)
+            if c.score.metric == "perplexity":
+                choice, costs = score_mod.choose_span_by_loss(dense, data.batches(calib, batch), **span_args,
+                                                              progress=progress)
+                log.info("%s", costs)
+                report["span_costs"] = costs.to_dict()
+            elif c.score.metric == "last":
+                choice = score_mod.choose_last_span(dense.config, **span_args)
+            else:
+                choice = score_mod.choose_span(scores, **span_args)
             log.info("chosen span: %s", choice)
         report["scores"] = {"metric": scores.metric, "num_tokens": scores.num_tokens,
                             "cosine": scores.cosine, "angular": scores.angular,
                             "block_influence": scores.block_influence}
         report["span"] = {"start": choice.start, "length": choice.length, "end": choice.end,
-                          "replacement": choice.replacement, "metric": scores.span_metric, "score": choice.score,
+                          "replacement": choice.replacement,
+                          "metric": scores.span_metric if by_similarity else c.score.metric, "score": choice.score,
                           "params_removed": choice.params_removed, "params_total": choice.params_total,
                           "sparsity": choice.sparsity}
     if "prune" in stages:
         with stage("prune", times):
             pruned = prune_mod.prune(dense, choice.start, choice.length, c.prune.replacement, c.prune.mlp_width)
+            if c.prune.replacement == "linear" or c.prune.init == "linear":
+                from .linear_fit import fit_linear
+
+                pruned, fits = fit_linear(dense, pruned, list(data.batches(calib, batch)), c.prune.ridge)
+                report["linear_fit"] = [dataclasses.asdict(f) for f in fits]
+                log.info("closed-form fit on %d calibration tokens: relative error %.4f (1 = the `none` replacement)",
+                         fits[0].tokens, fits[0].relative_error)
         report["params"] = {"dense": dense.num_params, "pruned": pruned.num_params, "dense_layers": dense.config.depth,
                             "pruned_layers": pruned.config.depth}
         report["pruned_config"] = pruned.config.to_dict()
-    if "train" in stages and c.prune.replacement != "none":
+    if "train" in stages and c.prune.replacement not in ("none", "linear"):  # `linear` is fitted, not trained
         from .train import train_replacement
 
         with stage("train", times):
@@ -996,7 +1022,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
                 main_only(export.export_hf)(pruned, out / "hf", overwrite=True)
                 outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
             elif c.export.hf:
-                outputs["hf"] = "not written: an `mlp` block has no stock Hugging Face form"
+                outputs["hf"] = f"not written: an `{c.prune.replacement}` block has no stock Hugging Face form"
     report["outputs"] = outputs
     times["total"] = time.perf_counter() - total_start
     report["stage_times"] = times
