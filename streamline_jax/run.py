@@ -875,8 +875,8 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
         harness = check_tasks(c.eval.harness_tasks)  # lm-eval's task index; an unknown name fails here
     hf_ok = c.export.hf and "save" in stages
     if hf_ok and c.prune.replacement in ("mlp", "linear"):
-        log.warning(f"an `{c.prune.replacement}` block cannot be exported to a stock Hugging Face architecture: writing the Orbax "
-                    "checkpoint only")
+        log.warning("an `%s` block cannot be exported to a stock Hugging Face architecture: writing the Orbax "
+                    "checkpoint only", c.prune.replacement)
         hf_ok = False
     _check_tokenizer_before_load(c.model.source)
     model_config = peek_model_config(c)
