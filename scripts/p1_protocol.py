@@ -139,6 +139,8 @@ def main():
     ap.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16", "auto"))
     ap.add_argument("--ridge", type=float, default=linear_fit.DEFAULT_RIDGE,
                     help="relative ridge of the closed-form fit (linear, mlp-linit rows)")
+    ap.add_argument("--fit-weighting", default="token", choices=linear_fit.WEIGHTINGS,
+                    help="token weights of the closed-form fit (uniform: ReplaceMe's)")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="batches per optimizer step (the authors' code defaults to 16)")
     args = ap.parse_args()
@@ -194,8 +196,10 @@ def main():
             candidate = prune(model, start, args.span, replacement)
             if row in LINEAR_FIT_ROWS:
                 t = time.perf_counter()
-                candidate, [fit] = linear_fit.fit_linear(model, candidate, calib_batches, ridge=args.ridge)
+                candidate, [fit] = linear_fit.fit_linear(model, candidate, calib_batches, ridge=args.ridge,
+                                                         weighting=args.fit_weighting)
                 extra = {"fit_s": time.perf_counter() - t, "fit_tokens": fit.tokens, "ridge": args.ridge,
+                         "fit_weighting": args.fit_weighting,
                          "fit_relative_error": fit.relative_error}
                 print(f"{name}: closed-form fit {extra}", flush=True)
             if replacement != "none" and mode is not None:

@@ -10,6 +10,12 @@ residual stream but not the MLP output, and the ridge pulls W towards 0, i.e. th
 `none` replacement), where ridge on ReplaceMe's T would pull it towards a map that drops the stream. Without ridge
 the two fit the same span function up to which linear features they see.
 
+Each token's squared error counts alike (`uniform`, ReplaceMe's) or relative to its target's mean square (`token`,
+the pipeline's default): SmolLM2-135M's span 11-18 creates a massive activation at position 0 (its output there is
+~100x the norm of the other tokens', `scripts/span_pair_stats.py`) that no linear map of the input makes without
+wrecking the other tokens, and the uniform fit spends itself on that token (P1, `scripts/p1_protocol.py --rows
+linear --fit-weighting uniform|token`).
+
 The same solve initialises an `mlp` or `ffn` block (`init=linear`): its hidden activations (relu(fc1 x), or
 silu(gate) * up of the normed x) are the features, its output projection (kernel, and bias through a constant
 column) the solution, the rest of the block as initialised. A SwiGLU cannot start exactly at a linear map, so the
@@ -41,6 +47,7 @@ from .models.model import Model
 from .train import Block, span_pairs, trainable_blocks
 
 FITTABLE = ("linear", "mlp", "ffn")
+WEIGHTINGS = ("uniform", "token")
 OUTPUT_PROJECTIONS = ("linear", "fc2", "down_proj")  # the Dense that ends each fittable block
 DEFAULT_RIDGE = 1e-4
 
@@ -65,9 +72,11 @@ def projection_input(config: ModelConfig, segment: Segment, block_params, x):
     return seen["x"], seen["path"], seen["bias"]
 
 
-def fit_sums_fn(dense_config: ModelConfig, pruned_config: ModelConfig, block: Block):
+def fit_sums_fn(dense_config: ModelConfig, pruned_config: ModelConfig, block: Block, weighting: str = "uniform"):
     """A jitted (dense params, block params, ids, mask) -> (X^T X [F', F'], X^T R [F', D], sum |R|^2, tokens), float32:
-    X the block's projection input (plus a ones column when the projection has a bias), R = span output - input."""
+    X the block's projection input (plus a ones column when the projection has a bias), R = span output - input.
+    `token` weighs each token's squared error by 1 / its target's mean square (relative errors, as `train.masked_mse`
+    does): the massive activation SmolLM2's span creates at position 0 (norm ~23,000) would otherwise own the fit."""
     def sums(dense_params, block_params, ids, mask):
         x_in, target = span_pairs(dense_config, dense_params, ids, mask, block.start, block.length)
         feats, _, bias = projection_input(pruned_config, block.segment, block_params, x_in)
@@ -75,10 +84,12 @@ def fit_sums_fn(dense_config: ModelConfig, pruned_config: ModelConfig, block: Bl
         if bias:
             feats = jnp.concatenate([feats, jnp.ones_like(feats[..., :1])], axis=-1)
         real = mask.astype(jnp.float32)[..., None]
-        residual = (target - x_in) * real
+        if weighting == "token":
+            real = real / (jnp.mean(jnp.square(target), axis=-1, keepdims=True) + 1e-6)
+        residual = (target - x_in) * jnp.sqrt(real)
         hi = jax.lax.Precision.HIGHEST
         xtx = jnp.einsum("btf,btg->fg", feats * real, feats, precision=hi)
-        xtr = jnp.einsum("btf,btd->fd", feats * real, residual, precision=hi)
+        xtr = jnp.einsum("btf,btd->fd", feats * jnp.sqrt(real), residual, precision=hi)
         return xtx, xtr, jnp.sum(jnp.square(residual)), jnp.sum(mask > 0, dtype=jnp.int32)
 
     return jit_for(transformer.compute_dtype(dense_config), sums)
@@ -117,9 +128,9 @@ def _batch_arrays(batch):
     return ids, mask
 
 
-def fit_block_sums(dense: Model, pruned: Model, block: Block, batches: Iterable):
+def fit_block_sums(dense: Model, pruned: Model, block: Block, batches: Iterable, weighting: str = "uniform"):
     """The float64 sums (X^T X, X^T R, |R|^2, tokens) of `block` over `batches`, one jitted step per batch."""
-    step = fit_sums_fn(dense.config, pruned.config, block)
+    step = fit_sums_fn(dense.config, pruned.config, block, weighting)
     block_params = pruned.params["segments"][block.key]
     total, pending = None, None
     for batch in batches:
@@ -149,12 +160,16 @@ def _set(tree, path, name, value):
     node[name] = jnp.asarray(value, node[name].dtype)
 
 
-def fit_linear(dense: Model, pruned: Model, batches: Iterable, ridge: float = DEFAULT_RIDGE) -> tuple[Model, list]:
+def fit_linear(dense: Model, pruned: Model, batches: Iterable, ridge: float = DEFAULT_RIDGE,
+               weighting: str = "uniform") -> tuple[Model, list]:
     """Fit the output projection of every `linear`, `mlp` or `ffn` block of `pruned` on the dense model's span
-    (input, output) pairs over the calibration `batches` (a re-iterable when there are several blocks).
+    (input, output) pairs over the calibration `batches` (a re-iterable when there are several blocks), each token
+    weighted alike (`uniform`) or by 1 / its target's mean square (`token`).
     Returns (the model with those projections replaced, [FitResult per block])."""
     if not (isinstance(ridge, (int, float)) and ridge >= 0):
         raise FitError(f"ridge must be a non-negative number, got {ridge!r}")
+    if weighting not in WEIGHTINGS:
+        raise FitError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
     if not dense.config.is_dense:
         raise FitError("the linear fit reads the span's pairs from the dense model; got a pruned one as `dense`")
     blocks = [b for b in trainable_blocks(pruned.config) if b.segment.kind in FITTABLE]
@@ -164,7 +179,7 @@ def fit_linear(dense: Model, pruned: Model, batches: Iterable, ridge: float = DE
     segments = jax.tree.map(lambda a: a, dict(pruned.params["segments"]))  # new containers, same arrays
     results = []
     for block in blocks:
-        xtx, xtr, r2, tokens = fit_block_sums(dense, pruned, block, batches)
+        xtx, xtr, r2, tokens = fit_block_sums(dense, pruned, block, batches, weighting)
         if tokens <= 0:
             raise FitError("no real (unmasked) tokens in the calibration batches")
         w = ridge_solve(xtx, xtr, ridge)

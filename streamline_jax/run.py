@@ -95,6 +95,7 @@ class PruneSection:
     mlp_width: int | None = None
     init: str = "default"  # `linear`: fit an mlp/ffn block's output projection in closed form before training
     ridge: float = 1e-4  # of the closed-form fits (`linear` blocks, init=linear), relative to trace(X^T X)/width
+    fit_weighting: str = "token"  # of the closed-form fits: token (relative error per token) | uniform (ReplaceMe's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,6 +361,7 @@ def check_values(c: RunConfig) -> None:
     choice("score.metric", c.score.metric, SPAN_METRICS)
     choice("prune.replacement", c.prune.replacement, REPLACEMENTS)
     choice("prune.init", c.prune.init, PRUNE_INITS)
+    choice("prune.fit_weighting", c.prune.fit_weighting, ("token", "uniform"))
     if c.prune.init == "linear" and c.prune.replacement not in ("mlp", "ffn"):
         raise ConfigError(f"prune.init=linear fits the output projection of an mlp or ffn block, not of "
                           f"prune.replacement={c.prune.replacement!r} (a `linear` block is always fitted)")
@@ -958,7 +960,8 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
             if c.prune.replacement == "linear" or c.prune.init == "linear":
                 from .linear_fit import fit_linear
 
-                pruned, fits = fit_linear(dense, pruned, list(data.batches(calib, batch)), c.prune.ridge)
+                pruned, fits = fit_linear(dense, pruned, list(data.batches(calib, batch)), c.prune.ridge,
+                                          c.prune.fit_weighting)
                 report["linear_fit"] = [dataclasses.asdict(f) for f in fits]
                 log.info("closed-form fit on %d calibration tokens: relative error %.4f (1 = the `none` replacement)",
                          fits[0].tokens, fits[0].relative_error)

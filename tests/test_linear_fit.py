@@ -78,6 +78,24 @@ def test_linear_fit_equals_numpy_least_squares(ridge):
     np.testing.assert_allclose(h[START + 1][real], h[START][real] @ (np.eye(len(got)) + got), rtol=1e-4, atol=1e-4)
 
 
+def test_token_weighted_fit_equals_numpy_weighted_least_squares():
+    """`token`: each token's squared error divided by its target's mean square."""
+    dense, batches = tiny_model(), calibration()
+    fitted, [result] = linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), batches, ridge=0.0,
+                                             weighting="token")
+    x, y = span_pairs_numpy(dense, batches)
+    w = 1 / (np.mean(y ** 2, axis=1, keepdims=True) + 1e-6)
+    expected = np.linalg.lstsq(x * np.sqrt(w), (y - x) * np.sqrt(w), rcond=None)[0]
+    got = np.asarray(fitted.params["segments"]["seg_1"]["linear"]["kernel"], np.float64)
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+    uniform = np.linalg.lstsq(x, y - x, rcond=None)[0]
+    assert np.abs(got - uniform).max() > 1e-2 * np.abs(expected).max()  # the weights matter
+    residual = (x @ expected - (y - x)) ** 2 * w
+    assert result.relative_error == pytest.approx(residual.sum() / ((y - x) ** 2 * w).sum(), rel=1e-3)
+    with pytest.raises(linear_fit.FitError, match="weighting"):
+        linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), batches, weighting="relative")
+
+
 def test_init_linear_fits_the_mlp_output_projection_with_its_bias():
     dense, batches = tiny_model(), calibration()
     pruned = prune(dense, START, LENGTH, "mlp", mlp_width=40)
