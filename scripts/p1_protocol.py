@@ -9,12 +9,13 @@ first 128 windows of 1024 tokens, PIQA accuracy on the first 1000 items (with it
 The MSE rows share one tensorstore cache of the frozen span's (input, target) pairs, so the frozen model runs once.
 Each finished row is appended to OUT/results.json, and a rerun skips rows already there.
 
-    python scripts/p1_protocol.py [--out runs/p1]
-        [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token,layer-untrained,mlp-token,linear,mlp-linit,layer-ppl,
-        none-ppl,none-last] [--ridge 1e-4]
+    python scripts/p1_protocol.py [--out runs/p1] [--rows ROW,...] [--ridge 1e-4] [--fit-weighting token|uniform]
         [--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine --warmup N]
         [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name]
         [--compute-dtype float32|bfloat16|auto]
+
+Rows (default: all): dense, none, layer, ffn, mlp, layer-lm, layer-token, layer-untrained, mlp-token, linear,
+mlp-linit, layer-ppl, none-ppl, none-last.
 
 `--shuffle` reads the 1000 training chunks in a seeded random order (the authors' DataLoader shuffles); without it
 they go in file order, so a batch holds neighbouring pieces of the same documents. `--piqa-items 0` skips PIQA, for
