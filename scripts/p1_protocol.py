@@ -9,10 +9,13 @@ first 128 windows of 1024 tokens, PIQA accuracy on the first 1000 items (with it
 The MSE rows share one tensorstore cache of the frozen span's (input, target) pairs, so the frozen model runs once.
 Each finished row is appended to OUT/results.json, and a rerun skips rows already there.
 
-    python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token,layer-untrained,mlp-token]
+    python scripts/p1_protocol.py [--out runs/p1] [--rows ROW,...] [--ridge 1e-4] [--fit-weighting token|uniform]
         [--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine --warmup N]
         [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name]
         [--compute-dtype float32|bfloat16|auto]
+
+Rows (default: all): dense, none, layer, ffn, mlp, layer-lm, layer-token, layer-untrained, mlp-token, linear,
+mlp-linit, layer-ppl, none-ppl, none-last.
 
 `--shuffle` reads the 1000 training chunks in a seeded random order (the authors' DataLoader shuffles); without it
 they go in file order, so a batch holds neighbouring pieces of the same documents. `--piqa-items 0` skips PIQA, for
@@ -25,6 +28,12 @@ only the `layer` block's feed-forward half.
 `--compute-dtype` sets the dot products' input dtype for everything (scoring, the frozen model in training,
 evaluation; float32 accumulation either way); each row records it. The default is float32, as the table's
 figures were first measured; the README compares the two.
+
+`linear` is ReplaceMe's training-free replacement (`linear_fit.py`): x + xW fitted in closed form on the 50
+calibration chunks, no training; `mlp-linit` is the `mlp` block with its output projection fitted the same way, then
+trained. `layer-ppl` trains the `layer` block on the span whose removal costs the least calibration loss
+(`score.metric=perplexity`) instead of the cosine one; `none-ppl` and `none-last` remove that span, or the last 8
+layers (the depth-pruning papers' baseline), with nothing in their place.
 
 `layer-token` and `mlp-token` are those blocks trained on a per-token relative MSE (`mse_weighting="token"`): the span's output
 at position 0 carries a massive activation that makes up ~98% of the plain MSE of a block that starts as the
@@ -45,7 +54,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 import streamline_jax as sj
-from streamline_jax import data, tasks, train
+from streamline_jax import data, linear_fit, score, tasks, train
 from streamline_jax.evaluation import evaluate as evaluate_tasks, perplexity
 from streamline_jax.models import layers, llama
 from streamline_jax.pruning import prune
@@ -54,8 +63,12 @@ from streamline_jax.pruning import prune
 ROW_SPECS = {"dense": (None, None, None), "none": ("none", None, None), "layer": ("layer", "mse", "uniform"),
              "ffn": ("ffn", "mse", "uniform"), "mlp": ("mlp", "mse", "uniform"), "layer-lm": ("layer", "lm", None),
              "layer-token": ("layer", "mse", "token"), "layer-untrained": ("layer", None, None),
-             "mlp-token": ("mlp", "mse", "token")}
+             "mlp-token": ("mlp", "mse", "token"), "linear": ("linear", None, None),
+             "mlp-linit": ("mlp", "mse", "uniform"), "layer-ppl": ("layer", "mse", "uniform"),
+             "none-ppl": ("none", None, None), "none-last": ("none", None, None)}
 ROWS = tuple(ROW_SPECS)
+ROW_SPAN_METRIC = {"layer-ppl": "perplexity", "none-ppl": "perplexity", "none-last": "last"}  # others: cosine
+LINEAR_FIT_ROWS = ("linear", "mlp-linit")  # closed-form fit on the calibration chunks (mlp-linit: then trained)
 
 
 def chunk_lists(model, args):
@@ -125,6 +138,10 @@ def main():
                     help="comma-separated regexes over the block's parameter paths to keep as initialised "
                          "(e.g. self_attn,input_layernorm: train the layer block's feed-forward half only)")
     ap.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16", "auto"))
+    ap.add_argument("--ridge", type=float, default=linear_fit.DEFAULT_RIDGE,
+                    help="relative ridge of the closed-form fit (linear, mlp-linit rows)")
+    ap.add_argument("--fit-weighting", default="token", choices=linear_fit.WEIGHTINGS,
+                    help="token weights of the closed-form fit (uniform: ReplaceMe's)")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="batches per optimizer step (the authors' code defaults to 16)")
     args = ap.parse_args()
@@ -146,10 +163,24 @@ def main():
 
     model = sj.with_compute_dtype(sj.load("smollm2-135m"), args.compute_dtype)
     calib, train_chunks, valid_chunks = chunk_lists(model, args)
-    scores = sj.score_spans(model, list(data.batches(calib, args.batch)), metric="cosine")
-    choice = sj.choose_span(scores, length=args.span)
-    start = choice.start
-    print(f"span: layers [{start}, {start + args.span}) by cosine {scores.to_numpy()[start, args.span]:.4f}")
+    calib_batches = list(data.batches(calib, args.batch))
+    scores = sj.score_spans(model, calib_batches, metric="cosine")
+    cosine_start = sj.choose_span(scores, length=args.span).start
+    print(f"span: layers [{cosine_start}, {cosine_start + args.span}) by cosine "
+          f"{scores.to_numpy()[cosine_start, args.span]:.4f}")
+    span_starts = {"cosine": cosine_start}
+
+    def span_start(metric):
+        if metric not in span_starts:
+            if metric == "perplexity":
+                t = time.perf_counter()
+                choice, costs = score.choose_span_by_loss(model, calib_batches, length=args.span)
+                print(costs, f"\n({time.perf_counter() - t:.0f} s)", flush=True)
+            else:
+                choice = score.choose_last_span(model.config, length=args.span)
+            span_starts[metric] = choice.start
+            print(f"span by {metric}: layers [{choice.start}, {choice.end})", flush=True)
+        return span_starts[metric]
 
     for row in rows:
         name = f"{row}@{args.tag}" if args.tag else row
@@ -158,10 +189,20 @@ def main():
         t0 = time.perf_counter()
         train_s, extra = 0.0, {}
         replacement, mode, weighting = ROW_SPECS[row]
+        span_metric = ROW_SPAN_METRIC.get(row, "cosine")
+        start = span_start(span_metric)
         if row == "dense":
             candidate = model
         else:
             candidate = prune(model, start, args.span, replacement)
+            if row in LINEAR_FIT_ROWS:
+                t = time.perf_counter()
+                candidate, [fit] = linear_fit.fit_linear(model, candidate, calib_batches, ridge=args.ridge,
+                                                         weighting=args.fit_weighting)
+                extra = {"fit_s": time.perf_counter() - t, "fit_tokens": fit.tokens, "ridge": args.ridge,
+                         "fit_weighting": args.fit_weighting,
+                         "fit_relative_error": fit.relative_error}
+                print(f"{name}: closed-form fit {extra}", flush=True)
             if replacement != "none" and mode is not None:
                 t = time.perf_counter()
                 steps = len(train_chunks) // args.batch // args.grad_accum
@@ -178,12 +219,12 @@ def main():
                         freeze=freeze, return_history=True)
                 train_s = time.perf_counter() - t
                 (out / f"history_{name}.json").write_text(json.dumps(history, indent=1))
-                extra = {"shuffle_seed": args.seed if args.shuffle else None, "lr_schedule": args.lr_schedule,
+                extra = {**extra, "shuffle_seed": args.seed if args.shuffle else None, "lr_schedule": args.lr_schedule,
                          "lr": args.lr, "min_lr": args.min_lr, "grad_accum": args.grad_accum,
                          "bidirectional_training": args.authors_bidirectional, "freeze": list(freeze),
                          "valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
                          "best_step": history["best_step"], "steps": history["train"][-1][0]}
-        results[name] = {"span": [start, start + args.span - 1], "train_s": train_s,
+        results[name] = {"span": [start, start + args.span - 1], "span_metric": span_metric, "train_s": train_s,
                          "compute_dtype": model.config.compute_dtype, **extra,
                         **evaluate_row(candidate, args)}
         results[name]["row_s"] = time.perf_counter() - t0

@@ -4,7 +4,7 @@ Hugging Face folder (layouts made of decoder layers and `ffn` blocks).
 Orbax folder:   see `model_io.py`.
 HF folder:      config.json (the pruned depth), model.safetensors (or shards + index), tokenizer files.
                 An `ffn` block becomes a decoder layer whose attention output projection is zero: the same function.
-                An `mlp` block has no stock form: `ExportError`.
+                An `mlp` or `linear` block has no stock form: `ExportError`.
 
 Every folder is written into a temporary folder beside the target and renamed into place, so a failed or
 interrupted write never leaves a folder that looks finished.
@@ -40,9 +40,10 @@ class ExportError(ValueError):
 def check_hf_exportable(config: ModelConfig) -> None:
     """Raise `ExportError` before any work if the layout has no stock Hugging Face form."""
     for i, seg in enumerate(config.layout):
-        if seg.kind == "mlp":
-            raise ExportError(f"segment {i} is an `mlp` replacement block, which no stock Hugging Face architecture "
-                              f"has; it can only be saved as an Orbax checkpoint (load it with streamline_jax.load)")
+        if seg.kind in ("mlp", "linear"):
+            raise ExportError(f"segment {i} is an `{seg.kind}` replacement block, which no stock Hugging Face "
+                              f"architecture has (a decoder layer's feed-forward is not linear); it can only be saved "
+                              f"as an Orbax checkpoint (load it with streamline_jax.load)")
         if seg.kind == "ffn" and config.family == "opt" and not config.do_layer_norm_before:
             raise ExportError("an `ffn` block of a post-norm OPT (do_layer_norm_before=False) is not a decoder layer "
                               "with zero attention (the attention layer norm would still apply); use Orbax")

@@ -7,7 +7,8 @@ neighbouring stacks merged, and the usual `transformer.apply` runs it.
 
 Replacements: `layer` (a decoder layer initialised from layer `start`), `ffn` (layer `start`'s feed-forward
 sub-block with its pre-norm and residual), `mlp` (x + fc2(relu(fc1(x))), fresh, fc2 zero so it starts as the
-identity), `none` (nothing).
+identity), `linear` (x + x W, one [D, D] map, W zero so it starts as the identity; `linear_fit.fit_linear` fits it
+in closed form, no training), `none` (nothing).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .models import transformer
 from .models.config import ModelConfig, Segment
 from .models.model import Model
 
-REPLACEMENTS = ("layer", "ffn", "mlp", "none")
+REPLACEMENTS = ("layer", "ffn", "mlp", "linear", "none")
 
 
 def _check_span(config: ModelConfig, start: int, length: int, replacement: str, mlp_width):
@@ -110,8 +111,8 @@ def _slice(tree, lo, hi):
 
 
 def _block_params(config: ModelConfig, params, start: int, segment: Segment, rng):
-    """Initial parameters of the replacement block, taken from layer `start` (or fresh for `mlp`)."""
-    if segment.kind == "mlp":
+    """Initial parameters of the replacement block, taken from layer `start` (or fresh for `mlp` and `linear`)."""
+    if segment.kind in ("mlp", "linear"):
         module = transformer.block_module(config, segment)
         x = jnp.zeros((1, 1, config.hidden_size), jnp.float32)
         return nn.meta.unbox(module.init(rng, x)["params"])

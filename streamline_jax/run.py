@@ -37,6 +37,7 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "smollm2-135m"
 STAGES = ("score", "prune", "train", "evaluate", "save")
+PRUNE_INITS = ("default", "linear")
 NEEDS = {"prune": ("score",), "train": ("prune",), "save": ("prune",)}
 DONE = "DONE"
 RUN_CONFIG = "run_config.yaml"
@@ -93,6 +94,9 @@ class ScoreSection:
 class PruneSection:
     replacement: str = "layer"
     mlp_width: int | None = None
+    init: str = "default"  # `linear`: fit an mlp/ffn block's output projection in closed form before training
+    ridge: float = 1e-4  # of the closed-form fits (`linear` blocks, init=linear), relative to trace(X^T X)/width
+    fit_weighting: str = "token"  # of the closed-form fits: token (relative error per token) | uniform (ReplaceMe's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +350,7 @@ def build_config(model: str | None = None, config_file: str | None = None,
 def check_values(c: RunConfig) -> None:
     """Choices and ranges, before any work."""
     from .pruning import REPLACEMENTS
-    from .score import METRICS
+    from .score import SPAN_METRICS
     from .train import LR_SCHEDULES, MODES, MSE_WEIGHTINGS
 
     def choice(key, value, allowed):
@@ -355,13 +359,21 @@ def check_values(c: RunConfig) -> None:
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ConfigError(f"{key}={value!r} is not one of {list(allowed)}{hint}")
 
-    choice("score.metric", c.score.metric, METRICS)
+    choice("score.metric", c.score.metric, SPAN_METRICS)
     choice("prune.replacement", c.prune.replacement, REPLACEMENTS)
+    choice("prune.init", c.prune.init, PRUNE_INITS)
+    choice("prune.fit_weighting", c.prune.fit_weighting, ("token", "uniform"))
+    if c.prune.init == "linear" and c.prune.replacement not in ("mlp", "ffn"):
+        raise ConfigError(f"prune.init=linear fits the output projection of an mlp or ffn block, not of "
+                          f"prune.replacement={c.prune.replacement!r} (a `linear` block is always fitted)")
     choice("train.mode", c.train.mode, MODES)
     choice("train.lr_schedule", c.train.lr_schedule, LR_SCHEDULES)
     choice("train.mse_weighting", c.train.mse_weighting, MSE_WEIGHTINGS)
     if (c.score.sparsity is None) == (c.score.num_layers is None):
         raise ConfigError("set exactly one of score.sparsity and score.num_layers (the other to null)")
+    if c.score.spans > 1 and c.score.metric in ("perplexity", "last"):
+        raise ConfigError(f"score.spans={c.score.spans} places spans by their similarity scores; "
+                          f"score.metric={c.score.metric} chooses one span only")
     check_ranges(c)
     from .models.model import COMPUTE_DTYPES
 
@@ -388,7 +400,7 @@ RANGES = [
     ("data.seq_len", 1, True), ("data.calib_chunks", 1, True), ("data.train_chunks", 1, True),
     ("data.valid_chunks", 0, True), ("data.batch_size", 1, True),
     ("score.sparsity", 0, False), ("score.num_layers", 1, True), ("score.protect_first", 0, True),
-    ("score.protect_last", 0, True), ("score.spans", 1, True), ("prune.mlp_width", 1, True),
+    ("score.protect_last", 0, True), ("score.spans", 1, True), ("prune.mlp_width", 1, True), ("prune.ridge", 0, True),
     ("train.num_steps", 1, True), ("train.epochs", 1, True), ("train.lr", 0, False), ("train.min_lr", 0, True),
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
@@ -870,9 +882,9 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
 
         harness = check_tasks(c.eval.harness_tasks)  # lm-eval's task index; an unknown name fails here
     hf_ok = c.export.hf and "save" in stages
-    if hf_ok and c.prune.replacement == "mlp":
-        log.warning("an `mlp` block cannot be exported to a stock Hugging Face architecture: writing the Orbax "
-                    "checkpoint only")
+    if hf_ok and c.prune.replacement in ("mlp", "linear"):
+        log.warning("an `%s` block cannot be exported to a stock Hugging Face architecture: writing the Orbax "
+                    "checkpoint only", c.prune.replacement)
         hf_ok = False
     _check_tokenizer_before_load(c.model.source)
     model_config = peek_model_config(c)
@@ -899,9 +911,17 @@ def _load_key(c: RunConfig, preset, target) -> str:
     return json.dumps([dataclasses.asdict(c.model), dataclasses.asdict(c.mesh), preset, target], sort_keys=True)
 
 
-def _score_key(c: RunConfig, load_key: str) -> str:
+def _score_key(c: RunConfig, load_key: str, metric: str) -> str:
     d = c.data
-    return json.dumps([load_key, d.calibration, d.text_field, d.seq_len, d.calib_chunks, d.batch_size, c.score.metric])
+    return json.dumps([load_key, d.calibration, d.text_field, d.seq_len, d.calib_chunks, d.batch_size, metric])
+
+
+def calibration_batches(c: RunConfig, dense, calib_source) -> list:
+    """The calibration chunks in batches (token ids only: small)."""
+    from . import data
+
+    chunks = data.token_chunks(calib_source, dense.tokenizer, c.data.seq_len)
+    return list(data.batches(data.split_chunks(chunks, c.data.calib_chunks).calib, c.data.batch_size))
 
 
 def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
@@ -935,44 +955,69 @@ def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
 
 
 def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: SharedWork | None, load_key: str):
-    """Span scores on the calibration chunks (reused from `shared` when their settings agree) and the span they
-    choose: (scores, choice, report parts)."""
-    from . import data, score as score_mod
+    """Span scores on the calibration chunks (reused from `shared` when their settings agree) and the spans they
+    choose: (scores, choices, report parts). `perplexity` and `last` choose otherwise; the cosine tables still go
+    in the report."""
+    from . import score as score_mod
 
-    key = _score_key(c, load_key)
+    by_similarity = c.score.metric in score_mod.METRICS
+    metric = c.score.metric if by_similarity else "cosine"
+    key = _score_key(c, load_key, metric)
     scores = shared.scores.get(key) if shared is not None else None
     if scores is None:
-        chunks = data.token_chunks(calib_source, dense.tokenizer, c.data.seq_len)
-        calib = data.split_chunks(chunks, c.data.calib_chunks).calib
-        scores = score_mod.score_spans(dense, data.batches(calib, c.data.batch_size), c.score.metric,
+        scores = score_mod.score_spans(dense, calibration_batches(c, dense, calib_source), metric,
                                        progress=progress)
         if shared is not None:
             shared.scores[key] = scores
     else:
         log.info("span scores: computed already for these calibration settings")
-    choices = score_mod.choose_spans(scores, c.score.spans, length=c.score.num_layers, sparsity=c.score.sparsity,
-                                     replacement=c.prune.replacement, protect_first=c.score.protect_first,
-                                     protect_last=c.score.protect_last, mlp_width=c.prune.mlp_width)
+    span_args = dict(length=c.score.num_layers, sparsity=c.score.sparsity, replacement=c.prune.replacement,
+                     protect_first=c.score.protect_first, protect_last=c.score.protect_last,
+                     mlp_width=c.prune.mlp_width)
+    parts = {"scores": {"metric": scores.metric, "num_tokens": scores.num_tokens, "cosine": scores.cosine,
+                        "angular": scores.angular, "block_influence": scores.block_influence}}
+    if c.score.metric == "perplexity":
+        choice, costs = score_mod.choose_span_by_loss(dense, calibration_batches(c, dense, calib_source),
+                                                      **span_args, progress=progress)
+        log.info("%s", costs)
+        parts["span_costs"] = costs.to_dict()
+        choices = [choice]
+    elif c.score.metric == "last":
+        choices = [score_mod.choose_last_span(dense.config, **span_args)]
+    else:
+        choices = score_mod.choose_spans(scores, c.score.spans, **span_args)
     for choice in choices:
         log.info("chosen span: %s", choice)
     described = [{"start": ch.start, "length": ch.length, "end": ch.end, "replacement": ch.replacement,
-                  "metric": scores.span_metric, "score": ch.score, "params_removed": ch.params_removed,
-                  "params_total": ch.params_total, "sparsity": ch.sparsity} for ch in choices]
-    parts = {"scores": {"metric": scores.metric, "num_tokens": scores.num_tokens, "cosine": scores.cosine,
-                        "angular": scores.angular, "block_influence": scores.block_influence}}
+                  "metric": scores.span_metric if by_similarity else c.score.metric, "score": ch.score,
+                  "params_removed": ch.params_removed, "params_total": ch.params_total, "sparsity": ch.sparsity}
+                 for ch in choices]
     parts.update({"span": described[0]} if len(choices) == 1 else {"spans": described})
     return scores, choices, parts
 
 
-def prune_stage(c: RunConfig, dense, choices):
+def prune_stage(c: RunConfig, dense, choices, calib_source):
+    """The spans cut out and their blocks put in (a `linear` block, or `prune.init=linear`, fitted in closed form
+    on the calibration chunks): (pruned model, report parts)."""
     from . import pruning as prune_mod
 
     pruned = dense
     for choice in sorted(choices, key=lambda ch: -ch.start):  # later spans first: earlier starts stay valid
         pruned = prune_mod.prune(pruned, choice.start, choice.length, c.prune.replacement, c.prune.mlp_width)
-    return pruned, {"params": {"dense": dense.num_params, "pruned": pruned.num_params,
-                               "dense_layers": dense.config.depth, "pruned_layers": pruned.config.depth},
-                    "pruned_config": pruned.config.to_dict()}
+    parts = {}
+    if c.prune.replacement == "linear" or c.prune.init == "linear":
+        from .linear_fit import fit_linear
+
+        pruned, fits = fit_linear(dense, pruned, calibration_batches(c, dense, calib_source), c.prune.ridge,
+                                  c.prune.fit_weighting)
+        parts["linear_fit"] = [dataclasses.asdict(f) for f in fits]
+        for f in fits:
+            log.info("closed-form fit on %d calibration tokens: relative error %.4f (1 = the `none` replacement)",
+                     f.tokens, f.relative_error)
+    parts.update(params={"dense": dense.num_params, "pruned": pruned.num_params,
+                         "dense_layers": dense.config.depth, "pruned_layers": pruned.config.depth},
+                 pruned_config=pruned.config.to_dict())
+    return pruned, parts
 
 
 def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: bool, progress: bool):
@@ -1090,7 +1135,7 @@ def save_stage(c: RunConfig, pruned, out: Path, hf_ok: bool) -> dict:
             main_only(export.export_hf)(pruned, out / "hf", overwrite=True)
             outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
         elif c.export.hf:
-            outputs["hf"] = "not written: an `mlp` block has no stock Hugging Face form"
+            outputs["hf"] = f"not written: an `{c.prune.replacement}` block has no stock Hugging Face form"
     return outputs
 
 
@@ -1114,9 +1159,9 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
         report.update(parts)
     if "prune" in stages:
         with stage("prune", times):
-            pruned, parts = prune_stage(c, dense, choices)
+            pruned, parts = prune_stage(c, dense, choices, inputs.calib_source)
         report.update(parts)
-    if "train" in stages and c.prune.replacement != "none":
+    if "train" in stages and c.prune.replacement not in ("none", "linear"):  # `linear` is fitted, not trained
         with stage("train", times):
             pruned, history = train_stage(c, dense, pruned, inputs, out, resume, progress)
         report["training"] = history

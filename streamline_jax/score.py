@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Iterable
 
 import jax
@@ -299,25 +300,12 @@ def choose_span(scores: SpanScores, length: int | None = None, sparsity: float |
     The achieved fraction is exact, counted on the abstract parameters of the pruned config.
     """
     config = config or scores.config
-    if (length is None) == (sparsity is None):
-        raise ValueError("give exactly one of length or sparsity")
-    if replacement not in REPLACEMENTS:
-        raise ValueError(f"unknown replacement {replacement!r}; expected one of {REPLACEMENTS}")
     if config is None:
         raise ValueError("choose_span needs the model config (scores from score_spans carry it)")
     if config.depth != scores.num_layers:
         raise ValueError(f"scores are for {scores.num_layers} layers but the config has {config.depth}")
-    depth = config.depth
-    _check_protect(depth, protect_first, protect_last)
-    if sparsity is not None:
-        length, starts = spans_for_sparsity(config, sparsity, replacement, mlp_width, protect_first, protect_last)
-    else:
-        if length < 1 or length > depth - protect_first - protect_last:
-            raise ValueError(f"span length {length} does not fit: the model has {depth} layers"
-                             + (f", {protect_first} first and {protect_last} last protected"
-                                if protect_first or protect_last else ""))
-        if replacement == "none" and length == depth:
-            raise ValueError("pruning every layer with replacement='none' leaves no layers")
+    length, starts = candidate_starts(config, length, sparsity, replacement, protect_first, protect_last, mlp_width)
+    if sparsity is None:
         starts = None
     metric = scores.span_metric
     table = scores.table(metric)[:, length]
@@ -326,10 +314,37 @@ def choose_span(scores: SpanScores, length: int | None = None, sparsity: float |
     else:  # among the spans of that length that reach the sparsity (all of them when the layers are alike)
         key = -table[starts] if metric == "cosine" else table[starts]
         start = starts[int(np.argmin(key))]
+    return span_choice(config, start, length, replacement, mlp_width, float(table[start]))
+
+
+def candidate_starts(config: ModelConfig, length: int | None, sparsity: float | None, replacement: str = "layer",
+                     protect_first: int = 0, protect_last: int = 0, mlp_width: int | None = None):
+    """(length, [starts]): every start a span of `length` layers may take between the protected layers, or the
+    smallest length reaching `sparsity` and the starts that reach it."""
+    if (length is None) == (sparsity is None):
+        raise ValueError("give exactly one of length or sparsity")
+    if replacement not in REPLACEMENTS:
+        raise ValueError(f"unknown replacement {replacement!r}; expected one of {REPLACEMENTS}")
+    depth = config.depth
+    _check_protect(depth, protect_first, protect_last)
+    if sparsity is not None:
+        return spans_for_sparsity(config, sparsity, replacement, mlp_width, protect_first, protect_last)
+    if length < 1 or length > depth - protect_first - protect_last:
+        raise ValueError(f"span length {length} does not fit: the model has {depth} layers"
+                         + (f", {protect_first} first and {protect_last} last protected"
+                            if protect_first or protect_last else ""))
+    if replacement == "none" and length == depth:
+        raise ValueError("pruning every layer with replacement='none' leaves no layers")
+    return length, list(range(protect_first, depth - protect_last - length + 1))
+
+
+def span_choice(config: ModelConfig, start: int, length: int, replacement: str, mlp_width: int | None,
+                score: float | None) -> SpanChoice:
+    """The SpanChoice of layers [start, start+length), its parameters counted on the pruned config's shapes."""
     total = _size(transformer.abstract_params(config))
     pruned = prune_config(config, start, length, replacement, mlp_width)
     removed = total - _size(transformer.abstract_params(pruned))
-    return SpanChoice(start, length, replacement, float(table[start]), removed, total)
+    return SpanChoice(start, length, replacement, score, removed, total)
 
 
 def _even_lengths(total: int, count: int) -> list[int]:
@@ -440,3 +455,116 @@ def choose_layers(scores: SpanScores, count: int | None = None, sparsity: float 
         raise ValueError(f"cannot remove {count} layers: {limit} of the {depth} layers may be removed")
     layers = tuple(sorted(int(i) for i in order[:count]))
     return LayerChoice(layers, tuple(float(bi[i]) for i in layers), sum(counts[i] for i in layers), total)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Span choice by what the model loses (SLEB, BlockPruner), and the drop-the-last-layers baseline
+
+LOSS_METRICS = ("perplexity", "last")
+SPAN_METRICS = METRICS + LOSS_METRICS  # what the pipeline's score.metric may name
+
+
+@jit_by_config(static_argnames=("config",))
+def suffix_nll(config: ModelConfig, params, x, input_ids, attention_mask, first):
+    """(summed next-token NLL over real tokens, their count) of the dense model run on from hidden state x [B, T, D]
+    entering layer `first`: layers first..L-1, then the head. `first` is traced, so one compile serves every span."""
+    stack = params["segments"]["seg_0"]
+    t = input_ids.shape[1]
+    positions = transformer.default_positions(attention_mask)
+    attn = transformer.attention_mask_matrix(attention_mask, jnp.arange(t)[None], config.sliding_window)
+    one = Segment("layers", 1)
+
+    def layer(i, h):
+        params_i = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, i, 1), stack)
+        return transformer.run_segment(config, one, params_i, h, attn, positions)[0]
+
+    x = jax.lax.fori_loop(first, config.depth, layer, x)
+    logp = jax.nn.log_softmax(transformer.head(config, params, x)[:, :-1].astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+    real = (attention_mask[:, 1:] > 0) & (attention_mask[:, :-1] > 0)
+    return jnp.sum(jnp.where(real, nll, 0.0)), jnp.sum(real, dtype=jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanCosts:
+    """Mean next-token loss over the real calibration tokens of the model with each candidate span removed."""
+
+    length: int
+    losses: dict  # start -> mean NLL (nats per token)
+    dense_loss: float
+    num_tokens: int
+
+    def best_start(self) -> int:
+        return min(self.losses, key=lambda s: (self.losses[s], s))
+
+    def to_dict(self) -> dict:
+        return {"length": self.length, "dense_loss": self.dense_loss, "num_tokens": self.num_tokens,
+                "losses": {str(s): v for s, v in self.losses.items()}}
+
+    def __str__(self) -> str:
+        best = self.best_start()
+        lines = [f"calibration loss with layers [s, s+{self.length}) removed, over {self.num_tokens} tokens "
+                 f"(dense: {self.dense_loss:.4f}, perplexity {math.exp(self.dense_loss):.2f}); '*' the lowest",
+                 "  start     loss  perplexity"]
+        lines += [f"{s:>7d} {v:8.4f} {math.exp(min(v, 700)):11.2f}" + (" *" if s == best else "")
+                  for s, v in sorted(self.losses.items())]
+        return "\n".join(lines)
+
+
+def span_losses(model: Model, batches: Iterable, length: int, starts: Iterable[int], *,
+                progress: bool = False) -> SpanCosts:
+    """The calibration loss of `model` (dense) without layers [s, s+length), for every s in `starts`.
+
+    Per batch, one forward gives every layer's input h[s] (the prefix all spans share); then each candidate runs only
+    the layers after its span, from h[s], and the head (`suffix_nll`, compiled once for every start).
+    """
+    if not model.config.is_dense:
+        raise ValueError("span_losses removes spans from a dense model; this one is already pruned")
+    starts = sorted(set(int(s) for s in starts))
+    if not starts or starts[0] < 0 or starts[-1] + length > model.config.depth or length < 1:
+        raise ValueError(f"spans of {length} layers at starts {starts} do not fit in {model.config.depth} layers")
+    it = iter(batches)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="span losses", unit="batch")
+    total, count = np.zeros(len(starts) + 1), 0
+    for batch in it:
+        ids, mask = _prepare(model, *_as_arrays(batch))
+        hidden = transformer_hidden(model.config, model.params, ids, mask)
+        out = [suffix_nll(model.config, model.params, hidden[0], ids, mask, 0)]  # the dense model itself
+        out += [suffix_nll(model.config, model.params, hidden[s], ids, mask, s + length) for s in starts]
+        total += np.asarray(jnp.stack([o[0] for o in out]), np.float64)
+        count += int(out[0][1])
+    if count == 0:
+        raise ValueError("no calibration batches, or no real next-token pairs in them")
+    losses = total / count
+    return SpanCosts(length, {s: float(v) for s, v in zip(starts, losses[1:])}, float(losses[0]), count)
+
+
+@jit_by_config(static_argnames=("config",))
+def transformer_hidden(config: ModelConfig, params, input_ids, attention_mask):
+    """Every layer's input h[0..L] ([L+1, B, T, D]) of one batch, without the head."""
+    return transformer.apply(config, params, input_ids, attention_mask, collect_hidden=True,
+                             return_logits=False)["hidden"]
+
+
+def choose_span_by_loss(model: Model, batches: Iterable, length: int | None = None, sparsity: float | None = None,
+                        replacement: str = "layer", protect_first: int = 0, protect_last: int = 0,
+                        mlp_width: int | None = None, progress: bool = False) -> tuple[SpanChoice, SpanCosts]:
+    """The span whose removal costs the least calibration loss (`score.metric=perplexity`), among the spans of
+    `length` layers or those of the smallest length reaching `sparsity`; and every candidate's cost."""
+    length, starts = candidate_starts(model.config, length, sparsity, replacement, protect_first, protect_last,
+                                      mlp_width)
+    costs = span_losses(model, batches, length, starts, progress=progress)
+    start = costs.best_start()
+    return span_choice(model.config, start, length, replacement, mlp_width, costs.losses[start]), costs
+
+
+def choose_last_span(config: ModelConfig, length: int | None = None, sparsity: float | None = None,
+                     replacement: str = "layer", protect_first: int = 0, protect_last: int = 0,
+                     mlp_width: int | None = None) -> SpanChoice:
+    """The depth-pruning papers' baseline (`score.metric=last`): the last layers before the final norm (the last
+    unprotected ones when protect_last > 0)."""
+    length, starts = candidate_starts(config, length, sparsity, replacement, protect_first, protect_last, mlp_width)
+    return span_choice(config, max(starts), length, replacement, mlp_width, None)

@@ -89,11 +89,16 @@ def _dense_span_io(config: ModelConfig, params, input_ids, mask, start, length):
     return jax.lax.stop_gradient(x_in), jax.lax.stop_gradient(target), attn, positions
 
 
+def span_pairs(config: ModelConfig, params, ids, mask, start, length):
+    """The dense span's (input, target) in float32, not jitted: for use inside another jitted function."""
+    x_in, target, _, _ = _dense_span_io(config, params, ids, mask, start, length)
+    return x_in.astype(jnp.float32), target.astype(jnp.float32)
+
+
 def span_pairs_fn(config: ModelConfig, start, length):
     """A jitted (params, ids, mask) -> (input, target) in float32: the span's pairs for a pair cache or validation."""
     def span_io(params, ids, mask):
-        x_in, target, _, _ = _dense_span_io(config, params, ids, mask, start, length)
-        return x_in.astype(jnp.float32), target.astype(jnp.float32)
+        return span_pairs(config, params, ids, mask, start, length)
 
     return jit_for(transformer.compute_dtype(config), span_io)
 

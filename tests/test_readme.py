@@ -152,8 +152,8 @@ COMMANDS: dict[str, Run] = {
         "help", "full PIQA and WikiText-2 on the real model"),
     "python scripts/score_smollm2.py [--length 8] [--chunks 50] [--seq-len 512] [--batch-size 8] [--table]": Run(
         "help", "the real model on the real corpus"),
-    "python scripts/p1_protocol.py [--out runs/p1] [--rows dense,none,layer,ffn,mlp,layer-lm,layer-token,"
-    "layer-untrained,mlp-token] [--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine "
+    "python scripts/p1_protocol.py [--out runs/p1] [--rows ROW,...] [--ridge 1e-4] [--fit-weighting token|uniform] "
+    "[--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine "
     "--warmup N] [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name] "
     "[--compute-dtype float32|bfloat16|auto]": Run(
         "help", "hours on the real model"),

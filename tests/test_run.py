@@ -73,6 +73,33 @@ def test_cli_end_to_end_hf_export_matches_pruned_model(files, tmp_path, family, 
         assert "| text | perplexity |" in md and "## Samples" in md
 
 
+def test_linear_block_by_perplexity_fits_without_training(files, tmp_path):
+    """score.metric=perplexity picks the span with the least calibration loss (its costs in the report), and a
+    `linear` block is fitted in closed form: no training stage, Orbax only."""
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "prune.replacement=linear", "score.metric=perplexity",
+                              "--stages", "train,save")) == 0
+    report = json.loads((out / "report.json").read_text())
+    costs = {int(s): v for s, v in report["span_costs"]["losses"].items()}
+    assert report["span"]["start"] == min(costs, key=costs.get) and report["span"]["metric"] == "perplexity"
+    assert "training" not in report and 0 <= report["linear_fit"][0]["relative_error"] < 1
+    assert "linear" in report["outputs"]["hf"]
+    pruned = load(out / "model")
+    kinds = [s.kind for s in pruned.config.layout]
+    assert kinds.count("linear") == 1
+    assert np.any(np.asarray(pruned.params["segments"][f"seg_{kinds.index('linear')}"]["linear"]["kernel"]))
+
+
+def test_init_linear_needs_an_mlp_or_ffn_block_and_last_drops_the_last_layers(files, tmp_path):
+    with pytest.raises(run_mod.ConfigError, match="prune.init=linear"):
+        run_mod.build_config(None, None, ["prune.init=linear", "prune.replacement=layer"])
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "prune.replacement=ffn", "prune.init=linear", "score.metric=last",
+                              "train.num_steps=1", "--stages", "train")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (report["span"]["start"], report["span"]["end"]) == (4, 6) and "linear_fit" in report
+
+
 def test_mlp_writes_orbax_only(files, tmp_path):
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "llama", out, "prune.replacement=mlp", "--stages", "train,save")) == 0

@@ -294,3 +294,63 @@ def test_several_spans_best_first_apart_and_exact_sparsity():
         score.choose_spans(scores, 16, length=32)
     with pytest.raises(ValueError, match="positive integer"):
         score.choose_spans(scores, 0, length=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Span choice by calibration loss, and the last layers
+
+
+def plain_loss(model, batches):
+    """Mean next-token NLL over real token pairs, from the plain forward, in float64."""
+    from streamline_jax.models.model import forward
+
+    total = count = 0.0
+    for ids, mask in batches:
+        logits = np.asarray(forward(model, ids, mask), np.float64)[:, :-1]
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.sum(np.exp(logits - top), -1, keepdims=True))
+        nll = -np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+        real = (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
+        total += nll[real].sum()
+        count += real.sum()
+    return total / count
+
+
+def brute_force_loss(model, batches, start, length):
+    """The loss of the model pruned with `none`."""
+    from streamline_jax.pruning import prune
+
+    return plain_loss(prune(model, start, length, "none"), batches)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_perplexity_choice_equals_a_brute_force_loop_over_spans(family):
+    _, model = reference_pair(family)
+    batches = padded_batches()
+    length = 2
+    choice, costs = score.choose_span_by_loss(model, batches, length=length, protect_first=1)
+    expected = {s: brute_force_loss(model, batches, s, length) for s in range(1, model.config.depth - length + 1)}
+    assert sorted(costs.losses) == sorted(expected)
+    for s, loss in expected.items():
+        assert costs.losses[s] == pytest.approx(loss, rel=1e-5)
+    assert choice.start == min(expected, key=expected.get) and choice.length == length
+    assert choice.score == pytest.approx(expected[choice.start], rel=1e-5)
+    assert costs.num_tokens == sum(int(((m[:, 1:] > 0) & (m[:, :-1] > 0)).sum()) for _, m in batches)
+    assert costs.dense_loss == pytest.approx(plain_loss(model, batches), rel=1e-5)
+    text = str(costs)
+    assert f"{choice.start:>7d}" in text and "*" in text
+    # by sparsity: the same candidates spans_for_sparsity allows
+    length2, starts = score.spans_for_sparsity(model.config, 0.2, "layer")
+    choice2, costs2 = score.choose_span_by_loss(model, batches, sparsity=0.2)
+    assert sorted(costs2.losses) == starts and choice2.length == length2
+
+
+def test_last_metric_drops_the_last_layers():
+    config = TINY["llama"]
+    assert (score.choose_last_span(config, length=2).start, score.choose_last_span(config, length=2).end) == (4, 6)
+    assert score.choose_last_span(config, length=2, protect_last=1).start == 3
+    n, _ = score.spans_for_sparsity(config, 0.3, "none")
+    choice = score.choose_last_span(config, sparsity=0.3, replacement="none")
+    assert choice.end == config.depth and choice.length == n and choice.sparsity >= 0.3
+    with pytest.raises(ValueError, match="does not fit"):
+        score.choose_last_span(config, length=7)

@@ -8,7 +8,7 @@ from typing import Any
 
 from .families import FAMILIES, UnsupportedArchitectureError, architecture
 
-SEGMENT_KINDS = ("layers", "layer", "ffn", "mlp")
+SEGMENT_KINDS = ("layers", "layer", "ffn", "mlp", "linear")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,7 +16,7 @@ class Segment:
     """A run of the decoder stack.
 
     `layers`: `num_layers` original decoder layers, stacked and scanned.
-    `layer`, `ffn`, `mlp`: one replacement block standing in for a pruned span.
+    `layer`, `ffn`, `mlp`, `linear`: one replacement block standing in for a pruned span.
     """
 
     kind: str

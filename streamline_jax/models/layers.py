@@ -268,3 +268,18 @@ class MLPBlock(nn.Module):
         fc2 = dense(self.hidden_size, ("mlp",), ("embed",), True, "fc2", dtype=self.dtype,
                     compute_dtype=self.compute_dtype, kernel_init=nn.initializers.zeros)
         return x + fc2(nn.relu(fc1(x)))
+
+
+class LinearBlock(nn.Module):
+    """The `linear` replacement (ReplaceMe-style): x + x . kernel, one [E, E] map on the residual stream, fitted in
+    closed form (`streamline_jax.linear_fit`). kernel starts at zero, so the fresh block is the identity."""
+
+    hidden_size: int
+    dtype: jnp.dtype = jnp.float32  # the weights'
+    compute_dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        # both dims are model width: "embed" twice shards the first over fsdp and keeps the second whole
+        return x + dense(self.hidden_size, ("embed",), ("embed",), False, "linear", dtype=self.dtype,
+                         compute_dtype=self.compute_dtype, kernel_init=nn.initializers.zeros)(x)

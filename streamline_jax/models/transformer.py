@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .config import ModelConfig, Segment
-from .layers import ACTIVATION_DTYPE, MLPBlock, RMSNorm, dense, layer_norm, matmul_dtype, param_init
+from .layers import ACTIVATION_DTYPE, LinearBlock, MLPBlock, RMSNorm, dense, layer_norm, matmul_dtype, param_init
 from .llama import LlamaDecoderLayer, LlamaFFNBlock
 from .opt import OPTDecoderLayer, OPTFFNBlock
 
@@ -49,6 +49,8 @@ def block_module(config: ModelConfig, segment: Segment) -> nn.Module:
     if segment.kind == "ffn":
         cls = LlamaFFNBlock if config.family == "llama" else OPTFFNBlock
         return cls(config, param_dtype(config))
+    if segment.kind == "linear":
+        return LinearBlock(config.hidden_size, param_dtype(config), compute_dtype(config))
     return MLPBlock(segment.width, config.hidden_size, param_dtype(config), compute_dtype(config))
 
 

@@ -1,0 +1,198 @@
+"""Training-free replacement blocks: a block's output projection fitted in closed form (ReplaceMe-style).
+
+ReplaceMe (Shopkhoev et al., NeurIPS 2025, mts-ai/ReplaceMe) fits one D x D transform T by least squares on
+calibration tokens, with the MLP output M of the layer *before* the span as input and (span output - span input + M)
+as target, and folds T into that layer's down projection (no new parameters, start >= 1). We fit the same least
+squares on the residual stream instead: the `linear` block is x + x W, with x the hidden state entering the span and
+W = argmin sum over real tokens |x W - (y - x)|^2 + lam |W|^2, y the state leaving it. Why: the block stands alone
+(any start, including 0; it composes with the other replacements and with training), our forward exposes the
+residual stream but not the MLP output, and the ridge pulls W towards 0, i.e. the block towards the identity (the
+`none` replacement), where ridge on ReplaceMe's T would pull it towards a map that drops the stream. Without ridge
+the two fit the same span function up to which linear features they see.
+
+Each token's squared error counts alike (`uniform`, ReplaceMe's) or relative to its target's mean square (`token`,
+the pipeline's default): SmolLM2-135M's span 11-18 creates a massive activation at position 0 (its output there is
+~100x the norm of the other tokens', `scripts/span_pair_stats.py`) that no linear map of the input makes without
+wrecking the other tokens, and the uniform fit spends itself on that token (P1, `scripts/p1_protocol.py --rows
+linear --fit-weighting uniform|token`).
+
+The same solve initialises an `mlp` or `ffn` block (`init=linear`): its hidden activations (relu(fc1 x), or
+silu(gate) * up of the normed x) are the features, its output projection (kernel, and bias through a constant
+column) the solution, the rest of the block as initialised. A SwiGLU cannot start exactly at a linear map, so the
+block starts at the best output map for its own features instead, and training goes on from there.
+
+Per calibration batch one jitted step (sharded like the batch on a mesh; XLA reduces the sums over devices) returns
+X^T X, X^T R, sum |R|^2 and the token count, masked by the attention mask, in float32; the host adds them into
+float64 sums. float64 because the residual stream of SmolLM2 carries massive activations (norm ~23,000 at position 0
+against ~200 elsewhere), so squares span ~1e4 and float32 sums over 10^5+ tokens would lose the small tokens'
+share; ReplaceMe accumulates in float64 for the same reason. Host memory is the [F, F] and [F, D] sums, whatever
+the number of batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from .backend import jit_for
+from .models import transformer
+from .models.config import ModelConfig, Segment
+from .models.layers import Dense
+from .models.model import Model
+from .train import Block, span_pairs, trainable_blocks
+
+FITTABLE = ("linear", "mlp", "ffn")
+WEIGHTINGS = ("uniform", "token")
+OUTPUT_PROJECTIONS = ("linear", "fc2", "down_proj")  # the Dense that ends each fittable block
+DEFAULT_RIDGE = 1e-4
+
+
+class FitError(ValueError):
+    pass
+
+
+def projection_input(config: ModelConfig, segment: Segment, block_params, x):
+    """(input of the block's output projection [..., F], its parameter path, whether it has a bias): the block's
+    hidden features, read by intercepting the call of its last Dense."""
+    seen = {}
+
+    def capture(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, Dense) and context.method_name == "__call__" and module.name in OUTPUT_PROJECTIONS:
+            seen["x"], seen["path"], seen["bias"] = args[0], tuple(module.scope.path), module.use_bias
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(capture):
+        transformer.block_module(config, segment).apply({"params": block_params}, x)
+    return seen["x"], seen["path"], seen["bias"]
+
+
+def fit_sums_fn(dense_config: ModelConfig, pruned_config: ModelConfig, block: Block, weighting: str = "uniform"):
+    """A jitted (dense params, block params, ids, mask) -> (X^T X [F', F'], X^T R [F', D], sum |R|^2, tokens), float32:
+    X the block's projection input (plus a ones column when the projection has a bias), R = span output - input.
+    `token` weighs each token's squared error by 1 / its target's mean square (relative errors, as `train.masked_mse`
+    does): the massive activation SmolLM2's span creates at position 0 (norm ~23,000) would otherwise own the fit."""
+    def sums(dense_params, block_params, ids, mask):
+        x_in, target = span_pairs(dense_config, dense_params, ids, mask, block.start, block.length)
+        feats, _, bias = projection_input(pruned_config, block.segment, block_params, x_in)
+        feats = feats.astype(jnp.float32)
+        if bias:
+            feats = jnp.concatenate([feats, jnp.ones_like(feats[..., :1])], axis=-1)
+        real = mask.astype(jnp.float32)[..., None]
+        if weighting == "token":
+            real = real / (jnp.mean(jnp.square(target), axis=-1, keepdims=True) + 1e-6)
+        residual = (target - x_in) * jnp.sqrt(real)
+        hi = jax.lax.Precision.HIGHEST
+        xtx = jnp.einsum("btf,btg->fg", feats * real, feats, precision=hi)
+        xtr = jnp.einsum("btf,btd->fd", feats * jnp.sqrt(real), residual, precision=hi)
+        return xtx, xtr, jnp.sum(jnp.square(residual)), jnp.sum(mask > 0, dtype=jnp.int32)
+
+    return jit_for(transformer.compute_dtype(dense_config), sums)
+
+
+def ridge_solve(xtx, xtr, ridge: float):
+    """argmin_W |X W - R|^2 + lam |W|^2 from the sums, lam = ridge * trace(X^T X) / F (relative, so one setting suits
+    any model width and activation scale), in float64."""
+    xtx, xtr = np.asarray(xtx, np.float64), np.asarray(xtr, np.float64)
+    lam = ridge * np.trace(xtx) / len(xtx)
+    try:
+        return np.linalg.solve(xtx + lam * np.eye(len(xtx)), xtr)
+    except np.linalg.LinAlgError:
+        raise FitError(f"the calibration features are rank-deficient (X^T X is singular) and ridge={ridge}: set "
+                       f"a positive ridge or use more calibration tokens") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    """One fitted block: calibration tokens and the relative residual error |X W - R|^2 / |R|^2 (1.0 is what the
+    `none` replacement leaves, 0 a perfect fit)."""
+
+    key: str
+    tokens: int
+    relative_error: float
+
+
+def _batch_arrays(batch):
+    if isinstance(batch, dict):
+        ids = np.asarray(batch["input_ids"], np.int32)
+        mask = batch.get("attention_mask")
+    else:
+        ids, mask = batch
+        ids = np.asarray(ids, np.int32)
+    mask = np.ones_like(ids) if mask is None else np.asarray(mask, np.int32)
+    return ids, mask
+
+
+def fit_block_sums(dense: Model, pruned: Model, block: Block, batches: Iterable, weighting: str = "uniform"):
+    """The float64 sums (X^T X, X^T R, |R|^2, tokens) of `block` over `batches`, one jitted step per batch."""
+    step = fit_sums_fn(dense.config, pruned.config, block, weighting)
+    block_params = pruned.params["segments"][block.key]
+    total, pending = None, None
+    for batch in batches:
+        ids, mask = _batch_arrays(batch)
+        if dense.mesh is not None:
+            from .sharding import shard_batch
+
+            ids, mask = shard_batch(dense.mesh, (ids, mask))
+        out = step(dense.params, block_params, jnp.asarray(ids), jnp.asarray(mask))
+        if pending is not None:  # the next step is queued before the host waits for this one
+            total = _add(total, pending)
+        pending = out
+    if pending is None:
+        raise FitError("no calibration batches: the linear fit needs calibration tokens")
+    return _add(total, pending)
+
+
+def _add(total, sums):
+    host = [np.asarray(s, np.float64) for s in sums]
+    return host if total is None else [a + b for a, b in zip(total, host)]
+
+
+def _set(tree, path, name, value):
+    node = tree
+    for k in path:
+        node = node[k]
+    node[name] = jnp.asarray(value, node[name].dtype)
+
+
+def fit_linear(dense: Model, pruned: Model, batches: Iterable, ridge: float = DEFAULT_RIDGE,
+               weighting: str = "uniform") -> tuple[Model, list]:
+    """Fit the output projection of every `linear`, `mlp` or `ffn` block of `pruned` on the dense model's span
+    (input, output) pairs over the calibration `batches` (a re-iterable when there are several blocks), each token
+    weighted alike (`uniform`) or by 1 / its target's mean square (`token`).
+    Returns (the model with those projections replaced, [FitResult per block])."""
+    if not (isinstance(ridge, (int, float)) and ridge >= 0):
+        raise FitError(f"ridge must be a non-negative number, got {ridge!r}")
+    if weighting not in WEIGHTINGS:
+        raise FitError(f"unknown weighting {weighting!r}; expected one of {WEIGHTINGS}")
+    if not dense.config.is_dense:
+        raise FitError("the linear fit reads the span's pairs from the dense model; got a pruned one as `dense`")
+    blocks = [b for b in trainable_blocks(pruned.config) if b.segment.kind in FITTABLE]
+    if not blocks:
+        kinds = sorted({s.kind for s in pruned.config.layout})
+        raise FitError(f"the pruned model has no {'/'.join(FITTABLE)} block to fit (its segments: {kinds})")
+    segments = jax.tree.map(lambda a: a, dict(pruned.params["segments"]))  # new containers, same arrays
+    results = []
+    for block in blocks:
+        xtx, xtr, r2, tokens = fit_block_sums(dense, pruned, block, batches, weighting)
+        if tokens <= 0:
+            raise FitError("no real (unmasked) tokens in the calibration batches")
+        w = ridge_solve(xtx, xtr, ridge)
+        error = (r2 - 2 * np.sum(w * xtr) + np.sum(w * (xtx @ w))) / max(float(r2), 1e-30)
+        x = jnp.zeros((1, 1, pruned.config.hidden_size), jnp.float32)
+        _, path, bias = projection_input(pruned.config, block.segment, segments[block.key], x)
+        _set(segments[block.key], path, "kernel", w[:-1] if bias else w)
+        if bias:
+            _set(segments[block.key], path, "bias", w[-1])
+        results.append(FitResult(block.key, int(tokens), float(error)))
+    out = pruned.replace(params={**pruned.params, "segments": segments}, mesh=None)
+    if pruned.mesh is not None:
+        from .loading import place_on_mesh
+
+        out = place_on_mesh(out, pruned.mesh)
+    return out, results

@@ -1,0 +1,196 @@
+"""The training-free `linear` replacement and `init=linear`: the closed-form fit against numpy's least squares on the
+same (input, output) pairs, masks included, on one device and on a mesh; the fitted model runs everywhere a model
+runs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from streamline_jax import export, linear_fit, load
+from streamline_jax.evaluation import score_sequences
+from streamline_jax.generation import generate
+from streamline_jax.models import transformer
+from streamline_jax.models.config import ModelConfig
+from streamline_jax.models.model import Model, forward, hidden_states
+from streamline_jax.pruning import prune
+
+from test_distributed import run_python
+
+LLAMA = ModelConfig(family="llama", vocab_size=128, hidden_size=32, intermediate_size=48, num_layers=6, num_heads=4,
+                    num_kv_heads=2, head_dim=8, tie_word_embeddings=False, eos_token_id=1)
+START, LENGTH = 2, 3
+
+
+def tiny_model():
+    return Model(LLAMA, transformer.init_params(LLAMA, jax.random.PRNGKey(3)))
+
+
+def calibration(num_batches=4, batch=4, seq=16, seed=0):
+    """Batches with left padding, right padding and one fully padded row: padding must count nowhere."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(num_batches):
+        ids = rng.randint(2, 128, (batch, seq)).astype(np.int32)
+        mask = np.ones_like(ids)
+        mask[0, :5] = 0
+        mask[1, -4:] = 0
+        if i == 1:
+            mask[2] = 0
+        ids[mask == 0] = rng.randint(2, 128, int((mask == 0).sum()))  # padding ids are arbitrary
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def span_pairs_numpy(model, batches):
+    """(X, Y) [tokens, D] in float64: the dense model's hidden states entering and leaving the span, real tokens
+    only, from the plain forward."""
+    xs, ys = [], []
+    for b in batches:
+        h = np.asarray(hidden_states(model, b["input_ids"], b["attention_mask"]), np.float64)
+        real = b["attention_mask"].astype(bool)
+        xs.append(h[START][real])
+        ys.append(h[START + LENGTH][real])
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+@pytest.mark.parametrize("ridge", [0.0, 1e-2])
+def test_linear_fit_equals_numpy_least_squares(ridge):
+    dense, batches = tiny_model(), calibration()
+    fitted, [result] = linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), batches, ridge=ridge)
+    x, y = span_pairs_numpy(dense, batches)
+    assert result.tokens == len(x) == sum(int(b["attention_mask"].sum()) for b in batches)
+    if ridge == 0:
+        expected = np.linalg.lstsq(x, y - x, rcond=None)[0]
+    else:
+        lam = ridge * np.trace(x.T @ x) / x.shape[1]
+        expected = np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ (y - x))
+    got = np.asarray(fitted.params["segments"]["seg_1"]["linear"]["kernel"], np.float64)
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+    residual = x @ expected - (y - x)
+    assert result.relative_error == pytest.approx(np.sum(residual ** 2) / np.sum((y - x) ** 2), rel=1e-3, abs=1e-6)
+    # the fitted model computes the block as x + x W between the kept layers
+    ids, mask = batches[0]["input_ids"], batches[0]["attention_mask"]
+    h = np.asarray(hidden_states(fitted, ids, mask), np.float64)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(h[START + 1][real], h[START][real] @ (np.eye(len(got)) + got), rtol=1e-4, atol=1e-4)
+
+
+def test_token_weighted_fit_equals_numpy_weighted_least_squares():
+    """`token`: each token's squared error divided by its target's mean square."""
+    dense, batches = tiny_model(), calibration()
+    fitted, [result] = linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), batches, ridge=0.0,
+                                             weighting="token")
+    x, y = span_pairs_numpy(dense, batches)
+    w = 1 / (np.mean(y ** 2, axis=1, keepdims=True) + 1e-6)
+    expected = np.linalg.lstsq(x * np.sqrt(w), (y - x) * np.sqrt(w), rcond=None)[0]
+    got = np.asarray(fitted.params["segments"]["seg_1"]["linear"]["kernel"], np.float64)
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+    uniform = np.linalg.lstsq(x, y - x, rcond=None)[0]
+    assert np.abs(got - uniform).max() > 1e-2 * np.abs(expected).max()  # the weights matter
+    residual = (x @ expected - (y - x)) ** 2 * w
+    assert result.relative_error == pytest.approx(residual.sum() / ((y - x) ** 2 * w).sum(), rel=1e-3)
+    with pytest.raises(linear_fit.FitError, match="weighting"):
+        linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), batches, weighting="relative")
+
+
+def test_init_linear_fits_the_mlp_output_projection_with_its_bias():
+    dense, batches = tiny_model(), calibration()
+    pruned = prune(dense, START, LENGTH, "mlp", mlp_width=40)
+    fitted, [result] = linear_fit.fit_linear(dense, pruned, batches, ridge=0.0)
+    x, y = span_pairs_numpy(dense, batches)
+    fc1 = jax.tree.map(lambda a: np.asarray(a, np.float64), pruned.params["segments"]["seg_1"]["fc1"])
+    feats = np.maximum(x @ fc1["kernel"] + fc1["bias"], 0)
+    feats = np.concatenate([feats, np.ones((len(feats), 1))], 1)
+    expected = np.linalg.lstsq(feats, y - x, rcond=None)[0]
+    fc2 = fitted.params["segments"]["seg_1"]["fc2"]
+    scale = np.abs(expected).max()
+    assert np.abs(np.asarray(fc2["kernel"]) - expected[:-1]).max() < 1e-3 * scale
+    assert np.abs(np.asarray(fc2["bias"]) - expected[-1]).max() < 1e-3 * scale
+    # fc1 as initialised; the fit beats the identity start
+    np.testing.assert_array_equal(np.asarray(fitted.params["segments"]["seg_1"]["fc1"]["kernel"]),
+                                  np.asarray(pruned.params["segments"]["seg_1"]["fc1"]["kernel"]))
+    assert result.relative_error < 1.0
+
+
+def test_init_linear_ffn_keeps_the_gate_and_up_projections_and_lowers_the_error():
+    dense, batches = tiny_model(), calibration()
+    pruned = prune(dense, START, LENGTH, "ffn")
+    fitted, [result] = linear_fit.fit_linear(dense, pruned, batches, ridge=0.0)
+    before, after = pruned.params["segments"]["seg_1"]["mlp"], fitted.params["segments"]["seg_1"]["mlp"]
+    for name in ("gate_proj", "up_proj"):
+        np.testing.assert_array_equal(np.asarray(after[name]["kernel"]), np.asarray(before[name]["kernel"]))
+    assert not np.array_equal(np.asarray(after["down_proj"]["kernel"]), np.asarray(before["down_proj"]["kernel"]))
+    x, y = span_pairs_numpy(dense, batches)
+
+    def error(model):  # the block's squared error on the calibration tokens, from the plain forward
+        outs = [np.asarray(hidden_states(model, b["input_ids"], b["attention_mask"]), np.float64)[START + 1]
+                [b["attention_mask"].astype(bool)] for b in batches]
+        return np.sum((np.concatenate(outs) - y) ** 2)
+
+    # least squares over the down projection beats the span's first layer's own one, by the reported amount
+    assert error(fitted) < error(pruned)
+    assert error(fitted) / np.sum((y - x) ** 2) == pytest.approx(result.relative_error, rel=1e-3)
+
+
+def test_fit_refuses_bad_input():
+    dense, batches = tiny_model(), calibration(1)
+    with pytest.raises(linear_fit.FitError, match="no linear/mlp/ffn block"):
+        linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "layer"), batches)
+    with pytest.raises(linear_fit.FitError, match="ridge"):
+        linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), batches, ridge=-1)
+    with pytest.raises(linear_fit.FitError, match="no calibration batches"):
+        linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), [])
+    with pytest.raises(linear_fit.FitError, match="dense"):
+        pruned = prune(dense, START, LENGTH, "linear")
+        linear_fit.fit_linear(pruned, pruned, batches)
+
+
+def test_linear_model_generates_scores_saves_and_refuses_hf_export(tmp_path):
+    dense = tiny_model()
+    model, _ = linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), calibration())
+    prompts = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 30, 31]]
+    out = generate(model, prompts, 6, output_logits=True, eos_token_id=())
+    for prompt, new, logits in zip(prompts, out.tokens, out.logits):
+        full = np.asarray(forward(model, [prompt + new[:-1]]))[0, len(prompt) - 1:]
+        np.testing.assert_allclose(logits, full, rtol=1e-4, atol=1e-4)
+    seq = np.asarray(prompts[1])
+    [logprobs], _ = score_sequences(model, [seq], [len(seq) - 1])
+    expected = jax.nn.log_softmax(forward(model, [seq[:-1]])[0], -1)[jnp.arange(len(seq) - 1), seq[1:]]
+    np.testing.assert_allclose(logprobs, np.asarray(expected), rtol=1e-4, atol=1e-4)
+    folder = export.save_orbax_model(model, tmp_path / "model")
+    back = load(folder)
+    assert back.config == model.config and [s.kind for s in back.config.layout] == ["layers", "linear", "layers"]
+    np.testing.assert_array_equal(np.asarray(forward(back, [seq])), np.asarray(forward(model, [seq])))
+    with pytest.raises(export.ExportError, match="linear.*Orbax"):
+        export.export_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+ON_MESH = r"""
+import sys, numpy as np, jax
+sys.path.insert(0, "tests")
+assert jax.device_count() == 8
+from streamline_jax import linear_fit, make_mesh
+from streamline_jax.loading import place_on_mesh
+from streamline_jax.pruning import prune
+from test_linear_fit import START, LENGTH, calibration, tiny_model
+dense = place_on_mesh(tiny_model(), make_mesh(data=2, fsdp=4))
+fitted, [result] = linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), calibration(batch=8))
+kernel = fitted.params["segments"]["seg_1"]["linear"]["kernel"]
+assert len(kernel.sharding.device_set) == 8, kernel.sharding
+np.save(sys.argv[1] if len(sys.argv) > 1 else "/dev/null", np.asarray(kernel))
+print("tokens", result.tokens)
+"""
+
+
+def test_fit_on_an_8_device_mesh_equals_one_device(tmp_path):
+    path = tmp_path / "kernel.npy"
+    out = run_python(ON_MESH.replace('sys.argv[1] if len(sys.argv) > 1 else "/dev/null"', repr(str(path))))
+    dense = tiny_model()
+    fitted, [result] = linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), calibration(batch=8))
+    assert f"tokens {result.tokens}" in out
+    expected = np.asarray(fitted.params["segments"]["seg_1"]["linear"]["kernel"])
+    np.testing.assert_allclose(np.load(path), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
