@@ -80,6 +80,15 @@ def test_mlp_writes_orbax_only(files, tmp_path):
     assert "mlp" in json.loads((out / "report.json").read_text())["outputs"]["hf"]
 
 
+def test_kd_training_beyond_the_block_from_the_settings(files, tmp_path):
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "train.mode=kd", "train.kd_temperature=2", "train.kd_ce_weight=0.5",
+                              "train.kd_hidden_layers=[-1]", "train.kd_hidden_weight=0.1",
+                              "train.trainable=[block, final_norm/.*]", "--stages", "train")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["mode"] == "kd" and report["training"]["train"]
+
+
 def test_scoring_only(files, tmp_path):
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "opt", out, "--stages", "score")) == 0
