@@ -217,7 +217,8 @@ KD_CHUNK_TOKENS = 1024
 @dataclasses.dataclass(frozen=True)
 class Distillation:
     """KD mode's settings. `hidden_pairs`: (teacher layer, student layer) whose outputs the hidden-state MSE
-    matches: the span's last layer against the block, and each later original layer against its pruned copy."""
+    matches, in the dense model's and the pruned model's own layer numbers: the span's last layer against the block,
+    and each later original layer against its copy."""
 
     temperature: float = 1.0
     ce_weight: float = 0.0
