@@ -1,10 +1,12 @@
 """Replacement-block training on SmolLM2-135M: training tokens/s, and peak host memory for 1000 vs 4000 chunks.
 
 Each measurement runs in a fresh child process, so its peak resident memory (ru_maxrss) is its own. Training data
-stream from ../shared/data/corpus/train.jsonl (re-tokenized each epoch, never held whole); the MSE pairs are computed
-inside the jitted step, so host memory must not grow with the number of chunks: the two peaks should be about equal.
+stream from ../shared/data/corpus/train.jsonl (re-tokenized each epoch, never held whole); the MSE pairs, and in KD
+mode the teacher's logits (a chunk of tokens at a time), are computed inside the jitted step, so host memory must not
+grow with the number of chunks: the two peaks should be about equal. `--mode` picks the loss (mse, lm or kd: compare
+kd's tokens/s with lm's for what the teacher costs per step).
 
-    python scripts/bench_train.py [--seq 64] [--counts 1000,4000] [--speed-steps 8]
+    python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000] [--speed-steps 8]
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ def child(args):
     pruned = prune(model, 11, 8, "layer")
     steps = []
     t = time.perf_counter()
-    sj.train_replacement(model, pruned, chunks, batch_size=args.batch, lr=2e-4, min_lr=5e-5, progress=False,
-                         on_step=lambda step, loss: steps.append(time.perf_counter()))
+    sj.train_replacement(model, pruned, chunks, batch_size=args.batch, mode=args.mode, lr=2e-4, min_lr=5e-5,
+                         progress=False, on_step=lambda step, loss: steps.append(time.perf_counter()))
     wall = time.perf_counter() - t
     # steady-state speed: skip the first step (compile)
     steady = (len(steps) - 1) * args.batch * args.seq / (steps[-1] - steps[0]) if len(steps) > 1 else float("nan")
@@ -42,8 +44,9 @@ def child(args):
                       "tokens_per_s": steady, "peak_rss_mib": peak_mib}))
 
 
-def run_child(chunks, seq, batch):
-    cmd = [sys.executable, __file__, "--child", "--chunks", str(chunks), "--seq", str(seq), "--batch", str(batch)]
+def run_child(chunks, seq, batch, mode):
+    cmd = [sys.executable, __file__, "--child", "--chunks", str(chunks), "--seq", str(seq), "--batch", str(batch),
+           "--mode", mode]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(out.stderr[-3000:])
@@ -56,17 +59,18 @@ def main():
     ap.add_argument("--chunks", type=int, default=1000)
     ap.add_argument("--seq", type=int, default=64, help="chunk length for the memory comparison")
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--mode", default="mse", choices=("mse", "lm", "kd"))
     ap.add_argument("--counts", default="1000,4000")
     ap.add_argument("--speed-steps", type=int, default=8, help="steps at 512 tokens for the tokens/s figure")
     args = ap.parse_args()
     if args.child:
         return child(args)
-    speed = run_child(args.speed_steps * args.batch, 512, args.batch)
-    print(f"MSE training, `layer` block over layers [11, 19), batch {args.batch} x 512: "
+    speed = run_child(args.speed_steps * args.batch, 512, args.batch, args.mode)
+    print(f"{args.mode} training, `layer` block over layers [11, 19), batch {args.batch} x 512: "
           f"{speed['tokens_per_s']:.0f} training tokens/s (steady state, {speed['steps']} steps)")
     peaks = []
     for count in (int(c) for c in args.counts.split(",")):
-        r = run_child(count, args.seq, args.batch)
+        r = run_child(count, args.seq, args.batch, args.mode)
         peaks.append(r["peak_rss_mib"])
         print(f"{count:5d} chunks x {args.seq} tokens: peak host memory {r['peak_rss_mib']:.0f} MiB, "
               f"{r['tokens_per_s']:.0f} tokens/s, wall {r['wall_s']:.0f} s")

@@ -1,4 +1,4 @@
-"""Protocol P1 on SmolLM2-135M: dense vs pruned (none / layer / ffn / mlp in MSE mode, layer in LM-loss mode).
+"""Protocol P1 on SmolLM2-135M: dense vs pruned (none / layer / ffn / mlp in MSE mode, layer in LM-loss and KD mode).
 
 Calibration: the first 50 chunks of 512 tokens of corpus/train.jsonl (documents in file order, EOS between them);
 training: the next 1000 chunks; validation: the first 100 chunks of corpus/valid.jsonl built the same way. Span: 8
@@ -12,9 +12,10 @@ Each finished row is appended to OUT/results.json, and a rerun skips rows alread
     python scripts/p1_protocol.py [--out runs/p1] [--rows ROW,...] [--ridge 1e-4] [--fit-weighting token|uniform]
         [--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine --warmup N]
         [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name]
-        [--compute-dtype float32|bfloat16|auto]
+        [--compute-dtype float32|bfloat16|auto] [--trainable block,segments/seg_2/.*mlp.*]
+        [--kd-temperature 1 --kd-ce-weight 0 --kd-hidden-layers -1 --kd-hidden-weight 0]
 
-Rows (default: all): dense, none, layer, ffn, mlp, layer-lm, layer-token, layer-untrained, mlp-token, linear,
+Rows (default: all): dense, none, layer, ffn, mlp, layer-lm, layer-kd, layer-token, layer-untrained, mlp-token, linear,
 mlp-linit, layer-ppl, none-ppl, none-last.
 
 `--shuffle` reads the 1000 training chunks in a seeded random order (the authors' DataLoader shuffles); without it
@@ -40,6 +41,12 @@ at position 0 carries a massive activation that makes up ~98% of the plain MSE o
 identity (`scripts/span_pair_stats.py`). `layer-untrained` is the `layer`
 block as initialised (a copy of the span's first layer), the same model as the authors' `none` row (layers 12-18
 removed when the span is 11-18).
+
+`layer-kd` distils the dense model into the pruned one (`mode="kd"`): KL between their next-token distributions at
+`--kd-temperature`, `--kd-ce-weight` of next-token cross-entropy mixed in, and with `--kd-hidden-weight` the MSE of
+the hidden states leaving the span and the original layers `--kd-hidden-layers`. `--trainable` (LM and KD rows)
+lists regexes over the pruned model's parameter paths that train besides or instead of the block (`block`); with an
+8-layer span, seg_0 is the layers before it, seg_1 the block and seg_2 the layers after it.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ from streamline_jax.pruning import prune
 # row: (replacement, training mode, MSE weighting)
 ROW_SPECS = {"dense": (None, None, None), "none": ("none", None, None), "layer": ("layer", "mse", "uniform"),
              "ffn": ("ffn", "mse", "uniform"), "mlp": ("mlp", "mse", "uniform"), "layer-lm": ("layer", "lm", None),
+             "layer-kd": ("layer", "kd", None),
              "layer-token": ("layer", "mse", "token"), "layer-untrained": ("layer", None, None),
              "mlp-token": ("mlp", "mse", "token"), "linear": ("linear", None, None),
              "mlp-linit": ("mlp", "mse", "uniform"), "layer-ppl": ("layer", "mse", "uniform"),
@@ -144,6 +152,14 @@ def main():
                     help="token weights of the closed-form fit (uniform: ReplaceMe's)")
     ap.add_argument("--grad-accum", type=int, default=1,
                     help="batches per optimizer step (the authors' code defaults to 16)")
+    ap.add_argument("--trainable", default="block",
+                    help="comma-separated regexes over the pruned model's parameter paths that train (LM and KD rows; "
+                         "`block`: the replacement block)")
+    ap.add_argument("--kd-temperature", type=float, default=1.0)
+    ap.add_argument("--kd-ce-weight", type=float, default=0.0, help="the cross-entropy's share of the KD loss")
+    ap.add_argument("--kd-hidden-layers", default="",
+                    help="comma-separated original layers after the span (-1: the last) matched by hidden-state MSE")
+    ap.add_argument("--kd-hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE (0: none)")
     args = ap.parse_args()
     rows = args.rows.split(",")
     unknown = set(rows) - set(ROWS)
@@ -153,6 +169,10 @@ def main():
     freeze = tuple(f for f in args.freeze.split(",") if f)
     if freeze and any(ROW_SPECS[r][0] != "layer" for r in trained):
         raise SystemExit(f"--freeze names parts of the layer block; train only layer rows with it, not {trained}")
+    trainable = tuple(t for t in args.trainable.split(",") if t)
+    if trainable != ("block",) and any(ROW_SPECS[r][1] == "mse" for r in trained):
+        raise SystemExit(f"--trainable beyond the block is for the LM and KD rows, not {trained}")
+    kd_hidden_layers = tuple(int(h) for h in args.kd_hidden_layers.split(",") if h)
     if args.authors_bidirectional and trained != ["layer"]:
         raise SystemExit(f"--authors-bidirectional applies to the MSE layer row only, not {trained}")
     out = Path(args.out)
@@ -212,16 +232,22 @@ def main():
                         lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
                         warmup_steps=args.warmup or max(1, steps // 20), grad_accum=args.grad_accum,
                         lr_schedule=args.lr_schedule,
-                        # the LM loss validates through the whole pruned model: only at the start and the end
-                        eval_every=max(1, steps // (1 if mode == "lm" else 5)),
+                        # the LM and KD losses validate through the whole model: only at the start and the end
+                        eval_every=max(1, steps // (1 if mode in ("lm", "kd") else 5)),
                         pair_cache=pairs_dir / f"pairs_{start}_{args.span}" if mode == "mse" else None,
                         mse_weighting=weighting or "uniform", shuffle=args.shuffle, seed=args.seed,
-                        freeze=freeze, return_history=True)
+                        freeze=freeze, trainable=trainable, kd_temperature=args.kd_temperature,
+                        kd_ce_weight=args.kd_ce_weight, kd_hidden_layers=kd_hidden_layers,
+                        kd_hidden_weight=args.kd_hidden_weight, return_history=True)
                 train_s = time.perf_counter() - t
                 (out / f"history_{name}.json").write_text(json.dumps(history, indent=1))
                 extra = {**extra, "shuffle_seed": args.seed if args.shuffle else None, "lr_schedule": args.lr_schedule,
                          "lr": args.lr, "min_lr": args.min_lr, "grad_accum": args.grad_accum,
                          "bidirectional_training": args.authors_bidirectional, "freeze": list(freeze),
+                         "trainable": list(trainable),
+                         **({"kd_temperature": args.kd_temperature, "kd_ce_weight": args.kd_ce_weight,
+                             "kd_hidden_layers": list(kd_hidden_layers), "kd_hidden_weight": args.kd_hidden_weight}
+                            if mode == "kd" else {}),
                          "valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
                          "best_step": history["best_step"], "steps": history["train"][-1][0]}
         results[name] = {"span": [start, start + args.span - 1], "span_metric": span_metric, "train_s": train_s,

@@ -115,10 +115,15 @@ class TrainSection:
     compute_dtype: str | None = None
     seed: int = 0
     freeze: tuple[str, ...] = ()
+    trainable: tuple[str, ...] = ("block",)
     shuffle: bool = False
     lr_schedule: str = "cosine"
     mse_weighting: str = "uniform"
     pair_cache: bool = False
+    kd_temperature: float = 1.0
+    kd_ce_weight: float = 0.0
+    kd_hidden_layers: tuple[int, ...] = ()
+    kd_hidden_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,9 +223,11 @@ def _check_type(value, hint, key: str, where: str):
             raise bad
         return value
     if origin is tuple:
-        if isinstance(value, str):
+        item = args[0]
+        if isinstance(value, item):
             value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value):
             raise bad
         return tuple(value)
     if hint is dict or origin is dict:
@@ -236,7 +243,7 @@ def _type_name(hint) -> str:
         inner = [a for a in args if a is not type(None)]
         return f"{_type_name(inner[0])} or null"
     if origin is tuple:
-        return "a list of strings"
+        return "a list of integers" if args[0] is int else "a list of strings"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(
         hint, str(hint))
 
@@ -404,6 +411,7 @@ RANGES = [
     ("train.num_steps", 1, True), ("train.epochs", 1, True), ("train.lr", 0, False), ("train.min_lr", 0, True),
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
+    ("train.kd_temperature", 0, False), ("train.kd_ce_weight", 0, True), ("train.kd_hidden_weight", 0, True),
     ("eval.limit", 1, True), ("eval.ppl_windows", 1, True), ("eval.window", 2, True), ("eval.batch_size", 1, True),
     ("samples.max_new_tokens", 1, True), ("mesh.data", 1, True), ("mesh.tensor", 1, True),
 ]
@@ -426,6 +434,21 @@ def check_ranges(c: RunConfig) -> None:
         raise ConfigError(f"mesh.fsdp must be >= 1, or -1 (every device left), got {c.mesh.fsdp}")
     if c.train.min_lr > c.train.lr:
         raise ConfigError(f"train.min_lr ({c.train.min_lr}) must not exceed train.lr ({c.train.lr})")
+    if c.train.kd_ce_weight > 1:
+        raise ConfigError(f"train.kd_ce_weight is the cross-entropy's share of the KD loss: it must be in [0, 1], "
+                          f"got {c.train.kd_ce_weight}")
+    if c.train.kd_hidden_layers and not c.train.kd_hidden_weight:
+        raise ConfigError(f"train.kd_hidden_layers={list(c.train.kd_hidden_layers)} needs train.kd_hidden_weight > 0")
+    for pattern in c.train.trainable:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"train.trainable: {pattern!r} is not a regular expression ({e})") from None
+    if not c.train.trainable:
+        raise ConfigError("train.trainable is empty: nothing would train ([block] trains the replacement block)")
+    if c.train.mode == "mse" and tuple(c.train.trainable) != ("block",):
+        raise ConfigError(f"train.mode=mse trains the block only; train.trainable={list(c.train.trainable)} needs "
+                          f"train.mode=lm or kd")
     per_step = c.data.batch_size * c.train.grad_accum
     if c.train.num_steps is None and c.data.train_chunks < per_step:
         raise ConfigError(f"data.train_chunks={c.data.train_chunks} gives no optimizer step: one step takes "
@@ -1047,6 +1070,8 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
             checkpoint_dir=out / TRAIN_CHECKPOINT / sub, checkpoint_every=t.checkpoint_every, resume=resume,
             seed=t.seed, compute_dtype=t.compute_dtype, freeze=t.freeze, shuffle=t.shuffle, block_key=block.key,
             lr_schedule=t.lr_schedule, mse_weighting=t.mse_weighting, progress=progress, return_history=True,
+            trainable=t.trainable, kd_temperature=t.kd_temperature, kd_ce_weight=t.kd_ce_weight,
+            kd_hidden_layers=t.kd_hidden_layers, kd_hidden_weight=t.kd_hidden_weight,
             pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
         histories.append({**history, "mode": t.mode, "block": block.key, "span": [block.start, block.length]})
     if len(histories) == 1:

@@ -1,9 +1,14 @@
-"""Stage 4, train: fit the replacement block with optax while everything else stays frozen.
+"""Stage 4, train: fit the replacement block (or any chosen parameters) with optax while the rest stays frozen.
 
 MSE mode (the paper's): the block's input is the frozen dense model's hidden state entering the pruned span, its
 target the state leaving it; both are computed inside the jitted step (no gradient through the frozen layers), so
 host memory does not grow with the number of training samples. LM mode: next-token cross-entropy of the whole pruned
-model, with gradients only for the block. A trained `layer` block uses the same causal mask as at inference.
+model. KD mode: KL divergence from the dense teacher's next-token distribution to the pruned student's (with a
+temperature), optionally mixed with the cross-entropy and plus hidden-state MSE at the span's output and later
+layers; the teacher runs in the same jitted step from the prefix it shares with the student, and the logits are
+reduced chunk by chunk (never [tokens x vocab] for the whole batch, never on the host). What trains is a set of
+parameter-path patterns (`trainable`, the block by default); optimizer state exists for those leaves only. A trained
+`layer` block uses the same causal mask as at inference.
 
 Training state (block params, optimizer state, step, data position, best block, history) is checkpointed with
 Orbax every `checkpoint_every` steps, and at the step a Ctrl-C stops (it waits for the step under way: see
@@ -17,10 +22,11 @@ import dataclasses
 import itertools
 import json
 import math
+import numbers
 import re
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +41,7 @@ from .models.config import ModelConfig, Segment
 from .models.model import Model, with_compute_dtype
 from .sharding import shard_batch
 
-MODES = ("mse", "lm")
+MODES = ("mse", "lm", "kd")
 
 
 class TrainingError(RuntimeError):
@@ -69,23 +75,46 @@ def trainable_blocks(pruned: ModelConfig) -> list[Block]:
 # Losses
 
 
-def _dense_span_io(config: ModelConfig, params, input_ids, mask, start, length):
-    """The dense model's hidden states entering layer `start` and leaving layer `start+length-1` (no gradient)."""
-    stack = params["segments"]["seg_0"]
-    b, t = input_ids.shape
+def _dense_prefix(config: ModelConfig, params, input_ids, mask, start):
+    """The dense model's hidden state entering layer `start`, with the attention mask and positions."""
+    t = input_ids.shape[1]
     positions = transformer.default_positions(mask)
     attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], config.sliding_window)
     x = transformer.embed(config, params, input_ids, positions)
+    x, _ = _run_pieces(config, [_dense_layers(config, params, 0, start)], x, attn, positions)
+    return x, attn, positions
 
-    def run(x, lo, hi):
-        if hi <= lo:
-            return x
-        sliced = jax.tree.map(lambda a: a[lo:hi], stack)
-        out, _, _ = transformer.run_segment(config, Segment("layers", hi - lo), sliced, x, attn, positions)
-        return out
 
-    x_in = run(x, 0, start)
-    target = run(x_in, start, start + length)
+def _dense_layers(config: ModelConfig, params, lo, hi):
+    """(segment, params) of the dense model's layers [lo, hi)."""
+    return Segment("layers", hi - lo), jax.tree.map(lambda a: a[lo:hi], params["segments"]["seg_0"])
+
+
+def _run_pieces(config: ModelConfig, pieces, x, attn, positions, stops=(), first=0):
+    """Run (segment, params) pieces in order from x; `first` numbers the first piece's first layer. Returns the last
+    output and {layer: the output of that layer} for each layer in `stops` (a stacked segment is cut there)."""
+    outputs, layer = {}, first
+    for segment, seg_params in pieces:
+        n = segment.num_layers
+        ends = sorted({s + 1 - layer for s in stops if layer <= s < layer + n} | {n})
+        lo = 0
+        for hi in ends:
+            if hi > lo:
+                part, sub = seg_params, segment
+                if segment.kind == "layers":
+                    part, sub = jax.tree.map(lambda a: a[lo:hi], seg_params), Segment("layers", hi - lo)
+                x, _, _ = transformer.run_segment(config, sub, part, x, attn, positions)
+            if layer + hi - 1 in stops:
+                outputs[layer + hi - 1] = x
+            lo = hi
+        layer += n
+    return x, outputs
+
+
+def _dense_span_io(config: ModelConfig, params, input_ids, mask, start, length):
+    """The dense model's hidden states entering layer `start` and leaving layer `start+length-1` (no gradient)."""
+    x_in, attn, positions = _dense_prefix(config, params, input_ids, mask, start)
+    target, _ = _run_pieces(config, [_dense_layers(config, params, start, start + length)], x_in, attn, positions)
     return jax.lax.stop_gradient(x_in), jax.lax.stop_gradient(target), attn, positions
 
 
@@ -118,19 +147,55 @@ def masked_mse(out, target, mask, weighting="uniform"):
     return jnp.sum(err * real) / jnp.maximum(jnp.sum(real), 1.0)
 
 
-def mse_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform"):
+def param_path(key_path) -> str:
+    """A parameter's '/'-joined path ("segments/seg_1/mlp/down_proj/kernel")."""
+    return jax.tree_util.keystr(key_path, simple=True, separator="/")
+
+
+def split_params(params, is_trained):
+    """(trained, frozen): two nested dicts holding the leaves whose path `is_trained` says, and the rest."""
+    def split(tree, prefix):
+        trained, frozen = {}, {}
+        for key, value in tree.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, Mapping):
+                t, f = split(value, path + "/")
+                trained.update({key: t} if t else {})
+                frozen.update({key: f} if f else {})
+            elif is_trained(path):
+                trained[key] = value
+            else:
+                frozen[key] = value
+        return trained, frozen
+
+    return split(params, "")
+
+
+def merge_params(a, b):
+    """The union of two trees of nested dicts that `split_params` made."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = merge_params(out[key], value) if key in out else value
+    return out
+
+
+def _block_params(trained, frozen, block: Block):
+    pruned = frozen.get("pruned", {}).get("segments", {}).get(block.key, {})
+    return merge_params(trained.get("segments", {}).get(block.key, {}), pruned)
+
+
+def mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform"):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     x_in, target, attn, positions = _dense_span_io(dense_config, frozen["dense"], ids, mask, block.start,
                                                    block.length)
-    out, _, _ = transformer.run_segment(pruned_config, block.segment, block_params, x_in, attn, positions)
+    out, _, _ = transformer.run_segment(pruned_config, block.segment, _block_params(trained, frozen, block), x_in,
+                                        attn, positions)
     return masked_mse(out, target, mask, weighting)
 
 
-def lm_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block):
+def lm_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block):
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    params = dict(frozen["pruned"])
-    params["segments"] = dict(params["segments"])
-    params["segments"][block.key] = block_params
+    params = merge_params(trained, frozen["pruned"])
     logits = transformer.apply(pruned_config, params, ids, mask)["logits"]
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
@@ -138,17 +203,109 @@ def lm_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: 
     return jnp.sum(nll * real) / jnp.maximum(jnp.sum(real), 1.0)
 
 
-def cached_mse_loss(block_params, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform"):
+def cached_mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform"):
     """MSE on (input, target) pairs read from a `SpanPairCache` instead of recomputed by the frozen model."""
     mask = batch["attention_mask"]
     t = mask.shape[1]
     positions = transformer.default_positions(mask)
     attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], pruned_config.sliding_window)
-    out, _, _ = transformer.run_segment(pruned_config, block.segment, block_params, batch["x_in"], attn, positions)
+    out, _, _ = transformer.run_segment(pruned_config, block.segment, _block_params(trained, frozen, block),
+                                        batch["x_in"], attn, positions)
     return masked_mse(out, batch["target"], mask, weighting)
 
 
-LOSSES = {"mse": mse_loss, "lm": lm_loss, "mse_cached": cached_mse_loss}
+# Tokens whose logits one step of the distillation loss holds at a time (teacher and student, [chunk, vocab] float32
+# each): 1024 x 49152 x 4 bytes = 192 MiB for SmolLM2, whatever the batch.
+KD_CHUNK_TOKENS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """KD mode's settings. `hidden_pairs`: (teacher layer, student layer) whose outputs the hidden-state MSE
+    matches, in the dense model's and the pruned model's own layer numbers: the span's last layer against the block,
+    and each later original layer against its copy."""
+
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    hidden_weight: float = 0.0
+    hidden_pairs: tuple = ()
+    shared_prefix: bool = True  # the student's layers before the block are the teacher's, untrained
+
+
+def distillation_sums(teacher_config, teacher_params, student_config, student_params, teacher_h, student_h,
+                      labels, kl_mask, ce_mask, temperature, with_ce=True):
+    """(sum over tokens of T^2 KL(teacher || student) x kl_mask, sum of the student's cross-entropy on `labels` x
+    ce_mask; 0 unless `with_ce`) from [N, D] final hidden states (before the final norm), KD_CHUNK_TOKENS at a time.
+    Each chunk's logits are recomputed in the backward pass (jax.checkpoint), so memory holds one chunk's
+    [chunk, vocab], never the batch's."""
+    n, d = student_h.shape
+    chunk = min(KD_CHUNK_TOKENS, n)
+    pad = -n % chunk
+
+    def chunked(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        return a.reshape((-1, chunk) + a.shape[1:])
+
+    @jax.checkpoint
+    def body(totals, xs):
+        h_t, h_s, label, w_kl, w_ce = xs
+        logits_t = jax.lax.stop_gradient(transformer.head(teacher_config, teacher_params, h_t[None])[0])
+        logits_s = transformer.head(student_config, student_params, h_s[None])[0]
+        logp_t = jax.nn.log_softmax(logits_t.astype(jnp.float32) / temperature)
+        logp_s = jax.nn.log_softmax(logits_s.astype(jnp.float32) / temperature)
+        kl = jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1) * temperature ** 2
+        ce = jnp.float32(0)
+        if with_ce:
+            logp = logp_s if temperature == 1 else jax.nn.log_softmax(logits_s.astype(jnp.float32))
+            ce = -jnp.sum(jnp.take_along_axis(logp, label[:, None], axis=-1)[:, 0] * w_ce)
+        return (totals[0] + jnp.sum(kl * w_kl), totals[1] + ce), None
+
+    xs = tuple(chunked(a) for a in (teacher_h, student_h, labels, kl_mask, ce_mask))
+    (kl, ce), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), xs)
+    return kl, ce
+
+
+def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, kd: Distillation,
+            weighting="uniform"):
+    """(1 - ce_weight) KL + ce_weight CE (+ hidden_weight x the mean hidden-state MSE), over real tokens."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    dense_params, pruned = frozen["dense"], merge_params(trained, frozen["pruned"])
+    segments = [(seg, pruned["segments"][f"seg_{i}"]) for i, seg in enumerate(pruned_config.layout)]
+    block_index = int(block.key.removeprefix("seg_"))
+    if kd.shared_prefix:  # the frozen prefix once, for both
+        x_t, attn, positions = _dense_prefix(dense_config, dense_params, ids, mask, block.start)
+        x_t = x_s = jax.lax.stop_gradient(x_t)
+        teacher_first, student_first = block.start, sum(seg.num_layers for seg, _ in segments[:block_index])
+        segments = segments[block_index:]
+    else:
+        positions = transformer.default_positions(mask)
+        attn = transformer.attention_mask_matrix(mask, jnp.arange(ids.shape[1])[None], dense_config.sliding_window)
+        x_t = transformer.embed(dense_config, dense_params, ids, positions)
+        x_s = transformer.embed(pruned_config, pruned, ids, positions)
+        teacher_first = student_first = 0
+    teacher_stops, student_stops = [t for t, _ in kd.hidden_pairs], [s for _, s in kd.hidden_pairs]
+    h_t, hidden_t = _run_pieces(dense_config, [_dense_layers(dense_config, dense_params, teacher_first,
+                                                             dense_config.depth)],
+                                x_t, attn, positions, teacher_stops, teacher_first)
+    h_t, hidden_t = jax.lax.stop_gradient((h_t, hidden_t))
+    h_s, hidden_s = _run_pieces(pruned_config, segments, x_s, attn, positions, student_stops, student_first)
+    b, t = ids.shape
+    real = mask.astype(jnp.float32)
+    next_real = jnp.concatenate([real[:, 1:] * real[:, :-1], jnp.zeros((b, 1), jnp.float32)], axis=1)
+    labels = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
+    kl, ce = distillation_sums(dense_config, dense_params, pruned_config, pruned, h_t.reshape(b * t, -1),
+                               h_s.reshape(b * t, -1), labels.reshape(-1), real.reshape(-1),
+                               next_real.reshape(-1), kd.temperature, with_ce=bool(kd.ce_weight))
+    loss = (1 - kd.ce_weight) * kl / jnp.maximum(jnp.sum(real), 1.0)
+    if kd.ce_weight:
+        loss += kd.ce_weight * ce / jnp.maximum(jnp.sum(next_real), 1.0)
+    if kd.hidden_weight and kd.hidden_pairs:
+        mse = [masked_mse(hidden_s[s], hidden_t[t], mask, weighting) for t, s in kd.hidden_pairs]
+        loss += kd.hidden_weight * sum(mse) / len(mse)
+    return loss
+
+
+LOSSES = {"mse": mse_loss, "lm": lm_loss, "kd": kd_loss, "mse_cached": cached_mse_loss}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,15 +425,11 @@ def lr_schedule(name, lr, min_lr, warmup_steps, total_steps):
     return schedule
 
 
-def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm, grad_accum, schedule="cosine",
-                   labels=None):
-    """AdamW with clipping, the schedule and accumulation. `labels` (a tree like the parameters, "train" or
-    "frozen" per leaf) keeps the frozen leaves as they are: their updates are zeros that do not depend on the
-    gradient, so jit drops their gradient computation, and clipping and weight decay see the trained leaves only."""
+def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm, grad_accum, schedule="cosine"):
+    """AdamW with clipping, the schedule and accumulation, for the trained parameters only (frozen ones are not in
+    the tree it sees: they have no optimizer state, and clipping and weight decay never see them)."""
     schedule = lr_schedule(schedule, lr, min_lr, warmup_steps, total_steps)
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
-    if labels is not None:
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     if grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
     return tx, schedule
@@ -294,8 +447,7 @@ def freeze_labels(block_params, freeze: Sequence[str]):
     other pattern must match, and something must train."""
     if isinstance(freeze, str):
         freeze = (freeze,)
-    path_of = lambda key_path: jax.tree_util.keystr(key_path, simple=True, separator="/")  # noqa: E731
-    paths = [path_of(k) for k, _ in jax.tree_util.tree_leaves_with_path(block_params)]
+    paths = [param_path(k) for k, _ in jax.tree_util.tree_leaves_with_path(block_params)]
     freeze = [pattern for name in freeze for pattern in (
         [r for r in ATTENTION_HALF if any(re.search(r, p) for p in paths)] if name == "attention" else [name])]
     if not freeze:
@@ -311,22 +463,89 @@ def freeze_labels(block_params, freeze: Sequence[str]):
             raise ValueError(f"freeze pattern {regex.pattern!r} matches none of the block's parameters: "
                              f"{sorted(paths)}")
     labels = jax.tree_util.tree_map_with_path(
-        lambda k, _: "frozen" if any(r.search(path_of(k)) for r in regexes) else "train", block_params)
+        lambda k, _: "frozen" if any(r.search(param_path(k)) for r in regexes) else "train", block_params)
     if "train" not in jax.tree.leaves(labels):
         raise ValueError(f"freeze {list(freeze)} freezes every parameter of the block; nothing would train")
     return labels
 
 
+def trained_paths(pruned_params, block: Block, trainable: Sequence[str] = ("block",),
+                  freeze: Sequence[str] = ()) -> list[str]:
+    """The '/'-joined paths of the parameters that train: those a `trainable` regex matches in full over the pruned
+    model's paths (e.g. "segments/seg_2/.*mlp.*"; `block` stands for the replacement block's parameters), less the
+    block's parameters a `freeze` pattern matches (see `freeze_labels`). A stacked segment keeps all its layers in one
+    leaf, so patterns select whole leaves: every layer of a segment, or none. Every pattern must match something."""
+    if isinstance(trainable, str):
+        trainable = (trainable,)
+    if not trainable:
+        raise ValueError("trainable is empty: nothing would train (the default is ['block'])")
+    paths = [param_path(k) for k, _ in jax.tree_util.tree_leaves_with_path(pruned_params)]
+    selected = set()
+    for pattern in trainable:
+        try:
+            regex = re.compile(re.escape(f"segments/{block.key}/") + ".*" if pattern == "block" else pattern)
+        except re.error as e:
+            raise ValueError(f"trainable pattern {pattern!r} is not a regular expression: {e}") from None
+        hits = {p for p in paths if regex.fullmatch(p)}
+        if not hits:
+            groups = sorted({"/".join(p.split("/")[:3]) for p in paths})
+            raise ValueError(f"trainable pattern {pattern!r} matches none of the pruned model's parameter paths "
+                             f"(it must match a whole path); they start with {groups}")
+        selected |= hits
+    labels = freeze_labels(pruned_params["segments"][block.key], freeze)
+    if labels is not None:
+        selected -= {f"segments/{block.key}/{param_path(k)}"
+                     for k, label in jax.tree_util.tree_leaves_with_path(labels) if label == "frozen"}
+    if not selected:
+        raise ValueError(f"trainable {list(trainable)} less freeze {list(freeze)} leaves nothing to train")
+    return sorted(selected)
+
+
+def distillation_settings(dense_config: ModelConfig, pruned_config: ModelConfig, block: Block, paths, temperature,
+                  ce_weight, hidden_layers, hidden_weight) -> Distillation:
+    """KD mode's settings, checked, with the (teacher, student) layer pairs of the hidden-state terms."""
+    from .pruning import original_ranges
+
+    if not temperature > 0:
+        raise ValueError(f"kd_temperature must be positive, got {temperature}")
+    if not 0 <= ce_weight <= 1:
+        raise ValueError(f"kd_ce_weight is the cross-entropy's share of the loss: it must be in [0, 1], got {ce_weight}")
+    if not hidden_weight >= 0:
+        raise ValueError(f"kd_hidden_weight must be >= 0, got {hidden_weight}")
+    if hidden_layers and not hidden_weight:
+        raise ValueError(f"kd_hidden_layers={list(hidden_layers)} needs kd_hidden_weight > 0")
+    depth, end = dense_config.depth, block.start + block.length
+    current = {span: i for i, span in enumerate(original_ranges(pruned_config))}  # original [lo, hi) -> layer
+    pairs = {(end - 1, current[(block.start, end)])} if hidden_weight else set()
+    for h in hidden_layers:
+        if not isinstance(h, numbers.Integral):
+            raise ValueError(f"kd_hidden_layers must be layer numbers, got {h!r}")
+        layer = int(h) + depth if h < 0 else int(h)
+        if not end - 1 <= layer < depth:
+            raise ValueError(f"kd_hidden_layers: layer {h} is not after the span [{block.start}, {end}) of the "
+                             f"{depth}-layer model (the span's output is matched anyway)")
+        if layer >= end and (layer, layer + 1) not in current:
+            raise ValueError(f"kd_hidden_layers: layer {h} was pruned; the student has no copy of it")
+        pairs.add((layer, current[(block.start, end)] if layer == end - 1 else current[(layer, layer + 1)]))
+    index = int(block.key.removeprefix("seg_"))
+    before = pruned_config.layout[:index]
+    prefix = {f"segments/seg_{i}" for i in range(index)} | {"embed_tokens", "embed_positions", "project_in"}
+    trained_prefix = any(p.split("/")[0] in prefix or "/".join(p.split("/")[:2]) in prefix for p in paths)
+    shared = (all(seg.kind == "layers" for seg in before) and sum(seg.num_layers for seg in before) == block.start
+              and not trained_prefix)
+    return Distillation(float(temperature), float(ce_weight), float(hidden_weight), tuple(sorted(pairs)), shared)
+
+
 def make_steps(loss_fn, tx, compute_dtype=jnp.float32):
     """Jitted (train_step, eval_step) for `loss_fn`, compiled for `compute_dtype` dot products."""
-    def train_step(block_params, opt_state, frozen, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(block_params, frozen, batch)
-        updates, opt_state = tx.update(grads, opt_state, block_params)
-        return optax.apply_updates(block_params, updates), opt_state, loss
+    def train_step(trained, opt_state, frozen, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(trained, frozen, batch)
+        updates, opt_state = tx.update(grads, opt_state, trained)
+        return optax.apply_updates(trained, updates), opt_state, loss
 
-    def eval_step(block_params, frozen, batch):
+    def eval_step(trained, frozen, batch):
         mask = batch["attention_mask"]
-        return loss_fn(block_params, frozen, batch), jnp.sum(mask)
+        return loss_fn(trained, frozen, batch), jnp.sum(mask)
 
     return jit_for(compute_dtype, train_step), jit_for(compute_dtype, eval_step)
 
@@ -396,8 +615,16 @@ def _restore(manager, target):
     step = manager.latest_step()
     if step is None:
         return None
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                        history=ocp.args.JsonRestore()))
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                            history=ocp.args.JsonRestore()))
+    except ValueError as e:
+        if "tree structures do not match" not in str(e):
+            raise
+        raise TrainingError(f"{manager.directory} holds a training checkpoint (step {step}) of other trained "
+                            f"parameters than these (another `trainable`, `freeze` or block, or a checkpoint "
+                            f"written before trained parameters were a set): resume it with the settings it was "
+                            f"written with, or start in an empty directory") from None
     return out["state"], out["history"]
 
 
@@ -413,8 +640,11 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                       resume: bool = False, seed: int = 0, compute_dtype: str | None = None, progress: bool = True,
                       block_key: str | None = None, on_step=None, batch_size: int | None = None,
                       pair_cache: str | Path | None = None, mse_weighting: str = "uniform", shuffle: bool = False,
-                      lr_schedule: str = "cosine", freeze: Sequence[str] = (), return_history: bool = False):
-    """Train the pruned model's replacement block; return the pruned model with the trained (best) block.
+                      lr_schedule: str = "cosine", freeze: Sequence[str] = (), trainable: Sequence[str] = ("block",),
+                      kd_temperature: float = 1.0, kd_ce_weight: float = 0.0, kd_hidden_layers: Sequence[int] = (),
+                      kd_hidden_weight: float = 0.0, return_history: bool = False):
+    """Train the pruned model's replacement block (or the `trainable` parameters); return the pruned model with the
+    trained (best) parameters.
 
     `train_batches` / `valid_batches`: re-iterable collections of {"input_ids", "attention_mask"} [B, T] arrays
     (e.g. a list, or `data.batches` over a chunk source), read in order; one epoch is one pass. With
@@ -427,7 +657,15 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     training chunks (with `batch_size`), the batches of a list, or the cached rows in a fresh permutation drawn from
     `seed`; validation keeps its order. Validation chunks are never dropped: a short last batch is padded with
     masked rows. `lr_schedule`: "cosine" or "cosine-cycle" (see `lr_schedule`). `freeze`: regexes over the block's
-    parameter paths (e.g. ("self_attn", "input_layernorm")) whose parameters stay as initialised.
+    parameter paths (e.g. ("self_attn", "input_layernorm")) whose parameters stay as initialised. `trainable`:
+    regexes matched in full over the pruned model's parameter paths ("segments/seg_2/.*mlp.*", "lm_head/.*"; `block`
+    stands for the block's), whole leaves only (a stacked segment's layers train together); see `trained_paths`.
+    MSE mode trains the block only. Everything else stays bitwise as it was, and has no optimizer state.
+
+    `mode="kd"`: (1 - kd_ce_weight) x kd_temperature^2 x KL(teacher || student) at temperature kd_temperature over
+    real tokens, + kd_ce_weight x the next-token cross-entropy, + kd_hidden_weight x the mean MSE (`mse_weighting`)
+    between the teacher's and the student's hidden states leaving the span and leaving each original layer in
+    `kd_hidden_layers` (after the span; negative numbers count from the last layer).
     """
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; expected one of {MODES}")
@@ -450,7 +688,12 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
         raise ValueError(f"the pruned model has {len(blocks)} replacement blocks ({[b.key for b in blocks]}); "
                          f"pass block_key= to train one at a time")
     block = blocks[0]
-    labels = freeze_labels(pruned_model.params["segments"][block.key], freeze)
+    paths = set(trained_paths(pruned_model.params, block, trainable, freeze))
+    if mode == "mse" and not all(p.startswith(f"segments/{block.key}/") for p in paths):
+        raise ValueError(f"mode 'mse' trains the block only (its loss depends on nothing else); trainable "
+                         f"{list(trainable)} selects more: use mode 'lm' or 'kd'")
+    kd = distillation_settings(dense_model.config, pruned_model.config, block, paths, kd_temperature, kd_ce_weight,
+                       kd_hidden_layers, kd_hidden_weight) if mode == "kd" else None
     train_batches = _reiterable(train_batches, batch_size, "training")
     if valid_batches is not None:
         valid_batches = _reiterable(valid_batches, batch_size, "validation", pad_last=True)
@@ -496,15 +739,17 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                 valid_cache.build(dense_model, valid_batches, progress=False)
             valid_batches = valid_cache.batches()
         loss_name = "mse_cached"
-    # float32 master weights for the block, whatever the compute dtype
-    block_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pruned_model.params["segments"][block.key])
-    frozen = {"dense": dense_model.params} if mode == "mse" else {"pruned": pruned_model.params}
-    if loss_name == "mse_cached":
-        frozen = {}
+    # float32 master weights for what trains, whatever the compute dtype; the rest as it is
+    initial, frozen_params = split_params(pruned_model.params, paths.__contains__)
+    block_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), initial)
+    frozen = {"pruned": frozen_params}
+    if loss_name in ("mse", "kd"):
+        frozen["dense"] = dense_model.params
+    extra = {"weighting": mse_weighting} if mode != "lm" else {}
     loss_fn = _partial(LOSSES[loss_name], dense_config=dense_model.config, pruned_config=pruned_model.config,
-                       block=block, **({} if mode == "lm" else {"weighting": mse_weighting}))
+                       block=block, **extra, **({"kd": kd} if mode == "kd" else {}))
     tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum,
-                                  lr_schedule, labels)
+                                  lr_schedule)
     train_step, eval_step = make_steps(loss_fn, tx, transformer.compute_dtype(pruned_model.config))
 
     valid = list(valid_batches) if valid_batches is not None else None
@@ -521,11 +766,11 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     micro = 0  # batches consumed: the data position
     manager = _checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
     if manager is not None and resume:
-        restored = _restore(manager, {"block": block_params, "opt_state": opt_state, "best": best,
+        restored = _restore(manager, {"trained": block_params, "opt_state": opt_state, "best": best,
                                       "micro": np.zeros((), np.int64)})
         if restored is not None:
             state, history = restored
-            block_params, opt_state, best = state["block"], state["opt_state"], state["best"]
+            block_params, opt_state, best = state["trained"], state["opt_state"], state["best"]
             micro = int(state["micro"])
     elif manager is not None and manager.latest_step() is not None:
         raise TrainingError(f"{checkpoint_dir} already holds a training checkpoint (step {manager.latest_step()}); "
@@ -533,7 +778,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
 
     def save(step):
         if manager is not None and manager.latest_step() != step:
-            _save(manager, step, {"block": block_params, "opt_state": opt_state, "best": best,
+            _save(manager, step, {"trained": block_params, "opt_state": opt_state, "best": best,
                                   "micro": np.asarray(micro, np.int64)}, history)
 
     def data_from(position):
@@ -601,11 +846,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     history["wall_s"] += time.perf_counter() - start_time
     if valid is None:
         best = block_params
-    params = dict(pruned_model.params)
-    params["segments"] = dict(params["segments"])
-    target_dtype = jnp.dtype(pruned_model.config.dtype)
-    params["segments"][block.key] = jax.tree.map(lambda a: a.astype(target_dtype), best)
-    trained = pruned_model.replace(config=result_config, params=params)
+    best = jax.tree.map(lambda a, like: a.astype(like.dtype), best, initial)
+    trained = pruned_model.replace(config=result_config, params=merge_params(best, frozen_params))
     if checkpoint_dir:
         (Path(checkpoint_dir) / "loss_curve.json").write_text(json.dumps(history, indent=1))
     return (trained, history) if return_history else trained

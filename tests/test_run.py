@@ -107,6 +107,15 @@ def test_mlp_writes_orbax_only(files, tmp_path):
     assert "mlp" in json.loads((out / "report.json").read_text())["outputs"]["hf"]
 
 
+def test_kd_training_beyond_the_block_from_the_settings(files, tmp_path):
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "train.mode=kd", "train.kd_temperature=2", "train.kd_ce_weight=0.5",
+                              "train.kd_hidden_layers=[-1]", "train.kd_hidden_weight=0.1",
+                              "train.trainable=[block, final_norm/.*]", "--stages", "train")) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["training"]["mode"] == "kd" and report["training"]["train"]
+
+
 def test_scoring_only(files, tmp_path):
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "opt", out, "--stages", "score")) == 0
@@ -236,6 +245,11 @@ def test_unknown_preset_suggests_the_nearest(capsys):
     ("lr=1e-4", "did you mean 'train.lr'"),
     ("prune.replacement=layers", "did you mean 'layer'"),
     ("trian.lr=1e-4", "did you mean 'train"),
+    ("train.kd_hidden_layers=[a]", "train.kd_hidden_layers must be a list of integers"),
+    ("train.kd_temperature=0", "train.kd_temperature must be > 0"),
+    ("train.kd_ce_weight=2", r"train.kd_ce_weight is the cross-entropy's share of the KD loss"),
+    ("train.trainable=[seg_2(]", "train.trainable: 'seg_2(' is not a regular expression"),
+    ("train.trainable=[block,lm_head]", "train.mode=mse trains the block only"),
 ])
 def test_bad_overrides_are_clear_errors(override, message, capsys):
     assert run_mod.main(["--out", "/nonexistent/x", override]) == 2
@@ -257,6 +271,13 @@ def test_settings_layers(tmp_path):
     assert paper.data.seq_len == 512 and paper.score.sparsity == 0.2
     config, _ = run_mod.build_config(None, None, ["train.freeze=[self_attn, input_layernorm]"])
     assert config.train.freeze == ("self_attn", "input_layernorm")
+    config, _ = run_mod.build_config(None, None, ["train.mode=kd", "train.kd_temperature=2", "train.kd_ce_weight=0.5",
+                                                  "train.kd_hidden_layers=[-1, 20]", "train.kd_hidden_weight=1e-3",
+                                                  "train.trainable=[block, segments/seg_2/.*mlp.*]"])
+    t = config.train
+    assert (t.mode, t.kd_temperature, t.kd_ce_weight, t.kd_hidden_layers, t.kd_hidden_weight) == (
+        "kd", 2.0, 0.5, (-1, 20), 1e-3)
+    assert t.trainable == ("block", "segments/seg_2/.*mlp.*") and paper.train.trainable == ("block",)
     with pytest.raises(run_mod.ConfigError, match="exactly one of score.sparsity"):
         run_mod.build_config(None, None, ["score.num_layers=4"])
     bad = tmp_path / "bad.yaml"

@@ -329,3 +329,170 @@ def test_bf16_compute_trains_float32_master_weights():
     block = trainable_blocks(pruned.config)[0]
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(trained.params["segments"][block.key]))
     assert trained.config == pruned.config and trained.config.compute_dtype is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distillation (mode="kd") and trainable parameter patterns
+
+
+def kd_setup(model, pruned, trainable=("block",), temperature=2.0, ce_weight=0.0, hidden_layers=(),
+             hidden_weight=0.0):
+    """(loss(trained), trained): the KD loss of `pruned` against `model` as a function of the trained leaves."""
+    from streamline_jax.train import distillation_settings, kd_loss, split_params, trained_paths
+
+    block = trainable_blocks(pruned.config)[0]
+    paths = trained_paths(pruned.params, block, trainable)
+    trained, frozen = split_params(pruned.params, set(paths).__contains__)
+    kd = distillation_settings(model.config, pruned.config, block, paths, temperature, ce_weight, hidden_layers,
+                               hidden_weight)
+    ids = np.asarray(chunks(3, seed=7)).reshape(3, 16)
+    mask = np.ones_like(ids)
+    mask[1, 11:] = 0  # a padded row: its last five positions count for nothing
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+
+    def loss(trained):
+        return kd_loss(trained, {"pruned": frozen, "dense": model.params}, batch, dense_config=model.config,
+                       pruned_config=pruned.config, block=block, kd=kd)
+
+    return loss, trained, batch, kd
+
+
+@pytest.mark.parametrize("trainable", [("block",), ("block", "embed_tokens")])
+def test_kd_loss_is_torch_kl_divergence_and_cross_entropy_over_real_tokens(monkeypatch, trainable):
+    import torch
+    import torch.nn.functional as F
+
+    from streamline_jax import train
+
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 3, "layer")
+    temperature, ce_weight = 2.0, 0.3
+    loss, trained, batch, kd = kd_setup(model, pruned, trainable, temperature, ce_weight)
+    assert kd.shared_prefix == (trainable == ("block",))  # a trained embedding gives the student its own prefix
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    logits = lambda m: torch.tensor(np.asarray(transformer.apply(m.config, m.params, ids, mask)["logits"]))
+    teacher, student = logits(model), logits(pruned)
+    real = torch.tensor(np.asarray(mask)).bool()
+    kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                  log_target=True, reduction="none").sum(-1)[real].mean() * temperature ** 2
+    next_real = real[:, 1:] & real[:, :-1]
+    ce = F.cross_entropy(student[:, :-1][next_real], torch.tensor(np.asarray(ids), dtype=torch.long)[:, 1:][next_real])
+    expected = float((1 - ce_weight) * kl + ce_weight * ce)
+    assert float(kl) > 0.1
+    np.testing.assert_allclose(float(loss(trained)), expected, rtol=1e-5)
+    monkeypatch.setattr(train, "KD_CHUNK_TOKENS", 7)  # 48 tokens in 7 chunks, the last one padded
+    np.testing.assert_allclose(float(loss(trained)), expected, rtol=1e-5)
+
+
+def test_kd_loss_and_its_gradient_are_zero_for_a_student_equal_to_its_teacher():
+    model = dense(LLAMA)
+    same = prune(model, 2, 1, "layer")  # a one-layer span replaced by a copy of itself: the dense model again
+    loss, trained, _, _ = kd_setup(model, same, ("block", "segments/seg_2/.*"), hidden_layers=(4, -1),
+                                   hidden_weight=0.5)
+    value, grads = jax.value_and_grad(loss)(trained)
+    assert abs(float(value)) < 1e-6
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) < 1e-5
+    moved = jax.tree.map(lambda a: a * 1.05, trained)  # a different student: a real loss and gradient
+    value, grads = jax.value_and_grad(loss)(moved)
+    assert float(value) > 1e-3 and max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3
+
+
+def test_kd_gradient_matches_a_finite_difference():
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 3, "layer")
+    loss, trained, _, kd = kd_setup(model, pruned, ("block", "segments/seg_2/mlp/.*"), temperature=2.0,
+                                    ce_weight=0.4, hidden_layers=(5,), hidden_weight=0.01)
+    assert kd.hidden_pairs == ((4, 2), (5, 3))  # the span's output against the block, layer 5 against its copy
+    grads = jax.grad(loss)(trained)
+    leaves, treedef = jax.tree.flatten(trained)
+    rng = np.random.default_rng(0)
+    direction = treedef.unflatten([jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in leaves])
+    along = sum(float(jnp.vdot(g, d)) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
+    eps = 1e-3
+    shifted = lambda s: float(loss(jax.tree.map(lambda a, d: a + s * eps * d, trained, direction)))  # noqa: E731
+    finite = (shifted(1) - shifted(-1)) / (2 * eps)
+    assert abs(along) > 1e-2
+    np.testing.assert_allclose(along, finite, rtol=2e-2)
+
+
+def test_kd_training_lowers_validation_loss():
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 3, "layer")
+    _, history = train_replacement(model, pruned, patterned_chunks(64), batch_size=8, mode="kd",
+                                   valid_batches=patterned_chunks(8, seed=3), lr=1e-2, min_lr=1e-3, warmup_steps=1,
+                                   kd_temperature=2.0, kd_ce_weight=0.2, kd_hidden_layers=(-1,), kd_hidden_weight=0.01,
+                                   progress=False, return_history=True)
+    train_losses = [loss for _, loss, _ in history["train"]]
+    assert history["best_valid"] < 0.8 * history["valid"][0][1], history["valid"]
+    assert np.mean(train_losses[-3:]) < 0.85 * np.mean(train_losses[:3]), train_losses
+
+
+def test_trainable_patterns_train_those_leaves_and_nothing_else(tmp_path):
+    import orbax.checkpoint as ocp
+
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 2, "layer")  # seg_0: layers 0-1, seg_1: the block, seg_2: layers 4-5
+    trainable = ("block", "segments/seg_2/mlp/.*", "final_norm/.*")
+    trained = train_replacement(model, pruned, patterned_chunks(32), batch_size=8, mode="kd", lr=1e-2,
+                                warmup_steps=1, weight_decay=0.1, trainable=trainable, freeze=("attention",),
+                                checkpoint_dir=tmp_path, progress=False)
+    from streamline_jax.train import param_path
+
+    before = {param_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(pruned.params)}
+    after = {param_path(k): v for k, v in jax.tree_util.tree_leaves_with_path(trained.params)}
+    assert before.keys() == after.keys()
+    moved = {p for p in before if not np.array_equal(np.asarray(before[p]), np.asarray(after[p]))}
+    expected = {p for p in before if p.startswith(("segments/seg_2/mlp/", "final_norm/", "segments/seg_1/mlp/",
+                                                   "segments/seg_1/post_attention_layernorm/"))}
+    assert moved == expected  # the block's attention half is frozen, and everything else stays bitwise
+    assert all(after[p].dtype == before[p].dtype for p in before)
+    # the checkpoint holds the trained leaves and AdamW's two moments of each of them, nothing more
+    state = ocp.CheckpointManager(tmp_path).restore(None)["state"]
+    saved = {param_path(k) for k, _ in jax.tree_util.tree_leaves_with_path(state["trained"])}
+    assert saved == expected
+    size = sum(np.asarray(before[p]).size for p in expected)
+    moments = sum(np.asarray(a).size for a in jax.tree.leaves(state["opt_state"]) if np.ndim(a) > 0)
+    assert moments == 2 * size
+
+
+def test_kd_resume_with_trainable_patterns_gives_the_same_parameters(tmp_path):
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "layer")
+    data = chunks(24)
+    kwargs = dict(batch_size=4, lr=3e-3, warmup_steps=1, valid_batches=chunks(4, seed=2), eval_every=2,
+                  checkpoint_every=2, progress=False, mode="kd", kd_ce_weight=0.5,
+                  trainable=("block", "segments/seg_2/.*mlp.*"))
+    straight = train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "a", **kwargs)
+
+    def interrupt(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "b", on_step=interrupt, **kwargs)
+    resumed = train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "b", resume=True, **kwargs)
+    for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(TrainingError, match="other trained parameters"):
+        train_replacement(model, pruned, data, checkpoint_dir=tmp_path / "b", resume=True,
+                          **{**kwargs, "trainable": ("block",)})
+
+
+def test_trainable_and_kd_settings_are_checked_up_front():
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 2, "layer")
+    kw = dict(batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="trainable pattern 'segments/seg_9/.*' matches none"):
+        train_replacement(model, pruned, chunks(8), mode="lm", trainable=("segments/seg_9/.*",), **kw)
+    with pytest.raises(ValueError, match="mode 'mse' trains the block only"):
+        train_replacement(model, pruned, chunks(8), mode="mse", trainable=("block", "final_norm/.*"), **kw)
+    with pytest.raises(ValueError, match="not a regular expression"):
+        train_replacement(model, pruned, chunks(8), mode="lm", trainable=("seg_2(",), **kw)
+    with pytest.raises(ValueError, match=r"kd_ce_weight .* must be in \[0, 1\], got 1.5"):
+        train_replacement(model, pruned, chunks(8), mode="kd", kd_ce_weight=1.5, **kw)
+    with pytest.raises(ValueError, match="kd_temperature must be positive"):
+        train_replacement(model, pruned, chunks(8), mode="kd", kd_temperature=0.0, **kw)
+    with pytest.raises(ValueError, match=r"layer 2 is not after the span \[2, 4\)"):
+        train_replacement(model, pruned, chunks(8), mode="kd", kd_hidden_layers=(2,), kd_hidden_weight=1.0, **kw)
+    with pytest.raises(ValueError, match="needs kd_hidden_weight > 0"):
+        train_replacement(model, pruned, chunks(8), mode="kd", kd_hidden_layers=(5,), **kw)
