@@ -140,7 +140,7 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N]": HELP_BENCH,
     "python scripts/bench_load.py [--layers 4] [--devices 8] [--mesh 1,8,1] [--keep DIR]": HELP_BENCH,
     "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2]": HELP_BENCH,
-    "python scripts/bench_train.py [--seq 64] [--counts 1000,4000] [--speed-steps 8]": HELP_BENCH,
+    "python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000] [--speed-steps 8]": HELP_BENCH,
     "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": HELP_BENCH,
     "python scripts/bench_default.py": HELP_BENCH,  # bench_default's and bench_pipeline's, once the README names them
     "python scripts/bench_default.py --config configs/recipes/paper.yaml": HELP_BENCH,
@@ -155,7 +155,8 @@ COMMANDS: dict[str, Run] = {
     "python scripts/p1_protocol.py [--out runs/p1] [--rows ROW,...] [--ridge 1e-4] [--fit-weighting token|uniform] "
     "[--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine "
     "--warmup N] [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name] "
-    "[--compute-dtype float32|bfloat16|auto]": Run(
+    "[--compute-dtype float32|bfloat16|auto] [--trainable block,segments/seg_2/.*mlp.*] "
+    "[--kd-temperature 1 --kd-ce-weight 0 --kd-hidden-layers -1 --kd-hidden-weight 0]": Run(
         "help", "hours on the real model"),
     "python scripts/span_pair_stats.py runs/p1/pairs_11_8/valid": Run("help", "reads a pair cache p1_protocol makes"),
     "python scripts/convert.py smollm2-135m /tmp/smollm2-orbax": Run(
