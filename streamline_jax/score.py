@@ -218,7 +218,7 @@ def replacement_param_count(config: ModelConfig, replacement: str, mlp_width: in
     if replacement == "none":
         return 0
     segment = Segment(replacement, width=(mlp_width or config.intermediate_size) if replacement == "mlp" else None)
-    one = config.replace(num_layers=1, layout=(segment,), pruned_spans=())
+    one = config.one_block(segment)
     return _size(transformer.abstract_params(one)["segments"]["seg_0"])
 
 

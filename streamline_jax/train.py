@@ -50,6 +50,7 @@ class Block:
     segment: Segment
     start: int  # first original layer of the span
     length: int
+    layer: int = 0  # its index in the pruned stack (where `layer_types` has its attention type)
 
 
 def trainable_blocks(pruned: ModelConfig) -> list[Block]:
@@ -60,7 +61,7 @@ def trainable_blocks(pruned: ModelConfig) -> list[Block]:
     for i, seg in enumerate(pruned.layout):
         if seg.kind != "layers":
             lo, hi = ranges[layer]
-            blocks.append(Block(f"seg_{i}", seg, lo, hi - lo))
+            blocks.append(Block(f"seg_{i}", seg, lo, hi - lo, layer))
         layer += seg.num_layers
     return blocks
 
@@ -81,7 +82,8 @@ def _dense_span_io(config: ModelConfig, params, input_ids, mask, start, length):
         if hi <= lo:
             return x
         sliced = jax.tree.map(lambda a: a[lo:hi], stack)
-        out, _, _ = transformer.run_segment(config, Segment("layers", hi - lo), sliced, x, attn, positions)
+        out, _, _ = transformer.run_segment(config, Segment("layers", hi - lo), sliced, x, attn, positions,
+                                            first_layer=lo)
         return out
 
     x_in = run(x, 0, start)
@@ -117,7 +119,8 @@ def mse_loss(block_params, frozen, batch, *, dense_config, pruned_config, block:
     ids, mask = batch["input_ids"], batch["attention_mask"]
     x_in, target, attn, positions = _dense_span_io(dense_config, frozen["dense"], ids, mask, block.start,
                                                    block.length)
-    out, _, _ = transformer.run_segment(pruned_config, block.segment, block_params, x_in, attn, positions)
+    out, _, _ = transformer.run_segment(pruned_config, block.segment, block_params, x_in, attn, positions,
+                                        first_layer=block.layer)
     return masked_mse(out, target, mask, weighting)
 
 
@@ -139,7 +142,8 @@ def cached_mse_loss(block_params, frozen, batch, *, dense_config, pruned_config,
     t = mask.shape[1]
     positions = transformer.default_positions(mask)
     attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], pruned_config.sliding_window)
-    out, _, _ = transformer.run_segment(pruned_config, block.segment, block_params, batch["x_in"], attn, positions)
+    out, _, _ = transformer.run_segment(pruned_config, block.segment, block_params, batch["x_in"], attn, positions,
+                                        first_layer=block.layer)
     return masked_mse(out, batch["target"], mask, weighting)
 
 

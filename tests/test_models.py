@@ -12,12 +12,16 @@ from reference import params_from_torch, torch_forward, torch_model
 from streamline_jax.models import transformer
 from streamline_jax.models.config import (ModelConfig, Segment, UnsupportedArchitectureError, from_hf_config,
                                           to_hf_config)
-from streamline_jax.models.layers import RMSNorm, layer_norm
+from streamline_jax.models.layers import layer_norm, rms_norm
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, head_dim=16,
             max_position_embeddings=64)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
+
+GEMMA_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=32,
+                sliding_window=4, hidden_activation="gelu_pytorch_tanh")
 
 CONFIGS = {
     "llama_gqa_tied": ModelConfig(family="llama", model_type="llama", num_kv_heads=2, **BASE),
@@ -39,6 +43,13 @@ CONFIGS = {
                          **{**BASE, "head_dim": 24}),
     "qwen3_bias_untied": ModelConfig(family="llama", model_type="qwen3", num_kv_heads=4, qk_norm=True,
                                      attention_bias=True, tie_word_embeddings=False, **BASE),
+    # Gemma: soft-caps small enough to bend tiny random scores and logits; a 4-slot window on 12-token rows;
+    # query_pre_attn_scalar != head_dim; Gemma 3 with a scaled global rope and its own local rope base
+    "gemma2": from_hf_config(dict(GEMMA_HF, model_type="gemma2", attn_logit_softcapping=0.05,
+                                  final_logit_softcapping=1.0)),
+    "gemma3": from_hf_config(dict(GEMMA_HF, model_type="gemma3_text", num_hidden_layers=4, sliding_window_pattern=3,
+                                  rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_theta=1000000.0,
+                                  rope_local_base_freq=100.0, tie_word_embeddings=False)),
     "opt_125m_style": ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu", **BASE),
     "opt_350m_style": ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu",
                                   word_embed_proj_dim=32, do_layer_norm_before=False, **BASE),
@@ -65,8 +76,8 @@ def final_hidden(config, params, h_last):
     """Apply what transformers applies to its last hidden state: the final norm (and OPT-350m's project_out)."""
     x = jnp.asarray(h_last)
     if config.has_final_norm:
-        norm = RMSNorm(config.rms_norm_eps) if config.family == "llama" else layer_norm(config.layer_norm_eps,
-                                                                                         jnp.float32, None)
+        norm = rms_norm(config, jnp.float32, None) if config.family == "llama" else layer_norm(
+            config.layer_norm_eps, jnp.float32, None)
         x = norm.apply({"params": params["final_norm"]}, x)
     if config.has_projections:
         x = x @ params["project_out"]["kernel"]
