@@ -200,8 +200,14 @@ class _Tokenizer:
         pass
 
 
-@pytest.mark.parametrize("name,replacement", [("qwen2_untied", "ffn"), ("qwen3", "layer"), ("qwen2_tied", "none")])
-def test_qwen_export_loads_as_its_own_class_with_equal_logits(tmp_path, name, replacement):
+HF_CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+              "gemma3_text": "Gemma3ForCausalLM"}
+
+
+@pytest.mark.parametrize("name,replacement", [("qwen2_untied", "ffn"), ("qwen3", "layer"), ("qwen2_tied", "none"),
+                                              ("gemma2", "ffn"), ("gemma2", "layer"), ("gemma3", "layer"),
+                                              ("gemma3", "ffn"), ("gemma3", "none")])
+def test_export_loads_as_its_own_class_with_equal_logits(tmp_path, name, replacement):
     config = CONFIGS[name]
     model = Model(config, params_from_torch(config, torch_model(config)), _Tokenizer())
     pruned = pruning.prune(model, 1, 1, replacement)
@@ -209,10 +215,12 @@ def test_qwen_export_loads_as_its_own_class_with_equal_logits(tmp_path, name, re
         key = next(k for k, s in zip(pruned.params["segments"], pruned.config.layout) if s.kind != "layers")
         pruned.params["segments"][key] = jax.tree.map(lambda v: v * 1.3 + 0.01, pruned.params["segments"][key])
     folder = export.export_hf(pruned, tmp_path / "hf")
-    assert json.loads((folder / "config.json").read_text())["architectures"] == [
-        {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[config.model_type]]
+    written = json.loads((folder / "config.json").read_text())
+    assert written["architectures"] == [HF_CLASSES[config.model_type]]
+    if config.layer_types:  # the pruned stack's attention types, each where its layer went
+        assert written["layer_types"] == list(pruned.config.layer_types)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    assert type(hf).__name__ == {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[config.model_type]
+    assert type(hf).__name__ == HF_CLASSES[config.model_type]
     ids = np.random.RandomState(0).randint(0, 128, (2, 12))
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()

@@ -305,16 +305,62 @@ def test_qwen_projection_flags_and_qk_norm_axis():
 
 @pytest.mark.parametrize("model_type,key,value", [("qwen2", "use_sliding_window", True),
                                                   ("qwen3", "layer_types", ["sliding_attention"]),
-                                                  ("qwen2", "hidden_act", "gelu")])
+                                                  ("qwen2", "hidden_act", "gelu"),
+                                                  ("gemma2", "hidden_activation", "gelu"),
+                                                  ("gemma2", "rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+                                                  ("gemma3_text", "rope_scaling", {"rope_type": "yarn", "factor": 8.0}),
+                                                  # transformers keeps it in Gemma 3's config but never applies it
+                                                  ("gemma3_text", "attn_logit_softcapping", 50.0),
+                                                  ("gemma3_text", "use_bidirectional_attention", True),
+                                                  ("gemma3_text", "layer_types", ["chunked_attention"] * 4)])
 def test_unimplemented_config_flags_are_named(model_type, key, value):
-    hf = {**to_hf_config(CONFIGS[model_type if model_type == "qwen3" else "qwen2_tied"]), key: value}
-    with pytest.raises(UnsupportedArchitectureError, match=f"{model_type}: config {key}="):
+    name = {"qwen2": "qwen2_tied", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3"}[model_type]
+    hf = {**to_hf_config(CONFIGS[name]), key: value}
+    if key == "rope_scaling":  # transformers 5's key would otherwise win
+        hf.pop("rope_parameters")
+    with pytest.raises(UnsupportedArchitectureError, match=f"{model_type}: config {key}[.=]"):
         from_hf_config(hf)
 
 
 @pytest.mark.parametrize("name,flag", [("qwen2_tied", {"attention_bias": True}), ("qwen3", {"qkv_bias": True}),
-                                       ("llama_gqa_tied", {"qk_norm": True}), ("qwen2_tied", {"sliding_window": 8})])
+                                       ("llama_gqa_tied", {"qk_norm": True}), ("qwen2_tied", {"sliding_window": 8}),
+                                       ("llama_gqa_tied", {"final_logit_softcap": 30.0}),
+                                       ("qwen3", {"norm_offset": 1.0}), ("gemma3", {"attn_logit_softcap": 50.0})])
 def test_a_flag_the_architecture_cannot_hold_is_not_exported(name, flag):
     config = CONFIGS[name].replace(**flag)
     with pytest.raises(UnsupportedArchitectureError, match=f"has no config for {next(iter(flag))}="):
         to_hf_config(config)
+
+
+GEMMA_PRESET_HF = {  # the published config.json values, in transformers 4's keys
+    "gemma-2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                       num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                       max_position_embeddings=8192, rope_theta=10000.0, sliding_window=4096,
+                       query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma-3-1b": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                       num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                       rope_scaling=None, sliding_window=512, sliding_window_pattern=6, query_pre_attn_scalar=256),
+    "gemma-3-4b": dict(model_type="gemma3_text", vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+                       num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                       max_position_embeddings=131072, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                       rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024,
+                       sliding_window_pattern=6, query_pre_attn_scalar=256),
+}
+
+
+@pytest.mark.parametrize("name", GEMMA_PRESET_HF)
+def test_gemma_configs_of_transformers_4_and_5_read_as_the_preset(name):
+    """Gemma's published config.json (rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern) and
+    the same config as transformers 5 writes it (layer_types, rope_parameters per layer type) give the preset."""
+    import transformers
+
+    from streamline_jax.models.presets import preset
+
+    v4 = dict(GEMMA_PRESET_HF[name], rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", bos_token_id=2,
+              eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
+    assert from_hf_config(v4, dtype="bfloat16") == preset(name)
+    cls = transformers.Gemma2Config if v4["model_type"] == "gemma2" else transformers.Gemma3TextConfig
+    v5 = cls(**{k: v for k, v in v4.items() if k != "model_type"}).to_dict()
+    assert "layer_types" in v5 and "rope_parameters" in v5
+    assert from_hf_config(v5, dtype="bfloat16") == preset(name)

@@ -39,7 +39,9 @@ def test_presets_agree_with_the_run_presets_in_configs():
     run = pytest.importorskip("streamline_jax.run")
     shape_fields = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                     "num_kv_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_scaling",
-                    "tie_word_embeddings", "word_embed_proj_dim", "dtype")
+                    "tie_word_embeddings", "word_embed_proj_dim", "dtype", "model_type", "activation", "qk_norm",
+                    "norm_offset", "embed_scale", "sandwich_norms", "query_pre_attn_scalar", "attn_logit_softcap",
+                    "final_logit_softcap", "layer_types", "local_window", "local_rope_theta", "sliding_window")
     for name, config in PRESETS.items():
         if not (run.CONFIG_DIR / f"{name}.yaml").exists():
             continue
