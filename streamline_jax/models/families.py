@@ -77,6 +77,15 @@ LLAMA_GGUF_NAMES = (
 )
 
 
+# Gemma 2/3 (gguf-py's tensor_mapping for GEMMA2/GEMMA3): four norms per layer, `ffn_norm` being the one before
+# the MLP (Hugging Face's pre_feedforward_layernorm, not Llama's post_attention_layernorm)
+GEMMA_GGUF_NAMES = tuple((p, t) for p, t in LLAMA_GGUF_NAMES if not p.startswith(r"blk\.(\d+)\.ffn_norm")) + (
+    (r"blk\.(\d+)\.post_attention_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.pre_feedforward_layernorm.weight"),
+    (r"blk\.(\d+)\.post_ffw_norm\.weight", r"model.layers.\1.post_feedforward_layernorm.weight"),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockFamily:
     """One decoder implementation and its checkpoint names."""
@@ -115,6 +124,11 @@ class Architecture:
     gguf_name: str | None = None
     gguf_permutes_qk: bool = False  # llama.cpp's converter permutes q/k rows for the llama architecture only
     description: str = ""
+    gguf_names: tuple = ()  # GGUF -> Hugging Face names where they differ from the block family's table
+    gguf_norm_shift: float = 0.0  # llama.cpp stores Gemma's `*norm.weight` with the +1 offset added
+    # (metadata getter, block_count, head_dim) -> the config.json keys particular to this architecture's GGUF;
+    # None: the architecture reads only the shared keys and refuses rope scaling other than Llama-3's rope_freqs
+    gguf_config: Callable[..., dict] | None = None
 
 
 def _unsupported(model_type: str, key: str, value, expected) -> UnsupportedArchitectureError:
@@ -295,6 +309,33 @@ def _gemma3_to_hf(c):
     return dict(_gemma_to_hf(c), rope_parameters={"full_attention": full, "sliding_attention": local})
 
 
+def _gemma_query_scalar(g, block_count: int, head_dim: int, big_layers: int) -> int:
+    """GGUF has no query_pre_attn_scalar: llama.cpp takes head_dim, except hidden/heads for the 27B model (the
+    one with `big_layers` layers), as released."""
+    if block_count == big_layers:
+        return g("embedding_length") // g("attention.head_count")
+    return head_dim
+
+
+def _gemma2_gguf(g, block_count, head_dim) -> dict:
+    return dict(hidden_activation="gelu_pytorch_tanh", sliding_window=g("attention.sliding_window"),
+                attn_logit_softcapping=g("attn_logit_softcapping"), final_logit_softcapping=g("final_logit_softcapping"),
+                query_pre_attn_scalar=_gemma_query_scalar(g, block_count, head_dim, 46))
+
+
+def _gemma3_gguf(g, block_count, head_dim) -> dict:
+    """llama.cpp's Gemma 3: every 6th layer global, sliding layers on an unscaled rope of base 10000, the global
+    layers' linear scaling (4b and up) in rope.scaling.*."""
+    kind = g("rope.scaling.type")
+    if kind not in (None, "none", "linear"):
+        raise _unsupported("gemma3", "GGUF rope.scaling.type", kind, "none, 'linear'")
+    scaling = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))} if kind == "linear" else None
+    return dict(hidden_activation="gelu_pytorch_tanh", sliding_window=g("attention.sliding_window"),
+                sliding_window_pattern=6, rope_local_base_freq=10000.0, rope_scaling=scaling,
+                final_logit_softcapping=g("final_logit_softcapping"),
+                query_pre_attn_scalar=_gemma_query_scalar(g, block_count, head_dim, 62))
+
+
 def _opt_from_hf(hf):
     _require(hf, "opt", "activation_function", "relu", ("relu",))
     _require(hf, "opt", "layer_norm_elementwise_affine", True, (True,))
@@ -330,9 +371,10 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("qwen3", "Qwen3ForCausalLM", "llama", _qwen3_from_hf, _qwen3_to_hf, gguf_name="qwen3",
                  description="Qwen3 (dense)"),
     Architecture("gemma2", "Gemma2ForCausalLM", "llama", _gemma2_from_hf, _gemma2_to_hf, gguf_name="gemma2",
-                 description="Gemma 2"),
+                 description="Gemma 2", gguf_names=GEMMA_GGUF_NAMES, gguf_norm_shift=1.0, gguf_config=_gemma2_gguf),
     Architecture("gemma3_text", "Gemma3ForCausalLM", "llama", _gemma3_from_hf, _gemma3_to_hf, gguf_name="gemma3",
-                 description="Gemma 3 text models (1b; the language model of 4b and up)"),
+                 description="Gemma 3 text models (Gemma3ForCausalLM)", gguf_names=GEMMA_GGUF_NAMES,
+                 gguf_norm_shift=1.0, gguf_config=_gemma3_gguf),
     Architecture("opt", "OPTForCausalLM", "opt", _opt_from_hf, _opt_to_hf, description="OPT-125m to 66b"),
 )}
 GGUF_ARCHITECTURES = {a.gguf_name: a for a in ARCHITECTURES.values() if a.gguf_name}
