@@ -364,3 +364,25 @@ def test_gemma_configs_of_transformers_4_and_5_read_as_the_preset(name):
     v5 = cls(**{k: v for k, v in v4.items() if k != "model_type"}).to_dict()
     assert "layer_types" in v5 and "rope_parameters" in v5
     assert from_hf_config(v5, dtype="bfloat16") == preset(name)
+
+
+GEMMA_FLAGS = {
+    "gemma2": [{"layer_types": ("full_attention",) * 3}, {"attn_logit_softcap": None}, {"final_logit_softcap": None},
+               {"query_pre_attn_scalar": None}, {"embed_scale": False}, {"norm_offset": 0.0},
+               {"activation": "silu"}],
+    "gemma3": [{"layer_types": ("full_attention",) * 4}, {"local_rope_theta": None}, {"rope_scaling": None},
+               {"query_pre_attn_scalar": None}, {"local_window": 2}],
+}
+
+
+@pytest.mark.parametrize("name", GEMMA_FLAGS)
+def test_gemma_flags_each_change_the_logits(name):
+    """The parity test above could fail: each Gemma flag, turned off, moves the logits far past its tolerance."""
+    config = CONFIGS[name]
+    params = params_from_torch(config, torch_model(config))
+    ids, mask = make_batch(padding="left")
+    real = mask.astype(bool)
+    base = np.asarray(transformer.apply(config, params, ids, mask)["logits"])[real]
+    for change in GEMMA_FLAGS[name]:
+        logits = np.asarray(transformer.apply(config.replace(**change), params, ids, mask)["logits"])[real]
+        assert rel_err(logits, base) > 1e-3, change
