@@ -386,3 +386,14 @@ def test_gemma_flags_each_change_the_logits(name):
     for change in GEMMA_FLAGS[name]:
         logits = np.asarray(transformer.apply(config.replace(**change), params, ids, mask)["logits"])[real]
         assert rel_err(logits, base) > 1e-3, change
+
+
+def test_gemma_config_round_trips_at_every_depth_pruning_leaves():
+    """Pruned down to full-attention layers only, a Gemma config still exports (its window kept) and reads back."""
+    from streamline_jax.pruning import prune_config
+
+    config = prune_config(prune_config(CONFIGS["gemma2"], 0, 1, "none"), 1, 1, "none")
+    assert config.layer_types == ("full_attention",)
+    hf = to_hf_config(config)
+    assert hf["layer_types"] == ["full_attention"] and hf["num_hidden_layers"] == 1
+    assert from_hf_config(hf) == config.replace(layout=(), pruned_spans=())

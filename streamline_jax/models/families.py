@@ -251,7 +251,7 @@ def _gemma_from_hf(hf: dict, model_type: str, sliding_every: int) -> dict:
                 tie_word_embeddings=hf.get("tie_word_embeddings", True),
                 query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
                 final_logit_softcap=hf.get("final_logit_softcapping"), layer_types=types,
-                local_window=window if "sliding_attention" in types else None)
+                local_window=window)
 
 
 def _gemma_to_hf(c) -> dict:
