@@ -55,7 +55,7 @@ def as_decoder_layers(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     check_hf_exportable(config)
     if not any(seg.kind == "ffn" for seg in config.layout):
         return config, params
-    layer_config = config.replace(num_layers=1, layout=(Segment("layer"),), pruned_spans=())
+    layer_config = config.one_block(Segment("layer"))
     layer_shapes = transformer.abstract_params(layer_config)["segments"]["seg_0"]
     segments, layout = {}, []
     for i, seg in enumerate(config.layout):

@@ -33,9 +33,9 @@ class GGUFSource(TensorSource):
     """A GGUF tensor: only the rows a read needs are dequantized; llama.cpp's q/k row permutation (llama
     architecture) is undone by reading the permuted rows."""
 
-    def __init__(self, name, tensor, row_perm=None):
+    def __init__(self, name, tensor, row_perm=None, shift=0.0):
         super().__init__(name, tuple(reversed([int(d) for d in tensor.shape])), None)
-        self.tensor, self.row_perm = tensor, row_perm
+        self.tensor, self.row_perm, self.shift = tensor, row_perm, shift  # shift: llama.cpp's added norm offset
 
     def load(self) -> np.ndarray:
         return self.read(slice(None))
@@ -50,6 +50,8 @@ class GGUFSource(TensorSource):
         if self.tensor.tensor_type not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             part = gguf.quants.dequantize(part, self.tensor.tensor_type)
         part = np.asarray(part, np.float32)
+        if self.shift:
+            part = part - np.float32(self.shift)
         if len(self.shape) == 1:
             part = part.reshape(-1)
         return part[:, index[1]] if len(index) == 2 else part
@@ -96,6 +98,9 @@ def gguf_hf_config(reader) -> dict:
         "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
         "hidden_act": "silu",
     }
+    if arch.gguf_config:
+        hf.update(arch.gguf_config(g, hf["num_hidden_layers"], head_dim))
+        return hf
     scaling_type = g("rope.scaling.type")
     if scaling_type not in (None, "none"):
         raise UnsupportedArchitectureError(f"GGUF {arch.gguf_name}.rope.scaling.type={scaling_type!r} is not "
@@ -127,7 +132,7 @@ def llama3_scaling_from_rope_freqs(divisors: np.ndarray, head_dim: int, theta: f
 def gguf_sources(reader, hf: dict, origin: str) -> list[GGUFSource]:
     """The GGUF's tensors under their Hugging Face names, q/k rows un-permuted where llama.cpp permuted them."""
     arch = gguf_architecture_of(reader)
-    table = BLOCK_FAMILIES[arch.family].gguf_names
+    table = arch.gguf_names or BLOCK_FAMILIES[arch.family].gguf_names
     heads = {".q_proj.weight": hf["num_attention_heads"], ".k_proj.weight": hf["num_key_value_heads"]}
     sources = []
     for t in reader.tensors:
@@ -146,7 +151,8 @@ def gguf_sources(reader, hf: dict, origin: str) -> list[GGUFSource]:
             for suffix, n in heads.items():
                 if name.endswith(suffix):
                     perm = unpermute_rows(np.arange(int(t.shape[-1])), n)
-        sources.append(GGUFSource(name, t, perm))
+        shift = arch.gguf_norm_shift if name.endswith("norm.weight") else 0.0
+        sources.append(GGUFSource(name, t, perm, shift))
     return sources
 
 

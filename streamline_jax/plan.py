@@ -315,7 +315,8 @@ def pruned_config(config: ModelConfig, start: int, length: int, replacement: str
     segs = ([Segment("layers", start)] if start else []) + [Segment(replacement)]
     rest = config.num_layers - start - length
     segs += [Segment("layers", rest)] if rest else []
-    return config.replace(layout=tuple(segs), num_layers=start + 1 + rest, pruned_spans=((start, length, replacement),))
+    return config.replace(layout=tuple(segs), num_layers=start + 1 + rest, pruned_spans=((start, length, replacement),),
+                          layer_types=config.pruned_layer_types(start, start + length, True))
 
 
 def block_index(config: ModelConfig) -> int:
@@ -353,16 +354,20 @@ def mse_step(config: ModelConfig, optimizer, block, opt_state, frozen, input_ids
     segs = frozen["segments"]
     i = len(segs) - 1  # frozen = (layers before the span,) + the span
     if i:
-        x, _, _ = transformer.run_segment(config, config.layout[0], segs["seg_0"], x, mask, positions)
+        x, _, _ = transformer.run_segment(config, config.layout[0], segs["seg_0"], x, mask, positions, first_layer=0)
     h_in = jax.lax.stop_gradient(x)
-    h_out, _, _ = transformer.run_segment(config, config.layout[i], segs[f"seg_{i}"], h_in, mask, positions)
+    first = transformer.layer_offsets(config)[i]
+    h_out, _, _ = transformer.run_segment(config, config.layout[i], segs[f"seg_{i}"], h_in, mask, positions,
+                                          first_layer=first)
     h_out = jax.lax.stop_gradient(h_out).astype(jnp.float32)
     layer = transformer.decoder_layer(config)
     w = attention_mask.astype(jnp.float32)[..., None]
+    # the block is made from the span's first layer and keeps its attention type (no cache, no cache index)
+    types = (None, None, jnp.asarray(config.layer_is_local(first, 1)[0])) if config.layer_types else ()
 
     def loss_fn(block):
         def run(b, h):
-            return layer.apply({"params": b}, h, mask, positions)[0]
+            return layer.apply({"params": b}, h, mask, positions, *types)[0]
 
         if remat != "none":
             run = jax.checkpoint(run, policy=remat_arg(remat) if remat == "dots" else None)

@@ -94,7 +94,8 @@ def prune_config(config: ModelConfig, start: int, length: int, replacement: str 
     lo, hi = ranges[start][0], ranges[end - 1][1]
     spans = [s for s in config.pruned_spans if not (lo <= s[0] and s[0] + s[1] <= hi)]
     spans = tuple(sorted(spans + [(lo, hi - lo, replacement)]))
-    return config.replace(layout=layout, num_layers=sum(s.num_layers for s in layout), pruned_spans=spans)
+    return config.replace(layout=layout, num_layers=sum(s.num_layers for s in layout), pruned_spans=spans,
+                          layer_types=config.pruned_layer_types(start, end, block is not None))
 
 
 def _pieces(config: ModelConfig, params):
@@ -129,7 +130,7 @@ def _block_params(config: ModelConfig, params, start: int, segment: Segment, rng
     if segment.kind == "layer":
         return jax.tree.map(jnp.copy, source)
     # ffn: the sub-block's own names (post_attention_layernorm + mlp, or final_layer_norm + fc1/fc2)
-    one = config.replace(num_layers=1, layout=(segment,), pruned_spans=())
+    one = config.one_block(segment, start)
     names = transformer.abstract_params(one)["segments"]["seg_0"].keys()
     return {k: jax.tree.map(jnp.copy, source[k]) for k in names}
 

@@ -219,7 +219,7 @@ def replacement_param_count(config: ModelConfig, replacement: str, mlp_width: in
     if replacement == "none":
         return 0
     segment = Segment(replacement, width=(mlp_width or config.intermediate_size) if replacement == "mlp" else None)
-    one = config.replace(num_layers=1, layout=(segment,), pruned_spans=())
+    one = config.one_block(segment)
     return _size(transformer.abstract_params(one)["segments"]["seg_0"])
 
 
@@ -554,6 +554,9 @@ def choose_span_by_loss(model: Model, batches: Iterable, length: int | None = No
                         mlp_width: int | None = None, progress: bool = False) -> tuple[SpanChoice, SpanCosts]:
     """The span whose removal costs the least calibration loss (`score.metric=perplexity`), among the spans of
     `length` layers or those of the smallest length reaching `sparsity`; and every candidate's cost."""
+    if model.config.layer_types:  # suffix_nll walks the stack with a traced index; the types need a static one
+        raise ValueError(f"score.metric=perplexity does not handle models with per-layer attention types "
+                         f"({model.config.model_type}) yet; use score.metric=cosine")
     length, starts = candidate_starts(model.config, length, sparsity, replacement, protect_first, protect_last,
                                       mlp_width)
     costs = span_losses(model, batches, length, starts, progress=progress)

@@ -56,6 +56,7 @@ class Block:
     segment: Segment
     start: int  # first original layer of the span
     length: int
+    layer: int = 0  # its index in the pruned stack (where `layer_types` has its attention type)
 
 
 def trainable_blocks(pruned: ModelConfig) -> list[Block]:
@@ -66,7 +67,7 @@ def trainable_blocks(pruned: ModelConfig) -> list[Block]:
     for i, seg in enumerate(pruned.layout):
         if seg.kind != "layers":
             lo, hi = ranges[layer]
-            blocks.append(Block(f"seg_{i}", seg, lo, hi - lo))
+            blocks.append(Block(f"seg_{i}", seg, lo, hi - lo, layer))
         layer += seg.num_layers
     return blocks
 
@@ -103,7 +104,7 @@ def _run_pieces(config: ModelConfig, pieces, x, attn, positions, stops=(), first
                 part, sub = seg_params, segment
                 if segment.kind == "layers":
                     part, sub = jax.tree.map(lambda a: a[lo:hi], seg_params), Segment("layers", hi - lo)
-                x, _, _ = transformer.run_segment(config, sub, part, x, attn, positions)
+                x, _, _ = transformer.run_segment(config, sub, part, x, attn, positions, first_layer=layer + lo)
             if layer + hi - 1 in stops:
                 outputs[layer + hi - 1] = x
             lo = hi
@@ -189,7 +190,7 @@ def mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Bloc
     x_in, target, attn, positions = _dense_span_io(dense_config, frozen["dense"], ids, mask, block.start,
                                                    block.length)
     out, _, _ = transformer.run_segment(pruned_config, block.segment, _block_params(trained, frozen, block), x_in,
-                                        attn, positions)
+                                        attn, positions, first_layer=block.layer)
     return masked_mse(out, target, mask, weighting)
 
 
@@ -210,7 +211,7 @@ def cached_mse_loss(trained, frozen, batch, *, dense_config, pruned_config, bloc
     positions = transformer.default_positions(mask)
     attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], pruned_config.sliding_window)
     out, _, _ = transformer.run_segment(pruned_config, block.segment, _block_params(trained, frozen, block),
-                                        batch["x_in"], attn, positions)
+                                        batch["x_in"], attn, positions, first_layer=block.layer)
     return masked_mse(out, batch["target"], mask, weighting)
 
 

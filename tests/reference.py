@@ -16,6 +16,8 @@ _CLASSES = {
     "opt": (transformers.OPTConfig, transformers.OPTForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
 }
 
 
@@ -32,6 +34,8 @@ def torch_model(config: ModelConfig, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or "layer_norm.weight" in name:
                 p.uniform_(0.5, 1.5)
+                if config.norm_offset:  # Gemma applies 1 + w
+                    p.sub_(config.norm_offset)
             elif name.endswith(".bias"):
                 p.normal_(0.0, 0.05)
     return model

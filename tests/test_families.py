@@ -20,7 +20,7 @@ from conftest import rel_err
 from reference import params_from_torch, torch_forward, torch_model
 from streamline_jax import export, pruning
 from streamline_jax.checkpoint import CheckpointError
-from streamline_jax.models.config import ModelConfig, UnsupportedArchitectureError
+from streamline_jax.models.config import ModelConfig, UnsupportedArchitectureError, from_hf_config
 from streamline_jax.models.layers import rope_inv_freq
 from streamline_jax.models.model import Model, forward
 from streamline_jax.sharding import make_mesh
@@ -133,6 +133,103 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, case):
                                             ours.params, streamed.params)))
 
 
+def write_gemma_gguf(path, config: ModelConfig, ref, arch: str):
+    """`ref`'s weights as llama.cpp's Gemma2Model / Gemma3Model converters write them (float32): names from gguf-py's
+    tensor map, every `*norm.weight` with the +1 offset added, no output.weight for the tied head, metadata as they
+    write it (no query_pre_attn_scalar, no layer types: llama.cpp derives both)."""
+    import gguf
+
+    hf = ref.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_heads)
+    w.add_head_count_kv(config.num_kv_heads)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_vocab_size(config.vocab_size)  # the converter's tokenizer gives it; this file has none
+    w.add_sliding_window(hf.sliding_window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(hf.attn_logit_softcapping)
+        w.add_final_logit_softcapping(hf.final_logit_softcapping)
+    else:
+        w.add_rope_freq_base(config.rope_theta)
+        if config.rope_scaling:
+            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            w.add_rope_scaling_factor(dict(config.rope_scaling)["factor"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA2 if arch == "gemma2" else gguf.MODEL_ARCH.GEMMA3,
+                                     config.num_layers)
+    for name, t in ref.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        a = t.detach().numpy().astype(np.float32)
+        if name.endswith("norm.weight"):
+            a = a + 1
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# head_dim 256: llama.cpp (and so a GGUF) scales queries by head_dim ** -0.5, transformers' GGUF loader by its
+# default query_pre_attn_scalar (256); Gemma 2's soft-caps at transformers' defaults (its GGUF loader skips them)
+GEMMA_GGUF_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=256, max_position_embeddings=64,
+                     query_pre_attn_scalar=256, sliding_window=4, hidden_activation="gelu_pytorch_tanh")
+GEMMA_GGUF_CASES = {
+    "gemma2": (dict(GEMMA_GGUF_HF, model_type="gemma2", attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+               "gemma2"),
+    "gemma3": (dict(GEMMA_GGUF_HF, model_type="gemma3_text", rope_theta=1e6, rope_local_base_freq=10000.0),
+               "gemma3"),
+}
+
+
+@pytest.mark.parametrize("case", GEMMA_GGUF_CASES)
+def test_gemma_gguf_matches_transformers_gguf_loader(tmp_path, case):
+    hf, arch = GEMMA_GGUF_CASES[case]
+    config = from_hf_config(hf)
+    ref = torch_model(config)
+    path = write_gemma_gguf(tmp_path / "model.gguf", config, ref, arch)
+    hf_gguf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
+                                                                dtype=torch.float32).eval()
+    assert type(hf_gguf).__name__ == type(ref).__name__
+    ids, mask = make_batch(padding="left")
+    positions = np.maximum(mask.cumsum(-1) - 1, 0)
+    ref_logits, _ = torch_forward(hf_gguf, ids, mask, positions)
+    orig_logits, _ = torch_forward(ref, ids, mask, positions)
+    real = mask.astype(bool)
+    assert rel_err(ref_logits[real], orig_logits[real]) <= 1e-5  # the file holds the model
+    ours = sj.load(path)
+    assert ours.config.replace(rms_norm_eps=1e-6) == config  # GGUF keeps the epsilon as float32
+    assert rel_err(np.asarray(sj.forward(ours, ids, mask))[real], ref_logits[real]) <= 1e-4
+    streamed = sj.load(path, mesh=make_mesh(1, 1, 1))
+    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                                            ours.params, streamed.params)))
+
+
+def test_gemma3_gguf_keeps_the_global_rope_scaling(tmp_path):
+    """A 4b-style Gemma 3 GGUF (linear rope scaling on the global layers): transformers' GGUF loader drops the
+    scaling, so this compares against the Hugging Face model the file was written from."""
+    hf = dict(GEMMA_GGUF_CASES["gemma3"][0], rope_scaling={"rope_type": "linear", "factor": 8.0})
+    config = from_hf_config(hf)
+    ref = torch_model(config)
+    ours = sj.load(write_gemma_gguf(tmp_path / "model.gguf", config, ref, "gemma3"))
+    assert ours.config.replace(rms_norm_eps=1e-6) == config
+    assert dict(ours.config.rope_scaling) == {"rope_type": "linear", "factor": 8.0}
+    ids, mask = make_batch(padding="right", length=40)
+    ref_logits, _ = torch_forward(ref, ids, mask, np.maximum(mask.cumsum(-1) - 1, 0))
+    real = mask.astype(bool)
+    ours_logits = np.asarray(sj.forward(ours, ids, mask))[real]
+    assert rel_err(ours_logits, ref_logits[real]) <= 1e-4
+    unscaled = np.asarray(sj.forward(ours.replace(config=ours.config.replace(rope_scaling=None)), ids, mask))
+    assert rel_err(unscaled[real], ref_logits[real]) > 1e-3
+
+
 def test_qwen_gguf_is_not_unpermuted(tmp_path):
     """llama.cpp permutes q/k rows for the llama architecture only: a Qwen2 GGUF's rows are Hugging Face's."""
     config, arch = GGUF_CASES["qwen2"]
@@ -200,8 +297,14 @@ class _Tokenizer:
         pass
 
 
-@pytest.mark.parametrize("name,replacement", [("qwen2_untied", "ffn"), ("qwen3", "layer"), ("qwen2_tied", "none")])
-def test_qwen_export_loads_as_its_own_class_with_equal_logits(tmp_path, name, replacement):
+HF_CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+              "gemma3_text": "Gemma3ForCausalLM"}
+
+
+@pytest.mark.parametrize("name,replacement", [("qwen2_untied", "ffn"), ("qwen3", "layer"), ("qwen2_tied", "none"),
+                                              ("gemma2", "ffn"), ("gemma2", "layer"), ("gemma3", "layer"),
+                                              ("gemma3", "ffn"), ("gemma3", "none")])
+def test_export_loads_as_its_own_class_with_equal_logits(tmp_path, name, replacement):
     config = CONFIGS[name]
     model = Model(config, params_from_torch(config, torch_model(config)), _Tokenizer())
     pruned = pruning.prune(model, 1, 1, replacement)
@@ -209,10 +312,12 @@ def test_qwen_export_loads_as_its_own_class_with_equal_logits(tmp_path, name, re
         key = next(k for k, s in zip(pruned.params["segments"], pruned.config.layout) if s.kind != "layers")
         pruned.params["segments"][key] = jax.tree.map(lambda v: v * 1.3 + 0.01, pruned.params["segments"][key])
     folder = export.export_hf(pruned, tmp_path / "hf")
-    assert json.loads((folder / "config.json").read_text())["architectures"] == [
-        {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[config.model_type]]
+    written = json.loads((folder / "config.json").read_text())
+    assert written["architectures"] == [HF_CLASSES[config.model_type]]
+    if config.layer_types:  # the pruned stack's attention types, each where its layer went
+        assert written["layer_types"] == list(pruned.config.layer_types)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    assert type(hf).__name__ == {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[config.model_type]
+    assert type(hf).__name__ == HF_CLASSES[config.model_type]
     ids = np.random.RandomState(0).randint(0, 128, (2, 12))
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()

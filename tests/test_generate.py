@@ -18,11 +18,15 @@ from streamline_jax.gen_tasks import (GSM8K, evaluate_generative, first_number, 
                                       load_generative_items, normalise)
 from streamline_jax.generation import _filter_logits, compile_count, generate
 from streamline_jax.models import transformer
-from streamline_jax.models.config import ModelConfig
+from streamline_jax.models.config import ModelConfig, from_hf_config
 from streamline_jax.models.model import Model
 from streamline_jax.pruning import prune
 from streamline_jax.tasks import TaskFileError
 
+GEMMA_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=32,
+                sliding_window=4, hidden_activation="gelu_pytorch_tanh", eos_token_id=3, pad_token_id=0,
+                tie_word_embeddings=False)
 TINY = {
     "llama": ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6,
                          num_heads=4, num_kv_heads=2, head_dim=16, eos_token_id=3, pad_token_id=0,
@@ -36,6 +40,11 @@ TINY = {
     "qwen3": ModelConfig(family="llama", model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96,
                          num_layers=6, num_heads=4, num_kv_heads=2, head_dim=24, qk_norm=True, eos_token_id=3,
                          pad_token_id=0, tie_word_embeddings=False),
+    # sliding layers 0, 2, 4 with a 4-slot window (prompts and continuations run past it)
+    "gemma2": from_hf_config(dict(GEMMA_HF, model_type="gemma2", attn_logit_softcapping=0.05,
+                                  final_logit_softcapping=30.0)),
+    "gemma3": from_hf_config(dict(GEMMA_HF, model_type="gemma3_text", sliding_window_pattern=3, rope_theta=1e6,
+                                  rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 8.0})),
 }
 PROMPT_IDS = [[5, 17, 42], [9, 8, 7, 6, 5, 4, 3 + 1, 30, 31, 32, 33], [100, 101, 102, 103, 104, 105, 106]]
 NEW = 16  # new tokens in the tiny-model tests: one shape, so the tests share compiles
@@ -63,9 +72,10 @@ def torch_greedy(ref, prompt, n, eos):
 
 def delete_layers(ref, keep):
     """transformers' model with only the decoder layers `keep` (renumbered), the others deleted."""
-    per_layer = ("layer_types",)  # recomputed for the new depth
-    cfg = ref.config.__class__(**{**{k: v for k, v in ref.config.to_dict().items() if k not in per_layer},
-                                  "num_hidden_layers": len(keep)})
+    hf = {k: v for k, v in ref.config.to_dict().items() if k != "layer_types"}
+    if ref.config.model_type.startswith("gemma"):  # each kept layer keeps its attention type
+        hf["layer_types"] = [ref.config.layer_types[i] for i in keep]
+    cfg = ref.config.__class__(**{**hf, "num_hidden_layers": len(keep)})
     cfg._attn_implementation = "eager"
     out = ref.__class__(cfg).eval()
     layers = out.model.decoder.layers if cfg.model_type == "opt" else out.model.layers
@@ -117,7 +127,7 @@ def one_torch_thread():
         torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_greedy_matches_transformers_on_tiny_models(family):
     model, ref = tiny(family)
     ours = generate(model, PROMPT_IDS, NEW)  # one batch, left-padded
@@ -128,7 +138,8 @@ def test_greedy_matches_transformers_on_tiny_models(family):
 
 
 @pytest.mark.parametrize("family,replacement", [("llama", "none"), ("llama", "layer"), ("opt", "none"),
-                                                ("qwen2", "layer"), ("qwen3", "none")])
+                                                ("qwen2", "layer"), ("qwen3", "none"), ("gemma2", "none"),
+                                                ("gemma3", "layer")])
 def test_pruned_model_matches_transformers_with_the_layers_deleted(family, replacement):
     model, ref = tiny(family)
     # drop layers 2..4; a `layer` block starts as a copy of layer 2, so that equals deleting 3 and 4
@@ -160,7 +171,7 @@ def every_block_kind(model):
 
 
 @pytest.mark.parametrize("family,pruned", [("llama", False), ("llama", True), ("opt", False), ("opt", True),
-                                           ("qwen3", True)])
+                                           ("qwen3", True), ("gemma2", True), ("gemma3", True)])
 def test_cached_decode_logits_equal_a_full_forward(family, pruned):
     model, _ = tiny(family)
     if pruned:

@@ -12,12 +12,16 @@ from reference import params_from_torch, torch_forward, torch_model
 from streamline_jax.models import transformer
 from streamline_jax.models.config import (ModelConfig, Segment, UnsupportedArchitectureError, from_hf_config,
                                           to_hf_config)
-from streamline_jax.models.layers import RMSNorm, layer_norm
+from streamline_jax.models.layers import layer_norm, rms_norm
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, head_dim=16,
             max_position_embeddings=64)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
+
+GEMMA_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=32,
+                sliding_window=4, hidden_activation="gelu_pytorch_tanh")
 
 CONFIGS = {
     "llama_gqa_tied": ModelConfig(family="llama", model_type="llama", num_kv_heads=2, **BASE),
@@ -39,6 +43,13 @@ CONFIGS = {
                          **{**BASE, "head_dim": 24}),
     "qwen3_bias_untied": ModelConfig(family="llama", model_type="qwen3", num_kv_heads=4, qk_norm=True,
                                      attention_bias=True, tie_word_embeddings=False, **BASE),
+    # Gemma: soft-caps small enough to bend tiny random scores and logits; a 4-slot window on 12-token rows;
+    # query_pre_attn_scalar != head_dim; Gemma 3 with a scaled global rope and its own local rope base
+    "gemma2": from_hf_config(dict(GEMMA_HF, model_type="gemma2", attn_logit_softcapping=0.05,
+                                  final_logit_softcapping=1.0)),
+    "gemma3": from_hf_config(dict(GEMMA_HF, model_type="gemma3_text", num_hidden_layers=4, sliding_window_pattern=3,
+                                  rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_theta=1000000.0,
+                                  rope_local_base_freq=100.0, tie_word_embeddings=False)),
     "opt_125m_style": ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu", **BASE),
     "opt_350m_style": ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu",
                                   word_embed_proj_dim=32, do_layer_norm_before=False, **BASE),
@@ -65,8 +76,8 @@ def final_hidden(config, params, h_last):
     """Apply what transformers applies to its last hidden state: the final norm (and OPT-350m's project_out)."""
     x = jnp.asarray(h_last)
     if config.has_final_norm:
-        norm = RMSNorm(config.rms_norm_eps) if config.family == "llama" else layer_norm(config.layer_norm_eps,
-                                                                                         jnp.float32, None)
+        norm = rms_norm(config, jnp.float32, None) if config.family == "llama" else layer_norm(
+            config.layer_norm_eps, jnp.float32, None)
         x = norm.apply({"params": params["final_norm"]}, x)
     if config.has_projections:
         x = x @ params["project_out"]["kernel"]
@@ -294,16 +305,95 @@ def test_qwen_projection_flags_and_qk_norm_axis():
 
 @pytest.mark.parametrize("model_type,key,value", [("qwen2", "use_sliding_window", True),
                                                   ("qwen3", "layer_types", ["sliding_attention"]),
-                                                  ("qwen2", "hidden_act", "gelu")])
+                                                  ("qwen2", "hidden_act", "gelu"),
+                                                  ("gemma2", "hidden_activation", "gelu"),
+                                                  ("gemma2", "rope_scaling", {"rope_type": "linear", "factor": 2.0}),
+                                                  ("gemma3_text", "rope_scaling", {"rope_type": "yarn", "factor": 8.0}),
+                                                  # transformers keeps it in Gemma 3's config but never applies it
+                                                  ("gemma3_text", "attn_logit_softcapping", 50.0),
+                                                  ("gemma3_text", "use_bidirectional_attention", True),
+                                                  ("gemma3_text", "layer_types", ["chunked_attention"] * 4)])
 def test_unimplemented_config_flags_are_named(model_type, key, value):
-    hf = {**to_hf_config(CONFIGS[model_type if model_type == "qwen3" else "qwen2_tied"]), key: value}
-    with pytest.raises(UnsupportedArchitectureError, match=f"{model_type}: config {key}="):
+    name = {"qwen2": "qwen2_tied", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3_text": "gemma3"}[model_type]
+    hf = {**to_hf_config(CONFIGS[name]), key: value}
+    if key == "rope_scaling":  # transformers 5's key would otherwise win
+        hf.pop("rope_parameters")
+    with pytest.raises(UnsupportedArchitectureError, match=f"{model_type}: config {key}[.=]"):
         from_hf_config(hf)
 
 
 @pytest.mark.parametrize("name,flag", [("qwen2_tied", {"attention_bias": True}), ("qwen3", {"qkv_bias": True}),
-                                       ("llama_gqa_tied", {"qk_norm": True}), ("qwen2_tied", {"sliding_window": 8})])
+                                       ("llama_gqa_tied", {"qk_norm": True}), ("qwen2_tied", {"sliding_window": 8}),
+                                       ("llama_gqa_tied", {"final_logit_softcap": 30.0}),
+                                       ("qwen3", {"norm_offset": 1.0}), ("gemma3", {"attn_logit_softcap": 50.0})])
 def test_a_flag_the_architecture_cannot_hold_is_not_exported(name, flag):
     config = CONFIGS[name].replace(**flag)
     with pytest.raises(UnsupportedArchitectureError, match=f"has no config for {next(iter(flag))}="):
         to_hf_config(config)
+
+
+GEMMA_PRESET_HF = {  # the published config.json values, in transformers 4's keys
+    "gemma-2-2b": dict(model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                       num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                       max_position_embeddings=8192, rope_theta=10000.0, sliding_window=4096,
+                       query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0),
+    "gemma-3-1b": dict(model_type="gemma3_text", vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                       num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                       max_position_embeddings=32768, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                       rope_scaling=None, sliding_window=512, sliding_window_pattern=6, query_pre_attn_scalar=256),
+    "gemma-3-4b": dict(model_type="gemma3_text", vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+                       num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                       max_position_embeddings=131072, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                       rope_scaling={"factor": 8.0, "rope_type": "linear"}, sliding_window=1024,
+                       sliding_window_pattern=6, query_pre_attn_scalar=256),
+}
+
+
+@pytest.mark.parametrize("name", GEMMA_PRESET_HF)
+def test_gemma_configs_of_transformers_4_and_5_read_as_the_preset(name):
+    """Gemma's published config.json (rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern) and
+    the same config as transformers 5 writes it (layer_types, rope_parameters per layer type) give the preset."""
+    import transformers
+
+    from streamline_jax.models.presets import preset
+
+    v4 = dict(GEMMA_PRESET_HF[name], rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh", bos_token_id=2,
+              eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
+    assert from_hf_config(v4, dtype="bfloat16") == preset(name)
+    cls = transformers.Gemma2Config if v4["model_type"] == "gemma2" else transformers.Gemma3TextConfig
+    v5 = cls(**{k: v for k, v in v4.items() if k != "model_type"}).to_dict()
+    assert "layer_types" in v5 and "rope_parameters" in v5
+    assert from_hf_config(v5, dtype="bfloat16") == preset(name)
+
+
+GEMMA_FLAGS = {
+    "gemma2": [{"layer_types": ("full_attention",) * 3}, {"attn_logit_softcap": None}, {"final_logit_softcap": None},
+               {"query_pre_attn_scalar": None}, {"embed_scale": False}, {"norm_offset": 0.0},
+               {"activation": "silu"}],
+    "gemma3": [{"layer_types": ("full_attention",) * 4}, {"local_rope_theta": None}, {"rope_scaling": None},
+               {"query_pre_attn_scalar": None}, {"local_window": 2}],
+}
+
+
+@pytest.mark.parametrize("name", GEMMA_FLAGS)
+def test_gemma_flags_each_change_the_logits(name):
+    """The parity test above could fail: each Gemma flag, turned off, moves the logits far past its tolerance."""
+    config = CONFIGS[name]
+    params = params_from_torch(config, torch_model(config))
+    ids, mask = make_batch(padding="left")
+    real = mask.astype(bool)
+    base = np.asarray(transformer.apply(config, params, ids, mask)["logits"])[real]
+    for change in GEMMA_FLAGS[name]:
+        logits = np.asarray(transformer.apply(config.replace(**change), params, ids, mask)["logits"])[real]
+        assert rel_err(logits, base) > 1e-3, change
+
+
+def test_gemma_config_round_trips_at_every_depth_pruning_leaves():
+    """Pruned down to full-attention layers only, a Gemma config still exports (its window kept) and reads back."""
+    from streamline_jax.pruning import prune_config
+
+    config = prune_config(prune_config(CONFIGS["gemma2"], 0, 1, "none"), 1, 1, "none")
+    assert config.layer_types == ("full_attention",)
+    hf = to_hf_config(config)
+    assert hf["layer_types"] == ["full_attention"] and hf["num_hidden_layers"] == 1
+    assert from_hf_config(hf) == config.replace(layout=(), pruned_spans=())

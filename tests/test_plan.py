@@ -39,7 +39,9 @@ def test_presets_agree_with_the_run_presets_in_configs():
     run = pytest.importorskip("streamline_jax.run")
     shape_fields = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                     "num_kv_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_scaling",
-                    "tie_word_embeddings", "word_embed_proj_dim", "dtype")
+                    "tie_word_embeddings", "word_embed_proj_dim", "dtype", "model_type", "activation", "qk_norm",
+                    "norm_offset", "embed_scale", "sandwich_norms", "query_pre_attn_scalar", "attn_logit_softcap",
+                    "final_logit_softcap", "layer_types", "local_window", "local_rope_theta", "sliding_window")
     for name, config in PRESETS.items():
         if not (run.CONFIG_DIR / f"{name}.yaml").exists():
             continue
@@ -288,3 +290,35 @@ def test_plan_memory_script_reports_bad_topology():
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode != 0
     assert "unknown target or topology 'v5e:3x3'" in out.stderr
+
+
+def test_gemma_mse_step_runs_the_block_with_its_layer_type():
+    """Gemma 3 tiny (s s f s s f, window 4): a block copied from layer 2 (full attention) replacing just that layer
+    has zero MSE on the first step only if the step gives it layer 2's type (run as a sliding layer, as layer 0's
+    type or a default would have it, it is another function here)."""
+    from streamline_jax.models.config import from_hf_config
+
+    cfg = from_hf_config(dict(model_type="gemma3_text", vocab_size=128, hidden_size=64, intermediate_size=96,
+                              num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              sliding_window=4, sliding_window_pattern=3, rope_local_base_freq=100.0))
+    start = 2
+    assert cfg.layer_types[start] == "full_attention" != cfg.layer_types[0]
+    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda a: a * 8 if a.ndim > 1 else a, params)  # layers that change the hidden state
+    stack = params["segments"]["seg_0"]
+    cut = lambda a, b: jax.tree.map(lambda x: x[a:b], stack)
+    frozen = dict(embed_tokens=params["embed_tokens"], segments={"seg_0": cut(0, start),
+                                                               "seg_1": cut(start, start + 1)})
+    block = jax.tree.map(lambda x: x[start], stack)
+    opt = plan.make_optimizer(1e-3)
+    ids = np.random.RandomState(0).randint(0, 128, (2, 16))
+    sc = plan.split_config(cfg, start, 1)
+    _, _, loss = jax.jit(functools.partial(plan.mse_step, sc, opt))(block, opt.init(block), frozen, ids,
+                                                                     np.ones_like(ids))
+    assert float(loss) < 1e-10
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 64))
+    mask = transformer.attention_mask_matrix(jnp.ones((2, 16), bool), jnp.arange(16)[None])
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    layer = transformer.decoder_layer(cfg)
+    full, sliding = (layer.apply({"params": block}, x, mask, pos, None, None, jnp.asarray(t))[0] for t in (False, True))
+    assert float(jnp.abs(full - sliding).max()) > 1e-3

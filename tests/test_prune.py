@@ -24,9 +24,10 @@ def hf_layers(ref):
     return ref.model.layers if hasattr(ref.model, "layers") else ref.model.decoder.layers
 
 
-def hf_logits(ref, keep, zero_attention=()):
+def hf_logits(ref, keep, zero_attention=(), layer_types=None):
     """transformers' logits with only the layers in `keep` (original numbers, in order; repeats allowed), and the
-    attention output of the listed layers zeroed (which leaves exactly the FFN sub-block of a pre-norm layer)."""
+    attention output of the listed layers zeroed (which leaves exactly the FFN sub-block of a pre-norm layer).
+    Gemma's layer_types are sliced the same way unless `layer_types` says otherwise."""
     ref = copy.deepcopy(ref)
     layers = hf_layers(ref)
     with torch.no_grad():
@@ -43,6 +44,8 @@ def hf_logits(ref, keep, zero_attention=()):
     else:
         ref.model.decoder.layers = kept
     ref.config.num_hidden_layers = len(keep)
+    if getattr(ref.config, "layer_types", None):  # Gemma: each kept layer keeps its attention type
+        ref.config.layer_types = layer_types or [ref.config.layer_types[i] for i in keep]
     kwargs = {"attention_mask": torch.tensor(MASK)}
     if hasattr(ref.model, "layers"):
         kwargs["position_ids"] = torch.tensor(np.maximum(np.cumsum(MASK, 1) - 1, 0))
@@ -63,7 +66,7 @@ def assert_close(a, b):
     np.testing.assert_allclose(a, b, atol=2e-5 * np.abs(b).max())
 
 
-@pytest.fixture(scope="module", params=["llama", "opt"])
+@pytest.fixture(scope="module", params=["llama", "opt", "gemma2", "gemma3"])
 def pair(request):
     return reference_pair(request.param)
 
@@ -169,3 +172,19 @@ def test_bad_spans():
     with pytest.raises(ValueError, match="cannot initialise a 'layer' block from layer 1"):
         sj_prune.prune(mlp, 1, 2, "layer")
     assert sj_prune.prune(model, 0, 6, "layer").config.layout == (Segment("layer"),)
+
+
+def test_gemma_layer_types_follow_the_layers():
+    """Gemma 3's sliding/full attention types (s s f s s f) follow each layer through pruning: a `layer` block
+    from layer 1 stays sliding, layer 5 stays full. transformers with the same layers deleted and its layer_types
+    sliced the same way agrees; with the types left in their old places it does not."""
+    ref, model = reference_pair("gemma3")
+    pruned = sj_prune.prune(model, 1, 2, "layer")
+    assert pruned.config.layer_types == ("sliding_attention",) * 4 + ("full_attention",)
+    assert_close(ours(pruned), theirs(ref, [0, 1, 3, 4, 5]))
+    unsliced = ref.config.layer_types[:5]  # s s f s s: the types stay with the positions, not the layers
+    wrong = np.where(MASK[..., None] == 1, hf_logits(ref, [0, 1, 3, 4, 5], layer_types=unsliced), 0)
+    assert not np.allclose(ours(pruned), wrong, atol=1e-3)
+    twice = sj_prune.prune(pruned, 3, 2, "none")  # drops current layers 3, 4 (original 4 and 5)
+    assert twice.config.layer_types == ("sliding_attention",) * 3
+    assert_close(ours(twice), theirs(ref, [0, 1, 3]))

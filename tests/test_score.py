@@ -13,6 +13,9 @@ from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig, from_hf_config, to_hf_config
 from streamline_jax.models.model import Model
 
+GEMMA_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=32,
+                sliding_window=4, hidden_activation="gelu_pytorch_tanh")
 TINY = {
     "llama": ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6,
                          num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5),
@@ -23,6 +26,12 @@ TINY = {
                          num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True),
     "qwen3": ModelConfig(family="llama", model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96,
                          num_layers=6, num_heads=4, num_kv_heads=2, head_dim=24, qk_norm=True),
+    # sliding layers 0, 2, 4 (window 4) and soft-caps that bend tiny random scores
+    "gemma2": from_hf_config(dict(GEMMA_HF, model_type="gemma2", attn_logit_softcapping=0.05,
+                                  final_logit_softcapping=1.0)),
+    # layer_types s s f s s f; a local rope base of its own and a scaled global rope
+    "gemma3": from_hf_config(dict(GEMMA_HF, model_type="gemma3_text", sliding_window_pattern=3, rope_theta=1e6,
+                                  rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 8.0})),
 }
 
 
@@ -83,7 +92,7 @@ def numpy_scores(hiddens_masks):
     return cos_sum / tokens, ang_sum / seqs
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen2", "qwen3", "gemma2", "gemma3"])
 def test_scores_match_transformers_hidden_states_with_padding(family):
     ref, model = reference_pair(family)
     data = padded_batches()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamline_jax.models import transformer
-from streamline_jax.models.config import ModelConfig
+from streamline_jax.models.config import ModelConfig, from_hf_config
 from streamline_jax.models.model import Model
 from streamline_jax.pruning import prune
 from streamline_jax.train import TrainingError, train_replacement, trainable_blocks
@@ -19,6 +19,12 @@ LLAMA = ModelConfig(family="llama", model_type="llama", num_kv_heads=2, **TINY)
 OPT = ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu", **TINY)
 QWEN = {"qwen2": ModelConfig(family="llama", model_type="qwen2", num_kv_heads=2, qkv_bias=True, **TINY),
         "qwen3": ModelConfig(family="llama", model_type="qwen3", num_kv_heads=2, qk_norm=True, **TINY)}
+GEMMA_HF = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=4)
+GEMMA = {"gemma2": from_hf_config(dict(GEMMA_HF, model_type="gemma2", attn_logit_softcapping=5.0,
+                                       final_logit_softcapping=30.0)),
+         "gemma3": from_hf_config(dict(GEMMA_HF, model_type="gemma3_text", sliding_window_pattern=3,
+                                       rope_local_base_freq=100.0))}
 
 
 def dense(config, seed=0):
@@ -40,9 +46,10 @@ def patterned_chunks(n, seq=16, seed=0):
 
 
 @pytest.mark.parametrize("family,replacement", [(f, r) for f in ("llama", "opt") for r in ("layer", "ffn", "mlp")]
-                         + [("qwen2", "layer"), ("qwen3", "ffn"), ("qwen3", "layer")])
+                         + [("qwen2", "layer"), ("qwen3", "ffn"), ("qwen3", "layer"), ("gemma2", "layer"),
+                            ("gemma3", "ffn"), ("gemma3", "mlp"), ("gemma3", "layer")])
 def test_mse_training_lowers_validation_mse(family, replacement):
-    model = dense({"llama": LLAMA, "opt": OPT, **QWEN}[family])
+    model = dense({"llama": LLAMA, "opt": OPT, **QWEN, **GEMMA}[family])
     pruned = prune(model, 2, 3, replacement, mlp_width=32 if replacement == "mlp" else None)
     trained, history = train_replacement(model, pruned, chunks(64), batch_size=4, valid_batches=chunks(8, seed=1),
                                          mode="mse", lr=1e-2, min_lr=1e-3, warmup_steps=1, progress=False,
@@ -496,3 +503,22 @@ def test_trainable_and_kd_settings_are_checked_up_front():
         train_replacement(model, pruned, chunks(8), mode="kd", kd_hidden_layers=(2,), kd_hidden_weight=1.0, **kw)
     with pytest.raises(ValueError, match="needs kd_hidden_weight > 0"):
         train_replacement(model, pruned, chunks(8), mode="kd", kd_hidden_layers=(5,), **kw)
+
+
+@pytest.mark.parametrize("start", [1, 2])
+def test_gemma_layer_block_trains_with_the_attention_type_of_its_layer(start):
+    """A `layer` block replacing one layer is that layer: its MSE against the dense span is zero only when the
+    training step runs it with that layer's type (Gemma 3 tiny: s s f s s f, window 4 on 16 tokens)."""
+    from streamline_jax.train import mse_loss
+
+    model = dense(GEMMA["gemma3"])
+    pruned = prune(model, start, 1, "layer")
+    block = trainable_blocks(pruned.config)[0]
+    assert pruned.config.layer_types[block.layer] == model.config.layer_types[start]
+    batch = {"input_ids": jnp.asarray(np.stack(chunks(2))), "attention_mask": jnp.ones((2, 16), jnp.int32)}
+    loss = lambda cfg: float(mse_loss(pruned.params["segments"][block.key], {"dense": model.params}, batch,
+                                      dense_config=model.config, pruned_config=cfg, block=block))
+    assert loss(pruned.config) < 1e-10
+    flipped = tuple({"sliding_attention": "full_attention", "full_attention": "sliding_attention"}[t]
+                    for t in pruned.config.layer_types)
+    assert loss(pruned.config.replace(layer_types=flipped)) > 1e-4

@@ -9,6 +9,7 @@ from typing import Any
 from .families import FAMILIES, UnsupportedArchitectureError, architecture
 
 SEGMENT_KINDS = ("layers", "layer", "ffn", "mlp", "linear")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,20 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before the rotary embedding (Qwen3)
     mlp_bias: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # every layer attends this far back (Mistral)
+    # Gemma 2/3 flags
+    norm_offset: float = 0.0  # RMSNorm applies (norm_offset + weight): Gemma stores w and applies 1 + w
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), rounded to the weights' dtype
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs as well as their inputs
+    query_pre_attn_scalar: float | None = None  # q is scaled by this ** -0.5 instead of head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcap: float | None = None
+    # the attention type of each layer of the current stack (a replacement block keeps the type of the layer it
+    # was made from): "sliding_attention" layers attend `local_window` slots back with rope base
+    # `local_rope_theta` (unscaled; None: rope_theta); "full_attention" layers everything. Empty: all full.
+    layer_types: tuple[str, ...] = ()
+    local_window: int | None = None
+    local_rope_theta: float | None = None
     # opt family
     word_embed_proj_dim: int | None = None
     do_layer_norm_before: bool = True
@@ -92,6 +106,26 @@ class ModelConfig:
             raise ValueError(f"layout has {self.depth} layers but num_layers={self.num_layers}")
         if self.rope_scaling is not None and isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        self._check_layer_types()
+
+    def _check_layer_types(self):
+        types = tuple(self.layer_types)
+        object.__setattr__(self, "layer_types", types)
+        if not types:
+            return
+        if len(types) != self.depth:
+            raise ValueError(f"layer_types has {len(types)} entries for a stack of {self.depth} layers")
+        unknown = sorted(set(types) - set(LAYER_TYPES))
+        if unknown:
+            raise ValueError(f"unknown layer_types {unknown}; expected {LAYER_TYPES}")
+        if "sliding_attention" in types and not self.local_window:
+            raise ValueError("layer_types has sliding_attention layers but local_window is not set")
+
+    def layer_is_local(self, first: int, count: int) -> tuple[bool, ...]:
+        """Whether each of the `count` stack layers from `first` is a sliding-window layer."""
+        if not self.layer_types:
+            return (False,) * count
+        return tuple(t == "sliding_attention" for t in self.layer_types[first:first + count])
 
     @property
     def depth(self) -> int:
@@ -114,6 +148,17 @@ class ModelConfig:
     def has_final_norm(self) -> bool:
         return self.family == "llama" or self.do_layer_norm_before
 
+    def one_block(self, segment: Segment, layer: int = 0) -> "ModelConfig":
+        """A one-segment model of `segment` standing at stack index `layer` (whose attention type it keeps)."""
+        return self.replace(num_layers=1, layout=(segment,), pruned_spans=(),
+                            layer_types=self.layer_types[layer:layer + 1])
+
+    def pruned_layer_types(self, start: int, end: int, block: bool) -> tuple[str, ...]:
+        """layer_types after stack layers [start, end) are cut out (and, with `block`, one replacement block made
+        from layer `start` put in their place: it keeps that layer's type)."""
+        t = self.layer_types
+        return t[:start] + (t[start:start + 1] if block else ()) + t[end:] if t else ()
+
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -128,6 +173,7 @@ class ModelConfig:
         check_keys(d, cls, "model config")
         d["layout"] = tuple(Segment(**s) if isinstance(s, dict) else s for s in d.get("layout", ()))
         d["pruned_spans"] = tuple(tuple(s) for s in d.get("pruned_spans", ()))
+        d["layer_types"] = tuple(d.get("layer_types", ()))
         if d.get("rope_scaling"):
             d["rope_scaling"] = tuple(sorted(d["rope_scaling"].items()))
         return cls(**d)
@@ -177,7 +223,9 @@ def to_hf_config(config: ModelConfig) -> dict:
     return hf
 
 
-PROJECTION_FLAGS = ("attention_bias", "qkv_bias", "qk_norm", "mlp_bias", "sliding_window")
+PROJECTION_FLAGS = ("attention_bias", "qkv_bias", "qk_norm", "mlp_bias", "sliding_window", "activation",
+                    "norm_offset", "embed_scale", "sandwich_norms", "query_pre_attn_scalar", "attn_logit_softcap",
+                    "final_logit_softcap", "layer_types", "local_window", "local_rope_theta")
 
 
 def _first(v):

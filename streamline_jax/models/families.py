@@ -35,7 +35,8 @@ LLAMA_RULES = (
     (r"model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", r"layers.self_attn.\2_norm.scale", "R"),
     (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", r"layers.mlp.\2_proj.kernel", "T1"),
     (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.bias", r"layers.mlp.\2_proj.bias", "R"),
-    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight", r"layers.\2.scale", "R"),
+    (r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|"
+     r"post_feedforward_layernorm)\.weight", r"layers.\2.scale", "R"),
 )
 
 OPT_RULES = (
@@ -73,6 +74,15 @@ LLAMA_GGUF_NAMES = (
     (r"blk\.(\d+)\.ffn_(gate|up|down)\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
     (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
     (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+)
+
+
+# Gemma 2/3 (gguf-py's tensor_mapping for GEMMA2/GEMMA3): four norms per layer, `ffn_norm` being the one before
+# the MLP (Hugging Face's pre_feedforward_layernorm, not Llama's post_attention_layernorm)
+GEMMA_GGUF_NAMES = tuple((p, t) for p, t in LLAMA_GGUF_NAMES if not p.startswith(r"blk\.(\d+)\.ffn_norm")) + (
+    (r"blk\.(\d+)\.post_attention_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.pre_feedforward_layernorm.weight"),
+    (r"blk\.(\d+)\.post_ffw_norm\.weight", r"model.layers.\1.post_feedforward_layernorm.weight"),
 )
 
 
@@ -114,6 +124,11 @@ class Architecture:
     gguf_name: str | None = None
     gguf_permutes_qk: bool = False  # llama.cpp's converter permutes q/k rows for the llama architecture only
     description: str = ""
+    gguf_names: tuple = ()  # GGUF -> Hugging Face names where they differ from the block family's table
+    gguf_norm_shift: float = 0.0  # llama.cpp stores Gemma's `*norm.weight` with the +1 offset added
+    # (metadata getter, block_count, head_dim) -> the config.json keys particular to this architecture's GGUF;
+    # None: the architecture reads only the shared keys and refuses rope scaling other than Llama-3's rope_freqs
+    gguf_config: Callable[..., dict] | None = None
 
 
 def _unsupported(model_type: str, key: str, value, expected) -> UnsupportedArchitectureError:
@@ -146,9 +161,9 @@ def _rope_to_hf(c) -> dict:
             "rope_parameters": rope}
 
 
-def _llama_block_from_hf(hf: dict, model_type: str) -> dict:
+def _llama_block_from_hf(hf: dict, model_type: str, act_key: str = "hidden_act") -> dict:
     """Fields every llama-block architecture reads the same way."""
-    _require(hf, model_type, "hidden_act", "silu", ("silu",))
+    _require(hf, model_type, act_key, "silu", ("silu",))
     heads = hf["num_attention_heads"]
     return dict(
         intermediate_size=hf["intermediate_size"],
@@ -212,6 +227,115 @@ def _qwen3_to_hf(c):
                 sliding_window=None, max_window_layers=c.num_layers)
 
 
+GEMMA_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _gemma_from_hf(hf: dict, model_type: str, sliding_every: int) -> dict:
+    """Gemma 2 and 3: the llama block with the +1 norm offset, sqrt(D) embedding scale, sandwich norms, GeGLU,
+    query_pre_attn_scalar and per-layer sliding/full attention (default pattern: every `sliding_every`-th layer
+    full)."""
+    _require(hf, model_type, "hidden_activation", "gelu_pytorch_tanh", ("gelu_pytorch_tanh",))
+    _require(hf, model_type, "use_bidirectional_attention", False, (False, None))
+    fields = _llama_block_from_hf({**hf, "hidden_act": "silu", "rope_scaling": None, "rope_parameters": None},
+                                  model_type)
+    n = hf["num_hidden_layers"]
+    types = tuple(hf.get("layer_types") or ("sliding_attention" if (i + 1) % sliding_every else "full_attention"
+                                            for i in range(n)))
+    if set(types) - set(GEMMA_LAYER_TYPES) or len(types) != n:
+        raise _unsupported(model_type, "layer_types", list(types), f"{n} of {GEMMA_LAYER_TYPES}")
+    window = hf.get("sliding_window", 4096)
+    if "sliding_attention" in types and not window:
+        raise _unsupported(model_type, "sliding_window", window, "a window for the sliding_attention layers")
+    return dict(fields, activation="gelu_tanh", norm_offset=1.0, embed_scale=True, sandwich_norms=True,
+                attention_bias=hf.get("attention_bias", False),
+                tie_word_embeddings=hf.get("tie_word_embeddings", True),
+                query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+                final_logit_softcap=hf.get("final_logit_softcapping"), layer_types=types,
+                local_window=window)
+
+
+def _gemma_to_hf(c) -> dict:
+    return dict(intermediate_size=c.intermediate_size, num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim,
+                rms_norm_eps=c.rms_norm_eps, hidden_activation="gelu_pytorch_tanh", attention_bias=c.attention_bias,
+                query_pre_attn_scalar=c.query_pre_attn_scalar, final_logit_softcapping=c.final_logit_softcap,
+                layer_types=list(c.layer_types), sliding_window=c.local_window)
+
+
+def _gemma2_from_hf(hf):
+    rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise _unsupported("gemma2", "rope_scaling.rope_type", rope.get("rope_type", rope.get("type")), "'default'")
+    theta = rope.get("rope_theta") or hf.get("rope_theta", 10000.0)
+    return dict(_gemma_from_hf(hf, "gemma2", 2), rope_theta=float(theta), rope_scaling=None,
+                attn_logit_softcap=hf.get("attn_logit_softcapping"))
+
+
+def _gemma2_to_hf(c):
+    return dict(_gemma_to_hf(c), attn_logit_softcapping=c.attn_logit_softcap, **_rope_to_hf(c))
+
+
+GEMMA3_ROPE_TYPES = ("default", "linear")
+
+
+def _gemma3_rope(hf: dict) -> dict:
+    """Global layers: rope_theta and (4b and up) linear scaling; sliding layers: their own unscaled base. From
+    transformers 4's keys (rope_theta, rope_local_base_freq, rope_scaling) or 5's (rope_parameters per layer type)."""
+    params = hf.get("rope_parameters") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+        local_type = local.get("rope_type", "default")
+        if local_type != "default":
+            raise _unsupported("gemma3_text", "rope_parameters.sliding_attention.rope_type", local_type, "'default'")
+    else:
+        full, local = dict(hf.get("rope_scaling") or params), {"rope_theta": hf.get("rope_local_base_freq")}
+    kind = full.get("rope_type", full.get("type", "default"))
+    if kind not in GEMMA3_ROPE_TYPES:
+        raise _unsupported("gemma3_text", "rope_scaling.rope_type", kind, ", ".join(map(repr, GEMMA3_ROPE_TYPES)))
+    scaling = (("factor", float(full["factor"])), ("rope_type", "linear")) if kind == "linear" else None
+    return dict(rope_theta=float(full.get("rope_theta") or hf.get("rope_theta") or 1_000_000.0),
+                rope_scaling=scaling, local_rope_theta=float(local.get("rope_theta") or 10_000.0))
+
+
+def _gemma3_from_hf(hf):
+    # transformers' Gemma 3 keeps attn_logit_softcapping in its config but never applies it
+    _require(hf, "gemma3_text", "attn_logit_softcapping", None, (None,))
+    return dict(_gemma_from_hf(hf, "gemma3_text", hf.get("sliding_window_pattern") or 6), qk_norm=True,
+                **_gemma3_rope(hf))
+
+
+def _gemma3_to_hf(c):
+    full = {"rope_type": "default", "rope_theta": c.rope_theta, **dict(c.rope_scaling or ())}
+    local = {"rope_type": "default", "rope_theta": c.local_rope_theta}
+    return dict(_gemma_to_hf(c), rope_parameters={"full_attention": full, "sliding_attention": local})
+
+
+def _gemma_query_scalar(g, block_count: int, head_dim: int, big_layers: int) -> int:
+    """GGUF has no query_pre_attn_scalar: llama.cpp takes head_dim, except hidden/heads for the 27B model (the
+    one with `big_layers` layers), as released."""
+    if block_count == big_layers:
+        return g("embedding_length") // g("attention.head_count")
+    return head_dim
+
+
+def _gemma2_gguf(g, block_count, head_dim) -> dict:
+    return dict(hidden_activation="gelu_pytorch_tanh", sliding_window=g("attention.sliding_window"),
+                attn_logit_softcapping=g("attn_logit_softcapping"), final_logit_softcapping=g("final_logit_softcapping"),
+                query_pre_attn_scalar=_gemma_query_scalar(g, block_count, head_dim, 46))
+
+
+def _gemma3_gguf(g, block_count, head_dim) -> dict:
+    """llama.cpp's Gemma 3: every 6th layer global, sliding layers on an unscaled rope of base 10000, the global
+    layers' linear scaling (4b and up) in rope.scaling.*."""
+    kind = g("rope.scaling.type")
+    if kind not in (None, "none", "linear"):
+        raise _unsupported("gemma3", "GGUF rope.scaling.type", kind, "none, 'linear'")
+    scaling = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))} if kind == "linear" else None
+    return dict(hidden_activation="gelu_pytorch_tanh", sliding_window=g("attention.sliding_window"),
+                sliding_window_pattern=6, rope_local_base_freq=10000.0, rope_scaling=scaling,
+                final_logit_softcapping=g("final_logit_softcapping"),
+                query_pre_attn_scalar=_gemma_query_scalar(g, block_count, head_dim, 62))
+
+
 def _opt_from_hf(hf):
     _require(hf, "opt", "activation_function", "relu", ("relu",))
     _require(hf, "opt", "layer_norm_elementwise_affine", True, (True,))
@@ -246,6 +370,11 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
                  description="Qwen2, Qwen2.5"),
     Architecture("qwen3", "Qwen3ForCausalLM", "llama", _qwen3_from_hf, _qwen3_to_hf, gguf_name="qwen3",
                  description="Qwen3 (dense)"),
+    Architecture("gemma2", "Gemma2ForCausalLM", "llama", _gemma2_from_hf, _gemma2_to_hf, gguf_name="gemma2",
+                 description="Gemma 2", gguf_names=GEMMA_GGUF_NAMES, gguf_norm_shift=1.0, gguf_config=_gemma2_gguf),
+    Architecture("gemma3_text", "Gemma3ForCausalLM", "llama", _gemma3_from_hf, _gemma3_to_hf, gguf_name="gemma3",
+                 description="Gemma 3 text models (Gemma3ForCausalLM)", gguf_names=GEMMA_GGUF_NAMES,
+                 gguf_norm_shift=1.0, gguf_config=_gemma3_gguf),
     Architecture("opt", "OPTForCausalLM", "opt", _opt_from_hf, _opt_to_hf, description="OPT-125m to 66b"),
 )}
 GGUF_ARCHITECTURES = {a.gguf_name: a for a in ARCHITECTURES.values() if a.gguf_name}

@@ -77,18 +77,26 @@ def matmul_dtype(config: ModelConfig):
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm, in float32 (the residual stream's dtype) whatever the weight's dtype."""
+    """Llama's RMSNorm, in float32 (the residual stream's dtype) whatever the weight's dtype. `offset`: the scale
+    applied is offset + weight (Gemma stores w and applies 1 + w; its weights start at zero)."""
 
     eps: float
     dtype: jnp.dtype = jnp.float32
     axis_name: str = "embed"  # the logical name of the normalised axis ("head_dim" for Qwen3's q/k norms)
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x):
-        weight = self.param("scale", param_init(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],), self.dtype)
+        init = nn.initializers.zeros if self.offset == 1.0 else nn.initializers.ones
+        weight = self.param("scale", param_init(init, (self.axis_name,)), (x.shape[-1],), self.dtype)
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight.astype(ACTIVATION_DTYPE) * x32
+        return (self.offset + weight.astype(ACTIVATION_DTYPE)) * x32
+
+
+def rms_norm(config: ModelConfig, dtype, name, axis_name="embed"):
+    """The llama block family's RMSNorm with `config`'s epsilon and offset."""
+    return RMSNorm(config.rms_norm_eps, dtype, axis_name, config.norm_offset, name=name)
 
 
 def layer_norm(eps, dtype, name):
@@ -99,12 +107,24 @@ def layer_norm(eps, dtype, name):
         bias_init=param_init(nn.initializers.zeros, ("embed",)), name=name)
 
 
-def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies, including Llama-3's frequency-dependent scaling."""
+ROPE_SCALING_TYPES = ("llama3", "linear")
+
+
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> np.ndarray:
+    """Inverse frequencies, including Llama-3's frequency-dependent scaling and linear scaling. `local`: those of
+    the sliding-window layers (base `local_rope_theta`, unscaled, when the config sets it)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    if config.rope_scaling:
-        s = dict(config.rope_scaling)
+    theta, scaling = config.rope_theta, config.rope_scaling
+    if local and config.local_rope_theta:
+        theta, scaling = config.local_rope_theta, None
+    inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    s = dict(scaling or ())
+    kind = s.get("rope_type", s.get("type", "llama3")) if s else None
+    if scaling and kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not implemented (supported: {ROPE_SCALING_TYPES})")
+    if kind == "linear":
+        inv_freq = inv_freq / s["factor"]
+    elif kind == "llama3":
         factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old_len = s["original_max_position_embeddings"]
         low_wavelen, high_wavelen = old_len / low, old_len / high
@@ -146,12 +166,12 @@ def attention_platform(platform: str | None):
         _attention_platform = previous
 
 
-def attend(q, k, v, mask, causal=False):
+def attend(q, k, v, mask, causal=False, softcap=None):
     """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, T, S] bool (True = may attend).
 
-    q must already carry the 1/sqrt(D) scale. The G = H/K query heads that share a key head are stacked along the
-    query axis, so each (batch, key head) is one [G*T, D] x [D, S] matmul: fewer, larger products, which run
-    faster on CPU than G separate [T, D] ones.
+    q must already carry its scale; `softcap` caps the scores at cap * tanh(score / cap) (Gemma 2). The G = H/K
+    query heads that share a key head are stacked along the query axis, so each (batch, key head) is one
+    [G*T, D] x [D, S] matmul: fewer, larger products, which run faster on CPU than G separate [T, D] ones.
 
     `causal=True` promises that query t never sees a key past slot t (no cache: keys and queries are the same
     slots). On CPU, queries then go one (batch, key head) at a time in blocks of CAUSAL_BLOCK rows, each against only
@@ -161,11 +181,16 @@ def attend(q, k, v, mask, causal=False):
     t, s = q.shape[1], k.shape[1]
     platform = _attention_platform or jax.default_backend()
     if causal and t == s and t > CAUSAL_BLOCK and platform == "cpu":
-        return _attend_causal_blocks(q, k, v, mask)
-    return _attend_dense(q, k, v, mask)
+        return _attend_causal_blocks(q, k, v, mask, softcap)
+    return _attend_dense(q, k, v, mask, softcap)
 
 
-def _attend_causal_blocks(q, k, v, mask):
+def capped(x, cap):
+    """cap * tanh(x / cap) (Gemma 2's attention scores and final logits); x itself when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _attend_causal_blocks(q, k, v, mask, softcap=None):
     b, t, h, d = q.shape
     kv = k.shape[2]
     g = h // kv
@@ -180,6 +205,7 @@ def _attend_causal_blocks(q, k, v, mask):
         for start in range(0, t, CAUSAL_BLOCK):
             end = min(start + CAUSAL_BLOCK, t)
             scores = jnp.einsum("gqd,sd->gqs", qh[:, start:end], kh[:end], preferred_element_type=jnp.float32)
+            scores = capped(scores, softcap)
             scores = jnp.where(allowed[None, start:end, :end], scores, MASK_VALUE)
             # softmax normalised after the value product: [G, rows, D] divides, not [G, rows, keys] (faster on CPU)
             weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
@@ -192,13 +218,13 @@ def _attend_causal_blocks(q, k, v, mask):
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
-def _attend_dense(q, k, v, mask):
+def _attend_dense(q, k, v, mask, softcap=None):
     b, t, h, d = q.shape
     kv = k.shape[2]
     g = h // kv
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
     scores = jnp.einsum("bkqd,bskd->bkqs", q, k, preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, kv, g, t, -1)
+    scores = capped(scores, softcap).reshape(b, kv, g, t, -1)
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
     out = jnp.einsum("bkqs,bskd->bkqd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
@@ -230,8 +256,17 @@ class DenseParams(nn.Module):
         return kernel, bias
 
 
+def gated_activation(name: str):
+    """The gate's activation: silu (SwiGLU, Llama/Qwen) or gelu with the tanh approximation (GeGLU, Gemma)."""
+    if name == "silu":
+        return nn.silu
+    if name == "gelu_tanh":
+        return lambda x: nn.gelu(x, approximate=True)
+    raise ValueError(f"gated MLP activation {name!r} is not implemented (supported: 'silu', 'gelu_tanh')")
+
+
 class SwiGLU(nn.Module):
-    """Llama's feed-forward: down(silu(gate(x)) * up(x)). gate and up run as one product against their kernels
+    """Llama's feed-forward: down(act(gate(x)) * up(x)), act silu (SwiGLU) or gelu-tanh (Gemma's GeGLU). gate and up run as one product against their kernels
     stacked on a new axis (faster on CPU than two products; the new axis leaves the mlp axis's sharding as it is)."""
 
     config: ModelConfig
@@ -248,7 +283,7 @@ class SwiGLU(nn.Module):
         gate_up = jnp.einsum("...d,dkf->...kf", x.astype(compute), kernels, preferred_element_type=ACTIVATION_DTYPE)
         if c.mlp_bias:
             gate_up = gate_up + jnp.stack([gate_bias, up_bias]).astype(ACTIVATION_DTYPE)
-        hidden = nn.silu(gate_up[..., 0, :]) * gate_up[..., 1, :]
+        hidden = gated_activation(c.activation)(gate_up[..., 0, :]) * gate_up[..., 1, :]
         return dense(c.hidden_size, ("mlp",), ("embed",), c.mlp_bias, "down_proj", dtype=self.dtype,
                      compute_dtype=compute)(hidden)
 

@@ -1,5 +1,6 @@
-"""The llama block family's decoder layer (Llama-2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3) and its FFN replacement
-block. Per-architecture differences are `ModelConfig` flags (q/k/v bias, o bias, q/k norm, sliding window)."""
+"""The llama block family's decoder layer (Llama-2/3, SmolLM2, Mistral, Qwen2/2.5, Qwen3, Gemma 2/3) and its FFN
+replacement block. Per-architecture differences are `ModelConfig` flags (q/k/v bias, o bias, q/k norm, sliding
+window, norm offset, sandwich norms, query scale, logit soft-cap, per-layer attention types)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .config import ModelConfig
-from .layers import RMSNorm, SwiGLU, apply_rope, attend, dense, matmul_dtype, rope_inv_freq, update_cache
+from .layers import SwiGLU, apply_rope, attend, dense, matmul_dtype, rms_norm, rope_inv_freq, update_cache
+
+
+def local_window_mask(mask, cache_index, window):
+    """`mask` [B, T, S] limited to keys fewer than `window` slots behind each query (query t sits at slot
+    cache_index + t)."""
+    t, s = mask.shape[-2:]
+    query_slots = (0 if cache_index is None else cache_index) + jnp.arange(t)
+    return mask & ((query_slots[:, None] - jnp.arange(s)[None, :]) < window)
 
 
 class LlamaAttention(nn.Module):
@@ -15,7 +24,7 @@ class LlamaAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32  # the weights'; products run in `matmul_dtype(config)`
 
     @nn.compact
-    def __call__(self, x, mask, positions, cache=None, cache_index=None):
+    def __call__(self, x, mask, positions, cache=None, cache_index=None, local=None):
         c = self.config
         bias = c.attention_bias or c.qkv_bias
         compute = matmul_dtype(c)
@@ -26,43 +35,61 @@ class LlamaAttention(nn.Module):
         v = dense((c.num_kv_heads, c.head_dim), ("embed",), ("kv_heads", "head_dim"), bias, "v_proj",
                   dtype=self.dtype, compute_dtype=compute)(x)
         if c.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, self.dtype, "head_dim", name="k_norm")(k)
+            q = rms_norm(c, self.dtype, "q_norm", "head_dim")(q)
+            k = rms_norm(c, self.dtype, "k_norm", "head_dim")(k)
         inv_freq = rope_inv_freq(c)
-        q = (apply_rope(q, positions, inv_freq) * jnp.asarray(c.head_dim ** -0.5, q.dtype)).astype(compute)
+        if c.layer_types:
+            if local is None:
+                raise ValueError("a model with per-layer attention types needs each layer's type (`local`)")
+            inv_freq = jnp.where(local, rope_inv_freq(c, local=True), inv_freq)
+            mask = jnp.where(local, local_window_mask(mask, cache_index, c.local_window), mask)
+        scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
+        q = (apply_rope(q, positions, inv_freq) * jnp.asarray(scale, q.dtype)).astype(compute)
         k = apply_rope(k, positions, inv_freq).astype(compute)
         v = v.astype(compute)
         if cache is not None:
             cache = update_cache(cache, k, v, cache_index)
             k, v = cache
-        out = attend(q, k, v, mask, causal=cache is None)
+        out = attend(q, k, v, mask, causal=cache is None, softcap=c.attn_logit_softcap)
         out = dense(c.hidden_size, ("heads", "head_dim"), ("embed",), c.attention_bias, "o_proj", axis=(-2, -1),
                     dtype=self.dtype, compute_dtype=compute)(out)
         return out, cache
 
 
 class LlamaDecoderLayer(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)); with `sandwich_norms` (Gemma) each branch's output is normed too:
+    x + post_attention_layernorm(attn(input_layernorm(x))), x + post_feedforward_layernorm(mlp(
+    pre_feedforward_layernorm(x))) (Hugging Face's names, so Llama's `post_attention_layernorm` is Gemma's
+    `pre_feedforward_layernorm`)."""
+
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask, positions, cache=None, cache_index=None):
+    def __call__(self, x, mask, positions, cache=None, cache_index=None, local=None):
         c = self.config
         h, cache = LlamaAttention(c, self.dtype, name="self_attn")(
-            RMSNorm(c.rms_norm_eps, self.dtype, name="input_layernorm")(x), mask, positions, cache, cache_index)
+            rms_norm(c, self.dtype, "input_layernorm")(x), mask, positions, cache, cache_index, local)
+        if c.sandwich_norms:
+            h = rms_norm(c, self.dtype, "post_attention_layernorm")(h)
         x = x + h
-        x = x + SwiGLU(c, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
-        return x, cache
+        return ffn_residual(c, self.dtype, x), cache
+
+
+def ffn_residual(c: ModelConfig, dtype, x):
+    """x + the layer's MLP branch (inside a module's compact scope: its parameters are the caller's)."""
+    if c.sandwich_norms:
+        h = SwiGLU(c, dtype, name="mlp")(rms_norm(c, dtype, "pre_feedforward_layernorm")(x))
+        return x + rms_norm(c, dtype, "post_feedforward_layernorm")(h)
+    return x + SwiGLU(c, dtype, name="mlp")(rms_norm(c, dtype, "post_attention_layernorm")(x))
 
 
 class LlamaFFNBlock(nn.Module):
-    """The `ffn` replacement: x + mlp(post_attention_layernorm(x)), with the names of the layer it came from."""
+    """The `ffn` replacement: the layer's MLP branch, x + mlp(norm(x)), with the names of the layer it came from."""
 
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        c = self.config
-        return x + SwiGLU(c, self.dtype, name="mlp")(
-            RMSNorm(c.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x))
+        return ffn_residual(self.config, self.dtype, x)

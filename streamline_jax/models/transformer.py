@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .config import ModelConfig, Segment
-from .layers import ACTIVATION_DTYPE, LinearBlock, MLPBlock, RMSNorm, dense, layer_norm, matmul_dtype, param_init
+from .layers import (ACTIVATION_DTYPE, LinearBlock, MLPBlock, capped, dense, layer_norm, matmul_dtype, param_init,
+                     rms_norm)
 from .llama import LlamaDecoderLayer, LlamaFFNBlock
 from .opt import OPTDecoderLayer, OPTFFNBlock
 
@@ -63,7 +64,10 @@ class Embedder(nn.Module):
         dtype = param_dtype(c)
         table = self.param("embed_tokens", param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
                            (c.vocab_size, c.embed_dim), dtype)
-        x = jnp.take(table, input_ids, axis=0).astype(ACTIVATION_DTYPE)
+        x = jnp.take(table, input_ids, axis=0)
+        if c.embed_scale:  # Gemma: sqrt(D) rounded to the weights' dtype, the product too
+            x = x * jnp.asarray(math.sqrt(c.hidden_size), dtype)
+        x = x.astype(ACTIVATION_DTYPE)
         if c.family == "llama":
             return x
         if c.has_projections:
@@ -82,7 +86,7 @@ class Head(nn.Module):
         c = self.config
         dtype, compute = param_dtype(c), compute_dtype(c)
         if c.has_final_norm:
-            norm = RMSNorm(c.rms_norm_eps, dtype, name="final_norm") if c.family == "llama" else layer_norm(
+            norm = rms_norm(c, dtype, "final_norm") if c.family == "llama" else layer_norm(
                 c.layer_norm_eps, dtype, "final_norm")
             x = norm(x)
         if c.has_projections:
@@ -90,10 +94,12 @@ class Head(nn.Module):
                       compute_dtype=compute)(x)
         x = x.astype(compute)
         if c.tie_word_embeddings:
-            return jnp.einsum("bte,ve->btv", x, embed_table.astype(compute), preferred_element_type=jnp.float32)
-        kernel = self.param("lm_head", param_init(nn.initializers.normal(0.02), ("embed", "vocab")),
-                            (c.embed_dim, c.vocab_size), dtype)
-        return jnp.einsum("bte,ev->btv", x, kernel.astype(compute), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("bte,ve->btv", x, embed_table.astype(compute), preferred_element_type=jnp.float32)
+        else:
+            kernel = self.param("lm_head", param_init(nn.initializers.normal(0.02), ("embed", "vocab")),
+                                (c.embed_dim, c.vocab_size), dtype)
+            logits = jnp.einsum("bte,ev->btv", x, kernel.astype(compute), preferred_element_type=jnp.float32)
+        return capped(logits, c.final_logit_softcap)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,6 +114,7 @@ def _boxed_init(config: ModelConfig, rng):
     x = jnp.zeros((b, t, config.hidden_size), ACTIVATION_DTYPE)
     mask = jnp.ones((b, t, t), bool)
     rngs = jax.random.split(rng, len(config.layout) + 2)
+    types = (None, None, jnp.asarray(False)) if config.layer_types else ()  # (no cache, index, a layer's type)
     emb = Embedder(config).init(rngs[0], ids, pos)["params"]
     params = dict(emb)
     head = Head(config).init(rngs[1], x, nn.meta.unbox(emb["embed_tokens"]))["params"]
@@ -116,12 +123,12 @@ def _boxed_init(config: ModelConfig, rng):
         module = block_module(config, seg)
         if seg.kind == "layers":
             keys = jax.random.split(rngs[i + 2], seg.num_layers)
-            one = lambda k: module.init(k, x, mask, pos)["params"]
+            one = lambda k: module.init(k, x, mask, pos, *types)["params"]
             stacked = jax.vmap(one)(keys)
             segments[f"seg_{i}"] = jax.tree.map(_prepend_layers_axis, stacked,
                                                 is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
         elif seg.kind == "layer":
-            segments[f"seg_{i}"] = module.init(rngs[i + 2], x, mask, pos)["params"]
+            segments[f"seg_{i}"] = module.init(rngs[i + 2], x, mask, pos, *types)["params"]
         else:
             segments[f"seg_{i}"] = module.init(rngs[i + 2], x)["params"]
     params["segments"] = segments
@@ -205,22 +212,42 @@ def head(config: ModelConfig, params, x):
     return Head(config).apply({"params": {k: params[k] for k in keys if k in params}}, x, params["embed_tokens"])
 
 
+def layer_offsets(config: ModelConfig) -> list[int]:
+    """The stack index of each layout segment's first layer."""
+    offsets, n = [], 0
+    for seg in config.layout:
+        offsets.append(n)
+        n += seg.num_layers
+    return offsets
+
+
 def run_segment(config, segment: Segment, seg_params, x, mask, positions, *, collect=False, cache=None,
-                cache_index=None, remat=False):
-    """Run one segment. Returns (x, inputs [n, B, T, D] or None, cache)."""
+                cache_index=None, remat=False, first_layer=None):
+    """Run one segment. Returns (x, inputs [n, B, T, D] or None, cache).
+
+    `first_layer`: the stack index (in `config.layer_types`) of the segment's first layer; needed when the layers
+    differ in attention type (Gemma), whose flags go into the scan beside each layer's parameters."""
     module = block_module(config, segment)
+    local = None
+    if config.layer_types and segment.kind in ("layers", "layer"):
+        if first_layer is None:
+            raise ValueError("a model with per-layer attention types (layer_types) runs a segment only with its "
+                             "first_layer")
+        local = jnp.asarray(config.layer_is_local(first_layer, segment.num_layers))
     if segment.kind == "layers":
         def body(h, layer):
-            p, c = layer
-            out, c = module.apply({"params": p}, h, mask, positions, c, cache_index)
+            p, c, is_local = layer
+            types = () if is_local is None else (is_local,)
+            out, c = module.apply({"params": p}, h, mask, positions, c, cache_index, *types)
             return out, (h if collect else None, c)
 
         if remat:
             body = jax.checkpoint(body, policy=remat if callable(remat) else None)
-        x_out, (inputs, cache) = jax.lax.scan(body, x, (seg_params, cache))
+        x_out, (inputs, cache) = jax.lax.scan(body, x, (seg_params, cache, local))
         return x_out, inputs, cache
     if segment.kind == "layer":
-        out, cache = module.apply({"params": seg_params}, x, mask, positions, cache, cache_index)
+        types = () if local is None else (local[0],)
+        out, cache = module.apply({"params": seg_params}, x, mask, positions, cache, cache_index, *types)
     else:
         out = module.apply({"params": seg_params}, x)
     return out, (x[None] if collect else None), cache
@@ -251,11 +278,12 @@ def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions
     mask = attention_mask_matrix(attention_mask, query_slots[None], config.sliding_window, segment_ids)
     x = embed(config, params, input_ids, positions)
     hidden, new_caches = [], {}
-    for i, seg in enumerate(config.layout):
+    for i, (seg, first) in enumerate(zip(config.layout, layer_offsets(config))):
         key = f"seg_{i}"
         cache = None if caches is None else caches.get(key)
         x, inputs, cache = run_segment(config, seg, params["segments"][key], x, mask, positions,
-                                       collect=collect_hidden, cache=cache, cache_index=cache_index, remat=remat)
+                                       collect=collect_hidden, cache=cache, cache_index=cache_index, remat=remat,
+                                       first_layer=first)
         if inputs is not None:
             hidden.append(inputs)
         if cache is not None:
