@@ -10,6 +10,7 @@ it whole, so a code change never serves a stale figure. The cache folder is $STR
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ def path_stamp(path: str | os.PathLike) -> Any:
     return str(path)
 
 
+@functools.cache  # the code a process runs is the code it imported, whatever happens to the files later
 def _source_digest() -> str:
     h = hashlib.sha256()
     for p in sorted(PACKAGE.rglob("*.py")):
