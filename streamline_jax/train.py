@@ -115,7 +115,8 @@ def _run_pieces(config: ModelConfig, pieces, x, attn, positions, stops=(), first
 def _dense_span_io(config: ModelConfig, params, input_ids, mask, start, length):
     """The dense model's hidden states entering layer `start` and leaving layer `start+length-1` (no gradient)."""
     x_in, attn, positions = _dense_prefix(config, params, input_ids, mask, start)
-    target, _ = _run_pieces(config, [_dense_layers(config, params, start, start + length)], x_in, attn, positions)
+    target, _ = _run_pieces(config, [_dense_layers(config, params, start, start + length)], x_in, attn, positions,
+                            first=start)
     return jax.lax.stop_gradient(x_in), jax.lax.stop_gradient(target), attn, positions
 
 

@@ -516,7 +516,8 @@ def test_gemma_layer_block_trains_with_the_attention_type_of_its_layer(start):
     block = trainable_blocks(pruned.config)[0]
     assert pruned.config.layer_types[block.layer] == model.config.layer_types[start]
     batch = {"input_ids": jnp.asarray(np.stack(chunks(2))), "attention_mask": jnp.ones((2, 16), jnp.int32)}
-    loss = lambda cfg: float(mse_loss(pruned.params["segments"][block.key], {"dense": model.params}, batch,
+    trained = {"segments": {block.key: pruned.params["segments"][block.key]}}  # the block is what trains
+    loss = lambda cfg: float(mse_loss(trained, {"dense": model.params}, batch,
                                       dense_config=model.config, pruned_config=cfg, block=block))
     assert loss(pruned.config) < 1e-10
     flipped = tuple({"sliding_attention": "full_attention", "full_attention": "sliding_attention"}[t]
