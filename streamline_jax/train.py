@@ -82,7 +82,8 @@ def _dense_prefix(config: ModelConfig, params, input_ids, mask, start):
     positions = transformer.default_positions(mask)
     attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], config.sliding_window)
     x = transformer.embed(config, params, input_ids, positions)
-    x, _ = _run_pieces(config, [_dense_layers(config, params, 0, start)], x, attn, positions)
+    if start > 0:  # a span from layer 0 has no prefix
+        x, _ = _run_pieces(config, [_dense_layers(config, params, 0, start)], x, attn, positions)
     return x, attn, positions
 
 

@@ -97,7 +97,7 @@ COMMANDS: dict[str, Run] = {
     "python scripts/convert.py path/to/hf-folder-or.gguf /tmp/m-orbax && python scripts/convert.py /tmp/m-orbax "
     "/tmp/m-hf": Run("as written", subs=(("path/to/hf-folder-or.gguf", "{llama}"),), makes=("tmp/m-hf/config.json",)),
     "python -m streamline_jax.run --sweep score.sparsity=0.1,0.2,0.3,0.4": Run(
-        "tiny", "four trained points take many minutes", TINY_QUICK,
+        "tiny", "four trained points take many minutes", TINY_RUN + ("samples.prompts=[]",),
         makes=("runs/smollm2-135m-sweep/report.md", "runs/smollm2-135m-sweep/plots/sweep.png",
                "runs/smollm2-135m-sweep/points/score.sparsity=0.4/DONE")),
     "python -m streamline_jax.run --sweep score.sparsity=0.2,0.3 --sweep prune.replacement=none,layer": Run(

@@ -523,3 +523,16 @@ def test_gemma_layer_block_trains_with_the_attention_type_of_its_layer(start):
     flipped = tuple({"sliding_attention": "full_attention", "full_attention": "sliding_attention"}[t]
                     for t in pruned.config.layer_types)
     assert loss(pruned.config.replace(layer_types=flipped)) > 1e-4
+
+
+def test_a_span_from_layer_zero_has_the_embeddings_as_its_input():
+    from streamline_jax.train import span_pairs
+
+    model = dense(LLAMA)
+    ids = jnp.asarray(np.stack(chunks(2)))
+    mask = jnp.ones_like(ids)
+    x_in, target = span_pairs(model.config, model.params, ids, mask, 0, 2)
+    positions = transformer.default_positions(mask)
+    np.testing.assert_array_equal(np.asarray(x_in), np.asarray(transformer.embed(model.config, model.params, ids,
+                                                                                   positions)))
+    assert target.shape == x_in.shape
