@@ -207,7 +207,7 @@ def test_lr_schedules():
     assert float(cycle(25)) == pytest.approx((lr + low) / 2, rel=2e-2)
 
 
-def test_token_weighted_mse_is_the_mean_relative_error_over_real_tokens():
+def test_weighted_mse_is_a_relative_error_over_real_tokens():
     from streamline_jax.train import masked_mse
 
     target = np.array([[[300.0, 0.0], [1.0, 1.0], [2.0, 0.0]]])  # one huge token, as at a massive activation
@@ -217,6 +217,8 @@ def test_token_weighted_mse_is_the_mean_relative_error_over_real_tokens():
     relative = ((30 ** 2 / 2) / (300 ** 2 / 2) + (1 / 2) / 1.0) / 2
     np.testing.assert_allclose(masked_mse(out, target, mask), plain, rtol=1e-6)
     np.testing.assert_allclose(masked_mse(out, target, mask, "token"), relative, rtol=1e-5)
+    pooled = (30 ** 2 / 2 + 1 / 2) / (300 ** 2 / 2 + 1.0)  # summed error over summed target square
+    np.testing.assert_allclose(masked_mse(out, target, mask, "balanced"), (pooled + relative) / 2, rtol=1e-5)
 
 
 def test_token_weighted_mse_training_lowers_validation_loss():
