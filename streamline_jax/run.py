@@ -928,6 +928,7 @@ class SharedWork:
     models: dict = dataclasses.field(default_factory=dict)
     scores: dict = dataclasses.field(default_factory=dict)
     dense_evaluations: dict = dataclasses.field(default_factory=dict)  # for when the disk cache is off
+    calibration: dict = dataclasses.field(default_factory=dict)  # tokenized calibration batches
 
 
 def _load_key(c: RunConfig, preset, target) -> str:
@@ -939,12 +940,21 @@ def _score_key(c: RunConfig, load_key: str, metric: str) -> str:
     return json.dumps([load_key, d.calibration, d.text_field, d.seq_len, d.calib_chunks, d.batch_size, metric])
 
 
-def calibration_batches(c: RunConfig, dense, calib_source) -> list:
-    """The calibration chunks in batches (token ids only: small)."""
+def calibration_batches(c: RunConfig, dense, calib_source, shared: SharedWork | None = None) -> list:
+    """The calibration chunks in batches (token ids only: small), tokenized once per `shared`: scoring, the
+    perplexity span choice and closed-form fits all read them."""
     from . import data
 
-    chunks = data.token_chunks(calib_source, dense.tokenizer, c.data.seq_len)
-    return list(data.batches(data.split_chunks(chunks, c.data.calib_chunks).calib, c.data.batch_size))
+    d = c.data
+    key = json.dumps([c.model.source, dense.config.vocab_size, d.calibration, d.text_field, d.seq_len,
+                      d.calib_chunks, d.batch_size])
+    if shared is not None and key in shared.calibration:
+        return shared.calibration[key]
+    chunks = data.token_chunks(calib_source, dense.tokenizer, d.seq_len)
+    batches = list(data.batches(data.split_chunks(chunks, d.calib_chunks).calib, d.batch_size))
+    if shared is not None:
+        shared.calibration = {key: batches}  # one calibration set at a time
+    return batches
 
 
 def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
@@ -988,7 +998,7 @@ def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: Share
     key = _score_key(c, load_key, metric)
     scores = shared.scores.get(key) if shared is not None else None
     if scores is None:
-        scores = score_mod.score_spans(dense, calibration_batches(c, dense, calib_source), metric,
+        scores = score_mod.score_spans(dense, calibration_batches(c, dense, calib_source, shared), metric,
                                        progress=progress)
         if shared is not None:
             shared.scores[key] = scores
@@ -1000,7 +1010,7 @@ def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: Share
     parts = {"scores": {"metric": scores.metric, "num_tokens": scores.num_tokens, "cosine": scores.cosine,
                         "angular": scores.angular, "block_influence": scores.block_influence}}
     if c.score.metric == "perplexity":
-        choice, costs = score_mod.choose_span_by_loss(dense, calibration_batches(c, dense, calib_source),
+        choice, costs = score_mod.choose_span_by_loss(dense, calibration_batches(c, dense, calib_source, shared),
                                                       **span_args, progress=progress)
         log.info("%s", costs)
         parts["span_costs"] = costs.to_dict()
@@ -1019,7 +1029,7 @@ def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: Share
     return scores, choices, parts
 
 
-def prune_stage(c: RunConfig, dense, choices, calib_source):
+def prune_stage(c: RunConfig, dense, choices, calib_source, shared: SharedWork | None = None):
     """The spans cut out and their blocks put in (a `linear` block, or `prune.init=linear`, fitted in closed form
     on the calibration chunks): (pruned model, report parts)."""
     from . import pruning as prune_mod
@@ -1031,7 +1041,7 @@ def prune_stage(c: RunConfig, dense, choices, calib_source):
     if c.prune.replacement == "linear" or c.prune.init == "linear":
         from .linear_fit import fit_linear
 
-        pruned, fits = fit_linear(dense, pruned, calibration_batches(c, dense, calib_source), c.prune.ridge,
+        pruned, fits = fit_linear(dense, pruned, calibration_batches(c, dense, calib_source, shared), c.prune.ridge,
                                   c.prune.fit_weighting)
         parts["linear_fit"] = [dataclasses.asdict(f) for f in fits]
         for f in fits:
@@ -1172,6 +1182,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     from .report import write_report
 
     log.info("output folder %s; stages %s", out, ", ".join(stages))
+    shared = shared if shared is not None else SharedWork()  # this run's own: calibration tokenized once
     report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
                               "devices": [str(d) for d in jax.devices()], "finished": None}
     with stage("load", times):
@@ -1184,7 +1195,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
         report.update(parts)
     if "prune" in stages:
         with stage("prune", times):
-            pruned, parts = prune_stage(c, dense, choices, inputs.calib_source)
+            pruned, parts = prune_stage(c, dense, choices, inputs.calib_source, shared)
         report.update(parts)
     if "train" in stages and c.prune.replacement not in ("none", "linear"):  # `linear` is fitted, not trained
         with stage("train", times):

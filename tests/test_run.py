@@ -73,9 +73,16 @@ def test_cli_end_to_end_hf_export_matches_pruned_model(files, tmp_path, family, 
         assert "| text | perplexity |" in md and "## Samples" in md
 
 
-def test_linear_block_by_perplexity_fits_without_training(files, tmp_path):
+def test_linear_block_by_perplexity_fits_without_training(files, tmp_path, monkeypatch):
     """score.metric=perplexity picks the span with the least calibration loss (its costs in the report), and a
-    `linear` block is fitted in closed form: no training stage, Orbax only."""
+    `linear` block is fitted in closed form: no training stage, Orbax only. Scoring, the span choice and the fit
+    share one tokenization of the calibration chunks."""
+    from streamline_jax import data
+
+    calls = []
+    token_chunks = data.token_chunks
+    monkeypatch.setattr(data, "token_chunks", lambda source, *a, **k: calls.append(source) or token_chunks(
+        source, *a, **k))
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "llama", out, "prune.replacement=linear", "score.metric=perplexity",
                               "--stages", "train,save")) == 0
@@ -84,6 +91,7 @@ def test_linear_block_by_perplexity_fits_without_training(files, tmp_path):
     assert report["span"]["start"] == min(costs, key=costs.get) and report["span"]["metric"] == "perplexity"
     assert "training" not in report and 0 <= report["linear_fit"][0]["relative_error"] < 1
     assert "linear" in report["outputs"]["hf"]
+    assert len(calls) == len(set(map(id, calls))), "a source was tokenized twice"
     pruned = load(out / "model")
     kinds = [s.kind for s in pruned.config.layout]
     assert kinds.count("linear") == 1
