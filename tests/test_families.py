@@ -104,6 +104,23 @@ def write_gguf(path, config: ModelConfig, ref, arch: str, extra_tensors=()):
     return path
 
 
+def check_against_gguf_loader(path, ref):
+    """transformers' GGUF loader reads `path` back as `ref` (the file holds the model), and ours loads it with its
+    logits, left-padded; our loaded model."""
+    hf_gguf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                dtype=torch.float32).eval()
+    assert type(hf_gguf).__name__ == type(ref).__name__
+    ids, mask = make_batch(padding="left")
+    positions = np.maximum(mask.cumsum(-1) - 1, 0)
+    ref_logits, _ = torch_forward(hf_gguf, ids, mask, positions)
+    orig_logits, _ = torch_forward(ref, ids, mask, positions)
+    real = mask.astype(bool)
+    assert rel_err(ref_logits[real], orig_logits[real]) <= 1e-5
+    ours = sj.load(path)
+    assert rel_err(np.asarray(sj.forward(ours, ids, mask))[real], ref_logits[real]) <= 1e-4
+    return ours
+
+
 GGUF_CASES = {
     "llama": (CONFIGS["llama_gqa_tied"], "llama"),
     "qwen2": (CONFIGS["qwen2_untied"], "qwen2"),
@@ -117,17 +134,8 @@ def test_gguf_matches_transformers_gguf_loader(tmp_path, case):
     config, arch = GGUF_CASES[case]
     ref = torch_model(config)
     path = write_gguf(tmp_path / "model.gguf", config, ref, arch)
-    hf_gguf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
-                                                                dtype=torch.float32).eval()
-    ids, mask = make_batch(padding="left")
-    positions = np.maximum(mask.cumsum(-1) - 1, 0)
-    ref_logits, _ = torch_forward(hf_gguf, ids, mask, positions)
-    orig_logits, _ = torch_forward(ref, ids, mask, positions)
-    real = mask.astype(bool)
-    assert rel_err(ref_logits[real], orig_logits[real]) <= 1e-5  # the file holds the model
-    ours = sj.load(path)
+    ours = check_against_gguf_loader(path, ref)
     assert ours.config.model_type == config.model_type and ours.config.head_dim == config.head_dim
-    assert rel_err(np.asarray(sj.forward(ours, ids, mask))[real], ref_logits[real]) <= 1e-4
     streamed = sj.load(path, mesh=make_mesh(1, 1, 1))  # the streaming load reads the same sources
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
                                             ours.params, streamed.params)))
@@ -195,18 +203,8 @@ def test_gemma_gguf_matches_transformers_gguf_loader(tmp_path, case):
     config = from_hf_config(hf)
     ref = torch_model(config)
     path = write_gemma_gguf(tmp_path / "model.gguf", config, ref, arch)
-    hf_gguf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
-                                                                dtype=torch.float32).eval()
-    assert type(hf_gguf).__name__ == type(ref).__name__
-    ids, mask = make_batch(padding="left")
-    positions = np.maximum(mask.cumsum(-1) - 1, 0)
-    ref_logits, _ = torch_forward(hf_gguf, ids, mask, positions)
-    orig_logits, _ = torch_forward(ref, ids, mask, positions)
-    real = mask.astype(bool)
-    assert rel_err(ref_logits[real], orig_logits[real]) <= 1e-5  # the file holds the model
-    ours = sj.load(path)
+    ours = check_against_gguf_loader(path, ref)
     assert ours.config.replace(rms_norm_eps=1e-6) == config  # GGUF keeps the epsilon as float32
-    assert rel_err(np.asarray(sj.forward(ours, ids, mask))[real], ref_logits[real]) <= 1e-4
     streamed = sj.load(path, mesh=make_mesh(1, 1, 1))
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
                                             ours.params, streamed.params)))
