@@ -188,7 +188,7 @@ def to_host(tree):
         return jax.tree.map(np.asarray, tree)
     from jax.experimental import multihost_utils
 
-    return jax.tree.map(lambda a: np.asarray(a) if a.is_fully_replicated else
+    return jax.tree.map(lambda a: np.asarray(a) if not isinstance(a, jax.Array) or a.is_fully_replicated else
                         np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
 
 

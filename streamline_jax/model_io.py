@@ -28,24 +28,41 @@ PARAMS_DIR = "params"
 
 
 @contextlib.contextmanager
-def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary folder beside `target`; on success it replaces `target`, on error it is removed."""
+def atomic_folder(target: str | os.PathLike, overwrite: bool = False, all_processes: bool = False):
+    """Yield a temporary folder beside `target`; on success it replaces `target`, on error it is removed.
+    `all_processes`: every process of a multi-process run calls this and writes into the same folder (an Orbax
+    save); process 0 makes it and swaps it in once all have finished."""
+    from .distributed import barrier, is_main_process
+
     target = Path(target).absolute()
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; pass overwrite (--overwrite) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    together = all_processes and jax.process_count() > 1
+    leader = not together or is_main_process()
+    if together:  # one name every process agrees on
+        tmp = target.with_name(f".{target.name}.tmp-all-processes")
+        if leader:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier(f"atomic_folder:made:{target}")
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        if target.exists():
+        if together:
+            barrier(f"atomic_folder:written:{target}")
+        if leader and target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
-        else:
+        elif leader:
             os.replace(tmp, target)
+        if together:
+            barrier(f"atomic_folder:swapped:{target}")
     finally:
-        if tmp.exists():
+        if leader and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -54,16 +71,18 @@ def atomic_folder(target: str | os.PathLike, overwrite: bool = False):
 
 
 def save_orbax_model(model: Model, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Save params (Orbax, sharded as they are), the tokenizer and the config marker (last) into `folder`."""
-    from .distributed import save_params
+    """Save params (Orbax, sharded as they are), the tokenizer and the config marker (last) into `folder`. In a
+    multi-process run every process calls it."""
+    from .distributed import is_main_process, save_params
 
     folder = Path(folder).absolute()
-    with atomic_folder(folder, overwrite) as tmp:
-        save_params(tmp / PARAMS_DIR, model.params)
-        if model.tokenizer is not None:
-            model.tokenizer.save_pretrained(str(tmp))
-        (tmp / ORBAX_MARKER).write_text(json.dumps(
-            {"format": ORBAX_FORMAT, "params": PARAMS_DIR, "config": model.config.to_dict()}, indent=2) + "\n")
+    with atomic_folder(folder, overwrite, all_processes=True) as tmp:
+        save_params(tmp / PARAMS_DIR, model.params)  # every process writes its own shards
+        if is_main_process():
+            if model.tokenizer is not None:
+                model.tokenizer.save_pretrained(str(tmp))
+            (tmp / ORBAX_MARKER).write_text(json.dumps(
+                {"format": ORBAX_FORMAT, "params": PARAMS_DIR, "config": model.config.to_dict()}, indent=2) + "\n")
     return folder
 
 

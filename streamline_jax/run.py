@@ -1166,8 +1166,11 @@ def save_stage(c: RunConfig, pruned, out: Path, hf_ok: bool) -> dict:
         if c.export.orbax:
             export.save_orbax_model(pruned, out / "model", overwrite=True)
             outputs["orbax"] = "model/ (streamline_jax.load)"
-        if hf_ok:
-            main_only(export.export_hf)(pruned, out / "hf", overwrite=True)
+        if hf_ok:  # gathered on every process (a collective), written by process 0
+            from .distributed import to_host
+
+            host = pruned.replace(params=to_host(pruned.params))
+            main_only(export.export_hf)(host, out / "hf", overwrite=True)
             outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
         elif c.export.hf:
             outputs["hf"] = f"not written: an `{c.prune.replacement}` block has no stock Hugging Face form"
@@ -1404,9 +1407,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("\n".join([f"error: {type(e).__name__}: {e}", *e.__notes__]), file=sys.stderr)
         return 1
+    from .distributed import is_main_process
     from .report import summary
 
-    print(summary(report, Path(out).absolute()))
+    if is_main_process():  # one summary for the whole run
+        print(summary(report, Path(out).absolute()))
     return 0
 
 

@@ -331,3 +331,62 @@ def test_compilation_cache_keeps_compiled_programs_for_a_later_run(tmp_path):
         assert distributed.enable_compilation_cache("off") is None
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
     assert not jax.config.jax_compilation_cache_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole command line over two processes
+
+
+def _cli(files, out: Path, *extra) -> list[str]:
+    d = files["data"]
+    return [sys.executable, "-m", "streamline_jax.run", "--model", str(files["llama"]), "--out", str(out), "--quiet",
+            "--compilation-cache", "off", f"data.calibration={d / 'train.jsonl'}", f"data.valid={d / 'valid.jsonl'}",
+            "data.seq_len=32", "data.calib_chunks=4", "data.train_chunks=16", "data.valid_chunks=2",
+            "data.batch_size=4", "score.sparsity=null", "score.num_layers=2", "eval.tasks=[]",
+            f"eval.perplexity_text={d / 'eval.txt'}", "eval.window=64", "samples.prompts=[the cat]",
+            "samples.max_new_tokens=4", "train.lr=1e-3", *extra]
+
+
+def _cli_env(devices: int) -> dict:
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                PYTHONPATH=str(ROOT), STREAMLINE_JAX_RESULTS_CACHE="off")
+
+
+def test_the_whole_cli_over_two_processes_equals_one_process(tiny_files, tmp_path):
+    """`python -m streamline_jax.run` as 2 processes × 4 devices (loopback coordinator) against one process with
+    the same 8 devices: both finish; only process 0 prints the summary (it alone writes the report, plots and the
+    Hugging Face export); the report's choices and figures and the saved models are the same."""
+    import transformers
+
+    from streamline_jax.loading import load
+
+    port = free_port()
+    procs = [subprocess.Popen(_cli(tiny_files, tmp_path / "two", "--coordinator-address", f"127.0.0.1:{port}",
+                                   "--num-processes", "2", "--process-id", str(pid)),
+                              env=_cli_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for pid in (0, 1)]
+    try:
+        logs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for p in procs:  # jax's preemption notifier swallows SIGTERM
+            p.kill()
+    for p, log_text in zip(procs, logs):
+        assert p.returncode == 0, log_text[-4000:]
+    one = subprocess.run(_cli(tiny_files, tmp_path / "one"), env=_cli_env(8), capture_output=True, text=True,
+                         timeout=900)
+    assert one.returncode == 0, one.stderr[-4000:]
+    assert "outputs in" in logs[0] and "outputs in" not in logs[1]
+    two_report, one_report = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("two", "one"))
+    assert two_report["span"] == one_report["span"] and len(two_report["devices"]) == 8
+    for name in ("dense", "pruned"):
+        a, b = (r["evaluation"][name]["tasks"]["text"]["perplexity"] for r in (two_report, one_report))
+        assert a == pytest.approx(b, rel=1e-4), name
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    two_model, one_model = load(tmp_path / "two" / "model"), load(tmp_path / "one" / "model")
+    assert two_model.config == one_model.config
+    for a, b in zip(jax.tree.leaves(two_model.params), jax.tree.leaves(one_model.params)):
+        # the two programs' reductions add in other orders; 16 training steps of bf16 products spread that to
+        # ~2e-5 (the weights are ~0.1)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-4)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "two" / "hf"))
+    assert hf.config.num_hidden_layers == two_model.config.depth
