@@ -124,6 +124,7 @@ class TrainSection:
     kd_ce_weight: float = 0.0
     kd_hidden_layers: tuple[int, ...] = ()
     kd_hidden_weight: float = 0.0
+    log_every: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,6 +413,7 @@ RANGES = [
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
     ("train.kd_temperature", 0, False), ("train.kd_ce_weight", 0, True), ("train.kd_hidden_weight", 0, True),
+    ("train.log_every", 1, True),
     ("eval.limit", 1, True), ("eval.ppl_windows", 1, True), ("eval.window", 2, True), ("eval.batch_size", 1, True),
     ("samples.max_new_tokens", 1, True), ("mesh.data", 1, True), ("mesh.tensor", 1, True),
 ]
@@ -1071,7 +1073,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
             seed=t.seed, compute_dtype=t.compute_dtype, freeze=t.freeze, shuffle=t.shuffle, block_key=block.key,
             lr_schedule=t.lr_schedule, mse_weighting=t.mse_weighting, progress=progress, return_history=True,
             trainable=t.trainable, kd_temperature=t.kd_temperature, kd_ce_weight=t.kd_ce_weight,
-            kd_hidden_layers=t.kd_hidden_layers, kd_hidden_weight=t.kd_hidden_weight,
+            kd_hidden_layers=t.kd_hidden_layers, kd_hidden_weight=t.kd_hidden_weight, log_every=t.log_every,
             pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
         histories.append({**history, "mode": t.mode, "block": block.key, "span": [block.start, block.length]})
     if len(histories) == 1:
