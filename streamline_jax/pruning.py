@@ -53,9 +53,6 @@ def original_ranges(config: ModelConfig) -> list[tuple[int, int]]:
     return ranges
 
 
-_original_ranges = original_ranges  # the name train.py imports
-
-
 def _replacement_segment(config: ModelConfig, replacement: str, mlp_width) -> Segment | None:
     if replacement == "none":
         return None

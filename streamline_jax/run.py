@@ -775,16 +775,13 @@ def stage(name: str, times: StageTimes):
     log.info("[%s] done in %.1f s", name, times[name])
 
 
-def _tokenizer_files(folder: Path) -> bool:
-    return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                                               "vocab.json"))
-
-
 def _check_tokenizer_before_load(source: str):
+    from .checkpoint import TOKENIZER_FILES, has_tokenizer
+
     path = Path(source).expanduser()
-    if path.is_dir() and not (path / "streamline_model.json").exists() and not _tokenizer_files(path):
-        raise ConfigError(f"{path} has no tokenizer (tokenizer.json, tokenizer_config.json, tokenizer.model or "
-                          f"vocab.json); calibration, training and evaluation need one: add it to the folder")
+    if path.is_dir() and not (path / "streamline_model.json").exists() and not has_tokenizer(path):
+        raise ConfigError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}); "
+                          f"calibration, training and evaluation need one: add it to the folder")
 
 
 def _strip(results: dict) -> dict:

@@ -39,7 +39,7 @@ from .interrupts import deferred_interrupts
 from .models import transformer
 from .models.config import ModelConfig, Segment
 from .models.model import Model, with_compute_dtype
-from .sharding import shard_batch
+from .sharding import place_batch
 
 MODES = ("mse", "lm", "kd")
 # Steps between reads of the training losses (see `train_replacement`): the host runs this far ahead of the device.
@@ -563,9 +563,7 @@ def _as_batch(batch, mesh):
         ids = np.asarray(batch["input_ids"])
         out = {"input_ids": jnp.asarray(ids, jnp.int32),
                "attention_mask": jnp.asarray(np.asarray(batch.get("attention_mask", np.ones_like(ids))), jnp.int32)}
-    if mesh is not None:
-        out = dict(zip(out, shard_batch(mesh, tuple(out.values()))))
-    return out
+    return place_batch(mesh, out)
 
 
 # Validation pairs up to this size are computed once and kept (on the device, sharded like the batch): every later
