@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from .models import transformer
 from .models.layers import attention_platform
 from .models.config import ModelConfig, Segment
+from .pruning import prune_config
 from .sharding import MESH_AXES, ShardingError, param_shardings
 
 # Compile-only use of libtpu touches no chip, so several planning processes may load it at once.
@@ -311,14 +312,6 @@ def split_config(config: ModelConfig, start: int, length: int) -> ModelConfig:
     return config.replace(layout=tuple(segs))
 
 
-def pruned_config(config: ModelConfig, start: int, length: int, replacement: str = "layer") -> ModelConfig:
-    segs = ([Segment("layers", start)] if start else []) + [Segment(replacement)]
-    rest = config.num_layers - start - length
-    segs += [Segment("layers", rest)] if rest else []
-    return config.replace(layout=tuple(segs), num_layers=start + 1 + rest, pruned_spans=((start, length, replacement),),
-                          layer_types=config.pruned_layer_types(start, start + length, True))
-
-
 def block_index(config: ModelConfig) -> int:
     return [i for i, s in enumerate(config.layout) if s.kind != "layers"][0]
 
@@ -462,13 +455,13 @@ def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh,
         axes = dict(axes, segments={k: axes["segments"][k] for k in keep})
         for k in ("final_norm", "lm_head", "project_out"):
             abstract.pop(k, None), axes.pop(k, None)
-        block_cfg = pruned_config(config, start, length, "layer")
+        block_cfg = prune_config(config, start, length, "layer")
         bi = f"seg_{block_index(block_cfg)}"
         block_abs = transformer.abstract_params(block_cfg)["segments"][bi]
         block_axes = transformer.param_axes(block_cfg)["segments"][bi]
         fn_step = step or mse_step
     elif stage == "lm":
-        model_cfg = pruned_config(config, start, length, "layer")
+        model_cfg = prune_config(config, start, length, "layer")
         bi = f"seg_{block_index(model_cfg)}"
         full = transformer.abstract_params(model_cfg)
         full_axes = transformer.param_axes(model_cfg)
