@@ -31,7 +31,6 @@ import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .models import transformer
-from .models.layers import attention_platform
 from .models.config import ModelConfig, Segment
 from .pruning import prune_config
 from .sharding import MESH_AXES, ShardingError, param_shardings
@@ -425,10 +424,7 @@ class StepPlan:
 
     def lower(self):
         jitted = jax.jit(self.fn, out_shardings=self.out_shardings, donate_argnums=self.donate_argnums)
-        shardings = [a.sharding for a in jax.tree.leaves(self.args) if getattr(a, "sharding", None) is not None]
-        platform = next(iter(shardings[0].device_set)).platform if shardings else None
-        with attention_platform(platform):  # the target's attention, not this host's
-            return jitted.lower(*self.args)
+        return jitted.lower(*self.args)
 
 
 def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh, seq_len: int, *,
@@ -436,6 +432,7 @@ def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh,
     """Abstract arguments with shardings for one stage; `step` replaces the stand-in step of that stage
     (same signature)."""
     check_layout(config, layout)
+    config = config.replace(attention_platform=mesh.devices.flat[0].platform)  # the target's attention, not the host's
     ids = _batch_args(mesh, layout.batch, seq_len)
     replicated = NamedSharding(mesh, P())
     if stage == "scoring":
