@@ -11,8 +11,7 @@ The tokens/s figure is measured twice, each in its own process: reading every st
 (the host prepares and dispatches the next batches while the device runs), over the same steps after the first
 `--log-every` (compile and warm-up).
 
-    python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000 | --counts none]
-                                  [--speed-steps 16] [--log-every 4]
+    python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000|none] [--speed-steps 16] [--log-every 4]
 """
 
 from __future__ import annotations
