@@ -893,10 +893,10 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     into the history and to `on_step(step, loss)`, called once per optimizer step in order, and the progress bar
     moves. A non-finite loss stops the run with a TrainingError naming the step it came at, at the next logging
     point (before any checkpoint of a later step); `log_every=1` reads each step's loss as it comes (the slowest).
-    With `batch_size`, the data are token chunks
-    ([T] arrays, or a callable returning a fresh iterator of them) that are batched here. With `pair_cache` (MSE
-    mode), the frozen model's (input, target) pairs are computed once into tensorstore arrays at that path (or
-    reused if a finished cache for the same span is there) and every epoch reads them from disk.
+    With `batch_size`, the data are token chunks ([T] arrays, or a callable returning a fresh iterator of them) that
+    are batched here. With `pair_cache` (MSE mode), the frozen model's (input, target) pairs are computed once into
+    tensorstore arrays at that path (or reused if a finished cache for the same span is there) and every epoch reads
+    them from disk.
     `mse_weighting="token"` makes the MSE relative per token (see `masked_mse`). `shuffle`: each epoch reads the
     training chunks (with `batch_size`), the batches of a list, or the cached rows in a fresh permutation drawn from
     `seed`; validation keeps its order. Validation chunks are never dropped: a short last batch is padded with
