@@ -378,10 +378,18 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors, sharded safetensors index or pytorch_model.bin found")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether a Hugging Face folder holds a tokenizer (one of TOKENIZER_FILES)."""
+    return any((Path(folder) / f).exists() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(folder: Path):
+    """The folder's tokenizer, or None where it has none."""
     folder = Path(folder)
-    if not any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                                               "vocab.json")):
+    if not has_tokenizer(folder):
         return None
     from transformers import AutoTokenizer
 

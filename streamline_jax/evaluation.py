@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .backend import jit_by_config
 from .models import transformer
 from .models.model import Model
+from .sharding import place_batch
 from .tasks import Item, PerplexityTask, Task, get_task, load_items, resolve_path
 
 
@@ -79,9 +80,7 @@ def _run(model: Model, ids: np.ndarray, targets: np.ndarray, with_greedy: bool =
     Returns [B, T] float64 log-probs, or (log-probs, [B, T] bool is-argmax) with `with_greedy`."""
     arrays = {"input_ids": ids, "targets": targets, **rows}
     arrays = {k: jnp.asarray(a, jnp.int32) for k, a in arrays.items()}
-    if model.mesh is not None:
-        from .sharding import shard_batch
-        arrays = dict(zip(arrays, shard_batch(model.mesh, tuple(arrays.values()))))
+    arrays = place_batch(model.mesh, arrays)
     out = target_logprobs(model.config, model.params, **arrays, with_greedy=with_greedy)
     if with_greedy:
         return np.asarray(out[0], np.float64), np.asarray(out[1], bool)

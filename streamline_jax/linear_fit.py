@@ -44,6 +44,7 @@ from .models import transformer
 from .models.config import ModelConfig, Segment
 from .models.layers import Dense
 from .models.model import Model
+from .sharding import place_batch
 from .train import Block, span_pairs, trainable_blocks
 
 FITTABLE = ("linear", "mlp", "ffn")
@@ -134,11 +135,7 @@ def fit_block_sums(dense: Model, pruned: Model, block: Block, batches: Iterable,
     block_params = pruned.params["segments"][block.key]
     total, pending = None, None
     for batch in batches:
-        ids, mask = _batch_arrays(batch)
-        if dense.mesh is not None:
-            from .sharding import shard_batch
-
-            ids, mask = shard_batch(dense.mesh, (ids, mask))
+        ids, mask = place_batch(dense.mesh, _batch_arrays(batch))
         out = step(dense.params, block_params, jnp.asarray(ids), jnp.asarray(mask))
         if pending is not None:  # the next step is queued before the host waits for this one
             total = _add(total, pending)

@@ -31,8 +31,8 @@ import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from .models import transformer
-from .models.layers import attention_platform
 from .models.config import ModelConfig, Segment
+from .pruning import prune_config
 from .sharding import MESH_AXES, ShardingError, param_shardings
 
 # Compile-only use of libtpu touches no chip, so several planning processes may load it at once.
@@ -311,14 +311,6 @@ def split_config(config: ModelConfig, start: int, length: int) -> ModelConfig:
     return config.replace(layout=tuple(segs))
 
 
-def pruned_config(config: ModelConfig, start: int, length: int, replacement: str = "layer") -> ModelConfig:
-    segs = ([Segment("layers", start)] if start else []) + [Segment(replacement)]
-    rest = config.num_layers - start - length
-    segs += [Segment("layers", rest)] if rest else []
-    return config.replace(layout=tuple(segs), num_layers=start + 1 + rest, pruned_spans=((start, length, replacement),),
-                          layer_types=config.pruned_layer_types(start, start + length, True))
-
-
 def block_index(config: ModelConfig) -> int:
     return [i for i, s in enumerate(config.layout) if s.kind != "layers"][0]
 
@@ -432,10 +424,7 @@ class StepPlan:
 
     def lower(self):
         jitted = jax.jit(self.fn, out_shardings=self.out_shardings, donate_argnums=self.donate_argnums)
-        shardings = [a.sharding for a in jax.tree.leaves(self.args) if getattr(a, "sharding", None) is not None]
-        platform = next(iter(shardings[0].device_set)).platform if shardings else None
-        with attention_platform(platform):  # the target's attention, not this host's
-            return jitted.lower(*self.args)
+        return jitted.lower(*self.args)
 
 
 def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh, seq_len: int, *,
@@ -443,6 +432,7 @@ def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh,
     """Abstract arguments with shardings for one stage; `step` replaces the stand-in step of that stage
     (same signature)."""
     check_layout(config, layout)
+    config = config.replace(attention_platform=mesh.devices.flat[0].platform)  # the target's attention, not the host's
     ids = _batch_args(mesh, layout.batch, seq_len)
     replicated = NamedSharding(mesh, P())
     if stage == "scoring":
@@ -462,13 +452,13 @@ def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh,
         axes = dict(axes, segments={k: axes["segments"][k] for k in keep})
         for k in ("final_norm", "lm_head", "project_out"):
             abstract.pop(k, None), axes.pop(k, None)
-        block_cfg = pruned_config(config, start, length, "layer")
+        block_cfg = prune_config(config, start, length, "layer")
         bi = f"seg_{block_index(block_cfg)}"
         block_abs = transformer.abstract_params(block_cfg)["segments"][bi]
         block_axes = transformer.param_axes(block_cfg)["segments"][bi]
         fn_step = step or mse_step
     elif stage == "lm":
-        model_cfg = pruned_config(config, start, length, "layer")
+        model_cfg = prune_config(config, start, length, "layer")
         bi = f"seg_{block_index(model_cfg)}"
         full = transformer.abstract_params(model_cfg)
         full_axes = transformer.param_axes(model_cfg)

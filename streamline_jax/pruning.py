@@ -53,9 +53,6 @@ def original_ranges(config: ModelConfig) -> list[tuple[int, int]]:
     return ranges
 
 
-_original_ranges = original_ranges  # the name train.py imports
-
-
 def _replacement_segment(config: ModelConfig, replacement: str, mlp_width) -> Segment | None:
     if replacement == "none":
         return None
@@ -64,14 +61,36 @@ def _replacement_segment(config: ModelConfig, replacement: str, mlp_width) -> Se
     return Segment(replacement)
 
 
-def _merged(layout: list[Segment]) -> tuple[Segment, ...]:
-    out: list[Segment] = []
-    for seg in layout:
-        if out and seg.kind == "layers" and out[-1].kind == "layers":
-            out[-1] = Segment("layers", out[-1].num_layers + seg.num_layers)
+def _part(seg: Segment, seg_params, lo: int, hi: int):
+    """(segment, params) of layers [lo, hi) of a segment (a block: itself); params None where seg_params is."""
+    if seg.kind != "layers" or (lo, hi) == (0, seg.num_layers):
+        return seg, seg_params
+    return Segment("layers", hi - lo), None if seg_params is None else _slice(seg_params, lo, hi)
+
+
+def _pruned_pieces(config: ModelConfig, start: int, end: int, block: Segment | None, params=None,
+                   block_params=None) -> list[tuple[Segment, object]]:
+    """The stack without layers [start, end), with `block` (and its params) in their place, as (segment, params)
+    pieces: stack(before), block, stack(after), empty stacks omitted and neighbouring stacks merged. Params are None
+    where `params` is None (the layout alone)."""
+    before, after, layer = [], [], 0
+    for i, seg in enumerate(config.layout):
+        seg_params = None if params is None else params["segments"][f"seg_{i}"]
+        first, last = layer, layer + seg.num_layers
+        if first < start:
+            before.append(_part(seg, seg_params, 0, min(last, start) - first))
+        if last > end:
+            after.append(_part(seg, seg_params, max(first, end) - first, seg.num_layers))
+        layer = last
+    merged: list = []
+    for seg, p in before + ([(block, block_params)] if block else []) + after:
+        if merged and seg.kind == "layers" and merged[-1][0].kind == "layers":
+            prev_seg, prev = merged[-1]
+            joined = None if p is None else jax.tree.map(lambda x, y: jnp.concatenate([x, y]), prev, p)
+            merged[-1] = (Segment("layers", prev_seg.num_layers + seg.num_layers), joined)
         else:
-            out.append(seg)
-    return tuple(out)
+            merged.append((seg, p))
+    return merged
 
 
 def prune_config(config: ModelConfig, start: int, length: int, replacement: str = "layer",
@@ -80,16 +99,8 @@ def prune_config(config: ModelConfig, start: int, length: int, replacement: str 
     _check_span(config, start, length, replacement, mlp_width)
     start, length = int(start), int(length)
     end = start + length
-    before, after, layer = [], [], 0
-    for seg in config.layout:
-        a, b = layer, layer + seg.num_layers
-        if a < start:
-            before.append(seg if b <= start else Segment("layers", start - a))
-        if b > end:
-            after.append(seg if a >= end else Segment("layers", b - end))
-        layer = b
     block = _replacement_segment(config, replacement, mlp_width)
-    layout = _merged(before + ([block] if block else []) + after)
+    layout = tuple(seg for seg, _ in _pruned_pieces(config, start, end, block))
     ranges = original_ranges(config)
     lo, hi = ranges[start][0], ranges[end - 1][1]
     spans = [s for s in config.pruned_spans if not (lo <= s[0] and s[0] + s[1] <= hi)]
@@ -146,25 +157,8 @@ def prune_params(config: ModelConfig, params, start: int, length: int, replaceme
     end = start + length
     segment = _replacement_segment(config, replacement, mlp_width)
     rng = jax.random.PRNGKey(0) if rng is None else rng
-    before, after = [], []
-    for first, seg, seg_params in _pieces(config, params):
-        last = first + seg.num_layers
-        if first < start:
-            kept = seg_params if last <= start else _slice(seg_params, 0, start - first)
-            before.append((Segment("layers", min(last, start) - first) if seg.kind == "layers" else seg, kept))
-        if last > end:
-            kept = seg_params if first >= end else _slice(seg_params, end - first, seg.num_layers)
-            after.append((Segment("layers", last - max(first, end)) if seg.kind == "layers" else seg, kept))
-    block = [(segment, _block_params(config, params, start, segment, rng))] if segment else []
-    merged: list = []
-    for seg, p in before + block + after:
-        if merged and seg.kind == "layers" and merged[-1][0].kind == "layers":
-            prev_seg, prev = merged[-1]
-            merged[-1] = (Segment("layers", prev_seg.num_layers + seg.num_layers),
-                          jax.tree.map(lambda x, y: jnp.concatenate([x, y]), prev, p))
-        else:
-            merged.append((seg, p))
-    assert tuple(s for s, _ in merged) == new_config.layout, (merged, new_config.layout)
+    block_params = _block_params(config, params, start, segment, rng) if segment else None
+    merged = _pruned_pieces(config, start, end, segment, params, block_params)
     new_params = {k: v for k, v in params.items() if k != "segments"}
     new_params["segments"] = {f"seg_{i}": p for i, (_, p) in enumerate(merged)}
     _check_shapes(new_config, new_params)

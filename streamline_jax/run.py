@@ -124,6 +124,7 @@ class TrainSection:
     kd_ce_weight: float = 0.0
     kd_hidden_layers: tuple[int, ...] = ()
     kd_hidden_weight: float = 0.0
+    log_every: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -412,6 +413,7 @@ RANGES = [
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
     ("train.kd_temperature", 0, False), ("train.kd_ce_weight", 0, True), ("train.kd_hidden_weight", 0, True),
+    ("train.log_every", 1, True),
     ("eval.limit", 1, True), ("eval.ppl_windows", 1, True), ("eval.window", 2, True), ("eval.batch_size", 1, True),
     ("samples.max_new_tokens", 1, True), ("mesh.data", 1, True), ("mesh.tensor", 1, True),
 ]
@@ -773,16 +775,13 @@ def stage(name: str, times: StageTimes):
     log.info("[%s] done in %.1f s", name, times[name])
 
 
-def _tokenizer_files(folder: Path) -> bool:
-    return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                                               "vocab.json"))
-
-
 def _check_tokenizer_before_load(source: str):
+    from .checkpoint import TOKENIZER_FILES, has_tokenizer
+
     path = Path(source).expanduser()
-    if path.is_dir() and not (path / "streamline_model.json").exists() and not _tokenizer_files(path):
-        raise ConfigError(f"{path} has no tokenizer (tokenizer.json, tokenizer_config.json, tokenizer.model or "
-                          f"vocab.json); calibration, training and evaluation need one: add it to the folder")
+    if path.is_dir() and not (path / "streamline_model.json").exists() and not has_tokenizer(path):
+        raise ConfigError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}); "
+                          f"calibration, training and evaluation need one: add it to the folder")
 
 
 def _strip(results: dict) -> dict:
@@ -1081,7 +1080,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
             seed=t.seed, compute_dtype=t.compute_dtype, freeze=t.freeze, shuffle=t.shuffle, block_key=block.key,
             lr_schedule=t.lr_schedule, mse_weighting=t.mse_weighting, progress=progress, return_history=True,
             trainable=t.trainable, kd_temperature=t.kd_temperature, kd_ce_weight=t.kd_ce_weight,
-            kd_hidden_layers=t.kd_hidden_layers, kd_hidden_weight=t.kd_hidden_weight,
+            kd_hidden_layers=t.kd_hidden_layers, kd_hidden_weight=t.kd_hidden_weight, log_every=t.log_every,
             pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
         histories.append({**history, "mode": t.mode, "block": block.key, "span": [block.start, block.length]})
     if len(histories) == 1:

@@ -7,7 +7,7 @@ vocab split). The batch is split over data and fsdp.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -27,7 +27,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("seq", None),
 )
 
 
@@ -103,3 +102,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, batch_size: int | None = None) -> 
 
 def shard_batch(mesh: Mesh, arrays):
     return tuple(jax.device_put(a, batch_sharding(mesh, a.ndim, a.shape[0])) for a in arrays)
+
+
+def place_batch(mesh: Mesh | None, arrays):
+    """A batch's arrays (a tuple, or a dict of them) split over the mesh's data axes; as they are without a mesh."""
+    if mesh is None:
+        return arrays
+    if isinstance(arrays, Mapping):
+        return dict(zip(arrays, shard_batch(mesh, tuple(arrays.values()))))
+    return shard_batch(mesh, tuple(arrays))

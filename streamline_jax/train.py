@@ -39,9 +39,11 @@ from .interrupts import deferred_interrupts
 from .models import transformer
 from .models.config import ModelConfig, Segment
 from .models.model import Model, with_compute_dtype
-from .sharding import shard_batch
+from .sharding import place_batch
 
 MODES = ("mse", "lm", "kd")
+# Steps between reads of the training losses (see `train_replacement`): the host runs this far ahead of the device.
+LOG_EVERY = 10
 
 
 class TrainingError(RuntimeError):
@@ -569,9 +571,7 @@ def _as_batch(batch, mesh):
         ids = np.asarray(batch["input_ids"])
         out = {"input_ids": jnp.asarray(ids, jnp.int32),
                "attention_mask": jnp.asarray(np.asarray(batch.get("attention_mask", np.ones_like(ids))), jnp.int32)}
-    if mesh is not None:
-        out = dict(zip(out, shard_batch(mesh, tuple(out.values()))))
-    return out
+    return place_batch(mesh, out)
 
 
 # Validation pairs up to this size are computed once and kept (on the device, sharded like the batch): every later
@@ -594,12 +594,63 @@ def _validation_pairs(dense_model: Model, block: Block, batches: list, mesh) -> 
 
 
 def _evaluate(eval_step, block_params, frozen, batches, mesh):
+    """The mean loss over real tokens; every batch is dispatched before the first result is read."""
+    results = jax.device_get([eval_step(block_params, frozen, _as_batch(batch, mesh)) for batch in batches])
     total, weight = 0.0, 0.0
-    for batch in batches:
-        loss, n = eval_step(block_params, frozen, _as_batch(batch, mesh))
+    for loss, n in results:
         total += float(loss) * float(n)
         weight += float(n)
     return total / max(weight, 1.0)
+
+
+def _validate(state: "_LoopState", step, eval_step, frozen, valid, mesh):
+    """Validate the trained parameters at `step`; keep them as the best if their loss is the lowest yet."""
+    loss = _evaluate(eval_step, state.trained, frozen, valid, mesh)
+    history = state.history
+    history["valid"].append((step, loss))
+    if history["best_valid"] is None or loss < history["best_valid"]:
+        history["best_valid"], history["best_step"] = loss, step
+        state.best = state.trained
+
+
+class _LossLog:
+    """The training losses, held on the device until a logging point: every `log_every` steps, and before each
+    validation, checkpoint, interrupt and the end. Reading each micro-step's loss as it comes would make the host
+    wait for the device at every step with nothing queued behind it; held, the host prepares and dispatches the
+    next batches while the device runs. At a logging point every held loss is read at once: each step's goes into
+    the history (with its learning rate) and to `on_step`, and a non-finite one stops the run naming its step."""
+
+    def __init__(self, history, schedule, grad_accum, mode, on_step, bar, tokens_per_batch, micro):
+        self.history, self.schedule, self.grad_accum, self.mode = history, schedule, grad_accum, mode
+        self.on_step, self.bar, self.tokens_per_batch = on_step, bar, tokens_per_batch
+        self.start_time, self.start_micro = time.perf_counter(), micro
+        self.held = []  # (batches consumed, the last batch's loss on the device)
+
+    def add(self, micro, loss):
+        self.held.append((micro, loss))
+
+    def flush(self, where):
+        """Read every held loss; `where()` says where the last good checkpoint is (for a non-finite loss's error)."""
+        held, self.held = self.held, []
+        if not held:
+            return
+        losses = [float(loss) for loss in jax.device_get([loss for _, loss in held])]
+        ends = [micro // self.grad_accum for micro, _ in held if micro % self.grad_accum == 0]
+        lrs = iter(float(lr) for lr in jax.device_get([self.schedule(step - 1) for step in ends]))
+        for (micro, _), loss in zip(held, losses):
+            if not math.isfinite(loss):
+                raise TrainingError(f"{self.mode} loss is {loss} at step {(micro - 1) // self.grad_accum + 1} "
+                                    f"(batch {micro}); {where()}")
+            if micro % self.grad_accum == 0:
+                step = micro // self.grad_accum
+                self.history["train"].append((step, loss, next(lrs)))
+                if self.on_step is not None:
+                    self.on_step(step, loss)
+        if self.bar is not None and ends:
+            elapsed = time.perf_counter() - self.start_time
+            self.bar.update(len(ends))
+            self.bar.set_postfix(loss=f"{self.history['train'][-1][1]:.4g}",
+                                 tok_s=f"{(held[-1][0] - self.start_micro) * self.tokens_per_batch / elapsed:.0f}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -639,45 +690,64 @@ def _restore(manager, target):
     return out["state"], out["history"]
 
 
+@dataclasses.dataclass
+class _LoopState:
+    """What a training checkpoint holds: the trained parameters, their optimizer state, the best parameters so far,
+    the data position (batches consumed) and the history."""
+
+    trained: dict
+    opt_state: object
+    best: dict
+    micro: int = 0
+    history: dict = dataclasses.field(default_factory=lambda: {"train": [], "valid": [], "best_step": 0,
+                                                               "best_valid": None, "wall_s": 0.0})
+
+    def arrays(self) -> dict:
+        return {"trained": self.trained, "opt_state": self.opt_state, "best": self.best,
+                "micro": np.asarray(self.micro, np.int64)}
+
+
+class _Checkpoints:
+    """The loop state's Orbax checkpoints in `directory` (none without a directory). A directory that already holds
+    one is refused unless `resume`."""
+
+    def __init__(self, directory, resume: bool):
+        self.directory, self.resume = directory, resume
+        self.manager = _checkpoint_manager(directory) if directory else None
+        self.last_good = self.manager.latest_step() if self.manager is not None else None
+        if self.last_good is not None and not resume:
+            raise TrainingError(f"{directory} already holds a training checkpoint (step {self.last_good}); "
+                                f"pass resume=True to continue it, or use an empty directory")
+
+    def restore(self, state: _LoopState) -> None:
+        """Load the latest checkpoint into `state`, when resuming and there is one."""
+        if self.manager is None or not self.resume:
+            return
+        restored = _restore(self.manager, state.arrays())
+        if restored is not None:
+            arrays, state.history = restored
+            state.trained, state.opt_state, state.best = arrays["trained"], arrays["opt_state"], arrays["best"]
+            state.micro = int(arrays["micro"])
+
+    def save(self, step, state: _LoopState) -> None:
+        if self.manager is None:
+            return
+        if self.manager.latest_step() != step:
+            _save(self.manager, step, state.arrays(), state.history)
+        self.last_good = step
+
+    def where(self) -> str:
+        """Where the last good checkpoint is, for an error."""
+        if self.last_good is None:
+            return "no checkpoint was saved"
+        return f"the last good checkpoint is step {self.last_good} in {self.directory}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Public API
+# The training loop's parts
 
 
-def train_replacement(dense_model: Model, pruned_model: Model, train_batches: Iterable[dict], *, mode: str = "mse",
-                      valid_batches: Iterable[dict] | None = None, num_steps: int | None = None, lr: float = 2e-4,
-                      min_lr: float = 5e-5, warmup_steps: int | None = None, weight_decay: float = 1e-3,
-                      clip_norm: float = 5.0, grad_accum: int = 1, epochs: int = 1, eval_every: int | None = None,
-                      checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
-                      resume: bool = False, seed: int = 0, compute_dtype: str | None = None, progress: bool = True,
-                      block_key: str | None = None, on_step=None, batch_size: int | None = None,
-                      pair_cache: str | Path | None = None, mse_weighting: str = "uniform", shuffle: bool = False,
-                      lr_schedule: str = "cosine", freeze: Sequence[str] = (), trainable: Sequence[str] = ("block",),
-                      kd_temperature: float = 1.0, kd_ce_weight: float = 0.0, kd_hidden_layers: Sequence[int] = (),
-                      kd_hidden_weight: float = 0.0, return_history: bool = False):
-    """Train the pruned model's replacement block (or the `trainable` parameters); return the pruned model with the
-    trained (best) parameters.
-
-    `train_batches` / `valid_batches`: re-iterable collections of {"input_ids", "attention_mask"} [B, T] arrays
-    (e.g. a list, or `data.batches` over a chunk source), read in order; one epoch is one pass. With
-    `return_history`, also return {"train": [(step, loss, lr)], "valid": [(step, loss)], "best_step", "wall_s"}.
-    `on_step(step, loss)` is called after every optimizer step. With `batch_size`, the data are token chunks
-    ([T] arrays, or a callable returning a fresh iterator of them) that are batched here. With `pair_cache` (MSE
-    mode), the frozen model's (input, target) pairs are computed once into tensorstore arrays at that path (or
-    reused if a finished cache for the same span is there) and every epoch reads them from disk.
-    `mse_weighting="token"` makes the MSE relative per token (see `masked_mse`). `shuffle`: each epoch reads the
-    training chunks (with `batch_size`), the batches of a list, or the cached rows in a fresh permutation drawn from
-    `seed`; validation keeps its order. Validation chunks are never dropped: a short last batch is padded with
-    masked rows. `lr_schedule`: "cosine" or "cosine-cycle" (see `lr_schedule`). `freeze`: regexes over the block's
-    parameter paths (e.g. ("self_attn", "input_layernorm")) whose parameters stay as initialised. `trainable`:
-    regexes matched in full over the pruned model's parameter paths ("segments/seg_2/.*mlp.*", "lm_head/.*"; `block`
-    stands for the block's), whole leaves only (a stacked segment's layers train together); see `trained_paths`.
-    MSE mode trains the block only. Everything else stays bitwise as it was, and has no optimizer state.
-
-    `mode="kd"`: (1 - kd_ce_weight) x kd_temperature^2 x KL(teacher || student) at temperature kd_temperature over
-    real tokens, + kd_ce_weight x the next-token cross-entropy, + kd_hidden_weight x the mean MSE (`mse_weighting`)
-    between the teacher's and the student's hidden states leaving the span and leaving each original layer in
-    `kd_hidden_layers` (after the span; negative numbers count from the last layer).
-    """
+def _check_settings(mode, mse_weighting, lr_schedule, lr, min_lr, grad_accum, epochs, log_every):
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; expected one of {MODES}")
     if mse_weighting not in MSE_WEIGHTINGS:
@@ -688,9 +758,12 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
         raise ValueError(f"learning rates must be positive: lr={lr}, min_lr={min_lr}")
     if grad_accum < 1 or epochs < 1:
         raise ValueError(f"grad_accum and epochs must be >= 1, got {grad_accum}, {epochs}")
-    if not dense_model.config.is_dense:
-        raise ValueError("dense_model must be the unpruned model (its layers are the MSE teacher)")
-    blocks = trainable_blocks(pruned_model.config)
+    if not isinstance(log_every, numbers.Integral) or log_every < 1:
+        raise ValueError(f"log_every must be a whole number >= 1, got {log_every!r}")
+
+
+def _chosen_block(pruned_config: ModelConfig, block_key) -> Block:
+    blocks = trainable_blocks(pruned_config)
     if block_key is not None:
         blocks = [b for b in blocks if b.key == block_key]
     if not blocks:
@@ -698,17 +771,33 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     if len(blocks) > 1:
         raise ValueError(f"the pruned model has {len(blocks)} replacement blocks ({[b.key for b in blocks]}); "
                          f"pass block_key= to train one at a time")
-    block = blocks[0]
-    paths = set(trained_paths(pruned_model.params, block, trainable, freeze))
-    if mode == "mse" and not all(p.startswith(f"segments/{block.key}/") for p in paths):
-        raise ValueError(f"mode 'mse' trains the block only (its loss depends on nothing else); trainable "
-                         f"{list(trainable)} selects more: use mode 'lm' or 'kd'")
-    kd = distillation_settings(dense_model.config, pruned_model.config, block, paths, kd_temperature, kd_ce_weight,
-                       kd_hidden_layers, kd_hidden_weight) if mode == "kd" else None
+    return blocks[0]
+
+
+@dataclasses.dataclass
+class _TrainingData:
+    """The re-iterable training and validation batches, and how many optimizer steps they give."""
+
+    train: object
+    valid: object | None
+    first: dict  # the first training batch
+    batches_per_epoch: int
+    total_batches: int  # over every epoch
+    num_steps: int
+    shuffle_seed: int | None  # None: in order
+
+    def batches_from(self, position):
+        """The training batches from batch `position` (counted over epochs) to the last, each epoch in its order."""
+        epochs = (self.train.epoch(e, self.shuffle_seed) if self.shuffle_seed is not None else iter(self.train)
+                  for e in itertools.count())
+        return itertools.islice(itertools.chain.from_iterable(epochs), position, self.total_batches)
+
+
+def _training_data(train_batches, valid_batches, batch_size, epochs, grad_accum, num_steps, shuffle, seed,
+                   pair_cache) -> _TrainingData:
     train_batches = _reiterable(train_batches, batch_size, "training")
     if valid_batches is not None:
         valid_batches = _reiterable(valid_batches, batch_size, "validation", pad_last=True)
-    shuffle_seed = seed if shuffle else None
     if shuffle and pair_cache is None and not hasattr(train_batches, "epoch"):
         raise ValueError("shuffle=True needs the training data as a sequence (a list of batches, or of chunks with "
                          "batch_size), or a pair_cache; a callable stream cannot be permuted")
@@ -725,6 +814,124 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     if num_steps * grad_accum > total_batches:
         raise ValueError(f"num_steps={num_steps} x grad_accum={grad_accum} needs {num_steps * grad_accum} batches, "
                          f"but the data gives {total_batches}")
+    return _TrainingData(train_batches, valid_batches, first, batches_per_epoch, total_batches, num_steps,
+                         seed if shuffle else None)
+
+
+def _read_from_pair_cache(data: _TrainingData, pair_cache, dense_model: Model, block: Block, progress) -> None:
+    """Switch `data` to the span's (input, target) pairs in tensorstore arrays at `pair_cache` (built first unless a
+    finished cache of the same span and size is there); validation's go in its `valid` folder."""
+    rows = data.batches_per_epoch * len(np.asarray(data.first["input_ids"]))
+    cache = SpanPairCache(pair_cache, block.start, block.length)
+    if not cache.complete(rows):
+        cache.build(dense_model, data.train, progress)
+    data.train = cache.batches()
+    if data.valid is not None:
+        valid_rows = sum(len(np.asarray(b["input_ids"])) for b in data.valid)
+        valid_cache = SpanPairCache(Path(pair_cache) / "valid", block.start, block.length)
+        if not valid_cache.complete(valid_rows):
+            valid_cache.build(dense_model, data.valid, progress=False)
+        data.valid = valid_cache.batches()
+
+
+def _train_loop(state: _LoopState, data: _TrainingData, train_step, eval_step, frozen, valid, mesh, log: _LossLog,
+                checkpoints: _Checkpoints, *, grad_accum, eval_every, checkpoint_every, log_every):
+    """Optimizer steps from `state` to the last, validating, checkpointing and logging on the way."""
+    num_steps = data.num_steps
+    step = state.micro // grad_accum
+    # Ctrl-C stops only between steps, after a checkpoint of that step: whatever the moment it comes, the checkpoint
+    # is one consistent (step, data position, block, optimizer state, history) and a resume ends bitwise as an
+    # uninterrupted run would.
+    with deferred_interrupts() as interrupt:
+        for batch in data.batches_from(state.micro):
+            _loop_point("batch")
+            if step >= num_steps:
+                break
+            state.trained, state.opt_state, loss = train_step(state.trained, state.opt_state, frozen,
+                                                              _as_batch(batch, mesh))
+            _loop_point("stepped")
+            state.micro += 1
+            log.add(state.micro, loss)
+            if state.micro % grad_accum:
+                continue
+            step += 1
+            _loop_point("logged")
+            last = step == num_steps
+            validate = valid is not None and (step % eval_every == 0 or last)
+            save = checkpoints.manager is not None and (step % checkpoint_every == 0 or last)
+            if validate or save or last or interrupt.pending or step % log_every == 0:
+                log.flush(checkpoints.where)  # a checkpoint never holds a step past a non-finite loss
+            if validate:
+                _validate(state, step, eval_step, frozen, valid, mesh)
+                _loop_point("validated")
+            elif valid is None:
+                state.best = state.trained
+            if save:
+                checkpoints.save(step, state)
+                _loop_point("saved")
+            if interrupt.pending:
+                checkpoints.save(step, state)
+                break  # the guard raises KeyboardInterrupt
+        log.flush(checkpoints.where)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def train_replacement(dense_model: Model, pruned_model: Model, train_batches: Iterable[dict], *, mode: str = "mse",
+                      valid_batches: Iterable[dict] | None = None, num_steps: int | None = None, lr: float = 2e-4,
+                      min_lr: float = 5e-5, warmup_steps: int | None = None, weight_decay: float = 1e-3,
+                      clip_norm: float = 5.0, grad_accum: int = 1, epochs: int = 1, eval_every: int | None = None,
+                      checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
+                      resume: bool = False, seed: int = 0, compute_dtype: str | None = None, progress: bool = True,
+                      block_key: str | None = None, on_step=None, batch_size: int | None = None,
+                      pair_cache: str | Path | None = None, mse_weighting: str = "uniform", shuffle: bool = False,
+                      lr_schedule: str = "cosine", freeze: Sequence[str] = (), trainable: Sequence[str] = ("block",),
+                      kd_temperature: float = 1.0, kd_ce_weight: float = 0.0, kd_hidden_layers: Sequence[int] = (),
+                      kd_hidden_weight: float = 0.0, log_every: int = LOG_EVERY, return_history: bool = False):
+    """Train the pruned model's replacement block (or the `trainable` parameters); return the pruned model with the
+    trained (best) parameters.
+
+    `train_batches` / `valid_batches`: re-iterable collections of {"input_ids", "attention_mask"} [B, T] arrays
+    (e.g. a list, or `data.batches` over a chunk source), read in order; one epoch is one pass. With
+    `return_history`, also return {"train": [(step, loss, lr)], "valid": [(step, loss)], "best_step", "wall_s"}.
+    `log_every`: the losses stay on the device and are read every this many steps (and before each validation,
+    checkpoint and the end), so that the host never waits for the device between steps; then every step's loss goes
+    into the history and to `on_step(step, loss)`, called once per optimizer step in order, and the progress bar
+    moves. A non-finite loss stops the run with a TrainingError naming the step it came at, at the next logging
+    point (before any checkpoint of a later step); `log_every=1` reads each step's loss as it comes (the slowest).
+    With `batch_size`, the data are token chunks ([T] arrays, or a callable returning a fresh iterator of them) that
+    are batched here. With `pair_cache` (MSE mode), the frozen model's (input, target) pairs are computed once into
+    tensorstore arrays at that path (or reused if a finished cache for the same span is there) and every epoch reads
+    them from disk.
+    `mse_weighting="token"` makes the MSE relative per token (see `masked_mse`). `shuffle`: each epoch reads the
+    training chunks (with `batch_size`), the batches of a list, or the cached rows in a fresh permutation drawn from
+    `seed`; validation keeps its order. Validation chunks are never dropped: a short last batch is padded with
+    masked rows. `lr_schedule`: "cosine" or "cosine-cycle" (see `lr_schedule`). `freeze`: regexes over the block's
+    parameter paths (e.g. ("self_attn", "input_layernorm")) whose parameters stay as initialised. `trainable`:
+    regexes matched in full over the pruned model's parameter paths ("segments/seg_2/.*mlp.*", "lm_head/.*"; `block`
+    stands for the block's), whole leaves only (a stacked segment's layers train together); see `trained_paths`.
+    MSE mode trains the block only. Everything else stays bitwise as it was, and has no optimizer state.
+
+    `mode="kd"`: (1 - kd_ce_weight) x kd_temperature^2 x KL(teacher || student) at temperature kd_temperature over
+    real tokens, + kd_ce_weight x the next-token cross-entropy, + kd_hidden_weight x the mean MSE (`mse_weighting`)
+    between the teacher's and the student's hidden states leaving the span and leaving each original layer in
+    `kd_hidden_layers` (after the span; negative numbers count from the last layer).
+    """
+    _check_settings(mode, mse_weighting, lr_schedule, lr, min_lr, grad_accum, epochs, log_every)
+    if not dense_model.config.is_dense:
+        raise ValueError("dense_model must be the unpruned model (its layers are the MSE teacher)")
+    block = _chosen_block(pruned_model.config, block_key)
+    paths = set(trained_paths(pruned_model.params, block, trainable, freeze))
+    if mode == "mse" and not all(p.startswith(f"segments/{block.key}/") for p in paths):
+        raise ValueError(f"mode 'mse' trains the block only (its loss depends on nothing else); trainable "
+                         f"{list(trainable)} selects more: use mode 'lm' or 'kd'")
+    kd = distillation_settings(dense_model.config, pruned_model.config, block, paths, kd_temperature, kd_ce_weight,
+                       kd_hidden_layers, kd_hidden_weight) if mode == "kd" else None
+    data = _training_data(train_batches, valid_batches, batch_size, epochs, grad_accum, num_steps, shuffle, seed,
+                          pair_cache)
+    num_steps = data.num_steps
     warmup_steps = max(1, num_steps // 20) if warmup_steps is None else warmup_steps
     eval_every = eval_every or max(1, num_steps // 5)
     checkpoint_every = checkpoint_every or eval_every
@@ -738,17 +945,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     if pair_cache is not None:
         if mode != "mse":
             raise ValueError("pair_cache is for mode='mse' only")
-        rows = batches_per_epoch * len(np.asarray(first["input_ids"]))
-        cache = SpanPairCache(pair_cache, block.start, block.length)
-        if not cache.complete(rows):
-            cache.build(dense_model, train_batches, progress)
-        train_batches = cache.batches()
-        if valid_batches is not None:
-            valid_rows = sum(len(np.asarray(b["input_ids"])) for b in valid_batches)
-            valid_cache = SpanPairCache(Path(pair_cache) / "valid", block.start, block.length)
-            if not valid_cache.complete(valid_rows):
-                valid_cache.build(dense_model, valid_batches, progress=False)
-            valid_batches = valid_cache.batches()
+        _read_from_pair_cache(data, pair_cache, dense_model, block, progress)
         loss_name = "mse_cached"
     # float32 master weights for what trains, whatever the compute dtype; the rest as it is
     initial, frozen_params = split_params(pruned_model.params, paths.__contains__)
@@ -763,7 +960,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                                   lr_schedule)
     train_step, eval_step = make_steps(loss_fn, tx, transformer.compute_dtype(pruned_model.config))
 
-    valid = list(valid_batches) if valid_batches is not None else None
+    valid = list(data.valid) if data.valid is not None else None
     if valid and loss_name == "mse":  # the frozen span's validation pairs once, not on every pass
         pairs = _validation_pairs(dense_model, block, valid, mesh)
         if pairs is not None:
@@ -771,92 +968,24 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                                    block=block, weighting=mse_weighting)
             valid, eval_step = pairs, make_steps(cached_loss, tx, transformer.compute_dtype(pruned_model.config))[1]
 
-    opt_state = tx.init(block_params)
-    history = {"train": [], "valid": [], "best_step": 0, "best_valid": None, "wall_s": 0.0}
-    best = block_params
-    micro = 0  # batches consumed: the data position
-    manager = _checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
-    if manager is not None and resume:
-        restored = _restore(manager, {"trained": block_params, "opt_state": opt_state, "best": best,
-                                      "micro": np.zeros((), np.int64)})
-        if restored is not None:
-            state, history = restored
-            block_params, opt_state, best = state["trained"], state["opt_state"], state["best"]
-            micro = int(state["micro"])
-    elif manager is not None and manager.latest_step() is not None:
-        raise TrainingError(f"{checkpoint_dir} already holds a training checkpoint (step {manager.latest_step()}); "
-                            f"pass resume=True to continue it, or use an empty directory")
-
-    def save(step):
-        if manager is not None and manager.latest_step() != step:
-            _save(manager, step, {"trained": block_params, "opt_state": opt_state, "best": best,
-                                  "micro": np.asarray(micro, np.int64)}, history)
-
-    def data_from(position):
-        epoch_iters = (train_batches.epoch(e, shuffle_seed) if shuffle else iter(train_batches) for e in itertools.count())
-        stream = itertools.chain.from_iterable(epoch_iters)
-        return itertools.islice(stream, position, total_batches)
-
-    tokens_per_batch = int(np.sum(np.asarray(first.get("attention_mask", np.ones_like(first["input_ids"])))))
-    step = micro // grad_accum
-    bar = _progress(progress, num_steps, step)
-    start_time, start_micro = time.perf_counter(), micro
-    last_good = manager.latest_step() if manager is not None else None
-    if valid is not None and not history["valid"] and step == 0:
-        loss0 = _evaluate(eval_step, block_params, frozen, valid, mesh)
-        history["valid"].append((0, loss0))
-        history["best_valid"], history["best_step"] = loss0, 0
-    # Ctrl-C stops only between steps, after a checkpoint of that step: whatever the moment it comes, the checkpoint
-    # is one consistent (step, data position, block, optimizer state, history) and a resume ends bitwise as an
-    # uninterrupted run would.
+    state = _LoopState(block_params, tx.init(block_params), block_params)
+    checkpoints = _Checkpoints(checkpoint_dir, resume)
+    checkpoints.restore(state)
+    tokens_per_batch = int(np.sum(np.asarray(data.first.get("attention_mask", np.ones_like(data.first["input_ids"])))))
+    bar = _progress(progress, num_steps, state.micro // grad_accum)
+    log = _LossLog(state.history, schedule, grad_accum, mode, on_step, bar, tokens_per_batch, state.micro)
+    start_time = time.perf_counter()
+    if valid is not None and not state.history["valid"] and state.micro // grad_accum == 0:
+        _validate(state, 0, eval_step, frozen, valid, mesh)
     try:
-        with deferred_interrupts() as interrupt:
-            for batch in data_from(micro):
-                _loop_point("batch")
-                if step >= num_steps:
-                    break
-                block_params, opt_state, loss = train_step(block_params, opt_state, frozen, _as_batch(batch, mesh))
-                _loop_point("stepped")
-                loss = float(loss)
-                micro += 1
-                if not math.isfinite(loss):
-                    where = f"the last good checkpoint is step {last_good} in {checkpoint_dir}" \
-                        if last_good is not None else "no checkpoint was saved"
-                    raise TrainingError(f"{mode} loss is {loss} at step {step + 1} (batch {micro}); {where}")
-                if micro % grad_accum:
-                    continue
-                step += 1
-                history["train"].append((step, loss, float(schedule(step - 1))))
-                _loop_point("logged")
-                if bar is not None:
-                    elapsed = time.perf_counter() - start_time
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4g}",
-                                    tok_s=f"{(micro - start_micro) * tokens_per_batch / elapsed:.0f}")
-                if valid is not None and (step % eval_every == 0 or step == num_steps):
-                    vloss = _evaluate(eval_step, block_params, frozen, valid, mesh)
-                    history["valid"].append((step, vloss))
-                    if history["best_valid"] is None or vloss < history["best_valid"]:
-                        history["best_valid"], history["best_step"] = vloss, step
-                        best = block_params
-                    _loop_point("validated")
-                elif valid is None:
-                    best = block_params
-                if manager is not None and (step % checkpoint_every == 0 or step == num_steps):
-                    save(step)
-                    last_good = step
-                    _loop_point("saved")
-                if on_step is not None:
-                    on_step(step, loss)
-                if interrupt.pending:
-                    save(step)
-                    break  # the guard raises KeyboardInterrupt
+        _train_loop(state, data, train_step, eval_step, frozen, valid, mesh, log, checkpoints, grad_accum=grad_accum,
+                    eval_every=eval_every, checkpoint_every=checkpoint_every, log_every=log_every)
     finally:
         if bar is not None:
             bar.close()
+    history = state.history
     history["wall_s"] += time.perf_counter() - start_time
-    if valid is None:
-        best = block_params
+    best = state.trained if valid is None else state.best
     best = jax.tree.map(lambda a, like: a.astype(like.dtype), best, initial)
     trained = pruned_model.replace(config=result_config, params=merge_params(best, frozen_params))
     if checkpoint_dir:
@@ -864,8 +993,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     return (trained, history) if return_history else trained
 
 
-# Tests set this to a function of a point name ("batch", "stepped", "logged", "validated", "saved") to interrupt the
-# training loop exactly there.
+# Tests set this to a function of a point name ("batch", "stepped", "logged": a step counted, "validated", "saved")
+# to interrupt the training loop exactly there.
 LOOP_HOOK = None
 
 

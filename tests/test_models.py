@@ -162,17 +162,24 @@ def test_blocked_causal_attention_keeps_fully_masked_rows_finite():
 
 
 def test_attention_is_traced_for_the_target_platform():
-    """CPU traces the blocked loop; an ahead-of-time TPU plan traced on this CPU host gets the dense attention."""
+    """CPU traces the blocked loop; an ahead-of-time TPU plan traced on this CPU host gets the dense attention. The
+    platform is the config's, so a jit keyed on the config traces each platform's attention, not the first's."""
     from streamline_jax.models import layers
 
     t = layers.CAUSAL_BLOCK + 8
     q = k = v = jnp.zeros((1, t, 2, 4))
     mask = jnp.ones((1, t, t), bool)
-    traced = lambda: str(jax.make_jaxpr(lambda *a: layers.attend(*a, causal=True))(q, k, v, mask))
-    assert "scan" in traced() or "while" in traced()
-    with layers.attention_platform("tpu"):
-        assert "scan" not in traced() and "while" not in traced()
-    assert "scan" in traced() or "while" in traced()  # the override ends with its block
+    traced = lambda platform: str(jax.make_jaxpr(lambda *a: layers.attend(*a, causal=True, platform=platform))(
+        q, k, v, mask))
+    assert "scan" in traced(None) or "while" in traced(None)
+    assert "scan" not in traced("tpu") and "while" not in traced("tpu")
+    config = CONFIGS["llama_gqa_tied"].replace(max_position_embeddings=t)
+    params = transformer.init_params(config, jax.random.PRNGKey(0))
+    ids = jnp.zeros((1, t), jnp.int32)
+    apply = jax.jit(lambda c, p, i: transformer.apply(c, p, i, jnp.ones_like(i))["logits"], static_argnums=0)
+    lowered = [apply.lower(config.replace(attention_platform=platform), params, ids).as_text()
+               for platform in (None, "tpu", None)]
+    assert lowered[0] != lowered[1] and lowered[0] == lowered[2]
 
 
 @pytest.mark.parametrize("name", ["llama_gqa_tied", "mistral_sliding_window", "opt_350m_style"])

@@ -21,6 +21,7 @@ from streamline_jax import plan
 from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig, to_hf_config
 from streamline_jax.models.presets import PRESETS, PUBLISHED_PARAMS, preset
+from streamline_jax.pruning import prune_config
 from streamline_jax.sharding import ShardingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_lm_step_loss_matches_transformers_pruned_model(hf_llama):
     with torch.no_grad():
         want = float(pruned(torch.tensor(ids, dtype=torch.long), labels=torch.tensor(ids, dtype=torch.long)).loss)
 
-    pc = plan.pruned_config(LLAMA, start, length)
+    pc = prune_config(LLAMA, start, length)
     stack = params["segments"]["seg_0"]
     cut = lambda a, b: jax.tree.map(lambda x: x[a:b], stack)
     frozen = dict(params, segments={"seg_0": cut(0, start), "seg_2": cut(start + length, None)})

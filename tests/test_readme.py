@@ -140,7 +140,8 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N]": HELP_BENCH,
     "python scripts/bench_load.py [--layers 4] [--devices 8] [--mesh 1,8,1] [--keep DIR]": HELP_BENCH,
     "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2]": HELP_BENCH,
-    "python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000] [--speed-steps 8]": HELP_BENCH,
+    "python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000|none] [--speed-steps 16] "
+    "[--log-every 4]": HELP_BENCH,
     "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": HELP_BENCH,
     "python scripts/bench_default.py": HELP_BENCH,  # bench_default's and bench_pipeline's, once the README names them
     "python scripts/bench_default.py --config configs/recipes/paper.yaml": HELP_BENCH,

@@ -258,6 +258,8 @@ def test_unknown_preset_suggests_the_nearest(capsys):
     ("train.kd_ce_weight=2", r"train.kd_ce_weight is the cross-entropy's share of the KD loss"),
     ("train.trainable=[seg_2(]", "train.trainable: 'seg_2(' is not a regular expression"),
     ("train.trainable=[block,lm_head]", "train.mode=mse trains the block only"),
+    ("train.log_every=0", "train.log_every must be >= 1"),
+    ("train.log_every=2.5", "train.log_every must be an integer"),
 ])
 def test_bad_overrides_are_clear_errors(override, message, capsys):
     assert run_mod.main(["--out", "/nonexistent/x", override]) == 2
@@ -295,6 +297,26 @@ def test_settings_layers(tmp_path):
     assert run_mod.parse_stages("train") == ("score", "prune", "train")
     with pytest.raises(run_mod.ConfigError, match="did you mean 'evaluate'"):
         run_mod.parse_stages("evaluat")
+
+
+# train_replacement's arguments that the pipeline gives from elsewhere than the train section
+NOT_TRAIN_SETTINGS = {"dense_model", "pruned_model", "train_batches", "valid_batches", "batch_size", "checkpoint_dir",
+                      "resume", "progress", "block_key", "on_step", "return_history"}
+
+
+def test_every_training_option_of_the_api_is_a_setting_with_its_default():
+    import dataclasses
+    import inspect
+
+    from streamline_jax.train import train_replacement
+
+    api = {name: p.default for name, p in inspect.signature(train_replacement).parameters.items()
+           if name not in NOT_TRAIN_SETTINGS}
+    section = {f.name: f.default for f in dataclasses.fields(run_mod.TrainSection)}
+    assert set(api) == set(section)
+    # same defaults (pair_cache: a folder in the API, on or off in the settings; sequences: tuples in both)
+    assert {k: v for k, v in api.items() if k != "pair_cache"} == {k: v for k, v in section.items() if k != "pair_cache"}
+    assert set(run_mod.read_yaml(run_mod.CONFIG_DIR / "pipeline.yaml")["train"]) == set(section)
 
 
 def test_every_preset_parses_and_matches_the_shape_table():

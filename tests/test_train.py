@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,6 +177,45 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+ .*last good checkpoint is step \d+"):
         train_replacement(model, pruned, chunks(64), batch_size=4, lr=1e25, clip_norm=1e30, warmup_steps=1,
                           checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
+
+
+def test_losses_read_every_k_steps_still_give_every_step_to_the_history_and_on_step():
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "mlp", mlp_width=16)
+    kwargs = dict(batch_size=4, grad_accum=2, lr=3e-3, warmup_steps=1, progress=False, return_history=True)
+    runs = {}
+    for log_every in (1, 3):
+        seen = []
+        _, history = train_replacement(model, pruned, chunks(40), log_every=log_every,
+                                       on_step=lambda step, loss: seen.append((step, loss)), **kwargs)
+        runs[log_every] = history, seen
+    (sync, sync_seen), (lazy, lazy_seen) = runs[1], runs[3]
+    assert [s for s, _, _ in lazy["train"]] == [1, 2, 3, 4, 5]  # 10 batches, 2 per step; read at 3 and 5
+    assert lazy["train"] == sync["train"] and lazy_seen == sync_seen == [(s, loss) for s, loss, _ in sync["train"]]
+    assert all(isinstance(loss, float) and isinstance(lr, float) for _, loss, lr in lazy["train"])
+    with pytest.raises(ValueError, match="log_every"):
+        train_replacement(model, pruned, chunks(40), log_every=0, **kwargs)
+
+
+def test_a_nan_loss_read_late_names_the_step_it_came_at(tmp_path):
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "mlp", mlp_width=16)
+    kwargs = dict(batch_size=4, lr=1e25, clip_norm=1e30, warmup_steps=1, progress=False)
+    errors, seen = {}, {}
+    for log_every in (1, 50):
+        seen[log_every] = []
+        with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+ \(batch \d+\); no checkpoint") as e:
+            train_replacement(model, pruned, chunks(64), log_every=log_every,
+                              on_step=lambda step, loss: seen[log_every].append(step), **kwargs)
+        errors[log_every] = str(e.value)
+    assert errors[50] == errors[1]
+    assert seen[50] == seen[1]  # every step before the bad one, and none after it
+    # the checkpoints (every 2 steps) read the losses first: none holds a step past the bad one
+    with pytest.raises(TrainingError, match=r"at step (\d+) .*last good checkpoint is step (\d+)") as e:
+        train_replacement(model, pruned, chunks(64), log_every=50, checkpoint_dir=tmp_path, checkpoint_every=2,
+                          **kwargs)
+    bad, good = map(int, re.search(r"at step (\d+) .*checkpoint is step (\d+)", str(e.value)).groups())
+    assert good < bad and max(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == good
 
 
 def test_bad_input_is_refused_up_front():

@@ -84,6 +84,9 @@ class ModelConfig:
     # the dtype dot products take their inputs in (accumulating in float32); None: the weights' dtype. Norms,
     # softmax, the residual stream and losses are float32 whatever this says.
     compute_dtype: str | None = None
+    # the platform attention is traced for ("cpu", "tpu", "gpu"; None: this host's default backend): an
+    # ahead-of-time TPU plan compiled on a CPU host sets it to trace the attention a TPU runs
+    attention_platform: str | None = None
     # the stack after surgery; empty means `num_layers` original layers
     layout: tuple[Segment, ...] = ()
     # (start, length, kind) of each pruned span, in original layer numbers

@@ -6,7 +6,6 @@ names (see `streamline_jax.sharding`).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import jax
@@ -151,22 +150,9 @@ def apply_rope(x, positions, inv_freq):
 # Query rows per block in causal attention on CPU: a block's scores for one key head stay in cache between the
 # score product, the softmax and the value product (128 was among the fastest of 32-256 tried).
 CAUSAL_BLOCK = 128
-_attention_platform: str | None = None  # set while tracing for another platform (ahead-of-time plans)
 
 
-@contextlib.contextmanager
-def attention_platform(platform: str | None):
-    """Trace attention for `platform` ("cpu", "tpu", "gpu"), not for this host's default backend: an
-    ahead-of-time TPU plan compiled on a CPU host must trace the attention a TPU runs."""
-    global _attention_platform
-    previous, _attention_platform = _attention_platform, platform
-    try:
-        yield
-    finally:
-        _attention_platform = previous
-
-
-def attend(q, k, v, mask, causal=False, softcap=None):
+def attend(q, k, v, mask, causal=False, softcap=None, platform=None):
     """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, T, S] bool (True = may attend).
 
     q must already carry its scale; `softcap` caps the scores at cap * tanh(score / cap) (Gemma 2). The G = H/K
@@ -176,10 +162,11 @@ def attend(q, k, v, mask, causal=False, softcap=None):
     `causal=True` promises that query t never sees a key past slot t (no cache: keys and queries are the same
     slots). On CPU, queries then go one (batch, key head) at a time in blocks of CAUSAL_BLOCK rows, each against only
     the keys up to its last row: half the square is skipped, and the block's scores never leave the cache. On
-    accelerators XLA's fused dense attention is kept.
+    accelerators XLA's fused dense attention is kept. `platform` ("cpu", "tpu", "gpu"): the one traced for, a
+    ModelConfig's `attention_platform` (static, so a jit keys on it; None: this host's default backend).
     """
     t, s = q.shape[1], k.shape[1]
-    platform = _attention_platform or jax.default_backend()
+    platform = platform or jax.default_backend()
     if causal and t == s and t > CAUSAL_BLOCK and platform == "cpu":
         return _attend_causal_blocks(q, k, v, mask, softcap)
     return _attend_dense(q, k, v, mask, softcap)

@@ -50,7 +50,8 @@ class LlamaAttention(nn.Module):
         if cache is not None:
             cache = update_cache(cache, k, v, cache_index)
             k, v = cache
-        out = attend(q, k, v, mask, causal=cache is None, softcap=c.attn_logit_softcap)
+        out = attend(q, k, v, mask, causal=cache is None, softcap=c.attn_logit_softcap,
+                     platform=c.attention_platform)
         out = dense(c.hidden_size, ("heads", "head_dim"), ("embed",), c.attention_bias, "o_proj", axis=(-2, -1),
                     dtype=self.dtype, compute_dtype=compute)(out)
         return out, cache

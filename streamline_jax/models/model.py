@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..backend import jit_by_config
+from ..sharding import place_batch
 from . import transformer
 from .config import ModelConfig
 
@@ -61,10 +62,7 @@ def _prepare(model: Model, input_ids, attention_mask):
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     attention_mask = jnp.asarray(np.asarray(attention_mask), jnp.int32).reshape(input_ids.shape)
-    if model.mesh is not None:
-        from ..sharding import shard_batch
-        input_ids, attention_mask = shard_batch(model.mesh, (input_ids, attention_mask))
-    return input_ids, attention_mask
+    return place_batch(model.mesh, (input_ids, attention_mask))
 
 
 def forward(model: Model, input_ids, attention_mask=None):

@@ -27,7 +27,7 @@ class OPTAttention(nn.Module):
         if cache is not None:
             cache = update_cache(cache, k, v, cache_index)
             k, v = cache
-        out = attend(q, k, v, mask, causal=cache is None)
+        out = attend(q, k, v, mask, causal=cache is None, platform=c.attention_platform)
         out = dense(c.hidden_size, axes, ("embed",), c.enable_bias, "out_proj", axis=(-2, -1), dtype=self.dtype,
                     compute_dtype=compute)(out)
         return out, cache
