@@ -426,7 +426,8 @@ class MemoryPlan:
 
 def argument_bytes(args) -> int:
     """Bytes of one device's shards of abstract sharded arguments."""
-    return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(args))
+    return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(args)
+               if isinstance(a, jax.ShapeDtypeStruct))  # not the static config
 
 
 def compile_plan(plan: StepPlan):
