@@ -22,10 +22,9 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import yaml
 from jax.sharding import Mesh

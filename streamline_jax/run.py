@@ -1058,6 +1058,10 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     if staged is not None:
         mesh, layout = staged
         remat, layout_name = layout.remat, str(layout)
+        if c.data.batch_size != layout.batch:  # the memory plan (scripts/plan_memory.py) was for the layout's batch
+            log.warning("training batch data.batch_size=%d is not the batch %d its layout was planned for (%s); "
+                        "plan it with scripts/plan_memory.py --batch %d", c.data.batch_size, layout.batch, layout,
+                        c.data.batch_size)
         if dense.mesh is not None and mesh != dense.mesh:
             log.info("training re-shards the models onto its layout: %s", layout)
             dense, pruned = place_on_mesh(dense, mesh), place_on_mesh(pruned, mesh)
