@@ -568,6 +568,8 @@ def test_remat_trains_to_the_same_parameters_and_the_step_donates_its_inputs(mod
     assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), results["none"]["segments"][
         block], pruned.params["segments"][block]))) > 0
     texts = [p.train_step.lower(*p.arguments, train.abstract_batch(4, 16)).as_text() for p in steps]
-    assert "optimization_barrier" not in texts[0] and all("optimization_barrier" in t for t in texts[1:])
+    # (kd's chunked logits are recomputed whatever the policy: it has barriers without remat too)
+    barriers = [t.count("optimization_barrier") for t in texts]
+    assert all(b > barriers[0] for b in barriers[1:]), barriers
     assert all("tf.aliasing_output" in t or "jax.buffer_donor" in t for t in texts)
     assert all(not a.is_deleted() for a in jax.tree.leaves(pruned.params))
