@@ -174,8 +174,8 @@ def child_ours(args):
             return result
         return call
 
-    def timed_make_steps(*args):
-        train_step, eval_step = make_steps(*args)
+    def timed_make_steps(*args, **kwargs):
+        train_step, eval_step = make_steps(*args, **kwargs)
         return timed("train_step", train_step), timed("eval_step", eval_step)
 
     train.make_steps = timed_make_steps

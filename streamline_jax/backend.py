@@ -98,12 +98,13 @@ EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.cache
-def float32_cpu_dot_options() -> dict:
-    """EIGEN_DOTS on a CPU whose jaxlib accepts the option; else {} (its default dots)."""
+def float32_cpu_dot_options(platform: str | None = None) -> dict:
+    """EIGEN_DOTS for a program compiled for the CPU (`platform`, default: jax's default backend) whose jaxlib
+    accepts the option; else {} (its default dots)."""
     import jax
     import jax.numpy as jnp
 
-    if jax.default_backend() != "cpu":
+    if (platform or jax.default_backend()) != "cpu" or jax.default_backend() != "cpu":
         return {}
     x = jnp.ones((8, 8), jnp.float32)
     try:
@@ -113,18 +114,20 @@ def float32_cpu_dot_options() -> dict:
     return dict(EIGEN_DOTS)
 
 
-def compiler_options(compute_dtype) -> dict:
-    """XLA compiler options for a program whose dot inputs are `compute_dtype`."""
+def compiler_options(compute_dtype, platform: str | None = None) -> dict:
+    """XLA compiler options for a program whose dot inputs are `compute_dtype`, compiled for `platform` (default:
+    this backend; the memory planner compiles for a TPU from a CPU host)."""
     import jax.numpy as jnp
 
-    return float32_cpu_dot_options() if jnp.dtype(compute_dtype) == jnp.float32 else {}
+    return float32_cpu_dot_options(platform) if jnp.dtype(compute_dtype) == jnp.float32 else {}
 
 
-def jit_for(compute_dtype, fn, **jit_kwargs):
-    """jax.jit(fn) compiled with the options that suit `compute_dtype`'s dot products on this backend."""
+def jit_for(compute_dtype, fn, platform: str | None = None, **jit_kwargs):
+    """jax.jit(fn) compiled with the options that suit `compute_dtype`'s dot products on `platform` (default: this
+    backend)."""
     import jax
 
-    return jax.jit(fn, compiler_options=compiler_options(compute_dtype) or None, **jit_kwargs)
+    return jax.jit(fn, compiler_options=compiler_options(compute_dtype, platform) or None, **jit_kwargs)
 
 
 def jit_by_config(**jit_kwargs):
@@ -134,18 +137,28 @@ def jit_by_config(**jit_kwargs):
     def decorate(fn):
         compiled = {}
 
+        def jitted(config, platform: str | None = None):
+            """The jitted function a call with `config` runs (compiled for `platform`, default: this backend): the
+            memory planner lowers this one."""
+            from .models.layers import matmul_dtype
+
+            key = (matmul_dtype(config), platform)
+            if key not in compiled:
+                compiled[key] = jit_for(key[0], fn, platform, **jit_kwargs)
+            return compiled[key]
+
         @functools.wraps(fn)
         def wrapper(config, *args, **kwargs):
             import jax
 
-            from .models.layers import matmul_dtype
-
             nested = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs)))
-            key = None if nested else matmul_dtype(config)
-            if key not in compiled:
-                compiled[key] = jax.jit(fn, **jit_kwargs) if nested else jit_for(key, fn, **jit_kwargs)
-            return compiled[key](config, *args, **kwargs)
+            if nested:
+                if None not in compiled:
+                    compiled[None] = jax.jit(fn, **jit_kwargs)
+                return compiled[None](config, *args, **kwargs)
+            return jitted(config)(config, *args, **kwargs)
 
+        wrapper.jitted = jitted
         wrapper._cache_size = lambda: sum(f._cache_size() for f in compiled.values())  # shapes compiled so far
         return wrapper
 

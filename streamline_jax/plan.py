@@ -5,9 +5,9 @@ The AOT path needs no TPU and no weights: libtpu (the `tpu` extra) describes the
 `ShapeDtypeStruct`s carrying their `NamedSharding`, and `jit(...).lower(...).compile()` gives XLA's own
 `memory_analysis()` and `cost_analysis()` for one chip.
 
-Scoring plans `score.score_sums`; the two training steps here are self-contained stand-ins with the shapes,
-dtypes and shardings of the real ones (frozen bfloat16 model, float32 master weights and AdamW state for the block
-only). Every planner function takes the step as an argument, so `train.py`'s steps can be planned instead.
+The steps planned are the run's own jitted functions: scoring lowers `score.score_sums` as `score_spans` calls it,
+training lowers the train step of `train.training_program`, the builder `train_replacement` runs (same loss, optax
+chain, remat, shardings and donation of the trained parameters and optimizer state).
 """
 
 from __future__ import annotations
@@ -17,22 +17,25 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import inspect
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import yaml
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from . import train
 from .models import transformer
-from .models.config import ModelConfig, Segment
+from .models.config import ModelConfig
+from .models.model import Model, with_compute_dtype
+from .models.transformer import REMAT_POLICIES
 from .pruning import prune_config
+from .score import score_sums
 from .sharding import MESH_AXES, ShardingError, param_shardings
 
 # Compile-only use of libtpu touches no chip, so several planning processes may load it at once.
@@ -40,7 +43,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 MESHES_YAML = Path(__file__).resolve().parents[1] / "configs" / "meshes.yaml"
 STAGES = ("scoring", "mse", "lm")
-REMAT_POLICIES = ("none", "dots", "full")
 GIB = 1024 ** 3
 # XLA keeps a little HBM for itself; a plan must fit in this share of the chip.
 USABLE_HBM = 0.95
@@ -302,179 +304,83 @@ def default_span(config: ModelConfig) -> tuple[int, int]:
     return max(1, config.num_layers // 4), n
 
 
-def split_config(config: ModelConfig, start: int, length: int) -> ModelConfig:
-    """The dense model as three stacks: layers before the span, the span, the layers after it."""
-    L = config.num_layers
-    if not (0 <= start and length >= 1 and start + length <= L):
-        raise ValueError(f"span start={start} length={length} does not fit {L} layers")
-    segs = [Segment("layers", n) for n in (start, length, L - start - length) if n]
-    return config.replace(layout=tuple(segs))
+# Training settings a plan uses where it is given none: train_replacement's own defaults, and a step count for the
+# schedule (its constants are part of the compiled program, not of its memory).
+PLAN_NUM_STEPS = 1000
 
 
-def block_index(config: ModelConfig) -> int:
-    return [i for i, s in enumerate(config.layout) if s.kind != "layers"][0]
+def training_defaults() -> dict:
+    """train_replacement's keyword defaults (the settings the run trains with unless told otherwise)."""
+    return {k: p.default for k, p in inspect.signature(train.train_replacement).parameters.items()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def remat_arg(policy: str):
-    return {"none": False, "full": True, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The three steps (stand-ins with the real shapes; swap in score.py / train.py steps through `step=`)
-
-
-def scoring_step(config: ModelConfig, params, input_ids, attention_mask):
-    """The scoring stage's step: `score.score_sums` (forward with every hidden state, cosine and angular sums)."""
-    from .score import score_sums
-
-    return score_sums(config, params, input_ids, attention_mask)
-
-
-def make_optimizer(learning_rate: float = 1e-4, weight_decay: float = 0.0):
-    return optax.adamw(learning_rate, weight_decay=weight_decay)
-
-
-def mse_step(config: ModelConfig, optimizer, block, opt_state, frozen, input_ids, attention_mask, *,
-             remat: str = "none"):
-    """One step of training the replacement block on MSE(block(h_in), h_out); `config` is a `split_config` and
-    `frozen` holds the embeddings and the first two stacks (before and in the span). Block weights are float32
-    master weights; its products run in the model's compute dtype."""
-    positions = transformer.default_positions(attention_mask)
-    t = input_ids.shape[1]
-    mask = transformer.attention_mask_matrix(attention_mask, jnp.arange(t)[None], config.sliding_window)
-    x = transformer.embed(config, frozen, input_ids, positions)
-    segs = frozen["segments"]
-    i = len(segs) - 1  # frozen = (layers before the span,) + the span
-    if i:
-        x, _, _ = transformer.run_segment(config, config.layout[0], segs["seg_0"], x, mask, positions, first_layer=0)
-    h_in = jax.lax.stop_gradient(x)
-    first = transformer.layer_offsets(config)[i]
-    h_out, _, _ = transformer.run_segment(config, config.layout[i], segs[f"seg_{i}"], h_in, mask, positions,
-                                          first_layer=first)
-    h_out = jax.lax.stop_gradient(h_out).astype(jnp.float32)
-    layer = transformer.decoder_layer(config)
-    w = attention_mask.astype(jnp.float32)[..., None]
-    # the block is made from the span's first layer and keeps its attention type (no cache, no cache index)
-    types = (None, None, jnp.asarray(config.layer_is_local(first, 1)[0])) if config.layer_types else ()
-
-    def loss_fn(block):
-        def run(b, h):
-            return layer.apply({"params": b}, h, mask, positions, *types)[0]
-
-        if remat != "none":
-            run = jax.checkpoint(run, policy=remat_arg(remat) if remat == "dots" else None)
-        y = run(block, h_in).astype(jnp.float32)
-        return jnp.sum(jnp.square(y - h_out) * w) / (jnp.sum(w) * config.hidden_size)
-
-    loss, grads = jax.value_and_grad(loss_fn)(block)
-    updates, opt_state = optimizer.update(grads, opt_state, block)
-    return optax.apply_updates(block, updates), opt_state, loss
-
-
-def lm_step(config: ModelConfig, optimizer, block, opt_state, frozen, input_ids, attention_mask, *,
-            remat: str = "full"):
-    """One step of training the replacement block on the language-model loss of the whole pruned model
-    (`config` is a `pruned_config`); only the block gets gradients."""
-    k = f"seg_{block_index(config)}"
-
-    def loss_fn(block):
-        params = dict(frozen, segments={**frozen["segments"], k: block})
-        out = transformer.apply(config, params, input_ids, attention_mask, remat=remat_arg(remat))
-        logits = out["logits"][:, :-1]
-        labels = input_ids[:, 1:]
-        w = (attention_mask[:, 1:] * attention_mask[:, :-1]).astype(jnp.float32)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return jnp.sum(nll * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-    loss, grads = jax.value_and_grad(loss_fn)(block)
-    updates, opt_state = optimizer.update(grads, opt_state, block)
-    return optax.apply_updates(block, updates), opt_state, loss
+def training_program(stage: str, config: ModelConfig, span: tuple[int, int], mesh: Mesh | None, *,
+                     remat: str = "none", training: dict | None = None,
+                     platform: str | None = None) -> tuple[train.TrainingProgram, ModelConfig]:
+    """(the program `train_replacement` compiles for this stage, the pruned config): `training` holds
+    train_replacement keyword arguments (mode, lr, num_steps, grad_accum, compute_dtype, trainable, freeze, kd_*, ...;
+    the rest its defaults); the `lm` stage trains with mode `lm` unless `training` says `kd`."""
+    options = {**training_defaults(), "num_steps": PLAN_NUM_STEPS, **(training or {})}
+    if platform is not None:  # the target's attention, not this host's
+        config = config.replace(attention_platform=platform)
+    mode = "mse" if stage == "mse" else (options["mode"] if options["mode"] in ("lm", "kd") else "lm")
+    if options["compute_dtype"] is not None:  # as train_replacement resolves it
+        config = with_compute_dtype(Model(config, None), options["compute_dtype"]).config
+    start, length = span
+    pruned = prune_config(config, start, length, "layer")
+    block = train.trainable_blocks(pruned)[0]
+    paths = train.trained_paths(transformer.abstract_params(pruned), block, options["trainable"], options["freeze"])
+    kd = train.distillation_settings(config, pruned, block, paths, options["kd_temperature"], options["kd_ce_weight"],
+                                     options["kd_hidden_layers"], options["kd_hidden_weight"]) if mode == "kd" else None
+    num_steps = options["num_steps"]
+    program = train.training_program(
+        config, pruned, block, paths, mode, lr=options["lr"], min_lr=options["min_lr"],
+        warmup_steps=train.warmup_steps_for(num_steps, options["warmup_steps"]), num_steps=num_steps,
+        weight_decay=options["weight_decay"], clip_norm=options["clip_norm"], grad_accum=options["grad_accum"],
+        lr_schedule=options["lr_schedule"], kd=kd, mse_weighting=options["mse_weighting"], remat=remat, mesh=mesh,
+        platform=platform)
+    return program, pruned
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Abstract, sharded arguments
-
-
-def _abstract(tree, shardings, dtype=None):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), tree, shardings)
-
-
-def _batch_args(mesh, batch, seq):
-    s = NamedSharding(mesh, P(("data", "fsdp"), None))
-    return (jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s),
-            jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s))
-
-
-def opt_state_shardings(optimizer, block_abstract, block_shardings, mesh):
-    state = jax.eval_shape(optimizer.init, block_abstract)
-    replicated = NamedSharding(mesh, P())
-    shardings = optax.tree_map_params(optimizer, lambda _, s: s, state, block_shardings,
-                                      transform_non_params=lambda _: replicated)
-    return state, shardings
+# The steps: the jitted functions the run executes, with abstract, sharded arguments
 
 
 @dataclasses.dataclass
 class StepPlan:
-    """A step ready to lower: the function, abstract sharded arguments, output shardings and donations."""
+    """A step ready to lower: the run's own jitted function and abstract sharded arguments for it."""
     stage: str
-    fn: Callable
+    jitted: Callable
     args: tuple
-    out_shardings: Any
-    donate_argnums: tuple = ()
 
     def lower(self):
-        jitted = jax.jit(self.fn, out_shardings=self.out_shardings, donate_argnums=self.donate_argnums)
-        return jitted.lower(*self.args)
+        return self.jitted.lower(*self.args)
+
+
+def _mesh_platform(mesh: Mesh) -> str:
+    return mesh.devices.flat[0].platform
 
 
 def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh, seq_len: int, *,
-               span: tuple[int, int] | None = None, step: Callable | None = None, optimizer=None) -> StepPlan:
-    """Abstract arguments with shardings for one stage; `step` replaces the stand-in step of that stage
-    (same signature)."""
+               span: tuple[int, int] | None = None, training: dict | None = None) -> StepPlan:
+    """The stage's step as the run executes it (score.score_sums, or train.training_program's train step) with
+    abstract arguments sharded on `mesh`; `training`: train_replacement keyword arguments (see `training_program`)."""
     check_layout(config, layout)
-    config = config.replace(attention_platform=mesh.devices.flat[0].platform)  # the target's attention, not the host's
-    ids = _batch_args(mesh, layout.batch, seq_len)
-    replicated = NamedSharding(mesh, P())
+    platform = _mesh_platform(mesh)
+    config = config.replace(attention_platform=platform)  # the target's attention, not this host's
+    batch = train.abstract_batch(layout.batch, seq_len, mesh)
     if stage == "scoring":
         abstract = transformer.abstract_params(config)
         shard = param_shardings(abstract, transformer.param_axes(config), mesh)
-        fn = functools.partial(step or scoring_step, config)
-        return StepPlan(stage, fn, (_abstract(abstract, shard),) + ids, replicated)
-    start, length = span or default_span(config)
-    optimizer = optimizer or make_optimizer()
-    if stage == "mse":
-        model_cfg = split_config(config, start, length)
-        abstract = transformer.abstract_params(model_cfg)
-        axes = transformer.param_axes(model_cfg)
-        n_keep = 2 if start else 1
-        keep = [f"seg_{i}" for i in range(n_keep)]
-        abstract = dict(abstract, segments={k: abstract["segments"][k] for k in keep})
-        axes = dict(axes, segments={k: axes["segments"][k] for k in keep})
-        for k in ("final_norm", "lm_head", "project_out"):
-            abstract.pop(k, None), axes.pop(k, None)
-        block_cfg = prune_config(config, start, length, "layer")
-        bi = f"seg_{block_index(block_cfg)}"
-        block_abs = transformer.abstract_params(block_cfg)["segments"][bi]
-        block_axes = transformer.param_axes(block_cfg)["segments"][bi]
-        fn_step = step or mse_step
-    elif stage == "lm":
-        model_cfg = prune_config(config, start, length, "layer")
-        bi = f"seg_{block_index(model_cfg)}"
-        full = transformer.abstract_params(model_cfg)
-        full_axes = transformer.param_axes(model_cfg)
-        block_abs, block_axes = full["segments"][bi], full_axes["segments"][bi]
-        abstract = dict(full, segments={k: v for k, v in full["segments"].items() if k != bi})
-        axes = dict(full_axes, segments={k: v for k, v in full_axes["segments"].items() if k != bi})
-        fn_step = step or lm_step
-    else:
+        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
+        return StepPlan(stage, score_sums.jitted(config, platform),
+                        (config, params, batch["input_ids"], batch["attention_mask"]))
+    if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-    frozen_shard = param_shardings(abstract, axes, mesh)
-    block_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), block_abs)
-    block_shard = param_shardings(block_abs, block_axes, mesh)
-    opt_abs, opt_shard = opt_state_shardings(optimizer, block_abs, block_shard, mesh)
-    fn = functools.partial(fn_step, model_cfg, optimizer, remat=layout.remat)
-    args = (_abstract(block_abs, block_shard), _abstract(opt_abs, opt_shard), _abstract(abstract, frozen_shard)) + ids
-    return StepPlan(stage, fn, args, (block_shard, opt_shard, replicated), donate_argnums=(0, 1))
+    program, _ = training_program(stage, config, span or default_span(config), mesh, remat=layout.remat,
+                                  training=training, platform=platform)
+    return StepPlan(stage, program.train_step, program.arguments + (batch,))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -515,7 +421,8 @@ class MemoryPlan:
 
 def argument_bytes(args) -> int:
     """Bytes of one device's shards of abstract sharded arguments."""
-    return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(args))
+    return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(args)
+               if isinstance(a, jax.ShapeDtypeStruct))  # not the static config
 
 
 def compile_plan(plan: StepPlan):
@@ -560,10 +467,10 @@ def memory_plan(compiled, stage: str, layout: StageLayout, seq_len: int, hbm_gib
 
 
 def plan_stage(config: ModelConfig, target: Target, stage: str, layout: StageLayout, seq_len: int, *,
-               span=None, step=None, devices=None) -> MemoryPlan:
+               span=None, training: dict | None = None, devices=None) -> MemoryPlan:
     devices = devices if devices is not None else target_devices(target)
     mesh = layout_mesh(layout, devices)
-    plan = build_step(stage, config, layout, mesh, seq_len, span=span, step=step)
+    plan = build_step(stage, config, layout, mesh, seq_len, span=span, training=training)
     try:
         result = memory_plan(compile_plan(plan), stage, layout, seq_len, target.hbm_gib)
     except jax.errors.JaxRuntimeError as e:
@@ -603,11 +510,11 @@ def candidate_layouts(config: ModelConfig, layout: StageLayout, devices: int):
 
 
 def nearest_fitting(config: ModelConfig, target: Target, stage: str, layout: StageLayout, seq_len: int, *,
-                    span=None, step=None, max_tries: int = 6):
+                    span=None, training: dict | None = None, max_tries: int = 6):
     """The first candidate layout that fits, with its plan, or (None, tried plans)."""
     tried = []
     for cand in candidate_layouts(config, layout, target.devices)[:max_tries]:
-        plan = plan_stage(config, target, stage, cand, seq_len, span=span, step=step)
+        plan = plan_stage(config, target, stage, cand, seq_len, span=span, training=training)
         tried.append(plan)
         if plan.fits:
             return plan, tried

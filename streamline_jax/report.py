@@ -127,6 +127,10 @@ def to_markdown(report: dict) -> str:
         lines += [f"- model: `{model.get('source')}`, {model.get('layers')} layers, {model.get('params', 0):,} "
                   f"parameters, {model.get('dtype')}"]
     stages = report.get("stages", [])
+    layouts = report.get("layouts") or {}
+    if any(layouts.values()):  # the meshes.yaml layout each stage ran on
+        lines.append("- layouts: " + "; ".join(f"{name}: {layout or 'mesh.* settings'}"
+                                               for name, layout in layouts.items()))
     lines += [f"- stages: {', '.join(stages)}", f"- finished: {report.get('finished', 'no')}", ""]
     spans = report.get("spans") or ([report["span"]] if report.get("span") else [])
     if spans:

@@ -1052,10 +1052,28 @@ def prune_stage(c: RunConfig, dense, choices, calib_source, shared: SharedWork |
     return pruned, parts
 
 
-def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: bool, progress: bool):
-    """The replacement block trained; (pruned model, training history)."""
+def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: bool, progress: bool,
+                preset: str | None = None, target: str | None = None):
+    """The replacement block trained on the training stage's layout (configs/meshes.yaml: `mse` for mode mse, `lm`
+    for lm and kd; its mesh and remat policy); (pruned model on the mesh it came on, training history). Where that
+    mesh differs from the models' one, the models are re-sharded onto it for training (the dense model is then on
+    the devices twice while it trains) and the trained model back."""
     from . import data
+    from .loading import place_on_mesh
     from .train import train_replacement, trainable_blocks
+
+    remat, layout_name, home = "none", None, pruned.mesh
+    staged = stage_layout("mse" if c.train.mode == "mse" else "lm", preset, target)
+    if staged is not None:
+        mesh, layout = staged
+        remat, layout_name = layout.remat, str(layout)
+        if c.data.batch_size != layout.batch:  # the memory plan (scripts/plan_memory.py) was for the layout's batch
+            log.warning("training batch data.batch_size=%d is not the batch %d its layout was planned for (%s); "
+                        "plan it with scripts/plan_memory.py --batch %d", c.data.batch_size, layout.batch, layout,
+                        c.data.batch_size)
+        if dense.mesh is not None and mesh != dense.mesh:
+            log.info("training re-shards the models onto its layout: %s", layout)
+            dense, pruned = place_on_mesh(dense, mesh), place_on_mesh(pruned, mesh)
 
     seq, batch = c.data.seq_len, c.data.batch_size
     skip = c.data.calib_chunks if inputs.train_source is inputs.calib_source else 0
@@ -1081,11 +1099,16 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
             lr_schedule=t.lr_schedule, mse_weighting=t.mse_weighting, progress=progress, return_history=True,
             trainable=t.trainable, kd_temperature=t.kd_temperature, kd_ce_weight=t.kd_ce_weight,
             kd_hidden_layers=t.kd_hidden_layers, kd_hidden_weight=t.kd_hidden_weight, log_every=t.log_every,
+            remat=remat,
             pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
         histories.append({**history, "mode": t.mode, "block": block.key, "span": [block.start, block.length]})
+    if home is not None and pruned.mesh != home:
+        pruned = place_on_mesh(pruned, home)
+    ran_on = {"layout": layout_name, "remat": remat}  # layout None: no meshes.yaml target (mesh.* settings)
     if len(histories) == 1:
-        return pruned, histories[0]
-    return pruned, {"mode": t.mode, "blocks": histories, "wall_s": sum(h.get("wall_s", 0) for h in histories)}
+        return pruned, {**histories[0], **ran_on}
+    return pruned, {"mode": t.mode, "blocks": histories, "wall_s": sum(h.get("wall_s", 0) for h in histories),
+                    **ran_on}
 
 
 def dense_evaluation_key(c: RunConfig, dense, tasks) -> str:
@@ -1189,6 +1212,9 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
                               "devices": [str(d) for d in jax.devices()], "finished": None}
     with stage("load", times):
         dense, report["model"] = load_stage(c, preset, target, shared)
+    staged = stage_layout("scoring", preset, target)
+    # the layout (configs/meshes.yaml) each stage ran on; None: the mesh.* settings, or one device
+    report["layouts"] = {"load, score, evaluate": str(staged[1]) if staged else None}
     scores = choices = pruned = history = None
     if "score" in stages:
         with stage("score", times):
@@ -1201,8 +1227,9 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
         report.update(parts)
     if "train" in stages and c.prune.replacement not in ("none", "linear"):  # `linear` is fitted, not trained
         with stage("train", times):
-            pruned, history = train_stage(c, dense, pruned, inputs, out, resume, progress)
+            pruned, history = train_stage(c, dense, pruned, inputs, out, resume, progress, preset, target)
         report["training"] = history
+        report["layouts"]["train"] = history.get("layout")
     if "evaluate" in stages and inputs.tasks:
         with stage("evaluate", times):
             report.update(evaluate_stage(c, dense, pruned, inputs.tasks, progress, shared))
@@ -1231,22 +1258,33 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     return report
 
 
-def _mesh(c: RunConfig, preset: str | None, target: str | None):
-    """The mesh for the run: a named layout from configs/meshes.yaml, else the layout matching the devices found,
-    else the mesh.* settings. One device: no mesh."""
+def stage_layout(stage: str, preset: str | None, target: str | None):
+    """(mesh, layout) configs/meshes.yaml gives a stage (scoring, mse, lm) on the named target, else on the target
+    matching the devices found; None when there is neither (one device, or the mesh.* settings)."""
     import jax
 
     from . import plan
+
+    if target is None and (jax.device_count() == 1 or plan.pick_target() is None):
+        return None
+    return plan.stage_mesh(stage, target=target, model=preset)
+
+
+def _mesh(c: RunConfig, preset: str | None, target: str | None):
+    """The mesh the model loads onto (and scores and evaluates on): the scoring stage's layout from
+    configs/meshes.yaml (see `stage_layout`), else the mesh.* settings. One device: no mesh. Training runs on its
+    own stage's layout (`train_stage`)."""
+    import jax
+
     from .sharding import make_mesh
 
-    if target is None and jax.device_count() == 1:
-        return None
-    if target is not None or plan.pick_target() is not None:
-        # one mesh for the whole run: the scoring stage's layout (its batch is the largest)
-        mesh, layout = plan.stage_mesh("scoring", target=target, model=preset)
-        log.info("mesh layout %s: data=%d fsdp=%d tensor=%d", target or "matching the devices", layout.data,
-                 layout.fsdp, layout.tensor)
+    staged = stage_layout("scoring", preset, target)
+    if staged is not None:
+        mesh, layout = staged
+        log.info("mesh layout %s for scoring: %s", target or "matching the devices", layout)
         return mesh
+    if jax.device_count() == 1:
+        return None
     return make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
 
 

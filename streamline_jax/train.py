@@ -26,12 +26,13 @@ import numbers
 import re
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .backend import jit_for
 from .data import batches as batch_chunks, pad_rows
@@ -39,7 +40,7 @@ from .interrupts import deferred_interrupts
 from .models import transformer
 from .models.config import ModelConfig, Segment
 from .models.model import Model, with_compute_dtype
-from .sharding import place_batch
+from .sharding import batch_sharding, param_shardings, place_batch
 
 MODES = ("mse", "lm", "kd")
 # Steps between reads of the training losses (see `train_replacement`): the host runs this far ahead of the device.
@@ -94,9 +95,10 @@ def _dense_layers(config: ModelConfig, params, lo, hi):
     return Segment("layers", hi - lo), jax.tree.map(lambda a: a[lo:hi], params["segments"]["seg_0"])
 
 
-def _run_pieces(config: ModelConfig, pieces, x, attn, positions, stops=(), first=0):
+def _run_pieces(config: ModelConfig, pieces, x, attn, positions, stops=(), first=0, remat="none"):
     """Run (segment, params) pieces in order from x; `first` numbers the first piece's first layer. Returns the last
-    output and {layer: the output of that layer} for each layer in `stops` (a stacked segment is cut there)."""
+    output and {layer: the output of that layer} for each layer in `stops` (a stacked segment is cut there). `remat`:
+    a `transformer.remat_policy` name for every layer."""
     outputs, layer = {}, first
     for segment, seg_params in pieces:
         n = segment.num_layers
@@ -107,7 +109,8 @@ def _run_pieces(config: ModelConfig, pieces, x, attn, positions, stops=(), first
                 part, sub = seg_params, segment
                 if segment.kind == "layers":
                     part, sub = jax.tree.map(lambda a: a[lo:hi], seg_params), Segment("layers", hi - lo)
-                x, _, _ = transformer.run_segment(config, sub, part, x, attn, positions, first_layer=layer + lo)
+                x, _, _ = transformer.run_segment(config, sub, part, x, attn, positions, first_layer=layer + lo,
+                                                  remat=transformer.remat_policy(remat))
             if layer + hi - 1 in stops:
                 outputs[layer + hi - 1] = x
             lo = hi
@@ -197,33 +200,37 @@ def _block_params(trained, frozen, block: Block):
     return merge_params(trained.get("segments", {}).get(block.key, {}), pruned)
 
 
-def mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform"):
+def mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform",
+             remat="none"):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     x_in, target, attn, positions = _dense_span_io(dense_config, frozen["dense"], ids, mask, block.start,
                                                    block.length)
     out, _, _ = transformer.run_segment(pruned_config, block.segment, _block_params(trained, frozen, block), x_in,
-                                        attn, positions, first_layer=block.layer)
+                                        attn, positions, first_layer=block.layer,
+                                        remat=transformer.remat_policy(remat))
     return masked_mse(out, target, mask, weighting)
 
 
-def lm_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block):
+def lm_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, remat="none"):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     params = merge_params(trained, frozen["pruned"])
-    logits = transformer.apply(pruned_config, params, ids, mask)["logits"]
+    logits = transformer.apply(pruned_config, params, ids, mask, remat=transformer.remat_policy(remat))["logits"]
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
     nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
     real = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
     return jnp.sum(nll * real) / jnp.maximum(jnp.sum(real), 1.0)
 
 
-def cached_mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform"):
+def cached_mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform",
+                    remat="none"):
     """MSE on (input, target) pairs read from a `SpanPairCache` instead of recomputed by the frozen model."""
     mask = batch["attention_mask"]
     t = mask.shape[1]
     positions = transformer.default_positions(mask)
     attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], pruned_config.sliding_window)
     out, _, _ = transformer.run_segment(pruned_config, block.segment, _block_params(trained, frozen, block),
-                                        batch["x_in"], attn, positions, first_layer=block.layer)
+                                        batch["x_in"], attn, positions, first_layer=block.layer,
+                                        remat=transformer.remat_policy(remat))
     return masked_mse(out, batch["target"], mask, weighting)
 
 
@@ -279,8 +286,9 @@ def distillation_sums(teacher_config, teacher_params, student_config, student_pa
 
 
 def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, kd: Distillation,
-            weighting="uniform"):
-    """(1 - ce_weight) KL + ce_weight CE (+ hidden_weight x the mean hidden-state MSE), over real tokens."""
+            weighting="uniform", remat="none"):
+    """(1 - ce_weight) KL + ce_weight CE (+ hidden_weight x the mean hidden-state MSE), over real tokens. `remat`
+    applies to the student's layers (the teacher's get no gradient)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     dense_params, pruned = frozen["dense"], merge_params(trained, frozen["pruned"])
     segments = [(seg, pruned["segments"][f"seg_{i}"]) for i, seg in enumerate(pruned_config.layout)]
@@ -301,7 +309,7 @@ def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block
                                                              dense_config.depth)],
                                 x_t, attn, positions, teacher_stops, teacher_first)
     h_t, hidden_t = jax.lax.stop_gradient((h_t, hidden_t))
-    h_s, hidden_s = _run_pieces(pruned_config, segments, x_s, attn, positions, student_stops, student_first)
+    h_s, hidden_s = _run_pieces(pruned_config, segments, x_s, attn, positions, student_stops, student_first, remat)
     b, t = ids.shape
     real = mask.astype(jnp.float32)
     next_real = jnp.concatenate([real[:, 1:] * real[:, :-1], jnp.zeros((b, 1), jnp.float32)], axis=1)
@@ -438,6 +446,11 @@ def lr_schedule(name, lr, min_lr, warmup_steps, total_steps):
     return schedule
 
 
+def warmup_steps_for(num_steps, warmup_steps=None):
+    """The warm-up length: as given, else a twentieth of the steps (at least one)."""
+    return max(1, num_steps // 20) if warmup_steps is None else warmup_steps
+
+
 def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm, grad_accum, schedule="cosine"):
     """AdamW with clipping, the schedule and accumulation, for the trained parameters only (frozen ones are not in
     the tree it sees: they have no optimizer state, and clipping and weight decay never see them)."""
@@ -549,8 +562,11 @@ def distillation_settings(dense_config: ModelConfig, pruned_config: ModelConfig,
     return Distillation(float(temperature), float(ce_weight), float(hidden_weight), tuple(sorted(pairs)), shared)
 
 
-def make_steps(loss_fn, tx, compute_dtype=jnp.float32):
-    """Jitted (train_step, eval_step) for `loss_fn`, compiled for `compute_dtype` dot products."""
+def make_steps(loss_fn, tx, compute_dtype=jnp.float32, *, out_shardings=None, platform=None):
+    """Jitted (train_step, eval_step) for `loss_fn`, compiled for `compute_dtype` dot products on `platform`
+    (default: this backend). The train step donates the trained parameters and the optimizer state (arguments 0 and
+    1): the new values take their buffers, so a step holds one copy of each, not two. `out_shardings`: the train
+    step's (trained, opt_state, loss) shardings, or None to let XLA choose."""
     def train_step(trained, opt_state, frozen, batch):
         loss, grads = jax.value_and_grad(loss_fn)(trained, frozen, batch)
         updates, opt_state = tx.update(grads, opt_state, trained)
@@ -560,7 +576,92 @@ def make_steps(loss_fn, tx, compute_dtype=jnp.float32):
         mask = batch["attention_mask"]
         return loss_fn(trained, frozen, batch), jnp.sum(mask)
 
-    return jit_for(compute_dtype, train_step), jit_for(compute_dtype, eval_step)
+    return (jit_for(compute_dtype, train_step, platform, donate_argnums=(0, 1), out_shardings=out_shardings),
+            jit_for(compute_dtype, eval_step, platform))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingProgram:
+    """What a training run compiles: its loss, optax chain and jitted steps, with the shardings of the step's
+    arguments on the mesh. `train_replacement` runs it and plan.py compiles it ahead of time: one builder
+    (`training_program`), so a memory plan is for the program the run executes."""
+
+    loss_name: str  # a key of LOSSES
+    loss_fn: Callable  # (trained, frozen, batch) -> loss
+    tx: optax.GradientTransformation
+    schedule: Callable  # step -> learning rate
+    train_step: Callable  # jitted (trained, opt_state, frozen, batch) -> (trained, opt_state, loss); donates 0 and 1
+    eval_step: Callable  # jitted (trained, frozen, batch) -> (loss, tokens)
+    arguments: tuple  # (trained, opt_state, frozen) as ShapeDtypeStructs carrying their shardings (None: no mesh)
+
+
+def training_program(dense_config: ModelConfig, pruned_config: ModelConfig, block: Block, paths, loss_name: str, *,
+                     lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum, lr_schedule="cosine",
+                     kd: Distillation | None = None, mse_weighting="uniform", remat="none", mesh=None,
+                     platform=None) -> TrainingProgram:
+    """The training program for one block: `paths` are the trained parameters (`trained_paths`), `remat` a
+    `transformer.remat_policy` name for the layers the gradient runs through, `mesh` the mesh the step's arguments
+    live on (None: one device), `platform` the one it compiles for (default: this backend)."""
+    if loss_name not in LOSSES:
+        raise ValueError(f"unknown loss {loss_name!r}; expected one of {list(LOSSES)}")
+    extra = {"weighting": mse_weighting} if loss_name != "lm" else {}
+    loss_fn = _partial(LOSSES[loss_name], dense_config=dense_config, pruned_config=pruned_config, block=block,
+                       remat=remat, **extra, **({"kd": kd} if loss_name == "kd" else {}))
+    tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum,
+                                  lr_schedule)
+    arguments = abstract_step_arguments(dense_config, pruned_config, paths, loss_name, tx, mesh)
+    out_shardings = None
+    if mesh is not None:
+        trained, opt_state, _ = jax.tree.map(lambda a: a.sharding, arguments)
+        out_shardings = (trained, opt_state, NamedSharding(mesh, P()))
+    train_step, eval_step = make_steps(loss_fn, tx, transformer.compute_dtype(pruned_config),
+                                       out_shardings=out_shardings, platform=platform)
+    return TrainingProgram(loss_name, loss_fn, tx, schedule, train_step, eval_step, arguments)
+
+
+def abstract_step_arguments(dense_config: ModelConfig, pruned_config: ModelConfig, paths, loss_name: str, tx,
+                            mesh=None):
+    """(trained, opt_state, frozen) of the train step as ShapeDtypeStructs: float32 master weights for the
+    parameters in `paths`, the optimizer state for those only, the rest of the pruned model (and the dense model,
+    for the losses that run it) as they are; on `mesh`, each with its logical-axis sharding (optimizer state like
+    its parameter, its counters replicated)."""
+    def model(config):
+        abstract = transformer.abstract_params(config)
+        if mesh is None:
+            return abstract
+        shardings = param_shardings(abstract, transformer.param_axes(config), mesh)
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+    paths = set(paths)
+    trained, frozen_pruned = split_params(model(pruned_config), paths.__contains__)
+    trained = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), trained)
+    frozen = {"pruned": frozen_pruned}
+    if loss_name in ("mse", "kd"):
+        frozen["dense"] = model(dense_config)
+    opt_state = jax.eval_shape(tx.init, trained)
+    if mesh is not None:
+        replicated = NamedSharding(mesh, P())
+        shardings = optax.tree_map_params(tx, lambda _, a: a.sharding, opt_state, trained,
+                                          transform_non_params=lambda _: replicated)
+        opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_state, shardings)
+    return trained, opt_state, frozen
+
+
+def abstract_batch(batch_size: int, seq_len: int, mesh=None) -> dict:
+    """The train step's token batch as ShapeDtypeStructs, sharded as `_as_batch` places it."""
+    sharding = None if mesh is None else batch_sharding(mesh, 2, batch_size)
+    return {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=sharding)
+            for k in ("input_ids", "attention_mask")}
+
+
+def _placed(tree, abstract):
+    """`tree` on the shardings of its abstract twin (where it has them): the step is compiled for those."""
+    return jax.tree.map(lambda a, s: a if s.sharding is None else jax.device_put(a, s.sharding), tree, abstract)
+
+
+def _kept(tree):
+    """A copy the train step does not donate (it donates the trained parameters it is given)."""
+    return jax.tree.map(jnp.copy, tree)
 
 
 def _as_batch(batch, mesh):
@@ -610,7 +711,7 @@ def _validate(state: "_LoopState", step, eval_step, frozen, valid, mesh):
     history["valid"].append((step, loss))
     if history["best_valid"] is None or loss < history["best_valid"]:
         history["best_valid"], history["best_step"] = loss, step
-        state.best = state.trained
+        state.best = _kept(state.trained)  # the next step donates state.trained
 
 
 class _LossLog:
@@ -889,7 +990,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                       pair_cache: str | Path | None = None, mse_weighting: str = "uniform", shuffle: bool = False,
                       lr_schedule: str = "cosine", freeze: Sequence[str] = (), trainable: Sequence[str] = ("block",),
                       kd_temperature: float = 1.0, kd_ce_weight: float = 0.0, kd_hidden_layers: Sequence[int] = (),
-                      kd_hidden_weight: float = 0.0, log_every: int = LOG_EVERY, return_history: bool = False):
+                      kd_hidden_weight: float = 0.0, log_every: int = LOG_EVERY, remat: str = "none",
+                      return_history: bool = False):
     """Train the pruned model's replacement block (or the `trainable` parameters); return the pruned model with the
     trained (best) parameters.
 
@@ -918,6 +1020,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     real tokens, + kd_ce_weight x the next-token cross-entropy, + kd_hidden_weight x the mean MSE (`mse_weighting`)
     between the teacher's and the student's hidden states leaving the span and leaving each original layer in
     `kd_hidden_layers` (after the span; negative numbers count from the last layer).
+    `remat`: a `transformer.remat_policy` name for the layers the gradient runs through (the run takes it from its
+    stage layout in configs/meshes.yaml). The train step donates the trained parameters and the optimizer state.
     """
     _check_settings(mode, mse_weighting, lr_schedule, lr, min_lr, grad_accum, epochs, log_every)
     if not dense_model.config.is_dense:
@@ -932,7 +1036,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     data = _training_data(train_batches, valid_batches, batch_size, epochs, grad_accum, num_steps, shuffle, seed,
                           pair_cache)
     num_steps = data.num_steps
-    warmup_steps = max(1, num_steps // 20) if warmup_steps is None else warmup_steps
+    warmup_steps = warmup_steps_for(num_steps, warmup_steps)
     eval_every = eval_every or max(1, num_steps // 5)
     checkpoint_every = checkpoint_every or eval_every
 
@@ -947,18 +1051,18 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
             raise ValueError("pair_cache is for mode='mse' only")
         _read_from_pair_cache(data, pair_cache, dense_model, block, progress)
         loss_name = "mse_cached"
-    # float32 master weights for what trains, whatever the compute dtype; the rest as it is
+    program = training_program(dense_model.config, pruned_model.config, block, paths, loss_name, lr=lr, min_lr=min_lr,
+                               warmup_steps=warmup_steps, num_steps=num_steps, weight_decay=weight_decay,
+                               clip_norm=clip_norm, grad_accum=grad_accum, lr_schedule=lr_schedule, kd=kd,
+                               mse_weighting=mse_weighting, remat=remat, mesh=mesh)
+    tx, schedule, train_step, eval_step = program.tx, program.schedule, program.train_step, program.eval_step
+    # float32 master weights for what trains, whatever the compute dtype (a copy: the train step donates it); the
+    # rest as it is
     initial, frozen_params = split_params(pruned_model.params, paths.__contains__)
-    block_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), initial)
+    block_params = _placed(jax.tree.map(lambda a: jnp.array(a, jnp.float32, copy=True), initial), program.arguments[0])
     frozen = {"pruned": frozen_params}
     if loss_name in ("mse", "kd"):
         frozen["dense"] = dense_model.params
-    extra = {"weighting": mse_weighting} if mode != "lm" else {}
-    loss_fn = _partial(LOSSES[loss_name], dense_config=dense_model.config, pruned_config=pruned_model.config,
-                       block=block, **extra, **({"kd": kd} if mode == "kd" else {}))
-    tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum,
-                                  lr_schedule)
-    train_step, eval_step = make_steps(loss_fn, tx, transformer.compute_dtype(pruned_model.config))
 
     valid = list(data.valid) if data.valid is not None else None
     if valid and loss_name == "mse":  # the frozen span's validation pairs once, not on every pass
@@ -968,7 +1072,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                                    block=block, weighting=mse_weighting)
             valid, eval_step = pairs, make_steps(cached_loss, tx, transformer.compute_dtype(pruned_model.config))[1]
 
-    state = _LoopState(block_params, tx.init(block_params), block_params)
+    # the best parameters are a copy: the train step donates the trained ones
+    state = _LoopState(block_params, _placed(tx.init(block_params), program.arguments[1]), _kept(block_params))
     checkpoints = _Checkpoints(checkpoint_dir, resume)
     checkpoints.restore(state)
     tokens_per_batch = int(np.sum(np.asarray(data.first.get("attention_mask", np.ones_like(data.first["input_ids"])))))

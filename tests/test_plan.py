@@ -3,7 +3,6 @@ TPU topology (skipped without libtpu)."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -21,7 +20,6 @@ from streamline_jax import plan
 from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig, to_hf_config
 from streamline_jax.models.presets import PRESETS, PUBLISHED_PARAMS, preset
-from streamline_jax.pruning import prune_config
 from streamline_jax.sharding import ShardingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +111,35 @@ def _ids():
     return np.random.default_rng(0).integers(0, LLAMA.vocab_size, (2, 12)).astype(np.int32)
 
 
+# the optax chain of train_replacement with a warm-up of one step, so the second step already moves the block
+TRAINING = dict(lr=1e-3, min_lr=1e-3, warmup_steps=1, num_steps=10, weight_decay=0.0)
+
+
+def _program_inputs(stage, params, start, length, training=TRAINING):
+    """The plan's training program for a span of LLAMA (the one train_replacement builds), and its real inputs."""
+    from streamline_jax import pruning, train
+
+    program, pruned_cfg = plan.training_program(stage, LLAMA, (start, length), None, training=training)
+    _, pruned = pruning.prune_params(LLAMA, params, start, length)
+    block = train.trainable_blocks(pruned_cfg)[0]
+    trained, frozen_pruned = train.split_params(pruned, lambda p: p.startswith(f"segments/{block.key}/"))
+    assert jax.tree.structure(trained) == jax.tree.structure(program.arguments[0])
+    trained = jax.tree.map(lambda a: jnp.array(a, jnp.float32), trained)
+    frozen = {"pruned": frozen_pruned, **({"dense": params} if stage == "mse" else {})}
+    return program, trained, frozen
+
+
+def _train_losses(program, trained, frozen, ids, steps=4):
+    state, losses = program.tx.init(trained), []
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(jnp.asarray(ids))}
+    for _ in range(steps):
+        before = jax.tree.map(jnp.copy, trained)
+        trained, state, loss = program.train_step(trained, state, frozen, batch)
+        losses.append(float(loss))
+    assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), trained, before)))
+    return losses
+
+
 def test_lm_step_loss_matches_transformers_pruned_model(hf_llama):
     import copy
 
@@ -131,20 +158,7 @@ def test_lm_step_loss_matches_transformers_pruned_model(hf_llama):
     with torch.no_grad():
         want = float(pruned(torch.tensor(ids, dtype=torch.long), labels=torch.tensor(ids, dtype=torch.long)).loss)
 
-    pc = prune_config(LLAMA, start, length)
-    stack = params["segments"]["seg_0"]
-    cut = lambda a, b: jax.tree.map(lambda x: x[a:b], stack)
-    frozen = dict(params, segments={"seg_0": cut(0, start), "seg_2": cut(start + length, None)})
-    block = jax.tree.map(lambda x: x[start].astype(jnp.float32), stack)
-    opt = plan.make_optimizer(1e-3)
-    step = jax.jit(functools.partial(plan.lm_step, pc, opt))
-    state = opt.init(block)
-    losses = []
-    for _ in range(4):
-        new_block, state, loss = step(block, state, frozen, ids, np.ones_like(ids))
-        losses.append(float(loss))
-        assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), new_block, block)))
-        block = new_block
+    losses = _train_losses(*_program_inputs("lm", params, start, length), ids)
     assert abs(losses[0] - want) < 1e-4 * abs(want), (losses[0], want)
     assert losses[-1] < losses[0]
 
@@ -160,19 +174,7 @@ def test_mse_step_loss_matches_transformers_hidden_states(hf_llama):
     # block = copy of layer `start`, so block(h_start) = h_{start+1}
     want = float(torch.mean((hs[start + 1] - hs[start + length]) ** 2))
 
-    sc = plan.split_config(LLAMA, start, length)
-    stack = params["segments"]["seg_0"]
-    cut = lambda a, b: jax.tree.map(lambda x: x[a:b], stack)
-    frozen = dict(embed_tokens=params["embed_tokens"], segments={"seg_0": cut(0, start),
-                                                               "seg_1": cut(start, start + length)})
-    block = jax.tree.map(lambda x: x[start], stack)
-    opt = plan.make_optimizer(1e-3)
-    step = jax.jit(functools.partial(plan.mse_step, sc, opt))
-    state = opt.init(block)
-    losses = []
-    for _ in range(4):
-        block, state, loss = step(block, state, frozen, ids, np.ones_like(ids))
-        losses.append(float(loss))
+    losses = _train_losses(*_program_inputs("mse", params, start, length), ids)
     assert abs(losses[0] - want) < 1e-4 * want, (losses[0], want)
     assert losses[-1] < losses[0]
 
@@ -199,39 +201,106 @@ def _run(code, env=None, timeout=300):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+EIGHT_CPUS = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+
+
 def test_planned_steps_compile_and_run_sharded_on_8_cpu_devices():
     """The same abstract, sharded arguments the TPU plans use, compiled for 8 CPU devices and run with real arrays:
-    every stage gives the single-device numbers."""
+    every stage gives the numbers of the same program on one device."""
     res = _run("""
-        import json, functools, jax, jax.numpy as jnp, numpy as np
+        import json, jax, jax.numpy as jnp, numpy as np
         from streamline_jax import plan
-        from streamline_jax.models import transformer
+        from streamline_jax.score import score_sums
         from streamline_jax.models.config import ModelConfig
         cfg = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6,
                           num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
         layout = plan.StageLayout(2, 2, 2, 8, "full")
         mesh = plan.layout_mesh(layout, jax.devices())
+        training = dict(num_steps=10, warmup_steps=1)
         out = {}
+        rng = np.random.default_rng(0)
+        ids = rng.integers(0, 128, (8, 16)).astype(np.int32)
+        tokens = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         for stage in plan.STAGES:
-            p = plan.build_step(stage, cfg, layout, mesh, 16, span=(2, 2))
+            p = plan.build_step(stage, cfg, layout, mesh, 16, span=(2, 2), training=training)
             compiled = p.lower().compile()
             mem = plan.memory_plan(compiled, stage, layout, 16, 16)
-            rng = np.random.default_rng(0)
-            real = jax.tree.map(lambda a: jax.device_put(jnp.asarray(rng.standard_normal(a.shape) * 0.05, a.dtype),
-                                                         a.sharding), p.args[:-2])
-            ids = rng.integers(0, 128, (8, 16)).astype(np.int32)
-            batch = tuple(jax.device_put(x, a.sharding) for x, a in zip((ids, np.ones_like(ids)), p.args[-2:]))
-            single = jax.tree.map(lambda a: jax.device_put(np.asarray(a), jax.devices()[0]), real)
-            got = compiled(*jax.tree.map(jnp.copy, real), *batch)
-            want = jax.jit(p.fn)(*single, ids, np.ones_like(ids))
+            fill = lambda a: jnp.zeros(a.shape, a.dtype) if jnp.issubdtype(a.dtype, jnp.integer) else \
+                jnp.asarray(rng.standard_normal(a.shape) * 0.05, a.dtype)
+            if stage == "scoring":
+                params = jax.tree.map(fill, p.args[1])
+                real = (params, ids, np.ones_like(ids))
+                want = score_sums(cfg, params, ids, np.ones_like(ids))
+            else:
+                trained, frozen = jax.tree.map(fill, p.args[0]), jax.tree.map(fill, p.args[2])
+                program, _ = plan.training_program(stage, cfg, (2, 2), None, remat="full", training=training)
+                opt_state = program.tx.init(trained)
+                real = (trained, opt_state, frozen, tokens)
+                want = program.train_step(*jax.tree.map(jnp.copy, real))
+            placed = jax.tree.map(lambda x, a: jax.device_put(x, a.sharding),
+                                  real, p.args[1:] if stage == "scoring" else p.args)
+            got = compiled(*placed)
             last = lambda r: np.asarray(r[-1] if stage != "scoring" else r[0])
             # relative to the largest value: the scoring output is a sum of cosines over every token
             scale = max(1.0, float(np.max(np.abs(last(want)))))
             out[stage] = dict(err=float(np.max(np.abs(last(got) - last(want)))) / scale, total=mem.total_bytes)
         print(json.dumps(out))
-    """, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+    """, env=EIGHT_CPUS)
     for stage, r in res.items():
         assert r["err"] < 1e-4 and r["total"] > 0, (stage, r)
+
+
+def test_plan_lowers_the_train_step_the_run_executes():
+    """train_replacement on a model sharded over 8 CPU devices, and the plan for the same layout and settings,
+    lower the same program (the same StableHLO text, donation and remat included) for each training mode; remat
+    changes the program, and the train step donates the trained parameters and the optimizer state."""
+    res = _run("""
+        import dataclasses, hashlib, json, jax, numpy as np
+        from streamline_jax import plan, train
+        from streamline_jax.loading import place_on_mesh
+        from streamline_jax.models import transformer
+        from streamline_jax.models.config import ModelConfig
+        from streamline_jax.models.model import Model
+        from streamline_jax.pruning import prune
+        cfg = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6,
+                          num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
+        layout = plan.StageLayout(2, 2, 2, 8, "full")
+        mesh = plan.layout_mesh(layout, jax.devices())
+        dense = place_on_mesh(Model(cfg, transformer.init_params(cfg, jax.random.PRNGKey(0))), mesh)
+        pruned = prune(dense, 2, 2)
+        ids = np.random.default_rng(0).integers(0, 128, (8, 16)).astype(np.int32)
+        batches = [{"input_ids": ids, "attention_mask": np.ones_like(ids)}] * 3
+        lowered = {}
+        build = train.training_program
+
+        def spy(*args, **kwargs):
+            program = build(*args, **kwargs)
+            def step(*step_args):
+                lowered.setdefault("run", program.train_step.lower(*step_args).as_text())
+                return program.train_step(*step_args)
+            return dataclasses.replace(program, train_step=step)
+
+        digest = lambda text: hashlib.sha256(text.encode()).hexdigest()
+        out = {}
+        for mode, remat, grad_accum in (("lm", "full", 1), ("kd", "dots", 1), ("mse", "none", 2), ("lm", "none", 1)):
+            lowered.clear()
+            settings = dict(mode=mode, num_steps=1, grad_accum=grad_accum, lr=3e-4, kd_ce_weight=0.5 if mode == "kd" else 0.0)
+            train.training_program = spy
+            train.train_replacement(dense, pruned, batches, remat=remat, progress=False, **settings)
+            train.training_program = build
+            stage = "mse" if mode == "mse" else "lm"
+            text = plan.build_step(stage, cfg, layout.replace(remat=remat), mesh, 16, span=(2, 2),
+                                   training=settings).lower().as_text()
+            out[f"{mode}/{remat}"] = dict(run=digest(lowered["run"]), plan=digest(text),
+                                          barrier="optimization_barrier" in text,
+                                          donated=text.count("tf.aliasing_output") + text.count("jax.buffer_donor"))
+        print(json.dumps(out))
+    """, env=EIGHT_CPUS, timeout=600)
+    for key, r in res.items():
+        assert r["run"] == r["plan"], (key, r)
+        assert r["donated"] > 0, (key, r)
+        assert r["barrier"] == (not key.endswith("/none")), (key, r)
+    assert res["lm/full"]["plan"] != res["lm/none"]["plan"]
 
 
 needs_libtpu = pytest.mark.skipif(not plan.libtpu_available(), reason="libtpu not installed: `bash scripts/setup.sh "
@@ -291,35 +360,3 @@ def test_plan_memory_script_reports_bad_topology():
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode != 0
     assert "unknown target or topology 'v5e:3x3'" in out.stderr
-
-
-def test_gemma_mse_step_runs_the_block_with_its_layer_type():
-    """Gemma 3 tiny (s s f s s f, window 4): a block copied from layer 2 (full attention) replacing just that layer
-    has zero MSE on the first step only if the step gives it layer 2's type (run as a sliding layer, as layer 0's
-    type or a default would have it, it is another function here)."""
-    from streamline_jax.models.config import from_hf_config
-
-    cfg = from_hf_config(dict(model_type="gemma3_text", vocab_size=128, hidden_size=64, intermediate_size=96,
-                              num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                              sliding_window=4, sliding_window_pattern=3, rope_local_base_freq=100.0))
-    start = 2
-    assert cfg.layer_types[start] == "full_attention" != cfg.layer_types[0]
-    params = transformer.init_params(cfg, jax.random.PRNGKey(0))
-    params = jax.tree.map(lambda a: a * 8 if a.ndim > 1 else a, params)  # layers that change the hidden state
-    stack = params["segments"]["seg_0"]
-    cut = lambda a, b: jax.tree.map(lambda x: x[a:b], stack)
-    frozen = dict(embed_tokens=params["embed_tokens"], segments={"seg_0": cut(0, start),
-                                                               "seg_1": cut(start, start + 1)})
-    block = jax.tree.map(lambda x: x[start], stack)
-    opt = plan.make_optimizer(1e-3)
-    ids = np.random.RandomState(0).randint(0, 128, (2, 16))
-    sc = plan.split_config(cfg, start, 1)
-    _, _, loss = jax.jit(functools.partial(plan.mse_step, sc, opt))(block, opt.init(block), frozen, ids,
-                                                                     np.ones_like(ids))
-    assert float(loss) < 1e-10
-    x = jax.random.normal(jax.random.PRNGKey(1), (2, 16, 64))
-    mask = transformer.attention_mask_matrix(jnp.ones((2, 16), bool), jnp.arange(16)[None])
-    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    layer = transformer.decoder_layer(cfg)
-    full, sliding = (layer.apply({"params": block}, x, mask, pos, None, None, jnp.asarray(t))[0] for t in (False, True))
-    assert float(jnp.abs(full - sliding).max()) > 1e-3

@@ -301,7 +301,8 @@ def test_settings_layers(tmp_path):
 
 # train_replacement's arguments that the pipeline gives from elsewhere than the train section
 NOT_TRAIN_SETTINGS = {"dense_model", "pruned_model", "train_batches", "valid_batches", "batch_size", "checkpoint_dir",
-                      "resume", "progress", "block_key", "on_step", "return_history"}
+                      "resume", "progress", "block_key", "on_step", "return_history",
+                      "remat"}  # remat: the stage layout's (configs/meshes.yaml), with the mesh it plans
 
 
 def test_every_training_option_of_the_api_is_a_setting_with_its_default():
@@ -381,3 +382,39 @@ def test_mesh_layout_by_flag_on_simulated_devices():
     assert out.returncode == 0, out.stderr[-2000:]
     shape = eval(out.stdout.strip().splitlines()[-1])
     assert shape["data"] * shape["fsdp"] * shape["tensor"] == 8
+
+
+def test_training_runs_on_its_own_stage_layout_on_simulated_devices(files, tmp_path):
+    """On 8 CPU devices with the v5e-8 layouts, and a training layout (lm stage) that differs from the scoring one:
+    the models are re-sharded for training, which runs with the layout's remat, and the report says which layout
+    each stage ran on."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    args = _args(files, "llama", out, "--target", "v5e-8", "--stages", "score,prune,train", "train.mode=lm",
+                 "train.num_steps=2", "data.batch_size=8")
+    script = f"""
+import json, jax
+from streamline_jax import plan, run
+scoring = run.stage_layout
+def layouts(stage, preset, target):
+    if stage == "lm":  # another mesh than scoring's fsdp=8
+        layout = plan.StageLayout(2, 2, 2, 8, "dots")
+        return plan.layout_mesh(layout, jax.devices()), layout
+    return scoring(stage, preset, target)
+run.stage_layout = layouts
+assert run.main({args!r}) == 0
+report = json.load(open({str(out / "report.json")!r}))
+print(json.dumps(dict(layouts=report["layouts"], remat=report["training"]["remat"],
+                      losses=[l for _, l, _ in report["training"]["train"]])))
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["layouts"] == {"load, score, evaluate": "data=1 fsdp=8 tensor=1 batch=8 remat=none",
+                              "train": "data=2 fsdp=2 tensor=2 batch=8 remat=dots"}, got
+    assert got["remat"] == "dots" and len(got["losses"]) == 2 and all(l == l for l in got["losses"]), got

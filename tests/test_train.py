@@ -579,3 +579,40 @@ def test_a_span_from_layer_zero_has_the_embeddings_as_its_input():
     np.testing.assert_array_equal(np.asarray(x_in), np.asarray(transformer.embed(model.config, model.params, ids,
                                                                                    positions)))
     assert target.shape == x_in.shape
+
+
+@pytest.mark.parametrize("mode", ["mse", "lm", "kd"])
+def test_remat_trains_to_the_same_parameters_and_the_step_donates_its_inputs(mode, monkeypatch):
+    """Remat recomputes the layers in the backward pass (the program changes) but not the numbers; the train step
+    takes over the buffers of the trained parameters and optimizer state it is given, and the model passed in stays
+    whole."""
+    from streamline_jax import train
+
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "layer")
+    steps = []
+    build = train.training_program
+
+    def spy(*args, **kwargs):
+        program = build(*args, **kwargs)
+        steps.append(program)
+        return program
+
+    monkeypatch.setattr(train, "training_program", spy)
+    kw = dict(mode=mode, batch_size=4, lr=1e-2, warmup_steps=1, num_steps=3, progress=False,
+              **({"kd_ce_weight": 0.5} if mode == "kd" else {}))
+    results = {remat: train_replacement(model, pruned, chunks(12), remat=remat, **kw).params
+               for remat in ("none", "full", "dots")}
+    block = trainable_blocks(pruned.config)[0].key
+    for remat in ("full", "dots"):
+        diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), results[remat]["segments"][block],
+                            results["none"]["segments"][block])
+        assert max(jax.tree.leaves(diff)) < 1e-5, (remat, diff)
+    assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), results["none"]["segments"][
+        block], pruned.params["segments"][block]))) > 0
+    texts = [p.train_step.lower(*p.arguments, train.abstract_batch(4, 16)).as_text() for p in steps]
+    # (kd's chunked logits are recomputed whatever the policy: it has barriers without remat too)
+    barriers = [t.count("optimization_barrier") for t in texts]
+    assert all(b > barriers[0] for b in barriers[1:]), barriers
+    assert all("tf.aliasing_output" in t or "jax.buffer_donor" in t for t in texts)
+    assert all(not a.is_deleted() for a in jax.tree.leaves(pruned.params))

@@ -221,9 +221,21 @@ def layer_offsets(config: ModelConfig) -> list[int]:
     return offsets
 
 
+REMAT_POLICIES = ("none", "dots", "full")
+
+
+def remat_policy(name: str):
+    """The `remat` argument of `apply`/`run_segment` for a policy name: `none` keeps every activation, `dots`
+    keeps matmul outputs and recomputes the rest, `full` keeps each layer's input and recomputes the layer."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {name!r}; expected one of {REMAT_POLICIES}")
+    return {"none": False, "full": True, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+
+
 def run_segment(config, segment: Segment, seg_params, x, mask, positions, *, collect=False, cache=None,
                 cache_index=None, remat=False, first_layer=None):
-    """Run one segment. Returns (x, inputs [n, B, T, D] or None, cache).
+    """Run one segment. Returns (x, inputs [n, B, T, D] or None, cache). `remat` (see `remat_policy`): each layer
+    under jax.checkpoint.
 
     `first_layer`: the stack index (in `config.layer_types`) of the segment's first layer; needed when the layers
     differ in attention type (Gemma), whose flags go into the scan beside each layer's parameters."""
@@ -247,9 +259,15 @@ def run_segment(config, segment: Segment, seg_params, x, mask, positions, *, col
         return x_out, inputs, cache
     if segment.kind == "layer":
         types = () if local is None else (local[0],)
-        out, cache = module.apply({"params": seg_params}, x, mask, positions, cache, cache_index, *types)
+
+        def one(p, h):
+            return module.apply({"params": p}, h, mask, positions, cache, cache_index, *types)
     else:
-        out = module.apply({"params": seg_params}, x)
+        def one(p, h):
+            return module.apply({"params": p}, h), cache
+    if remat:
+        one = jax.checkpoint(one, policy=remat if callable(remat) else None)
+    out, cache = one(seg_params, x)
     return out, (x[None] if collect else None), cache
 
 
