@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from . import run as run_mod
+from . import pipeline, run_folder, settings
 from .report import jsonable, plot_sweep, sweep_markdown, write_json
 
 log = logging.getLogger("streamline_jax.run")
@@ -49,11 +49,11 @@ def parse_axes(items: list[str]) -> list[tuple[str, list[str]]]:
         key, eq, raw = item.partition("=")
         values = [v.strip() for v in split_values(raw)] if eq else []
         if not key or not values or any(v == "" for v in values):
-            raise run_mod.ConfigError(f"--sweep {item!r} is not key=value1,value2,... "
+            raise settings.ConfigError(f"--sweep {item!r} is not key=value1,value2,... "
                                       f"(e.g. score.sparsity=0.1,0.2,0.3)")
         if key in (k for k, _ in axes):
-            raise run_mod.ConfigError(f"--sweep {key} is given twice; list all its values in one --sweep")
-        run_mod.check_layer(run_mod.parse_overrides([f"{key}={values[0]}"]), "--sweep")  # the key exists
+            raise settings.ConfigError(f"--sweep {key} is given twice; list all its values in one --sweep")
+        settings.check_layer(settings.parse_overrides([f"{key}={values[0]}"]), "--sweep")  # the key exists
         axes.append((key, values))
     return axes
 
@@ -71,14 +71,14 @@ def _check_sweep_folder(out: Path, recorded: dict, overwrite: bool) -> None:
     """A sweep folder holds one sweep: other base settings are refused (naming them) unless overwrite."""
     path = out / SWEEP_SETTINGS
     if not path.exists():
-        if out.exists() and any(p.name != run_mod.LOCK for p in out.iterdir()):
-            raise run_mod.ConfigError(f"{out} holds files that are not a sweep's; choose another --out")
+        if out.exists() and any(p.name != run_folder.LOCK for p in out.iterdir()):
+            raise settings.ConfigError(f"{out} holds files that are not a sweep's; choose another --out")
         return
     saved = yaml.safe_load(path.read_text()) or {}
     if overwrite or saved.get("base") == recorded["base"]:
         return
-    diff = run_mod.settings_diff(saved.get("base", {}), recorded["base"])
-    raise run_mod.ConfigError(f"{out} holds a sweep with other base settings ({'; '.join(diff)}); pass --overwrite "
+    diff = run_folder.settings_diff(saved.get("base", {}), recorded["base"])
+    raise settings.ConfigError(f"{out} holds a sweep with other base settings ({'; '.join(diff)}); pass --overwrite "
                               f"to run this sweep there, or choose another --out")
 
 
@@ -121,38 +121,38 @@ def write_sweep_report(out: Path, recorded: dict, rows: list[dict], dense: dict 
 
 
 def run_sweep(model: str | None, config_file: str | None, overrides: list[str], axes, out: Path,
-              stages=run_mod.STAGES, *, overwrite: bool = False, progress: bool = True,
+              stages=settings.STAGES, *, overwrite: bool = False, progress: bool = True,
               target: str | None = None) -> dict:
     """Every point of `axes` (see `parse_axes`) into OUT/points/<name>/; return the sweep's report."""
     from .distributed import is_main_process
 
     out = Path(out).absolute()
-    base, preset = run_mod.build_config(model, config_file, overrides)
+    base, preset = settings.build_config(model, config_file, overrides)
     plan = []  # every point's settings are checked before any work
     for pairs in points(axes):
-        config, _ = run_mod.build_config(model, config_file, [*overrides, *(f"{k}={v}" for k, v in pairs)])
+        config, _ = settings.build_config(model, config_file, [*overrides, *(f"{k}={v}" for k, v in pairs)])
         try:
-            run_mod.check_inputs(config, stages)
-        except run_mod.ConfigError as e:
-            raise run_mod.ConfigError(f"sweep point {point_name(pairs)}: {e}") from None
+            pipeline.check_inputs(config, stages)
+        except settings.ConfigError as e:
+            raise settings.ConfigError(f"sweep point {point_name(pairs)}: {e}") from None
         plan.append((point_name(pairs), pairs, config))
-    recorded = {"model": model or run_mod.DEFAULT_MODEL, "base": base.to_dict(),
+    recorded = {"model": model or settings.DEFAULT_MODEL, "base": base.to_dict(),
                 "axes": [{"key": k, "values": v} for k, v in axes], "stages": list(stages)}
     _check_sweep_folder(out, recorded, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
         (out / SWEEP_SETTINGS).write_text(yaml.safe_dump(recorded, sort_keys=False))
-    shared = run_mod.SharedWork()
+    shared = pipeline.SharedWork()
     rows, dense, times = [], None, {}
     start = time.perf_counter()
     for i, (name, pairs, config) in enumerate(plan):
         folder = out / "points" / name
-        if (folder / run_mod.DONE).exists() and not overwrite:
+        if (folder / run_folder.DONE).exists() and not overwrite:
             log.info("sweep point %d/%d %s: finished already", i + 1, len(plan), name)
             report = json.loads((folder / "report.json").read_text())
         else:
             log.info("sweep point %d/%d: %s", i + 1, len(plan), name)
-            report = run_mod.run(config, folder, stages, overwrite=overwrite, preset=preset, progress=progress,
+            report = pipeline.run(config, folder, stages, overwrite=overwrite, preset=preset, progress=progress,
                                  target=target, shared=shared)
             times[name] = report.get("stage_times", {})
         rows.append(point_row(name, pairs, report, folder))

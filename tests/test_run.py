@@ -373,9 +373,9 @@ def test_mesh_layout_by_flag_on_simulated_devices():
     import sys
 
     script = (
-        "import jax; from streamline_jax import run\n"
+        "import jax; from streamline_jax import pipeline, run\n"
         "cfg, preset = run.build_config('llama2-7b', None, [])\n"
-        "mesh = run._mesh(cfg, preset, 'v5e-8')\n"
+        "mesh = pipeline.scoring_mesh(cfg, preset, 'v5e-8')\n"
         "print(dict(mesh.shape))\n")
     env = dict(__import__("os").environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from streamline_jax import evaluation, loading, run as run_mod, score, sweep
+from streamline_jax import evaluation, loading, pipeline, run as run_mod, score, sweep
 from test_run import _args
 
 
@@ -78,7 +78,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(files, tmp_path, counted,
     monkeypatch.setenv("STREAMLINE_JAX_RESULTS_CACHE", "off")
     out = tmp_path / "sweep"
     args = _sweep_args(files, out, "score.num_layers=1,2", extra=["--stages", "train"])
-    real_run = run_mod.run
+    real_run = pipeline.run
     started = []
 
     def second_point_fails(config, folder, *a, **k):
@@ -87,11 +87,11 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(files, tmp_path, counted,
             raise ValueError("the second point broke")
         return real_run(config, folder, *a, **k)
 
-    monkeypatch.setattr(run_mod, "run", second_point_fails)
+    monkeypatch.setattr(pipeline, "run", second_point_fails)
     assert run_mod.main(args) == 2
     assert (out / "points" / "score.num_layers=1" / "DONE").exists()
     assert not (out / "points" / "score.num_layers=2").exists()
-    monkeypatch.setattr(run_mod, "run", real_run)
+    monkeypatch.setattr(pipeline, "run", real_run)
     loads = counted["load"]
     assert run_mod.main(args) == 0
     assert counted["load"] == loads + 1  # only the unfinished point ran

@@ -1,0 +1,613 @@
+"""The pipeline: one function per stage (load, score, prune, train, evaluate, harness, save), each returning its
+part of the report, and `run`, which runs the chosen stages into an output folder."""
+
+
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+
+from .run_folder import (DONE, FAILED, PAIR_CACHE, TRAIN_CHECKPOINT, finish_out, folder_lock,
+                         mark_holder, prepare_out, staging_folder)
+from .settings import STAGES, ConfigError, RunConfig, check_against_model, peek_model_config
+
+log = logging.getLogger("streamline_jax.run")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data: re-iterable batch streams over a text source
+
+
+class ChunkBatches:
+    """Batches of `count` chunks of `seq_len` tokens after the first `skip`, re-read on every iteration (train.py
+    iterates once to count and once per epoch). Incomplete batches are dropped, so every step has one shape."""
+
+    def __init__(self, source, tokenizer, seq_len: int, skip: int, count: int, batch_size: int):
+        self.source, self.tokenizer = source, tokenizer
+        self.seq_len, self.skip, self.count, self.batch_size = seq_len, skip, count, batch_size
+
+    def __iter__(self):
+        from . import data
+
+        chunks = data.token_chunks(self.source, self.tokenizer, self.seq_len)
+        train = data.split_chunks(chunks, 0, self.count, self.skip).train
+        return data.batches(train, self.batch_size, drop_last=True)
+
+
+def _data_path(spec: str | None) -> str | None:
+    if spec is None:
+        return None
+    from .tasks import resolve_path
+
+    path = resolve_path(spec)
+    return str(path) if path.exists() or "{data}" in spec else spec
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+
+
+class StageTimes(dict):
+    """Seconds per stage, and the stage running now (what FAILED names when the run fails)."""
+
+    current = "setup"
+
+
+@contextlib.contextmanager
+def stage(name: str, times: StageTimes):
+    log.info("[%s] started", name)
+    times.current = name
+    start = time.perf_counter()
+    yield
+    times[name] = times.get(name, 0.0) + time.perf_counter() - start
+    log.info("[%s] done in %.1f s", name, times[name])
+
+
+def _check_tokenizer_before_load(source: str):
+    from .checkpoint import TOKENIZER_FILES, has_tokenizer
+
+    path = Path(source).expanduser()
+    if path.is_dir() and not (path / "streamline_model.json").exists() and not has_tokenizer(path):
+        raise ConfigError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}); "
+                          f"calibration, training and evaluation need one: add it to the folder")
+
+
+def _strip(results: dict) -> dict:
+    """Evaluation results without per-item lists (they stay out of report.json)."""
+    drop = ("labels", "predictions", "loglikelihoods")
+    return {**results, "tasks": {n: {k: v for k, v in t.items() if k not in drop}
+                                 for n, t in results["tasks"].items()}}
+
+
+def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overwrite: bool = False,
+        resume: bool = False, preset: str | None = None, progress: bool = True, target: str | None = None,
+        shared: SharedWork | None = None) -> dict:
+    """Run `stages` of the pipeline into `out`; return the report. KeyboardInterrupt propagates (the caller logs)."""
+    from .distributed import is_main_process
+
+    out = Path(out).absolute()
+    total_start = time.perf_counter()
+    times = StageTimes()
+    # every check that needs no model first, before the folder is touched; then one run at a time per folder
+    inputs = check_inputs(config, stages)
+    with folder_lock(out) if is_main_process() else contextlib.nullcontext():
+        work, resume = _prepare_all_processes(out, config, overwrite, resume)
+        with folder_lock(work) if work != out and is_main_process() else contextlib.nullcontext():
+            if is_main_process():
+                mark_holder(out)
+                mark_holder(work)
+            handler = logging.FileHandler(work / "run.log")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            log.addHandler(handler)
+            try:
+                report = _run(config, work, stages, resume, preset, progress, total_start, target, times, inputs,
+                              shared)
+                if is_main_process():
+                    (work / FAILED).unlink(missing_ok=True)
+                    finish_out(work, out)
+            except BaseException as e:
+                if is_main_process():  # the next run says what failed, and resumes
+                    _record_failure(work, e, times.current)
+                kept = f"; the finished run in {out} is kept as it was" if work != out else ""
+                e.add_note(f"{work} is not marked finished{kept}: once the cause is fixed, the same command "
+                           f"continues it; other settings need --overwrite")
+                raise
+            finally:
+                log.removeHandler(handler)
+                handler.close()
+        return report
+
+
+def _prepare_all_processes(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> tuple[Path, bool]:
+    """prepare_out on process 0; every process learns where the run is written and whether it resumes."""
+    import jax
+
+    from .distributed import barrier, is_main_process
+
+    if jax.process_count() == 1:
+        return prepare_out(out, config, overwrite, resume)
+    from jax.experimental import multihost_utils
+
+    import numpy as np
+
+    decided = np.zeros(2, np.int32)
+    if is_main_process():
+        work, resume = prepare_out(out, config, overwrite, resume)
+        decided[:] = (work != out, resume)
+    barrier("prepare_out")
+    staged, resume = (bool(v) for v in multihost_utils.broadcast_one_to_all(decided))
+    return (staging_folder(out) if staged else out), resume
+
+
+def _record_failure(work: Path, error: BaseException, stage_name: str) -> None:
+    """FAILED (stage and error) for the next run; the traceback of an unexpected error goes to run.log only."""
+    import traceback
+
+    what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
+    (work / FAILED).write_text(f"stage {stage_name}: {what}\n")
+    if not isinstance(error, (KeyboardInterrupt, ConfigError)):
+        with open(work / "run.log", "a") as f:
+            traceback.print_exception(error, file=f)
+        error.add_note(f"the traceback is in {work / 'run.log'}")
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What the checks before any work found: the data sources and tasks."""
+
+    calib_source: Any
+    train_source: Any
+    valid_source: Any
+    tasks: list
+    hf_ok: bool
+    harness: Any = None  # lm-eval's task manager, when eval.harness_tasks names tasks
+
+
+def check_inputs(c: RunConfig, stages) -> Inputs:
+    """Data files, tasks, the tokenizer and the model's shape against the settings: everything that needs no
+    model weights, so that bad input fails before the output folder is touched."""
+    from . import data
+    from .tasks import PerplexityTask, get_task, load_items
+
+    try:
+        calib_source = data.text_source(_data_path(c.data.calibration), c.data.text_field)
+        train_spec = _data_path(c.data.train)
+        train_source = data.text_source(train_spec, c.data.text_field) if train_spec else calib_source
+        valid_source = data.text_source(_data_path(c.data.valid), c.data.text_field) if c.data.valid else None
+    except data.DataError as e:
+        raise ConfigError(str(e)) from None
+    tasks = [get_task(t) for t in c.eval.tasks]
+    if c.eval.perplexity_text:
+        path = _data_path(c.eval.perplexity_text)
+        if not Path(path).is_file():
+            raise ConfigError(f"eval.perplexity_text: file not found: {path}")
+        tasks.append(PerplexityTask("text", path, window=c.eval.window))
+    if "evaluate" in stages:
+        for t in tasks:
+            if not isinstance(t, PerplexityTask):
+                load_items(t, c.eval.limit)  # a missing or malformed task file fails here
+    harness = None
+    if "evaluate" in stages and c.eval.harness_tasks:
+        from .lm_eval import check_tasks
+
+        harness = check_tasks(c.eval.harness_tasks)  # lm-eval's task index; an unknown name fails here
+    hf_ok = c.export.hf and "save" in stages
+    if hf_ok and c.prune.replacement in ("mlp", "linear"):
+        log.warning("an `%s` block cannot be exported to a stock Hugging Face architecture: writing the Orbax "
+                    "checkpoint only", c.prune.replacement)
+        hf_ok = False
+    _check_tokenizer_before_load(c.model.source)
+    model_config = peek_model_config(c)
+    if model_config is not None:
+        check_against_model(c, model_config)
+        for t in tasks:
+            if isinstance(t, PerplexityTask) and "evaluate" in stages and t.window > model_config.max_position_embeddings:
+                raise ConfigError(f"the {t.name} perplexity window of {t.window} tokens (eval.window) is longer than "
+                                  f"the model's context of {model_config.max_position_embeddings} tokens")
+    return Inputs(calib_source, train_source, valid_source, tasks, hf_ok, harness)
+
+
+@dataclasses.dataclass
+class SharedWork:
+    """Work that runs in one process share when their settings agree (a sweep's points): the loaded dense model,
+    keyed by the model and mesh settings, and span scores, keyed by those and the calibration settings."""
+
+    models: dict = dataclasses.field(default_factory=dict)
+    scores: dict = dataclasses.field(default_factory=dict)
+    dense_evaluations: dict = dataclasses.field(default_factory=dict)  # for when the disk cache is off
+    calibration: dict = dataclasses.field(default_factory=dict)  # tokenized calibration batches
+
+
+def _load_key(c: RunConfig, preset, target) -> str:
+    return json.dumps([dataclasses.asdict(c.model), dataclasses.asdict(c.mesh), preset, target], sort_keys=True)
+
+
+def _score_key(c: RunConfig, load_key: str, metric: str) -> str:
+    d = c.data
+    return json.dumps([load_key, d.calibration, d.text_field, d.seq_len, d.calib_chunks, d.batch_size, metric])
+
+
+def calibration_batches(c: RunConfig, dense, calib_source, shared: SharedWork | None = None) -> list:
+    """The calibration chunks in batches (token ids only: small), tokenized once per `shared`: scoring, the
+    perplexity span choice and closed-form fits all read them."""
+    from . import data
+
+    d = c.data
+    key = json.dumps([c.model.source, dense.config.vocab_size, d.calibration, d.text_field, d.seq_len,
+                      d.calib_chunks, d.batch_size])
+    if shared is not None and key in shared.calibration:
+        return shared.calibration[key]
+    chunks = data.token_chunks(calib_source, dense.tokenizer, d.seq_len)
+    batches = list(data.batches(data.split_chunks(chunks, d.calib_chunks).calib, d.batch_size))
+    if shared is not None:
+        shared.calibration = {key: batches}  # one calibration set at a time
+    return batches
+
+
+def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
+    """The dense model on its mesh, with the compute dtype resolved; (model, its part of the report)."""
+    from .backend import resolve_compute_dtype
+    from .loading import load
+    from .models.model import with_compute_dtype
+
+    key = _load_key(c, preset, target)
+    if shared is not None and key in shared.models:
+        dense, why = shared.models[key]
+        log.info("%s: loaded already (%s products)", c.model.source, dense.config.compute_dtype)
+    else:
+        mesh = scoring_mesh(c, preset, target)
+        dense = load(c.model.source, c.model.dtype or "float32", mesh=mesh)
+        if dense.tokenizer is None:
+            raise ConfigError(f"{c.model.source}: the model has no tokenizer; calibration, training and evaluation "
+                              f"need one")
+        _check_architecture(c, dense.config)
+        check_against_model(c, dense.config)
+        compute, why = resolve_compute_dtype(c.model.compute_dtype)
+        dense = with_compute_dtype(dense, compute)
+        log.info("%s: %d layers, %s parameters, %s weights, %s products (%s)", c.model.source, dense.config.depth,
+                 f"{dense.num_params:,}", dense.config.dtype, compute, why)
+        if shared is not None:
+            shared.models = {key: (dense, why)}  # one model at a time: a sweep over models frees the last
+    compute = dense.config.compute_dtype
+    return dense, {"source": c.model.source, "layers": dense.config.depth, "params": dense.num_params,
+                   "dtype": dense.config.dtype, "compute_dtype": compute, "compute_dtype_why": why,
+                   "config": dense.config.to_dict()}
+
+
+def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: SharedWork | None, load_key: str):
+    """Span scores on the calibration chunks (reused from `shared` when their settings agree) and the spans they
+    choose: (scores, choices, report parts). `perplexity` and `last` choose otherwise; the cosine tables still go
+    in the report."""
+    from . import score as score_mod
+
+    by_similarity = c.score.metric in score_mod.METRICS
+    metric = c.score.metric if by_similarity else "cosine"
+    key = _score_key(c, load_key, metric)
+    scores = shared.scores.get(key) if shared is not None else None
+    if scores is None:
+        scores = score_mod.score_spans(dense, calibration_batches(c, dense, calib_source, shared), metric,
+                                       progress=progress)
+        if shared is not None:
+            shared.scores[key] = scores
+    else:
+        log.info("span scores: computed already for these calibration settings")
+    span_args = dict(length=c.score.num_layers, sparsity=c.score.sparsity, replacement=c.prune.replacement,
+                     protect_first=c.score.protect_first, protect_last=c.score.protect_last,
+                     mlp_width=c.prune.mlp_width)
+    parts = {"scores": {"metric": scores.metric, "num_tokens": scores.num_tokens, "cosine": scores.cosine,
+                        "angular": scores.angular, "block_influence": scores.block_influence}}
+    if c.score.metric == "perplexity":
+        choice, costs = score_mod.choose_span_by_loss(dense, calibration_batches(c, dense, calib_source, shared),
+                                                      **span_args, progress=progress)
+        log.info("%s", costs)
+        parts["span_costs"] = costs.to_dict()
+        choices = [choice]
+    elif c.score.metric == "last":
+        choices = [score_mod.choose_last_span(dense.config, **span_args)]
+    else:
+        choices = score_mod.choose_spans(scores, c.score.spans, **span_args)
+    for choice in choices:
+        log.info("chosen span: %s", choice)
+    described = [{"start": ch.start, "length": ch.length, "end": ch.end, "replacement": ch.replacement,
+                  "metric": scores.span_metric if by_similarity else c.score.metric, "score": ch.score,
+                  "params_removed": ch.params_removed, "params_total": ch.params_total, "sparsity": ch.sparsity}
+                 for ch in choices]
+    parts.update({"span": described[0]} if len(choices) == 1 else {"spans": described})
+    return scores, choices, parts
+
+
+def prune_stage(c: RunConfig, dense, choices, calib_source, shared: SharedWork | None = None):
+    """The spans cut out and their blocks put in (a `linear` block, or `prune.init=linear`, fitted in closed form
+    on the calibration chunks): (pruned model, report parts)."""
+    from . import pruning as prune_mod
+
+    pruned = dense
+    for choice in sorted(choices, key=lambda ch: -ch.start):  # later spans first: earlier starts stay valid
+        pruned = prune_mod.prune(pruned, choice.start, choice.length, c.prune.replacement, c.prune.mlp_width)
+    parts = {}
+    if c.prune.replacement == "linear" or c.prune.init == "linear":
+        from .linear_fit import fit_linear
+
+        pruned, fits = fit_linear(dense, pruned, calibration_batches(c, dense, calib_source, shared), c.prune.ridge,
+                                  c.prune.fit_weighting)
+        parts["linear_fit"] = [dataclasses.asdict(f) for f in fits]
+        for f in fits:
+            log.info("closed-form fit on %d calibration tokens: relative error %.4f (1 = the `none` replacement)",
+                     f.tokens, f.relative_error)
+    parts.update(params={"dense": dense.num_params, "pruned": pruned.num_params,
+                         "dense_layers": dense.config.depth, "pruned_layers": pruned.config.depth},
+                 pruned_config=pruned.config.to_dict())
+    return pruned, parts
+
+
+def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: bool, progress: bool,
+                preset: str | None = None, target: str | None = None):
+    """The replacement block trained on the training stage's layout (configs/meshes.yaml: `mse` for mode mse, `lm`
+    for lm and kd; its mesh and remat policy); (pruned model on the mesh it came on, training history). Where that
+    mesh differs from the models' one, the models are re-sharded onto it for training (the dense model is then on
+    the devices twice while it trains) and the trained model back."""
+    from . import data
+    from .loading import place_on_mesh
+    from .train import train_replacement, trainable_blocks
+
+    remat, layout_name, home = "none", None, pruned.mesh
+    staged = stage_layout("mse" if c.train.mode == "mse" else "lm", preset, target)
+    if staged is not None:
+        mesh, layout = staged
+        remat, layout_name = layout.remat, str(layout)
+        if c.data.batch_size != layout.batch:  # the memory plan (scripts/plan_memory.py) was for the layout's batch
+            log.warning("training batch data.batch_size=%d is not the batch %d its layout was planned for (%s); "
+                        "plan it with scripts/plan_memory.py --batch %d", c.data.batch_size, layout.batch, layout,
+                        c.data.batch_size)
+        if dense.mesh is not None and mesh != dense.mesh:
+            log.info("training re-shards the models onto its layout: %s", layout)
+            dense, pruned = place_on_mesh(dense, mesh), place_on_mesh(pruned, mesh)
+
+    seq, batch = c.data.seq_len, c.data.batch_size
+    skip = c.data.calib_chunks if inputs.train_source is inputs.calib_source else 0
+    train_batches = ChunkBatches(inputs.train_source, dense.tokenizer, seq, skip, c.data.train_chunks, batch)
+    if c.train.shuffle:  # a permutation per epoch needs the batches listed (token ids only: small)
+        train_batches = list(train_batches)
+    valid_batches = None
+    if inputs.valid_source is not None and c.data.valid_chunks:
+        vchunks = data.split_chunks(data.token_chunks(inputs.valid_source, dense.tokenizer, seq),
+                                    c.data.valid_chunks).calib
+        valid_batches = list(data.batches(vchunks, batch))
+    t = c.train
+    blocks = trainable_blocks(pruned.config)
+    histories = []
+    for block in blocks:  # one at a time: each learns its own dense span, the others' weights do not enter
+        sub = "" if len(blocks) == 1 else block.key  # one block: the folders a single-span run always had
+        pruned, history = train_replacement(
+            dense, pruned, train_batches, mode=t.mode, valid_batches=valid_batches, num_steps=t.num_steps,
+            lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+            clip_norm=t.clip_norm, grad_accum=t.grad_accum, epochs=t.epochs, eval_every=t.eval_every,
+            checkpoint_dir=out / TRAIN_CHECKPOINT / sub, checkpoint_every=t.checkpoint_every, resume=resume,
+            seed=t.seed, compute_dtype=t.compute_dtype, freeze=t.freeze, shuffle=t.shuffle, block_key=block.key,
+            lr_schedule=t.lr_schedule, mse_weighting=t.mse_weighting, progress=progress, return_history=True,
+            trainable=t.trainable, kd_temperature=t.kd_temperature, kd_ce_weight=t.kd_ce_weight,
+            kd_hidden_layers=t.kd_hidden_layers, kd_hidden_weight=t.kd_hidden_weight, log_every=t.log_every,
+            remat=remat,
+            pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
+        histories.append({**history, "mode": t.mode, "block": block.key, "span": [block.start, block.length]})
+    if home is not None and pruned.mesh != home:
+        pruned = place_on_mesh(pruned, home)
+    ran_on = {"layout": layout_name, "remat": remat}  # layout None: no meshes.yaml target (mesh.* settings)
+    if len(histories) == 1:
+        return pruned, {**histories[0], **ran_on}
+    return pruned, {"mode": t.mode, "blocks": histories, "wall_s": sum(h.get("wall_s", 0) for h in histories),
+                    **ran_on}
+
+
+def dense_evaluation_key(c: RunConfig, dense, tasks) -> str:
+    """What the dense model's evaluation depends on: the model's files and settings, the tasks and their files."""
+    from . import cache
+    from .loading import resolve_source
+
+    _, path = resolve_source(c.model.source)
+    task_files = [cache.path_stamp(_data_path(v)) for t in tasks for v in dataclasses.asdict(t).values()
+                  if isinstance(v, str) and Path(_data_path(v)).exists()]
+    e = c.eval
+    return cache.content_key(model=cache.path_stamp(path), dtype=dense.config.dtype,
+                             compute_dtype=dense.config.compute_dtype, tasks=tasks, task_files=task_files,
+                             limit=e.limit, ppl_windows=e.ppl_windows, batch_size=e.batch_size,
+                             devices=_device_kind())
+
+
+def _device_kind() -> str:
+    import jax
+
+    return f"{jax.default_backend()} x{jax.device_count()}"
+
+
+def evaluate_dense(c: RunConfig, dense, tasks, progress: bool, shared: SharedWork | None = None) -> dict:
+    """The dense model's evaluation, from the cache when these settings were evaluated before (`cache.py`)."""
+    from . import cache, evaluation as ev
+    from .distributed import main_only
+    from .report import jsonable
+
+    key = dense_evaluation_key(c, dense, tasks)
+    found = cache.read("dense_eval", key) or (shared.dense_evaluations.get(key) if shared is not None else None)
+    if found is not None:
+        log.info("dense evaluation: reused from the cache (%s)", key)
+        return found
+    results = jsonable(_evaluate(ev, dense, tasks, c, progress))
+    main_only(cache.write)("dense_eval", key, results)
+    if shared is not None:
+        shared.dense_evaluations[key] = results
+    return results
+
+
+def evaluate_stage(c: RunConfig, dense, pruned, tasks, progress: bool, shared: SharedWork | None = None) -> dict:
+    from . import evaluation as ev
+
+    start = time.perf_counter()
+    results = {"dense": evaluate_dense(c, dense, tasks, progress, shared)}
+    parts = {"evaluation_s": {"dense": time.perf_counter() - start}}  # ~0 when the cache had it
+    if pruned is not None:
+        start = time.perf_counter()
+        results["pruned"] = _evaluate(ev, pruned, tasks, c, progress)
+        parts["evaluation_s"]["pruned"] = time.perf_counter() - start
+        retention = ev.compare(results["dense"], results["pruned"])
+        parts["retention"] = retention.to_dict()
+        log.info("evaluation:\n%s", retention.to_markdown())
+    parts["evaluation"] = {k: _strip(v) for k, v in results.items()}
+    return parts
+
+
+def harness_stage(c: RunConfig, dense, pruned, harness) -> dict:
+    from .lm_eval import evaluate_harness
+
+    return {name: evaluate_harness(m, c.eval.harness_tasks, limit=c.eval.limit, batch_size=c.eval.batch_size,
+                                   manager=harness)["tasks"]
+            for name, m in (("dense", dense), ("pruned", pruned)) if m is not None}
+
+
+def save_stage(c: RunConfig, pruned, out: Path, hf_ok: bool) -> dict:
+    """The pruned model as an Orbax checkpoint and a Hugging Face folder; what was written where."""
+    from . import export
+    from .distributed import main_only
+    from .interrupts import deferred_interrupts
+    from .models.model import with_compute_dtype
+
+    outputs = {}
+    with deferred_interrupts():  # Ctrl-C waits for the files to be whole
+        pruned = with_compute_dtype(pruned, None)  # the checkpoint leaves the choice to whoever loads it
+        if c.export.orbax:
+            export.save_orbax_model(pruned, out / "model", overwrite=True)
+            outputs["orbax"] = "model/ (streamline_jax.load)"
+        if hf_ok:  # gathered on every process (a collective), written by process 0
+            from .distributed import to_host
+
+            host = pruned.replace(params=to_host(pruned.params))
+            main_only(export.export_hf)(host, out / "hf", overwrite=True)
+            outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
+        elif c.export.hf:
+            outputs["hf"] = f"not written: an `{c.prune.replacement}` block has no stock Hugging Face form"
+    return outputs
+
+
+def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes,
+         inputs: Inputs, shared: SharedWork | None = None) -> dict:
+    import jax
+
+    from .distributed import main_only
+    from .report import write_report
+
+    log.info("output folder %s; stages %s", out, ", ".join(stages))
+    shared = shared if shared is not None else SharedWork()  # this run's own: calibration tokenized once
+    report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
+                              "devices": [str(d) for d in jax.devices()], "finished": None}
+    with stage("load", times):
+        dense, report["model"] = load_stage(c, preset, target, shared)
+    staged = stage_layout("scoring", preset, target)
+    # the layout (configs/meshes.yaml) each stage ran on; None: the mesh.* settings, or one device
+    report["layouts"] = {"load, score, evaluate": str(staged[1]) if staged else None}
+    scores = choices = pruned = history = None
+    if "score" in stages:
+        with stage("score", times):
+            scores, choices, parts = score_stage(c, dense, inputs.calib_source, progress, shared,
+                                                _load_key(c, preset, target))
+        report.update(parts)
+    if "prune" in stages:
+        with stage("prune", times):
+            pruned, parts = prune_stage(c, dense, choices, inputs.calib_source, shared)
+        report.update(parts)
+    if "train" in stages and c.prune.replacement not in ("none", "linear"):  # `linear` is fitted, not trained
+        with stage("train", times):
+            pruned, history = train_stage(c, dense, pruned, inputs, out, resume, progress, preset, target)
+        report["training"] = history
+        report["layouts"]["train"] = history.get("layout")
+    if "evaluate" in stages and inputs.tasks:
+        with stage("evaluate", times):
+            report.update(evaluate_stage(c, dense, pruned, inputs.tasks, progress, shared))
+    if inputs.harness is not None:
+        with stage("harness", times):
+            report["harness"] = harness_stage(c, dense, pruned, inputs.harness)
+    if pruned is not None and c.samples.prompts and "evaluate" in stages:
+        with stage("samples", times):
+            from .generation import side_by_side
+
+            report["samples"] = side_by_side({"dense": dense, "pruned": pruned}, list(c.samples.prompts),
+                                             c.samples.max_new_tokens)
+    outputs = {}
+    if "save" in stages:
+        with stage("save", times):
+            outputs = save_stage(c, pruned, out, inputs.hf_ok)
+    report["outputs"] = outputs
+    times["total"] = time.perf_counter() - total_start
+    report["stage_times"] = times
+    report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    chosen = (choices[0].start, choices[0].length) if choices else None
+    report = main_only(write_report)(report, out, scores, chosen, history) or report
+    main_only((out / DONE).write_text)(report["finished"] + "\n")  # last: the folder is finished
+    main_only(shutil.rmtree)(out / PAIR_CACHE, ignore_errors=True)  # only a resume of this run needed it
+    log.info("report: %s", out / "report.md")
+    return report
+
+
+def stage_layout(stage: str, preset: str | None, target: str | None):
+    """(mesh, layout) configs/meshes.yaml gives a stage (scoring, mse, lm) on the named target, else on the target
+    matching the devices found; None when there is neither (one device, or the mesh.* settings)."""
+    import jax
+
+    from . import plan
+
+    if target is None and (jax.device_count() == 1 or plan.pick_target() is None):
+        return None
+    return plan.stage_mesh(stage, target=target, model=preset)
+
+
+def scoring_mesh(c: RunConfig, preset: str | None, target: str | None):
+    """The mesh the model loads onto (and scores and evaluates on): the scoring stage's layout from
+    configs/meshes.yaml (see `stage_layout`), else the mesh.* settings. One device: no mesh. Training runs on its
+    own stage's layout (`train_stage`)."""
+    import jax
+
+    from .sharding import make_mesh
+
+    staged = stage_layout("scoring", preset, target)
+    if staged is not None:
+        mesh, layout = staged
+        log.info("mesh layout %s for scoring: %s", target or "matching the devices", layout)
+        return mesh
+    if jax.device_count() == 1:
+        return None
+    return make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+
+
+def _evaluate(ev, model, tasks, c: RunConfig, progress: bool) -> dict:
+    from .tasks import PerplexityTask
+
+    ppl = [t for t in tasks if isinstance(t, PerplexityTask)]
+    mc = [t for t in tasks if not isinstance(t, PerplexityTask)]
+    merged = None
+    for group, limit in ((ppl, c.eval.ppl_windows), (mc, c.eval.limit)):
+        if group:
+            res = ev.evaluate(model, group, limit=limit, batch_size=c.eval.batch_size, progress=progress)
+            merged = res if merged is None else {**merged, "tasks": {**merged["tasks"], **res["tasks"]}}
+    return merged
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(a - b) <= 1e-6 * max(abs(a), abs(b))
+    return a == b
+
+
+def _check_architecture(c: RunConfig, loaded) -> None:
+    arch = c.model.architecture
+    if not arch:
+        return
+    diff = {k: (v, getattr(loaded, k)) for k, v in arch.items()
+            if k not in ("dtype", "model_type") and not _same(getattr(loaded, k), v)}
+    if diff:
+        log.warning("the loaded model differs from the preset's architecture in %s",
+                    ", ".join(f"{k} (preset {a}, loaded {b})" for k, (a, b) in diff.items()))
+
+
