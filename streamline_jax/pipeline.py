@@ -1,6 +1,7 @@
 """The pipeline: one function per stage (load, score, prune, train, evaluate, harness, save), each returning its
 part of the report, and `run`, which runs the chosen stages into an output folder."""
 
+from __future__ import annotations
 
 import contextlib
 import dataclasses
@@ -10,7 +11,6 @@ import shutil
 import time
 from pathlib import Path
 from typing import Any
-
 
 from .run_folder import (DONE, FAILED, PAIR_CACHE, TRAIN_CHECKPOINT, finish_out, folder_lock,
                          mark_holder, prepare_out, staging_folder)

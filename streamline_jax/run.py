@@ -13,6 +13,7 @@ finished; an unfinished one is continued by the same command (training from its 
 anything a run does not write is never touched. Every setting is checked before the folder is.
 """
 
+from __future__ import annotations
 
 import argparse
 import difflib
@@ -23,12 +24,17 @@ from pathlib import Path
 
 # The settings', output folder's and pipeline's public names, re-exported: `streamline_jax.run` is the module the
 # command line's users import.
-from .pipeline import SharedWork, check_inputs, run  # noqa: F401
-from .run_folder import (DONE, LOCK, TRAIN_CHECKPOINT, folder_lock, mark_holder, settings_diff,  # noqa: F401
+from .pipeline import SharedWork, check_inputs, run
+from .run_folder import (DONE, LOCK, TRAIN_CHECKPOINT, folder_lock, mark_holder, settings_diff,
                          staging_folder)
-from .settings import (CONFIG_DIR, DEFAULT_MODEL, STAGES, ConfigError, RunConfig, TrainSection,  # noqa: F401
+from .settings import (CONFIG_DIR, DEFAULT_MODEL, STAGES, ConfigError, RunConfig, TrainSection,
                        build_config, check_layer, parse_overrides, preset_model_config, preset_names, read_yaml,
                        valid_keys)
+
+__all__ = ["main", "make_parser", "parse_stages", "run", "SharedWork", "check_inputs", "DONE", "LOCK",
+           "TRAIN_CHECKPOINT", "folder_lock", "mark_holder", "settings_diff", "staging_folder", "CONFIG_DIR",
+           "DEFAULT_MODEL", "STAGES", "ConfigError", "RunConfig", "TrainSection", "build_config", "check_layer",
+           "parse_overrides", "preset_model_config", "preset_names", "read_yaml", "valid_keys"]
 
 NEEDS = {"prune": ("score",), "train": ("prune",), "save": ("prune",)}
 

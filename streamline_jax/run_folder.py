@@ -1,6 +1,7 @@
 """A run's output folder: what a run writes there (and nothing else is touched), the overwrite staging beside it,
 the lock, the record of a failure, and the check that a resumed run has the same settings."""
 
+from __future__ import annotations
 
 import contextlib
 import logging

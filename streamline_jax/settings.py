@@ -2,6 +2,7 @@
 defaults, a model preset configs/<name>.yaml, `--config FILE`, `key=value` overrides), each key and value checked
 with the nearest valid key suggested, and the checks against the model's shapes."""
 
+from __future__ import annotations
 
 import dataclasses
 import difflib
