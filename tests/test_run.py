@@ -397,14 +397,14 @@ def test_training_runs_on_its_own_stage_layout_on_simulated_devices(files, tmp_p
                  "train.num_steps=2", "data.batch_size=8")
     script = f"""
 import json, jax
-from streamline_jax import plan, run
-scoring = run.stage_layout
+from streamline_jax import pipeline, plan, run
+scoring = pipeline.stage_layout
 def layouts(stage, preset, target):
     if stage == "lm":  # another mesh than scoring's fsdp=8
         layout = plan.StageLayout(2, 2, 2, 8, "dots")
         return plan.layout_mesh(layout, jax.devices()), layout
     return scoring(stage, preset, target)
-run.stage_layout = layouts
+pipeline.stage_layout = layouts
 assert run.main({args!r}) == 0
 report = json.load(open({str(out / "report.json")!r}))
 print(json.dumps(dict(layouts=report["layouts"], remat=report["training"]["remat"],
