@@ -35,6 +35,7 @@ from .models.config import ModelConfig
 from .models.model import Model, with_compute_dtype
 from .models.transformer import REMAT_POLICIES
 from .pruning import prune_config
+from .evaluation import target_logprobs
 from .score import score_sums
 from .sharding import MESH_AXES, ShardingError, param_shardings
 
@@ -42,7 +43,8 @@ from .sharding import MESH_AXES, ShardingError, param_shardings
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 MESHES_YAML = Path(__file__).resolve().parents[1] / "configs" / "meshes.yaml"
-STAGES = ("scoring", "mse", "lm")
+LAYOUT_STAGES = ("scoring", "mse", "lm")  # each target in configs/meshes.yaml gives these
+STAGES = LAYOUT_STAGES + ("evaluate",)  # evaluation runs on the scoring layout, as the run does
 GIB = 1024 ** 3
 # XLA keeps a little HBM for itself; a plan must fit in this share of the chip.
 USABLE_HBM = 0.95
@@ -93,6 +95,7 @@ class Target:
     def layout(self, stage: str, model: str | None = None, overrides: dict | None = None) -> StageLayout:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        stage = "scoring" if stage == "evaluate" else stage
         d = dict(self.stages[stage])
         d.update(((overrides or {}).get(self.name, {}).get(model, {}) or {}).get(stage, {}))
         return StageLayout(**d)
@@ -105,11 +108,11 @@ def load_targets(path: str | Path = MESHES_YAML) -> tuple[dict[str, Target], dic
     for name, t in raw["targets"].items():
         t = dict(t)
         stages = t.pop("stages")
-        missing = [s for s in STAGES if s not in stages]
+        missing = [s for s in LAYOUT_STAGES if s not in stages]
         if missing:
             raise ValueError(f"{path}: target {name!r} has no layout for stage(s) {missing}")
         target = Target(name=name, stages=stages, **t)
-        for stage in STAGES:
+        for stage in LAYOUT_STAGES:
             layout = target.layout(stage)
             if layout.devices != target.devices:
                 raise ValueError(f"{path}: {name}/{stage} splits {layout.devices} devices, the target has "
@@ -353,9 +356,10 @@ class StepPlan:
     stage: str
     jitted: Callable
     args: tuple
+    kwargs: dict = dataclasses.field(default_factory=dict)
 
     def lower(self):
-        return self.jitted.lower(*self.args)
+        return self.jitted.lower(*self.args, **self.kwargs)
 
 
 def _mesh_platform(mesh: Mesh) -> str:
@@ -364,16 +368,21 @@ def _mesh_platform(mesh: Mesh) -> str:
 
 def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh, seq_len: int, *,
                span: tuple[int, int] | None = None, training: dict | None = None) -> StepPlan:
-    """The stage's step as the run executes it (score.score_sums, or train.training_program's train step) with
-    abstract arguments sharded on `mesh`; `training`: train_replacement keyword arguments (see `training_program`)."""
+    """The stage's step as the run executes it (score.score_sums, evaluation.target_logprobs on packed perplexity
+    rows, or train.training_program's train step) with abstract arguments sharded on `mesh`; `training`:
+    train_replacement keyword arguments (see `training_program`)."""
     check_layout(config, layout)
     platform = _mesh_platform(mesh)
     config = config.replace(attention_platform=platform)  # the target's attention, not this host's
     batch = train.abstract_batch(layout.batch, seq_len, mesh)
-    if stage == "scoring":
+    if stage in ("scoring", "evaluate"):
         abstract = transformer.abstract_params(config)
         shard = param_shardings(abstract, transformer.param_axes(config), mesh)
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
+        if stage == "evaluate":  # the perplexity windows, packed (the larger of evaluation's two row kinds)
+            ids = batch["input_ids"]
+            return StepPlan(stage, target_logprobs.jitted(config, platform), (config, params),
+                            dict(input_ids=ids, targets=ids, segment_ids=ids, with_greedy=False))
         return StepPlan(stage, score_sums.jitted(config, platform),
                         (config, params, batch["input_ids"], batch["attention_mask"]))
     if stage not in STAGES:
@@ -448,6 +457,8 @@ def step_flops(config: ModelConfig, stage: str, batch: int, seq_len: int, span=N
     start, length = span or default_span(config)
     if stage == "scoring":
         return tokens * (L * layer + 2 * (L + 1) ** 2 * config.hidden_size)
+    if stage == "evaluate":
+        return tokens * (L * layer + head)
     if stage == "mse":
         return tokens * ((start + length) * layer + 3 * layer)
     after = L - start - length
@@ -478,7 +489,7 @@ def plan_stage(config: ModelConfig, target: Target, stage: str, layout: StageLay
         m = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
         if "RESOURCE_EXHAUSTED" not in str(e) or not m:
             raise
-        result = MemoryPlan(stage, layout, seq_len, argument_bytes(plan.args), 0, 0, int(float(m.group(1)) * GIB), 0,
+        result = MemoryPlan(stage, layout, seq_len, argument_bytes((plan.args, plan.kwargs)), 0, 0, int(float(m.group(1)) * GIB), 0,
                             float("nan"), target.hbm_gib * GIB)
     result.model_flops = step_flops(config, stage, layout.batch, seq_len, span, layout.remat)
     return result

@@ -221,7 +221,7 @@ def test_planned_steps_compile_and_run_sharded_on_8_cpu_devices():
         rng = np.random.default_rng(0)
         ids = rng.integers(0, 128, (8, 16)).astype(np.int32)
         tokens = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        for stage in plan.STAGES:
+        for stage in plan.LAYOUT_STAGES:  # evaluate: test_plan_lowers_the_evaluation_step_the_run_executes
             p = plan.build_step(stage, cfg, layout, mesh, 16, span=(2, 2), training=training)
             compiled = p.lower().compile()
             mem = plan.memory_plan(compiled, stage, layout, 16, 16)
@@ -301,6 +301,42 @@ def test_plan_lowers_the_train_step_the_run_executes():
         assert r["donated"] > 0, (key, r)
         assert r["barrier"] == (not key.endswith("/none")), (key, r)
     assert res["lm/full"]["plan"] != res["lm/none"]["plan"]
+
+
+def test_plan_lowers_the_evaluation_step_the_run_executes():
+    """Packed perplexity rows scored on a model sharded over 8 CPU devices, and the plan's `evaluate` stage for the
+    same rows, lower the same program; the stage takes the scoring layout."""
+    res = _run("""
+        import hashlib, json, jax, numpy as np
+        from streamline_jax import evaluation, plan
+        from streamline_jax.loading import place_on_mesh
+        from streamline_jax.models import transformer
+        from streamline_jax.models.config import ModelConfig
+        from streamline_jax.models.model import Model
+        cfg = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=4,
+                          num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
+        layout = plan.StageLayout(2, 2, 2, 8)
+        mesh = plan.layout_mesh(layout, jax.devices())
+        model = place_on_mesh(Model(cfg, transformer.init_params(cfg, jax.random.PRNGKey(0))), mesh)
+        real, lowered = evaluation.target_logprobs, {}
+
+        def spy(config, params, **kwargs):
+            lowered["run"] = real.jitted(config).lower(config, params, **kwargs).as_text()
+            lowered["shape"] = kwargs["input_ids"].shape
+            return real(config, params, **kwargs)
+
+        evaluation.target_logprobs = spy
+        rng = np.random.default_rng(0)
+        seqs = [rng.integers(0, 128, n) for n in (9, 7, 5, 12, 4, 6)]
+        evaluation.score_sequences(model, seqs, [len(q) - 1 for q in seqs], batch_size=32, pack_length=16)
+        batch, seq_len = lowered["shape"]
+        text = plan.build_step("evaluate", cfg, layout.replace(batch=batch), mesh, seq_len).lower().as_text()
+        target = plan.load_targets()[0]["v5e-8"]
+        digest = lambda t: hashlib.sha256(t.encode()).hexdigest()
+        print(json.dumps(dict(run=digest(lowered["run"]), plan=digest(text), shape=[batch, seq_len],
+                              same_layout=target.layout("evaluate") == target.layout("scoring"))))
+    """, env=EIGHT_CPUS, timeout=600)
+    assert res["run"] == res["plan"] and res["shape"][1] == 16 and res["same_layout"], res
 
 
 needs_libtpu = pytest.mark.skipif(not plan.libtpu_available(), reason="libtpu not installed: `bash scripts/setup.sh "
