@@ -13,7 +13,7 @@ from .sharding import make_mesh
 from .data import batches, split_chunks, text_source, token_chunks
 from .score import SpanChoice, SpanScores, choose_layers, choose_span, score_spans
 from .pruning import prune, prune_layers
-from .train import train_replacement
+from .train import TrainOptions, train_replacement
 from .evaluation import RetentionReport, compare, evaluate, perplexity, stability
 from .tasks import TASKS, PerplexityTask, Task
 from .export import export_hf, load_orbax_model, save_orbax_model
@@ -24,6 +24,6 @@ __all__ = [
     "make_mesh",
     "text_source", "token_chunks", "split_chunks", "batches",
     "score_spans", "choose_span", "choose_layers", "SpanScores", "SpanChoice", "prune", "prune_layers",
-    "train_replacement", "perplexity", "evaluate", "compare", "stability", "RetentionReport", "Task",
+    "train_replacement", "TrainOptions", "perplexity", "evaluate", "compare", "stability", "RetentionReport", "Task",
     "PerplexityTask", "TASKS", "save_orbax_model", "load_orbax_model", "export_hf", "generate", "Generation",
 ]

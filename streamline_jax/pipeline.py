@@ -384,15 +384,8 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     for block in blocks:  # one at a time: each learns its own dense span, the others' weights do not enter
         sub = "" if len(blocks) == 1 else block.key  # one block: the folders a single-span run always had
         pruned, history = train_replacement(
-            dense, pruned, train_batches, mode=t.mode, valid_batches=valid_batches, num_steps=t.num_steps,
-            lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-            clip_norm=t.clip_norm, grad_accum=t.grad_accum, epochs=t.epochs, eval_every=t.eval_every,
-            checkpoint_dir=out / TRAIN_CHECKPOINT / sub, checkpoint_every=t.checkpoint_every, resume=resume,
-            seed=t.seed, compute_dtype=t.compute_dtype, freeze=t.freeze, shuffle=t.shuffle, block_key=block.key,
-            lr_schedule=t.lr_schedule, mse_weighting=t.mse_weighting, progress=progress, return_history=True,
-            trainable=t.trainable, kd_temperature=t.kd_temperature, kd_ce_weight=t.kd_ce_weight,
-            kd_hidden_layers=t.kd_hidden_layers, kd_hidden_weight=t.kd_hidden_weight, log_every=t.log_every,
-            remat=remat,
+            dense, pruned, train_batches, t, valid_batches=valid_batches, checkpoint_dir=out / TRAIN_CHECKPOINT / sub,
+            resume=resume, block_key=block.key, progress=progress, return_history=True, remat=remat,
             pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
         histories.append({**history, "mode": t.mode, "block": block.key, "span": [block.start, block.length]})
     if home is not None and pruned.mesh != home:

@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
-import inspect
 import os
 import re
 import sys
@@ -313,9 +312,8 @@ PLAN_NUM_STEPS = 1000
 
 
 def training_defaults() -> dict:
-    """train_replacement's keyword defaults (the settings the run trains with unless told otherwise)."""
-    return {k: p.default for k, p in inspect.signature(train.train_replacement).parameters.items()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    """train_replacement's option defaults (the settings the run trains with unless told otherwise)."""
+    return dataclasses.asdict(train.TrainOptions())
 
 
 def training_program(stage: str, config: ModelConfig, span: tuple[int, int], mesh: Mesh | None, *,

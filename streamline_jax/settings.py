@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from .train import TrainOptions
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "smollm2-135m"
 STAGES = ("score", "prune", "train", "evaluate", "save")
@@ -75,31 +77,11 @@ class PruneSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSection:
-    mode: str = "mse"
-    num_steps: int | None = None
-    epochs: int = 1
-    lr: float = 2e-4
-    min_lr: float = 5e-5
-    warmup_steps: int | None = None
-    weight_decay: float = 1e-3
-    clip_norm: float = 5.0
-    grad_accum: int = 1
-    eval_every: int | None = None
-    checkpoint_every: int | None = None
-    compute_dtype: str | None = None
-    seed: int = 0
-    freeze: tuple[str, ...] = ()
-    trainable: tuple[str, ...] = ("block",)
-    shuffle: bool = False
-    lr_schedule: str = "cosine"
-    mse_weighting: str = "uniform"
+class TrainSection(TrainOptions):
+    """`train_replacement`'s own options type, so that every training option is a setting, with its default; and
+    whether to keep the span's pairs on disk (the API takes the folder)."""
+
     pair_cache: bool = False
-    kd_temperature: float = 1.0
-    kd_ce_weight: float = 0.0
-    kd_hidden_layers: tuple[int, ...] = ()
-    kd_hidden_weight: float = 0.0
-    log_every: int = 10
 
 
 @dataclasses.dataclass(frozen=True)

@@ -43,8 +43,6 @@ from .models.model import Model, with_compute_dtype
 from .sharding import batch_sharding, param_shardings, place_batch
 
 MODES = ("mse", "lm", "kd")
-# Steps between reads of the training losses (see `train_replacement`): the host runs this far ahead of the device.
-LOG_EVERY = 10
 
 
 class TrainingError(RuntimeError):
@@ -423,6 +421,43 @@ class SpanPairCache:
 
 
 LR_SCHEDULES = ("cosine", "cosine-cycle")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """How `train_replacement` trains: the run's `train.*` settings are this type (settings.TrainSection adds only
+    whether to keep a pair cache). See `train_replacement` for what each option does."""
+
+    mode: str = "mse"
+    num_steps: int | None = None
+    epochs: int = 1
+    lr: float = 2e-4
+    min_lr: float = 5e-5
+    warmup_steps: int | None = None
+    weight_decay: float = 1e-3
+    clip_norm: float = 5.0
+    grad_accum: int = 1
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    compute_dtype: str | None = None
+    seed: int = 0
+    freeze: tuple[str, ...] = ()
+    trainable: tuple[str, ...] = ("block",)
+    shuffle: bool = False
+    lr_schedule: str = "cosine"
+    mse_weighting: str = "uniform"
+    kd_temperature: float = 1.0
+    kd_ce_weight: float = 0.0
+    kd_hidden_layers: tuple[int, ...] = ()
+    kd_hidden_weight: float = 0.0
+    log_every: int = 10  # steps between reads of the losses (see train_replacement)
+
+    def replace(self, **changes) -> "TrainOptions":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(TrainOptions)})
+        if unknown:
+            raise TypeError(f"unknown training option(s) {unknown}; the options are the fields of TrainOptions")
+        changes = {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+        return dataclasses.replace(self, **changes)
 
 
 def lr_schedule(name, lr, min_lr, warmup_steps, total_steps):
@@ -980,20 +1015,15 @@ def _train_loop(state: _LoopState, data: _TrainingData, train_step, eval_step, f
 # Public API
 
 
-def train_replacement(dense_model: Model, pruned_model: Model, train_batches: Iterable[dict], *, mode: str = "mse",
-                      valid_batches: Iterable[dict] | None = None, num_steps: int | None = None, lr: float = 2e-4,
-                      min_lr: float = 5e-5, warmup_steps: int | None = None, weight_decay: float = 1e-3,
-                      clip_norm: float = 5.0, grad_accum: int = 1, epochs: int = 1, eval_every: int | None = None,
-                      checkpoint_dir: str | Path | None = None, checkpoint_every: int | None = None,
-                      resume: bool = False, seed: int = 0, compute_dtype: str | None = None, progress: bool = True,
+def train_replacement(dense_model: Model, pruned_model: Model, train_batches: Iterable[dict],
+                      options: TrainOptions | None = None, *, valid_batches: Iterable[dict] | None = None,
+                      checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
                       block_key: str | None = None, on_step=None, batch_size: int | None = None,
-                      pair_cache: str | Path | None = None, mse_weighting: str = "uniform", shuffle: bool = False,
-                      lr_schedule: str = "cosine", freeze: Sequence[str] = (), trainable: Sequence[str] = ("block",),
-                      kd_temperature: float = 1.0, kd_ce_weight: float = 0.0, kd_hidden_layers: Sequence[int] = (),
-                      kd_hidden_weight: float = 0.0, log_every: int = LOG_EVERY, remat: str = "none",
-                      return_history: bool = False):
+                      pair_cache: str | Path | None = None, remat: str = "none", return_history: bool = False,
+                      **option_changes):
     """Train the pruned model's replacement block (or the `trainable` parameters); return the pruned model with the
-    trained (best) parameters.
+    trained (best) parameters. The training options are `options` (a TrainOptions; default: its defaults) with
+    `option_changes` (TrainOptions fields by name, e.g. lr=1e-3) over them.
 
     `train_batches` / `valid_batches`: re-iterable collections of {"input_ids", "attention_mask"} [B, T] arrays
     (e.g. a list, or `data.batches` over a chunk source), read in order; one epoch is one pass. With
@@ -1023,6 +1053,14 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     `remat`: a `transformer.remat_policy` name for the layers the gradient runs through (the run takes it from its
     stage layout in configs/meshes.yaml). The train step donates the trained parameters and the optimizer state.
     """
+    o = (options or TrainOptions()).replace(**option_changes)
+    mode, num_steps, epochs, lr, min_lr, warmup_steps = o.mode, o.num_steps, o.epochs, o.lr, o.min_lr, o.warmup_steps
+    weight_decay, clip_norm, grad_accum, lr_schedule = o.weight_decay, o.clip_norm, o.grad_accum, o.lr_schedule
+    eval_every, checkpoint_every, log_every, seed, shuffle = o.eval_every, o.checkpoint_every, o.log_every, o.seed, \
+        o.shuffle
+    compute_dtype, freeze, trainable, mse_weighting = o.compute_dtype, o.freeze, o.trainable, o.mse_weighting
+    kd_temperature, kd_ce_weight, kd_hidden_layers, kd_hidden_weight = o.kd_temperature, o.kd_ce_weight, \
+        o.kd_hidden_layers, o.kd_hidden_weight
     _check_settings(mode, mse_weighting, lr_schedule, lr, min_lr, grad_accum, epochs, log_every)
     if not dense_model.config.is_dense:
         raise ValueError("dense_model must be the unpruned model (its layers are the MSE teacher)")

@@ -300,23 +300,15 @@ def test_settings_layers(tmp_path):
 
 
 # train_replacement's arguments that the pipeline gives from elsewhere than the train section
-NOT_TRAIN_SETTINGS = {"dense_model", "pruned_model", "train_batches", "valid_batches", "batch_size", "checkpoint_dir",
-                      "resume", "progress", "block_key", "on_step", "return_history",
-                      "remat"}  # remat: the stage layout's (configs/meshes.yaml), with the mesh it plans
-
-
 def test_every_training_option_of_the_api_is_a_setting_with_its_default():
     import dataclasses
-    import inspect
 
-    from streamline_jax.train import train_replacement
+    from streamline_jax.train import TrainOptions
 
-    api = {name: p.default for name, p in inspect.signature(train_replacement).parameters.items()
-           if name not in NOT_TRAIN_SETTINGS}
+    # the settings' type is the API's options type, plus whether to keep a pair cache (the API takes its folder)
+    assert issubclass(run_mod.TrainSection, TrainOptions)
     section = {f.name: f.default for f in dataclasses.fields(run_mod.TrainSection)}
-    assert set(api) == set(section)
-    # same defaults (pair_cache: a folder in the API, on or off in the settings; sequences: tuples in both)
-    assert {k: v for k, v in api.items() if k != "pair_cache"} == {k: v for k, v in section.items() if k != "pair_cache"}
+    assert {k: v for k, v in section.items() if k != "pair_cache"} == dataclasses.asdict(TrainOptions())
     assert set(run_mod.read_yaml(run_mod.CONFIG_DIR / "pipeline.yaml")["train"]) == set(section)
 
 
