@@ -291,6 +291,35 @@ def test_bf16_compute_stays_within_bf16_rounding_of_transformers_float32(name):
     assert transformer.abstract_params(config.replace(compute_dtype="bfloat16")) == transformer.abstract_params(config)
 
 
+def test_bf16_backward_products_take_bf16_inputs_and_match_float32_gradients():
+    """The backward pass's products run at the bf16 rate too: every dot in the gradient program of a bf16-compute
+    loss takes bf16 operands (JAX's own transpose of a float32-accumulating product multiplies the float32 cotangent
+    in float32), and the gradients stay within bf16 rounding of the float32 program's. The float32 program is
+    unchanged: its gradient equals plain einsum's bitwise."""
+    from streamline_jax.models.layers import product
+
+    config = CONFIGS["llama_gqa_tied"]
+    params = transformer.init_params(config, jax.random.PRNGKey(0))
+    ids, mask = make_batch(padding="left")
+
+    def loss(p, cfg):
+        return jnp.mean(transformer.apply(cfg, p, ids, mask)["logits"] ** 2)
+
+    bf16 = config.replace(compute_dtype="bfloat16")
+    text = jax.jit(jax.grad(loss), static_argnums=1).lower(params, bf16).as_text()
+    dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+    operands = [line.rsplit(":", 1)[1].split("->")[0] for line in dots]
+    assert dots and all("f32" not in o and "bf16" in o for o in operands), operands
+    g16, g32 = jax.grad(loss)(params, bf16), jax.grad(loss)(params, config)
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+        assert rel_err(np.asarray(a), np.asarray(b)) < 3e-2
+    a, b = (jnp.asarray(np.random.default_rng(0).normal(size=s), jnp.float32) for s in ((3, 4), (4, 5)))
+    ours = jax.grad(lambda a, b: jnp.sum(product("ij,jk->ik", a, b) ** 2), (0, 1))(a, b)
+    plain = jax.grad(lambda a, b: jnp.sum(jnp.einsum("ij,jk->ik", a, b, preferred_element_type=jnp.float32) ** 2),
+                     (0, 1))(a, b)
+    assert all(np.array_equal(x, y) for x, y in zip(ours, plain))
+
+
 @pytest.mark.parametrize("name", [n for n in CONFIGS if not n.startswith("opt")] + ["opt_350m_style"])
 def test_hf_config_round_trip_names_the_architecture_class(name):
     config = CONFIGS[name]

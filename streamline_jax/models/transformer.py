@@ -22,7 +22,7 @@ from flax import linen as nn
 
 from .config import ModelConfig, Segment
 from .layers import (ACTIVATION_DTYPE, LinearBlock, MLPBlock, capped, dense, layer_norm, matmul_dtype, param_init,
-                     rms_norm)
+                     product, rms_norm)
 from .llama import LlamaDecoderLayer, LlamaFFNBlock
 from .opt import OPTDecoderLayer, OPTFFNBlock
 
@@ -94,11 +94,11 @@ class Head(nn.Module):
                       compute_dtype=compute)(x)
         x = x.astype(compute)
         if c.tie_word_embeddings:
-            logits = jnp.einsum("bte,ve->btv", x, embed_table.astype(compute), preferred_element_type=jnp.float32)
+            logits = product("bte,ve->btv", x, embed_table.astype(compute))
         else:
             kernel = self.param("lm_head", param_init(nn.initializers.normal(0.02), ("embed", "vocab")),
                                 (c.embed_dim, c.vocab_size), dtype)
-            logits = jnp.einsum("bte,ev->btv", x, kernel.astype(compute), preferred_element_type=jnp.float32)
+            logits = product("bte,ev->btv", x, kernel.astype(compute))
         return capped(logits, c.final_logit_softcap)
 
 

@@ -1,0 +1,81 @@
+"""bf16 training steps: backward products in bf16 (`layers.product`'s custom VJP) against JAX's own transpose.
+
+With bf16 compute every forward product takes bf16 inputs and accumulates in float32. JAX's transpose of such a
+product multiplies the float32 cotangent in float32, so without the custom VJP the backward pass runs at the float32
+rate. This times one jitted value-and-grad of each training loss on SmolLM2-135M with layers 10-18 replaced by a
+`layer` block (the default run's span), alternating the two variants `--reps` times in one process (the machine is
+shared: compare the minima), and prints the ratios.
+
+    python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--losses kd,lm,mse_cached]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--losses", default="kd,lm,mse_cached")
+    args = p.parse_args()
+
+    import streamline_jax as sj
+    from streamline_jax import train
+    from streamline_jax.backend import jit_for
+    from streamline_jax.models import layers
+
+    bf16_backward = layers._low_precision_product
+
+    def jax_transpose(spec, a, b):  # what JAX differentiates without the custom VJP
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+    dense = sj.with_compute_dtype(sj.load("smollm2-135m"), "bfloat16")
+    pruned = sj.prune(dense, 10, 9, replacement="layer")
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, dense.config.vocab_size, (args.batch, args.seq)), jnp.int32)
+    mask = jnp.ones_like(ids)
+    x = jnp.asarray(rng.normal(size=(args.batch, args.seq, dense.config.hidden_size)), jnp.float32)
+    batches = {"kd": {"input_ids": ids, "attention_mask": mask}, "lm": {"input_ids": ids, "attention_mask": mask},
+               "mse_cached": {"x_in": x, "target": x, "attention_mask": mask}}
+    block = train.trainable_blocks(pruned.config)[0]
+    paths = set(train.trained_paths(pruned.params, block, ("block",), ("attention",)))
+    trained, frozen_pruned = train.split_params(pruned.params, paths.__contains__)
+    trained = jax.tree.map(lambda a: a.astype(jnp.float32), trained)
+    frozen = {"pruned": frozen_pruned, "dense": dense.params}
+    times: dict = {}
+    for rep in range(args.reps):
+        for variant, impl in (("bf16 backward", bf16_backward), ("jax transpose", jax_transpose)):
+            layers._low_precision_product = impl  # read when the loss is traced, so each program below sees it
+            for loss in args.losses.split(","):
+                kd = (train.distillation_settings(dense.config, pruned.config, block, paths, 1.0, 0.0, (), 0.0)
+                      if loss == "kd" else None)
+                program = train.training_program(dense.config, pruned.config, block, paths, loss, lr=1e-3,
+                                                 min_lr=5e-5, warmup_steps=1, num_steps=10, weight_decay=0.0,
+                                                 clip_norm=5.0, grad_accum=1, kd=kd)
+                step = jit_for(jnp.bfloat16, jax.value_and_grad(program.loss_fn))
+                jax.block_until_ready(step(trained, frozen, batches[loss]))  # compile
+                start, n = time.perf_counter(), 2
+                for _ in range(n):
+                    jax.block_until_ready(step(trained, frozen, batches[loss]))
+                times.setdefault(loss, {}).setdefault(variant, []).append((time.perf_counter() - start) / n)
+                print(f"rep {rep}: {loss:10s} {variant}: {times[loss][variant][-1]:.2f} s", flush=True)
+    layers._low_precision_product = bf16_backward
+    tokens = args.batch * args.seq
+    print(f"\nvalue_and_grad, {args.batch} x {args.seq} tokens, min of {args.reps}:")
+    print("| loss | bf16 backward s | jax transpose s | speed-up | bf16 backward tokens/s |")
+    print("|---|---|---|---|---|")
+    for loss, by in times.items():
+        ours, theirs = min(by["bf16 backward"]), min(by["jax transpose"])
+        print(f"| {loss} | {ours:.2f} | {theirs:.2f} | {theirs / ours:.2f}x | {tokens / ours:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
