@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-QUICK = ["data.train_chunks=32", "train.epochs=1", "train.eval_every=100", "eval.limit=100", "eval.ppl_windows=8",
-         "samples.prompts=[]", "export.hf=false"]
+QUICK = ["data.train_chunks=32", "train.epochs=1", "train.distill_steps=0", "train.eval_every=100", "eval.limit=100",
+         "eval.ppl_windows=8", "samples.prompts=[]", "export.hf=false"]
 
 
 def _command(out: Path, extra: list[str]) -> list[str]:

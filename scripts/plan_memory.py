@@ -3,7 +3,8 @@
     python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4
     python scripts/plan_memory.py --model llama2-70b --topology v5p-32 --stage lm --batch 16
 
-Compiles the scoring step, the MSE training step and the LM-loss training step for the target's mesh layouts
+Compiles the scoring step, the MSE training step and the LM-loss training step (the KD step where the run's settings
+distil: train.mode=kd or train.distill_steps) for the target's mesh layouts
 (configs/meshes.yaml) with libtpu, and prints XLA's memory analysis per chip (arguments, outputs, temporaries), the
 FLOPs per step and whether it fits the chip's HBM. For a step that does not fit it compiles the nearest layouts
 (smaller batch, full remat, tensor parallelism) and names the first that fits.
@@ -47,6 +48,7 @@ def main(argv=None):
     seq_len = args.seq_len or seq_len
     span = tuple(int(x) for x in args.span.split(",")) if args.span else plan.default_span(config)
     devices = plan.target_devices(target)  # fails early: no libtpu, or a topology libtpu rejects
+    training = run_training(args.model)
     print(f"{args.model} on {target.name} ({target.topology}, {len(devices)} × {devices[0].device_kind}, "
           f"{target.hbm_gib} GiB each), seq_len {seq_len}, span start={span[0]} length={span[1]}", flush=True)
     rows = []
@@ -60,12 +62,14 @@ def main(argv=None):
         if args.remat:
             layout = layout.replace(remat=args.remat)
         t0 = time.perf_counter()
-        result = plan.plan_stage(config, target, stage, layout, seq_len, span=span, devices=devices)
+        result = plan.plan_stage(config, target, stage, layout, seq_len, span=span, training=training,
+                                 devices=devices)
         row = dict(model=args.model, target=target.name, **result.row(), compile_s=round(time.perf_counter() - t0, 1))
         rows.append(row)
         _print(row)
         if not result.fits and not args.no_search:
-            found, tried = plan.nearest_fitting(config, target, stage, layout, seq_len, span=span)
+            found, tried = plan.nearest_fitting(config, target, stage, layout, seq_len, span=span,
+                                                training=training)
             for t in tried:
                 _print(dict(model=args.model, target=target.name, **t.row()), prefix="  tried ")
             if found:
@@ -76,6 +80,17 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows
+
+
+def run_training(model: str) -> dict:
+    """The run's training settings for this preset (configs/pipeline.yaml, then the preset's file), as
+    train_replacement options: what the planned steps train (its distillation phase makes the `lm` stage kd's)."""
+    import dataclasses
+
+    from streamline_jax.settings import build_config
+
+    run_config, _ = build_config(model)
+    return {k: v for k, v in dataclasses.asdict(run_config.train).items() if k != "pair_cache"}
 
 
 def _print(r, prefix=""):

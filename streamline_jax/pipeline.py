@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .run_folder import (DONE, FAILED, PAIR_CACHE, TRAIN_CHECKPOINT, finish_out, folder_lock,
+from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, TRAIN_CHECKPOINT, finish_out, folder_lock,
                          mark_holder, prepare_out, staging_folder)
 from .settings import STAGES, ConfigError, RunConfig, check_against_model, peek_model_config
 
@@ -350,24 +350,15 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     """The replacement block trained on the training stage's layout (configs/meshes.yaml: `mse` for mode mse, `lm`
     for lm and kd; its mesh and remat policy); (pruned model on the mesh it came on, training history). Where that
     mesh differs from the models' one, the models are re-sharded onto it for training (the dense model is then on
-    the devices twice while it trains) and the trained model back."""
+    the devices twice while it trains) and the trained model back. With `train.distill_steps`, a distillation phase
+    (mode kd, on the `lm` layout) follows from the trained blocks; its history is the block's `distill`."""
     from . import data
     from .loading import place_on_mesh
     from .train import train_replacement, trainable_blocks
 
-    remat, layout_name, home = "none", None, pruned.mesh
-    staged = stage_layout("mse" if c.train.mode == "mse" else "lm", preset, target)
-    if staged is not None:
-        mesh, layout = staged
-        remat, layout_name = layout.remat, str(layout)
-        if c.data.batch_size != layout.batch:  # the memory plan (scripts/plan_memory.py) was for the layout's batch
-            log.warning("training batch data.batch_size=%d is not the batch %d its layout was planned for (%s); "
-                        "plan it with scripts/plan_memory.py --batch %d", c.data.batch_size, layout.batch, layout,
-                        c.data.batch_size)
-        if dense.mesh is not None and mesh != dense.mesh:
-            log.info("training re-shards the models onto its layout: %s", layout)
-            dense, pruned = place_on_mesh(dense, mesh), place_on_mesh(pruned, mesh)
-
+    home = pruned.mesh
+    dense, pruned, remat, layout_name = _on_training_layout(c, "mse" if c.train.mode == "mse" else "lm", dense,
+                                                            pruned, preset, target)
     seq, batch = c.data.seq_len, c.data.batch_size
     skip = c.data.calib_chunks if inputs.train_source is inputs.calib_source else 0
     train_batches = ChunkBatches(inputs.train_source, dense.tokenizer, seq, skip, c.data.train_chunks, batch)
@@ -388,13 +379,45 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
             resume=resume, block_key=block.key, progress=progress, return_history=True, remat=remat,
             pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
         histories.append({**history, "mode": t.mode, "block": block.key, "span": [block.start, block.length]})
+    ran_on = {"layout": layout_name, "remat": remat}  # layout None: no meshes.yaml target (mesh.* settings)
+    if t.distill_steps and t.mode == "kd":
+        log.info("train.mode=kd already distils: no separate train.distill_steps phase")
+    elif t.distill_steps:  # after every block's own training, so that each distils inside the finished model
+        dense, pruned, remat, layout_name = _on_training_layout(c, "lm", dense, pruned, preset, target)
+        ran_on["distill_layout"] = layout_name
+        kd = t.replace(mode="kd", lr=t.distill_lr, num_steps=t.distill_steps, epochs=1, warmup_steps=None,
+                       eval_every=t.distill_steps, checkpoint_every=1)
+        for block, history in zip(blocks, histories):
+            sub = "" if len(blocks) == 1 else block.key
+            pruned, distilled = train_replacement(
+                dense, pruned, train_batches, kd, valid_batches=valid_batches, block_key=block.key, remat=remat,
+                checkpoint_dir=out / DISTILL_CHECKPOINT / sub, resume=resume, progress=progress, return_history=True)
+            history["distill"] = {**distilled, "mode": "kd", "lr": t.distill_lr}
     if home is not None and pruned.mesh != home:
         pruned = place_on_mesh(pruned, home)
-    ran_on = {"layout": layout_name, "remat": remat}  # layout None: no meshes.yaml target (mesh.* settings)
     if len(histories) == 1:
         return pruned, {**histories[0], **ran_on}
     return pruned, {"mode": t.mode, "blocks": histories, "wall_s": sum(h.get("wall_s", 0) for h in histories),
                     **ran_on}
+
+
+def _on_training_layout(c: RunConfig, stage: str, dense, pruned, preset: str | None, target: str | None):
+    """(dense, pruned, remat policy, layout name) for training on `stage`'s layout ("mse" or "lm"): the models
+    re-sharded onto its mesh where that differs from theirs; as they are without a meshes.yaml target."""
+    from .loading import place_on_mesh
+
+    staged = stage_layout(stage, preset, target)
+    if staged is None:
+        return dense, pruned, "none", None
+    mesh, layout = staged
+    if c.data.batch_size != layout.batch:  # the memory plan (scripts/plan_memory.py) was for the layout's batch
+        log.warning("training batch data.batch_size=%d is not the batch %d its layout was planned for (%s); "
+                    "plan it with scripts/plan_memory.py --batch %d", c.data.batch_size, layout.batch, layout,
+                    c.data.batch_size)
+    if dense.mesh is not None and mesh != dense.mesh:
+        log.info("training re-shards the models onto its layout: %s", layout)
+        dense, pruned = place_on_mesh(dense, mesh), place_on_mesh(pruned, mesh)
+    return dense, pruned, layout.remat, str(layout)
 
 
 def dense_evaluation_key(c: RunConfig, dense, tasks) -> str:
@@ -516,6 +539,8 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
             pruned, history = train_stage(c, dense, pruned, inputs, out, resume, progress, preset, target)
         report["training"] = history
         report["layouts"]["train"] = history.get("layout")
+        if "distill_layout" in history:
+            report["layouts"]["distill"] = history["distill_layout"]
     if "evaluate" in stages and inputs.tasks:
         with stage("evaluate", times):
             report.update(evaluate_stage(c, dense, pruned, inputs.tasks, progress, shared))

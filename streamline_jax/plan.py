@@ -321,11 +321,12 @@ def training_program(stage: str, config: ModelConfig, span: tuple[int, int], mes
                      platform: str | None = None) -> tuple[train.TrainingProgram, ModelConfig]:
     """(the program `train_replacement` compiles for this stage, the pruned config): `training` holds
     train_replacement keyword arguments (mode, lr, num_steps, grad_accum, compute_dtype, trainable, freeze, kd_*, ...;
-    the rest its defaults); the `lm` stage trains with mode `lm` unless `training` says `kd`."""
+    the rest its defaults, and the run's `distill_steps`); the `lm` stage trains with mode `lm` unless `training`
+    says `kd` or has a distillation phase (`distill_steps`, which runs on the `lm` layout)."""
     options = {**training_defaults(), "num_steps": PLAN_NUM_STEPS, **(training or {})}
     if platform is not None:  # the target's attention, not this host's
         config = config.replace(attention_platform=platform)
-    mode = "mse" if stage == "mse" else (options["mode"] if options["mode"] in ("lm", "kd") else "lm")
+    mode = "mse" if stage == "mse" else ("kd" if options["mode"] == "kd" or options.get("distill_steps") else "lm")
     if options["compute_dtype"] is not None:  # as train_replacement resolves it
         config = with_compute_dtype(Model(config, None), options["compute_dtype"]).config
     start, length = span

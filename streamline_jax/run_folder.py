@@ -20,6 +20,7 @@ RUN_CONFIG = "run_config.yaml"
 FAILED = "FAILED"  # what the last failed run said: its stage and error; removed when a run finishes
 LOCK = ".lock"
 TRAIN_CHECKPOINT = "train_checkpoint"
+DISTILL_CHECKPOINT = "distill_checkpoint"  # train.distill_steps' phase
 PAIR_CACHE = "pair_cache"  # the span's (input, target) pairs on disk while the run lasts (train.pair_cache)
 
 log = logging.getLogger("streamline_jax.run")
@@ -43,7 +44,7 @@ def read_failure(out: Path) -> str | None:
 
 # What a run writes in its folder; a folder holding anything else is not ours and is never touched.
 RUN_FILES = {DONE, RUN_CONFIG, FAILED, LOCK, "report.json", "report.md", "run.log"}
-RUN_FOLDERS = {TRAIN_CHECKPOINT, PAIR_CACHE, "model", "hf", "plots"}
+RUN_FOLDERS = {TRAIN_CHECKPOINT, DISTILL_CHECKPOINT, PAIR_CACHE, "model", "hf", "plots"}
 EXPORT_TEMP = re.compile(r"^\.(model|hf)\.tmp-")  # export.atomic_folder's, left by a run killed while saving
 # Settings that change only evaluation, samples and what is saved: a resume may change them (training is kept).
 RESUMABLE_SECTIONS = ("eval", "samples", "export")

@@ -79,9 +79,12 @@ class PruneSection:
 @dataclasses.dataclass(frozen=True)
 class TrainSection(TrainOptions):
     """`train_replacement`'s own options type, so that every training option is a setting, with its default; and
-    whether to keep the span's pairs on disk (the API takes the folder)."""
+    the run's own: whether to keep the span's pairs on disk (the API takes the folder), and a distillation phase
+    after the training (train_replacement again, in mode kd, from its result)."""
 
     pair_cache: bool = False
+    distill_steps: int = 0  # then this many steps of mode kd from the result (0: none)
+    distill_lr: float = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,7 +373,7 @@ RANGES = [
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
     ("train.kd_temperature", 0, False), ("train.kd_ce_weight", 0, True), ("train.kd_hidden_weight", 0, True),
-    ("train.log_every", 1, True),
+    ("train.log_every", 1, True), ("train.distill_steps", 0, True), ("train.distill_lr", 0, False),
     ("eval.limit", 1, True), ("eval.ppl_windows", 1, True), ("eval.window", 2, True), ("eval.batch_size", 1, True),
     ("samples.max_new_tokens", 1, True), ("mesh.data", 1, True), ("mesh.tensor", 1, True),
 ]
@@ -393,6 +396,12 @@ def check_ranges(c: RunConfig) -> None:
         raise ConfigError(f"mesh.fsdp must be >= 1, or -1 (every device left), got {c.mesh.fsdp}")
     if c.train.min_lr > c.train.lr:
         raise ConfigError(f"train.min_lr ({c.train.min_lr}) must not exceed train.lr ({c.train.lr})")
+    if c.train.distill_steps and c.train.mode != "kd" and c.train.distill_steps * c.data.batch_size > c.data.train_chunks:
+        raise ConfigError(f"train.distill_steps={c.train.distill_steps} needs {c.train.distill_steps} batches of "
+                          f"data.batch_size={c.data.batch_size}, but data.train_chunks={c.data.train_chunks} give "
+                          f"{c.data.train_chunks // c.data.batch_size}")
+    if c.train.distill_steps and c.train.mode != "kd" and c.train.min_lr > c.train.distill_lr:
+        raise ConfigError(f"train.min_lr ({c.train.min_lr}) must not exceed train.distill_lr ({c.train.distill_lr})")
     if c.train.kd_ce_weight > 1:
         raise ConfigError(f"train.kd_ce_weight is the cross-entropy's share of the KD loss: it must be in [0, 1], "
                           f"got {c.train.kd_ce_weight}")

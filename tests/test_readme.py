@@ -115,6 +115,7 @@ COMMANDS: dict[str, Run] = {
     ".venv/bin/python scripts/bench_eval.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_generate.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_train.py": HELP_BENCH,
+    ".venv/bin/python scripts/bench_backward.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_load.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_default.py": HELP_BENCH,  # the README's next benchmarks
     ".venv/bin/python scripts/bench_pipeline.py": HELP_BENCH,

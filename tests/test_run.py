@@ -124,6 +124,37 @@ def test_kd_training_beyond_the_block_from_the_settings(files, tmp_path):
     assert report["training"]["mode"] == "kd" and report["training"]["train"]
 
 
+def test_distill_phase_after_mse_training_resumes_where_it_stopped(files, tmp_path, monkeypatch):
+    from streamline_jax import train
+
+    args = ["prune.replacement=layer", "train.epochs=2", "train.distill_steps=3", "--stages", "train"]
+    fresh = tmp_path / "fresh"
+    assert run_mod.main(_args(files, "llama", fresh, *args)) == 0
+    done = json.loads((fresh / "report.json").read_text())["training"]
+    assert done["mode"] == "mse" and len(done["train"]) == 8
+    distill = done["distill"]
+    assert distill["mode"] == "kd" and [s for s, *_ in distill["train"]] == [1, 2, 3]
+    assert [s for s, _ in distill["valid"]] == [0, 3]  # the better of the MSE-trained block and the distilled one
+
+    out = tmp_path / "out"
+    real_save = train._save
+
+    def interrupt_in_the_distill_phase(manager, step, *a, **k):
+        real_save(manager, step, *a, **k)
+        if "distill_checkpoint" in str(manager.directory) and step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "_save", interrupt_in_the_distill_phase)
+    assert run_mod.main(_args(files, "llama", out, *args)) == 130
+    monkeypatch.setattr(train, "_save", real_save)
+    assert run_mod.main(_args(files, "llama", out, *args)) == 0
+    resumed = json.loads((out / "report.json").read_text())["training"]
+    np.testing.assert_allclose([l for _, l, *_ in resumed["distill"]["train"]],
+                               [l for _, l, *_ in distill["train"]], rtol=1e-5)
+    np.testing.assert_allclose([l for _, l in resumed["distill"]["valid"]], [l for _, l in distill["valid"]],
+                               rtol=1e-5)
+
+
 def test_scoring_only(files, tmp_path):
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "opt", out, "--stages", "score")) == 0
@@ -260,6 +291,8 @@ def test_unknown_preset_suggests_the_nearest(capsys):
     ("train.trainable=[block,lm_head]", "train.mode=mse trains the block only"),
     ("train.log_every=0", "train.log_every must be >= 1"),
     ("train.log_every=2.5", "train.log_every must be an integer"),
+    ("train.distill_steps=-1", "train.distill_steps must be >= 0"),
+    ("train.distill_steps=1000", "train.distill_steps=1000 needs 1000 batches"),
 ])
 def test_bad_overrides_are_clear_errors(override, message, capsys):
     assert run_mod.main(["--out", "/nonexistent/x", override]) == 2
@@ -305,10 +338,12 @@ def test_every_training_option_of_the_api_is_a_setting_with_its_default():
 
     from streamline_jax.train import TrainOptions
 
-    # the settings' type is the API's options type, plus whether to keep a pair cache (the API takes its folder)
+    # the settings' type is the API's options type, plus whether to keep a pair cache (the API takes its folder) and
+    # the run's distillation phase
     assert issubclass(run_mod.TrainSection, TrainOptions)
     section = {f.name: f.default for f in dataclasses.fields(run_mod.TrainSection)}
-    assert {k: v for k, v in section.items() if k != "pair_cache"} == dataclasses.asdict(TrainOptions())
+    run_only = {"pair_cache", "distill_steps", "distill_lr"}  # the run's second (kd) phase: train_replacement again
+    assert {k: v for k, v in section.items() if k not in run_only} == dataclasses.asdict(TrainOptions())
     assert set(run_mod.read_yaml(run_mod.CONFIG_DIR / "pipeline.yaml")["train"]) == set(section)
 
 
