@@ -154,12 +154,16 @@ def to_markdown(report: dict) -> str:
     if training:
         lines += ["## Training", ""]
         for block in training.get("blocks", [training]):
-            train = block.get("train") or []
             which = f"block {block['block']} (layers {block['span'][0]}..{sum(block['span']) - 1}): " \
                 if "blocks" in training else ""
-            lines += [f"{which}{block.get('mode')} loss, {len(train)} steps in {block.get('wall_s', 0):.1f} s; "
-                      f"first {_fmt(train[0][1] if train else None)}, last {_fmt(train[-1][1] if train else None)}; "
-                      f"best validation {_fmt(block.get('best_valid'))} at step {block.get('best_step')}.", ""]
+            for phase in (block, block.get("distill")):
+                if phase is None:
+                    continue
+                train = phase.get("train") or []
+                then = "then distillation: " if phase is not block else which
+                lines += [f"{then}{phase.get('mode')} loss, {len(train)} steps in {phase.get('wall_s', 0):.1f} s; "
+                          f"first {_fmt(train[0][1] if train else None)}, last {_fmt(train[-1][1] if train else None)}"
+                          f"; best validation {_fmt(phase.get('best_valid'))} at step {phase.get('best_step')}.", ""]
         if plots.get("loss"):
             lines += [f"![training loss]({plots['loss']})", ""]
     retention = report.get("retention")

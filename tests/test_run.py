@@ -135,6 +135,7 @@ def test_distill_phase_after_mse_training_resumes_where_it_stopped(files, tmp_pa
     distill = done["distill"]
     assert distill["mode"] == "kd" and [s for s, *_ in distill["train"]] == [1, 2, 3]
     assert [s for s, _ in distill["valid"]] == [0, 3]  # the better of the MSE-trained block and the distilled one
+    assert "then distillation: kd loss, 3 steps" in (fresh / "report.md").read_text()
 
     out = tmp_path / "out"
     real_save = train._save
