@@ -62,7 +62,8 @@ HELP_BENCH = Run("help", "a benchmark: minutes on the real model")
 # large presets' bfloat16 is slow on CPU)
 TINY_RUN = ("--quiet", "model.source={llama}", "model.architecture=null", "model.dtype=float32", "data.seq_len=32",
             "data.calib_chunks=4", "data.train_chunks=16", "data.valid_chunks=2", "data.batch_size=4",
-            "eval.limit=4", "eval.ppl_windows=1", "samples.max_new_tokens=4")
+            "eval.limit=4", "eval.ppl_windows=1", "samples.max_new_tokens=4",
+            "train.distill_steps=2")  # the embedded preset's distillation phase, in the 4 batches there are
 # the default run evaluates and samples; the others need not again
 TINY_QUICK = TINY_RUN + ("eval.tasks=[]", "samples.prompts=[]")
 DEFAULT_RUN = "python -m streamline_jax.run"
@@ -143,6 +144,7 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2]": HELP_BENCH,
     "python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000|none] [--speed-steps 16] "
     "[--log-every 4]": HELP_BENCH,
+    "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--losses kd,lm,mse_cached]": HELP_BENCH,
     "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": HELP_BENCH,
     "python scripts/bench_default.py": HELP_BENCH,  # bench_default's and bench_pipeline's, once the README names them
     "python scripts/bench_default.py --config configs/recipes/paper.yaml": HELP_BENCH,
