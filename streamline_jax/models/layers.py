@@ -47,12 +47,13 @@ def _low_precision_product(spec, a, b):
 
 
 def _low_precision_product_fwd(spec, a, b):
-    return _low_precision_product(spec, a, b), (a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=ACTIVATION_DTYPE), (a, b)
 
 
-def _low_precision_product_bwd(spec, inputs, g):
-    a, b = inputs
-    (sa, sb), out = spec.split("->")[0].split(","), spec.split("->")[1]
+def _low_precision_product_bwd(spec, saved, g):
+    a, b = saved
+    operands, out = spec.split("->")
+    sa, sb = operands.split(",")
     g = g.astype(jnp.promote_types(a.dtype, b.dtype))
     da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=ACTIVATION_DTYPE)
     db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=ACTIVATION_DTYPE)
