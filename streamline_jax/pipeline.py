@@ -372,26 +372,27 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     t = c.train
     blocks = trainable_blocks(pruned.config)
     histories = []
+    subfolders = {b.key: "" if len(blocks) == 1 else b.key for b in blocks}  # one block: a single-span run's folders
     for block in blocks:  # one at a time: each learns its own dense span, the others' weights do not enter
-        sub = "" if len(blocks) == 1 else block.key  # one block: the folders a single-span run always had
+        sub = subfolders[block.key]
         pruned, history = train_replacement(
             dense, pruned, train_batches, t, valid_batches=valid_batches, checkpoint_dir=out / TRAIN_CHECKPOINT / sub,
             resume=resume, block_key=block.key, progress=progress, return_history=True, remat=remat,
             pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
         histories.append({**history, "mode": t.mode, "block": block.key, "span": [block.start, block.length]})
     ran_on = {"layout": layout_name, "remat": remat}  # layout None: no meshes.yaml target (mesh.* settings)
-    if t.distill_steps and t.mode == "kd":
+    if t.distill_steps and not t.distils_after:
         log.info("train.mode=kd already distils: no separate train.distill_steps phase")
-    elif t.distill_steps:  # after every block's own training, so that each distils inside the finished model
+    elif t.distils_after:  # after every block's own training, so that each distils inside the finished model
         dense, pruned, remat, layout_name = _on_training_layout(c, "lm", dense, pruned, preset, target)
         ran_on["distill_layout"] = layout_name
         kd = t.replace(mode="kd", lr=t.distill_lr, num_steps=t.distill_steps, epochs=1, warmup_steps=None,
                        eval_every=t.distill_steps, checkpoint_every=1)
         for block, history in zip(blocks, histories):
-            sub = "" if len(blocks) == 1 else block.key
             pruned, distilled = train_replacement(
                 dense, pruned, train_batches, kd, valid_batches=valid_batches, block_key=block.key, remat=remat,
-                checkpoint_dir=out / DISTILL_CHECKPOINT / sub, resume=resume, progress=progress, return_history=True)
+                checkpoint_dir=out / DISTILL_CHECKPOINT / subfolders[block.key], resume=resume, progress=progress,
+                return_history=True)
             history["distill"] = {**distilled, "mode": "kd", "lr": t.distill_lr}
     if home is not None and pruned.mesh != home:
         pruned = place_on_mesh(pruned, home)

@@ -86,6 +86,11 @@ class TrainSection(TrainOptions):
     distill_steps: int = 0  # then this many steps of mode kd from the result (0: none)
     distill_lr: float = 1e-3
 
+    @property
+    def distils_after(self) -> bool:
+        """Whether a distillation phase follows the training (mode kd distils already: none there)."""
+        return bool(self.distill_steps) and self.mode != "kd"
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
@@ -396,12 +401,11 @@ def check_ranges(c: RunConfig) -> None:
         raise ConfigError(f"mesh.fsdp must be >= 1, or -1 (every device left), got {c.mesh.fsdp}")
     if c.train.min_lr > c.train.lr:
         raise ConfigError(f"train.min_lr ({c.train.min_lr}) must not exceed train.lr ({c.train.lr})")
-    distils = bool(c.train.distill_steps) and c.train.mode != "kd"  # mode kd has no separate phase
-    if distils and c.train.distill_steps * c.data.batch_size > c.data.train_chunks:
+    if c.train.distils_after and c.train.distill_steps * c.data.batch_size > c.data.train_chunks:
         raise ConfigError(f"train.distill_steps={c.train.distill_steps} needs {c.train.distill_steps} batches of "
                           f"data.batch_size={c.data.batch_size}, but data.train_chunks={c.data.train_chunks} give "
                           f"{c.data.train_chunks // c.data.batch_size}")
-    if distils and c.train.min_lr > c.train.distill_lr:
+    if c.train.distils_after and c.train.min_lr > c.train.distill_lr:
         raise ConfigError(f"train.min_lr ({c.train.min_lr}) must not exceed train.distill_lr ({c.train.distill_lr})")
     if c.train.kd_ce_weight > 1:
         raise ConfigError(f"train.kd_ce_weight is the cross-entropy's share of the KD loss: it must be in [0, 1], "
