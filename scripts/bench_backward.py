@@ -6,7 +6,11 @@ rate. This times one jitted value-and-grad of each training loss on SmolLM2-135M
 `layer` block (the default run's span), alternating the two variants `--reps` times in one process (the machine is
 shared: compare the minima), and prints the ratios.
 
-    python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--losses kd,lm,mse_cached]
+`kd_autodiff` is the distillation loss with its vocabulary head differentiated by JAX through logits recomputed in
+the backward pass (`train.distillation_sums`, five vocabulary products a chunk), where `kd` makes each chunk's
+gradient in the forward pass (`train.distillation_loss`, three): compare the two rows' times.
+
+    python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--losses kd,kd_autodiff,lm,mse_cached]
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--losses", default="kd,lm,mse_cached")
+    p.add_argument("--losses", default="kd,kd_autodiff,lm,mse_cached")
     args = p.parse_args()
 
     import streamline_jax as sj
@@ -37,6 +41,12 @@ def main():
     def jax_transpose(spec, a, b):  # what JAX differentiates without the custom VJP
         return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
+    fused_head = train.distillation_loss
+
+    def head_by_autodiff(*args, ce_weight, temperature):
+        ce = jnp.zeros_like(args[-1]) if ce_weight is None else ce_weight
+        return sum(train.distillation_sums(*args, ce, temperature, with_ce=ce_weight is not None))
+
     dense = sj.with_compute_dtype(sj.load("smollm2-135m"), "bfloat16")
     pruned = sj.prune(dense, 10, 9, replacement="layer")
     rng = np.random.default_rng(0)
@@ -44,6 +54,7 @@ def main():
     mask = jnp.ones_like(ids)
     x = jnp.asarray(rng.normal(size=(args.batch, args.seq, dense.config.hidden_size)), jnp.float32)
     batches = {"kd": {"input_ids": ids, "attention_mask": mask}, "lm": {"input_ids": ids, "attention_mask": mask},
+               "kd_autodiff": {"input_ids": ids, "attention_mask": mask},
                "mse_cached": {"x_in": x, "target": x, "attention_mask": mask}}
     block = train.trainable_blocks(pruned.config)[0]
     paths = set(train.trained_paths(pruned.params, block, ("block",), ("attention",)))
@@ -56,8 +67,10 @@ def main():
             layers._low_precision_product = impl  # read when the loss is traced, so each program below sees it
             for loss in args.losses.split(","):
                 kd = (train.distillation_settings(dense.config, pruned.config, block, paths, 1.0, 0.0, (), 0.0)
-                      if loss == "kd" else None)
-                program = train.training_program(dense.config, pruned.config, block, paths, loss, lr=1e-3,
+                      if loss.startswith("kd") else None)
+                train.distillation_loss = head_by_autodiff if loss == "kd_autodiff" else fused_head  # at tracing
+                program = train.training_program(dense.config, pruned.config, block, paths, loss.split("_")[0]
+                                                 if loss.startswith("kd") else loss, lr=1e-3,
                                                  min_lr=5e-5, warmup_steps=1, num_steps=10, weight_decay=0.0,
                                                  clip_norm=5.0, grad_accum=1, kd=kd)
                 step = jit_for(jnp.bfloat16, jax.value_and_grad(program.loss_fn))
@@ -67,7 +80,7 @@ def main():
                     jax.block_until_ready(step(trained, frozen, batches[loss]))
                 times.setdefault(loss, {}).setdefault(variant, []).append((time.perf_counter() - start) / n)
                 print(f"rep {rep}: {loss:10s} {variant}: {times[loss][variant][-1]:.2f} s", flush=True)
-    layers._low_precision_product = bf16_backward
+    layers._low_precision_product, train.distillation_loss = bf16_backward, fused_head
     tokens = args.batch * args.seq
     print(f"\nvalue_and_grad, {args.batch} x {args.seq} tokens, min of {args.reps}:")
     print("| loss | bf16 backward s | jax transpose s | speed-up | bf16 backward tokens/s |")

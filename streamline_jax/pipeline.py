@@ -387,13 +387,16 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
         dense, pruned, remat, layout_name = _on_training_layout(c, "lm", dense, pruned, preset, target)
         ran_on["distill_layout"] = layout_name
         kd = t.replace(mode="kd", lr=t.distill_lr, num_steps=t.distill_steps, epochs=1, warmup_steps=None,
-                       eval_every=t.distill_steps, checkpoint_every=1)
+                       eval_every=t.distill_steps, checkpoint_every=1,
+                       trainable=t.trainable if t.distill_trainable is None else t.distill_trainable,
+                       freeze=t.freeze if t.distill_freeze is None else t.distill_freeze)
         for block, history in zip(blocks, histories):
             pruned, distilled = train_replacement(
                 dense, pruned, train_batches, kd, valid_batches=valid_batches, block_key=block.key, remat=remat,
                 checkpoint_dir=out / DISTILL_CHECKPOINT / subfolders[block.key], resume=resume, progress=progress,
                 return_history=True)
-            history["distill"] = {**distilled, "mode": "kd", "lr": t.distill_lr}
+            history["distill"] = {**distilled, "mode": "kd", "lr": t.distill_lr, "trainable": list(kd.trainable),
+                                  "freeze": list(kd.freeze)}
     if home is not None and pruned.mesh != home:
         pruned = place_on_mesh(pruned, home)
     if len(histories) == 1:

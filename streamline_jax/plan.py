@@ -321,12 +321,16 @@ def training_program(stage: str, config: ModelConfig, span: tuple[int, int], mes
                      platform: str | None = None) -> tuple[train.TrainingProgram, ModelConfig]:
     """(the program `train_replacement` compiles for this stage, the pruned config): `training` holds
     train_replacement keyword arguments (mode, lr, num_steps, grad_accum, compute_dtype, trainable, freeze, kd_*, ...;
-    the rest its defaults, and the run's `distill_steps`); the `lm` stage trains with mode `lm` unless `training`
-    says `kd` or has a distillation phase (`distill_steps`, which runs on the `lm` layout)."""
+    the rest its defaults, and the run's `distill_*` settings); the `lm` stage trains with mode `lm` unless
+    `training` says `kd` or has a distillation phase (`distill_steps`, which runs on the `lm` layout and trains
+    `distill_trainable` less `distill_freeze` where they are set)."""
     options = {**training_defaults(), "num_steps": PLAN_NUM_STEPS, **(training or {})}
     if platform is not None:  # the target's attention, not this host's
         config = config.replace(attention_platform=platform)
     mode = "mse" if stage == "mse" else ("kd" if options["mode"] == "kd" or options.get("distill_steps") else "lm")
+    if mode == "kd" and options["mode"] != "kd":  # the distillation phase's: what it trains, as the run picks it
+        options = {**options, **{k: options[f"distill_{k}"] for k in ("trainable", "freeze")
+                                 if options.get(f"distill_{k}") is not None}}
     if options["compute_dtype"] is not None:  # as train_replacement resolves it
         config = with_compute_dtype(Model(config, None), options["compute_dtype"]).config
     start, length = span

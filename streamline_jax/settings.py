@@ -85,6 +85,8 @@ class TrainSection(TrainOptions):
     pair_cache: bool = False
     distill_steps: int = 0  # then this many steps of mode kd from the result (0: none)
     distill_lr: float = 1e-3
+    distill_trainable: tuple[str, ...] | None = None  # what the distillation phase trains (null: train.trainable)
+    distill_freeze: tuple[str, ...] | None = None  # what stays frozen in the block there (null: train.freeze)
 
     @property
     def distils_after(self) -> bool:
@@ -412,13 +414,17 @@ def check_ranges(c: RunConfig) -> None:
                           f"got {c.train.kd_ce_weight}")
     if c.train.kd_hidden_layers and not c.train.kd_hidden_weight:
         raise ConfigError(f"train.kd_hidden_layers={list(c.train.kd_hidden_layers)} needs train.kd_hidden_weight > 0")
-    for pattern in c.train.trainable:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"train.trainable: {pattern!r} is not a regular expression ({e})") from None
+    for key in ("trainable", "freeze", "distill_trainable", "distill_freeze"):
+        for pattern in getattr(c.train, key) or ():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"train.{key}: {pattern!r} is not a regular expression ({e})") from None
     if not c.train.trainable:
         raise ConfigError("train.trainable is empty: nothing would train ([block] trains the replacement block)")
+    if c.train.distill_trainable is not None and not c.train.distill_trainable:
+        raise ConfigError("train.distill_trainable is empty: the distillation phase would train nothing (null: as "
+                          "train.trainable)")
     if c.train.mode == "mse" and tuple(c.train.trainable) != ("block",):
         raise ConfigError(f"train.mode=mse trains the block only; train.trainable={list(c.train.trainable)} needs "
                           f"train.mode=lm or kd")

@@ -250,19 +250,16 @@ class Distillation:
     shared_prefix: bool = True  # the student's layers before the block are the teacher's, untrained
 
 
-def distillation_sums(teacher_config, teacher_params, student_config, student_params, teacher_h, student_h,
-                      labels, kl_mask, ce_mask, temperature, with_ce=True):
-    """(sum over tokens of T^2 KL(teacher || student) x kl_mask, sum of the student's cross-entropy on `labels` x
-    ce_mask; 0 unless `with_ce`) from [N, D] final hidden states (before the final norm), KD_CHUNK_TOKENS at a time.
-    Each chunk's logits are recomputed in the backward pass (jax.checkpoint), so memory holds one chunk's
-    [chunk, vocab], never the batch's."""
-    n, d = student_h.shape
-    chunk = min(KD_CHUNK_TOKENS, n)
-    pad = -n % chunk
+HEAD_KEYS = ("embed_tokens", "final_norm", "project_out", "lm_head")  # what transformer.head reads
 
-    def chunked(a):
-        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-        return a.reshape((-1, chunk) + a.shape[1:])
+
+def distillation_sums(teacher_config, teacher_params, student_config, student_params, teacher_h, student_h,
+                      labels, kl_weight, ce_weight, temperature, with_ce=True):
+    """(sum over tokens of T^2 KL(teacher || student) x kl_weight, sum of the student's cross-entropy on `labels` x
+    ce_weight; 0 unless `with_ce`) from [N, D] final hidden states (before the final norm), KD_CHUNK_TOKENS at a time.
+    Each chunk's logits are recomputed in the backward pass (jax.checkpoint), so memory holds one chunk's
+    [chunk, vocab], never the batch's. For any loss; `distillation_loss` is the cheaper one for a frozen head."""
+    xs = _token_chunks(teacher_h, student_h, labels, kl_weight, ce_weight)
 
     @jax.checkpoint
     def body(totals, xs):
@@ -278,9 +275,68 @@ def distillation_sums(teacher_config, teacher_params, student_config, student_pa
             ce = -jnp.sum(jnp.take_along_axis(logp, label[:, None], axis=-1)[:, 0] * w_ce)
         return (totals[0] + jnp.sum(kl * w_kl), totals[1] + ce), None
 
-    xs = tuple(chunked(a) for a in (teacher_h, student_h, labels, kl_mask, ce_mask))
     (kl, ce), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), xs)
     return kl, ce
+
+
+def _token_chunks(*arrays):
+    """Each [N, ...] array as [N / chunk, chunk, ...] (KD_CHUNK_TOKENS a chunk; the last zero-padded)."""
+    n = arrays[0].shape[0]
+    chunk = min(KD_CHUNK_TOKENS, n)
+    pad = -n % chunk
+    return tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((-1, chunk) + a.shape[1:])
+                 for a in arrays)
+
+
+def distillation_loss(teacher_config, teacher_params, student_config, student_params, teacher_h, student_h,
+                      labels, kl_weight, ce_weight, temperature):
+    """sum over tokens of kl_weight x T^2 KL(teacher || student) + ce_weight x the student's cross-entropy on
+    `labels` ([N] weights: mask / count x the loss's share), differentiable in `student_h` only: the student's head
+    is frozen. Each chunk's gradient is made in the forward pass from the probabilities at hand (T (p_s - p_t) for
+    the KL, p_s - onehot for the cross-entropy), so the backward pass recomputes no logits: three vocabulary
+    products a chunk (teacher, student, the student's input gradient) where autodiff with recomputation needs five.
+    Memory holds one chunk's [chunk, vocab] and the [N, D] input gradient."""
+    with_ce = ce_weight is not None
+    ce_weight = jnp.zeros_like(kl_weight) if ce_weight is None else ce_weight
+    xs = _token_chunks(teacher_h, student_h, labels, kl_weight, ce_weight)
+
+    def chunk_loss_and_grad(teacher_params, student_params, h_t, h_s, label, w_kl, w_ce, with_grad=True):
+        logits_t = transformer.head(teacher_config, teacher_params, h_t[None])[0].astype(jnp.float32)
+        head_s = lambda h: transformer.head(student_config, student_params, h[None])[0]
+        logits_s, head_vjp = jax.vjp(head_s, h_s) if with_grad else (head_s(h_s), None)
+        out_dtype, logits_s = logits_s.dtype, logits_s.astype(jnp.float32)
+        logp_t = jax.nn.log_softmax(logits_t / temperature)
+        logp_s = jax.nn.log_softmax(logits_s / temperature)
+        p_t = jnp.exp(logp_t)
+        loss = jnp.sum(jnp.sum(p_t * (logp_t - logp_s), axis=-1) * w_kl) * temperature ** 2
+        if with_ce:
+            logp = logp_s if temperature == 1 else jax.nn.log_softmax(logits_s)
+            loss -= jnp.sum(jnp.take_along_axis(logp, label[:, None], axis=-1)[:, 0] * w_ce)
+        if not with_grad:
+            return loss, None
+        dlogits = temperature * (jnp.exp(logp_s) - p_t) * w_kl[:, None]
+        if with_ce:
+            dlogits += (jnp.exp(logp) - jax.nn.one_hot(label, logp.shape[-1], dtype=jnp.float32)) * w_ce[:, None]
+        return loss, head_vjp(dlogits.astype(out_dtype))[0]
+
+    @jax.custom_vjp
+    def summed(h_s, frozen):
+        return summed_fwd(h_s, frozen, with_grad=False)[0]  # not differentiated (validation): no gradient made
+
+    def summed_fwd(h_s, frozen, with_grad=True):
+        def body(total, x):
+            loss, dh = chunk_loss_and_grad(*frozen[0], *x, with_grad=with_grad)
+            return total + loss, dh
+
+        total, dh = jax.lax.scan(body, jnp.float32(0), (frozen[1][0], h_s) + frozen[1][1:])
+        return total, dh
+
+    def summed_bwd(dh, g):
+        return g * dh, None  # the teacher, the head and the weights get no gradient
+
+    summed.defvjp(summed_fwd, summed_bwd)
+    heads = tuple({k: p[k] for k in HEAD_KEYS if k in p} for p in (teacher_params, student_params))
+    return summed(xs[1], (heads, xs[:1] + xs[2:]))
 
 
 def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, kd: Distillation,
@@ -312,12 +368,18 @@ def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block
     real = mask.astype(jnp.float32)
     next_real = jnp.concatenate([real[:, 1:] * real[:, :-1], jnp.zeros((b, 1), jnp.float32)], axis=1)
     labels = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
-    kl, ce = distillation_sums(dense_config, dense_params, pruned_config, pruned, h_t.reshape(b * t, -1),
-                               h_s.reshape(b * t, -1), labels.reshape(-1), real.reshape(-1),
-                               next_real.reshape(-1), kd.temperature, with_ce=bool(kd.ce_weight))
-    loss = (1 - kd.ce_weight) * kl / jnp.maximum(jnp.sum(real), 1.0)
-    if kd.ce_weight:
-        loss += kd.ce_weight * ce / jnp.maximum(jnp.sum(next_real), 1.0)
+    kl_weight = (1 - kd.ce_weight) * real / jnp.maximum(jnp.sum(real), 1.0)
+    ce_weight = kd.ce_weight * next_real / jnp.maximum(jnp.sum(next_real), 1.0) if kd.ce_weight else None
+    flat = (dense_config, dense_params, pruned_config, pruned, h_t.reshape(b * t, -1), h_s.reshape(b * t, -1),
+            labels.reshape(-1), kl_weight.reshape(-1))
+    if any(k in trained for k in HEAD_KEYS):  # a trained head: autodiff through its recomputed logits
+        kl, ce = distillation_sums(*flat, ce_weight=(jnp.zeros_like(real) if ce_weight is None else ce_weight
+                                                     ).reshape(-1),
+                                   temperature=kd.temperature, with_ce=ce_weight is not None)
+        loss = kl + ce
+    else:
+        loss = distillation_loss(*flat, ce_weight=None if ce_weight is None else ce_weight.reshape(-1),
+                                 temperature=kd.temperature)
     if kd.hidden_weight and kd.hidden_pairs:
         mse = [masked_mse(hidden_s[s], hidden_t[t], mask, weighting) for t, s in kd.hidden_pairs]
         loss += kd.hidden_weight * sum(mse) / len(mse)

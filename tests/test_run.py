@@ -124,6 +124,17 @@ def test_kd_training_beyond_the_block_from_the_settings(files, tmp_path):
     assert report["training"]["mode"] == "kd" and report["training"]["train"]
 
 
+def test_distill_phase_trains_what_its_own_settings_say(files, tmp_path):
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "prune.replacement=layer", "train.num_steps=2",
+                              "train.distill_steps=2", "train.distill_trainable=[block, final_norm/.*]",
+                              "train.distill_freeze=[]", "data.valid_chunks=0", "--stages", "train,save")) == 0
+    distill = json.loads((out / "report.json").read_text())["training"]["distill"]
+    assert (distill["trainable"], distill["freeze"]) == (["block", "final_norm/.*"], [])
+    dense, pruned = (load(p) for p in (files["llama"], out / "model"))  # no validation: the distilled model kept
+    assert not np.array_equal(dense.params["final_norm"]["scale"], pruned.params["final_norm"]["scale"])
+
+
 def test_distill_phase_after_mse_training_resumes_where_it_stopped(files, tmp_path, monkeypatch):
     from streamline_jax import train
 
@@ -136,6 +147,7 @@ def test_distill_phase_after_mse_training_resumes_where_it_stopped(files, tmp_pa
     assert distill["mode"] == "kd" and [s for s, *_ in distill["train"]] == [1, 2, 3]
     assert [s for s, _ in distill["valid"]] == [0, 3]  # the better of the MSE-trained block and the distilled one
     assert "then distillation: kd loss, 3 steps" in (fresh / "report.md").read_text()
+    assert (distill["trainable"], distill["freeze"]) == (["block"], ["attention"])  # null: as the MSE phase's
 
     out = tmp_path / "out"
     real_save = train._save
@@ -294,6 +306,8 @@ def test_unknown_preset_suggests_the_nearest(capsys):
     ("train.log_every=2.5", "train.log_every must be an integer"),
     ("train.distill_steps=-1", "train.distill_steps must be >= 0"),
     ("train.distill_steps=1000", "train.distill_steps=1000 needs 1000 batches"),
+    ("train.distill_trainable=[]", "train.distill_trainable is empty"),
+    ("train.distill_freeze=[self_attn(]", "train.distill_freeze: 'self_attn(' is not a regular expression"),
 ])
 def test_bad_overrides_are_clear_errors(override, message, capsys):
     assert run_mod.main(["--out", "/nonexistent/x", override]) == 2
@@ -343,7 +357,8 @@ def test_every_training_option_of_the_api_is_a_setting_with_its_default():
     # the run's distillation phase
     assert issubclass(run_mod.TrainSection, TrainOptions)
     section = {f.name: f.default for f in dataclasses.fields(run_mod.TrainSection)}
-    run_only = {"pair_cache", "distill_steps", "distill_lr"}  # the run's second (kd) phase: train_replacement again
+    # the run's second (kd) phase: train_replacement again
+    run_only = {"pair_cache", "distill_steps", "distill_lr", "distill_trainable", "distill_freeze"}
     assert {k: v for k, v in section.items() if k not in run_only} == dataclasses.asdict(TrainOptions())
     assert set(run_mod.read_yaml(run_mod.CONFIG_DIR / "pipeline.yaml")["train"]) == set(section)
 

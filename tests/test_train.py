@@ -465,6 +465,37 @@ def test_kd_gradient_matches_a_finite_difference():
     np.testing.assert_allclose(along, finite, rtol=2e-2)
 
 
+@pytest.mark.parametrize("temperature,ce_share", [(1.0, 0.0), (2.0, 0.3)])
+def test_kd_loss_with_its_gradient_made_in_the_forward_equals_autodiff(monkeypatch, temperature, ce_share):
+    """distillation_loss (a frozen head: each chunk's input gradient made in the forward pass, no logits recomputed)
+    against distillation_sums (autodiff through recomputed logits), value and gradient, over padded chunks."""
+    from streamline_jax import train
+
+    monkeypatch.setattr(train, "KD_CHUNK_TOKENS", 7)  # 40 tokens in 6 chunks, the last one padded
+    teacher, student = dense(LLAMA, seed=1), prune(dense(LLAMA), 1, 2, "layer")
+    rng = np.random.default_rng(0)
+    h_t, h_s = (jnp.asarray(rng.standard_normal((40, LLAMA.hidden_size)), jnp.float32) for _ in range(2))
+    labels = jnp.asarray(rng.integers(0, LLAMA.vocab_size, 40))
+    kl_w, ce_w = (jnp.asarray(rng.uniform(0, 1, 40) * (rng.uniform(size=40) > 0.2), jnp.float32) / 40
+                  for _ in range(2))
+    ce_w = ce_w * ce_share
+    args = (teacher.config, teacher.params, student.config, student.params, h_t)
+
+    def fused(h):
+        return train.distillation_loss(*args, h, labels, kl_w, ce_w if ce_share else None, temperature)
+
+    def autodiff(h):
+        return sum(train.distillation_sums(*args, h, labels, kl_w, ce_w, temperature, with_ce=bool(ce_share)))
+
+    value, grad = jax.jit(jax.value_and_grad(fused))(h_s)
+    expected, expected_grad = jax.jit(jax.value_and_grad(autodiff))(h_s)
+    assert float(expected) > 0.1
+    np.testing.assert_allclose(float(value), float(expected), rtol=1e-5)
+    np.testing.assert_allclose(float(jax.jit(fused)(h_s)), float(expected), rtol=1e-5)  # no gradient asked
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), rtol=1e-4,
+                               atol=1e-4 * float(jnp.abs(expected_grad).max()))
+
+
 def test_kd_training_lowers_validation_loss():
     model = dense(LLAMA)
     pruned = prune(model, 1, 3, "layer")
