@@ -339,7 +339,7 @@ def training_program(stage: str, config: ModelConfig, span: tuple[int, int], mes
     paths = train.trained_paths(transformer.abstract_params(pruned), block, options["trainable"], options["freeze"])
     kd = train.distillation_settings(config, pruned, block, paths, options["kd_temperature"], options["kd_ce_weight"],
                                      options["kd_hidden_layers"], options["kd_hidden_weight"]) if mode == "kd" else None
-    num_steps = options["num_steps"]
+    num_steps = options["num_steps"] or PLAN_NUM_STEPS  # a run's null: every batch, for the schedule only
     program = train.training_program(
         config, pruned, block, paths, mode, lr=options["lr"], min_lr=options["min_lr"],
         warmup_steps=train.warmup_steps_for(num_steps, options["warmup_steps"]), num_steps=num_steps,

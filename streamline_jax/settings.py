@@ -403,10 +403,6 @@ def check_ranges(c: RunConfig) -> None:
         raise ConfigError(f"mesh.fsdp must be >= 1, or -1 (every device left), got {c.mesh.fsdp}")
     if c.train.min_lr > c.train.lr:
         raise ConfigError(f"train.min_lr ({c.train.min_lr}) must not exceed train.lr ({c.train.lr})")
-    if c.train.distils_after and c.train.distill_steps * c.data.batch_size > c.data.train_chunks:
-        raise ConfigError(f"train.distill_steps={c.train.distill_steps} needs {c.train.distill_steps} batches of "
-                          f"data.batch_size={c.data.batch_size}, but data.train_chunks={c.data.train_chunks} give "
-                          f"{c.data.train_chunks // c.data.batch_size}")
     if c.train.distils_after and c.train.min_lr > c.train.distill_lr:
         raise ConfigError(f"train.min_lr ({c.train.min_lr}) must not exceed train.distill_lr ({c.train.distill_lr})")
     if c.train.kd_ce_weight > 1:

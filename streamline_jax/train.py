@@ -1146,10 +1146,12 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
         pruned_model = with_compute_dtype(pruned_model, compute_dtype)
     mesh = pruned_model.mesh
     loss_name = mode
+    checkpoints = _Checkpoints(checkpoint_dir, resume)
     if pair_cache is not None:
         if mode != "mse":
             raise ValueError("pair_cache is for mode='mse' only")
-        _read_from_pair_cache(data, pair_cache, dense_model, block, progress)
+        if not (resume and (checkpoints.last_good or 0) >= num_steps):  # a finished training reads no pairs
+            _read_from_pair_cache(data, pair_cache, dense_model, block, progress)
         loss_name = "mse_cached"
     program = training_program(dense_model.config, pruned_model.config, block, paths, loss_name, lr=lr, min_lr=min_lr,
                                warmup_steps=warmup_steps, num_steps=num_steps, weight_decay=weight_decay,
@@ -1174,7 +1176,6 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
 
     # the best parameters are a copy: the train step donates the trained ones
     state = _LoopState(block_params, _placed(tx.init(block_params), program.arguments[1]), _kept(block_params))
-    checkpoints = _Checkpoints(checkpoint_dir, resume)
     checkpoints.restore(state)
     tokens_per_batch = int(np.sum(np.asarray(data.first.get("attention_mask", np.ones_like(data.first["input_ids"])))))
     bar = _progress(progress, num_steps, state.micro // grad_accum)

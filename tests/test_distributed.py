@@ -344,7 +344,7 @@ def _cli(files, out: Path, *extra) -> list[str]:
             "data.seq_len=32", "data.calib_chunks=4", "data.train_chunks=16", "data.valid_chunks=2",
             "data.batch_size=4", "score.sparsity=null", "score.num_layers=2", "eval.tasks=[]",
             f"eval.perplexity_text={d / 'eval.txt'}", "eval.window=64", "samples.prompts=[the cat]",
-            "samples.max_new_tokens=4", "train.lr=1e-3", *extra]
+            "samples.max_new_tokens=4", "train.lr=1e-3", "train.distill_steps=0", *extra]
 
 
 def _cli_env(devices: int) -> dict:

@@ -286,7 +286,7 @@ def test_pipeline_runs_harness_tasks_into_its_report(tiny_files, tmp_path, monke
     args = ["--model", str(tiny_files["llama"]), "--out", str(out), "--quiet", f"data.calibration={d / 'train.jsonl'}",
             "data.seq_len=32", "data.calib_chunks=4", "data.train_chunks=8", "data.batch_size=4", "data.valid=null",
             "score.sparsity=null", "score.num_layers=2", "eval.tasks=[]", "eval.limit=4", "export.hf=false",
-            "eval.harness_tasks=[piqa_local]"]
+            "eval.harness_tasks=[piqa_local]", "train.distill_steps=0"]
     assert run_mod.main(args) == 0
     report = json.loads((out / "report.json").read_text())
     harness = report["harness"]

@@ -396,3 +396,23 @@ def test_plan_memory_script_reports_bad_topology():
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode != 0
     assert "unknown target or topology 'v5e:3x3'" in out.stderr
+
+
+def test_plan_takes_the_run_settings_nulls_and_distillation_phase_included():
+    """scripts/plan_memory.py plans with the run's own train.* settings: num_steps null (every batch) plans, and the
+    `lm` stage plans the distillation phase's KD step with what that phase trains."""
+    import dataclasses
+
+    from streamline_jax.settings import build_config
+
+    run_config, _ = build_config(None, None, ["train.distill_trainable=[block, final_norm/.*]",
+                                              "train.distill_freeze=[]"])
+    training = {k: v for k, v in dataclasses.asdict(run_config.train).items() if k != "pair_cache"}
+    assert training["num_steps"] is None and training["distill_steps"] > 0  # the defaults distil
+    program, _ = plan.training_program("lm", LLAMA, (2, 2), None, training=training)
+    trained = {"/".join(str(getattr(k, "key", k)) for k in path)
+               for path, _ in jax.tree_util.tree_leaves_with_path(program.arguments[0])}
+    assert program.loss_name == "kd" and any(p.startswith("final_norm") for p in trained)
+    assert any("self_attn" in p for p in trained)  # distill_freeze=[]: the block's attention trains too
+    mse, _ = plan.training_program("mse", LLAMA, (2, 2), None, training=training)
+    assert mse.loss_name == "mse"

@@ -63,7 +63,7 @@ HELP_BENCH = Run("help", "a benchmark: minutes on the real model")
 TINY_RUN = ("--quiet", "model.source={llama}", "model.architecture=null", "model.dtype=float32", "data.seq_len=32",
             "data.calib_chunks=4", "data.train_chunks=16", "data.valid_chunks=2", "data.batch_size=4",
             "eval.limit=4", "eval.ppl_windows=1", "samples.max_new_tokens=4",
-            "train.distill_steps=2")  # the embedded preset's distillation phase, in the 4 batches there are
+            "train.distill_steps=2")  # a distillation phase, as the default's, but short
 # the default run evaluates and samples; the others need not again
 TINY_QUICK = TINY_RUN + ("eval.tasks=[]", "samples.prompts=[]")
 DEFAULT_RUN = "python -m streamline_jax.run"

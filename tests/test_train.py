@@ -285,6 +285,15 @@ def test_tensorstore_pair_cache_trains_like_on_the_fly_mse(tmp_path):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
     assert len(history["train"]) == 8  # two epochs of four batches, read from disk
 
+    # a resume of finished training neither reads nor rebuilds the pairs (a run's pair cache is gone once it ends)
+    done = train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs2", checkpoint_dir=tmp_path / "ck",
+                             **kwargs)
+    again = train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs3", checkpoint_dir=tmp_path / "ck",
+                              resume=True, **kwargs)
+    assert not (tmp_path / "pairs3").exists()
+    for a, b in zip(jax.tree.leaves(done.params), jax.tree.leaves(again.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
 
 @pytest.mark.parametrize("cached", [False, True])
 def test_validation_uses_every_chunk(tmp_path, cached):
