@@ -368,18 +368,15 @@ def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block
     real = mask.astype(jnp.float32)
     next_real = jnp.concatenate([real[:, 1:] * real[:, :-1], jnp.zeros((b, 1), jnp.float32)], axis=1)
     labels = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
-    kl_weight = (1 - kd.ce_weight) * real / jnp.maximum(jnp.sum(real), 1.0)
-    ce_weight = kd.ce_weight * next_real / jnp.maximum(jnp.sum(next_real), 1.0) if kd.ce_weight else None
+    # per-token weights: each term's share of the loss over its count of tokens
+    kl_weight = ((1 - kd.ce_weight) * real / jnp.maximum(jnp.sum(real), 1.0)).reshape(-1)
+    ce_weight = (kd.ce_weight * next_real / jnp.maximum(jnp.sum(next_real), 1.0)).reshape(-1)
     flat = (dense_config, dense_params, pruned_config, pruned, h_t.reshape(b * t, -1), h_s.reshape(b * t, -1),
-            labels.reshape(-1), kl_weight.reshape(-1))
+            labels.reshape(-1), kl_weight)
     if any(k in trained for k in HEAD_KEYS):  # a trained head: autodiff through its recomputed logits
-        kl, ce = distillation_sums(*flat, ce_weight=(jnp.zeros_like(real) if ce_weight is None else ce_weight
-                                                     ).reshape(-1),
-                                   temperature=kd.temperature, with_ce=ce_weight is not None)
-        loss = kl + ce
+        loss = sum(distillation_sums(*flat, ce_weight, kd.temperature, with_ce=bool(kd.ce_weight)))
     else:
-        loss = distillation_loss(*flat, ce_weight=None if ce_weight is None else ce_weight.reshape(-1),
-                                 temperature=kd.temperature)
+        loss = distillation_loss(*flat, ce_weight if kd.ce_weight else None, kd.temperature)
     if kd.hidden_weight and kd.hidden_pairs:
         mse = [masked_mse(hidden_s[s], hidden_t[t], mask, weighting) for t, s in kd.hidden_pairs]
         loss += kd.hidden_weight * sum(mse) / len(mse)

@@ -144,7 +144,8 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2]": HELP_BENCH,
     "python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000|none] [--speed-steps 16] "
     "[--log-every 4]": HELP_BENCH,
-    "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--losses kd,lm,mse_cached]": HELP_BENCH,
+    "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--losses kd,kd_autodiff,lm,mse_cached]":
+        HELP_BENCH,
     "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": HELP_BENCH,
     "python scripts/bench_default.py": HELP_BENCH,  # bench_default's and bench_pipeline's, once the README names them
     "python scripts/bench_default.py --config configs/recipes/paper.yaml": HELP_BENCH,
