@@ -386,12 +386,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     elif t.distils_after:  # after every block's own training, so that each distils inside the finished model
         dense, pruned, remat, layout_name = _on_training_layout(c, "lm", dense, pruned, preset, target)
         ran_on["distill_layout"] = layout_name
-        per_epoch = max(1, c.data.train_chunks // batch)  # more steps than one pass gives read the chunks again
-        kd = t.replace(mode="kd", lr=t.distill_lr, num_steps=t.distill_steps, warmup_steps=None,
-                       epochs=-(-t.distill_steps * t.grad_accum // per_epoch),
-                       eval_every=t.distill_steps, checkpoint_every=1,
-                       trainable=t.trainable if t.distill_trainable is None else t.distill_trainable,
-                       freeze=t.freeze if t.distill_freeze is None else t.distill_freeze)
+        kd = t.distillation(c.data.train_chunks, batch)
         for block, history in zip(blocks, histories):
             pruned, distilled = train_replacement(
                 dense, pruned, train_batches, kd, valid_batches=valid_batches, block_key=block.key, remat=remat,

@@ -329,8 +329,11 @@ def training_program(stage: str, config: ModelConfig, span: tuple[int, int], mes
         config = config.replace(attention_platform=platform)
     mode = "mse" if stage == "mse" else ("kd" if options["mode"] == "kd" or options.get("distill_steps") else "lm")
     if mode == "kd" and options["mode"] != "kd":  # the distillation phase's: what it trains, as the run picks it
-        options = {**options, **{k: options[f"distill_{k}"] for k in ("trainable", "freeze")
-                                 if options.get(f"distill_{k}") is not None}}
+        from .settings import TrainSection
+
+        names = {f.name for f in dataclasses.fields(TrainSection)}
+        phase = TrainSection(**{k: v for k, v in options.items() if k in names}).distillation(1, 1)
+        options = {**options, "trainable": phase.trainable, "freeze": phase.freeze}
     if options["compute_dtype"] is not None:  # as train_replacement resolves it
         config = with_compute_dtype(Model(config, None), options["compute_dtype"]).config
     start, length = span

@@ -93,6 +93,17 @@ class TrainSection(TrainOptions):
         """Whether a distillation phase follows the training (mode kd distils already: none there)."""
         return bool(self.distill_steps) and self.mode != "kd"
 
+    def distillation(self, train_chunks: int, batch_size: int) -> "TrainSection":
+        """The distillation phase's options: mode kd at distill_lr for distill_steps (the chunks read again where
+        one pass has fewer batches), validated at the end, checkpointed every step, training distill_trainable less
+        distill_freeze (null: the first phase's)."""
+        per_epoch = max(1, train_chunks // batch_size)
+        return self.replace(
+            mode="kd", lr=self.distill_lr, num_steps=self.distill_steps, warmup_steps=None,
+            epochs=-(-self.distill_steps * self.grad_accum // per_epoch), eval_every=self.distill_steps,
+            checkpoint_every=1, trainable=self.trainable if self.distill_trainable is None else self.distill_trainable,
+            freeze=self.freeze if self.distill_freeze is None else self.distill_freeze)
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalSection:
