@@ -258,7 +258,7 @@ def distillation_sums(teacher_config, teacher_params, student_config, student_pa
     """(sum over tokens of T^2 KL(teacher || student) x kl_weight, sum of the student's cross-entropy on `labels` x
     ce_weight; 0 unless `with_ce`) from [N, D] final hidden states (before the final norm), KD_CHUNK_TOKENS at a time.
     Each chunk's logits are recomputed in the backward pass (jax.checkpoint), so memory holds one chunk's
-    [chunk, vocab], never the batch's. For any loss; `distillation_loss` is the cheaper one for a frozen head."""
+    [chunk, vocab], never the batch's. For a head that trains; `distillation_loss` is cheaper for a frozen one."""
     xs = _token_chunks(teacher_h, student_h, labels, kl_weight, ce_weight)
 
     @jax.checkpoint
