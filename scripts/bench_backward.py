@@ -7,8 +7,8 @@ rate. This times one jitted value-and-grad of each training loss on SmolLM2-135M
 shared: compare the minima), and prints the ratios.
 
 `kd_autodiff` is the distillation loss with its vocabulary head differentiated by JAX through logits recomputed in
-the backward pass (`train.distillation_sums`, five vocabulary products a chunk), where `kd` makes each chunk's
-gradient in the forward pass (`train.distillation_loss`, three): compare the two rows' times.
+the backward pass (`train.distillation_loss_by_autodiff`, five vocabulary products a chunk), where `kd` makes each
+chunk's gradient in the forward pass (`train.distillation_loss`, three): compare the two rows' times.
 
     python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--losses kd,kd_autodiff,lm,mse_cached]
 """
@@ -43,10 +43,6 @@ def main():
 
     fused_head = train.distillation_loss
 
-    def head_by_autodiff(*args, ce_weight, temperature):
-        ce = jnp.zeros_like(args[-1]) if ce_weight is None else ce_weight
-        return sum(train.distillation_sums(*args, ce, temperature, with_ce=ce_weight is not None))
-
     dense = sj.with_compute_dtype(sj.load("smollm2-135m"), "bfloat16")
     pruned = sj.prune(dense, 10, 9, replacement="layer")
     rng = np.random.default_rng(0)
@@ -68,7 +64,8 @@ def main():
             for loss in args.losses.split(","):
                 kd = (train.distillation_settings(dense.config, pruned.config, block, paths, 1.0, 0.0, (), 0.0)
                       if loss.startswith("kd") else None)
-                train.distillation_loss = head_by_autodiff if loss == "kd_autodiff" else fused_head  # at tracing
+                train.distillation_loss = (train.distillation_loss_by_autodiff if loss == "kd_autodiff"
+                                           else fused_head)  # read when the loss is traced
                 program = train.training_program(dense.config, pruned.config, block, paths, loss.split("_")[0]
                                                  if loss.startswith("kd") else loss, lr=1e-3,
                                                  min_lr=5e-5, warmup_steps=1, num_steps=10, weight_decay=0.0,

@@ -253,30 +253,29 @@ class Distillation:
 HEAD_KEYS = ("embed_tokens", "final_norm", "project_out", "lm_head")  # what transformer.head reads
 
 
-def distillation_sums(teacher_config, teacher_params, student_config, student_params, teacher_h, student_h,
-                      labels, kl_weight, ce_weight, temperature, with_ce=True):
-    """(sum over tokens of T^2 KL(teacher || student) x kl_weight, sum of the student's cross-entropy on `labels` x
-    ce_weight; 0 unless `with_ce`) from [N, D] final hidden states (before the final norm), KD_CHUNK_TOKENS at a time.
-    Each chunk's logits are recomputed in the backward pass (jax.checkpoint), so memory holds one chunk's
-    [chunk, vocab], never the batch's. For a head that trains; `distillation_loss` is cheaper for a frozen one."""
+def distillation_loss_by_autodiff(teacher_config, teacher_params, student_config, student_params, teacher_h,
+                                  student_h, labels, kl_weight, ce_weight, temperature):
+    """`distillation_loss` (same arguments and value) differentiable in everything, the student's head included:
+    autodiff through each chunk's logits, recomputed in the backward pass (jax.checkpoint), so memory holds one
+    chunk's [chunk, vocab], never the batch's; five vocabulary products a chunk. For a head that trains."""
+    with_ce = ce_weight is not None
+    ce_weight = jnp.zeros_like(kl_weight) if ce_weight is None else ce_weight
     xs = _token_chunks(teacher_h, student_h, labels, kl_weight, ce_weight)
 
     @jax.checkpoint
-    def body(totals, xs):
+    def body(total, xs):
         h_t, h_s, label, w_kl, w_ce = xs
         logits_t = jax.lax.stop_gradient(transformer.head(teacher_config, teacher_params, h_t[None])[0])
         logits_s = transformer.head(student_config, student_params, h_s[None])[0]
         logp_t = jax.nn.log_softmax(logits_t.astype(jnp.float32) / temperature)
         logp_s = jax.nn.log_softmax(logits_s.astype(jnp.float32) / temperature)
-        kl = jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1) * temperature ** 2
-        ce = jnp.float32(0)
+        loss = jnp.sum(jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1) * w_kl) * temperature ** 2
         if with_ce:
             logp = logp_s if temperature == 1 else jax.nn.log_softmax(logits_s.astype(jnp.float32))
-            ce = -jnp.sum(jnp.take_along_axis(logp, label[:, None], axis=-1)[:, 0] * w_ce)
-        return (totals[0] + jnp.sum(kl * w_kl), totals[1] + ce), None
+            loss -= jnp.sum(jnp.take_along_axis(logp, label[:, None], axis=-1)[:, 0] * w_ce)
+        return total + loss, None
 
-    (kl, ce), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), xs)
-    return kl, ce
+    return jax.lax.scan(body, jnp.float32(0), xs)[0]
 
 
 def _token_chunks(*arrays):
@@ -291,10 +290,12 @@ def _token_chunks(*arrays):
 def distillation_loss(teacher_config, teacher_params, student_config, student_params, teacher_h, student_h,
                       labels, kl_weight, ce_weight, temperature):
     """sum over tokens of kl_weight x T^2 KL(teacher || student) + ce_weight x the student's cross-entropy on
-    `labels` ([N] weights: mask / count x the loss's share), differentiable in `student_h` only: the student's head
-    is frozen. Each chunk's gradient is made in the forward pass from the probabilities at hand (T (p_s - p_t) for
-    the KL, p_s - onehot for the cross-entropy), so the backward pass recomputes no logits: three vocabulary
-    products a chunk (teacher, student, the student's input gradient) where autodiff with recomputation needs five.
+    `labels`, from [N, D] final hidden states (before the final norm), KD_CHUNK_TOKENS at a time ([N] weights: mask /
+    count x the loss's share; ce_weight None: no cross-entropy). Differentiable in `student_h` only: the student's
+    head is frozen (`distillation_loss_by_autodiff` for one that trains). Each chunk's gradient is made in the
+    forward pass from the probabilities at hand (T (p_s - p_t) for the KL, p_s - onehot for the cross-entropy), so
+    the backward pass recomputes no logits: three vocabulary products a chunk (teacher, student, the student's input
+    gradient) where autodiff with recomputation needs five.
     Memory holds one chunk's [chunk, vocab] and the [N, D] input gradient."""
     with_ce = ce_weight is not None
     ce_weight = jnp.zeros_like(kl_weight) if ce_weight is None else ce_weight
@@ -373,10 +374,9 @@ def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block
     ce_weight = (kd.ce_weight * next_real / jnp.maximum(jnp.sum(next_real), 1.0)).reshape(-1)
     flat = (dense_config, dense_params, pruned_config, pruned, h_t.reshape(b * t, -1), h_s.reshape(b * t, -1),
             labels.reshape(-1), kl_weight)
-    if any(k in trained for k in HEAD_KEYS):  # a trained head: autodiff through its recomputed logits
-        loss = sum(distillation_sums(*flat, ce_weight, kd.temperature, with_ce=bool(kd.ce_weight)))
-    else:
-        loss = distillation_loss(*flat, ce_weight if kd.ce_weight else None, kd.temperature)
+    head_trains = any(k in trained for k in HEAD_KEYS)  # then autodiff through its recomputed logits
+    loss = (distillation_loss_by_autodiff if head_trains else distillation_loss)(
+        *flat, ce_weight if kd.ce_weight else None, kd.temperature)
     if kd.hidden_weight and kd.hidden_pairs:
         mse = [masked_mse(hidden_s[s], hidden_t[t], mask, weighting) for t, s in kd.hidden_pairs]
         loss += kd.hidden_weight * sum(mse) / len(mse)

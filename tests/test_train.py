@@ -477,7 +477,7 @@ def test_kd_gradient_matches_a_finite_difference():
 @pytest.mark.parametrize("temperature,ce_share", [(1.0, 0.0), (2.0, 0.3)])
 def test_kd_loss_with_its_gradient_made_in_the_forward_equals_autodiff(monkeypatch, temperature, ce_share):
     """distillation_loss (a frozen head: each chunk's input gradient made in the forward pass, no logits recomputed)
-    against distillation_sums (autodiff through recomputed logits), value and gradient, over padded chunks."""
+    against distillation_loss_by_autodiff (through recomputed logits), value and gradient, over padded chunks."""
     from streamline_jax import train
 
     monkeypatch.setattr(train, "KD_CHUNK_TOKENS", 7)  # 40 tokens in 6 chunks, the last one padded
@@ -494,7 +494,7 @@ def test_kd_loss_with_its_gradient_made_in_the_forward_equals_autodiff(monkeypat
         return train.distillation_loss(*args, h, labels, kl_w, ce_w if ce_share else None, temperature)
 
     def autodiff(h):
-        return sum(train.distillation_sums(*args, h, labels, kl_w, ce_w, temperature, with_ce=bool(ce_share)))
+        return train.distillation_loss_by_autodiff(*args, h, labels, kl_w, ce_w if ce_share else None, temperature)
 
     value, grad = jax.jit(jax.value_and_grad(fused))(h_s)
     expected, expected_grad = jax.jit(jax.value_and_grad(autodiff))(h_s)
