@@ -3,7 +3,8 @@
 It runs in a fresh working folder with empty model and compilation caches (so the GGUF conversion and every compile
 count), then prints the wall time, the stage times from report.json and the two quality ratios the default run must
 deliver: WikiText-2 perplexity pruned/dense (goal <= 2.6) and PIQA accuracy pruned/dense (goal >= 0.94), with the
-parameters removed (goal >= 20%) and the wall time (goal <= 600 s on a 2-core CPU).
+parameters removed (goal >= 20%) and the wall time (goal <= 600 s on a 2-core CPU). The machine's matmul rates, taken
+before and after the run, say how fast it was meanwhile (a shared machine drifts by 2x and more between days).
 
     python scripts/bench_default.py                                    # the default recipe
     python scripts/bench_default.py --config configs/recipes/paper.yaml   # the paper's recipe, same sizes
@@ -40,16 +41,35 @@ def main() -> int:
         command = [sys.executable, "-m", "streamline_jax.run", "--quiet"]
         command += ["--config", str(Path(args.config).absolute())] if args.config else []
         print("$ python", " ".join(command[1:]), f"(in {work}, empty caches; --quiet: no progress bars)", flush=True)
+        rates = matmul_rates()
         start = time.perf_counter()
         subprocess.run(command, cwd=work, env=env, check=True)
         wall = time.perf_counter() - start
+        rates = {k: max(v, after) for (k, v), after in zip(rates.items(), matmul_rates().values())}
         out = work / "runs" / "smollm2-135m"
         report = json.loads((out / "report.json").read_text())
         if args.keep:
             shutil.rmtree(args.keep, ignore_errors=True)
             shutil.copytree(out, args.keep)
+    print("matmul rates, 2048^3 (best of before and after the run): " + ", ".join(
+        f"{name} {rate / 1e9:.0f} GFLOP/s" for name, rate in rates.items()))
     print_figures(report, wall)
     return 0
+
+
+def matmul_rates(n: int = 2048) -> dict[str, float]:
+    """FLOP/s of an n^3 product in float32 and with bfloat16 inputs accumulated in float32 (the run's products)."""
+    import jax
+    import jax.numpy as jnp
+
+    from streamline_jax.backend import best_seconds
+
+    rates = {}
+    for name, dtype in (("float32", jnp.float32), ("bf16->f32", jnp.bfloat16)):
+        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+        dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        rates[name] = 2 * n ** 3 / best_seconds(dot, a, a, repeats=5)
+    return rates
 
 
 def print_figures(report: dict, wall: float) -> None:

@@ -30,12 +30,22 @@ class TextSource:
     `spec`: a file, a folder (every file with a known suffix in it, sorted), a list of files, or a hub dataset name
     (`"owner/name"`, optionally `"owner/name:config"`). Text files give one document per line (`sample_by="line"`;
     "paragraph" splits on blank lines instead). Empty documents are skipped.
+
+    `shuffle_buffer` > 0 reads the documents in a shuffled order (`datasets`' buffer shuffle, seeded by
+    `shuffle_seed`): a full permutation of a corpus of at most that many documents, and the same order on every
+    iteration, so chunks cut from the stream stay disjoint between calibration and training. 0: the files' order.
     """
 
-    def __init__(self, spec, text_field: str = "text", split: str = "train", sample_by: str = "line"):
+    def __init__(self, spec, text_field: str = "text", split: str = "train", sample_by: str = "line",
+                 shuffle_buffer: int = 0, shuffle_seed: int = 0):
+        if shuffle_buffer < 0:
+            raise DataError(f"shuffle_buffer must be non-negative, got {shuffle_buffer}")
         self.spec, self.text_field, self.split, self.sample_by = spec, text_field, split, sample_by
+        self.shuffle_buffer, self.shuffle_seed = shuffle_buffer, shuffle_seed
         self._builder, self._kwargs = _resolve(spec, split, sample_by)
         self.dataset = self._open()
+        if shuffle_buffer:
+            self.dataset = self.dataset.shuffle(seed=shuffle_seed, buffer_size=shuffle_buffer)
         self._check_first_record()
 
     def _open(self):
@@ -85,7 +95,8 @@ class TextSource:
                 yield text
 
     def __repr__(self):
-        return f"TextSource({self.spec!r}, text_field={self.text_field!r})"
+        shuffled = f", shuffle_buffer={self.shuffle_buffer}, shuffle_seed={self.shuffle_seed}"
+        return f"TextSource({self.spec!r}, text_field={self.text_field!r}{shuffled if self.shuffle_buffer else ''})"
 
 
 def _bad_json_line(files) -> str | None:
@@ -113,9 +124,11 @@ def _bad_json_line(files) -> str | None:
     return None
 
 
-def text_source(spec, text_field: str = "text", split: str = "train", sample_by: str = "line") -> TextSource:
-    """Documents from a hub dataset name or local text/json/jsonl/parquet files, streamed (see `TextSource`)."""
-    return TextSource(spec, text_field, split, sample_by)
+def text_source(spec, text_field: str = "text", split: str = "train", sample_by: str = "line",
+                shuffle_buffer: int = 0, shuffle_seed: int = 0) -> TextSource:
+    """Documents from a hub dataset name or local text/json/jsonl/parquet files, streamed, in order or shuffled
+    (see `TextSource`)."""
+    return TextSource(spec, text_field, split, sample_by, shuffle_buffer, shuffle_seed)
 
 
 def _resolve(spec, split, sample_by):

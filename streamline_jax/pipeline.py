@@ -175,10 +175,12 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
     from .tasks import PerplexityTask, get_task, load_items
 
     try:
-        calib_source = data.text_source(_data_path(c.data.calibration), c.data.text_field)
-        train_spec = _data_path(c.data.train)
-        train_source = data.text_source(train_spec, c.data.text_field) if train_spec else calib_source
-        valid_source = data.text_source(_data_path(c.data.valid), c.data.text_field) if c.data.valid else None
+        d = c.data
+        order = {"shuffle_buffer": d.shuffle_buffer, "shuffle_seed": d.shuffle_seed}
+        calib_source = data.text_source(_data_path(d.calibration), d.text_field, **order)
+        train_spec = _data_path(d.train)
+        train_source = data.text_source(train_spec, d.text_field, **order) if train_spec else calib_source
+        valid_source = data.text_source(_data_path(d.valid), d.text_field, **order) if d.valid else None
     except data.DataError as e:
         raise ConfigError(str(e)) from None
     tasks = [get_task(t) for t in c.eval.tasks]

@@ -50,6 +50,8 @@ class DataSection:
     train: str | None = None
     valid: str | None = "{data}/corpus/valid.jsonl"
     text_field: str = "text"
+    shuffle_buffer: int = 0  # documents read in a seeded shuffled order (datasets' buffer shuffle); 0: files' order
+    shuffle_seed: int = 0
     seq_len: int = 2048
     calib_chunks: int = 256
     train_chunks: int = 4096
@@ -384,7 +386,7 @@ def check_values(c: RunConfig) -> None:
 # (key, lowest allowed, whether the lowest itself is allowed); None (where the type allows it) is always allowed
 RANGES = [
     ("data.seq_len", 1, True), ("data.calib_chunks", 1, True), ("data.train_chunks", 1, True),
-    ("data.valid_chunks", 0, True), ("data.batch_size", 1, True),
+    ("data.valid_chunks", 0, True), ("data.batch_size", 1, True), ("data.shuffle_buffer", 0, True),
     ("score.sparsity", 0, False), ("score.num_layers", 1, True), ("score.protect_first", 0, True),
     ("score.protect_last", 0, True), ("score.spans", 1, True), ("prune.mlp_width", 1, True), ("prune.ridge", 0, True),
     ("train.num_steps", 1, True), ("train.epochs", 1, True), ("train.lr", 0, False), ("train.min_lr", 0, True),

@@ -41,6 +41,20 @@ def test_local_formats_give_documents_in_order(tmp_path, suffix):
     assert list(source) == list(source)  # re-iterable: calibration then training reread it
 
 
+def test_shuffled_documents_are_a_seeded_permutation_read_the_same_every_time(tmp_path):
+    docs = [f"Document {i}." for i in range(50)]
+    path = write(tmp_path, ".jsonl", docs)
+    shuffled = data.text_source(path, shuffle_buffer=100, shuffle_seed=3)
+    order = list(shuffled)
+    assert sorted(order) == sorted(docs) and order != docs
+    assert list(shuffled) == order  # calibration and training chunks come from one order, so they stay disjoint
+    assert list(data.text_source(path, shuffle_buffer=100, shuffle_seed=3)) == order
+    assert list(data.text_source(path, shuffle_buffer=100, shuffle_seed=4)) != order
+    assert list(data.text_source(path, shuffle_buffer=0)) == docs
+    with pytest.raises(data.DataError, match="shuffle_buffer must be non-negative, got -1"):
+        data.text_source(path, shuffle_buffer=-1)
+
+
 def test_folder_and_other_text_field(tmp_path):
     write(tmp_path, ".jsonl", field="body")
     (tmp_path / "notes.md").write_text("ignored")

@@ -294,6 +294,7 @@ def test_unknown_preset_suggests_the_nearest(capsys):
 @pytest.mark.parametrize("override, message", [
     ("train.lr=fast", "train.lr must be a number"),
     ("data.seq_len=1.5", "data.seq_len must be an integer"),
+    ("data.shuffle_buffer=-1", "data.shuffle_buffer must be >= 0"),
     ("export.hf=maybe", "export.hf must be true or false"),
     ("train.lrr=1e-4", "did you mean 'train.lr'"),
     ("lr=1e-4", "did you mean 'train.lr'"),
