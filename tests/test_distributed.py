@@ -346,7 +346,7 @@ def _cli(files, out: Path, *extra) -> list[str]:
             f"eval.perplexity_text={d / 'eval.txt'}", "eval.window=64", "samples.prompts=[the cat]",
             "samples.max_new_tokens=4", "train.lr=1e-3", "train.distill_steps=0",
             # the files' order: with the documents shuffled, the two-process run's span score varied between runs
-            # (0.76817 once against 0.76840, which one process gives; cause not found yet)
+            # (0.76817 in two runs against 0.76840, which one process gives; cause not found yet)
             "data.shuffle_buffer=0", *extra]
 
 
@@ -380,10 +380,7 @@ def test_the_whole_cli_over_two_processes_equals_one_process(tiny_files, tmp_pat
     assert one.returncode == 0, one.stderr[-4000:]
     assert "outputs in" in logs[0] and "outputs in" not in logs[1]
     two_report, one_report = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("two", "one"))
-    two_span, one_span = ({k: v for k, v in r["span"].items() if k != "score"} for r in (two_report, one_report))
-    assert two_span == one_span and len(two_report["devices"]) == 8
-    # the cosine's sums over 8 devices are reduced in another order across two processes
-    assert two_report["span"]["score"] == pytest.approx(one_report["span"]["score"], rel=1e-5)
+    assert two_report["span"] == one_report["span"] and len(two_report["devices"]) == 8
     for name in ("dense", "pruned"):
         a, b = (r["evaluation"][name]["tasks"]["text"]["perplexity"] for r in (two_report, one_report))
         assert a == pytest.approx(b, rel=1e-4), name
