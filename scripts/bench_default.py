@@ -57,19 +57,11 @@ def main() -> int:
     return 0
 
 
-def matmul_rates(n: int = 2048) -> dict[str, float]:
-    """FLOP/s of an n^3 product in float32 and with bfloat16 inputs accumulated in float32 (the run's products)."""
-    import jax
-    import jax.numpy as jnp
+def matmul_rates() -> dict[str, float]:
+    """FLOP/s of a 2048^3 product in float32 and with bfloat16 inputs accumulated in float32 (the run's products)."""
+    from streamline_jax.backend import matmul_rate
 
-    from streamline_jax.backend import best_seconds
-
-    rates = {}
-    for name, dtype in (("float32", jnp.float32), ("bf16->f32", jnp.bfloat16)):
-        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-        dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-        rates[name] = 2 * n ** 3 / best_seconds(dot, a, a, repeats=5)
-    return rates
+    return {"float32": matmul_rate("float32"), "bf16->f32": matmul_rate("bfloat16")}
 
 
 def print_figures(report: dict, wall: float) -> None:

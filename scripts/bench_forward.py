@@ -27,6 +27,8 @@ import streamline_jax as sj
 from streamline_jax import backend
 from streamline_jax.loading import embedded_hf_folder
 
+from bench_pipeline import ceiling_torch  # scripts/ is on the path
+
 
 def forward_flops(config, batch, seq, with_head=True):
     """Matmul FLOPs of one forward: 2 per multiply-add of every weight matmul, plus attention's QK^T and PV over
@@ -48,18 +50,10 @@ def best_time(fn, repeats=1):
     return best
 
 
-def ceilings(n=2048):
-    """GFLOP/s of a 2048^3 product: jax f32, jax bf16 inputs with f32 accumulation, torch f32, torch bf16."""
-    out = {}
-    for dtype in ("float32", "bfloat16"):
-        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
-        f(a, a).block_until_ready()
-        out[f"jax {dtype}"] = 2 * n ** 3 / best_time(lambda: f(a, a).block_until_ready(), 5)
-        ta = torch.randn(n, n, dtype=getattr(torch, dtype))
-        ta @ ta
-        out[f"torch {dtype}"] = 2 * n ** 3 / best_time(lambda: ta @ ta, 5)
-    return out
+def ceilings():
+    """FLOP/s of a 2048^3 product: jax f32, jax bf16 inputs with f32 accumulation, torch f32, torch bf16."""
+    return {f"{lib} {dtype}": rate(dtype) for dtype in ("float32", "bfloat16")
+            for lib, rate in (("jax", backend.matmul_rate), ("torch", ceiling_torch))}
 
 
 def main():

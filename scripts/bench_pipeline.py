@@ -116,17 +116,8 @@ def best_of(fn, repeats=5):
     return min(times)
 
 
-def ceiling_jax(dtype="float32", n=2048):
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
-    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))  # bf16: f32 accumulation, as ours
-    return 2 * n ** 3 / best_of(lambda: f(a, b).block_until_ready())
-
-
 def ceiling_torch(dtype="float32", n=2048):
+    """FLOP/s of one n^3 torch product in `dtype`."""
     import torch
 
     a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
@@ -143,10 +134,10 @@ def child_ours(args):
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **_: compile_s.__setitem__(0, compile_s[0] + secs)
         if event.startswith("/jax/core/compile/") else None)
-    from streamline_jax.backend import resolve_compute_dtype
+    from streamline_jax.backend import matmul_rate, resolve_compute_dtype
 
     compute, why = resolve_compute_dtype(args.compute_dtype)
-    out = {"ceiling": [ceiling_jax()], "ceiling_bf16": [ceiling_jax("bfloat16")], "rss_before_load_mib": peak_rss_mib(),
+    out = {"ceiling": [matmul_rate()], "ceiling_bf16": [matmul_rate("bfloat16")], "rss_before_load_mib": peak_rss_mib(),
            "compute_dtype": compute, "compute_dtype_why": why}
     t = time.perf_counter()
     model = sj.with_compute_dtype(sj.load("smollm2-135m"), compute)
@@ -190,8 +181,8 @@ def child_ours(args):
                step_s_median=statistics.median(timings["train_step"]), num_steps=len(timings["train_step"]),
                valid_passes=len(history["valid"]), valid_loss=[v for _, v in history["valid"]],
                train_loss_last=history["train"][-1][1], rss_after_train_mib=peak_rss_mib())
-    out["ceiling"].append(ceiling_jax())
-    out["ceiling_bf16"].append(ceiling_jax("bfloat16"))
+    out["ceiling"].append(matmul_rate())
+    out["ceiling_bf16"].append(matmul_rate("bfloat16"))
     return out
 
 
