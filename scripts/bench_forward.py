@@ -10,11 +10,16 @@ after, and MFU is each forward's matmul FLOPs over the ceiling of its own dtype.
 
     python scripts/bench_forward.py                                  # 1, 4, 8 x 512 and 1, 4, 8 x 2048
     python scripts/bench_forward.py --shapes 4x512 --rounds 3        # one shape
+    python scripts/bench_forward.py --dtypes float32 --float32-dots both   # float32 only, Eigen and default dots
+
+`--float32-dots both` runs our float32 forward twice, with XLA's Eigen dots and with its default (YNNPACK) ones,
+whatever this CPU's choice (`backend.float32_cpu_dot_options`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -50,9 +55,9 @@ def best_time(fn, repeats=1):
     return best
 
 
-def ceilings():
+def ceilings(dtypes=("float32", "bfloat16")):
     """FLOP/s of a 2048^3 product: jax f32, jax bf16 inputs with f32 accumulation, torch f32, torch bf16."""
-    return {f"{lib} {dtype}": rate(dtype) for dtype in ("float32", "bfloat16")
+    return {f"{lib} {dtype}": rate(dtype) for dtype in dtypes
             for lib, rate in (("jax", backend.matmul_rate), ("torch", ceiling_torch))}
 
 
@@ -60,17 +65,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="1x512,4x512,8x512,1x2048,4x2048,8x2048", help="batch x sequence, comma-separated")
     ap.add_argument("--rounds", type=int, default=2, help="each forward's best of this many, taken in turn")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes to run, comma-separated")
+    ap.add_argument("--float32-dots", choices=("auto", "both"), default="auto",
+                    help="auto: the dots this CPU's float32 programs get; both: Eigen and XLA's default, side by side")
     args = ap.parse_args()
+    dtypes = args.dtypes.split(",")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
 
     from transformers import AutoModelForCausalLM
 
     model = sj.load("smollm2-135m")
-    ours = {dtype: sj.with_compute_dtype(model, dtype) for dtype in ("float32", "bfloat16")}
+    ours = {dtype: sj.with_compute_dtype(model, dtype) for dtype in dtypes}
     folder = str(embedded_hf_folder("smollm2-135m"))
     theirs = {dtype: AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
-              for dtype in ("float32", "bfloat16")}
-    ceiling_runs = [ceilings()]
+              for dtype in dtypes}
+    ceiling_runs = [ceilings(dtypes)]
     print(f"SmolLM2-135M forward with logits; {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; "
           f"jax {jax.__version__}, torch {torch.__version__}")
     print(f"compute_dtype auto here: {backend.auto_compute_dtype()}")
@@ -80,6 +89,12 @@ def main():
         ids = np.random.default_rng(0).integers(0, model.config.vocab_size, size=(batch, seq))
         tids = torch.tensor(ids)
         runs = {f"ours {d}": (lambda m=m: np.asarray(sj.forward(m, ids)[0, -1])) for d, m in ours.items()}
+        if args.float32_dots == "both" and "float32" in ours:
+            for dots, options in (("eigen", backend.EIGEN_DOTS), ("default", {})):
+                fwd = jax.jit(lambda p, ids=ids: sj.forward(dataclasses.replace(ours["float32"], params=p), ids,
+                                                             np.ones_like(ids)),
+                              compiler_options=options or None)
+                runs[f"ours float32 {dots} dots"] = lambda f=fwd: np.asarray(f(ours["float32"].params)[0, -1])
         runs.update({f"torch {d}": (lambda m=m: m(tids).logits[0, -1].float().numpy()) for d, m in theirs.items()})
         best = {}
         with torch.inference_mode():
@@ -91,22 +106,27 @@ def main():
         rows.append((batch, seq, best))
         tokens = batch * seq
         print(f"  {batch} x {seq}: " + ", ".join(f"{k} {tokens / v:,.0f} tok/s" for k, v in best.items()), flush=True)
-    ceiling_runs.append(ceilings())
+    ceiling_runs.append(ceilings(dtypes))
     ceiling = {k: max(r[k] for r in ceiling_runs) for k in ceiling_runs[0]}
     print("matmul ceilings (2048^3, best of before/after), GFLOP/s: "
           + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in ceiling.items()))
-    print("\n| batch x seq | ours bf16 tok/s | ours f32 | torch bf16 | torch f32 | ours bf16 / torch bf16 | "
-          "ours f32 / torch f32 | ours bf16 / ours f32 | MFU ours bf16 | MFU torch bf16 | MFU ours f32 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    names = list(rows[0][2])
+    ratios = [(a, b) for a, b in (("ours bfloat16", "torch bfloat16"), ("ours float32", "torch float32"),
+                                  ("ours bfloat16", "ours float32"),
+                                  ("ours float32 default dots", "ours float32 eigen dots"),
+                                  ("ours float32 eigen dots", "torch float32"),
+                                  ("ours float32 default dots", "torch float32")) if a in names and b in names]
+    print("\n| batch x seq | " + " | ".join(f"{n} tok/s" for n in names) + " | "
+          + " | ".join(f"{a} / {b}" for a, b in ratios) + " | " + " | ".join(f"MFU {n}" for n in names) + " |")
+    print("|---" * (1 + 2 * len(names) + len(ratios)) + "|")
     for batch, seq, best in rows:
         tokens, flops = batch * seq, forward_flops(model.config, batch, seq)
         rate = {k: tokens / v for k, v in best.items()}
-        mfu = {k: flops / v / ceiling[k.replace("ours", "jax")] for k, v in best.items()}
-        print(f"| {batch} x {seq} | {rate['ours bfloat16']:,.0f} | {rate['ours float32']:,.0f} | "
-              f"{rate['torch bfloat16']:,.0f} | {rate['torch float32']:,.0f} | "
-              f"{rate['ours bfloat16'] / rate['torch bfloat16']:.2f} | {rate['ours float32'] / rate['torch float32']:.2f} | "
-              f"{rate['ours bfloat16'] / rate['ours float32']:.2f} | {mfu['ours bfloat16']:.2f} | "
-              f"{mfu['torch bfloat16']:.2f} | {mfu['ours float32']:.2f} |")
+        mfu = {k: flops / v / ceiling[("jax " if k.startswith("ours") else "torch ")
+                                      + ("float32" if "float32" in k else "bfloat16")] for k, v in best.items()}
+        print(f"| {batch} x {seq} | " + " | ".join(f"{rate[n]:,.0f}" for n in names) + " | "
+              + " | ".join(f"{rate[a] / rate[b]:.2f}" for a, b in ratios) + " | "
+              + " | ".join(f"{mfu[n]:.2f}" for n in names) + " |")
     print("\ngoals: ours bf16 >= 1.0x torch bf16 and >= 2.5x ours f32 at every shape; ours f32 >= 1.0x torch f32 at "
           "4 x 512")
 

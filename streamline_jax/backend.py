@@ -96,21 +96,27 @@ def resolve_compute_dtype(setting: str | None) -> tuple[str, str]:
 
 
 # XLA's CPU backend sends dot products to YNNPACK by default. For float32 products its Eigen path measured faster
-# on our layer shapes (scripts/bench_forward.py: 0.97-1.07x torch float32 at 4-8 x 512 with it, 0.81-0.84x without),
-# for bf16 inputs several times slower; so float32 CPU programs get the option wherever this jaxlib accepts it, bf16
-# ones never. Not decided by timing: a probe on a busy machine flips, and two processes of one run would then
-# compile different dots and lose bitwise resume.
+# on our layer shapes on a Sapphire Rapids Xeon (AMX; scripts/bench_forward.py: 0.97-1.07x torch float32 at 4-8 x 512
+# with it, 0.81-0.84x without) and slower on an AVX2 AMD EPYC (`--float32-dots both`: 380-443 tok/s against the
+# default's 492-524 at 1-8 x 512),
+# and for bf16 inputs several times slower everywhere. So float32 CPU programs get the option only on CPUs of the
+# kind where it measured faster (EIGEN_DOTS_CPU_FLAG), where this jaxlib accepts it; bf16 ones never. Decided by
+# flags, not timing: a probe on a busy machine flips, and two processes of one run would then compile different
+# dots and lose bitwise resume.
 EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+EIGEN_DOTS_CPU_FLAG = "amx_bf16"
 
 
 @functools.cache
 def float32_cpu_dot_options(platform: str | None = None) -> dict:
-    """EIGEN_DOTS for a program compiled for the CPU (`platform`, default: jax's default backend) whose jaxlib
-    accepts the option; else {} (its default dots)."""
+    """EIGEN_DOTS for a program compiled for this CPU (`platform`, default: jax's default backend) when it has
+    EIGEN_DOTS_CPU_FLAG and this jaxlib accepts the option; else {} (XLA's default dots)."""
     import jax
     import jax.numpy as jnp
 
     if (platform or jax.default_backend()) != "cpu" or jax.default_backend() != "cpu":
+        return {}
+    if EIGEN_DOTS_CPU_FLAG not in cpu_flags():
         return {}
     x = jnp.ones((8, 8), jnp.float32)
     try:

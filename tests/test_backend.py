@@ -44,8 +44,14 @@ def test_unknown_compute_dtype_is_refused():
         with_compute_dtype(Model(config=None, params=None), "int8")
 
 
-def test_float32_cpu_programs_get_eigen_dots_and_bf16_ones_never():
-    """Decided by what the jaxlib accepts, never by timing: every process of a run compiles the same dots (bitwise
-    resume)."""
-    assert backend.compiler_options("float32") == backend.EIGEN_DOTS
-    assert backend.compiler_options("bfloat16") == {}
+@pytest.mark.parametrize("flags, eigen", [({"avx512f", "amx_bf16"}, True), ({"avx2", "fma"}, False)])
+def test_float32_cpu_programs_get_eigen_dots_where_they_measured_faster_and_bf16_ones_never(monkeypatch, flags, eigen):
+    """Decided by the CPU's flags and what the jaxlib accepts, never by timing: every process of a run compiles the
+    same dots (bitwise resume)."""
+    monkeypatch.setattr(backend, "cpu_flags", lambda: flags)
+    backend.float32_cpu_dot_options.cache_clear()
+    try:
+        assert backend.compiler_options("float32") == (backend.EIGEN_DOTS if eigen else {})
+        assert backend.compiler_options("bfloat16") == {}
+    finally:
+        backend.float32_cpu_dot_options.cache_clear()

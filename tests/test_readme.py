@@ -111,6 +111,7 @@ COMMANDS: dict[str, Run] = {
         ("--stage", "scoring", "--seq-len", "128"), needs_libtpu=True),
     # README: benchmarks
     ".venv/bin/python scripts/bench_forward.py": HELP_BENCH,
+    "python scripts/bench_forward.py --dtypes float32 --float32-dots both": HELP_BENCH,
     ".venv/bin/python scripts/profile_forward.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_score.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_eval.py": HELP_BENCH,
