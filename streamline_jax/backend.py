@@ -98,8 +98,7 @@ def resolve_compute_dtype(setting: str | None) -> tuple[str, str]:
 # XLA's CPU backend sends dot products to YNNPACK by default. For float32 products its Eigen path measured faster
 # on our layer shapes on a Sapphire Rapids Xeon (AMX; scripts/bench_forward.py: 0.97-1.07x torch float32 at 4-8 x 512
 # with it, 0.81-0.84x without) and slower on an AVX2 AMD EPYC (`--float32-dots both`: 380-443 tok/s against the
-# default's 492-524 at 1-8 x 512),
-# and for bf16 inputs several times slower everywhere. So float32 CPU programs get the option only on CPUs of the
+# default's 492-524 at 1-8 x 512), and for bf16 inputs several times slower everywhere. So float32 CPU programs get the option only on CPUs of the
 # kind where it measured faster (EIGEN_DOTS_CPU_FLAG), where this jaxlib accepts it; bf16 ones never. Decided by
 # flags, not timing: a probe on a busy machine flips, and two processes of one run would then compile different
 # dots and lose bitwise resume.
