@@ -17,8 +17,9 @@ the public call is then timed whole once, compiled, for its figure.
 Perplexity: the first `--windows` windows of WikiText-2 test. Multiple choice: the first `--items` PIQA items, every
 (item, choice) request sorted by length. PyTorch gets batches of --mc-batch-size requests, each padded to its
 longest; we pack requests into rows of 256 tokens, --mc-batch-size/4 rows a call (the same slots as 32 requests of
-64 tokens). PyTorch runs once before ours and once after, and ratios use the mean of the two. Also prints how many
-compiles a full PIQA run needs (no model work).
+64 tokens), and the two choices of an item read their shared context once (`share_prefixes`; also timed without,
+compiled). PyTorch runs once before ours and once after, and ratios use the mean of the two. Also prints how many
+compiles a full PIQA run needs and the tokens its shared prefixes spare (no model work).
 """
 
 from __future__ import annotations
@@ -192,6 +193,9 @@ def multiple_choice(model, ref, args, cache_hits):
     sums, counts, stats = ev.loglikelihoods(model, pairs, batch_size=args.mc_batch_size)
     t_call = time.perf_counter() - t0
     t_ours = stats["seconds"]  # model work and compiles, not tokenizing (untimed on the PyTorch side too)
+    for _ in range(2):  # the first call compiles the unshared rows' program; the second is timed
+        unshared, _, plain = ev.loglikelihoods(model, pairs, batch_size=args.mc_batch_size, share_prefixes=False)
+    _, _, again = ev.loglikelihoods(model, pairs, batch_size=args.mc_batch_size)  # compiled, as `plain`
     _, t_after = timed(torch_score, ref, seqs, [len(x) for _, x in encoded], args.mc_batch_size)
     t_torch = (t_before + t_after) / 2
     theirs = np.array([x.sum() for x in theirs])
@@ -203,7 +207,11 @@ def multiple_choice(model, ref, args, cache_hits):
     print(f"  ours  {fed / t_ours:8.0f} tokens/s ({t_ours:.1f}s, {stats['compiles']} compiles included; "
           f"{t_call:.1f}s with tokenizing)\n"
           f"  torch {fed / t_torch:8.0f} tokens/s ({t_torch:.1f}s: {t_before:.1f}s before ours, {t_after:.1f}s after)\n"
-          f"  ratio ours/torch {t_torch / t_ours:.2f}x", flush=True)
+          f"  ratio ours/torch {t_torch / t_ours:.2f}x\n"
+          f"  compiled: ours {fed / again['seconds']:8.0f} tokens/s ({again['seconds']:.1f}s), prefixes not "
+          f"shared {fed / plain['seconds']:8.0f} tokens/s ({plain['seconds']:.1f}s; log-likelihoods within "
+          f"{np.max(np.abs(sums - unshared)):.1e}): {stats['shared']:,} of {fed:,} tokens spared, "
+          f"{plain['seconds'] / again['seconds']:.2f}x", flush=True)
     jax.clear_caches()
     _, _, later = ev.loglikelihoods(model, pairs, batch_size=args.mc_batch_size)
     print_later_run(later["seconds"], fed, t_torch, len(cache_hits))
@@ -215,7 +223,8 @@ def compile_timing(model, args, cache_dir, cache_hits):
 
     def compile_once():
         jax.clear_caches()
-        lowered, t_lower = timed(ev.target_logprobs.lower, model.config, model.params, shape, shape, shape)
+        program = ev.target_logprobs.jitted(model.config)  # the jit a call with this config runs
+        lowered, t_lower = timed(program.lower, model.config, model.params, shape, shape, shape)
         return t_lower, timed(lowered.compile)[1]
 
     distributed.enable_compilation_cache("off")
@@ -231,19 +240,23 @@ def compile_timing(model, args, cache_dir, cache_hits):
 
 
 def full_piqa_shapes(model, args):
-    """How many compiles a full PIQA run needs, and its padding (no model work)."""
+    """How many compiles a full PIQA run needs, its padding and the tokens its shared prefixes spare (no model
+    work)."""
     items = tk.load_items(tk.PIQA)
     pairs = [(c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
-    lengths = sorted((len(c) + len(x) - 1 for c, x in ev.encode_pairs(model.tokenizer, pairs)), reverse=True)
-    pack = 256
-    rows = len(ev.pack_first_fit(lengths, max(pack, ev.length_bucket(lengths[0]))))
+    encoded = ev.encode_pairs(model.tokenizer, pairs)
+    seqs, scored = [np.asarray(c + x, np.int32) for c, x in encoded], [len(x) for _, x in encoded]
+    fed = sum(len(s) - 1 for s in seqs)
     per_call = max(1, args.mc_batch_size // 4)
-    calls = ev._batches([[r] for r in range(rows)], per_call)
-    shapes = {len(c) for c in calls}
-    slots = sum(len(c) for c in calls) * pack
-    print(f"full PIQA: {len(pairs)} requests, {sum(lengths):,} tokens packed into {rows} rows of {pack} "
-          f"({per_call} rows a call): {len(shapes)} compiles (rows per call {sorted(shapes)}); padding "
-          f"{1 - sum(lengths) / slots:.1%} of the fed slots")
+    for share in (True, False):
+        length, calls = ev.packed_calls(seqs, scored, 256, per_call, share_prefixes=share)
+        rows = sum(1 for call in calls for row in call if row)
+        read = sum(unit.slots for call in calls for row in call for unit in row)
+        slots = sum(len(call) for call in calls) * length
+        print(f"full PIQA{'' if share else ', prefixes not shared'}: {len(pairs)} requests, {fed:,} tokens read as "
+              f"{read:,} ({1 - read / fed:.1%} spared by shared prefixes), packed into {rows} rows of {length} "
+              f"({per_call} rows a call): {len({len(c) for c in calls})} compiles (rows per call "
+              f"{sorted({len(c) for c in calls})}); padding {1 - read / slots:.1%} of the fed slots")
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ Each finished row is appended to OUT/results.json, and a rerun skips rows alread
         [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name]
         [--compute-dtype float32|bfloat16|auto] [--trainable block,segments/seg_2/.*mlp.*]
         [--kd-temperature 1 --kd-ce-weight 0 --kd-hidden-layers -1 --kd-hidden-weight 0]
+        [--distill-steps 0 --distill-lr 1e-3]
 
-Rows (default: all): dense, none, layer, ffn, mlp, layer-lm, layer-kd, layer-token, layer-untrained, mlp-token, linear,
-mlp-linit, layer-ppl, none-ppl, none-last.
+Rows (default: all): dense, none, layer, ffn, mlp, layer-lm, layer-kd, layer-token, layer-balanced, layer-untrained,
+mlp-token, linear, mlp-linit, layer-ppl, none-ppl, none-last.
 
 `--shuffle` reads the 1000 training chunks in a seeded random order (the authors' DataLoader shuffles); without it
 they go in file order, so a batch holds neighbouring pieces of the same documents. `--piqa-items 0` skips PIQA, for
@@ -42,6 +43,12 @@ identity (`scripts/span_pair_stats.py`). `layer-untrained` is the `layer`
 block as initialised (a copy of the span's first layer), the same model as the authors' `none` row (layers 12-18
 removed when the span is 11-18).
 
+`layer-balanced` is the `layer` block on the pipeline's default MSE weighting (`balanced`). `--distill-steps N`
+follows each MSE or LM row with the pipeline's distillation phase (`train.distill_steps`: N steps of mode kd at
+`--distill-lr`, training what the row trained, the better of before and after on the validation KL); the row before
+it is recorded too, and the distilled one as ROW+kdN. The pipeline's default recipe on P1's chunks is
+`--rows layer-balanced --shuffle --lr 1e-2 --freeze attention --distill-steps 16`.
+
 `layer-kd` distils the dense model into the pruned one (`mode="kd"`): KL between their next-token distributions at
 `--kd-temperature`, `--kd-ce-weight` of next-token cross-entropy mixed in, and with `--kd-hidden-weight` the MSE of
 the hidden states leaving the span and the original layers `--kd-hidden-layers`. `--trainable` (LM and KD rows)
@@ -61,7 +68,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 import streamline_jax as sj
-from streamline_jax import data, linear_fit, score, tasks, train
+from streamline_jax import data, linear_fit, score, settings, tasks, train
 from streamline_jax.evaluation import evaluate as evaluate_tasks, perplexity
 from streamline_jax.models import layers, llama
 from streamline_jax.pruning import prune
@@ -70,7 +77,8 @@ from streamline_jax.pruning import prune
 ROW_SPECS = {"dense": (None, None, None), "none": ("none", None, None), "layer": ("layer", "mse", "uniform"),
              "ffn": ("ffn", "mse", "uniform"), "mlp": ("mlp", "mse", "uniform"), "layer-lm": ("layer", "lm", None),
              "layer-kd": ("layer", "kd", None),
-             "layer-token": ("layer", "mse", "token"), "layer-untrained": ("layer", None, None),
+             "layer-token": ("layer", "mse", "token"), "layer-balanced": ("layer", "mse", "balanced"),
+             "layer-untrained": ("layer", None, None),
              "mlp-token": ("mlp", "mse", "token"), "linear": ("linear", None, None),
              "mlp-linit": ("mlp", "mse", "uniform"), "layer-ppl": ("layer", "mse", "uniform"),
              "none-ppl": ("none", None, None), "none-last": ("none", None, None)}
@@ -160,6 +168,10 @@ def main():
     ap.add_argument("--kd-hidden-layers", default="",
                     help="comma-separated original layers after the span (-1: the last) matched by hidden-state MSE")
     ap.add_argument("--kd-hidden-weight", type=float, default=0.0, help="weight of the hidden-state MSE (0: none)")
+    ap.add_argument("--distill-steps", type=int, default=0,
+                    help="after an MSE or LM row, this many steps of distillation from there, as the pipeline's "
+                         "train.distill_steps (the row before it is kept too, as ROW; this one is ROW+kdN)")
+    ap.add_argument("--distill-lr", type=float, default=settings.TrainSection.distill_lr)
     args = ap.parse_args()
     rows = args.rows.split(",")
     unknown = set(rows) - set(ROWS)
@@ -202,9 +214,21 @@ def main():
             print(f"span by {metric}: layers [{choice.start}, {choice.end})", flush=True)
         return span_starts[metric]
 
+    def record(name, fields, candidate, t0):
+        """Evaluate `candidate` as row `name` and add it to OUT/results.json."""
+        nonlocal results
+        results[name] = {**fields, **evaluate_row(candidate, args), "row_s": time.perf_counter() - t0}
+        # merge into what is on disk now, so runs of different rows into one folder keep each other's rows
+        on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
+        results = {**on_disk, name: results[name]}
+        results_path.write_text(json.dumps(results, indent=1))
+        print(name, results[name], flush=True)
+
     for row in rows:
         name = f"{row}@{args.tag}" if args.tag else row
-        if name in results:
+        distils = args.distill_steps > 0 and ROW_SPECS[row][1] in ("mse", "lm")
+        final = f"{row}+kd{args.distill_steps}" + (f"@{args.tag}" if args.tag else "") if distils else name
+        if final in results:
             continue
         t0 = time.perf_counter()
         train_s, extra = 0.0, {}
@@ -226,19 +250,21 @@ def main():
             if replacement != "none" and mode is not None:
                 t = time.perf_counter()
                 steps = len(train_chunks) // args.batch // args.grad_accum
+                options = settings.TrainSection(
+                    mode=mode, lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
+                    warmup_steps=args.warmup or max(1, steps // 20), grad_accum=args.grad_accum,
+                    lr_schedule=args.lr_schedule,
+                    # the LM and KD losses validate through the whole model: only at the start and the end
+                    eval_every=max(1, steps // (1 if mode in ("lm", "kd") else 5)),
+                    mse_weighting=weighting or "uniform", shuffle=args.shuffle, seed=args.seed, freeze=freeze,
+                    trainable=trainable, kd_temperature=args.kd_temperature, kd_ce_weight=args.kd_ce_weight,
+                    kd_hidden_layers=kd_hidden_layers, kd_hidden_weight=args.kd_hidden_weight,
+                    distill_steps=args.distill_steps, distill_lr=args.distill_lr)
                 with authors_bidirectional_training(args.authors_bidirectional):
                     candidate, history = train.train_replacement(
-                        model, candidate, train_chunks, batch_size=args.batch, mode=mode, valid_batches=valid_chunks,
-                        lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
-                        warmup_steps=args.warmup or max(1, steps // 20), grad_accum=args.grad_accum,
-                        lr_schedule=args.lr_schedule,
-                        # the LM and KD losses validate through the whole model: only at the start and the end
-                        eval_every=max(1, steps // (1 if mode in ("lm", "kd") else 5)),
+                        model, candidate, train_chunks, options, batch_size=args.batch, valid_batches=valid_chunks,
                         pair_cache=pairs_dir / f"pairs_{start}_{args.span}" if mode == "mse" else None,
-                        mse_weighting=weighting or "uniform", shuffle=args.shuffle, seed=args.seed,
-                        freeze=freeze, trainable=trainable, kd_temperature=args.kd_temperature,
-                        kd_ce_weight=args.kd_ce_weight, kd_hidden_layers=kd_hidden_layers,
-                        kd_hidden_weight=args.kd_hidden_weight, return_history=True)
+                        return_history=True)
                 train_s = time.perf_counter() - t
                 (out / f"history_{name}.json").write_text(json.dumps(history, indent=1))
                 extra = {**extra, "shuffle_seed": args.seed if args.shuffle else None, "lr_schedule": args.lr_schedule,
@@ -250,21 +276,29 @@ def main():
                             if mode == "kd" else {}),
                          "valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
                          "best_step": history["best_step"], "steps": history["train"][-1][0]}
-        results[name] = {"span": [start, start + args.span - 1], "span_metric": span_metric, "train_s": train_s,
-                         "compute_dtype": model.config.compute_dtype, **extra,
-                        **evaluate_row(candidate, args)}
-        results[name]["row_s"] = time.perf_counter() - t0
-        # merge into what is on disk now, so runs of different rows into one folder keep each other's rows
-        on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
-        results = {**on_disk, name: results[name]}
-        results_path.write_text(json.dumps(results, indent=1))
-        print(name, results[name], flush=True)
+                if distils:  # the pipeline's distillation phase from the trained block; the row before it kept too
+                    if name not in results:
+                        record(name, {"span": [start, start + args.span - 1], "span_metric": span_metric,
+                                      "train_s": train_s, "compute_dtype": model.config.compute_dtype, **extra},
+                               candidate, t0)
+                    t = time.perf_counter()
+                    candidate, distilled = train.train_replacement(
+                        model, candidate, train_chunks, options.distillation(len(train_chunks), args.batch),
+                        batch_size=args.batch, valid_batches=valid_chunks, return_history=True)
+                    extra = {**extra, "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
+                             "distill_s": time.perf_counter() - t, "distill_valid_kd_start": distilled["valid"][0][1],
+                             "distill_valid_kd_best": distilled["best_valid"],
+                             "distill_best_step": distilled["best_step"]}
+                    train_s += extra["distill_s"]
+                    (out / f"history_{final}.json").write_text(json.dumps(distilled, indent=1))
+        record(final, {"span": [start, start + args.span - 1], "span_metric": span_metric, "train_s": train_s,
+                       "compute_dtype": model.config.compute_dtype, **extra}, candidate, t0)
 
     print(f"\nP1 on SmolLM2-135M ({args.train_chunks} training chunks of {args.seq}; WikiText-2 first "
           f"{args.eval_windows} x 1024; PIQA first {args.piqa_items})")
     print("| row | WikiText-2 ppl | PIQA acc | params | training wall time |")
     print("|---|---|---|---|---|")
-    for row in sorted(results, key=lambda k: (ROWS.index(k.split("@")[0]), k)):
+    for row in sorted(results, key=lambda k: (ROWS.index(k.split("@")[0].split("+")[0]), k)):
         r = results[row]
         piqa = f"{r['piqa_acc']:.3f} ± {r['piqa_stderr']:.3f}" if "piqa_acc" in r else "–"
         print(f"| {row} | {r['wikitext2_ppl']:.2f} | {piqa} | {r['num_params']:,} | {r['train_s']:.0f} s |")

@@ -39,14 +39,16 @@ HEAD_CHUNK = 128  # tokens per LM-head call when scoring: their [128, V] logits 
 
 
 @jit_by_config(static_argnames=("config", "with_greedy"))
-def target_logprobs(config, params, input_ids, targets, attention_mask=None, segment_ids=None, with_greedy=False):
-    """log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] float32 (within its own segment for packed rows).
-    With `with_greedy`, also [B, T] bool: whether each target is the argmax token (the harness's is_greedy).
+def target_logprobs(config, params, input_ids, targets, attention_mask=None, segment_ids=None, positions=None,
+                    shared_prefix_ids=None, with_greedy=False):
+    """log p(targets[b, t] | input_ids[b, :t+1]) as [B, T] float32 (within its own segment, and the prefix it
+    shares, for packed rows: see `transformer.apply`). With `with_greedy`, also [B, T] bool: whether each target is
+    the argmax token (the harness's is_greedy).
 
     The LM head runs HEAD_CHUNK tokens at a time, and each chunk's logits are reduced to (target logit,
     logsumexp) at once: the [B, T, V] float32 logits are never written out whole."""
-    hidden = transformer.apply(config, params, input_ids, attention_mask, segment_ids=segment_ids,
-                               return_logits=False)["last_hidden"]
+    hidden = transformer.apply(config, params, input_ids, attention_mask, positions, segment_ids=segment_ids,
+                               shared_prefix_ids=shared_prefix_ids, return_logits=False)["last_hidden"]
     return head_logprobs(config, params, hidden, targets, with_greedy=with_greedy)
 
 
@@ -75,10 +77,11 @@ def _compiles() -> int:
     return getattr(target_logprobs, "_cache_size", lambda: 0)()
 
 
-def _run(model: Model, ids: np.ndarray, targets: np.ndarray, with_greedy: bool = False, **rows: np.ndarray):
-    """target_logprobs on host arrays; `rows` is attention_mask= (padded rows) or segment_ids= (packed rows).
+def _run(model: Model, input_ids: np.ndarray, targets: np.ndarray, with_greedy: bool = False, **rows: np.ndarray):
+    """target_logprobs on host arrays; `rows` is attention_mask= (padded rows) or segment_ids=, positions= and
+    shared_prefix_ids= (packed rows).
     Returns [B, T] float64 log-probs, or (log-probs, [B, T] bool is-argmax) with `with_greedy`."""
-    arrays = {"input_ids": ids, "targets": targets, **rows}
+    arrays = {"input_ids": input_ids, "targets": targets, **rows}
     arrays = {k: jnp.asarray(a, jnp.int32) for k, a in arrays.items()}
     arrays = place_batch(model.mesh, arrays)
     out = target_logprobs(model.config, model.params, **arrays, with_greedy=with_greedy)
@@ -97,7 +100,7 @@ def length_bucket(n: int, cap: int | None = None) -> int:
 
 def score_sequences(model: Model, sequences: Sequence[np.ndarray], num_scored: Sequence[int], *, batch_size: int = 32,
                     fixed_length: int | None = None, pack_length: int | None = None,
-                    desc: str | None = None, greedy: bool = False) -> tuple[list, dict]:
+                    desc: str | None = None, greedy: bool = False, share_prefixes: bool = True) -> tuple[list, dict]:
     """Log-probabilities of the last `num_scored[i]` tokens of each `sequences[i]` given the tokens before them.
 
     Sequences are sorted by length (longest first, so memory problems show at once), batched, right-padded to a
@@ -106,52 +109,136 @@ def score_sequences(model: Model, sequences: Sequence[np.ndarray], num_scored: S
 
     With `pack_length`, short sequences are instead packed several to a row of `pack_length` tokens (or of the
     longest sequence's bucket, if longer), each seeing only itself; a call holds batch_size/4 rows (2,048 slots at
-    32 x 256, what 32 unpacked requests of 64 tokens fill). One shape, almost no padding.
+    32 x 256, what 32 unpacked requests of 64 tokens fill). One shape, almost no padding. There, with
+    `share_prefixes`, sequences whose unscored beginnings are equal (the choices of a multiple-choice item) read
+    that beginning once: each one's scored part follows it in the row as a branch that sees the prefix and itself,
+    at the positions it has in the whole sequence (`transformer.apply`'s shared_prefix_ids). The log-probs are the
+    same; the work is less by the repeated prefixes.
 
     Returns the per-token log-probs of each sequence in input order (with `greedy`, a (log-probs, is-argmax) pair
-    per sequence), and stats (tokens, compiles, seconds, padding).
+    per sequence), and stats (tokens, compiles, seconds, padding, and with packing `shared`: the tokens that shared
+    prefixes spared).
     """
     if not len(sequences):
         raise EvaluationError("nothing to score")
     start, compiles = time.perf_counter(), _compiles()
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    out: list[np.ndarray | None] = [None] * len(sequences)
+    out: list = [None] * len(sequences)
     tokens = sum(len(s) - 1 for s in sequences)
+    slots = filled = 0
     if pack_length:
-        length = max(pack_length, length_bucket(len(sequences[order[0]]) - 1))
-        rows = pack_first_fit([len(sequences[i]) - 1 for i in order], length)
-        rows = [[order[j] for j in row] for row in rows]
-        batches = _batches(rows, max(1, batch_size // 4))
+        length, batches = packed_calls(sequences, num_scored, pack_length, max(1, batch_size // 4), share_prefixes)
     else:
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         batches = _batches([[i] for i in order], batch_size)
-    slots = 0
     for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-        if not pack_length:
-            length = fixed_length or length_bucket(max(len(sequences[r[0]]) for r in batch if r) - 1,
-                                                   model.config.max_position_embeddings)
-        ids = np.zeros((len(batch), length), np.int32)
-        targets = np.zeros((len(batch), length), np.int32)
-        place = np.zeros((len(batch), length), np.int32)  # mask (unpacked) or segment ids (packed)
-        where = []
-        for row, members in enumerate(batch):
-            offset = 0
-            for seg, i in enumerate(members, start=1):
-                seq = sequences[i]
-                n = len(seq) - 1
-                ids[row, offset:offset + n], targets[row, offset:offset + n] = seq[:-1], seq[1:]
-                place[row, offset:offset + n] = seg
-                where.append((i, row, offset + n))
-                offset += n
-        slots += ids.size
-        scored = _run(model, ids, targets, greedy, **{"segment_ids" if pack_length else "attention_mask": place})
+        if pack_length:
+            arrays, where = _packed_rows(batch, length)
+        else:
+            arrays, where = _padded_rows(sequences, batch, fixed_length or length_bucket(
+                max(len(sequences[r[0]]) for r in batch if r) - 1, model.config.max_position_embeddings))
+        slots += arrays["input_ids"].size
+        filled += int(np.count_nonzero(arrays["segment_ids" if pack_length else "attention_mask"]))
+        scored = _run(model, with_greedy=greedy, **arrays)
         for i, row, end in where:
-            if greedy:
-                out[i] = (scored[0][row, end - num_scored[i]:end], scored[1][row, end - num_scored[i]:end])
-            else:
-                out[i] = scored[row, end - num_scored[i]:end]
+            part = slice(end - num_scored[i], end)
+            out[i] = (scored[0][row, part], scored[1][row, part]) if greedy else scored[row, part]
     stats = {"tokens": tokens, "compiles": _compiles() - compiles, "seconds": time.perf_counter() - start,
-             "padding": 1 - tokens / max(slots, 1)}
+             "padding": 1 - filled / max(slots, 1)}
+    if pack_length:
+        stats["shared"] = tokens - filled
     return out, stats
+
+
+def _padded_rows(sequences, batch, length) -> tuple[dict, list]:
+    """One sequence a row, right-padded to `length`: the arrays for `_run`, and (sequence, row, end slot) each."""
+    ids, targets, mask = (np.zeros((len(batch), length), np.int32) for _ in range(3))
+    where = []
+    for row, members in enumerate(batch):
+        for i in members:
+            n = len(sequences[i]) - 1
+            ids[row, :n], targets[row, :n], mask[row, :n] = sequences[i][:-1], sequences[i][1:], 1
+            where.append((i, row, n))
+    return {"input_ids": ids, "targets": targets, "attention_mask": mask}, where
+
+
+def packed_calls(sequences, num_scored, pack_length: int, rows_per_call: int,
+                 share_prefixes: bool = True) -> tuple[int, list[list[list["PackedUnit"]]]]:
+    """How `score_sequences` packs: the row length (`pack_length`, or the longest sequence's bucket if longer) and
+    the calls, each a list of rows (padded with empty rows as `_batches` does), each row a list of units."""
+    length = max(pack_length, length_bucket(max(len(s) for s in sequences) - 1))
+    units = _packing_units(sequences, num_scored, length, share_prefixes)
+    rows = pack_first_fit([u.slots for u in units], length)
+    return length, _batches([[units[j] for j in row] for row in rows], rows_per_call)
+
+
+@dataclasses.dataclass
+class PackedUnit:
+    """What packing places in a row: a prefix read once (maybe empty) and branches after it, each (sequence, the
+    tokens it reads, its targets) at positions continuing the prefix's."""
+
+    prefix: np.ndarray
+    branches: list
+
+    @property
+    def slots(self) -> int:
+        return len(self.prefix) + sum(len(read) for _, read, _ in self.branches)
+
+
+def _packing_units(sequences, num_scored, capacity, share_prefixes) -> list[PackedUnit]:
+    """Sequences as packing units, longest first: alone, or (`share_prefixes`) grouped by their unscored beginning
+    when two or more begin alike with at least 2 unscored tokens, a group split where it would overflow a row."""
+    groups: dict[bytes, list[int]] = {}
+    for i, seq in enumerate(sequences):
+        unscored = len(seq) - num_scored[i]
+        key = np.asarray(seq[:unscored], np.int64).tobytes() if share_prefixes and unscored >= 2 else i
+        groups.setdefault(key, []).append(i)
+    units = []
+    for members in groups.values():
+        if len(members) == 1:
+            seq = sequences[members[0]]
+            units.append(PackedUnit(seq[:0], [(members[0], seq[:-1], seq[1:])]))
+            continue
+        first = sequences[members[0]]
+        u = len(first) - num_scored[members[0]]  # the prefix reads first[:u-1]; each branch from token u-1 on
+        unit = PackedUnit(first[:u - 1], [])
+        for i in members:
+            seq = sequences[i]
+            branch = (i, seq[u - 1:-1], seq[u:])
+            if unit.branches and unit.slots + len(branch[1]) > capacity:
+                units.append(unit)
+                unit = PackedUnit(first[:u - 1], [])
+            unit.branches.append(branch)
+        units.append(unit)
+    return sorted(units, key=lambda unit: -unit.slots)
+
+
+def _packed_rows(batch, length) -> tuple[dict, list]:
+    """Rows of packing units: the arrays for `_run` (segment ids from 1 in each row, the shared prefix's segment
+    for each branch token, positions), and (sequence, row, end slot) for each branch."""
+    ids, targets, segments, prefixes, positions = (np.zeros((len(batch), length), np.int32) for _ in range(5))
+    where = []
+    for row, units in enumerate(batch):
+        offset, segment = 0, 0
+        for unit in units:
+            a = len(unit.prefix)
+            prefix_segment = 0
+            if a:
+                segment += 1
+                prefix_segment = segment
+                ids[row, offset:offset + a], segments[row, offset:offset + a] = unit.prefix, segment
+                targets[row, offset:offset + a - 1] = unit.prefix[1:]  # never scored
+                positions[row, offset:offset + a] = np.arange(a)
+                offset += a
+            for i, read, target in unit.branches:
+                n = len(read)
+                segment += 1
+                ids[row, offset:offset + n], targets[row, offset:offset + n] = read, target
+                segments[row, offset:offset + n], prefixes[row, offset:offset + n] = segment, prefix_segment
+                positions[row, offset:offset + n] = np.arange(a, a + n)
+                offset += n
+                where.append((i, row, offset))
+    return {"input_ids": ids, "targets": targets, "segment_ids": segments, "positions": positions,
+            "shared_prefix_ids": prefixes}, where
 
 
 def _batches(rows: list, batch_size: int) -> list[list]:
@@ -355,7 +442,7 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list
 
 
 def loglikelihoods(model: Model, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32,
-                   max_length: int | None = None, pack_length: int | None = 256,
+                   max_length: int | None = None, pack_length: int | None = 256, share_prefixes: bool = True,
                    progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
     """Summed log-probability of each continuation given its context, with the number of continuation tokens.
     See `loglikelihood_tokens`."""
@@ -365,19 +452,22 @@ def loglikelihoods(model: Model, pairs: Sequence[tuple[str, str]], *, batch_size
         if not cont:
             raise EvaluationError(f"request {i}: the continuation {pairs[i][1]!r} encodes to no tokens")
     sums, scored, _, stats = loglikelihood_tokens(model, encoded, batch_size=batch_size, max_length=max_length,
-                                                  pack_length=pack_length, progress=progress, greedy=False)
+                                                  pack_length=pack_length, share_prefixes=share_prefixes,
+                                                  progress=progress, greedy=False)
     return sums, scored, stats
 
 
 def loglikelihood_tokens(model: Model, encoded: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                          batch_size: int = 32, max_length: int | None = None, pack_length: int | None = 256,
-                         progress: bool = False, greedy: bool = True) -> tuple[np.ndarray, np.ndarray, Any, dict]:
+                         share_prefixes: bool = True, progress: bool = False,
+                         greedy: bool = True) -> tuple[np.ndarray, np.ndarray, Any, dict]:
     """Summed log-probability of each (context tokens, continuation tokens), the number of continuation tokens
     scored, and whether every one of them was the argmax (the harness's is_greedy; None without `greedy`).
 
     The joined tokens are truncated from the left to `max_length + 1` (default: the model's context), and the model
     reads all but the last, exactly as the harness's `_loglikelihood_tokens`. Requests are packed into rows of
-    `pack_length` tokens (None: one request per row); see `score_sequences`."""
+    `pack_length` tokens (None: one request per row), and requests with the same context read it once
+    (`share_prefixes`); see `score_sequences`."""
     max_length = max_length or model.config.max_position_embeddings
     seqs, scored = [], []
     for ctx, cont in encoded:
@@ -385,7 +475,8 @@ def loglikelihood_tokens(model: Model, encoded: Sequence[tuple[Sequence[int], Se
         seqs.append(seq)
         scored.append(min(len(cont), len(seq) - 1))
     out, stats = score_sequences(model, seqs, scored, batch_size=batch_size, pack_length=pack_length,
-                                 desc="loglikelihood" if progress else None, greedy=greedy)
+                                 share_prefixes=share_prefixes, desc="loglikelihood" if progress else None,
+                                 greedy=greedy)
     if not greedy:
         return np.array([lp.sum() for lp in out]), np.array(scored), None, stats
     sums = np.array([lp.sum() for lp, _ in out])

@@ -385,10 +385,11 @@ def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh,
         abstract = transformer.abstract_params(config)
         shard = param_shardings(abstract, transformer.param_axes(config), mesh)
         params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
-        if stage == "evaluate":  # the perplexity windows, packed (the larger of evaluation's two row kinds)
+        if stage == "evaluate":  # packed rows with shared prefixes (the larger of evaluation's two row kinds)
             ids = batch["input_ids"]
             return StepPlan(stage, target_logprobs.jitted(config, platform), (config, params),
-                            dict(input_ids=ids, targets=ids, segment_ids=ids, with_greedy=False))
+                            dict(input_ids=ids, targets=ids, segment_ids=ids, positions=ids, shared_prefix_ids=ids,
+                                 with_greedy=False))
         return StepPlan(stage, score_sums.jitted(config, platform),
                         (config, params, batch["input_ids"], batch["attention_mask"]))
     if stage not in STAGES:

@@ -204,8 +204,30 @@ def test_loglikelihoods_match_transformers(tiny):
     want[3] = float(sum(logp[j, t] for j, t in enumerate(cont)))
     np.testing.assert_allclose(ours, want, rtol=2e-5)
     assert stats["compiles"] <= 3
+    assert stats["shared"] == len(ev.encode_pairs(model.tokenizer, pairs[:1])[0][0]) - 1  # the egg question, once
     unpacked, _, _ = ev.loglikelihoods(model, pairs, batch_size=2, pack_length=None)
     np.testing.assert_allclose(unpacked, want, rtol=2e-5)
+
+
+def test_shared_prefixes_give_the_log_probs_of_unshared_rows(tiny):
+    """Sequences with equal unscored beginnings read them once; a group too large for a row is split, each part
+    with the prefix again; lone sequences, and beginnings of one token, are packed as before."""
+    model, _ = tiny
+    rng = np.random.default_rng(0)
+    sequences, scored = [], []
+    for prefix_len, branches in ((30, [5, 9, 14, 3]), (12, [40, 40, 40, 40, 40]), (1, [6, 7]), (20, [11])):
+        prefix = rng.integers(3, 49152, prefix_len)
+        for n in branches:
+            sequences.append(np.concatenate([prefix, rng.integers(3, 49152, n)]).astype(np.int32))
+            scored.append(n)
+    shared, stats = ev.score_sequences(model, sequences, scored, pack_length=64)
+    alone, plain = ev.score_sequences(model, sequences, scored, pack_length=64, share_prefixes=False)
+    for a, b in zip(shared, alone):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # 30-token prefix: read once instead of 4 times; 12 tokens: 5 branches of 40 split into rows of 64 (one each
+    # with the prefix again: 11 + 40 + 40 > 64); the 1-token prefix and the lone sequence share nothing
+    assert stats["shared"] == 3 * 29 and plain["shared"] == 0
+    assert stats["tokens"] == plain["tokens"] == sum(len(s) - 1 for s in sequences)
 
 
 def test_first_fit_packing():

@@ -208,6 +208,47 @@ def test_packed_rows_give_each_sequence_its_own_logits(name):
         transformer.apply(config, params, ids, np.ones_like(ids), segment_ids=segments)
 
 
+@pytest.mark.parametrize("name", ["llama_gqa_tied", "mistral_sliding_window", "gemma3", "opt_350m_style"])
+def test_branches_after_a_shared_packed_prefix_get_the_logits_of_their_whole_sequences(name):
+    """Packed rows where several sequences share a prefix read once (shared_prefix_ids): each branch sees the prefix
+    and itself, at the positions it has in its whole sequence. Rows of 300 slots (blocked attention), branches
+    further from their prefix in slots than the 4-token sliding window is in positions."""
+    config = CONFIGS[name].replace(max_position_embeddings=512)
+    params = transformer.init_params(config, jax.random.PRNGKey(2))
+    rng = np.random.default_rng(4)
+    units = [[(40, [30, 25, 60]), (0, [50])], [(3, [1, 2, 9]), (120, [10, 20])]]  # (prefix, branch lengths)
+    ids, segments, prefixes, positions = (np.zeros((2, 300), np.int32) for _ in range(4))
+    wholes = []  # (row, slots of the branch, the whole sequence)
+    for row, row_units in enumerate(units):
+        offset, seg = 0, 0
+        for a, branches in row_units:
+            prefix = rng.integers(3, 128, a)
+            prefix_seg = 0
+            if a:
+                seg += 1
+                prefix_seg = seg
+                ids[row, offset:offset + a], segments[row, offset:offset + a] = prefix, seg
+                positions[row, offset:offset + a] = np.arange(a)
+                offset += a
+            for n in branches:
+                seg += 1
+                branch = rng.integers(3, 128, n)
+                ids[row, offset:offset + n], segments[row, offset:offset + n] = branch, seg
+                prefixes[row, offset:offset + n], positions[row, offset:offset + n] = prefix_seg, np.arange(a, a + n)
+                wholes.append((row, slice(offset, offset + n), np.concatenate([prefix, branch])))
+                offset += n
+    packed = np.asarray(transformer.apply(config, params, ids, positions=positions, segment_ids=segments,
+                                          shared_prefix_ids=prefixes)["logits"])
+    for row, slots, whole in wholes:
+        alone = np.asarray(transformer.apply(config, params, whole[None])["logits"])[0]
+        n = slots.stop - slots.start
+        assert rel_err(packed[row, slots], alone[len(whole) - n:]) <= 1e-5
+    with pytest.raises(ValueError, match="explicit positions"):
+        transformer.apply(config, params, ids, segment_ids=segments, shared_prefix_ids=prefixes)
+    with pytest.raises(ValueError, match="go with segment_ids"):
+        transformer.apply(config, params, ids, positions=positions, shared_prefix_ids=prefixes)
+
+
 def test_padding_does_not_change_real_tokens():
     """A left- or right-padded sequence gives the logits it has on its own."""
     config = CONFIGS["llama_gqa_tied"]

@@ -11,9 +11,12 @@ from .config import ModelConfig
 from .layers import SwiGLU, apply_rope, attend, dense, matmul_dtype, rms_norm, rope_inv_freq, update_cache
 
 
-def local_window_mask(mask, cache_index, window):
-    """`mask` [B, T, S] limited to keys fewer than `window` slots behind each query (query t sits at slot
-    cache_index + t)."""
+def local_window_mask(mask, cache_index, window, positions=None):
+    """`mask` [B, T, S] limited to keys fewer than `window` positions behind each query. Without a cache the keys
+    are the queries, and `positions` [B, T] measure it (packed rows with a shared prefix put a branch further from
+    its prefix in slots than in positions); with one, slots do (query t sits at slot cache_index + t)."""
+    if positions is not None:
+        return mask & ((positions[:, :, None] - positions[:, None, :]) < window)
     t, s = mask.shape[-2:]
     query_slots = (0 if cache_index is None else cache_index) + jnp.arange(t)
     return mask & ((query_slots[:, None] - jnp.arange(s)[None, :]) < window)
@@ -42,7 +45,8 @@ class LlamaAttention(nn.Module):
             if local is None:
                 raise ValueError("a model with per-layer attention types needs each layer's type (`local`)")
             inv_freq = jnp.where(local, rope_inv_freq(c, local=True), inv_freq)
-            mask = jnp.where(local, local_window_mask(mask, cache_index, c.local_window), mask)
+            keys_are_queries = positions if cache is None else None
+            mask = jnp.where(local, local_window_mask(mask, cache_index, c.local_window, keys_are_queries), mask)
         scale = (c.query_pre_attn_scalar or c.head_dim) ** -0.5
         q = (apply_rope(q, positions, inv_freq) * jnp.asarray(scale, q.dtype)).astype(compute)
         k = apply_rope(k, positions, inv_freq).astype(compute)

@@ -177,16 +177,25 @@ def count_params(tree) -> int:
 # Forward
 
 
-def attention_mask_matrix(key_mask, query_slots, sliding_window=None, segment_ids=None):
+def attention_mask_matrix(key_mask, query_slots, sliding_window=None, segment_ids=None, shared_prefix_ids=None,
+                          positions=None):
     """[B, T, S] bool: query at slot q may see key slot k if k <= q, the key is real, (optionally) q - k < window,
-    and (for packed rows, without a cache) both slots belong to the same segment."""
+    and (for packed rows, without a cache) the key belongs to the query's segment or to the shared prefix segment
+    `shared_prefix_ids` names for the query (0: none). Packed rows measure the window in `positions`, since a
+    shared prefix sits further from a later branch in slots than in positions."""
     key_slots = jnp.arange(key_mask.shape[1])
     q = query_slots[..., :, None]
     allowed = (key_slots[None, :] <= q) & key_mask[:, None, :].astype(bool)
     if sliding_window:
-        allowed &= (q - key_slots[None, :]) < sliding_window
+        if segment_ids is not None and positions is not None:
+            allowed &= (positions[:, :, None] - positions[:, None, :]) < sliding_window
+        else:
+            allowed &= (q - key_slots[None, :]) < sliding_window
     if segment_ids is not None:
-        allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+        seen = segment_ids[:, :, None] == segment_ids[:, None, :]
+        if shared_prefix_ids is not None:
+            seen |= (shared_prefix_ids[:, :, None] == segment_ids[:, None, :]) & (shared_prefix_ids[:, :, None] > 0)
+        allowed &= seen
     return allowed
 
 
@@ -272,12 +281,14 @@ def run_segment(config, segment: Segment, seg_params, x, mask, positions, *, col
 
 
 def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions=None, *, collect_hidden=False,
-          return_logits=True, caches=None, cache_index=0, remat=False, segment_ids=None):
+          return_logits=True, caches=None, cache_index=0, remat=False, segment_ids=None, shared_prefix_ids=None):
     """The forward pass.
 
     input_ids: [B, T]. attention_mask: [B, S] over key slots (S = T without a cache, S = cache length with one).
     segment_ids: [B, T] for packed rows (several sequences per row, 0 = padding; replaces attention_mask): each
     token sees only earlier tokens of its own segment, and positions restart at 0 in each segment.
+    shared_prefix_ids: [B, T] with segment_ids and explicit positions: the segment each token sees besides its own
+    (0: none), a prefix that several sequences share (each branch's positions continue the prefix's).
     Returns a dict: `logits` [B, T, V] (float32), `hidden` [L+1, B, T, D] when collect_hidden (hidden[L] is the
     last layer's output *before* the final norm), `last_hidden` (same, [B, T, D]) and `caches`.
     """
@@ -287,13 +298,18 @@ def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions
             raise ValueError("segment_ids (packed rows) take neither an attention_mask nor caches")
         attention_mask = segment_ids > 0
         if positions is None:
+            if shared_prefix_ids is not None:
+                raise ValueError("shared_prefix_ids need explicit positions (a branch continues its prefix's)")
             positions = segment_positions(segment_ids)
+    elif shared_prefix_ids is not None:
+        raise ValueError("shared_prefix_ids go with segment_ids (packed rows)")
     if attention_mask is None:
         attention_mask = jnp.ones((b, t if caches is None else _cache_len(caches)), jnp.int32)
     query_slots = cache_index + jnp.arange(t)
     if positions is None:
         positions = jnp.take_along_axis(default_positions(attention_mask), jnp.broadcast_to(query_slots, (b, t)), 1)
-    mask = attention_mask_matrix(attention_mask, query_slots[None], config.sliding_window, segment_ids)
+    mask = attention_mask_matrix(attention_mask, query_slots[None], config.sliding_window, segment_ids,
+                                 shared_prefix_ids, positions)
     x = embed(config, params, input_ids, positions)
     hidden, new_caches = [], {}
     for i, (seg, first) in enumerate(zip(config.layout, layer_offsets(config))):
