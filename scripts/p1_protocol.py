@@ -214,9 +214,12 @@ def main():
             print(f"span by {metric}: layers [{choice.start}, {choice.end})", flush=True)
         return span_starts[metric]
 
-    def record(name, fields, candidate, t0):
-        """Evaluate `candidate` as row `name` and add it to OUT/results.json."""
+    def record(name, candidate, t0, start, span_metric, train_s, extra):
+        """Evaluate `candidate` (span from `start`, chosen by `span_metric`) as row `name`, add it to
+        OUT/results.json."""
         nonlocal results
+        fields = {"span": [start, start + args.span - 1], "span_metric": span_metric, "train_s": train_s,
+                  "compute_dtype": model.config.compute_dtype, **extra}
         results[name] = {**fields, **evaluate_row(candidate, args), "row_s": time.perf_counter() - t0}
         # merge into what is on disk now, so runs of different rows into one folder keep each other's rows
         on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -278,9 +281,7 @@ def main():
                          "best_step": history["best_step"], "steps": history["train"][-1][0]}
                 if distils:  # the pipeline's distillation phase from the trained block; the row before it kept too
                     if name not in results:
-                        record(name, {"span": [start, start + args.span - 1], "span_metric": span_metric,
-                                      "train_s": train_s, "compute_dtype": model.config.compute_dtype, **extra},
-                               candidate, t0)
+                        record(name, candidate, t0, start, span_metric, train_s, extra)
                     t = time.perf_counter()
                     candidate, distilled = train.train_replacement(
                         model, candidate, train_chunks, options.distillation(len(train_chunks), args.batch),
@@ -291,8 +292,7 @@ def main():
                              "distill_best_step": distilled["best_step"]}
                     train_s += extra["distill_s"]
                     (out / f"history_{final}.json").write_text(json.dumps(distilled, indent=1))
-        record(final, {"span": [start, start + args.span - 1], "span_metric": span_metric, "train_s": train_s,
-                       "compute_dtype": model.config.compute_dtype, **extra}, candidate, t0)
+        record(final, candidate, t0, start, span_metric, train_s, extra)
 
     print(f"\nP1 on SmolLM2-135M ({args.train_chunks} training chunks of {args.seq}; WikiText-2 first "
           f"{args.eval_windows} x 1024; PIQA first {args.piqa_items})")

@@ -101,6 +101,9 @@ COMMANDS: dict[str, Run] = {
         "tiny", "four trained points take many minutes", TINY_RUN + ("samples.prompts=[]",),
         makes=("runs/smollm2-135m-sweep/report.md", "runs/smollm2-135m-sweep/plots/sweep.png",
                "runs/smollm2-135m-sweep/points/score.sparsity=0.4/DONE")),
+    "python -m streamline_jax.run --out runs/p1-default --stages score,prune,train,evaluate data.calib_chunks=50 "
+    "data.train_chunks=1000 data.valid_chunks=100 score.num_layers=8 score.sparsity=null train.epochs=1 "
+    "eval.ppl_windows=128 eval.limit=1000": Run("help", "P1's sizes on the real model: 40 minutes"),
     "python -m streamline_jax.run --sweep score.sparsity=0.2,0.3 --sweep prune.replacement=none,layer": Run(
         "help", "tests/test_sweep.py sweeps two settings at once on the tiny model"),
     "python -m streamline_jax.run --sweep score.spans=1,2 score.num_layers=8 score.sparsity=null": Run(

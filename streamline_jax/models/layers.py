@@ -195,6 +195,12 @@ def apply_rope(x, positions, inv_freq):
 CAUSAL_BLOCK = 128
 
 
+def within_window(query_at, key_at, window):
+    """[..., T, S] bool: key at `key_at` [..., S] is fewer than `window` behind the query at `query_at` [..., T];
+    slots or positions, as the caller measures (packed rows with a shared prefix need positions)."""
+    return (query_at[..., :, None] - key_at[..., None, :]) < window
+
+
 def attend(q, k, v, mask, causal=False, softcap=None, platform=None):
     """Grouped-query attention. q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, T, S] bool (True = may attend).
 

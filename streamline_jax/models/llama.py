@@ -8,7 +8,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .config import ModelConfig
-from .layers import SwiGLU, apply_rope, attend, dense, matmul_dtype, rms_norm, rope_inv_freq, update_cache
+from .layers import (SwiGLU, apply_rope, attend, dense, matmul_dtype, rms_norm, rope_inv_freq, update_cache,
+                     within_window)
 
 
 def local_window_mask(mask, cache_index, window, positions=None):
@@ -16,10 +17,10 @@ def local_window_mask(mask, cache_index, window, positions=None):
     are the queries, and `positions` [B, T] measure it (packed rows with a shared prefix put a branch further from
     its prefix in slots than in positions); with one, slots do (query t sits at slot cache_index + t)."""
     if positions is not None:
-        return mask & ((positions[:, :, None] - positions[:, None, :]) < window)
+        return mask & within_window(positions, positions, window)
     t, s = mask.shape[-2:]
     query_slots = (0 if cache_index is None else cache_index) + jnp.arange(t)
-    return mask & ((query_slots[:, None] - jnp.arange(s)[None, :]) < window)
+    return mask & within_window(query_slots, jnp.arange(s), window)
 
 
 class LlamaAttention(nn.Module):

@@ -22,7 +22,7 @@ from flax import linen as nn
 
 from .config import ModelConfig, Segment
 from .layers import (ACTIVATION_DTYPE, LinearBlock, MLPBlock, capped, dense, layer_norm, matmul_dtype, param_init,
-                     product, rms_norm)
+                     product, rms_norm, within_window)
 from .llama import LlamaDecoderLayer, LlamaFFNBlock
 from .opt import OPTDecoderLayer, OPTFFNBlock
 
@@ -187,10 +187,9 @@ def attention_mask_matrix(key_mask, query_slots, sliding_window=None, segment_id
     q = query_slots[..., :, None]
     allowed = (key_slots[None, :] <= q) & key_mask[:, None, :].astype(bool)
     if sliding_window:
-        if segment_ids is not None and positions is not None:
-            allowed &= (positions[:, :, None] - positions[:, None, :]) < sliding_window
-        else:
-            allowed &= (q - key_slots[None, :]) < sliding_window
+        packed = segment_ids is not None and positions is not None
+        allowed &= (within_window(positions, positions, sliding_window) if packed
+                    else within_window(query_slots, key_slots, sliding_window))
     if segment_ids is not None:
         seen = segment_ids[:, :, None] == segment_ids[:, None, :]
         if shared_prefix_ids is not None:
