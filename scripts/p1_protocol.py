@@ -14,7 +14,8 @@ Each finished row is appended to OUT/results.json, and a rerun skips rows alread
         [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name]
         [--compute-dtype float32|bfloat16|auto] [--trainable block,segments/seg_2/.*mlp.*]
         [--kd-temperature 1 --kd-ce-weight 0 --kd-hidden-layers -1 --kd-hidden-weight 0]
-        [--distill-steps 0 --distill-lr 1e-3]
+        [--distill-steps 0 --distill-lr 1e-3 --distill-freeze REGEX,... --distill-trainable REGEX,...
+        --distill-tag SUFFIX]
 
 Rows (default: all): dense, none, layer, ffn, mlp, layer-lm, layer-kd, layer-token, layer-balanced, layer-untrained,
 mlp-token, linear, mlp-linit, layer-ppl, none-ppl, none-last.
@@ -45,9 +46,10 @@ removed when the span is 11-18).
 
 `layer-balanced` is the `layer` block on the pipeline's default MSE weighting (`balanced`). `--distill-steps N`
 follows each MSE or LM row with the pipeline's distillation phase (`train.distill_steps`: N steps of mode kd at
-`--distill-lr`, training what the row trained, the better of before and after on the validation KL); the row before
-it is recorded too, and the distilled one as ROW+kdN. The pipeline's default recipe on P1's chunks is
-`--rows layer-balanced --shuffle --lr 1e-2 --freeze attention --distill-steps 16`.
+`--distill-lr`, training what the row trained or `--distill-trainable` less `--distill-freeze`, the better of before
+and after on the validation KL); the row before it is recorded too, and the distilled one as ROW+kdN. The
+pipeline's default recipe on P1's chunks is `--rows layer-balanced --shuffle --lr 1e-2 --freeze attention
+--distill-steps 16`.
 
 `layer-kd` distils the dense model into the pruned one (`mode="kd"`): KL between their next-token distributions at
 `--kd-temperature`, `--kd-ce-weight` of next-token cross-entropy mixed in, and with `--kd-hidden-weight` the MSE of
@@ -128,6 +130,11 @@ def evaluate_row(model, args):
     return {**out, "num_params": model.num_params, "eval_s": time.perf_counter() - t}
 
 
+def split_or_none(text):
+    """A comma-separated list of regexes as a tuple; None stays None (the setting's default)."""
+    return None if text is None else tuple(t for t in text.split(",") if t)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/p1")
@@ -172,16 +179,23 @@ def main():
                     help="after an MSE or LM row, this many steps of distillation from there, as the pipeline's "
                          "train.distill_steps (the row before it is kept too, as ROW; this one is ROW+kdN)")
     ap.add_argument("--distill-lr", type=float, default=settings.TrainSection.distill_lr)
+    ap.add_argument("--distill-freeze", default=None,
+                    help="comma-separated regexes kept frozen in the distillation phase ('': nothing, so the layer "
+                         "block's attention trains there too; default: --freeze), as train.distill_freeze")
+    ap.add_argument("--distill-tag", default="",
+                    help="suffix for the distilled row only (ROW+kdNSUFFIX), so that the row before it is reused")
+    ap.add_argument("--distill-trainable", default=None,
+                    help="what the distillation phase trains (default: --trainable), as train.distill_trainable")
     args = ap.parse_args()
     rows = args.rows.split(",")
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {ROWS}")
     trained = [r for r in rows if ROW_SPECS[r][1] is not None]
-    freeze = tuple(f for f in args.freeze.split(",") if f)
+    freeze = split_or_none(args.freeze)
     if freeze and any(ROW_SPECS[r][0] != "layer" for r in trained):
         raise SystemExit(f"--freeze names parts of the layer block; train only layer rows with it, not {trained}")
-    trainable = tuple(t for t in args.trainable.split(",") if t)
+    trainable = split_or_none(args.trainable)
     if trainable != ("block",) and any(ROW_SPECS[r][1] == "mse" for r in trained):
         raise SystemExit(f"--trainable beyond the block is for the LM and KD rows, not {trained}")
     kd_hidden_layers = tuple(int(h) for h in args.kd_hidden_layers.split(",") if h)
@@ -230,7 +244,8 @@ def main():
     for row in rows:
         name = f"{row}@{args.tag}" if args.tag else row
         distils = args.distill_steps > 0 and ROW_SPECS[row][1] in ("mse", "lm")
-        final = f"{row}+kd{args.distill_steps}" + (f"@{args.tag}" if args.tag else "") if distils else name
+        final = (f"{row}+kd{args.distill_steps}{args.distill_tag}" + (f"@{args.tag}" if args.tag else "")
+                 if distils else name)
         if final in results:
             continue
         t0 = time.perf_counter()
@@ -262,7 +277,9 @@ def main():
                     mse_weighting=weighting or "uniform", shuffle=args.shuffle, seed=args.seed, freeze=freeze,
                     trainable=trainable, kd_temperature=args.kd_temperature, kd_ce_weight=args.kd_ce_weight,
                     kd_hidden_layers=kd_hidden_layers, kd_hidden_weight=args.kd_hidden_weight,
-                    distill_steps=args.distill_steps, distill_lr=args.distill_lr)
+                    distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+                    distill_freeze=split_or_none(args.distill_freeze),
+                    distill_trainable=split_or_none(args.distill_trainable))
                 with authors_bidirectional_training(args.authors_bidirectional):
                     candidate, history = train.train_replacement(
                         model, candidate, train_chunks, options, batch_size=args.batch, valid_batches=valid_chunks,
@@ -287,6 +304,7 @@ def main():
                         model, candidate, train_chunks, options.distillation(len(train_chunks), args.batch),
                         batch_size=args.batch, valid_batches=valid_chunks, return_history=True)
                     extra = {**extra, "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
+                             "distill_freeze": args.distill_freeze, "distill_trainable": args.distill_trainable,
                              "distill_s": time.perf_counter() - t, "distill_valid_kd_start": distilled["valid"][0][1],
                              "distill_valid_kd_best": distilled["best_valid"],
                              "distill_best_step": distilled["best_step"]}

@@ -166,7 +166,9 @@ COMMANDS: dict[str, Run] = {
     "--warmup N] [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name] "
     "[--compute-dtype float32|bfloat16|auto] [--trainable block,segments/seg_2/.*mlp.*] "
     "[--kd-temperature 1 --kd-ce-weight 0 --kd-hidden-layers -1 --kd-hidden-weight 0] "
-    "[--distill-steps 0 --distill-lr 1e-3]": Run("help", "hours on the real model"),
+    "[--distill-steps 0 --distill-lr 1e-3 --distill-freeze REGEX,... --distill-trainable REGEX,... "
+    "--distill-tag SUFFIX]": Run(
+        "help", "hours on the real model"),
     "python scripts/span_pair_stats.py runs/p1/pairs_11_8/valid": Run("help", "reads a pair cache p1_protocol makes"),
     "python scripts/convert.py smollm2-135m /tmp/smollm2-orbax": Run(
         "help", "20 s to write the 135M model; the README's convert command runs the same code on a tiny one"),
