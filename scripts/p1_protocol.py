@@ -183,7 +183,8 @@ def main():
                     help="comma-separated regexes kept frozen in the distillation phase ('': nothing, so the layer "
                          "block's attention trains there too; default: --freeze), as train.distill_freeze")
     ap.add_argument("--distill-tag", default="",
-                    help="suffix for the distilled row only (ROW+kdNSUFFIX), so that the row before it is reused")
+                    help="suffix for the distilled row only (ROW+kdNSUFFIX), so that the row before it is reused; "
+                         "a suffix that starts with a dash needs the = form (--distill-tag=-x)")
     ap.add_argument("--distill-trainable", default=None,
                     help="what the distillation phase trains (default: --trainable), as train.distill_trainable")
     args = ap.parse_args()
