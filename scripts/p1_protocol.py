@@ -179,6 +179,9 @@ def main():
                     help="after an MSE or LM row, this many steps of distillation from there, as the pipeline's "
                          "train.distill_steps (the row before it is kept too, as ROW; this one is ROW+kdN)")
     ap.add_argument("--distill-lr", type=float, default=settings.TrainSection.distill_lr)
+    ap.add_argument("--distill-lr-beyond-block", type=float, default=None,
+                    help="the distillation phase's peak lr of what trains outside the block (default: --distill-lr), "
+                         "as train.distill_lr_beyond_block")
     ap.add_argument("--distill-freeze", default=None,
                     help="comma-separated regexes kept frozen in the distillation phase ('': nothing, so the layer "
                          "block's attention trains there too; default: --freeze), as train.distill_freeze")
@@ -279,6 +282,7 @@ def main():
                     trainable=trainable, kd_temperature=args.kd_temperature, kd_ce_weight=args.kd_ce_weight,
                     kd_hidden_layers=kd_hidden_layers, kd_hidden_weight=args.kd_hidden_weight,
                     distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+                    distill_lr_beyond_block=args.distill_lr_beyond_block,
                     distill_freeze=split_or_none(args.distill_freeze),
                     distill_trainable=split_or_none(args.distill_trainable))
                 with authors_bidirectional_training(args.authors_bidirectional):
@@ -305,6 +309,7 @@ def main():
                         model, candidate, train_chunks, options.distillation(len(train_chunks), args.batch),
                         batch_size=args.batch, valid_batches=valid_chunks, return_history=True)
                     extra = {**extra, "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
+                             "distill_lr_beyond_block": args.distill_lr_beyond_block,
                              "distill_freeze": args.distill_freeze, "distill_trainable": args.distill_trainable,
                              "distill_s": time.perf_counter() - t, "distill_valid_kd_start": distilled["valid"][0][1],
                              "distill_valid_kd_best": distilled["best_valid"],

@@ -395,7 +395,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
                 checkpoint_dir=out / DISTILL_CHECKPOINT / subfolders[block.key], resume=resume, progress=progress,
                 return_history=True)
             history["distill"] = {**distilled, "mode": "kd", "lr": t.distill_lr, "trainable": list(kd.trainable),
-                                  "freeze": list(kd.freeze)}
+                                  "freeze": list(kd.freeze), "lr_beyond_block": kd.lr_beyond_block}
     if home is not None and pruned.mesh != home:
         pruned = place_on_mesh(pruned, home)
     if len(histories) == 1:

@@ -333,7 +333,8 @@ def training_program(stage: str, config: ModelConfig, span: tuple[int, int], mes
 
         names = {f.name for f in dataclasses.fields(TrainSection)}
         phase = TrainSection(**{k: v for k, v in options.items() if k in names}).distillation(1, 1)
-        options = {**options, "trainable": phase.trainable, "freeze": phase.freeze}
+        options = {**options, "trainable": phase.trainable, "freeze": phase.freeze,
+                   "lr_beyond_block": phase.lr_beyond_block}
     if options["compute_dtype"] is not None:  # as train_replacement resolves it
         config = with_compute_dtype(Model(config, None), options["compute_dtype"]).config
     start, length = span
@@ -348,7 +349,7 @@ def training_program(stage: str, config: ModelConfig, span: tuple[int, int], mes
         warmup_steps=train.warmup_steps_for(num_steps, options["warmup_steps"]), num_steps=num_steps,
         weight_decay=options["weight_decay"], clip_norm=options["clip_norm"], grad_accum=options["grad_accum"],
         lr_schedule=options["lr_schedule"], kd=kd, mse_weighting=options["mse_weighting"], remat=remat, mesh=mesh,
-        platform=platform)
+        platform=platform, lr_beyond_block=options["lr_beyond_block"])
     return program, pruned
 
 

@@ -89,6 +89,7 @@ class TrainSection(TrainOptions):
     distill_lr: float = 1e-3
     distill_trainable: tuple[str, ...] | None = None  # what the distillation phase trains (null: train.trainable)
     distill_freeze: tuple[str, ...] | None = None  # what stays frozen in the block there (null: train.freeze)
+    distill_lr_beyond_block: float | None = None  # its lr of trained parameters outside the block (null: distill_lr)
 
     @property
     def distils_after(self) -> bool:
@@ -98,13 +99,14 @@ class TrainSection(TrainOptions):
     def distillation(self, train_chunks: int, batch_size: int) -> "TrainSection":
         """The distillation phase's options: mode kd at distill_lr for distill_steps (the chunks read again where
         one pass has fewer batches), validated at the end, checkpointed every step, training distill_trainable less
-        distill_freeze (null: the first phase's)."""
+        distill_freeze (null: the first phase's), those outside the block at distill_lr_beyond_block."""
         per_epoch = max(1, train_chunks // batch_size)
         return self.replace(
             mode="kd", lr=self.distill_lr, num_steps=self.distill_steps, warmup_steps=None,
             epochs=-(-self.distill_steps * self.grad_accum // per_epoch), eval_every=self.distill_steps,
             checkpoint_every=1, trainable=self.trainable if self.distill_trainable is None else self.distill_trainable,
-            freeze=self.freeze if self.distill_freeze is None else self.distill_freeze)
+            freeze=self.freeze if self.distill_freeze is None else self.distill_freeze,
+            lr_beyond_block=self.distill_lr_beyond_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -394,6 +396,7 @@ RANGES = [
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
     ("train.kd_temperature", 0, False), ("train.kd_ce_weight", 0, True), ("train.kd_hidden_weight", 0, True),
     ("train.log_every", 1, True), ("train.distill_steps", 0, True), ("train.distill_lr", 0, False),
+    ("train.lr_beyond_block", 0, False), ("train.distill_lr_beyond_block", 0, False),
     ("eval.limit", 1, True), ("eval.ppl_windows", 1, True), ("eval.window", 2, True), ("eval.batch_size", 1, True),
     ("samples.max_new_tokens", 1, True), ("mesh.data", 1, True), ("mesh.tensor", 1, True),
 ]

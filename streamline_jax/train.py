@@ -509,6 +509,7 @@ class TrainOptions:
     kd_ce_weight: float = 0.0
     kd_hidden_layers: tuple[int, ...] = ()
     kd_hidden_weight: float = 0.0
+    lr_beyond_block: float | None = None  # peak lr of the trained parameters outside the block (None: lr)
     log_every: int = 10  # steps between reads of the losses (see train_replacement)
 
     def replace(self, **changes) -> "TrainOptions":
@@ -545,11 +546,24 @@ def warmup_steps_for(num_steps, warmup_steps=None):
     return max(1, num_steps // 20) if warmup_steps is None else warmup_steps
 
 
-def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm, grad_accum, schedule="cosine"):
+def scale_updates_by_path(scale_of: Callable[[str], float]) -> optax.GradientTransformation:
+    """Each update times `scale_of` its parameter's path: learning rates per group of parameters on one schedule
+    (weight decay scales with them, as it does with the lr in AdamW). No state."""
+    def update(updates, state, params=None):
+        return jax.tree_util.tree_map_with_path(lambda k, u: u * scale_of(param_path(k)), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(lr, min_lr, warmup_steps, total_steps, weight_decay, clip_norm, grad_accum, schedule="cosine",
+                   scale_of: Callable[[str], float] | None = None):
     """AdamW with clipping, the schedule and accumulation, for the trained parameters only (frozen ones are not in
-    the tree it sees: they have no optimizer state, and clipping and weight decay never see them)."""
+    the tree it sees: they have no optimizer state, and clipping and weight decay never see them). `scale_of`: a
+    parameter path's multiplier of the learning rate (see `scale_updates_by_path`)."""
     schedule = lr_schedule(schedule, lr, min_lr, warmup_steps, total_steps)
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adamw(schedule, weight_decay=weight_decay))
+    if scale_of is not None:
+        tx = optax.chain(tx, scale_updates_by_path(scale_of))
     if grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=grad_accum)
     return tx, schedule
@@ -692,17 +706,24 @@ class TrainingProgram:
 def training_program(dense_config: ModelConfig, pruned_config: ModelConfig, block: Block, paths, loss_name: str, *,
                      lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum, lr_schedule="cosine",
                      kd: Distillation | None = None, mse_weighting="uniform", remat="none", mesh=None,
-                     platform=None) -> TrainingProgram:
+                     platform=None, lr_beyond_block=None) -> TrainingProgram:
     """The training program for one block: `paths` are the trained parameters (`trained_paths`), `remat` a
     `transformer.remat_policy` name for the layers the gradient runs through, `mesh` the mesh the step's arguments
-    live on (None: one device), `platform` the one it compiles for (default: this backend)."""
+    live on (None: one device), `platform` the one it compiles for (default: this backend), `lr_beyond_block` the
+    peak lr of the trained parameters outside the block (None: lr)."""
     if loss_name not in LOSSES:
         raise ValueError(f"unknown loss {loss_name!r}; expected one of {list(LOSSES)}")
     extra = {"weighting": mse_weighting} if loss_name != "lm" else {}
     loss_fn = _partial(LOSSES[loss_name], dense_config=dense_config, pruned_config=pruned_config, block=block,
                        remat=remat, **extra, **({"kd": kd} if loss_name == "kd" else {}))
+    scale_of = None
+    if lr_beyond_block is not None and lr_beyond_block != lr:
+        in_block, beyond = f"segments/{block.key}/", lr_beyond_block / lr
+
+        def scale_of(path):
+            return 1.0 if path.startswith(in_block) else beyond
     tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum,
-                                  lr_schedule)
+                                  lr_schedule, scale_of)
     arguments = abstract_step_arguments(dense_config, pruned_config, paths, loss_name, tx, mesh)
     out_shardings = None
     if mesh is not None:
@@ -1104,6 +1125,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     regexes matched in full over the pruned model's parameter paths ("segments/seg_2/.*mlp.*", "lm_head/.*"; `block`
     stands for the block's), whole leaves only (a stacked segment's layers train together); see `trained_paths`.
     MSE mode trains the block only. Everything else stays bitwise as it was, and has no optimizer state.
+    `lr_beyond_block`: the peak lr of the trained parameters outside the block, on the same schedule (None: lr).
 
     `mode="kd"`: (1 - kd_ce_weight) x kd_temperature^2 x KL(teacher || student) at temperature kd_temperature over
     real tokens, + kd_ce_weight x the next-token cross-entropy, + kd_hidden_weight x the mean MSE (`mse_weighting`)
@@ -1120,6 +1142,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     compute_dtype, freeze, trainable, mse_weighting = o.compute_dtype, o.freeze, o.trainable, o.mse_weighting
     kd_temperature, kd_ce_weight, kd_hidden_layers, kd_hidden_weight = o.kd_temperature, o.kd_ce_weight, \
         o.kd_hidden_layers, o.kd_hidden_weight
+    if o.lr_beyond_block is not None and not o.lr_beyond_block > 0:
+        raise ValueError(f"lr_beyond_block must be > 0 (or None: lr), got {o.lr_beyond_block}")
     _check_settings(mode, mse_weighting, lr_schedule, lr, min_lr, grad_accum, epochs, log_every)
     if not dense_model.config.is_dense:
         raise ValueError("dense_model must be the unpruned model (its layers are the MSE teacher)")
@@ -1153,7 +1177,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     program = training_program(dense_model.config, pruned_model.config, block, paths, loss_name, lr=lr, min_lr=min_lr,
                                warmup_steps=warmup_steps, num_steps=num_steps, weight_decay=weight_decay,
                                clip_norm=clip_norm, grad_accum=grad_accum, lr_schedule=lr_schedule, kd=kd,
-                               mse_weighting=mse_weighting, remat=remat, mesh=mesh)
+                               mse_weighting=mse_weighting, remat=remat, mesh=mesh,
+                               lr_beyond_block=o.lr_beyond_block)
     tx, schedule, train_step, eval_step = program.tx, program.schedule, program.train_step, program.eval_step
     # float32 master weights for what trains, whatever the compute dtype (a copy: the train step donates it); the
     # rest as it is

@@ -129,9 +129,11 @@ def test_distill_phase_trains_what_its_own_settings_say(files, tmp_path):
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "llama", out, "prune.replacement=layer", "train.num_steps=2",
                               "train.distill_steps=6", "train.distill_trainable=[block, final_norm/.*]",
-                              "train.distill_freeze=[]", "data.valid_chunks=0", "--stages", "train,save")) == 0
+                              "train.distill_freeze=[]", "train.distill_lr_beyond_block=1e-4", "data.valid_chunks=0",
+                              "--stages", "train,save")) == 0
     distill = json.loads((out / "report.json").read_text())["training"]["distill"]
     assert (distill["trainable"], distill["freeze"]) == (["block", "final_norm/.*"], [])
+    assert distill["lr_beyond_block"] == 1e-4
     assert len(distill["train"]) == 6  # more steps than the 4 batches of one pass: the chunks are read again
     dense, pruned = (load(p) for p in (files["llama"], out / "model"))  # no validation: the distilled model kept
     assert not np.array_equal(dense.params["final_norm"]["scale"], pruned.params["final_norm"]["scale"])
@@ -308,6 +310,7 @@ def test_unknown_preset_suggests_the_nearest(capsys):
     ("train.log_every=0", "train.log_every must be >= 1"),
     ("train.log_every=2.5", "train.log_every must be an integer"),
     ("train.distill_steps=-1", "train.distill_steps must be >= 0"),
+    ("train.distill_lr_beyond_block=0", "train.distill_lr_beyond_block must be > 0"),
     ("train.distill_trainable=[]", "train.distill_trainable is empty"),
     ("train.distill_freeze=[self_attn(]", "train.distill_freeze: 'self_attn(' is not a regular expression"),
 ])

@@ -545,6 +545,48 @@ def test_trainable_patterns_train_those_leaves_and_nothing_else(tmp_path):
     assert moments == 2 * size
 
 
+def test_scaled_paths_get_that_fraction_of_the_adamw_update():
+    from streamline_jax.train import make_optimizer
+
+    params = {"segments": {"seg_1": {"w": jnp.ones((3,))}, "seg_2": {"w": jnp.ones((3,))}}}
+    grads = {"segments": {"seg_1": {"w": jnp.array([1.0, -2.0, 3.0])}, "seg_2": {"w": jnp.array([0.5, 1.0, -4.0])}}}
+    kw = dict(lr=1e-2, min_lr=1e-3, warmup_steps=1, total_steps=10, weight_decay=0.1, clip_norm=1.0, grad_accum=1)
+    plain, _ = make_optimizer(**kw)
+    scaled, _ = make_optimizer(**kw, scale_of=lambda path: 0.25 if path.startswith("segments/seg_2/") else 1.0)
+    plain_state, scaled_state = plain.init(params), scaled.init(params)
+    for _ in range(3):
+        u, plain_state = plain.update(grads, plain_state, params)
+        v, scaled_state = scaled.update(grads, scaled_state, params)
+        assert float(jnp.abs(u["segments"]["seg_2"]["w"]).max()) > 0 or _ == 0  # the warm-up's first lr is 0
+        np.testing.assert_array_equal(v["segments"]["seg_1"]["w"], u["segments"]["seg_1"]["w"])
+        np.testing.assert_allclose(v["segments"]["seg_2"]["w"], 0.25 * u["segments"]["seg_2"]["w"], rtol=1e-6)
+
+
+def test_lr_beyond_block_sets_the_lr_outside_the_block_only():
+    from streamline_jax.settings import TrainSection
+
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 2, "layer")
+    kw = dict(batch_size=8, mode="kd", lr=1e-2, warmup_steps=1, trainable=("block", "final_norm/.*"), progress=False)
+
+    def change(a, b):
+        return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+    moved = {}  # lr_beyond_block: the largest change of final_norm and of the block
+    for beyond in (None, 1e-2, 1e-3):
+        trained = train_replacement(model, pruned, patterned_chunks(32), lr_beyond_block=beyond, **kw)
+        moved[beyond] = {"final_norm": change(trained.params["final_norm"], pruned.params["final_norm"]),
+                         "block": change(trained.params["segments"]["seg_1"], pruned.params["segments"]["seg_1"])}
+    assert moved[None] == moved[1e-2]  # lr_beyond_block = lr changes nothing
+    same, lower = moved[1e-2], moved[1e-3]
+    assert 0 < lower["final_norm"] < 0.3 * same["final_norm"], moved  # ~1/10 (the gradients differ after step 1)
+    assert lower["block"] > 0.3 * same["block"], moved
+    with pytest.raises(ValueError, match="lr_beyond_block must be > 0"):
+        train_replacement(model, pruned, patterned_chunks(8), lr_beyond_block=0.0, **kw)
+    phase = TrainSection(distill_steps=4, distill_lr_beyond_block=3e-4).distillation(32, 8)
+    assert (phase.lr, phase.lr_beyond_block) == (1e-3, 3e-4)
+
+
 def test_kd_resume_with_trainable_patterns_gives_the_same_parameters(tmp_path):
     model = dense(LLAMA)
     pruned = prune(model, 1, 2, "layer")
