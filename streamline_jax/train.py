@@ -963,7 +963,7 @@ class _Checkpoints:
 # The training loop's parts
 
 
-def _check_settings(mode, mse_weighting, lr_schedule, lr, min_lr, grad_accum, epochs, log_every):
+def _check_settings(mode, mse_weighting, lr_schedule, lr, min_lr, grad_accum, epochs, log_every, lr_beyond_block):
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; expected one of {MODES}")
     if mse_weighting not in MSE_WEIGHTINGS:
@@ -972,6 +972,8 @@ def _check_settings(mode, mse_weighting, lr_schedule, lr, min_lr, grad_accum, ep
         raise ValueError(f"unknown lr_schedule {lr_schedule!r}; expected one of {LR_SCHEDULES}")
     if not lr > 0 or not min_lr >= 0:
         raise ValueError(f"learning rates must be positive: lr={lr}, min_lr={min_lr}")
+    if lr_beyond_block is not None and not lr_beyond_block > 0:
+        raise ValueError(f"lr_beyond_block must be > 0 (or None: lr), got {lr_beyond_block}")
     if grad_accum < 1 or epochs < 1:
         raise ValueError(f"grad_accum and epochs must be >= 1, got {grad_accum}, {epochs}")
     if not isinstance(log_every, numbers.Integral) or log_every < 1:
@@ -1142,9 +1144,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     compute_dtype, freeze, trainable, mse_weighting = o.compute_dtype, o.freeze, o.trainable, o.mse_weighting
     kd_temperature, kd_ce_weight, kd_hidden_layers, kd_hidden_weight = o.kd_temperature, o.kd_ce_weight, \
         o.kd_hidden_layers, o.kd_hidden_weight
-    if o.lr_beyond_block is not None and not o.lr_beyond_block > 0:
-        raise ValueError(f"lr_beyond_block must be > 0 (or None: lr), got {o.lr_beyond_block}")
-    _check_settings(mode, mse_weighting, lr_schedule, lr, min_lr, grad_accum, epochs, log_every)
+    _check_settings(mode, mse_weighting, lr_schedule, lr, min_lr, grad_accum, epochs, log_every, o.lr_beyond_block)
     if not dense_model.config.is_dense:
         raise ValueError("dense_model must be the unpruned model (its layers are the MSE teacher)")
     block = _chosen_block(pruned_model.config, block_key)
