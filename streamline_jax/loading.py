@@ -58,14 +58,18 @@ def embedded_gguf(name: str) -> Path:
 def embedded_hf_folder(name: str, cache: Path | None = None) -> Path:
     """Convert the embedded GGUF to a Hugging Face folder (config, safetensors, tokenizer) once, and cache it."""
     folder = Path(cache or cache_dir()) / name
-    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
-        return folder
-    gguf_path = embedded_gguf(name)
-    write_hf_folder_from_gguf(gguf_path, folder)
+    if not _converted(folder):
+        write_hf_folder_from_gguf(embedded_gguf(name), folder)
     return folder
 
 
+def _converted(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
 def write_hf_folder_from_gguf(gguf_path: Path, folder: Path) -> None:
+    """The GGUF as a Hugging Face folder, written whole or not at all; a whole one that another process (a parallel
+    test worker) wrote there meanwhile is kept."""
     from safetensors.numpy import save_file
 
     reader = open_gguf(gguf_path)
@@ -77,9 +81,15 @@ def write_hf_folder_from_gguf(gguf_path: Path, folder: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         gguf_tokenizer(gguf_path, reader).save_pretrained(str(tmp))
         (tmp / "config.json").write_text(json.dumps(to_hf_config(from_hf_config(hf)), indent=2))
+        if _converted(folder):  # another process (a parallel test worker) converted it meanwhile: keep theirs
+            return
         if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+            shutil.rmtree(folder)  # an unfinished folder from an older version
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not _converted(folder):  # lost the race to a writer that finished: theirs is as good
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -12,10 +12,22 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests run on the CPU even where libtpu (the optional AOT-planning extra) is installed.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The command line keeps compiled programs in ~/.cache; tests stay hermetic (test_distributed checks the cache).
-os.environ.setdefault("STREAMLINE_JAX_COMPILATION_CACHE", "off")
 # ... and cached results (the dense model's evaluation) live in a folder of this session's own.
 os.environ.setdefault("STREAMLINE_JAX_RESULTS_CACHE", tempfile.mkdtemp(prefix="streamline-jax-cache-"))
+
+
+def pytest_configure(config):
+    """Compiled programs go to a cache of this session's own, one per test process (no two processes write one
+    entry), not ~/.cache: tests that build the same programs (the tiny models' train steps) compile them once. The
+    command lines that tests start inherit it; $STREAMLINE_JAX_COMPILATION_CACHE, where set, wins."""
+    if config.getoption("dist", "no") != "no" and not hasattr(config, "workerinput"):
+        return  # pytest-xdist's controller: its workers each make their own
+    from streamline_jax.distributed import ENV_COMPILATION_CACHE, enable_compilation_cache
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    os.environ.setdefault(ENV_COMPILATION_CACHE, tempfile.mkdtemp(prefix=f"streamline-jax-xla-{worker}-"))
+    enable_compilation_cache()
+
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -315,6 +315,7 @@ def test_compilation_cache_keeps_compiled_programs_for_a_later_run(tmp_path):
     listener = lambda event, **kw: hits.append(event) if "cache_hits" in event else None  # noqa: E731
     jax.monitoring.register_event_listener(listener)
     min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+    session_cache = jax.config.jax_compilation_cache_dir  # conftest's
     folder = tmp_path / "xla"
     try:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # cache even this tiny program
@@ -329,8 +330,9 @@ def test_compilation_cache_keeps_compiled_programs_for_a_later_run(tmp_path):
     finally:
         jax.monitoring.unregister_event_listener(listener)
         assert distributed.enable_compilation_cache("off") is None
+        assert not jax.config.jax_compilation_cache_dir
         jax.config.update("jax_persistent_cache_min_compile_time_secs", min_time)
-    assert not jax.config.jax_compilation_cache_dir
+        distributed.enable_compilation_cache(session_cache or "off")
 
 
 # ----------------------------------------------------------------------------------------------------------------
