@@ -17,9 +17,10 @@ os.environ.setdefault("STREAMLINE_JAX_RESULTS_CACHE", tempfile.mkdtemp(prefix="s
 
 
 def pytest_configure(config):
-    """Compiled programs go to a cache of this session's own, one per test process (no two processes write one
+    """Compiled programs go to a cache of this session's own, one per test worker (two workers never write one
     entry), not ~/.cache: tests that build the same programs (the tiny models' train steps) compile them once. The
-    command lines that tests start inherit it; $STREAMLINE_JAX_COMPILATION_CACHE, where set, wins."""
+    command lines a test starts inherit it (an entry a killed one left half-written is only a warning and a compile);
+    $STREAMLINE_JAX_COMPILATION_CACHE, where set, wins."""
     if config.getoption("dist", "no") != "no" and not hasattr(config, "workerinput"):
         return  # pytest-xdist's controller: its workers each make their own
     from streamline_jax.distributed import ENV_COMPILATION_CACHE, enable_compilation_cache
