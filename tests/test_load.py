@@ -256,7 +256,6 @@ def test_gguf_without_tokenizer_metadata_loads_with_no_tokenizer(tmp_path):
     assert model.tokenizer is None and model.config.num_layers == LLAMA.num_layers
 
 
-
 def test_embedded_conversion_keeps_a_whole_folder_another_process_wrote_meanwhile(tmp_path, monkeypatch):
     """Parallel test workers (or two runs) converting the embedded GGUF into one cache at once: the writer that
     finds the folder written when it comes to move its own in keeps that one, fails nothing and leaves no temp."""
