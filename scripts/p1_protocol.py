@@ -47,7 +47,9 @@ removed when the span is 11-18).
 `layer-balanced` is the `layer` block on the pipeline's default MSE weighting (`balanced`). `--distill-steps N`
 follows each MSE or LM row with the pipeline's distillation phase (`train.distill_steps`: N steps of mode kd at
 `--distill-lr`, training what the row trained or `--distill-trainable` less `--distill-freeze`, the better of before
-and after on the validation KL); the row before it is recorded too, and the distilled one as ROW+kdN. The
+and after on the validation KL); the row before it is recorded too, and the distilled one as ROW+kdN. The row's
+trained model is kept in OUT/trained_ROW (Orbax), and a later variant of the distillation (another --distill-tag)
+starts from it instead of training the row again. The
 pipeline's default recipe on P1's chunks is `--rows layer-balanced --shuffle --lr 1e-2 --freeze attention
 --distill-steps 16`.
 
@@ -72,6 +74,7 @@ import jax.numpy as jnp
 import streamline_jax as sj
 from streamline_jax import data, linear_fit, score, settings, tasks, train
 from streamline_jax.evaluation import evaluate as evaluate_tasks, perplexity
+from streamline_jax.model_io import ORBAX_MARKER
 from streamline_jax.models import layers, llama
 from streamline_jax.pruning import prune
 
@@ -133,6 +136,39 @@ def evaluate_row(model, args):
 def split_or_none(text):
     """A comma-separated list of regexes as a tuple; None stays None (the setting's default)."""
     return None if text is None else tuple(t for t in text.split(",") if t)
+
+
+TRAINING_FIELDS = ("shuffle_seed", "lr_schedule", "lr", "min_lr", "grad_accum", "bidirectional_training", "freeze",
+                   "trainable", "kd_temperature", "kd_ce_weight", "kd_hidden_layers", "kd_hidden_weight",
+                   "valid_loss_start", "valid_loss_best", "best_step", "steps")
+
+
+def training_options(args, mode, weighting, freeze, trainable, kd_hidden_layers, num_chunks):
+    """The row's TrainSection: the protocol's optimizer with the command line's departures from it."""
+    steps = num_chunks // args.batch // args.grad_accum
+    return settings.TrainSection(
+        mode=mode, lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
+        warmup_steps=args.warmup or max(1, steps // 20), grad_accum=args.grad_accum, lr_schedule=args.lr_schedule,
+        # the LM and KD losses validate through the whole model: only at the start and the end
+        eval_every=max(1, steps // (1 if mode in ("lm", "kd") else 5)),
+        mse_weighting=weighting or "uniform", shuffle=args.shuffle, seed=args.seed, freeze=freeze,
+        trainable=trainable, kd_temperature=args.kd_temperature, kd_ce_weight=args.kd_ce_weight,
+        kd_hidden_layers=kd_hidden_layers, kd_hidden_weight=args.kd_hidden_weight,
+        distill_steps=args.distill_steps, distill_lr=args.distill_lr,
+        distill_lr_beyond_block=args.distill_lr_beyond_block, distill_freeze=split_or_none(args.distill_freeze),
+        distill_trainable=split_or_none(args.distill_trainable))
+
+
+def training_fields(args, mode, freeze, trainable, kd_hidden_layers, history):
+    """What a trained row records of its training (TRAINING_FIELDS)."""
+    kd = ({"kd_temperature": args.kd_temperature, "kd_ce_weight": args.kd_ce_weight,
+           "kd_hidden_layers": list(kd_hidden_layers), "kd_hidden_weight": args.kd_hidden_weight}
+          if mode == "kd" else {})
+    return {"shuffle_seed": args.seed if args.shuffle else None, "lr_schedule": args.lr_schedule, "lr": args.lr,
+            "min_lr": args.min_lr, "grad_accum": args.grad_accum, "bidirectional_training": args.authors_bidirectional,
+            "freeze": list(freeze), "trainable": list(trainable), **kd,
+            "valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
+            "best_step": history["best_step"], "steps": history["train"][-1][0]}
 
 
 def main():
@@ -270,37 +306,26 @@ def main():
                          "fit_relative_error": fit.relative_error}
                 print(f"{name}: closed-form fit {extra}", flush=True)
             if replacement != "none" and mode is not None:
-                t = time.perf_counter()
-                steps = len(train_chunks) // args.batch // args.grad_accum
-                options = settings.TrainSection(
-                    mode=mode, lr=args.lr, min_lr=args.min_lr, weight_decay=1e-3, clip_norm=5.0,
-                    warmup_steps=args.warmup or max(1, steps // 20), grad_accum=args.grad_accum,
-                    lr_schedule=args.lr_schedule,
-                    # the LM and KD losses validate through the whole model: only at the start and the end
-                    eval_every=max(1, steps // (1 if mode in ("lm", "kd") else 5)),
-                    mse_weighting=weighting or "uniform", shuffle=args.shuffle, seed=args.seed, freeze=freeze,
-                    trainable=trainable, kd_temperature=args.kd_temperature, kd_ce_weight=args.kd_ce_weight,
-                    kd_hidden_layers=kd_hidden_layers, kd_hidden_weight=args.kd_hidden_weight,
-                    distill_steps=args.distill_steps, distill_lr=args.distill_lr,
-                    distill_lr_beyond_block=args.distill_lr_beyond_block,
-                    distill_freeze=split_or_none(args.distill_freeze),
-                    distill_trainable=split_or_none(args.distill_trainable))
-                with authors_bidirectional_training(args.authors_bidirectional):
-                    candidate, history = train.train_replacement(
-                        model, candidate, train_chunks, options, batch_size=args.batch, valid_batches=valid_chunks,
-                        pair_cache=pairs_dir / f"pairs_{start}_{args.span}" if mode == "mse" else None,
-                        return_history=True)
-                train_s = time.perf_counter() - t
-                (out / f"history_{name}.json").write_text(json.dumps(history, indent=1))
-                extra = {**extra, "shuffle_seed": args.seed if args.shuffle else None, "lr_schedule": args.lr_schedule,
-                         "lr": args.lr, "min_lr": args.min_lr, "grad_accum": args.grad_accum,
-                         "bidirectional_training": args.authors_bidirectional, "freeze": list(freeze),
-                         "trainable": list(trainable),
-                         **({"kd_temperature": args.kd_temperature, "kd_ce_weight": args.kd_ce_weight,
-                             "kd_hidden_layers": list(kd_hidden_layers), "kd_hidden_weight": args.kd_hidden_weight}
-                            if mode == "kd" else {}),
-                         "valid_loss_start": history["valid"][0][1], "valid_loss_best": history["best_valid"],
-                         "best_step": history["best_step"], "steps": history["train"][-1][0]}
+                options = training_options(args, mode, weighting, freeze, trainable, kd_hidden_layers,
+                                           len(train_chunks))
+                trained_dir = out / f"trained_{name}"  # kept where a distillation follows, for the next variant
+                if distils and name in results and (trained_dir / ORBAX_MARKER).exists():
+                    candidate = sj.with_compute_dtype(sj.load_orbax_model(trained_dir), args.compute_dtype)
+                    train_s, extra = results[name]["train_s"], {**extra, **{
+                        k: v for k, v in results[name].items() if k in TRAINING_FIELDS}}
+                    print(f"{name}: the trained model reused from {trained_dir}", flush=True)
+                else:
+                    t = time.perf_counter()
+                    with authors_bidirectional_training(args.authors_bidirectional):
+                        candidate, history = train.train_replacement(
+                            model, candidate, train_chunks, options, batch_size=args.batch,
+                            valid_batches=valid_chunks, return_history=True,
+                            pair_cache=pairs_dir / f"pairs_{start}_{args.span}" if mode == "mse" else None)
+                    train_s = time.perf_counter() - t
+                    (out / f"history_{name}.json").write_text(json.dumps(history, indent=1))
+                    extra = {**extra, **training_fields(args, mode, freeze, trainable, kd_hidden_layers, history)}
+                    if distils:
+                        sj.save_orbax_model(candidate, trained_dir, overwrite=True)
                 if distils:  # the pipeline's distillation phase from the trained block; the row before it kept too
                     if name not in results:
                         record(name, candidate, t0, start, span_metric, train_s, extra)
