@@ -9,6 +9,7 @@ before and after the run, say how fast it was meanwhile (a shared machine drifts
     python scripts/bench_default.py                                    # the default recipe
     python scripts/bench_default.py --config configs/recipes/paper.yaml   # the paper's recipe, same sizes
     python scripts/bench_default.py --keep runs/bench_default            # keep the run's folder there
+    python scripts/bench_default.py 'train.distill_trainable=[block,"segments/.*"]'   # with a setting changed
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", help="a settings file passed on to the command (e.g. configs/recipes/paper.yaml)")
     p.add_argument("--keep", metavar="DIR", help="copy the finished run folder here")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings passed on to the command")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_default-") as work:
         work = Path(work)
@@ -40,6 +42,7 @@ def main() -> int:
         env.pop("STREAMLINE_JAX_DATA", None)
         command = [sys.executable, "-m", "streamline_jax.run", "--quiet"]
         command += ["--config", str(Path(args.config).absolute())] if args.config else []
+        command += args.overrides
         print("$ python", " ".join(command[1:]), f"(in {work}, empty caches; --quiet: no progress bars)", flush=True)
         rates = matmul_rates()
         start = time.perf_counter()

@@ -2,6 +2,7 @@
 
     python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4
     python scripts/plan_memory.py --model llama2-70b --topology v5p-32 --stage lm --batch 16
+    python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4 --stage lm train.distill_trainable=[block]
 
 Compiles the scoring step, the MSE training step and the LM-loss training step (the KD step where the run's settings
 distil: train.mode=kd or train.distill_steps) for the target's mesh layouts
@@ -40,6 +41,8 @@ def main(argv=None):
     ap.add_argument("--meshes", default=str(plan.MESHES_YAML), help="mesh layouts file")
     ap.add_argument("--no-search", action="store_true", help="do not look for a layout that fits")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--config", help="the run's --config file (its train settings pick the planned steps)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="the run's overrides, e.g. train.distill_steps=0")
     args = ap.parse_args(argv)
 
     targets, overrides, seq_len = plan.load_targets(args.meshes)
@@ -47,8 +50,8 @@ def main(argv=None):
     config = preset(args.model)
     seq_len = args.seq_len or seq_len
     span = tuple(int(x) for x in args.span.split(",")) if args.span else plan.default_span(config)
-    devices = plan.target_devices(target)  # fails early: no libtpu, or a topology libtpu rejects
-    training = run_training(args.model)
+    training = run_training(args.model, args.config, args.overrides)  # a bad setting fails first, then ...
+    devices = plan.target_devices(target)  # ... no libtpu, or a topology libtpu rejects
     print(f"{args.model} on {target.name} ({target.topology}, {len(devices)} × {devices[0].device_kind}, "
           f"{target.hbm_gib} GiB each), seq_len {seq_len}, span start={span[0]} length={span[1]}", flush=True)
     rows = []
@@ -82,14 +85,15 @@ def main(argv=None):
     return rows
 
 
-def run_training(model: str) -> dict:
-    """The run's training settings for this preset (configs/pipeline.yaml, then the preset's file), as
-    train_replacement options: what the planned steps train (its distillation phase makes the `lm` stage kd's)."""
+def run_training(model: str, config_file: str | None = None, overrides: list[str] = ()) -> dict:
+    """The run's training settings for this preset (configs/pipeline.yaml, the preset's file, then the run's --config
+    file and overrides), as train_replacement options: what the planned steps train (its distillation phase makes the
+    `lm` stage kd's)."""
     import dataclasses
 
     from streamline_jax.settings import build_config
 
-    run_config, _ = build_config(model)
+    run_config, _ = build_config(model, config_file, overrides)
     return {k: v for k, v in dataclasses.asdict(run_config.train).items() if k != "pair_cache"}
 
 

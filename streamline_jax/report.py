@@ -126,6 +126,9 @@ def to_markdown(report: dict) -> str:
     if model:
         lines += [f"- model: `{model.get('source')}`, {model.get('layers')} layers, {model.get('params', 0):,} "
                   f"parameters, {model.get('dtype')}"]
+        if model.get("compute_dtype"):  # what the matmuls ran in, and why `auto` chose it
+            why = f" ({model['compute_dtype_why']})" if model.get("compute_dtype_why") else ""
+            lines.append(f"- compute: {model['compute_dtype']}{why}")
     stages = report.get("stages", [])
     layouts = report.get("layouts") or {}
     if any(layouts.values()):  # the meshes.yaml layout each stage ran on

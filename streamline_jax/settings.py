@@ -98,13 +98,15 @@ class TrainSection(TrainOptions):
 
     def distillation(self, train_chunks: int, batch_size: int) -> "TrainSection":
         """The distillation phase's options: mode kd at distill_lr for distill_steps (the chunks read again where
-        one pass has fewer batches), validated at the end, checkpointed every step, training distill_trainable less
-        distill_freeze (null: the first phase's), those outside the block at distill_lr_beyond_block."""
+        one pass has fewer batches), validated at the end, checkpointed every checkpoint_every steps (null: 8
+        times a phase: it may train every layer, and a checkpoint holds them with their Adam state), training
+        distill_trainable less distill_freeze (null: the first phase's), those outside the block at distill_lr_beyond_block."""
         per_epoch = max(1, train_chunks // batch_size)
         return self.replace(
             mode="kd", lr=self.distill_lr, num_steps=self.distill_steps, warmup_steps=None,
             epochs=-(-self.distill_steps * self.grad_accum // per_epoch), eval_every=self.distill_steps,
-            checkpoint_every=1, trainable=self.trainable if self.distill_trainable is None else self.distill_trainable,
+            checkpoint_every=self.checkpoint_every or -(-self.distill_steps // 8),
+            trainable=self.trainable if self.distill_trainable is None else self.distill_trainable,
             freeze=self.freeze if self.distill_freeze is None else self.distill_freeze,
             lr_beyond_block=self.distill_lr_beyond_block)
 

@@ -398,6 +398,24 @@ def test_plan_memory_script_reports_bad_topology():
     assert "unknown target or topology 'v5e:3x3'" in out.stderr
 
 
+def test_plan_memory_plans_with_the_presets_file_and_the_runs_overrides():
+    """What the `lm` stage trains comes from the preset's file (the big presets distil the block alone), then the
+    run's overrides on the script's command line; a bad override is an error naming it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_memory", ROOT / "scripts" / "plan_memory.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.run_training("gemma-3-4b")["distill_trainable"] == ("block", "segments/.*")
+    assert script.run_training("llama2-13b")["distill_trainable"] == ("block",)
+    every_layer = script.run_training("llama2-13b", None, ['train.distill_trainable=[block,"segments/.*"]'])
+    assert every_layer["distill_trainable"] == ("block", "segments/.*")
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "plan_memory.py"), "--model", "llama2-7b",
+                          "--topology", "v5e-16", "train.distil_steps=3"], capture_output=True, text=True,
+                         timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode != 0 and "train.distil_steps" in out.stderr, out.stderr
+
+
 def test_plan_takes_the_run_settings_nulls_and_distillation_phase_included():
     """scripts/plan_memory.py plans with the run's own train.* settings: num_steps null (every batch) plans, and the
     `lm` stage plans the distillation phase's KD step with what that phase trains."""

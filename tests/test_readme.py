@@ -109,6 +109,8 @@ COMMANDS: dict[str, Run] = {
     "python -m streamline_jax.run --sweep score.spans=1,2 score.num_layers=8 score.sparsity=null": Run(
         "help", "tests/test_sweep.py runs two spans with their own blocks, and sweeps on the tiny model"),
     # README: pod scale
+    "python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4 --stage lm train.distill_trainable=[block]":
+        Run("help", "compiles the 13B LM step for minutes; tests/test_plan.py plans with overrides on small presets"),
     "LIBTPU_PATH=.venv/libtpu-site python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4": Run(
         "tiny", "all three stages compile for 4 minutes; the scoring step at 128 tokens for 30 s",
         ("--stage", "scoring", "--seq-len", "128"), needs_libtpu=True),
@@ -154,6 +156,7 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_default.py": HELP_BENCH,  # bench_default's and bench_pipeline's, once the README names them
     "python scripts/bench_default.py --config configs/recipes/paper.yaml": HELP_BENCH,
     "python scripts/bench_default.py --keep runs/bench_default": HELP_BENCH,
+    "python scripts/bench_default.py 'train.distill_trainable=[block,\"segments/.*\"]'": HELP_BENCH,
     "python scripts/bench_pipeline.py": HELP_BENCH,
     "python scripts/bench_pipeline.py --calib-chunks 8 --train-chunks 16 --valid-chunks 8": HELP_BENCH,
     "python scripts/bench_pipeline.py --calib-chunks 50 --train-chunks 1000 --valid-chunks 100 --rounds 2": HELP_BENCH,

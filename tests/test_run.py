@@ -69,6 +69,7 @@ def test_cli_end_to_end_hf_export_matches_pruned_model(files, tmp_path, family, 
     assert {"span_scores.png", "block_influence.png"} <= {p.name for p in (out / "plots").iterdir()}
     md = (out / "report.md").read_text()
     assert "## Chosen span" in md
+    assert f"- compute: {report['model']['compute_dtype']} (" in md  # what ran, and why `auto` chose it
     if full:
         assert "text" in report["evaluation"]["pruned"]["tasks"]
         assert "| text | perplexity |" in md and "## Samples" in md
@@ -151,7 +152,9 @@ def test_distill_phase_after_mse_training_resumes_where_it_stopped(files, tmp_pa
     assert distill["mode"] == "kd" and [s for s, *_ in distill["train"]] == [1, 2, 3]
     assert [s for s, _ in distill["valid"]] == [0, 3]  # the better of the MSE-trained block and the distilled one
     assert "then distillation: kd loss, 3 steps" in (fresh / "report.md").read_text()
-    assert (distill["trainable"], distill["freeze"]) == (["block"], ["attention"])  # null: as the MSE phase's
+    # the default: the block, less its attention (null: as the MSE phase's), and every other layer at 3e-4
+    assert (distill["trainable"], distill["freeze"]) == (["block", "segments/.*"], ["attention"])
+    assert distill["lr_beyond_block"] == 3e-4
 
     out = tmp_path / "out"
     real_save = train._save

@@ -585,6 +585,9 @@ def test_lr_beyond_block_sets_the_lr_outside_the_block_only():
         train_replacement(model, pruned, patterned_chunks(8), lr_beyond_block=0.0, **kw)
     phase = TrainSection(distill_steps=4, distill_lr_beyond_block=3e-4).distillation(32, 8)
     assert (phase.lr, phase.lr_beyond_block) == (1e-3, 3e-4)
+    # checkpoints: 8 a phase (a checkpoint of every layer and its Adam state is large), or train.checkpoint_every
+    assert [TrainSection(distill_steps=n).distillation(32, 8).checkpoint_every for n in (4, 64, 96)] == [1, 8, 12]
+    assert TrainSection(distill_steps=64, checkpoint_every=1).distillation(32, 8).checkpoint_every == 1
 
 
 def test_kd_resume_with_trainable_patterns_gives_the_same_parameters(tmp_path):
