@@ -380,7 +380,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
         pruned, history = train_replacement(
             dense, pruned, train_batches, t, valid_batches=valid_batches, checkpoint_dir=out / TRAIN_CHECKPOINT / sub,
             resume=resume, block_key=block.key, progress=progress, return_history=True, remat=remat,
-            pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode == "mse" else None)  # pairs are MSE's
+            pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode != "lm" else None)  # LM runs no span
         histories.append({**history, "mode": t.mode, "block": block.key, "span": [block.start, block.length]})
     ran_on = {"layout": layout_name, "remat": remat}  # layout None: no meshes.yaml target (mesh.* settings)
     if t.distill_steps and not t.distils_after:
@@ -393,7 +393,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
             pruned, distilled = train_replacement(
                 dense, pruned, train_batches, kd, valid_batches=valid_batches, block_key=block.key, remat=remat,
                 checkpoint_dir=out / DISTILL_CHECKPOINT / subfolders[block.key], resume=resume, progress=progress,
-                return_history=True)
+                return_history=True, pair_cache=out / PAIR_CACHE / subfolders[block.key] if t.pair_cache else None)
             history["distill"] = {**distilled, "mode": "kd", "lr": t.distill_lr, "trainable": list(kd.trainable),
                                   "freeze": list(kd.freeze), "lr_beyond_block": kd.lr_beyond_block}
     if home is not None and pruned.mesh != home:

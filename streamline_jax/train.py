@@ -306,18 +306,23 @@ def distillation_loss(teacher_config, teacher_params, student_config, student_pa
         head_s = lambda h: transformer.head(student_config, student_params, h[None])[0]
         logits_s, head_vjp = jax.vjp(head_s, h_s) if with_grad else (head_s(h_s), None)
         out_dtype, logits_s = logits_s.dtype, logits_s.astype(jnp.float32)
-        logp_t = jax.nn.log_softmax(logits_t / temperature)
-        logp_s = jax.nn.log_softmax(logits_s / temperature)
-        p_t = jnp.exp(logp_t)
-        loss = jnp.sum(jnp.sum(p_t * (logp_t - logp_s), axis=-1) * w_kl) * temperature ** 2
+        # KL from the scaled logits and their logsumexps (sum p_t = 1), the log-probabilities never written out:
+        # fewer passes over the [chunk, vocab] arrays (~15% faster on CPU)
+        z_t, z_s = logits_t / temperature, logits_s / temperature
+        lse_t = jax.nn.logsumexp(z_t, axis=-1, keepdims=True)
+        lse_s = jax.nn.logsumexp(z_s, axis=-1, keepdims=True)
+        p_t = jnp.exp(z_t - lse_t)
+        kl = jnp.sum(p_t * (z_t - z_s), axis=-1) - (lse_t - lse_s)[:, 0]
+        loss = jnp.sum(kl * w_kl) * temperature ** 2
         if with_ce:
-            logp = logp_s if temperature == 1 else jax.nn.log_softmax(logits_s)
-            loss -= jnp.sum(jnp.take_along_axis(logp, label[:, None], axis=-1)[:, 0] * w_ce)
+            lse = lse_s if temperature == 1 else jax.nn.logsumexp(logits_s, axis=-1, keepdims=True)
+            loss -= jnp.sum((jnp.take_along_axis(logits_s, label[:, None], axis=-1) - lse)[:, 0] * w_ce)
         if not with_grad:
             return loss, None
-        dlogits = temperature * (jnp.exp(logp_s) - p_t) * w_kl[:, None]
+        dlogits = temperature * (jnp.exp(z_s - lse_s) - p_t) * w_kl[:, None]
         if with_ce:
-            dlogits += (jnp.exp(logp) - jax.nn.one_hot(label, logp.shape[-1], dtype=jnp.float32)) * w_ce[:, None]
+            dlogits += (jnp.exp(logits_s - lse) - jax.nn.one_hot(label, logits_s.shape[-1], dtype=jnp.float32)
+                        ) * w_ce[:, None]
         return loss, head_vjp(dlogits.astype(out_dtype))[0]
 
     @jax.custom_vjp
@@ -346,23 +351,53 @@ def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block
     applies to the student's layers (the teacher's get no gradient)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     dense_params, pruned = frozen["dense"], merge_params(trained, frozen["pruned"])
-    segments = [(seg, pruned["segments"][f"seg_{i}"]) for i, seg in enumerate(pruned_config.layout)]
-    block_index = int(block.key.removeprefix("seg_"))
     if kd.shared_prefix:  # the frozen prefix once, for both
-        x_t, attn, positions = _dense_prefix(dense_config, dense_params, ids, mask, block.start)
-        x_t = x_s = jax.lax.stop_gradient(x_t)
-        teacher_first, student_first = block.start, sum(seg.num_layers for seg, _ in segments[:block_index])
+        x, attn, positions = _dense_prefix(dense_config, dense_params, ids, mask, block.start)
+        teacher = (jax.lax.stop_gradient(x), block.start)
+        return _distill_from(teacher, teacher, trained, frozen, batch, attn, positions, dense_config=dense_config,
+                             pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat)
+    positions = transformer.default_positions(mask)
+    attn = transformer.attention_mask_matrix(mask, jnp.arange(ids.shape[1])[None], dense_config.sliding_window)
+    teacher = (transformer.embed(dense_config, dense_params, ids, positions), 0)
+    student = (transformer.embed(pruned_config, pruned, ids, positions), 0)
+    return _distill_from(teacher, student, trained, frozen, batch, attn, positions, dense_config=dense_config,
+                         pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat)
+
+
+def cached_kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, kd: Distillation,
+                   weighting="uniform", remat="none"):
+    """`kd_loss` with the dense span's input and output read from a `SpanPairCache`: the teacher runs from the
+    span's output, the student from the span's input where its prefix is the teacher's (else from its embeddings)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pruned = merge_params(trained, frozen["pruned"])
+    positions = transformer.default_positions(mask)
+    attn = transformer.attention_mask_matrix(mask, jnp.arange(ids.shape[1])[None], dense_config.sliding_window)
+    teacher = (batch["target"], block.start + block.length)
+    student = ((batch["x_in"], block.start) if kd.shared_prefix
+               else (transformer.embed(pruned_config, pruned, ids, positions), 0))
+    return _distill_from(teacher, student, trained, frozen, batch, attn, positions, dense_config=dense_config,
+                         pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat)
+
+
+def _distill_from(teacher, student, trained, frozen, batch, attn, positions, *, dense_config, pruned_config,
+                  block: Block, kd: Distillation, weighting, remat):
+    """KD's loss with the teacher's hidden state entering its (dense) layer number and the student's entering its
+    original layer number (0 or the block's start): (hidden state, layer) each."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    dense_params, pruned = frozen["dense"], merge_params(trained, frozen["pruned"])
+    (x_t, teacher_first), (x_s, original_first) = teacher, student
+    segments = [(seg, pruned["segments"][f"seg_{i}"]) for i, seg in enumerate(pruned_config.layout)]
+    student_first = 0
+    if original_first:  # the student starts at the block: the layers before it are the teacher's
+        block_index = int(block.key.removeprefix("seg_"))
+        student_first = sum(seg.num_layers for seg, _ in segments[:block_index])
         segments = segments[block_index:]
-    else:
-        positions = transformer.default_positions(mask)
-        attn = transformer.attention_mask_matrix(mask, jnp.arange(ids.shape[1])[None], dense_config.sliding_window)
-        x_t = transformer.embed(dense_config, dense_params, ids, positions)
-        x_s = transformer.embed(pruned_config, pruned, ids, positions)
-        teacher_first = student_first = 0
     teacher_stops, student_stops = [t for t, _ in kd.hidden_pairs], [s for _, s in kd.hidden_pairs]
     h_t, hidden_t = _run_pieces(dense_config, [_dense_layers(dense_config, dense_params, teacher_first,
                                                              dense_config.depth)],
                                 x_t, attn, positions, teacher_stops, teacher_first)
+    if teacher_first - 1 in teacher_stops:  # a cached span output is the teacher's last layer before teacher_first
+        hidden_t[teacher_first - 1] = x_t
     h_t, hidden_t = jax.lax.stop_gradient((h_t, hidden_t))
     h_s, hidden_s = _run_pieces(pruned_config, segments, x_s, attn, positions, student_stops, student_first, remat)
     b, t = ids.shape
@@ -383,7 +418,7 @@ def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block
     return loss
 
 
-LOSSES = {"mse": mse_loss, "lm": lm_loss, "kd": kd_loss, "mse_cached": cached_mse_loss}
+LOSSES = {"mse": mse_loss, "lm": lm_loss, "kd": kd_loss, "mse_cached": cached_mse_loss, "kd_cached": cached_kd_loss}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -392,8 +427,9 @@ LOSSES = {"mse": mse_loss, "lm": lm_loss, "kd": kd_loss, "mse_cached": cached_ms
 
 class SpanPairCache:
     """The dense model's hidden states entering and leaving a span, for every training batch, in tensorstore arrays
-    on disk ([N, T, D] each, plus the [N, T] mask). Written one batch at a time, so host memory stays at one batch;
-    a `complete.json` written last marks a finished cache, which later runs reuse."""
+    on disk ([N, T, D] each, plus the [N, T] mask and token ids), for MSE's epochs and the distillation that follows
+    them. Written one batch at a time, so host memory stays at one batch; a `complete.json` written last marks a
+    finished cache, which later runs reuse."""
 
     def __init__(self, path, start, length):
         self.path, self.start, self.length = Path(path), start, length
@@ -402,7 +438,7 @@ class SpanPairCache:
         return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
 
     def open(self, name):
-        """One of the cache's arrays ("x_in", "target", "attention_mask") as an open TensorStore."""
+        """One of the cache's arrays ("x_in", "target", "attention_mask", "input_ids") as an open TensorStore."""
         import tensorstore as ts
 
         return ts.open(self._spec(name)).result()
@@ -413,7 +449,8 @@ class SpanPairCache:
         if not marker.exists():
             return False
         meta = json.loads(marker.read_text())
-        return (meta["start"], meta["length"]) == (self.start, self.length) and rows in (None, meta["rows"])
+        return ((meta["start"], meta["length"]) == (self.start, self.length) and rows in (None, meta["rows"])
+                and meta.get("input_ids", False))  # caches written before the token ids were kept: rebuilt
 
     def build(self, dense_model: Model, batches: Iterable[dict], progress=True):
         import tensorstore as ts
@@ -432,7 +469,7 @@ class SpanPairCache:
         n, d = count * b, config.hidden_size
         arrays = {}
         for name, shape, dtype in (("x_in", (n, t, d), ts.float32), ("target", (n, t, d), ts.float32),
-                                   ("attention_mask", (n, t), ts.int32)):
+                                   ("attention_mask", (n, t), ts.int32), ("input_ids", (n, t), ts.int32)):
             chunk = [b, t, d][:len(shape)]
             arrays[name] = ts.open(self._spec(name), create=True, dtype=dtype, shape=shape,
                                    chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
@@ -444,7 +481,7 @@ class SpanPairCache:
             x_in, target = span_io(params, jnp.asarray(ids), jnp.asarray(mask))
             rows = slice(i * b, (i + 1) * b)
             writes = [arrays["x_in"][rows].write(np.asarray(x_in)), arrays["target"][rows].write(np.asarray(target)),
-                      arrays["attention_mask"][rows].write(mask)]
+                      arrays["attention_mask"][rows].write(mask), arrays["input_ids"][rows].write(ids)]
             for w in writes:
                 w.result()
             if bar is not None:
@@ -452,18 +489,18 @@ class SpanPairCache:
         if bar is not None:
             bar.close()
         (self.path / "complete.json").write_text(json.dumps(
-            {"start": self.start, "length": self.length, "rows": n, "batch": b, "seq": t}))
+            {"start": self.start, "length": self.length, "rows": n, "batch": b, "seq": t, "input_ids": True}))
 
     def batches(self, batch_size=None):
-        """Re-iterable batches {"x_in", "target", "attention_mask"} read from disk: rows in order, or in epoch e's
-        permutation under a seed (`.epoch(e, shuffle_seed)`)."""
+        """Re-iterable batches {"x_in", "target", "attention_mask", "input_ids"} read from disk: rows in order, or in
+        epoch e's permutation under a seed (`.epoch(e, shuffle_seed)`)."""
         cache = self
 
         class _Reader:
             def epoch(self, e, shuffle_seed=None):
                 meta = json.loads((cache.path / "complete.json").read_text())
                 b = batch_size or meta["batch"]
-                arrays = {k: cache.open(k) for k in ("x_in", "target", "attention_mask")}
+                arrays = {k: cache.open(k) for k in ("x_in", "target", "attention_mask", "input_ids")}
                 order = _epoch_order(meta["rows"], shuffle_seed, e)
                 for i in range(meta["rows"] // b):
                     rows = order[i * b:(i + 1) * b]
@@ -715,7 +752,7 @@ def training_program(dense_config: ModelConfig, pruned_config: ModelConfig, bloc
         raise ValueError(f"unknown loss {loss_name!r}; expected one of {list(LOSSES)}")
     extra = {"weighting": mse_weighting} if loss_name != "lm" else {}
     loss_fn = _partial(LOSSES[loss_name], dense_config=dense_config, pruned_config=pruned_config, block=block,
-                       remat=remat, **extra, **({"kd": kd} if loss_name == "kd" else {}))
+                       remat=remat, **extra, **({"kd": kd} if loss_name.startswith("kd") else {}))
     scale_of = None
     if lr_beyond_block is not None and lr_beyond_block != lr:
         in_block, beyond = f"segments/{block.key}/", lr_beyond_block / lr
@@ -751,7 +788,7 @@ def abstract_step_arguments(dense_config: ModelConfig, pruned_config: ModelConfi
     trained, frozen_pruned = split_params(model(pruned_config), paths.__contains__)
     trained = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), trained)
     frozen = {"pruned": frozen_pruned}
-    if loss_name in ("mse", "kd"):
+    if loss_name in ("mse", "kd", "kd_cached"):
         frozen["dense"] = model(dense_config)
     opt_state = jax.eval_shape(tx.init, trained)
     if mesh is not None:
@@ -783,6 +820,8 @@ def _as_batch(batch, mesh):
     if "x_in" in batch:  # cached span pairs
         out = {"x_in": jnp.asarray(batch["x_in"]), "target": jnp.asarray(batch["target"]),
                "attention_mask": jnp.asarray(batch["attention_mask"], jnp.int32)}
+        if "input_ids" in batch:  # KD's (the MSE validation pairs kept in memory have none)
+            out["input_ids"] = jnp.asarray(batch["input_ids"], jnp.int32)
     else:
         ids = np.asarray(batch["input_ids"])
         out = {"input_ids": jnp.asarray(ids, jnp.int32),
@@ -1116,9 +1155,10 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     moves. A non-finite loss stops the run with a TrainingError naming the step it came at, at the next logging
     point (before any checkpoint of a later step); `log_every=1` reads each step's loss as it comes (the slowest).
     With `batch_size`, the data are token chunks ([T] arrays, or a callable returning a fresh iterator of them) that
-    are batched here. With `pair_cache` (MSE mode), the frozen model's (input, target) pairs are computed once into
-    tensorstore arrays at that path (or reused if a finished cache for the same span is there) and every epoch reads
-    them from disk.
+    are batched here. With `pair_cache` (modes mse and kd), the dense span's (input, target) pairs are computed once
+    into tensorstore arrays at that path (or reused if a finished cache for the same span is there) and every epoch
+    reads them from disk; in KD mode the teacher then runs from the span's output and a student whose prefix is the
+    teacher's from its input.
     `mse_weighting="token"` makes the MSE relative per token (see `masked_mse`). `shuffle`: each epoch reads the
     training chunks (with `batch_size`), the batches of a list, or the cached rows in a fresh permutation drawn from
     `seed`; validation keeps its order. Validation chunks are never dropped: a short last batch is padded with
@@ -1169,11 +1209,11 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     loss_name = mode
     checkpoints = _Checkpoints(checkpoint_dir, resume)
     if pair_cache is not None:
-        if mode != "mse":
-            raise ValueError("pair_cache is for mode='mse' only")
+        if mode == "lm":
+            raise ValueError("pair_cache is for modes 'mse' and 'kd' (the LM loss runs no dense span)")
         if not (resume and (checkpoints.last_good or 0) >= num_steps):  # a finished training reads no pairs
             _read_from_pair_cache(data, pair_cache, dense_model, block, progress)
-        loss_name = "mse_cached"
+        loss_name = f"{mode}_cached"
     program = training_program(dense_model.config, pruned_model.config, block, paths, loss_name, lr=lr, min_lr=min_lr,
                                warmup_steps=warmup_steps, num_steps=num_steps, weight_decay=weight_decay,
                                clip_norm=clip_norm, grad_accum=grad_accum, lr_schedule=lr_schedule, kd=kd,
@@ -1185,7 +1225,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     initial, frozen_params = split_params(pruned_model.params, paths.__contains__)
     block_params = _placed(jax.tree.map(lambda a: jnp.array(a, jnp.float32, copy=True), initial), program.arguments[0])
     frozen = {"pruned": frozen_params}
-    if loss_name in ("mse", "kd"):
+    if loss_name in ("mse", "kd", "kd_cached"):
         frozen["dense"] = dense_model.params
 
     valid = list(data.valid) if data.valid is not None else None

@@ -122,7 +122,10 @@ def test_long_sequences_match_transformers(name):
     assert rel_err(logits[real], ref_logits[real]) <= 1e-4
 
 
-def test_blocked_causal_attention_equals_dense_in_values_and_gradients():
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_blocked_causal_attention_equals_dense_in_values_and_gradients(softcap):
+    """The blocked loop's own backward (flash attention's, from the saved logsumexp) against autodiff through the
+    dense softmax: window, key padding and Gemma 2's score cap included."""
     from streamline_jax.models import layers
 
     b, t, h, kv, d = 2, 150, 6, 2, 8
@@ -136,8 +139,9 @@ def test_blocked_causal_attention_equals_dense_in_values_and_gradients():
     def loss(fn, q, k, v):
         return jnp.sum(jnp.sin(fn(q, k, v, mask)))
 
-    blocked = jax.value_and_grad(lambda *a: loss(lambda *x: layers.attend(*x, causal=True), *a), argnums=(0, 1, 2))
-    dense = jax.value_and_grad(lambda *a: loss(layers.attend, *a), argnums=(0, 1, 2))
+    blocked = jax.value_and_grad(lambda *a: loss(lambda *x: layers.attend(*x, causal=True, softcap=softcap), *a),
+                                 argnums=(0, 1, 2))
+    dense = jax.value_and_grad(lambda *a: loss(lambda *x: layers.attend(*x, softcap=softcap), *a), argnums=(0, 1, 2))
     (vb, gb), (vd, gd) = blocked(q, k, v), dense(q, k, v)
     np.testing.assert_allclose(vb, vd, rtol=1e-5)
     for x, y in zip(gb, gd):

@@ -413,6 +413,7 @@ def kd_setup(model, pruned, trainable=("block",), temperature=2.0, ce_weight=0.0
         return kd_loss(trained, {"pruned": frozen, "dense": model.params}, batch, dense_config=model.config,
                        pruned_config=pruned.config, block=block, kd=kd)
 
+    loss.frozen = frozen
     return loss, trained, batch, kd
 
 
@@ -503,6 +504,60 @@ def test_kd_loss_with_its_gradient_made_in_the_forward_equals_autodiff(monkeypat
     np.testing.assert_allclose(float(jax.jit(fused)(h_s)), float(expected), rtol=1e-5)  # no gradient asked
     np.testing.assert_allclose(np.asarray(grad), np.asarray(expected_grad), rtol=1e-4,
                                atol=1e-4 * float(jnp.abs(expected_grad).max()))
+
+
+@pytest.mark.parametrize("trainable", [("block",), ("block", "segments/seg_0/.*")])
+def test_kd_loss_from_the_pair_cache_equals_the_live_one(trainable):
+    """The teacher from the span's cached output and the student from its cached input (its own prefix where that
+    trains): the live KD loss and gradient, hidden-state terms at the span's output and after it included."""
+    from streamline_jax.train import cached_kd_loss, span_pairs
+
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 3, "layer")
+    loss, trained, batch, kd = kd_setup(model, pruned, trainable, ce_weight=0.3, hidden_layers=(5,),
+                                        hidden_weight=0.1)
+    assert kd.shared_prefix == (trainable == ("block",)) and (4, 2) in kd.hidden_pairs
+    x_in, target = span_pairs(model.config, model.params, batch["input_ids"], batch["attention_mask"], 2, 3)
+    block = trainable_blocks(pruned.config)[0]
+    frozen = {"pruned": loss.frozen, "dense": model.params}
+
+    def cached(trained):
+        return cached_kd_loss(trained, frozen, {**batch, "x_in": x_in, "target": target}, dense_config=model.config,
+                              pruned_config=pruned.config, block=block, kd=kd)
+
+    (value, grads), (expected, expected_grads) = jax.value_and_grad(cached)(trained), jax.value_and_grad(loss)(trained)
+    assert float(expected) > 0.1
+    np.testing.assert_allclose(float(value), float(expected), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_kd_training_from_the_pair_cache_equals_live_kd(tmp_path):
+    """KD mode with a pair cache (the distillation after MSE reads the MSE phase's) reads the same shuffled batches
+    as live KD and trains to the same parameters; a cache written without the token ids is rebuilt."""
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 2, "layer")
+    kwargs = dict(batch_size=4, mode="kd", lr=3e-3, warmup_steps=1, epochs=2, shuffle=True, seed=3,
+                  valid_batches=chunks(4, seed=2), eval_every=3, kd_ce_weight=0.2, progress=False)
+    data = chunks(16)
+    live, live_history = train_replacement(model, pruned, data, return_history=True, **kwargs)
+    train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs", mode="mse", num_steps=1, batch_size=4,
+                      progress=False)
+    marker = tmp_path / "pairs" / "complete.json"
+    written = marker.stat().st_mtime_ns
+    cached, history = train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs", return_history=True,
+                                        **kwargs)
+    assert marker.stat().st_mtime_ns == written  # the MSE phase's cache, reused
+    for a, b in zip(jax.tree.leaves(live.params), jax.tree.leaves(cached.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose([v for _, v in history["valid"]], [v for _, v in live_history["valid"]], rtol=1e-4)
+
+    import json
+
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps({k: v for k, v in meta.items() if k != "input_ids"}))  # an older run's cache
+    train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs", num_steps=1, **kwargs)
+    assert json.loads(marker.read_text())["input_ids"] is True
 
 
 def test_kd_training_lowers_validation_loss():
