@@ -393,9 +393,9 @@ def _distill_from(teacher, student, trained, frozen, batch, attn, positions, *, 
         student_first = sum(seg.num_layers for seg, _ in segments[:block_index])
         segments = segments[block_index:]
     teacher_stops, student_stops = [t for t, _ in kd.hidden_pairs], [s for _, s in kd.hidden_pairs]
-    h_t, hidden_t = _run_pieces(dense_config, [_dense_layers(dense_config, dense_params, teacher_first,
-                                                             dense_config.depth)],
-                                x_t, attn, positions, teacher_stops, teacher_first)
+    depth = dense_config.depth  # a span ending at the last layer leaves a cached teacher no layers to run
+    teacher_layers = [_dense_layers(dense_config, dense_params, teacher_first, depth)] if teacher_first < depth else []
+    h_t, hidden_t = _run_pieces(dense_config, teacher_layers, x_t, attn, positions, teacher_stops, teacher_first)
     if teacher_first - 1 in teacher_stops:  # a cached span output is the teacher's last layer before teacher_first
         hidden_t[teacher_first - 1] = x_t
     h_t, hidden_t = jax.lax.stop_gradient((h_t, hidden_t))

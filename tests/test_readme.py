@@ -93,6 +93,8 @@ COMMANDS: dict[str, Run] = {
         makes=("runs/smollm2-135m/DONE", "runs/smollm2-135m/model")),
     "python -m streamline_jax.run --config configs/recipes/paper.yaml": Run(
         "tiny", "the paper's sizes take hours", TINY_QUICK, makes=("runs/smollm2-135m/DONE",)),
+    "python -m streamline_jax.run --config configs/recipes/paper.yaml eval.limit=1000": Run(
+        "help", "the paper's recipe above, on the real model with 1000 PIQA items: minutes"),
     "python scripts/export_hf.py runs/smollm2-135m /tmp/pruned-hf": Run(
         "as written", first=DEFAULT_RUN, makes=("tmp/pruned-hf/config.json",)),
     "python scripts/convert.py path/to/hf-folder-or.gguf /tmp/m-orbax && python scripts/convert.py /tmp/m-orbax "
@@ -123,6 +125,7 @@ COMMANDS: dict[str, Run] = {
     ".venv/bin/python scripts/bench_generate.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_train.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_backward.py": HELP_BENCH,
+    ".venv/bin/python scripts/bench_attention.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_load.py": HELP_BENCH,
     ".venv/bin/python scripts/bench_default.py": HELP_BENCH,  # the README's next benchmarks
     ".venv/bin/python scripts/bench_pipeline.py": HELP_BENCH,
@@ -150,8 +153,9 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2]": HELP_BENCH,
     "python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000|none] [--speed-steps 16] "
     "[--log-every 4]": HELP_BENCH,
-    "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--losses kd,kd_autodiff,lm,mse_cached]":
-        HELP_BENCH,
+    "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] "
+    "[--losses kd,kd_cached,kd_autodiff,lm,mse_cached]": HELP_BENCH,
+    "python scripts/bench_attention.py [--batch 8] [--seq 512] [--dtype bfloat16] [--reps 3]": HELP_BENCH,
     "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": HELP_BENCH,
     "python scripts/bench_default.py": HELP_BENCH,  # bench_default's and bench_pipeline's, once the README names them
     "python scripts/bench_default.py --config configs/recipes/paper.yaml": HELP_BENCH,

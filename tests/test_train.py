@@ -506,18 +506,21 @@ def test_kd_loss_with_its_gradient_made_in_the_forward_equals_autodiff(monkeypat
                                atol=1e-4 * float(jnp.abs(expected_grad).max()))
 
 
-@pytest.mark.parametrize("trainable", [("block",), ("block", "segments/seg_0/.*")])
-def test_kd_loss_from_the_pair_cache_equals_the_live_one(trainable):
+@pytest.mark.parametrize("trainable,span", [(("block",), (2, 3)), (("block", "segments/seg_0/.*"), (2, 3)),
+                                            (("block",), (3, 3))])
+def test_kd_loss_from_the_pair_cache_equals_the_live_one(trainable, span):
     """The teacher from the span's cached output and the student from its cached input (its own prefix where that
-    trains): the live KD loss and gradient, hidden-state terms at the span's output and after it included."""
+    trains): the live KD loss and gradient, hidden-state terms at the span's output and after it included; a span
+    that ends at the last layer leaves the cached teacher no layer to run."""
     from streamline_jax.train import cached_kd_loss, span_pairs
 
     model = dense(LLAMA)
-    pruned = prune(model, 2, 3, "layer")
-    loss, trained, batch, kd = kd_setup(model, pruned, trainable, ce_weight=0.3, hidden_layers=(5,),
+    pruned = prune(model, *span, "layer")
+    last = span == (3, 3)
+    loss, trained, batch, kd = kd_setup(model, pruned, trainable, ce_weight=0.3, hidden_layers=() if last else (5,),
                                         hidden_weight=0.1)
-    assert kd.shared_prefix == (trainable == ("block",)) and (4, 2) in kd.hidden_pairs
-    x_in, target = span_pairs(model.config, model.params, batch["input_ids"], batch["attention_mask"], 2, 3)
+    assert kd.shared_prefix == (trainable == ("block",)) and (sum(span) - 1, span[0]) in kd.hidden_pairs
+    x_in, target = span_pairs(model.config, model.params, batch["input_ids"], batch["attention_mask"], *span)
     block = trainable_blocks(pruned.config)[0]
     frozen = {"pruned": loss.frozen, "dense": model.params}
 

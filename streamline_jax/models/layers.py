@@ -226,14 +226,15 @@ def capped(x, cap):
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def _attend_causal_blocks(q, k, v, mask, softcap=None):
+def _attend_causal_blocks(q, k, v, mask, softcap=None, heads=None):
+    """`heads`: what runs the (batch, key head) loop (default `_causal_heads`, with its own backward)."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     g = h // kv
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g, t, d)
     k = k.transpose(0, 2, 1, 3).reshape(b * kv, t, d)
     v = v.transpose(0, 2, 1, 3).reshape(b * kv, t, d)
-    out = _causal_heads(q, k, v, mask, softcap, kv)  # [B * K, G, T, D]
+    out = (heads or _causal_heads)(q, k, v, mask, softcap, kv)  # [B * K, G, T, D]
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
