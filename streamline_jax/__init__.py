@@ -2,7 +2,7 @@
 
 Pipeline, one module per stage: loading → score → pruning → train → evaluation → export (and generation).
 The stage functions are exported here: load, score_spans / choose_span, prune, train_replacement, perplexity /
-evaluate / compare, save_orbax_model / export_hf, generate.
+evaluate / model_group / compare, save_orbax_model / export_hf, generate.
 """
 
 from .models.config import ModelConfig, Segment
@@ -14,7 +14,7 @@ from .data import batches, split_chunks, text_source, token_chunks
 from .score import SpanChoice, SpanScores, choose_layers, choose_span, score_spans
 from .pruning import prune, prune_layers
 from .train import TrainOptions, train_replacement
-from .evaluation import RetentionReport, compare, evaluate, perplexity, stability
+from .evaluation import ModelGroup, RetentionReport, compare, evaluate, model_group, perplexity, stability
 from .tasks import TASKS, PerplexityTask, Task
 from .export import export_hf, load_orbax_model, save_orbax_model
 from .generation import Generation, generate
@@ -24,6 +24,7 @@ __all__ = [
     "make_mesh",
     "text_source", "token_chunks", "split_chunks", "batches",
     "score_spans", "choose_span", "choose_layers", "SpanScores", "SpanChoice", "prune", "prune_layers",
-    "train_replacement", "TrainOptions", "perplexity", "evaluate", "compare", "stability", "RetentionReport", "Task",
+    "train_replacement", "TrainOptions", "perplexity", "evaluate", "model_group", "ModelGroup", "compare", "stability",
+    "RetentionReport", "Task",
     "PerplexityTask", "TASKS", "save_orbax_model", "load_orbax_model", "export_hf", "generate", "Generation",
 ]

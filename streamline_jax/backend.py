@@ -142,9 +142,10 @@ def jit_for(compute_dtype, fn, platform: str | None = None, **jit_kwargs):
 
 
 def jit_by_config(**jit_kwargs):
-    """Like functools.partial(jax.jit, **jit_kwargs) for a function whose first argument is a static ModelConfig:
-    each compute dtype gets its own jit with the compiler options that suit it. Called inside another jit's trace,
-    it is a plain nested jit (jax takes compiler options on the outermost jit only)."""
+    """Like functools.partial(jax.jit, **jit_kwargs) for a function whose first argument is a static ModelConfig (or
+    a tuple of them, keyed on the first's): each compute dtype gets its own jit with the compiler options that suit
+    it. Called inside another jit's trace, it is a plain nested jit (jax takes compiler options on the outermost jit
+    only)."""
     def decorate(fn):
         compiled = {}
 
@@ -153,7 +154,7 @@ def jit_by_config(**jit_kwargs):
             memory planner lowers this one."""
             from .models.layers import matmul_dtype
 
-            key = (matmul_dtype(config), platform)
+            key = (matmul_dtype(config[0] if isinstance(config, tuple) else config), platform)
             if key not in compiled:
                 compiled[key] = jit_for(key[0], fn, platform, **jit_kwargs)
             return compiled[key]

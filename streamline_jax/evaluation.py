@@ -3,6 +3,8 @@ metric, and a retention report comparing a dense and a pruned model.
 
 Every score comes from one jitted function, the log-probability of each target token given its prefix. Inputs are
 right-padded into a few fixed shapes (length buckets, a fixed batch), so a new length does not mean a new compile.
+Several models can be scored together (`model_group`: a dense model and its pruned copy), each call running what
+they share (the embeddings and the layers before the pruned span) once.
 """
 
 from __future__ import annotations
@@ -72,22 +74,75 @@ def head_logprobs(config, params, hidden, targets, with_greedy=False):
     return jax.tree.map(unchunk, jax.lax.map(one_chunk, (flat_hidden, flat_targets)))
 
 
+@jit_by_config(static_argnames=("config", "shared", "with_greedy"))
+def shared_prefix_logprobs(config, params, input_ids, targets, attention_mask=None, segment_ids=None, positions=None,
+                           shared_prefix_ids=None, *, shared, with_greedy=False):
+    """`target_logprobs` of several models at once (`config`, `params`: a tuple, one per model) whose embeddings and
+    first `shared` layers are the same (`transformer.shared_prefix_depth`): those run once. A tuple, one per model."""
+    hidden = transformer.apply_shared_prefix(config, params, shared, input_ids, attention_mask, positions,
+                                             segment_ids=segment_ids, shared_prefix_ids=shared_prefix_ids)
+    return tuple(head_logprobs(c, p, h, targets, with_greedy=with_greedy) for c, p, h in zip(config, params, hidden))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelGroup:
+    """Models scored on the same inputs, call by call: the embeddings and first `shared` layers they have in common
+    run once (None: nothing in common, or one model: each runs on its own). See `model_group`."""
+
+    models: tuple
+    shared: int | None = None
+
+
+def model_group(models: Sequence[Model]) -> ModelGroup:
+    """Models to evaluate together (a dense model and its pruned copies): what every one shares with the first (the
+    layers before a pruned span) runs once per call. They read the first model's tokenizer, so they must share it."""
+    models = tuple(models)
+    if not models:
+        raise EvaluationError("no model to evaluate")
+    first = models[0]
+    for m in models[1:]:
+        if m.config.vocab_size != first.config.vocab_size or not _same_tokenizer(m.tokenizer, first.tokenizer):
+            raise EvaluationError("models evaluated together must share a tokenizer")
+    shared = None
+    if len(models) > 1 and all(m.mesh == first.mesh for m in models):
+        depths = [transformer.shared_prefix_depth(first.config, first.params, m.config, m.params) for m in models[1:]]
+        shared = None if None in depths else min(depths)
+    return ModelGroup(models, shared)
+
+
+def _same_tokenizer(a, b) -> bool:
+    return a is b or (type(a) is type(b) and a.get_vocab() == b.get_vocab())
+
+
+def _grouped(model) -> tuple[ModelGroup, bool]:
+    """(the group, whether a group was given): the functions below take one model or a ModelGroup, and answer for a
+    group with a list, one entry per model."""
+    return (model, True) if isinstance(model, ModelGroup) else (ModelGroup((model,)), False)
+
+
 def _compiles() -> int:
-    """Shapes compiled so far (jax's jit cache size; 0 where this jax lacks it)."""
-    return getattr(target_logprobs, "_cache_size", lambda: 0)()
+    """Shapes compiled so far (jax's jit cache sizes; 0 where this jax lacks them)."""
+    return sum(getattr(f, "_cache_size", lambda: 0)() for f in (target_logprobs, shared_prefix_logprobs))
 
 
-def _run(model: Model, input_ids: np.ndarray, targets: np.ndarray, with_greedy: bool = False, **rows: np.ndarray):
-    """target_logprobs on host arrays; `rows` is attention_mask= (padded rows) or segment_ids=, positions= and
-    shared_prefix_ids= (packed rows).
-    Returns [B, T] float64 log-probs, or (log-probs, [B, T] bool is-argmax) with `with_greedy`."""
+def _run(group: ModelGroup, input_ids: np.ndarray, targets: np.ndarray, with_greedy: bool = False,
+         **rows: np.ndarray) -> list:
+    """target_logprobs of each model on host arrays; `rows` is attention_mask= (padded rows) or segment_ids=,
+    positions= and shared_prefix_ids= (packed rows).
+    Returns per model [B, T] float64 log-probs, or (log-probs, [B, T] bool is-argmax) with `with_greedy`."""
     arrays = {"input_ids": input_ids, "targets": targets, **rows}
     arrays = {k: jnp.asarray(a, jnp.int32) for k, a in arrays.items()}
-    arrays = place_batch(model.mesh, arrays)
-    out = target_logprobs(model.config, model.params, **arrays, with_greedy=with_greedy)
+    models = group.models
+    if group.shared is None:
+        outs = [target_logprobs(m.config, m.params, **place_batch(m.mesh, arrays), with_greedy=with_greedy)
+                for m in models]
+    else:
+        outs = shared_prefix_logprobs(tuple(m.config for m in models), tuple(m.params for m in models),
+                                      **place_batch(models[0].mesh, arrays), shared=group.shared,
+                                      with_greedy=with_greedy)
     if with_greedy:
-        return np.asarray(out[0], np.float64), np.asarray(out[1], bool)
-    return np.asarray(out, np.float64)
+        return [(np.asarray(out[0], np.float64), np.asarray(out[1], bool)) for out in outs]
+    return [np.asarray(out, np.float64) for out in outs]
 
 
 def length_bucket(n: int, cap: int | None = None) -> int:
@@ -98,8 +153,8 @@ def length_bucket(n: int, cap: int | None = None) -> int:
     return min(b, cap) if cap else b
 
 
-def score_sequences(model: Model, sequences: Sequence[np.ndarray], num_scored: Sequence[int], *, batch_size: int = 32,
-                    fixed_length: int | None = None, pack_length: int | None = None,
+def score_sequences(model: Model | ModelGroup, sequences: Sequence[np.ndarray], num_scored: Sequence[int], *,
+                    batch_size: int = 32, fixed_length: int | None = None, pack_length: int | None = None,
                     desc: str | None = None, greedy: bool = False, share_prefixes: bool = True) -> tuple[list, dict]:
     """Log-probabilities of the last `num_scored[i]` tokens of each `sequences[i]` given the tokens before them.
 
@@ -116,13 +171,14 @@ def score_sequences(model: Model, sequences: Sequence[np.ndarray], num_scored: S
     same; the work is less by the repeated prefixes.
 
     Returns the per-token log-probs of each sequence in input order (with `greedy`, a (log-probs, is-argmax) pair
-    per sequence), and stats (tokens, compiles, seconds, padding, and with packing `shared`: the tokens that shared
-    prefixes spared).
+    per sequence; for a ModelGroup, a list of those, one per model), and stats (tokens, compiles, seconds, padding,
+    and with packing `shared`: the tokens that shared prefixes spared).
     """
     if not len(sequences):
         raise EvaluationError("nothing to score")
+    group, grouped = _grouped(model)
     start, compiles = time.perf_counter(), _compiles()
-    out: list = [None] * len(sequences)
+    outs: list = [[None] * len(sequences) for _ in group.models]
     tokens = sum(len(s) - 1 for s in sequences)
     slots = filled = 0
     if pack_length:
@@ -135,18 +191,19 @@ def score_sequences(model: Model, sequences: Sequence[np.ndarray], num_scored: S
             arrays, where = _packed_rows(batch, length)
         else:
             arrays, where = _padded_rows(sequences, batch, fixed_length or length_bucket(
-                max(len(sequences[r[0]]) for r in batch if r) - 1, model.config.max_position_embeddings))
+                max(len(sequences[r[0]]) for r in batch if r) - 1,
+                min(m.config.max_position_embeddings for m in group.models)))
         slots += arrays["input_ids"].size
         filled += int(np.count_nonzero(arrays["segment_ids" if pack_length else "attention_mask"]))
-        scored = _run(model, with_greedy=greedy, **arrays)
-        for i, row, end in where:
-            part = slice(end - num_scored[i], end)
-            out[i] = (scored[0][row, part], scored[1][row, part]) if greedy else scored[row, part]
+        for out, scored in zip(outs, _run(group, with_greedy=greedy, **arrays)):
+            for i, row, end in where:
+                part = slice(end - num_scored[i], end)
+                out[i] = (scored[0][row, part], scored[1][row, part]) if greedy else scored[row, part]
     stats = {"tokens": tokens, "compiles": _compiles() - compiles, "seconds": time.perf_counter() - start,
              "padding": 1 - filled / max(slots, 1)}
     if pack_length:
         stats["shared"] = tokens - filled
-    return out, stats
+    return (outs if grouped else outs[0]), stats
 
 
 def _padded_rows(sequences, batch, length) -> tuple[dict, list]:
@@ -355,17 +412,21 @@ def tokenize_text(tokenizer, text: str) -> np.ndarray:
         transformers.logging.set_verbosity(verbosity)
 
 
-def perplexity(model: Model, text_or_source, window: int = 1024, *, stride: int | None = None, batch_size: int = 8,
-               max_windows: int | None = None, text_field: str = "text", progress: bool = False) -> dict:
+def perplexity(model: Model | ModelGroup, text_or_source, window: int = 1024, *, stride: int | None = None,
+               batch_size: int = 8, max_windows: int | None = None, text_field: str = "text",
+               progress: bool = False) -> dict | list[dict]:
     """exp(mean NLL over all predicted tokens) of a text, in windows of `window` tokens (see `perplexity_windows`).
 
     text_or_source: the text, a file path (`{data}/...` for the shared data), a `datasets` spec dict, or
-    'wikitext2'. Returns a dict: perplexity, nll (mean), tokens (predicted), windows, window, stride, seconds.
+    'wikitext2'. Returns a dict: perplexity, nll (mean), tokens (predicted), windows, window, stride, seconds (for
+    a ModelGroup, a list of them, one per model).
     """
+    group, grouped = _grouped(model)
+    model = group.models[0]
     _need_tokenizer(model)
     if not isinstance(window, int) or window < 2:
         raise EvaluationError(f"window must be an integer of at least 2 tokens, got {window!r}")
-    limit = model.config.max_position_embeddings
+    limit = min(m.config.max_position_embeddings for m in group.models)
     if window > limit:
         raise EvaluationError(f"window {window} is longer than the model's context of {limit} tokens")
     if stride is not None and not 0 < stride <= window:
@@ -378,15 +439,18 @@ def perplexity(model: Model, text_or_source, window: int = 1024, *, stride: int 
         raise EvaluationError(f"the text has {len(ids)} token(s); perplexity needs at least 2 ({where})")
     spans = perplexity_windows(len(ids), window, stride)[:max_windows]
     seqs = [ids[b:e] for b, e, _ in spans]
-    logprobs, stats = score_sequences(model, seqs, [s for _, _, s in spans], batch_size=batch_size,
+    logprobs, stats = score_sequences(group, seqs, [s for _, _, s in spans], batch_size=batch_size,
                                       fixed_length=min(window, max(len(s) for s in seqs)) - 1,
                                       desc="perplexity" if progress else None)
-    total = sum(float(lp.sum()) for lp in logprobs)
-    count = sum(len(lp) for lp in logprobs)
-    nll = -total / count
-    return {"perplexity": math.exp(nll), "nll": nll, "tokens": count, "windows": len(spans), "window": window,
-            "stride": stride or window, "source": where, "compiles": stats["compiles"], "seconds": stats["seconds"],
-            "tokens_fed": stats["tokens"]}
+    results = []
+    for per_window in logprobs:
+        total = sum(float(lp.sum()) for lp in per_window)
+        count = sum(len(lp) for lp in per_window)
+        nll = -total / count
+        results.append({"perplexity": math.exp(nll), "nll": nll, "tokens": count, "windows": len(spans),
+                        "window": window, "stride": stride or window, "source": where, "compiles": stats["compiles"],
+                        "seconds": stats["seconds"], "tokens_fed": stats["tokens"]})
+    return results if grouped else results[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -441,13 +505,14 @@ def encode_pairs(tokenizer, pairs: Sequence[tuple[str, str]]) -> list[tuple[list
     return out
 
 
-def loglikelihoods(model: Model, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32,
+def loglikelihoods(model: Model | ModelGroup, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32,
                    max_length: int | None = None, pack_length: int | None = 256, share_prefixes: bool = True,
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Summed log-probability of each continuation given its context, with the number of continuation tokens.
-    See `loglikelihood_tokens`."""
-    _need_tokenizer(model)
-    encoded = encode_pairs(model.tokenizer, pairs)
+                   progress: bool = False) -> tuple[np.ndarray | list, np.ndarray, dict]:
+    """Summed log-probability of each continuation given its context (for a ModelGroup, a list: one array per
+    model), with the number of continuation tokens. See `loglikelihood_tokens`."""
+    first = _grouped(model)[0].models[0]
+    _need_tokenizer(first)
+    encoded = encode_pairs(first.tokenizer, pairs)
     for i, (_, cont) in enumerate(encoded):
         if not cont:
             raise EvaluationError(f"request {i}: the continuation {pairs[i][1]!r} encodes to no tokens")
@@ -457,30 +522,36 @@ def loglikelihoods(model: Model, pairs: Sequence[tuple[str, str]], *, batch_size
     return sums, scored, stats
 
 
-def loglikelihood_tokens(model: Model, encoded: Sequence[tuple[Sequence[int], Sequence[int]]], *,
+def loglikelihood_tokens(model: Model | ModelGroup, encoded: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                          batch_size: int = 32, max_length: int | None = None, pack_length: int | None = 256,
                          share_prefixes: bool = True, progress: bool = False,
-                         greedy: bool = True) -> tuple[np.ndarray, np.ndarray, Any, dict]:
+                         greedy: bool = True) -> tuple[Any, np.ndarray, Any, dict]:
     """Summed log-probability of each (context tokens, continuation tokens), the number of continuation tokens
-    scored, and whether every one of them was the argmax (the harness's is_greedy; None without `greedy`).
+    scored, and whether every one of them was the argmax (the harness's is_greedy; None without `greedy`); for a
+    ModelGroup, the sums and is_greedy are lists, one entry per model.
 
     The joined tokens are truncated from the left to `max_length + 1` (default: the model's context), and the model
     reads all but the last, exactly as the harness's `_loglikelihood_tokens`. Requests are packed into rows of
     `pack_length` tokens (None: one request per row), and requests with the same context read it once
     (`share_prefixes`); see `score_sequences`."""
-    max_length = max_length or model.config.max_position_embeddings
+    group, grouped = _grouped(model)
+    max_length = max_length or min(m.config.max_position_embeddings for m in group.models)
     seqs, scored = [], []
     for ctx, cont in encoded:
         seq = np.asarray((list(ctx) + list(cont))[-(max_length + 1):], np.int32)
         seqs.append(seq)
         scored.append(min(len(cont), len(seq) - 1))
-    out, stats = score_sequences(model, seqs, scored, batch_size=batch_size, pack_length=pack_length,
-                                 share_prefixes=share_prefixes, desc="loglikelihood" if progress else None,
-                                 greedy=greedy)
-    if not greedy:
-        return np.array([lp.sum() for lp in out]), np.array(scored), None, stats
-    sums = np.array([lp.sum() for lp, _ in out])
-    return sums, np.array(scored), np.array([bool(g.all()) for _, g in out]), stats
+    outs, stats = score_sequences(group, seqs, scored, batch_size=batch_size, pack_length=pack_length,
+                                  share_prefixes=share_prefixes, desc="loglikelihood" if progress else None,
+                                  greedy=greedy)
+    if greedy:
+        sums = [np.array([lp.sum() for lp, _ in out]) for out in outs]
+        is_greedy = [np.array([bool(g.all()) for _, g in out]) for out in outs]
+    else:
+        sums, is_greedy = [np.array([lp.sum() for lp in out]) for out in outs], None
+    if not grouped:
+        sums, is_greedy = sums[0], is_greedy and is_greedy[0]
+    return sums, np.array(scored), is_greedy, stats
 
 
 def score_items(items: Sequence[Item], lls: Sequence[Sequence[float]]) -> dict:
@@ -501,38 +572,47 @@ def score_items(items: Sequence[Item], lls: Sequence[Sequence[float]]) -> dict:
             "predictions": preds}
 
 
-def evaluate_task(model: Model, task: Task, *, limit: int | None = None, batch_size: int = 32,
-                  progress: bool = False) -> dict:
+def evaluate_task(model: Model | ModelGroup, task: Task, *, limit: int | None = None, batch_size: int = 32,
+                  progress: bool = False) -> dict | list[dict]:
+    """One multiple-choice task's result (for a ModelGroup, a list: one per model); see `evaluate`."""
+    group, grouped = _grouped(model)
     items = load_items(task, limit)
     pairs = [(ctx, cont) for item in items for ctx, cont in zip(item.contexts, item.continuations)]
-    sums, _, stats = loglikelihoods(model, pairs, batch_size=batch_size, progress=progress)
-    lls, k = [], 0
-    for item in items:
-        lls.append([float(x) for x in sums[k:k + len(item.choices)]])
-        k += len(item.choices)
-    scores = score_items(items, lls)
-    result = {"task": task.name, "kind": "multiple_choice", "n": len(items)}
-    result.update({m: scores[m] for m in task.metrics})
-    if "acc_norm" in task.metrics:
-        result["acc_bytes"] = scores["acc_bytes"]
-    result.update({"labels": [item.label for item in items], "predictions": scores["predictions"],
-                   "loglikelihoods": lls, **stats})
-    return result
+    sums, _, stats = loglikelihoods(group, pairs, batch_size=batch_size, progress=progress)
+    results = []
+    for per_pair in sums:
+        lls, k = [], 0
+        for item in items:
+            lls.append([float(x) for x in per_pair[k:k + len(item.choices)]])
+            k += len(item.choices)
+        scores = score_items(items, lls)
+        result = {"task": task.name, "kind": "multiple_choice", "n": len(items)}
+        result.update({m: scores[m] for m in task.metrics})
+        if "acc_norm" in task.metrics:
+            result["acc_bytes"] = scores["acc_bytes"]
+        result.update({"labels": [item.label for item in items], "predictions": scores["predictions"],
+                       "loglikelihoods": lls, **stats})
+        results.append(result)
+    return results if grouped else results[0]
 
 
-def evaluate(model: Model, tasks, *, limit: int | None = None, batch_size: int = 32, progress: bool = False) -> dict:
+def evaluate(model: Model | ModelGroup, tasks, *, limit: int | None = None, batch_size: int = 32,
+             progress: bool = False) -> dict | list[dict]:
     """Evaluate `model` on tasks: names from `tasks.TASKS` ('piqa', 'hellaswag', ..., 'wikitext2'), Task or
     PerplexityTask objects, or a list of them. Every task's items are read and checked before any model work.
 
     Returns {"num_params", "layers", "tasks": {name: result}}; a multiple-choice result holds acc (and acc_norm),
-    n, per-item labels, predictions and per-choice log-likelihoods; a perplexity result the `perplexity` dict."""
+    n, per-item labels, predictions and per-choice log-likelihoods; a perplexity result the `perplexity` dict.
+    For a ModelGroup (`model_group([dense, pruned])`), a list of those, one per model, from the same calls: what
+    the models share runs once, and each task's seconds and compiles are the group's."""
+    group, grouped = _grouped(model)
     if isinstance(tasks, (str, Task, PerplexityTask)):
         tasks = [tasks]
     tasks = [get_task(t) for t in tasks]
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise EvaluationError(f"task names must be unique, got {names}")
-    _need_tokenizer(model)
+    _need_tokenizer(group.models[0])
     for t in tasks:  # bad files fail here, before any compile
         if isinstance(t, Task):
             load_items(t, limit)
@@ -540,14 +620,17 @@ def evaluate(model: Model, tasks, *, limit: int | None = None, batch_size: int =
             text, where = read_text(t.source)
             if not text.strip():
                 raise EvaluationError(f"the text to score is empty ({where})")
-    results = {}
+    results = [{} for _ in group.models]
     for t in tasks:
         if isinstance(t, Task):
-            results[t.name] = evaluate_task(model, t, limit=limit, batch_size=batch_size, progress=progress)
+            per_model = evaluate_task(group, t, limit=limit, batch_size=batch_size, progress=progress)
         else:
-            ppl = perplexity(model, t.source, t.window, stride=t.stride, max_windows=limit, progress=progress)
-            results[t.name] = {"task": t.name, "kind": "perplexity", **ppl}
-    return {"num_params": model.num_params, "layers": model.config.depth, "tasks": results}
+            per_model = [{"task": t.name, "kind": "perplexity", **ppl} for ppl in perplexity(
+                group, t.source, t.window, stride=t.stride, max_windows=limit, progress=progress)]
+        for model_results, result in zip(results, per_model):
+            model_results[t.name] = result
+    out = [{"num_params": m.num_params, "layers": m.config.depth, "tasks": r} for m, r in zip(group.models, results)]
+    return out if grouped else out[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

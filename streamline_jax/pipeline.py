@@ -444,34 +444,52 @@ def _device_kind() -> str:
     return f"{jax.default_backend()} x{jax.device_count()}"
 
 
-def evaluate_dense(c: RunConfig, dense, tasks, progress: bool, shared: SharedWork | None = None) -> dict:
-    """The dense model's evaluation, from the cache when these settings were evaluated before (`cache.py`)."""
-    from . import cache, evaluation as ev
-    from .distributed import main_only
-    from .report import jsonable
+def _cached_dense_evaluation(key: str, shared: SharedWork | None) -> dict | None:
+    from . import cache
 
-    key = dense_evaluation_key(c, dense, tasks)
     found = cache.read("dense_eval", key) or (shared.dense_evaluations.get(key) if shared is not None else None)
     if found is not None:
         log.info("dense evaluation: reused from the cache (%s)", key)
-        return found
-    results = jsonable(_evaluate(ev, dense, tasks, c, progress))
+    return found
+
+
+def _keep_dense_evaluation(key: str, results: dict, shared: SharedWork | None) -> None:
+    from . import cache
+    from .distributed import main_only
+
     main_only(cache.write)("dense_eval", key, results)
     if shared is not None:
         shared.dense_evaluations[key] = results
-    return results
 
 
 def evaluate_stage(c: RunConfig, dense, pruned, tasks, progress: bool, shared: SharedWork | None = None) -> dict:
+    """Dense and pruned evaluated, and the retention report. The dense results come from the cache where these
+    settings were evaluated before; otherwise the two models run together, call by call, and the layers before the
+    pruned span (the same in both, unless they trained) run once for both (`evaluation.model_group`)."""
     from . import evaluation as ev
+    from .report import jsonable
 
     start = time.perf_counter()
-    results = {"dense": evaluate_dense(c, dense, tasks, progress, shared)}
-    parts = {"evaluation_s": {"dense": time.perf_counter() - start}}  # ~0 when the cache had it
+    key = dense_evaluation_key(c, dense, tasks)
+    dense_results = _cached_dense_evaluation(key, shared)
+    group = ev.model_group([dense, pruned]) if pruned is not None and dense_results is None else None
+    if group is not None and group.shared is not None:
+        dense_results, pruned_results = map(jsonable, _evaluate(ev, group, tasks, c, progress))
+        _keep_dense_evaluation(key, dense_results, shared)
+        log.info("dense and pruned evaluated together: embeddings and %d layers run once for both", group.shared)
+        parts = {"evaluation_s": {"together": time.perf_counter() - start}, "evaluation_shared_layers": group.shared}
+    else:
+        if dense_results is None:
+            dense_results = jsonable(_evaluate(ev, dense, tasks, c, progress))
+            _keep_dense_evaluation(key, dense_results, shared)
+        parts = {"evaluation_s": {"dense": time.perf_counter() - start}}  # ~0 when the cache had it
+        if pruned is not None:
+            start = time.perf_counter()
+            pruned_results = _evaluate(ev, pruned, tasks, c, progress)
+            parts["evaluation_s"]["pruned"] = time.perf_counter() - start
+    results = {"dense": dense_results}
     if pruned is not None:
-        start = time.perf_counter()
-        results["pruned"] = _evaluate(ev, pruned, tasks, c, progress)
-        parts["evaluation_s"]["pruned"] = time.perf_counter() - start
+        results["pruned"] = pruned_results
         retention = ev.compare(results["dense"], results["pruned"])
         parts["retention"] = retention.to_dict()
         log.info("evaluation:\n%s", retention.to_markdown())
@@ -602,17 +620,20 @@ def scoring_mesh(c: RunConfig, preset: str | None, target: str | None):
     return make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
 
 
-def _evaluate(ev, model, tasks, c: RunConfig, progress: bool) -> dict:
+def _evaluate(ev, model, tasks, c: RunConfig, progress: bool) -> dict | list[dict]:
+    """`ev.evaluate` with the run's limits (perplexity windows, multiple-choice items); a list for a ModelGroup."""
     from .tasks import PerplexityTask
 
     ppl = [t for t in tasks if isinstance(t, PerplexityTask)]
     mc = [t for t in tasks if not isinstance(t, PerplexityTask)]
     merged = None
-    for group, limit in ((ppl, c.eval.ppl_windows), (mc, c.eval.limit)):
-        if group:
-            res = ev.evaluate(model, group, limit=limit, batch_size=c.eval.batch_size, progress=progress)
-            merged = res if merged is None else {**merged, "tasks": {**merged["tasks"], **res["tasks"]}}
-    return merged
+    for kind, limit in ((ppl, c.eval.ppl_windows), (mc, c.eval.limit)):
+        if kind:
+            res = ev.evaluate(model, kind, limit=limit, batch_size=c.eval.batch_size, progress=progress)
+            res = res if isinstance(res, list) else [res]
+            merged = res if merged is None else [{**m, "tasks": {**m["tasks"], **r["tasks"]}}
+                                                 for m, r in zip(merged, res)]
+    return merged if isinstance(model, ev.ModelGroup) else merged[0]
 
 
 def _same(a, b) -> bool:

@@ -34,7 +34,7 @@ from .models.config import ModelConfig
 from .models.model import Model, with_compute_dtype
 from .models.transformer import REMAT_POLICIES
 from .pruning import prune_config
-from .evaluation import target_logprobs
+from .evaluation import shared_prefix_logprobs
 from .score import score_sums
 from .sharding import MESH_AXES, ShardingError, param_shardings
 
@@ -373,24 +373,34 @@ def _mesh_platform(mesh: Mesh) -> str:
     return mesh.devices.flat[0].platform
 
 
+def _abstract_sharded_params(config: ModelConfig, mesh: Mesh):
+    abstract = transformer.abstract_params(config)
+    shard = param_shardings(abstract, transformer.param_axes(config), mesh)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
+
+
 def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh, seq_len: int, *,
                span: tuple[int, int] | None = None, training: dict | None = None) -> StepPlan:
-    """The stage's step as the run executes it (score.score_sums, evaluation.target_logprobs on packed perplexity
-    rows, or train.training_program's train step) with abstract arguments sharded on `mesh`; `training`:
-    train_replacement keyword arguments (see `training_program`)."""
+    """The stage's step as the run executes it (score.score_sums, evaluation.shared_prefix_logprobs of the dense
+    and the pruned model on packed rows, or train.training_program's train step) with abstract arguments sharded on
+    `mesh`; `span`: the pruned span (default `default_span`); `training`: train_replacement keyword arguments (see
+    `training_program`)."""
     check_layout(config, layout)
     platform = _mesh_platform(mesh)
     config = config.replace(attention_platform=platform)  # the target's attention, not this host's
     batch = train.abstract_batch(layout.batch, seq_len, mesh)
     if stage in ("scoring", "evaluate"):
-        abstract = transformer.abstract_params(config)
-        shard = param_shardings(abstract, transformer.param_axes(config), mesh)
-        params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shard)
-        if stage == "evaluate":  # packed rows with shared prefixes (the larger of evaluation's two row kinds)
-            ids = batch["input_ids"]
-            return StepPlan(stage, target_logprobs.jitted(config, platform), (config, params),
+        params = _abstract_sharded_params(config, mesh)
+        if stage == "evaluate":
+            # a run's first evaluation: dense and pruned together, the layers before the span once
+            # (`evaluation.model_group`), on packed rows with shared prefixes (the larger of its two row kinds)
+            start, length = span or default_span(config)
+            pruned = prune_config(config, start, length, "layer")
+            configs, ids = (config, pruned), batch["input_ids"]
+            return StepPlan(stage, shared_prefix_logprobs.jitted(configs, platform),
+                            (configs, (params, _abstract_sharded_params(pruned, mesh))),
                             dict(input_ids=ids, targets=ids, segment_ids=ids, positions=ids, shared_prefix_ids=ids,
-                                 with_greedy=False))
+                                 shared=start, with_greedy=False))
         return StepPlan(stage, score_sums.jitted(config, platform),
                         (config, params, batch["input_ids"], batch["attention_mask"]))
     if stage not in STAGES:
@@ -465,8 +475,8 @@ def step_flops(config: ModelConfig, stage: str, batch: int, seq_len: int, span=N
     start, length = span or default_span(config)
     if stage == "scoring":
         return tokens * (L * layer + 2 * (L + 1) ** 2 * config.hidden_size)
-    if stage == "evaluate":
-        return tokens * (L * layer + head)
+    if stage == "evaluate":  # dense and pruned together: the layers before the span once, then each its own
+        return tokens * ((2 * L - start - length + 1) * layer + 2 * head)
     if stage == "mse":
         return tokens * ((start + length) * layer + 3 * layer)
     after = L - start - length

@@ -286,6 +286,64 @@ def test_piqa_task_from_files(tmp_path, tiny):
     assert out["num_params"] == model.num_params and r["n"] == 3
 
 
+def _trained(pruned, segment):
+    """A pruned model whose `segment` moved off its initial values, as training moves it."""
+    import jax
+
+    moved = {**pruned.params["segments"], segment: jax.tree.map(lambda a: a * 1.01 + 1e-3,
+                                                               pruned.params["segments"][segment])}
+    return pruned.replace(params={**pruned.params, "segments": moved})
+
+
+def test_models_evaluated_together_score_as_each_alone(tmp_path, tiny):
+    """A dense model and its pruned copy scored together (the embeddings and the layers before the span once):
+    the same perplexity and per-choice log-likelihoods as each scored alone, in both kinds of row (padded
+    windows, packed choices with shared prefixes)."""
+    from streamline_jax.pruning import prune
+
+    model, _ = tiny
+    pruned = _trained(prune(model, 1, 1, replacement="layer"), "seg_1")
+    group = ev.model_group([model, pruned])
+    assert group.shared == 1  # layer 0; the trained block differs from the span's first layer
+    rows = [{"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid."},
+            {"goal": "Dry hair", "sol1": "Use a towel.", "sol2": "Use a spoon."}]
+    (tmp_path / "l.lst").write_text("0\n1\n")
+    piqa = tk.PIQA.replace(source=write_jsonl(tmp_path / "p.jsonl", rows), labels_file=str(tmp_path / "l.lst"))
+    (tmp_path / "t.txt").write_text(TEXT)
+    text = tk.PerplexityTask("text", str(tmp_path / "t.txt"), window=64)
+    together = ev.evaluate(group, [text, piqa])
+    for m, joint in zip((model, pruned), together):
+        alone = ev.evaluate(m, [text, piqa])
+        assert joint["num_params"] == alone["num_params"] and joint["layers"] == alone["layers"]
+        assert joint["tasks"]["text"]["perplexity"] == pytest.approx(alone["tasks"]["text"]["perplexity"], rel=1e-5)
+        np.testing.assert_allclose(joint["tasks"]["piqa"]["loglikelihoods"], alone["tasks"]["piqa"]["loglikelihoods"],
+                                   rtol=1e-5)
+    assert together[0]["tasks"]["text"]["perplexity"] != pytest.approx(together[1]["tasks"]["text"]["perplexity"])
+
+
+def test_what_models_share_is_found_from_their_parameters(tiny):
+    """Shared layers end where the parameters first differ; an untrained block (a copy of the span's first layer)
+    counts as shared; different embeddings share nothing, and such models are scored each on its own."""
+    from streamline_jax.pruning import prune
+
+    model, _ = tiny
+    same = prune(model, 1, 1, replacement="layer")  # one layer replaced by a copy of itself: the same model
+    assert ev.model_group([model, same]).shared == model.config.depth
+    copy = prune(model, 0, 2, replacement="layer")
+    assert ev.model_group([model, copy]).shared == 1  # the block, still layer 0; then layer 2 against layer 1
+    assert ev.model_group([model, _trained(copy, "seg_0")]).shared == 0
+    assert ev.model_group([model]).shared is None
+    other = model.replace(params={**model.params, "embed_tokens": model.params["embed_tokens"] * 1.5})
+    group = ev.model_group([model, other])
+    assert group.shared is None
+    seqs = [np.arange(3, 40, dtype=np.int32), np.arange(50, 70, dtype=np.int32)]
+    joint, _ = ev.score_sequences(group, seqs, [10, 5])
+    for m, per_model in zip((model, other), joint):
+        alone, _ = ev.score_sequences(m, seqs, [10, 5])
+        for a, b in zip(per_model, alone):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 HUB_ROWS = {
     "hellaswag": {"ind": 4, "activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow "
                   "covering the window of a car, and a woman wearing winter clothes smiles.", "ctx_b": "then",

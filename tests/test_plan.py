@@ -304,8 +304,9 @@ def test_plan_lowers_the_train_step_the_run_executes():
 
 
 def test_plan_lowers_the_evaluation_step_the_run_executes():
-    """Packed perplexity rows scored on a model sharded over 8 CPU devices, and the plan's `evaluate` stage for the
-    same rows, lower the same program; the stage takes the scoring layout."""
+    """A dense model and its pruned copy scored together on packed rows (the run's first evaluation) on 8 CPU
+    devices, and the plan's `evaluate` stage for the same rows and span, lower the same program; the stage takes the
+    scoring layout."""
     res = _run("""
         import hashlib, json, jax, numpy as np
         from streamline_jax import evaluation, plan
@@ -313,30 +314,36 @@ def test_plan_lowers_the_evaluation_step_the_run_executes():
         from streamline_jax.models import transformer
         from streamline_jax.models.config import ModelConfig
         from streamline_jax.models.model import Model
+        from streamline_jax.pruning import prune
         cfg = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=4,
                           num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
         layout = plan.StageLayout(2, 2, 2, 8)
         mesh = plan.layout_mesh(layout, jax.devices())
-        model = place_on_mesh(Model(cfg, transformer.init_params(cfg, jax.random.PRNGKey(0))), mesh)
-        real, lowered = evaluation.target_logprobs, {}
+        dense = Model(cfg, transformer.init_params(cfg, jax.random.PRNGKey(0)))
+        pruned = prune(dense, 1, 2, replacement="layer")
+        block = jax.tree.map(lambda a: a + 1, pruned.params["segments"]["seg_1"])  # as if trained
+        pruned = pruned.replace(params={**pruned.params, "segments": {**pruned.params["segments"], "seg_1": block}})
+        group = evaluation.model_group([place_on_mesh(dense, mesh), place_on_mesh(pruned, mesh)])
+        real, lowered = evaluation.shared_prefix_logprobs, {}
 
         def spy(config, params, **kwargs):
             lowered["run"] = real.jitted(config).lower(config, params, **kwargs).as_text()
             lowered["shape"] = kwargs["input_ids"].shape
             return real(config, params, **kwargs)
 
-        evaluation.target_logprobs = spy
+        evaluation.shared_prefix_logprobs = spy
         rng = np.random.default_rng(0)
         seqs = [rng.integers(0, 128, n) for n in (9, 7, 5, 12, 4, 6)]
-        evaluation.score_sequences(model, seqs, [len(q) - 1 for q in seqs], batch_size=32, pack_length=16)
+        evaluation.score_sequences(group, seqs, [len(q) - 1 for q in seqs], batch_size=32, pack_length=16)
         batch, seq_len = lowered["shape"]
-        text = plan.build_step("evaluate", cfg, layout.replace(batch=batch), mesh, seq_len).lower().as_text()
+        step = plan.build_step("evaluate", cfg, layout.replace(batch=batch), mesh, seq_len, span=(1, 2))
         target = plan.load_targets()[0]["v5e-8"]
         digest = lambda t: hashlib.sha256(t.encode()).hexdigest()
-        print(json.dumps(dict(run=digest(lowered["run"]), plan=digest(text), shape=[batch, seq_len],
+        print(json.dumps(dict(run=digest(lowered["run"]), plan=digest(step.lower().as_text()),
+                              shape=[batch, seq_len], shared=group.shared,
                               same_layout=target.layout("evaluate") == target.layout("scoring"))))
     """, env=EIGHT_CPUS, timeout=600)
-    assert res["run"] == res["plan"] and res["shape"][1] == 16 and res["same_layout"], res
+    assert res["run"] == res["plan"] and res["shape"][1] == 16 and res["shared"] == 1 and res["same_layout"], res
 
 
 needs_libtpu = pytest.mark.skipif(not plan.libtpu_available(), reason="libtpu not installed: `bash scripts/setup.sh "

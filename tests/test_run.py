@@ -73,6 +73,8 @@ def test_cli_end_to_end_hf_export_matches_pruned_model(files, tmp_path, family, 
     if full:
         assert "text" in report["evaluation"]["pruned"]["tasks"]
         assert "| text | perplexity |" in md and "## Samples" in md
+        # dense and pruned evaluated together: the layers before the span (untrained) once for both
+        assert report["evaluation_shared_layers"] == span["start"] and "together" in report["evaluation_s"]
 
 
 def test_linear_block_by_perplexity_fits_without_training(files, tmp_path, monkeypatch):

@@ -18,12 +18,13 @@ def files(tiny_files):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Calls of load, score_spans and evaluate (dense and pruned each count one) during the test."""
+    """Calls of load, score_spans and evaluate (dense and pruned each count one, also when evaluated together)
+    during the test."""
     calls = {"load": 0, "score": 0, "evaluate": 0}
 
     def counting(name, fn):
         def wrapper(*a, **k):
-            calls[name] += 1
+            calls[name] += len(a[0].models) if isinstance(a[0], evaluation.ModelGroup) else 1
             return fn(*a, **k)
         return wrapper
 

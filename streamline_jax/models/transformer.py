@@ -13,6 +13,7 @@ Parameters are a plain dict:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -210,9 +211,12 @@ def default_positions(attention_mask):
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+EMBED_KEYS = ("embed_tokens", "embed_positions", "project_in")  # what `embed` reads
+
+
 def embed(config: ModelConfig, params, input_ids, positions):
-    keys = ("embed_tokens", "embed_positions", "project_in")
-    return Embedder(config).apply({"params": {k: params[k] for k in keys if k in params}}, input_ids, positions)
+    return Embedder(config).apply({"params": {k: params[k] for k in EMBED_KEYS if k in params}}, input_ids,
+                                  positions)
 
 
 def head(config: ModelConfig, params, x):
@@ -279,18 +283,10 @@ def run_segment(config, segment: Segment, seg_params, x, mask, positions, *, col
     return out, (x[None] if collect else None), cache
 
 
-def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions=None, *, collect_hidden=False,
-          return_logits=True, caches=None, cache_index=0, remat=False, segment_ids=None, shared_prefix_ids=None):
-    """The forward pass.
-
-    input_ids: [B, T]. attention_mask: [B, S] over key slots (S = T without a cache, S = cache length with one).
-    segment_ids: [B, T] for packed rows (several sequences per row, 0 = padding; replaces attention_mask): each
-    token sees only earlier tokens of its own segment, and positions restart at 0 in each segment.
-    shared_prefix_ids: [B, T] with segment_ids and explicit positions: the segment each token sees besides its own
-    (0: none), a prefix that several sequences share (each branch's positions continue the prefix's).
-    Returns a dict: `logits` [B, T, V] (float32), `hidden` [L+1, B, T, D] when collect_hidden (hidden[L] is the
-    last layer's output *before* the final norm), `last_hidden` (same, [B, T, D]) and `caches`.
-    """
+def input_masks(config: ModelConfig, input_ids, attention_mask=None, positions=None, *, caches=None, cache_index=0,
+                segment_ids=None, shared_prefix_ids=None):
+    """(mask [B, T, S] bool, positions [B, T]): what each query may see and where each token is, from `apply`'s
+    arguments (see there)."""
     b, t = input_ids.shape
     if segment_ids is not None:
         if caches is not None or attention_mask is not None:
@@ -309,6 +305,24 @@ def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions
         positions = jnp.take_along_axis(default_positions(attention_mask), jnp.broadcast_to(query_slots, (b, t)), 1)
     mask = attention_mask_matrix(attention_mask, query_slots[None], config.sliding_window, segment_ids,
                                  shared_prefix_ids, positions)
+    return mask, positions
+
+
+def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions=None, *, collect_hidden=False,
+          return_logits=True, caches=None, cache_index=0, remat=False, segment_ids=None, shared_prefix_ids=None):
+    """The forward pass.
+
+    input_ids: [B, T]. attention_mask: [B, S] over key slots (S = T without a cache, S = cache length with one).
+    segment_ids: [B, T] for packed rows (several sequences per row, 0 = padding; replaces attention_mask): each
+    token sees only earlier tokens of its own segment, and positions restart at 0 in each segment.
+    shared_prefix_ids: [B, T] with segment_ids and explicit positions: the segment each token sees besides its own
+    (0: none), a prefix that several sequences share (each branch's positions continue the prefix's).
+    Returns a dict: `logits` [B, T, V] (float32), `hidden` [L+1, B, T, D] when collect_hidden (hidden[L] is the
+    last layer's output *before* the final norm), `last_hidden` (same, [B, T, D]) and `caches`.
+    """
+    mask, positions = input_masks(config, input_ids, attention_mask, positions, caches=caches,
+                                  cache_index=cache_index, segment_ids=segment_ids,
+                                  shared_prefix_ids=shared_prefix_ids)
     x = embed(config, params, input_ids, positions)
     hidden, new_caches = [], {}
     for i, (seg, first) in enumerate(zip(config.layout, layer_offsets(config))):
@@ -327,6 +341,90 @@ def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions
     if return_logits:
         out["logits"] = head(config, params, x)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models that share a beginning: a dense model and its pruned copies
+
+
+def stack_pieces(config: ModelConfig, params, lo: int, hi: int) -> list[tuple[Segment, object, int]]:
+    """(segment, its parameters, stack index of its first layer) for running stack layers [lo, hi) in order; a
+    stacked segment that the range cuts is sliced."""
+    pieces = []
+    for i, (seg, first) in enumerate(zip(config.layout, layer_offsets(config))):
+        a, b = max(lo, first), min(hi, first + seg.num_layers)
+        if a >= b:
+            continue
+        seg_params = params["segments"][f"seg_{i}"]
+        if seg.kind == "layers" and b - a < seg.num_layers:
+            seg_params = jax.tree.map(lambda p: p[a - first:b - first], seg_params)
+            seg = dataclasses.replace(seg, num_layers=b - a)
+        pieces.append((seg, seg_params, a))
+    return pieces
+
+
+def run_layers(config: ModelConfig, params, x, mask, positions, lo: int = 0, hi: int | None = None):
+    """Stack layers [lo, hi) (default: to the last) from hidden state x entering layer lo."""
+    for seg, seg_params, first in stack_pieces(config, params, lo, config.depth if hi is None else hi):
+        x, _, _ = run_segment(config, seg, seg_params, x, mask, positions, first_layer=first)
+    return x
+
+
+def apply_shared_prefix(configs, params, shared: int, input_ids, attention_mask=None, positions=None, *,
+                        segment_ids=None, shared_prefix_ids=None) -> list:
+    """The last hidden states (before the final norm) of several models whose embeddings and first `shared` layers
+    are the same (`shared_prefix_depth`: a dense model and its pruned copies): those run once, as the first
+    model's, and each model runs its own layers from there. Arguments as `apply`'s, `configs` and `params` one per
+    model."""
+    mask, positions = input_masks(configs[0], input_ids, attention_mask, positions, segment_ids=segment_ids,
+                                  shared_prefix_ids=shared_prefix_ids)
+    x = embed(configs[0], params[0], input_ids, positions)
+    x = run_layers(configs[0], params[0], x, mask, positions, 0, shared)
+    return [run_layers(c, p, x, mask, positions, shared) for c, p in zip(configs, params)]
+
+
+_LAYER_FREE = ("num_layers", "layout", "pruned_spans", "layer_types")  # what may differ between models sharing layers
+
+
+def shared_prefix_depth(config_a: ModelConfig, params_a, config_b: ModelConfig, params_b) -> int | None:
+    """How many leading stack layers two models have in common (same parameters, same attention type), given the
+    same settings and embeddings; None where those differ. A pruned model whose layers before its block did not
+    train shares them with its dense model (and the block too, if it is still a copy of the span's first layer)."""
+    settings = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in _LAYER_FREE}
+    if settings(config_a) != settings(config_b):
+        return None
+    embeds = [{k: p[k] for k in EMBED_KEYS if k in p} for p in (params_a, params_b)]
+    if not _same_arrays(*embeds):
+        return None
+    depth = 0
+    while depth < min(config_a.depth, config_b.depth):
+        (seg_a, layer_a, _), = stack_pieces(config_a, params_a, depth, depth + 1)
+        (seg_b, layer_b, _), = stack_pieces(config_b, params_b, depth, depth + 1)
+        if (seg_a.kind not in ("layers", "layer") or seg_b.kind not in ("layers", "layer")
+                or config_a.layer_is_local(depth, 1) != config_b.layer_is_local(depth, 1)
+                or not _same_arrays(_one_layer(seg_a, layer_a), _one_layer(seg_b, layer_b))):
+            break
+        depth += 1
+    return depth
+
+
+def _one_layer(segment: Segment, seg_params):
+    return jax.tree.map(lambda p: p[0], seg_params) if segment.kind == "layers" else seg_params
+
+
+def _same_arrays(a, b) -> bool:
+    """Whether two trees hold the same arrays (structure, shapes, dtypes and values), compared where they live."""
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
+    pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    if any(x.shape != y.shape or x.dtype != y.dtype for x, y in pairs):
+        return False
+    return all(x is y for x, y in pairs) or bool(_arrays_equal(a, b))
+
+
+@jax.jit
+def _arrays_equal(a, b):
+    return jnp.all(jnp.stack([jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
 
 
 def _cache_len(caches):
