@@ -344,6 +344,26 @@ def test_what_models_share_is_found_from_their_parameters(tiny):
             np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_models_with_per_layer_attention_types_share_layers_while_the_types_agree():
+    """Gemma 3 (sliding s s f s s f): a `layer` block from layer 1 keeps layer 1's parameters and type, so layers 0
+    and 1 are shared; the pruned model's next layer (3, sliding) stands where the dense one has layer 2 (full), and
+    sharing stops there. Together, each model scores as alone, every layer with its own type."""
+    from streamline_jax.pruning import prune
+    from test_score import reference_pair
+
+    _, model = reference_pair("gemma3")
+    pruned = prune(model, 1, 2, replacement="layer")
+    group = ev.model_group([model, pruned])
+    assert group.shared == 2
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(3, 128, n).astype(np.int32) for n in (30, 17, 9)]
+    joint, _ = ev.score_sequences(group, seqs, [20, 8, 4], pack_length=32)
+    for m, per_model in zip((model, pruned), joint):
+        alone, _ = ev.score_sequences(m, seqs, [20, 8, 4], pack_length=32)
+        for a, b in zip(per_model, alone):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 HUB_ROWS = {
     "hellaswag": {"ind": 4, "activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow "
                   "covering the window of a car, and a woman wearing winter clothes smiles.", "ctx_b": "then",
