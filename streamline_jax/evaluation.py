@@ -550,7 +550,7 @@ def loglikelihood_tokens(model: Model | ModelGroup, encoded: Sequence[tuple[Sequ
     else:
         sums, is_greedy = [np.array([lp.sum() for lp in out]) for out in outs], None
     if not grouped:
-        sums, is_greedy = sums[0], is_greedy and is_greedy[0]
+        sums, is_greedy = sums[0], None if is_greedy is None else is_greedy[0]
     return sums, np.array(scored), is_greedy, stats
 
 
