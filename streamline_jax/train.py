@@ -83,14 +83,13 @@ def _dense_prefix(config: ModelConfig, params, input_ids, mask, start):
     positions = transformer.default_positions(mask)
     attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], config.sliding_window)
     x = transformer.embed(config, params, input_ids, positions)
-    if start > 0:  # a span from layer 0 has no prefix
-        x, _ = _run_pieces(config, [_dense_layers(config, params, 0, start)], x, attn, positions)
+    x, _ = _run_pieces(config, _dense_layers(config, params, 0, start), x, attn, positions)
     return x, attn, positions
 
 
 def _dense_layers(config: ModelConfig, params, lo, hi):
-    """(segment, params) of the dense model's layers [lo, hi)."""
-    return Segment("layers", hi - lo), jax.tree.map(lambda a: a[lo:hi], params["segments"]["seg_0"])
+    """(segment, params) pieces of the dense model's layers [lo, hi); none for an empty range."""
+    return [(seg, seg_params) for seg, seg_params, _ in transformer.stack_pieces(config, params, lo, hi)]
 
 
 def _run_pieces(config: ModelConfig, pieces, x, attn, positions, stops=(), first=0, remat="none"):
@@ -119,7 +118,7 @@ def _run_pieces(config: ModelConfig, pieces, x, attn, positions, stops=(), first
 def _dense_span_io(config: ModelConfig, params, input_ids, mask, start, length):
     """The dense model's hidden states entering layer `start` and leaving layer `start+length-1` (no gradient)."""
     x_in, attn, positions = _dense_prefix(config, params, input_ids, mask, start)
-    target, _ = _run_pieces(config, [_dense_layers(config, params, start, start + length)], x_in, attn, positions,
+    target, _ = _run_pieces(config, _dense_layers(config, params, start, start + length), x_in, attn, positions,
                             first=start)
     return jax.lax.stop_gradient(x_in), jax.lax.stop_gradient(target), attn, positions
 
@@ -393,8 +392,8 @@ def _distill_from(teacher, student, trained, frozen, batch, attn, positions, *, 
         student_first = sum(seg.num_layers for seg, _ in segments[:block_index])
         segments = segments[block_index:]
     teacher_stops, student_stops = [t for t, _ in kd.hidden_pairs], [s for _, s in kd.hidden_pairs]
-    depth = dense_config.depth  # a span ending at the last layer leaves a cached teacher no layers to run
-    teacher_layers = [_dense_layers(dense_config, dense_params, teacher_first, depth)] if teacher_first < depth else []
+    # a span ending at the last layer leaves a cached teacher no layers to run
+    teacher_layers = _dense_layers(dense_config, dense_params, teacher_first, dense_config.depth)
     h_t, hidden_t = _run_pieces(dense_config, teacher_layers, x_t, attn, positions, teacher_stops, teacher_first)
     if teacher_first - 1 in teacher_stops:  # a cached span output is the teacher's last layer before teacher_first
         hidden_t[teacher_first - 1] = x_t
