@@ -342,7 +342,8 @@ def training_program(stage: str, config: ModelConfig, span: tuple[int, int], mes
     block = train.trainable_blocks(pruned)[0]
     paths = train.trained_paths(transformer.abstract_params(pruned), block, options["trainable"], options["freeze"])
     kd = train.distillation_settings(config, pruned, block, paths, options["kd_temperature"], options["kd_ce_weight"],
-                                     options["kd_hidden_layers"], options["kd_hidden_weight"]) if mode == "kd" else None
+                                     options["kd_hidden_layers"], options["kd_hidden_weight"],
+                                     options["kd_hidden_every"]) if mode == "kd" else None
     num_steps = options["num_steps"] or PLAN_NUM_STEPS  # a run's null: every batch, for the schedule only
     program = train.training_program(
         config, pruned, block, paths, mode, lr=options["lr"], min_lr=options["min_lr"],

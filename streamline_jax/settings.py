@@ -397,8 +397,8 @@ RANGES = [
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
     ("train.kd_temperature", 0, False), ("train.kd_ce_weight", 0, True), ("train.kd_hidden_weight", 0, True),
-    ("train.log_every", 1, True), ("train.distill_steps", 0, True), ("train.distill_lr", 0, False),
-    ("train.lr_beyond_block", 0, False), ("train.distill_lr_beyond_block", 0, False),
+    ("train.kd_hidden_every", 0, True), ("train.log_every", 1, True), ("train.distill_steps", 0, True),
+    ("train.distill_lr", 0, False), ("train.lr_beyond_block", 0, False), ("train.distill_lr_beyond_block", 0, False),
     ("eval.limit", 1, True), ("eval.ppl_windows", 1, True), ("eval.window", 2, True), ("eval.batch_size", 1, True),
     ("samples.max_new_tokens", 1, True), ("mesh.data", 1, True), ("mesh.tensor", 1, True),
 ]

@@ -545,6 +545,7 @@ class TrainOptions:
     kd_ce_weight: float = 0.0
     kd_hidden_layers: tuple[int, ...] = ()
     kd_hidden_weight: float = 0.0
+    kd_hidden_every: int = 0  # also every this many original layers after the span's output (kd_hidden_weight > 0)
     lr_beyond_block: float | None = None  # peak lr of the trained parameters outside the block (None: lr)
     log_every: int = 10  # steps between reads of the losses (see train_replacement)
 
@@ -672,8 +673,10 @@ def trained_paths(pruned_params, block: Block, trainable: Sequence[str] = ("bloc
 
 
 def distillation_settings(dense_config: ModelConfig, pruned_config: ModelConfig, block: Block, paths, temperature,
-                  ce_weight, hidden_layers, hidden_weight) -> Distillation:
-    """KD mode's settings, checked, with the (teacher, student) layer pairs of the hidden-state terms."""
+                          ce_weight, hidden_layers, hidden_weight, hidden_every: int = 0) -> Distillation:
+    """KD mode's settings, checked, with the (teacher, student) layer pairs of the hidden-state terms: the span's
+    output, each of `hidden_layers`, and every `hidden_every`-th original layer after the span's output that the
+    student still has (none where hidden_weight is 0)."""
     from .pruning import original_ranges
 
     if not temperature > 0:
@@ -697,6 +700,11 @@ def distillation_settings(dense_config: ModelConfig, pruned_config: ModelConfig,
         if layer >= end and (layer, layer + 1) not in current:
             raise ValueError(f"kd_hidden_layers: layer {h} was pruned; the student has no copy of it")
         pairs.add((layer, current[(block.start, end)] if layer == end - 1 else current[(layer, layer + 1)]))
+    if not (isinstance(hidden_every, numbers.Integral) and hidden_every >= 0):
+        raise ValueError(f"kd_hidden_every must be a whole number of layers >= 0, got {hidden_every!r}")
+    if hidden_weight and hidden_every:  # a layer that another span pruned has no copy to match: skipped
+        pairs |= {(layer, current[(layer, layer + 1)]) for layer in range(end - 1 + hidden_every, depth, hidden_every)
+                  if (layer, layer + 1) in current}
     index = int(block.key.removeprefix("seg_"))
     before = pruned_config.layout[:index]
     prefix = {f"segments/seg_{i}" for i in range(index)} | {"embed_tokens", "embed_positions", "project_in"}
@@ -1171,7 +1179,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     `mode="kd"`: (1 - kd_ce_weight) x kd_temperature^2 x KL(teacher || student) at temperature kd_temperature over
     real tokens, + kd_ce_weight x the next-token cross-entropy, + kd_hidden_weight x the mean MSE (`mse_weighting`)
     between the teacher's and the student's hidden states leaving the span and leaving each original layer in
-    `kd_hidden_layers` (after the span; negative numbers count from the last layer).
+    `kd_hidden_layers` (after the span; negative numbers count from the last layer) and every `kd_hidden_every`-th
+    original layer after the span's output (those another span pruned skipped).
     `remat`: a `transformer.remat_policy` name for the layers the gradient runs through (the run takes it from its
     stage layout in configs/meshes.yaml). The train step donates the trained parameters and the optimizer state.
     """
@@ -1192,7 +1201,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
         raise ValueError(f"mode 'mse' trains the block only (its loss depends on nothing else); trainable "
                          f"{list(trainable)} selects more: use mode 'lm' or 'kd'")
     kd = distillation_settings(dense_model.config, pruned_model.config, block, paths, kd_temperature, kd_ce_weight,
-                       kd_hidden_layers, kd_hidden_weight) if mode == "kd" else None
+                               kd_hidden_layers, kd_hidden_weight, o.kd_hidden_every) if mode == "kd" else None
     data = _training_data(train_batches, valid_batches, batch_size, epochs, grad_accum, num_steps, shuffle, seed,
                           pair_cache)
     num_steps = data.num_steps

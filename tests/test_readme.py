@@ -150,7 +150,8 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_forward.py --shapes 4x512 --rounds 3": HELP_BENCH,
     "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N]": HELP_BENCH,
     "python scripts/bench_load.py [--layers 4] [--devices 8] [--mesh 1,8,1] [--keep DIR]": HELP_BENCH,
-    "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2]": HELP_BENCH,
+    "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2] "
+    "[--compute-dtype auto]": HELP_BENCH,
     "python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000|none] [--speed-steps 16] "
     "[--log-every 4]": HELP_BENCH,
     "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] "

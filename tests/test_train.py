@@ -457,6 +457,28 @@ def test_kd_loss_and_its_gradient_are_zero_for_a_student_equal_to_its_teacher():
     assert float(value) > 1e-3 and max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3
 
 
+def test_kd_hidden_every_matches_each_later_layer_the_student_still_has():
+    from streamline_jax.train import distillation_settings
+
+    model = dense(LLAMA)  # 6 layers; the span [1, 3) ends at layer 2, the block's index 1
+    pruned = prune(model, 1, 2, "layer")
+    block = trainable_blocks(pruned.config)[0]
+
+    def pairs(config, every, weight=1.0, layers=()):
+        return distillation_settings(model.config, config, block, ["segments/seg_1/x"], 1.0, 0.0, layers, weight,
+                                     every).hidden_pairs
+
+    assert pairs(pruned.config, 1) == ((2, 1), (3, 2), (4, 3), (5, 4))
+    assert pairs(pruned.config, 2) == ((2, 1), (4, 3))
+    assert pairs(pruned.config, 2, layers=(5,)) == ((2, 1), (4, 3), (5, 4))
+    assert pairs(pruned.config, 4) == ((2, 1),)  # past the last layer: the span's output alone
+    assert pairs(pruned.config, 2, weight=0.0) == ()  # weight 0: no hidden-state terms at all
+    twice = prune(pruned, 3, 2, "layer")  # original layers 4 and 5 pruned by a second span: skipped
+    assert pairs(twice.config, 1) == ((2, 1), (3, 2))
+    with pytest.raises(ValueError, match="kd_hidden_every must be a whole number of layers >= 0, got -1"):
+        pairs(pruned.config, -1)
+
+
 def test_kd_gradient_matches_a_finite_difference():
     model = dense(LLAMA)
     pruned = prune(model, 2, 3, "layer")
