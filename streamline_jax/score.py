@@ -43,7 +43,7 @@ def score_sums(config: ModelConfig, params, input_ids, attention_mask):
     h = hidden.astype(jnp.float32)  # [L+1, B, T, D]
     hi = jax.lax.Precision.HIGHEST
     # each token's Gram matrix over the layer axis, then cosines from its diagonal: one read of the hidden states,
-    # where normalising them first writes another [L+1, B, T, D] array (~2x faster on a CPU)
+    # where normalising them first writes another [L+1, B, T, D] array (scripts/bench_score.py: a third less time)
     flat = h.reshape(h.shape[0], -1, h.shape[-1])  # [L+1, B*T, D]
     gram = jnp.einsum("ind,jnd->nij", flat, flat, precision=hi)
     inv_norm = jax.lax.rsqrt(jnp.maximum(jnp.diagonal(gram, axis1=1, axis2=2), 1e-30))  # [B*T, L+1]
