@@ -119,13 +119,21 @@ def test_mlp_writes_orbax_only(files, tmp_path):
     assert "mlp" in json.loads((out / "report.json").read_text())["outputs"]["hf"]
 
 
-def test_kd_training_beyond_the_block_from_the_settings(files, tmp_path):
+def test_kd_training_beyond_the_block_from_the_settings(files, tmp_path, monkeypatch):
+    from streamline_jax import train
+
+    settings = []
+    real_settings = train.distillation_settings
+    monkeypatch.setattr(train, "distillation_settings", lambda *a: settings.append(real_settings(*a)) or settings[-1])
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "llama", out, "train.mode=kd", "train.kd_temperature=2", "train.kd_ce_weight=0.5",
-                              "train.kd_hidden_layers=[-1]", "train.kd_hidden_weight=0.1",
-                              "train.trainable=[block, final_norm/.*]", "--stages", "train")) == 0
+                              "train.kd_hidden_layers=[-1]", "train.kd_hidden_weight=0.1", "train.kd_hidden_every=1",
+                              "score.protect_last=2", "train.trainable=[block, final_norm/.*]",
+                              "--stages", "train")) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["training"]["mode"] == "kd" and report["training"]["train"]
+    span, depth = report["span"], 6  # a span before the last two layers: every layer from its output on is matched
+    assert span["end"] <= depth - 2 and [t for t, _ in settings[-1].hidden_pairs] == list(range(span["end"] - 1, depth))
 
 
 def test_distill_phase_trains_what_its_own_settings_say(files, tmp_path):
