@@ -76,8 +76,9 @@ def main():
         run = lambda i, m, compiled=compiled: compiled(p, i, m)
         rows[name] = (compile_s, timed(run, batches, args.repeats))
     tokens = args.batches * args.batch_size * args.seq_len
-    print(f"SmolLM2-135M on {jax.devices()[0].platform} in {model.config.compute_dtype or 'float32'}, {args.batches} batches of {args.batch_size}x{args.seq_len} "
-          f"({tokens} tokens), best of {args.repeats}")
+    dtype = model.config.compute_dtype or "float32"
+    print(f"SmolLM2-135M on {jax.devices()[0].platform} in {dtype}, {args.batches} batches of "
+          f"{args.batch_size}x{args.seq_len} ({tokens} tokens), best of {args.repeats}")
     for name, (compile_s, run_s) in rows.items():
         print(f"  {name:22s} compile {compile_s:6.2f} s   run {run_s:7.3f} s   {tokens / run_s:9.0f} tokens/s")
     base, scoring = rows["forward, no LM head"][1], rows["score_spans step"][1]
