@@ -13,10 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from streamline_jax import export  # noqa: E402
-from streamline_jax.loading import ORBAX_MARKER  # noqa: E402
+from streamline_jax import export
+from streamline_jax.loading import ORBAX_MARKER
 
 
 def main(argv=None) -> int:

@@ -29,6 +29,7 @@ import yaml
 from jax.sharding import Mesh
 
 from . import train
+from .config_files import CONFIG_DIR
 from .models import transformer
 from .models.config import ModelConfig
 from .models.model import Model, with_compute_dtype
@@ -41,7 +42,7 @@ from .sharding import MESH_AXES, ShardingError, param_shardings
 # Compile-only use of libtpu touches no chip, so several planning processes may load it at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-MESHES_YAML = Path(__file__).resolve().parents[1] / "configs" / "meshes.yaml"
+MESHES_YAML = CONFIG_DIR / "meshes.yaml"
 LAYOUT_STAGES = ("scoring", "mse", "lm")  # each target in configs/meshes.yaml gives these
 STAGES = LAYOUT_STAGES + ("evaluate",)  # evaluation runs on the scoring layout, as the run does
 GIB = 1024 ** 3

@@ -22,16 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from streamline_jax import plan  # noqa: E402
-from streamline_jax.models.presets import preset  # noqa: E402
+from streamline_jax import plan
+from streamline_jax.models.presets import preset
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a preset name, e.g. llama2-13b")
-    ap.add_argument("--topology", required=True, help="a target (v5e-16) or topology (v5e:4x4) from configs/meshes.yaml")
+    ap.add_argument("--topology", required=True, help="a target (v5e-16) or topology (v5e:4x4) from meshes.yaml")
     ap.add_argument("--stage", choices=plan.STAGES, action="append", help="stage(s) to plan (default: all)")
     ap.add_argument("--seq-len", type=int, help="tokens per sequence (default: seq_len in meshes.yaml)")
     ap.add_argument("--batch", type=int, help="global batch for every stage (default: the layout's)")

@@ -63,13 +63,16 @@ def parse_stages(text: str | None) -> tuple[str, ...]:
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m streamline_jax.run",
+        prog="streamline-jax",
         description="LLM-Streamline in one command: load, score, prune, train, evaluate, save, report.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="presets: " + ", ".join(preset_names()) + "\nstages: " + ", ".join(STAGES) +
                "\nkeys: " + ", ".join(valid_keys()))
     p.add_argument("--model", help=f"preset name, local folder, .gguf file or hub id (default {DEFAULT_MODEL})")
-    p.add_argument("--config", help="a YAML file of settings, applied after the preset")
+    from .config_files import recipe_names
+
+    p.add_argument("--config", help="a YAML file of settings, or a shipped recipe's name (" +
+                                    ", ".join(recipe_names()) + "), applied after the preset")
     p.add_argument("--out", help="output folder (default runs/<model>)")
     p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)} (prerequisites are added)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")

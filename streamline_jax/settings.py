@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from .config_files import CONFIG_DIR, config_path, recipe_names
 from .train import TrainOptions
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_MODEL = "smollm2-135m"
 STAGES = ("score", "prune", "train", "evaluate", "save")
 PRUNE_INITS = ("default", "linear")
@@ -331,7 +331,11 @@ def build_config(model: str | None = None, config_file: str | None = None,
         settings = merge(settings, {"model": {"hub_id": None, "architecture": None}})
     settings = merge(settings, check_layer(model_layer, "--model"))
     if config_file:
-        settings = merge(settings, check_layer(read_yaml(Path(config_file)), str(config_file)))
+        path = config_path(str(config_file))
+        if not path.is_file() and Path(str(config_file)).suffix not in (".yaml", ".yml"):
+            raise ConfigError(f"--config {config_file}: no such file and not a shipped recipe "
+                              f"({', '.join(recipe_names())})")
+        settings = merge(settings, check_layer(read_yaml(path), str(config_file)))
     settings = merge(settings, check_layer(parse_overrides(list(overrides)), "override"))
     classes = _section_classes()
     config = RunConfig(**{s: classes[s](**settings.get(s, {})) for s in classes})

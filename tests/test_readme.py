@@ -7,7 +7,7 @@ must have an entry in COMMANDS saying how it runs here: as written, with --help 
 tiny (arguments appended that shrink it onto a tiny random model). A command without an entry fails, and so does
 an entry whose command is documented nowhere any more.
 
-Each runs in a fresh folder that holds links to the checkout's scripts/, configs/, streamline_jax/ and .venv (the
+Each runs in a fresh folder that holds links to the checkout's scripts/, streamline_jax/ and .venv (the
 test's venv), so relative paths resolve as they do in the checkout and whatever it writes (runs/..., /tmp/...
 rewritten into the folder) stays out of the repository. `python` and `.venv/bin/python` are the test's interpreter;
 `bash scripts/setup.sh ... &&` is not run again (this venv is what it made). The shared data is a tiny folder laid
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PROGRAMS = ("python", "python3", ".venv/bin/python", "bash")
 # what a fresh folder links to, so that the commands' relative paths resolve as in the checkout
-LINKED = ("scripts", "configs", "streamline_jax")
+LINKED = ("scripts", "streamline_jax")  # `configs/...` in a command: the shipped copy (config_files.config_path)
 
 
 # --------------------------------------------------------------------------------------------------------------
