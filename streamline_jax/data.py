@@ -6,6 +6,8 @@
     for batch in batches(split.calib, batch_size=8): ...              # {"input_ids", "attention_mask"} numpy arrays
 
 Everything is lazy: the corpus is read, tokenized and chunked as it is consumed, never held whole in memory.
+
+    python -m streamline_jax.data download DIR      # the data folder's local layout from the hub (data_sources)
 """
 
 from __future__ import annotations
@@ -252,3 +254,16 @@ def pad_rows(ids: np.ndarray, mask: np.ndarray, rows: int) -> tuple[np.ndarray, 
     """[B, T] ids and mask padded to `rows` rows with all-masked rows (which every loss and score ignores)."""
     pad = ((0, max(rows - len(ids), 0)), (0, 0))
     return np.pad(ids, pad), np.pad(mask, pad)
+
+
+def main(argv=None) -> int:
+    """`python -m streamline_jax.data download DIR`: see streamline_jax.data_sources."""
+    from .data_sources import main as data_main
+
+    return data_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -172,10 +172,14 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
     """Data files, tasks, the tokenizer and the model's shape against the settings: everything that needs no
     model weights, so that bad input fails before the output folder is touched."""
     from . import data
+    from .data_sources import provide
     from .tasks import PerplexityTask, get_task, load_items
 
+    d = c.data
+    tasks = [get_task(t) for t in c.eval.tasks]
+    provide([d.calibration, d.train, d.valid, c.eval.perplexity_text] +  # the `{data}` folder, before the model
+            [v for t in (tasks if "evaluate" in stages else ()) for v in dataclasses.asdict(t).values()])
     try:
-        d = c.data
         order = {"shuffle_buffer": d.shuffle_buffer, "shuffle_seed": d.shuffle_seed}
         calib_source = data.text_source(_data_path(d.calibration), d.text_field, **order)
         train_spec = _data_path(d.train)
@@ -183,7 +187,6 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
         valid_source = data.text_source(_data_path(d.valid), d.text_field, **order) if d.valid else None
     except data.DataError as e:
         raise ConfigError(str(e)) from None
-    tasks = [get_task(t) for t in c.eval.tasks]
     if c.eval.perplexity_text:
         path = _data_path(c.eval.perplexity_text)
         if not Path(path).is_file():

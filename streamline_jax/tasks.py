@@ -21,9 +21,11 @@ class TaskFileError(ValueError):
 
 
 def shared_data_dir() -> Path:
-    """`../shared/data` beside the checkout, or $STREAMLINE_JAX_DATA."""
-    env = os.environ.get("STREAMLINE_JAX_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    """The `{data}` folder: $STREAMLINE_JAX_DATA, ../shared/data beside a checkout, else the hub's copy in the cache
+    (streamline_jax.data_sources; `data_sources.provide` fills that copy before a run)."""
+    from .data_sources import data_folder
+
+    return data_folder()[0]
 
 
 @dataclasses.dataclass(frozen=True)
