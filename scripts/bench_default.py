@@ -7,7 +7,7 @@ parameters removed (goal >= 20%) and the wall time (goal <= 600 s on a 2-core CP
 before and after the run, say how fast it was meanwhile (a shared machine drifts by 2x and more between days).
 
     python scripts/bench_default.py                                    # the default recipe
-    python scripts/bench_default.py --config configs/recipes/paper.yaml   # the paper's recipe, same sizes
+    python scripts/bench_default.py --config paper                     # the paper's recipe, same sizes
     python scripts/bench_default.py --keep runs/bench_default            # keep the run's folder there
     python scripts/bench_default.py 'train.distill_trainable=[block,"segments/.*"]'   # with a setting changed
 """
@@ -30,7 +30,7 @@ GOALS = {"wall_s": 600.0, "removed": 0.20, "perplexity": 2.6, "piqa": 0.94}
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="a settings file passed on to the command (e.g. configs/recipes/paper.yaml)")
+    p.add_argument("--config", help="a settings file passed on to the command (e.g. paper, a shipped recipe)")
     p.add_argument("--keep", metavar="DIR", help="copy the finished run folder here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings passed on to the command")
     args = p.parse_args()

