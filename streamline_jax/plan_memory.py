@@ -26,7 +26,7 @@ from streamline_jax import plan
 from streamline_jax.models.presets import preset
 
 
-def main(argv=None):
+def plan_rows(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a preset name, e.g. llama2-13b")
     ap.add_argument("--topology", required=True, help="a target (v5e-16) or topology (v5e:4x4) from meshes.yaml")
@@ -102,8 +102,15 @@ def _print(r, prefix=""):
           + (f"  ({r['compile_s']} s)" if "compile_s" in r else ""), flush=True)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """The command line (`streamline-jax-plan`): the plans printed; a bad model or topology is one error line."""
     try:
-        main()
+        plan_rows(argv)
     except (plan.TopologyError, plan.ShardingError, KeyError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

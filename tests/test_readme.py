@@ -159,7 +159,7 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_attention.py [--batch 8] [--seq 512] [--dtype bfloat16] [--reps 3]": HELP_BENCH,
     "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": HELP_BENCH,
     "python scripts/bench_default.py": HELP_BENCH,  # bench_default's and bench_pipeline's, once the README names them
-    "python scripts/bench_default.py --config configs/recipes/paper.yaml": HELP_BENCH,
+    "python scripts/bench_default.py --config paper": HELP_BENCH,
     "python scripts/bench_default.py --keep runs/bench_default": HELP_BENCH,
     "python scripts/bench_default.py 'train.distill_trainable=[block,\"segments/.*\"]'": HELP_BENCH,
     "python scripts/bench_pipeline.py": HELP_BENCH,
