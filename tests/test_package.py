@@ -95,3 +95,17 @@ def test_every_console_script_answers_help(installed, tmp_path, script):
     out = subprocess.run([str(installed[1] / script), "--help"], capture_output=True, text=True, env=clean_env(),
                          cwd=tmp_path, timeout=300)
     assert out.returncode == 0 and "usage" in out.stdout.lower(), out.stdout + out.stderr
+
+
+def test_config_takes_a_path_or_a_shipped_recipe(tmp_path, monkeypatch):
+    """`--config paper` and `--config quick` from any folder; the former configs/recipes/... path still works."""
+    from streamline_jax.settings import ConfigError, build_config
+
+    monkeypatch.chdir(tmp_path)
+    assert build_config(None, "paper")[0].train.lr == build_config(None, "configs/recipes/paper.yaml")[0].train.lr
+    quick, _ = build_config("qwen2.5-0.5b", "quick")
+    assert quick.data.seq_len == 512 and quick.eval.limit == 500
+    (tmp_path / "mine.yaml").write_text("train:\n  lr: 0.5\n")
+    assert build_config(None, "mine.yaml")[0].train.lr == 0.5
+    with pytest.raises(ConfigError, match="not a shipped recipe .paper, quick"):
+        build_config(None, "papr")
