@@ -1,9 +1,15 @@
-"""streamline-jax: LLM-Streamline layer pruning for Llama and OPT in JAX/Flax.
+"""streamline-jax: LLM-Streamline layer pruning in JAX/Flax for Llama, Mistral, Qwen, Gemma and OPT models.
 
 Pipeline, one module per stage: loading → score → pruning → train → evaluation → export (and generation).
 The stage functions are exported here: load, score_spans / choose_span, prune, train_replacement, perplexity /
 evaluate / model_group / compare, save_orbax_model / export_hf, generate.
 """
+
+import warnings
+
+# `python -m streamline_jax.data` runs a module this package has imported already; runpy's warning about that does
+# not apply (its main only calls data_sources.main), and this filter is in place before runpy checks
+warnings.filterwarnings("ignore", r"'streamline_jax\.data' found in sys\.modules", RuntimeWarning)
 
 from .models.config import ModelConfig, Segment
 from .models.model import Model, forward, hidden_states, with_compute_dtype

@@ -179,21 +179,28 @@ def download(folder, parts=tuple(LAYOUT), overwrite: bool = False) -> list[str]:
     beside it and moved into place whole, so an interrupted download leaves no partial file. A part whose files
     are all there already is kept unless `overwrite`. Returns the parts written."""
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for part in parts:
-        files = LAYOUT[part]
-        if not overwrite and all((folder / f).is_file() for f in files):
-            continue
-        with tempfile.TemporaryDirectory(dir=folder, prefix=f".{part}.") as tmp:
-            for f in files:
-                (Path(tmp) / f).parent.mkdir(parents=True, exist_ok=True)
-            WRITERS[part](HUB[part].load(), Path(tmp))
-            for f in files:
-                (folder / f).parent.mkdir(parents=True, exist_ok=True)
-                os.replace(Path(tmp) / f, folder / f)
-        written.append(part)
-    return written
+    try:
+        return [part for part in parts if download_part(folder, part, overwrite)]
+    finally:
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # nothing written (the hub failed): leave no empty folder behind
+
+
+def download_part(folder: Path, part: str, overwrite: bool) -> bool:
+    """One part of `download`; False when its files are there already (and not `overwrite`)."""
+    files = LAYOUT[part]
+    if not overwrite and all((folder / f).is_file() for f in files):
+        return False
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{part}.") as tmp:
+        for f in files:
+            (Path(tmp) / f).parent.mkdir(parents=True, exist_ok=True)
+        WRITERS[part](HUB[part].load(), Path(tmp))
+        for f in files:
+            (folder / f).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(tmp) / f, folder / f)
+    return True
 
 
 def main(argv=None) -> int:

@@ -135,3 +135,17 @@ def test_no_data_and_no_hub_is_one_error_before_the_model_loads(tiny_files, tmp_
     assert len(errors) == 1 and "no data for {data}/corpus/train.jsonl" in errors[0], out.stderr
     assert "STREAMLINE_JAX_DATA" in errors[0] and "streamline-jax-data download" in errors[0]
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
+
+
+def test_a_failed_download_leaves_nothing_behind(no_local_data, monkeypatch, capsys):
+    def unreachable(self):
+        raise ConnectionError(f"Couldn't reach '{self.path}' on the Hub")
+
+    monkeypatch.setattr(data_sources.HubSource, "load", unreachable)
+    target = no_local_data / "offline-data"
+    assert data_sources.main(["download", str(target)]) == 1
+    assert "error: the Hugging Face hub failed (ConnectionError: Couldn't reach" in capsys.readouterr().err
+    assert not target.exists()
+    with pytest.raises(data_sources.DataUnavailable, match=r"STREAMLINE_JAX_DATA.*streamline-jax-data download"):
+        data_sources.provide(["{data}/piqa/valid.jsonl"])
+    assert not (no_local_data / "cache" / "data").exists()
