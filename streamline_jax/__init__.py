@@ -20,7 +20,8 @@ from .data import batches, split_chunks, text_source, token_chunks
 from .score import SpanChoice, SpanScores, choose_layers, choose_span, score_spans
 from .pruning import prune, prune_layers
 from .train import TrainOptions, train_replacement
-from .evaluation import ModelGroup, RetentionReport, compare, evaluate, model_group, perplexity, stability
+from .evaluation import (ModelGroup, RetentionReport, answer_agreement, compare, evaluate, model_group, perplexity,
+                         stability)
 from .tasks import TASKS, PerplexityTask, Task
 from .export import export_hf, load_orbax_model, save_orbax_model
 from .generation import Generation, generate
@@ -31,6 +32,6 @@ __all__ = [
     "text_source", "token_chunks", "split_chunks", "batches",
     "score_spans", "choose_span", "choose_layers", "SpanScores", "SpanChoice", "prune", "prune_layers",
     "train_replacement", "TrainOptions", "perplexity", "evaluate", "model_group", "ModelGroup", "compare", "stability",
-    "RetentionReport", "Task",
+    "answer_agreement", "RetentionReport", "Task",
     "PerplexityTask", "TASKS", "save_orbax_model", "load_orbax_model", "export_hf", "generate", "Generation",
 ]

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .backend import jit_by_config
 from .models import transformer
 from .models.model import Model
+from .report import RETENTION_HEADER, answer_columns
 from .sharding import place_batch
 from .tasks import Item, PerplexityTask, Task, get_task, load_items, resolve_path
 
@@ -657,16 +658,38 @@ def stability(dense_loglikelihoods: Sequence[Sequence[float]], pruned_loglikelih
     return float(weights[dense_right == pruned_right].sum())
 
 
+def answer_agreement(dense_loglikelihoods: Sequence[Sequence[float]], pruned_loglikelihoods: Sequence[Sequence[float]],
+                     labels: Sequence[int]) -> dict:
+    """What accuracy hides (Dutta et al. 2024, "Accuracy is not all you need"): `agreement`, the share of items on
+    which both models pick the same choice; `flips`, the share whose correctness changed, `right_to_wrong` plus
+    `wrong_to_right` (as shares; equal accuracies can hide many flips each way)."""
+    if not len(dense_loglikelihoods) == len(pruned_loglikelihoods) == len(labels):
+        raise EvaluationError(f"agreement needs the same items: {len(dense_loglikelihoods)} dense, "
+                              f"{len(pruned_loglikelihoods)} pruned, {len(labels)} labels")
+    if not labels:
+        raise EvaluationError("agreement needs at least one item")
+    dense_pick = np.array([int(np.argmax(s)) for s in dense_loglikelihoods])
+    pruned_pick = np.array([int(np.argmax(s)) for s in pruned_loglikelihoods])
+    gold = np.asarray(labels)
+    dense_right, pruned_right = dense_pick == gold, pruned_pick == gold
+    right_to_wrong = float(np.mean(dense_right & ~pruned_right))
+    wrong_to_right = float(np.mean(~dense_right & pruned_right))
+    return {"agreement": float(np.mean(dense_pick == pruned_pick)), "flips": right_to_wrong + wrong_to_right,
+            "right_to_wrong": right_to_wrong, "wrong_to_right": wrong_to_right, "items": len(labels)}
+
+
 @dataclasses.dataclass
 class RetentionReport:
     """Dense vs pruned: one row per (task, metric) with the ratio (pruned/dense; dense/pruned for perplexity, so
-    above 1 is better in both), the parameter counts, and the stability of each multiple-choice task."""
+    above 1 is better in both), the parameter counts, and for each multiple-choice task the paper's stability and
+    the answers' agreement and flips (`answer_agreement`)."""
 
     rows: list[dict]
     num_params: dict
     layers: dict
     stability: dict
     mean_retention: float | None
+    agreement: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -678,12 +701,10 @@ class RetentionReport:
         return text
 
     def to_markdown(self) -> str:
-        lines = ["| task | metric | dense | pruned | retention | stability |", "|---|---|---|---|---|---|"]
+        lines = [RETENTION_HEADER, "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
-            stab = self.stability.get(r["task"])
-            stab = f"{stab:.4f}" if stab is not None and r["metric"] == "acc" else ""
             lines.append(f"| {r['task']} | {r['metric']} | {r['dense']:.4f} | {r['pruned']:.4f} | "
-                         f"{r['retention']:.2%} | {stab} |")
+                         f"{r['retention']:.2%} | {answer_columns(r, self.stability, self.agreement)} |")
         d, p = self.num_params["dense"], self.num_params["pruned"]
         lines += ["", f"parameters: dense {d:,}, pruned {p:,} ({p / d:.2%}); "
                       f"layers: dense {self.layers['dense']}, pruned {self.layers['pruned']}"]
@@ -700,7 +721,7 @@ def compare(dense_results: dict, pruned_results: dict) -> RetentionReport:
     shared = [name for name in dense if name in pruned]
     if not shared:
         raise EvaluationError(f"no task in common: dense has {sorted(dense)}, pruned has {sorted(pruned)}")
-    rows, stab, accs = [], {}, []
+    rows, stab, agree, accs = [], {}, {}, []
     for name in shared:
         d, p = dense[name], pruned[name]
         if d["kind"] != p["kind"]:
@@ -717,10 +738,12 @@ def compare(dense_results: dict, pruned_results: dict) -> RetentionReport:
                              "retention": p[metric] / d[metric] if d[metric] else float("nan")})
         accs.append(p["acc"] / d["acc"] if d["acc"] else float("nan"))
         stab[name] = stability(d["loglikelihoods"], p["loglikelihoods"], d["labels"])
+        agree[name] = answer_agreement(d["loglikelihoods"], p["loglikelihoods"], d["labels"])
     return RetentionReport(
         rows=rows,
         num_params={"dense": dense_results["num_params"], "pruned": pruned_results["num_params"]},
         layers={"dense": dense_results.get("layers"), "pruned": pruned_results.get("layers")},
         stability=stab,
         mean_retention=float(np.mean(accs)) if accs else None,
+        agreement=agree,
     )

@@ -11,6 +11,20 @@ from pathlib import Path
 import numpy as np
 
 
+RETENTION_HEADER = "| task | metric | dense | pruned | retention | stability | agreement | flips |"
+
+
+def answer_columns(row: dict, stability: dict, agreement: dict) -> str:
+    """The stability, agreement and flips cells of a retention row: filled on a multiple-choice task's `acc` row."""
+    if row["metric"] != "acc" or row["task"] not in stability:
+        return " | ".join([""] * 3)
+    agree = agreement.get(row["task"])
+    cells = [f"{stability[row['task']]:.4f}"]
+    cells += [f"{agree['agreement']:.2%}", f"{agree['flips']:.2%} (-{agree['right_to_wrong']:.2%} "
+                                           f"+{agree['wrong_to_right']:.2%})"] if agree else ["", ""]
+    return " | ".join(cells)
+
+
 def jsonable(x):
     """numpy scalars/arrays to Python, NaN/inf to None (strict JSON)."""
     if isinstance(x, dict):
@@ -171,12 +185,11 @@ def to_markdown(report: dict) -> str:
             lines += [f"![training loss]({plots['loss']})", ""]
     retention = report.get("retention")
     if retention:
-        lines += ["## Evaluation", "", "| task | metric | dense | pruned | retention | stability |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["## Evaluation", "", RETENTION_HEADER, "|---|---|---|---|---|---|---|---|"]
         for r in retention["rows"]:
-            stab = retention["stability"].get(r["task"]) if r["metric"] == "acc" else None
+            cells = answer_columns(r, retention["stability"], retention.get("agreement", {}))
             lines.append(f"| {r['task']} | {r['metric']} | {_fmt(r['dense'])} | {_fmt(r['pruned'])} | "
-                         f"{_fmt(r['retention'], '.2%')} | {_fmt(stab) if stab is not None else ''} |")
+                         f"{_fmt(r['retention'], '.2%')} | {cells} |")
         if retention.get("mean_retention") is not None:
             lines += ["", f"Mean accuracy retention: {retention['mean_retention']:.2%}."]
         lines.append("")
@@ -247,8 +260,10 @@ def summary(report: dict, folder: Path) -> str:
         lines.append(f"{'':{width}}  {'dense':>9}  {'pruned':>9}  pruned/dense")
         for r in retention["rows"]:
             ratio = r["pruned"] / r["dense"] if r["dense"] else float("nan")
+            agree = retention.get("agreement", {}).get(r["task"]) if r["metric"] == "acc" else None
+            answers = f"  (same answer {agree['agreement']:.1%}, flips {agree['flips']:.1%})" if agree else ""
             lines.append(f"{r['task'] + ' ' + r['metric']:{width}}  {r['dense']:9.4f}  {r['pruned']:9.4f}  "
-                         f"{ratio:.3f}")
+                         f"{ratio:.3f}{answers}")
     times = report.get("stage_times", {})
     if times:
         parts = ", ".join(f"{k} {v:.0f}" for k, v in times.items() if k != "total")

@@ -320,6 +320,10 @@ def resolve_model(model: str | None) -> tuple[str | None, dict]:
                       f"folder, a .gguf file or a hub id owner/name)")
 
 
+# Settings of which exactly one is set: a sweep over one sets the other to null.
+ALTERNATIVE_SETTINGS = {"score.sparsity": "score.num_layers", "score.num_layers": "score.sparsity"}
+
+
 def build_config(model: str | None = None, config_file: str | None = None,
                  overrides: list[str] = ()) -> tuple[RunConfig, str | None]:
     """pipeline.yaml ← preset ← --config FILE ← key=value overrides, each layer checked; a frozen RunConfig."""

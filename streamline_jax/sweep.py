@@ -67,6 +67,16 @@ def points(axes) -> list[list[tuple[str, str]]]:
     return [list(zip([k for k, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
 
 
+def point_overrides(overrides: list[str], pairs) -> list[str]:
+    """A point's overrides: the base's, then the point's values. Sweeping one of two alternative settings
+    (`score.sparsity` / `score.num_layers`) sets the other to null, wherever the base set it, unless it is swept
+    too."""
+    swept = {key for key, _ in pairs}
+    nulls = [f"{other}=null" for key in swept
+             if (other := settings.ALTERNATIVE_SETTINGS.get(key)) and other not in swept]
+    return [*overrides, *nulls, *(f"{k}={v}" for k, v in pairs)]
+
+
 def _check_sweep_folder(out: Path, recorded: dict, overwrite: bool) -> None:
     """A sweep folder holds one sweep: other base settings are refused (naming them) unless overwrite."""
     path = out / SWEEP_SETTINGS
@@ -130,7 +140,7 @@ def run_sweep(model: str | None, config_file: str | None, overrides: list[str], 
     base, preset = settings.build_config(model, config_file, overrides)
     plan = []  # every point's settings are checked before any work
     for pairs in points(axes):
-        config, _ = settings.build_config(model, config_file, [*overrides, *(f"{k}={v}" for k, v in pairs)])
+        config, _ = settings.build_config(model, config_file, point_overrides(overrides, pairs))
         try:
             pipeline.check_inputs(config, stages)
         except settings.ConfigError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from conftest import shared_data
 from reference import params_from_torch, torch_model
 from streamline_jax import evaluation as ev
 from streamline_jax import tasks as tk
+from streamline_jax.report import summary, to_markdown
 from streamline_jax.models.config import ModelConfig
 from streamline_jax.models.model import Model
 
@@ -509,6 +511,20 @@ def test_stability_edge_cases():
         ev.stability([[0, 1]], [[0, 1], [1, 0]], [0])
 
 
+def test_agreement_and_flips_see_what_equal_accuracies_hide():
+    labels = [0, 0, 0, 0]
+    dense = [[1, 0], [1, 0], [0, 1], [0, 1]]  # right, right, wrong, wrong: acc 0.5
+    pruned = [[0, 1], [0, 1], [1, 0], [1, 0]]  # wrong, wrong, right, right: acc 0.5 too, every answer changed
+    assert ev.answer_agreement(dense, pruned, labels) == {"agreement": 0.0, "flips": 1.0, "right_to_wrong": 0.5,
+                                                          "wrong_to_right": 0.5, "items": 4}
+    assert ev.answer_agreement(dense, dense, labels)["agreement"] == 1.0
+    # three choices: both wrong with different picks is no flip, and no agreement either
+    got = ev.answer_agreement([[0, 1, 0]], [[0, 0, 1]], [0])
+    assert (got["agreement"], got["flips"]) == (0.0, 0.0)
+    with pytest.raises(ev.EvaluationError, match="same items"):
+        ev.answer_agreement([[0, 1]], [[0, 1], [1, 0]], [0])
+
+
 def fake_results(num_params, acc_lls, labels, ppl):
     preds = [int(np.argmax(s)) for s in acc_lls]
     acc = float(np.mean([p == y for p, y in zip(preds, labels)]))
@@ -531,10 +547,20 @@ def test_compare_report():
         ev.stability(dense["tasks"]["piqa"]["loglikelihoods"], pruned["tasks"]["piqa"]["loglikelihoods"],
                      [1, 1, 0, 0]))
     assert report.mean_retention == pytest.approx(0.5 / 0.75)
+    # dense right, right, wrong, right; pruned wrong, right, wrong, right; picks differ on the first item only
+    assert report.agreement["piqa"] == {"agreement": 0.75, "flips": 0.25, "right_to_wrong": 0.25,
+                                        "wrong_to_right": 0.0, "items": 4}
     back = json.loads(report.to_json())
     assert back["num_params"]["pruned"] == 100 and len(back["rows"]) == 3
+    assert back["agreement"]["piqa"]["flips"] == 0.25
     table = str(report)
     assert "| piqa | acc | 0.7500 | 0.5000 | 66.67% |" in table and "pruned 100" in table
+    assert "| 75.00% | 25.00% (-25.00% +0.00%) |" in table
+    # report.md reads the same figures from report.json's retention
+    md = to_markdown({"retention": back})
+    assert "| agreement | flips |" in md and "| 75.00% | 25.00% (-25.00% +0.00%) |" in md
+    assert "| wikitext2 | perplexity | 20.0000 | 25.0000 | 80.00% |  |  |  |" in md
+    assert "0.667  (same answer 75.0%, flips 25.0%)" in summary({"retention": back}, Path("out"))
     with pytest.raises(ev.EvaluationError, match="no task in common"):
         ev.compare(dense, {"num_params": 1, "tasks": {"boolq": {}}})
     other = fake_results(100, [[1.0, 0.0]], [1], 25.0)

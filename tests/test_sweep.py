@@ -154,3 +154,20 @@ def test_two_spans_each_get_a_trained_block_and_export(files, tmp_path):
     with torch.no_grad():
         ref = hf(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(np.asarray(forward(pruned, ids)), ref, atol=2e-4 * np.abs(ref).max())
+
+
+def test_sweeping_one_of_sparsity_and_num_layers_sets_the_other_to_null(files, tmp_path):
+    base = [a for a in _args(files, "llama", tmp_path / "by_length", "samples.prompts=[]")
+            if a not in ("score.sparsity=null", "score.num_layers=2")]  # pipeline.yaml's sparsity stays
+    assert run_mod.main(base + ["--stages", "prune", "--sweep", "score.num_layers=1,2"]) == 0
+    report = json.loads((tmp_path / "by_length" / "report.json").read_text())
+    assert [r["spans"][0][1] for r in report["points"]] == [1, 2]
+    # the base sets num_layers on the command line; the swept sparsity replaces it
+    args = _args(files, "llama", tmp_path / "by_sparsity", "samples.prompts=[]")
+    assert run_mod.main(args + ["--stages", "score", "--sweep", "score.sparsity=0.2,0.4"]) == 0
+    config, _ = run_mod.build_config(None, None, sweep.point_overrides(["score.num_layers=2"], [("score.sparsity",
+                                                                                                  "0.3")]))
+    assert (config.score.sparsity, config.score.num_layers) == (0.3, None)
+    with pytest.raises(run_mod.ConfigError, match="exactly one of score.sparsity"):  # both swept: both set
+        run_mod.build_config(None, None, sweep.point_overrides([], [("score.sparsity", "0.3"),
+                                                                    ("score.num_layers", "2")]))
