@@ -118,8 +118,7 @@ COMMANDS: dict[str, Run] = {
     "python -m streamline_jax.data download DIR": Run("parse", "the hub is not reachable from the tests"),
     "streamline-jax-data download DIR": Run("parse", "the hub is not reachable from the tests"),
     "STREAMLINE_JAX_DATA=DIR python -m streamline_jax.run": Run(
-        "tiny", "the default run takes minutes", TINY_QUICK, subs=(("=DIR", "={shared}"),),
-        makes=("runs/smollm2-135m/DONE",)),
+        "parse", "the default run takes minutes; every tiny run here reads its data through $STREAMLINE_JAX_DATA"),
     "streamline-jax --model Qwen/Qwen2.5-0.5B-Instruct --config quick": Run(
         "tiny", "the hub is not reachable from the tests; the tiny model in its place", TINY_QUICK,
         subs=(("Qwen/Qwen2.5-0.5B-Instruct", "{llama}"),), makes=("runs/llama_2k/DONE",)),
@@ -489,6 +488,16 @@ def test_documented_command_runs(command, runner):
         pytest.skip("libtpu is not installed: `bash scripts/setup.sh --test` puts it in .venv/libtpu-site")
     result = runner.run(command)
     assert result.error is None, f"{command!r} ({where}, {how.how}) failed: {result.error}\n{result.log}"
+
+
+def test_readme_is_a_short_guide_with_the_ci_commands():
+    """At most 250 lines, and `.ci/run`'s section with its two indented commands."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250, "README.md is a user's guide of at most 250 lines: measurements go to docs/"
+    section = text.split("## Two commands for a fresh machine", 1)[1].split("\n## ", 1)[0]
+    assert [line for line in section.splitlines() if line.startswith("    ") and line.strip()] == [
+        "    bash scripts/setup.sh && .venv/bin/python -m streamline_jax.run",
+        "    bash scripts/setup.sh --test && .venv/bin/python -m pytest -q"]
 
 
 def test_every_entry_is_a_documented_command():
