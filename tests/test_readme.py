@@ -1,11 +1,14 @@
-"""Every command the README shows, and every command in the docstrings of the scripts and modules it runs, runs as
-written; and the README's Python example runs on a tiny model.
+"""Every command README.md and docs/*.md show, and every command in the docstrings of the scripts and modules they
+run, runs as written; and the README's Python example runs on a tiny model.
 
-Commands come from the README's indented code blocks, its ```bash / ```sh blocks and its inline code that starts
-with a command (`python ...`, `VAR=... python ...`), and from the indented `python ...` lines of the docstrings. Each
-must have an entry in COMMANDS saying how it runs here: as written, with --help (pod-sized work, long benchmarks) or
-tiny (arguments appended that shrink it onto a tiny random model). A command without an entry fails, and so does
-an entry whose command is documented nowhere any more.
+Commands come from the indented code blocks, the ```bash / ```sh blocks and the inline code that starts with a
+command (`python ...`, `VAR=... python ...`, a console script such as `streamline-jax ...`), and from the indented
+`python ...` lines of the docstrings. Each must have an entry in COMMANDS saying how it runs here: as written, tiny
+(arguments appended that shrink it onto a tiny random model), parsed (pod-sized work, long benchmarks: the program
+runs up to its argparse parser, which parses the documented arguments, and stops there, so a renamed flag fails; a
+synopsis's `[--flag ...]` has each flag checked against the parser) or with --help. A command without an entry
+fails, and so does an entry whose command is documented nowhere any more. Console scripts run through the entry
+point pyproject.toml declares for them.
 
 Each runs in a fresh folder that holds links to the checkout's scripts/, streamline_jax/ and .venv (the
 test's venv), so relative paths resolve as they do in the checkout and whatever it writes (runs/..., /tmp/...
@@ -27,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +39,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-PROGRAMS = ("python", "python3", ".venv/bin/python", "bash")
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+PYTHONS = ("python", "python3", ".venv/bin/python")
+CONSOLE_SCRIPTS = ("streamline-jax", "streamline-jax-data", "streamline-jax-convert", "streamline-jax-export",
+                   "streamline-jax-lm-eval", "streamline-jax-plan")
+PROGRAMS = PYTHONS + ("bash",) + CONSOLE_SCRIPTS
 # what a fresh folder links to, so that the commands' relative paths resolve as in the checkout
 LINKED = ("scripts", "streamline_jax")  # `configs/...` in a command: the shipped copy (config_files.config_path)
 
@@ -46,18 +54,19 @@ LINKED = ("scripts", "streamline_jax")  # `configs/...` in a command: the shippe
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    how: str  # "as written", "help" (the program's --help, nothing else) or "tiny" (`extra` appended)
+    how: str  # "as written", "tiny" (`extra` appended), "parse" (its argparse parser, nothing else) or "help"
     why: str = ""  # why not as written
     extra: tuple[str, ...] = ()
-    subs: tuple[tuple[str, str], ...] = ()  # (written, replacement) in the command; {llama}: a tiny model folder
+    subs: tuple[tuple[str, str], ...] = ()  # (written, replacement); {llama}: a tiny model, {shared}: tiny data
     first: str | None = None  # a documented command whose finished folder this one starts from
     then: Callable[[Path], None] | None = None  # what happens to that folder before this command
     makes: tuple[str, ...] = ()  # paths the command must leave in its folder
-    setup: bool = False  # `bash scripts/setup.sh ... && rest`: only the rest runs
+    setup: bool = False  # `bash scripts/setup.sh ... && rest`: only the rest runs (setup.sh's flags are checked)
+    pip: bool = False  # `pip install .[extras]`: not run (this venv is the install); the extras must be declared
     needs_libtpu: bool = False
 
 
-HELP_BENCH = Run("help", "a benchmark: minutes on the real model")
+PARSE_BENCH = Run("parse", "a benchmark: minutes on the real model")
 # `python -m streamline_jax.run` on the tiny model and the tiny shared data, every stage in seconds (float32: the
 # large presets' bfloat16 is slow on CPU)
 TINY_RUN = ("--quiet", "model.source={llama}", "model.architecture=null", "model.dtype=float32", "data.seq_len=32",
@@ -91,10 +100,28 @@ COMMANDS: dict[str, Run] = {
     "python -m streamline_jax.run --resume": Run(
         "tiny", "the default run takes minutes", TINY_QUICK, first=SCORE_RUN, then=_interrupt,
         makes=("runs/smollm2-135m/DONE", "runs/smollm2-135m/model")),
-    "python -m streamline_jax.run --config configs/recipes/paper.yaml": Run(
+    "python -m streamline_jax.run --config paper": Run(
         "tiny", "the paper's sizes take hours", TINY_QUICK, makes=("runs/smollm2-135m/DONE",)),
-    "python -m streamline_jax.run --config configs/recipes/paper.yaml eval.limit=1000": Run(
-        "help", "the paper's recipe above, on the real model with 1000 PIQA items: minutes"),
+    "python -m streamline_jax.run --config paper eval.limit=1000": Run(
+        "parse", "the paper's recipe above, on the real model with 1000 PIQA items: minutes"),
+    "python -m streamline_jax.run --help": Run("as written"),
+    # README: install (this venv is what they made)
+    "pip install .": Run("as written", "this venv is the install", pip=True),
+    'pip install ".[gpu]"': Run("as written", "a CUDA jax is no test's; issue 44's test resolves it", pip=True),
+    'pip install ".[tpu]"': Run("as written", "libtpu is no test's; issue 44's test resolves it", pip=True),
+    'pip install ".[lm-eval]"': Run("as written", "the test setup installs it", pip=True),
+    "bash scripts/setup.sh": Run("as written", "this venv is what it made", setup=True),
+    "bash scripts/setup.sh --test": Run("as written", "this venv is what it made", setup=True),
+    "bash scripts/setup.sh --gpu": Run("as written", "a CUDA jax is no test's", setup=True),
+    "bash scripts/setup.sh --tpu": Run("as written", "libtpu in the venv is no test's", setup=True),
+    # README: data and your own model
+    "python -m streamline_jax.data download DIR": Run("parse", "the hub is not reachable from the tests"),
+    "streamline-jax-data download DIR": Run("parse", "the hub is not reachable from the tests"),
+    "STREAMLINE_JAX_DATA=DIR python -m streamline_jax.run": Run(
+        "parse", "the default run takes minutes; every tiny run here reads its data through $STREAMLINE_JAX_DATA"),
+    "streamline-jax --model Qwen/Qwen2.5-0.5B-Instruct --config quick": Run(
+        "tiny", "the hub is not reachable from the tests; the tiny model in its place", TINY_QUICK,
+        subs=(("Qwen/Qwen2.5-0.5B-Instruct", "{llama}"),), makes=("runs/llama_2k/DONE",)),
     "python scripts/export_hf.py runs/smollm2-135m /tmp/pruned-hf": Run(
         "as written", first=DEFAULT_RUN, makes=("tmp/pruned-hf/config.json",)),
     "python scripts/convert.py path/to/hf-folder-or.gguf /tmp/m-orbax && python scripts/convert.py /tmp/m-orbax "
@@ -105,37 +132,37 @@ COMMANDS: dict[str, Run] = {
                "runs/smollm2-135m-sweep/points/score.sparsity=0.4/DONE")),
     "python -m streamline_jax.run --out runs/p1-default --stages score,prune,train,evaluate data.calib_chunks=50 "
     "data.train_chunks=1000 data.valid_chunks=100 score.num_layers=8 score.sparsity=null train.epochs=1 "
-    "eval.ppl_windows=128 eval.limit=1000": Run("help", "P1's sizes on the real model: 40 minutes"),
+    "eval.ppl_windows=128 eval.limit=1000": Run("parse", "P1's sizes on the real model: 40 minutes"),
     "python -m streamline_jax.run --sweep score.sparsity=0.2,0.3 --sweep prune.replacement=none,layer": Run(
-        "help", "tests/test_sweep.py sweeps two settings at once on the tiny model"),
+        "parse", "tests/test_sweep.py sweeps two settings at once on the tiny model"),
     "python -m streamline_jax.run --sweep score.spans=1,2 score.num_layers=8 score.sparsity=null": Run(
-        "help", "tests/test_sweep.py runs two spans with their own blocks, and sweeps on the tiny model"),
+        "parse", "tests/test_sweep.py runs two spans with their own blocks, and sweeps on the tiny model"),
     # README: pod scale
     "python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4 --stage lm train.distill_trainable=[block]":
-        Run("help", "compiles the 13B LM step for minutes; tests/test_plan.py plans with overrides on small presets"),
+        Run("parse", "compiles the 13B LM step for minutes; tests/test_plan.py plans with overrides on small presets"),
     "LIBTPU_PATH=.venv/libtpu-site python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4": Run(
         "tiny", "all three stages compile for 4 minutes; the scoring step at 128 tokens for 30 s",
         ("--stage", "scoring", "--seq-len", "128"), needs_libtpu=True),
     # README: benchmarks
-    ".venv/bin/python scripts/bench_forward.py": HELP_BENCH,
-    "python scripts/bench_forward.py --dtypes float32 --float32-dots both": HELP_BENCH,
-    ".venv/bin/python scripts/profile_forward.py": HELP_BENCH,
-    ".venv/bin/python scripts/bench_score.py": HELP_BENCH,
-    ".venv/bin/python scripts/bench_eval.py": HELP_BENCH,
-    ".venv/bin/python scripts/bench_generate.py": HELP_BENCH,
-    ".venv/bin/python scripts/bench_train.py": HELP_BENCH,
-    ".venv/bin/python scripts/bench_backward.py": HELP_BENCH,
-    ".venv/bin/python scripts/bench_attention.py": HELP_BENCH,
-    ".venv/bin/python scripts/bench_load.py": HELP_BENCH,
-    ".venv/bin/python scripts/bench_default.py": HELP_BENCH,  # the README's next benchmarks
-    ".venv/bin/python scripts/bench_pipeline.py": HELP_BENCH,
-    ".venv/bin/python scripts/bench_lm_eval.py": HELP_BENCH,
-    ".venv/bin/python scripts/bench_sweep.py": HELP_BENCH,
-    "python scripts/bench_sweep.py": HELP_BENCH,
-    "python scripts/bench_sweep.py --sweep prune.replacement=none,layer,ffn,mlp": HELP_BENCH,
-    "python scripts/bench_sweep.py -- train.epochs=8 data.train_chunks=192": HELP_BENCH,
+    ".venv/bin/python scripts/bench_forward.py": PARSE_BENCH,
+    "python scripts/bench_forward.py --dtypes float32 --float32-dots both": PARSE_BENCH,
+    ".venv/bin/python scripts/profile_forward.py": PARSE_BENCH,
+    ".venv/bin/python scripts/bench_score.py": PARSE_BENCH,
+    ".venv/bin/python scripts/bench_eval.py": PARSE_BENCH,
+    ".venv/bin/python scripts/bench_generate.py": PARSE_BENCH,
+    ".venv/bin/python scripts/bench_train.py": PARSE_BENCH,
+    ".venv/bin/python scripts/bench_backward.py": PARSE_BENCH,
+    ".venv/bin/python scripts/bench_attention.py": PARSE_BENCH,
+    ".venv/bin/python scripts/bench_load.py": PARSE_BENCH,
+    ".venv/bin/python scripts/bench_default.py": PARSE_BENCH,  # the README's next benchmarks
+    ".venv/bin/python scripts/bench_pipeline.py": PARSE_BENCH,
+    ".venv/bin/python scripts/bench_lm_eval.py": PARSE_BENCH,
+    ".venv/bin/python scripts/bench_sweep.py": PARSE_BENCH,
+    "python scripts/bench_sweep.py": PARSE_BENCH,
+    "python scripts/bench_sweep.py --sweep prune.replacement=none,layer,ffn,mlp": PARSE_BENCH,
+    "python scripts/bench_sweep.py -- train.epochs=8 data.train_chunks=192": PARSE_BENCH,
     "python scripts/bench_lm_eval.py [--model smollm2-135m] [--tasks piqa_local] [--limit 100] [--batch-size 32] "
-    "[--order ours,hf,ours]": HELP_BENCH,
+    "[--order ours,hf,ours]": PARSE_BENCH,
     # README: lm-evaluation-harness (the first is also lm_eval.py's docstring)
     "python -m streamline_jax.lm_eval --model streamline-jax --model_args pretrained=smollm2-135m --tasks piqa_local "
     "--limit 50": Run("tiny", "the real model on 50 items takes a minute", ("--limit", "4"),
@@ -145,30 +172,30 @@ COMMANDS: dict[str, Run] = {
         "as written", first=DEFAULT_RUN, makes=("runs/lm-eval",)),
     # docstrings: the options' synopsis is no command line
     "python scripts/bench_eval.py [--windows 16] [--window 1024] [--items 50] [--batch-size 8] [--mc-batch-size 32] "
-    "[--passes first,compiled,later]": HELP_BENCH,
-    "python scripts/bench_forward.py": HELP_BENCH,
-    "python scripts/bench_forward.py --shapes 4x512 --rounds 3": HELP_BENCH,
-    "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N]": HELP_BENCH,
-    "python scripts/bench_load.py [--layers 4] [--devices 8] [--mesh 1,8,1] [--keep DIR]": HELP_BENCH,
+    "[--passes first,compiled,later]": PARSE_BENCH,
+    "python scripts/bench_forward.py": PARSE_BENCH,
+    "python scripts/bench_forward.py --shapes 4x512 --rounds 3": PARSE_BENCH,
+    "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N]": PARSE_BENCH,
+    "python scripts/bench_load.py [--layers 4] [--devices 8] [--mesh 1,8,1] [--keep DIR]": PARSE_BENCH,
     "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2] "
-    "[--compute-dtype auto]": HELP_BENCH,
+    "[--compute-dtype auto]": PARSE_BENCH,
     "python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000|none] [--speed-steps 16] "
-    "[--log-every 4]": HELP_BENCH,
+    "[--log-every 4]": PARSE_BENCH,
     "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] "
-    "[--losses kd,kd_cached,kd_autodiff,lm,mse_cached]": HELP_BENCH,
-    "python scripts/bench_attention.py [--batch 8] [--seq 512] [--dtype bfloat16] [--reps 3]": HELP_BENCH,
-    "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": HELP_BENCH,
-    "python scripts/bench_default.py": HELP_BENCH,  # bench_default's and bench_pipeline's, once the README names them
-    "python scripts/bench_default.py --config paper": HELP_BENCH,
-    "python scripts/bench_default.py --keep runs/bench_default": HELP_BENCH,
-    "python scripts/bench_default.py 'train.distill_trainable=[block,\"segments/.*\"]'": HELP_BENCH,
-    "python scripts/bench_pipeline.py": HELP_BENCH,
-    "python scripts/bench_pipeline.py --calib-chunks 8 --train-chunks 16 --valid-chunks 8": HELP_BENCH,
-    "python scripts/bench_pipeline.py --calib-chunks 50 --train-chunks 1000 --valid-chunks 100 --rounds 2": HELP_BENCH,
+    "[--losses kd,kd_cached,kd_autodiff,lm,mse_cached]": PARSE_BENCH,
+    "python scripts/bench_attention.py [--batch 8] [--seq 512] [--dtype bfloat16] [--reps 3]": PARSE_BENCH,
+    "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": PARSE_BENCH,
+    "python scripts/bench_default.py": PARSE_BENCH,  # bench_default's and bench_pipeline's, once the README names them
+    "python scripts/bench_default.py --config paper": PARSE_BENCH,
+    "python scripts/bench_default.py --keep runs/bench_default": PARSE_BENCH,
+    "python scripts/bench_default.py 'train.distill_trainable=[block,\"segments/.*\"]'": PARSE_BENCH,
+    "python scripts/bench_pipeline.py": PARSE_BENCH,
+    "python scripts/bench_pipeline.py --calib-chunks 8 --train-chunks 16 --valid-chunks 8": PARSE_BENCH,
+    "python scripts/bench_pipeline.py --calib-chunks 50 --train-chunks 1000 --valid-chunks 100 --rounds 2": PARSE_BENCH,
     "python scripts/eval_full.py [--model smollm2-135m] [--batch-size 32] [--json results.json]": Run(
-        "help", "full PIQA and WikiText-2 on the real model"),
+        "parse", "full PIQA and WikiText-2 on the real model"),
     "python scripts/score_smollm2.py [--length 8] [--chunks 50] [--seq-len 512] [--batch-size 8] [--table]": Run(
-        "help", "the real model on the real corpus"),
+        "parse", "the real model on the real corpus"),
     "python scripts/p1_protocol.py [--out runs/p1] [--rows ROW,...] [--ridge 1e-4] [--fit-weighting token|uniform] "
     "[--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine "
     "--warmup N] [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name] "
@@ -176,10 +203,10 @@ COMMANDS: dict[str, Run] = {
     "[--kd-temperature 1 --kd-ce-weight 0 --kd-hidden-layers -1 --kd-hidden-weight 0] "
     "[--distill-steps 0 --distill-lr 1e-3 --distill-freeze REGEX,... --distill-trainable REGEX,... "
     "--distill-tag SUFFIX]": Run(
-        "help", "hours on the real model"),
-    "python scripts/span_pair_stats.py runs/p1/pairs_11_8/valid": Run("help", "reads a pair cache p1_protocol makes"),
+        "parse", "hours on the real model"),
+    "python scripts/span_pair_stats.py runs/p1/pairs_11_8/valid": Run("parse", "reads a pair cache p1_protocol makes"),
     "python scripts/convert.py smollm2-135m /tmp/smollm2-orbax": Run(
-        "help", "20 s to write the 135M model; the README's convert command runs the same code on a tiny one"),
+        "parse", "20 s to write the 135M model; the README's convert command runs the same code on a tiny one"),
     "python scripts/convert.py path/to/hf-folder /tmp/m-orbax --dtype bfloat16": Run(
         "as written", subs=(("path/to/hf-folder", "{llama}"),), makes=("tmp/m-orbax",)),
     "python scripts/convert.py /tmp/m-orbax /tmp/m-hf": Run(
@@ -188,9 +215,9 @@ COMMANDS: dict[str, Run] = {
     "python scripts/export_hf.py runs/smollm2-135m /tmp/smollm2-pruned-hf": Run(
         "as written", first=DEFAULT_RUN, makes=("tmp/smollm2-pruned-hf/config.json",)),
     "python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4": Run(
-        "help", "4 minutes of compiling; the README's form of it is planned tiny"),
+        "parse", "4 minutes of compiling; the README's form of it is planned tiny"),
     "python scripts/plan_memory.py --model llama2-70b --topology v5p-32 --stage lm --batch 16": Run(
-        "help", "minutes of compiling; the README's plan command is planned tiny"),
+        "parse", "minutes of compiling; the README's plan command is planned tiny"),
 }
 
 
@@ -239,13 +266,17 @@ def readme_blocks(text: str) -> tuple[list[str], list[str], str]:
 
 def documented_commands() -> dict[str, list[str]]:
     """Every documented command → where it is documented."""
-    text = README.read_text()
-    commands, _, prose = readme_blocks(text)
-    inline = [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
     found: dict[str, list[str]] = {}
-    for c in commands + [c for c in inline if _starts_a_command(c)]:
-        found.setdefault(c, []).append("README.md")
-    # the docstrings of the scripts and modules the README runs
+    texts = {path: path.read_text() for path in [README, *DOCS]}
+    for path, text in texts.items():
+        commands, _, prose = readme_blocks(text)
+        inline = [" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose)]
+        # inline, a console script's bare name (`streamline-jax`) is a name, not a command
+        inline = [c for c in inline if _starts_a_command(c) and (c.split()[0] not in CONSOLE_SCRIPTS or " " in c)]
+        for c in commands + inline:
+            found.setdefault(c, []).append(str(path.relative_to(ROOT)))
+    # the docstrings of the scripts and modules they run
+    text = "\n".join(texts.values())
     scripts = set(re.findall(r"\bscripts/\w+\.py\b", text))
     modules = {m.replace(".", "/") + ".py" for m in re.findall(r"python -m (streamline_jax[\w.]*)", text)}
     for path in sorted(ROOT / p for p in scripts | modules if (ROOT / p).exists()):  # a missing one fails to run
@@ -276,6 +307,71 @@ def _has_libtpu() -> bool:
     return (Path(sys.prefix) / "libtpu-site" / "libtpu").is_dir() or importlib.util.find_spec("libtpu") is not None
 
 
+# `python -c PROGRAM_UNTIL_PARSED MODE KIND TARGET ARGS...`: runs a program (KIND: `path` a script, `module` as
+# `python -m`, `entry` a console script's `module:function`) with ARGS. MODE `run` runs it; `parse` stops it at its
+# first argparse call, after its own parser has parsed ARGS (a renamed flag exits 2 with argparse's message); `flags`
+# checks that each of ARGS (a synopsis's flags) is one of that parser's options instead. A program that never parses
+# its arguments with argparse fails.
+PROGRAM_UNTIL_PARSED = r"""
+import argparse, importlib, os, runpy, sys
+mode, kind, target, *args = sys.argv[1:]
+depth = 0
+
+def stop_after(original):
+    def parse(self, args=None, namespace=None):
+        global depth
+        if depth:  # nested: parse_args's own parse_known_args, or a subparser
+            return original(self, args, namespace)
+        depth += 1
+        words = sys.argv[1:] if args is None else list(args)
+        if mode == "flags":
+            unknown = [w for w in words if w.split("=")[0] not in self._option_string_actions]
+            if unknown:
+                self.error("unrecognized arguments: " + " ".join(unknown))
+        else:
+            original(self, args, namespace)
+        print("parsed by", self.prog, words)
+        sys.exit(0)
+    return parse
+
+if mode != "run":
+    for name in ("parse_args", "parse_known_args"):
+        setattr(argparse.ArgumentParser, name, stop_after(getattr(argparse.ArgumentParser, name)))
+sys.argv = [target, *args]
+if kind == "path":
+    sys.path[0] = os.path.dirname(os.path.abspath(target))
+    runpy.run_path(target, run_name="__main__")
+elif kind == "module":
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+else:
+    module, _, function = target.partition(":")
+    sys.exit(getattr(importlib.import_module(module), function)())
+if mode != "run":
+    sys.exit(f"{target} never parsed its arguments with argparse")
+"""
+
+
+def console_script(name: str) -> str:
+    """The `module:function` pyproject.toml declares for a console script."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("scripts", {})
+    assert name in scripts, f"pyproject.toml declares no console script {name!r} ([project.scripts])"
+    return scripts[name]
+
+
+def program_words(words: list[str], how: str) -> list[str]:
+    """The arguments that run a documented program (python, or a console script) here, as its entry says."""
+    if words[0] in PYTHONS and how not in ("parse", "flags"):
+        return [sys.executable, *words[1:]]
+    if words[0] in PYTHONS:
+        kind, target, args = ("module", words[2], words[3:]) if words[1] == "-m" else ("path", words[1], words[2:])
+    else:
+        kind, target, args = "entry", console_script(words[0]), words[1:]
+    if how == "flags":
+        args = [w.strip("[]") for w in args if re.match(r"-{1,2}[A-Za-z]", w.strip("[]"))]  # not values: -1
+    return [sys.executable, "-c", PROGRAM_UNTIL_PARSED, how if how in ("parse", "flags") else "run", kind, target,
+            *args]
+
+
 @dataclasses.dataclass
 class Result:
     folder: Path
@@ -300,9 +396,12 @@ class Runner:
     def steps(self, command: str, how: Run) -> list[tuple[dict, list[str]]]:
         """(environment, arguments) of each program the command runs here; FOLDER stands for its folder."""
         text = command.replace("/tmp/", "FOLDER/tmp/")
+        names = {"llama": self.files["llama_2k"], "shared": self.files["shared"]}
         for written, replacement in how.subs:
             assert written in text, f"{written!r} is not in {command!r}: update its entry in COMMANDS"
-            text = text.replace(written, replacement.format(llama=self.files["llama_2k"]))
+            text = text.replace(written, replacement.format(**names))
+        # a synopsis (`[--flag VALUE]`) is no command line: only its flags are checked
+        synopsis = how.how == "parse" and any(w.startswith("[") for w in shlex.split(text))
         steps = []
         for step in text.split("&&"):
             words = shlex.split(step)
@@ -312,16 +411,23 @@ class Runner:
                 unknown = [flag for flag in words[2:] if f'"{flag}"' not in setup]
                 assert not unknown, f"scripts/setup.sh does not know {unknown}"
                 continue
+            if words[:2] == ["pip", "install"]:
+                assert how.pip, f"{command!r} installs the package: its entry must say pip=True"
+                declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+                extras = [x for w in words[2:] for x in re.findall(r"^\.\[(.*)\]$", w) for x in x.split(",")]
+                unknown = [x for x in extras if x not in declared]
+                assert not unknown, f"pyproject.toml declares no extra {unknown} ([project.optional-dependencies])"
+                continue
             env = {}
             while "=" in words[0]:
                 name, _, value = words.pop(0).partition("=")
                 env[name] = value
-            if words[0] in ("python", "python3", ".venv/bin/python"):
-                words[0] = sys.executable
             if how.how == "help":
-                words = words[:3 if words[1] == "-m" else 2] + ["--help"]
+                words = words[:3 if words[1:2] == ["-m"] else 2] + ["--help"]
             elif how.how == "tiny":
-                words += [x.format(llama=self.files["llama_2k"]) for x in how.extra]
+                words += [x.format(**names) for x in how.extra]
+            if words[0] in PROGRAMS and words[0] != "bash":
+                words = program_words(words, "flags" if synopsis else how.how)
             steps.append((env, words))
         return steps
 
@@ -361,6 +467,8 @@ class Runner:
                 return Result(folder, "\n".join(log), f"exit status {out.returncode}")
             if how.how == "help" and "usage" not in out.stdout.lower():
                 return Result(folder, "\n".join(log), "--help printed no usage")
+            if how.how == "parse" and "parsed by" not in out.stdout:
+                return Result(folder, "\n".join(log), "its argparse parser did not parse the arguments")
         return Result(folder, "\n".join(log))
 
 
@@ -374,12 +482,22 @@ def test_documented_command_runs(command, runner):
     where = ", ".join(DOCUMENTED[command])
     if command not in COMMANDS:
         pytest.fail(f"{where} shows {command!r}, which has no entry in COMMANDS (tests/test_readme.py): add one "
-                    f"saying how this test runs it (as written, --help or tiny)")
+                    f"saying how this test runs it (as written, tiny, parse or --help)")
     how = COMMANDS[command]
     if how.needs_libtpu and not _has_libtpu():
         pytest.skip("libtpu is not installed: `bash scripts/setup.sh --test` puts it in .venv/libtpu-site")
     result = runner.run(command)
     assert result.error is None, f"{command!r} ({where}, {how.how}) failed: {result.error}\n{result.log}"
+
+
+def test_readme_is_a_short_guide_with_the_ci_commands():
+    """At most 250 lines, and `.ci/run`'s section with its two indented commands."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250, "README.md is a user's guide of at most 250 lines: measurements go to docs/"
+    section = text.split("## Two commands for a fresh machine", 1)[1].split("\n## ", 1)[0]
+    assert [line for line in section.splitlines() if line.startswith("    ") and line.strip()] == [
+        "    bash scripts/setup.sh && .venv/bin/python -m streamline_jax.run",
+        "    bash scripts/setup.sh --test && .venv/bin/python -m pytest -q"]
 
 
 def test_every_entry_is_a_documented_command():
@@ -397,6 +515,33 @@ def test_commands_are_found_in_every_kind_of_block():
     assert commands == ["python a.py", "bash b.sh", "python c.py    --x 1"] and python == ["import d\n"]
     assert "`X=1 python f.py`" in prose and "python e.py" not in prose
     assert _starts_a_command("X=1 python f.py") and not _starts_a_command("not a command")
+
+
+def test_parse_mode_stops_at_the_parser_and_fails_on_an_unknown_flag(tmp_path):
+    """A documented command that is only parsed runs nothing past its parser, and a flag the parser lacks (in a
+    command, or in a synopsis's brackets) fails it; a program without an argparse parser fails too."""
+    script = tmp_path / "prog.py"
+    script.write_text("import argparse, pathlib\n"
+                      "p = argparse.ArgumentParser()\np.add_argument('--steps', type=int)\np.add_argument('rest', nargs='*')\n"
+                      "args = p.parse_args()\npathlib.Path('ran').write_text('ran')\n")
+    (tmp_path / "noparser.py").write_text("print('hello')\n")
+
+    def run(words, how):
+        out = subprocess.run(program_words(words, how), cwd=tmp_path, capture_output=True, text=True)
+        return out.returncode, out.stdout + out.stderr
+
+    assert run(["python", "prog.py", "--steps", "3", "a=b"], "parse")[0] == 0
+    assert run(["python", "prog.py", "[--steps", "N]"], "flags")[0] == 0
+    assert not (tmp_path / "ran").exists()
+    code, log = run(["python", "prog.py", "--step-count", "3"], "parse")
+    assert code == 2 and "unrecognized arguments: --step-count" in log
+    code, log = run(["python", "prog.py", "[--steps", "-1]", "[--epochs", "N]"], "flags")
+    assert code == 2 and "unrecognized arguments: --epochs" in log
+    code, log = run(["python", "prog.py", "--steps", "x"], "parse")
+    assert code == 2 and "invalid int value" in log
+    code, log = run(["python", "noparser.py"], "parse")
+    assert code != 0 and "never parsed its arguments" in log
+    assert run(["python", "prog.py", "--steps", "3"], "run")[0] == 0 and (tmp_path / "ran").exists()
 
 
 # --------------------------------------------------------------------------------------------------------------
