@@ -1,9 +1,9 @@
 """Convert a checkpoint between formats: a Hugging Face folder, hub id, .gguf file or embedded model name to an Orbax
 model folder (read back by `streamline_jax.load`), and an Orbax model folder back to a Hugging Face folder.
 
-    python scripts/convert.py smollm2-135m /tmp/smollm2-orbax                 # GGUF (embedded) -> Orbax
-    python scripts/convert.py path/to/hf-folder /tmp/m-orbax --dtype bfloat16  # Hugging Face -> Orbax
-    python scripts/convert.py /tmp/m-orbax /tmp/m-hf                           # Orbax -> Hugging Face
+    streamline-jax-convert smollm2-135m /tmp/smollm2-orbax                 # GGUF (embedded) -> Orbax
+    streamline-jax-convert path/to/hf-folder /tmp/m-orbax --dtype bfloat16  # Hugging Face -> Orbax
+    streamline-jax-convert /tmp/m-orbax /tmp/m-hf                           # Orbax -> Hugging Face
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Export a pruned model (an Orbax model folder, or a run folder holding one in model/) as a stock Hugging Face
 folder that `transformers.AutoModelForCausalLM.from_pretrained` loads with no custom code.
 
-    python scripts/export_hf.py runs/smollm2-135m /tmp/smollm2-pruned-hf
+    streamline-jax-export runs/smollm2-135m /tmp/smollm2-pruned-hf
 
 `ffn` blocks become decoder layers whose attention output projection is zero (the same function); an `mlp` block
 has no stock form, and the script says so and writes nothing.

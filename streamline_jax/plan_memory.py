@@ -1,8 +1,8 @@
 """Per-chip memory plans for a model on a TPU topology, compiled ahead of time (no TPU, no weights).
 
-    python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4
-    python scripts/plan_memory.py --model llama2-70b --topology v5p-32 --stage lm --batch 16
-    python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4 --stage lm train.distill_trainable=[block]
+    streamline-jax-plan --model llama2-13b --topology v5e:4x4
+    streamline-jax-plan --model llama2-70b --topology v5p-32 --stage lm --batch 16
+    streamline-jax-plan --model llama2-13b --topology v5e:4x4 --stage lm train.distill_trainable=[block]
 
 Compiles the scoring step, the MSE training step and the LM-loss training step (the KD step where the run's settings
 distil: train.mode=kd or train.distill_steps) for the target's mesh layouts

@@ -122,9 +122,9 @@ COMMANDS: dict[str, Run] = {
     "streamline-jax --model Qwen/Qwen2.5-0.5B-Instruct --config quick": Run(
         "tiny", "the hub is not reachable from the tests; the tiny model in its place", TINY_QUICK,
         subs=(("Qwen/Qwen2.5-0.5B-Instruct", "{llama}"),), makes=("runs/llama_2k/DONE",)),
-    "python scripts/export_hf.py runs/smollm2-135m /tmp/pruned-hf": Run(
+    "streamline-jax-export runs/smollm2-135m /tmp/pruned-hf": Run(
         "as written", first=DEFAULT_RUN, makes=("tmp/pruned-hf/config.json",)),
-    "python scripts/convert.py path/to/hf-folder-or.gguf /tmp/m-orbax && python scripts/convert.py /tmp/m-orbax "
+    "streamline-jax-convert path/to/hf-folder-or.gguf /tmp/m-orbax && streamline-jax-convert /tmp/m-orbax "
     "/tmp/m-hf": Run("as written", subs=(("path/to/hf-folder-or.gguf", "{llama}"),), makes=("tmp/m-hf/config.json",)),
     "python -m streamline_jax.run --sweep score.sparsity=0.1,0.2,0.3,0.4": Run(
         "tiny", "four trained points take many minutes", TINY_RUN + ("samples.prompts=[]",),
@@ -138,7 +138,7 @@ COMMANDS: dict[str, Run] = {
     "python -m streamline_jax.run --sweep score.spans=1,2 score.num_layers=8 score.sparsity=null": Run(
         "parse", "tests/test_sweep.py runs two spans with their own blocks, and sweeps on the tiny model"),
     # README: pod scale
-    "python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4 --stage lm train.distill_trainable=[block]":
+    "streamline-jax-plan --model llama2-13b --topology v5e:4x4 --stage lm train.distill_trainable=[block]":
         Run("parse", "compiles the 13B LM step for minutes; tests/test_plan.py plans with overrides on small presets"),
     "LIBTPU_PATH=.venv/libtpu-site python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4": Run(
         "tiny", "all three stages compile for 4 minutes; the scoring step at 128 tokens for 30 s",
@@ -205,19 +205,26 @@ COMMANDS: dict[str, Run] = {
     "--distill-tag SUFFIX]": Run(
         "parse", "hours on the real model"),
     "python scripts/span_pair_stats.py runs/p1/pairs_11_8/valid": Run("parse", "reads a pair cache p1_protocol makes"),
-    "python scripts/convert.py smollm2-135m /tmp/smollm2-orbax": Run(
+    "streamline-jax-convert smollm2-135m /tmp/smollm2-orbax": Run(
         "parse", "20 s to write the 135M model; the README's convert command runs the same code on a tiny one"),
-    "python scripts/convert.py path/to/hf-folder /tmp/m-orbax --dtype bfloat16": Run(
+    "streamline-jax-convert path/to/hf-folder /tmp/m-orbax --dtype bfloat16": Run(
         "as written", subs=(("path/to/hf-folder", "{llama}"),), makes=("tmp/m-orbax",)),
-    "python scripts/convert.py /tmp/m-orbax /tmp/m-hf": Run(
-        "as written", first="python scripts/convert.py path/to/hf-folder /tmp/m-orbax --dtype bfloat16",
+    "streamline-jax-convert /tmp/m-orbax /tmp/m-hf": Run(
+        "as written", first="streamline-jax-convert path/to/hf-folder /tmp/m-orbax --dtype bfloat16",
         makes=("tmp/m-hf/config.json",)),
-    "python scripts/export_hf.py runs/smollm2-135m /tmp/smollm2-pruned-hf": Run(
+    "streamline-jax-export runs/smollm2-135m /tmp/smollm2-pruned-hf": Run(
         "as written", first=DEFAULT_RUN, makes=("tmp/smollm2-pruned-hf/config.json",)),
-    "python scripts/plan_memory.py --model llama2-13b --topology v5e:4x4": Run(
+    "streamline-jax-plan --model llama2-13b --topology v5e:4x4": Run(
         "parse", "4 minutes of compiling; the README's form of it is planned tiny"),
-    "python scripts/plan_memory.py --model llama2-70b --topology v5p-32 --stage lm --batch 16": Run(
+    "streamline-jax-plan --model llama2-70b --topology v5p-32 --stage lm --batch 16": Run(
         "parse", "minutes of compiling; the README's plan command is planned tiny"),
+    "streamline-jax --model llama3-8b --target v5e-8": Run("parse", "an 8B model on a TPU VM"),
+    "streamline-jax-plan --model llama3-8b --topology v5e-8": Run("parse", "minutes of compiling for a TPU"),
+    "python scripts/bench_device.py": Run("parse", "1B and 7B models: for a GPU or TPU machine"),
+    "python scripts/bench_device.py --models llama2-7b --batch 8 --seq 2048 --no-torch": Run(
+        "parse", "a 7B model: for a GPU or TPU machine"),
+    "python scripts/bench_device.py --models tiny --batch 2 --seq 64": Run(
+        "parse", "tests/test_bench_device.py runs it at tiny shapes with its figures checked"),
 }
 
 
@@ -279,6 +286,9 @@ def documented_commands() -> dict[str, list[str]]:
     text = "\n".join(texts.values())
     scripts = set(re.findall(r"\bscripts/\w+\.py\b", text))
     modules = {m.replace(".", "/") + ".py" for m in re.findall(r"python -m (streamline_jax[\w.]*)", text)}
+    entry_points = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"].get("scripts", {})
+    modules |= {entry_points[name].split(":")[0].replace(".", "/") + ".py" for name in CONSOLE_SCRIPTS
+                if name in entry_points and re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)}
     for path in sorted(ROOT / p for p in scripts | modules if (ROOT / p).exists()):  # a missing one fails to run
         doc = ast.get_docstring(ast.parse(path.read_text()), clean=False) or ""
         lines = doc.splitlines()
