@@ -1,0 +1,190 @@
+"""GGUF export (streamline_jax/export_gguf.py): tiny pruned models written as GGUF, read back by our own reader and
+run by llama.cpp itself (llama-cpp-python, built by scripts/setup.sh --test), whose last-position logits and greedy
+tokens must match ours."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import streamline_jax as sj
+from conftest import rel_err
+from reference import params_from_torch, torch_model
+from streamline_jax import pruning
+from streamline_jax.export import ExportError
+from streamline_jax.export_gguf import export_gguf, follows_period, gemma_period_spans
+from streamline_jax.gguf_file import field, open_gguf
+from streamline_jax.models.config import from_hf_config
+from streamline_jax.models.model import Model, forward
+from test_models import CONFIGS, GEMMA_HF
+from tiny import vocab_gguf
+
+GEMMA6 = dict(GEMMA_HF, num_hidden_layers=6, query_pre_attn_scalar=16)  # llama.cpp scales queries by head_dim
+FAMILIES = {
+    "llama": CONFIGS["llama_gqa_tied"].replace(num_layers=6, layout=()),
+    "llama_untied_bias": CONFIGS["llama_bias"].replace(num_layers=6, layout=(), tie_word_embeddings=False),
+    "qwen2": CONFIGS["qwen2_untied"].replace(num_layers=6, layout=()),
+    "qwen3": CONFIGS["qwen3"].replace(num_layers=6, layout=()),
+    "gemma2": from_hf_config(dict(GEMMA6, model_type="gemma2", attn_logit_softcapping=0.05,
+                                  final_logit_softcapping=1.0)),
+    "gemma3": from_hf_config(dict(GEMMA6, model_type="gemma3_text", rope_theta=1000000.0,
+                                  rope_local_base_freq=100.0, tie_word_embeddings=False)),
+}
+PROMPT = [1, 17, 42, 99, 5, 63, 8, 120, 33, 2, 77, 11]  # longer than Gemma's 4-slot window
+# q8_0 against f32 on these tiny random models: the largest relative difference of the last logits measured was
+# 0.012 (llama), 0.010 (qwen2); the bound leaves room for other CPUs' rounding
+Q8_0_BOUND = 0.03
+
+
+def pruned_model(config, start=1, length=3, replacement="layer"):
+    """A tiny random model with a span pruned; a `layer` block perturbed, so that it is no copy of any layer."""
+    model = Model(config, params_from_torch(config, torch_model(config)), None)
+    pruned = pruning.prune(model, start, length, replacement)
+    if replacement != "none":
+        key = next(k for k, s in zip(pruned.params["segments"], pruned.config.layout) if s.kind != "layers")
+        pruned.params["segments"][key] = jax.tree.map(lambda v: v * 1.3 + 0.01, pruned.params["segments"][key])
+    return pruned
+
+
+def export(tmp_path, model, gguf_type="f32"):
+    vocab = vocab_gguf(tmp_path / "vocab.gguf", model.config.vocab_size)
+    return export_gguf(model, tmp_path / "gguf" / f"m-{gguf_type}.gguf", gguf_type, source_gguf=vocab,
+                       facts={"base_model": "tiny/random", "params_before": 12345})
+
+
+def llama_cpp(path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama_cpp (llama-cpp-python) is not installed; "
+                                                       "`bash scripts/setup.sh --test` builds and installs it")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, verbose=False,
+                           type_k=0, type_v=0)  # a float32 KV cache: llama.cpp's f16 default rounds
+
+
+def llama_cpp_run(llm, prompt, new_tokens=8):
+    """The last position's logits of `prompt` and the greedy continuation, in llama.cpp."""
+    llm.reset()
+    llm.eval(prompt)
+    logits = np.array(llm.scores[len(prompt) - 1])
+    tokens = []
+    for _ in range(new_tokens):
+        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([tokens[-1]])
+    return logits, tokens
+
+
+def ours_run(model, prompt, new_tokens=8):
+    logits = np.asarray(forward(model, np.array([prompt])))[0, -1]
+    tokens = sj.generate(model, [prompt], new_tokens, eos_token_id=()).tokens[0]
+    return logits, tokens
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Without llama.cpp
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_untied_bias", "qwen2", "qwen3"])
+def test_gguf_reads_back_as_the_pruned_model(tmp_path, family):
+    pruned = pruned_model(FAMILIES[family])
+    path = export(tmp_path, pruned)
+    back = sj.load(path)
+    assert back.config.depth == pruned.config.depth == 4
+    ids = np.array([PROMPT])
+    assert rel_err(forward(back, ids), forward(pruned, ids)) < 1e-5
+    reader = open_gguf(path)
+    assert field(reader, "tokenizer.ggml.tokens")[3] == "<0x0A>"
+    assert field(reader, "tokenizer.chat_template").startswith("{% for m in messages")
+    assert field(reader, "general.tags") == ["pruned", "llm-streamline"]
+    assert "layers 1-3 (3) replaced by one `layer` block" in field(reader, "general.description")
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("replacement", ["ffn", "mlp", "linear"])
+def test_blocks_llama_cpp_cannot_run_are_refused_by_name(tmp_path, replacement):
+    pruned = pruned_model(FAMILIES["llama"], replacement=replacement)
+    with pytest.raises(ExportError, match=f"`{replacement}` replacement block.*replacement=layer or none"):
+        export(tmp_path, pruned)
+    assert not (tmp_path / "gguf").exists() or not any((tmp_path / "gguf").iterdir())
+
+
+def export_with_per_layer_source(tmp_path):
+    """A pruned model exported with a source GGUF whose metadata holds per-layer arrays."""
+    import gguf
+
+    pruned = pruned_model(FAMILIES["llama"], 1, 3, "layer")  # keeps original layers 0, 1 (the block), 4, 5
+    source = tmp_path / "source.gguf"
+    w = gguf.GGUFWriter(str(source), "llama")
+    w.add_block_count(6)
+    w.add_key_value("llama.attention.head_count_kv", [2] * 6, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+    w.add_key_value("llama.test_per_layer", list(range(6)), gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+    w.add_key_value("llama.test_scalar", 7, gguf.GGUFValueType.UINT32)
+    for key, f in open_gguf(vocab_gguf(tmp_path / "vocab.gguf", 128)).fields.items():
+        if key.startswith("tokenizer."):
+            w.add_key_value(key, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return pruned, export_gguf(pruned, tmp_path / "out.gguf", "f32", source_gguf=source)
+
+
+def test_per_layer_metadata_of_the_source_is_sliced_to_the_kept_layers(tmp_path):
+    """llama.cpp's own --prune-layers leaves such arrays whole, and its files then fail to load."""
+    _, path = export_with_per_layer_source(tmp_path)
+    reader = open_gguf(path)
+    assert field(reader, "llama.test_per_layer") == [0, 1, 4, 5]
+    assert field(reader, "llama.attention.head_count_kv") == [2] * 4
+    assert field(reader, "llama.test_scalar") == 7 and field(reader, "llama.block_count") == 4
+
+
+def test_gemma_period_rule():
+    """llama.cpp derives the sliding/full pattern from a period where the file has no per-layer array: the spans
+    whose pruning keeps that period (we write the array, so every span is exported exactly)."""
+    config = FAMILIES["gemma2"]  # S F S F S F
+    assert follows_period(config.layer_types, 2)
+    assert gemma_period_spans(config, 1, block=False) == [5]
+    assert gemma_period_spans(config, 2, block=False) == [0, 1, 2, 3, 4]
+    assert gemma_period_spans(config, 3, block=True) == [0, 1, 2, 3]
+    assert gemma_period_spans(config, 2, block=True) == [4]  # the block keeps its first layer's type
+
+
+def test_gemma_needs_query_scale_of_head_dim(tmp_path):
+    config = from_hf_config(dict(GEMMA_HF, num_hidden_layers=6, model_type="gemma2"))  # query_pre_attn_scalar 32
+    with pytest.raises(ExportError, match="query_pre_attn_scalar=32"):
+        export(tmp_path, pruned_model(config))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# llama.cpp itself
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("replacement", ["layer", "none"])
+def test_llama_cpp_runs_the_export_like_we_do(tmp_path, family, replacement):
+    pruned = pruned_model(FAMILIES[family], 1, 1 if family.startswith("gemma") else 3, replacement)
+    llm = llama_cpp(export(tmp_path, pruned))
+    theirs, their_tokens = llama_cpp_run(llm, PROMPT)
+    ours, our_tokens = ours_run(pruned, PROMPT)
+    assert rel_err(theirs, ours) <= 2e-3
+    assert their_tokens == our_tokens
+
+
+def test_llama_cpp_loads_sliced_per_layer_metadata(tmp_path):
+    pruned, path = export_with_per_layer_source(tmp_path)
+    theirs, _ = llama_cpp_run(llama_cpp(path), PROMPT, 0)
+    assert rel_err(theirs, ours_run(pruned, PROMPT, 1)[0]) <= 2e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_llama_cpp_q8_0_within_the_measured_bound(tmp_path, family):
+    pruned = pruned_model(FAMILIES[family])
+    theirs, _ = llama_cpp_run(llama_cpp(export(tmp_path, pruned, "q8_0")), PROMPT)
+    ours, _ = ours_run(pruned, PROMPT)
+    assert rel_err(theirs, ours) <= Q8_0_BOUND
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "bf16"])
+def test_llama_cpp_loads_half_precision_exports(tmp_path, gguf_type):
+    pruned = pruned_model(FAMILIES["llama"])
+    theirs, _ = llama_cpp_run(llama_cpp(export(tmp_path, pruned, gguf_type)), PROMPT)
+    ours, _ = ours_run(pruned, PROMPT)
+    assert rel_err(theirs, ours) <= 2e-2
