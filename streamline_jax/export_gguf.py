@@ -33,8 +33,25 @@ GGUF_FAMILIES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3_text")
 GEMMA_PERIODS = {"gemma2": 2, "gemma3_text": 6}
 
 
-def gguf_path(out: Path, name: str, gguf_type: str) -> Path:
-    return Path(out) / "gguf" / f"{name}-{gguf_type}.gguf"
+def gguf_path(out: Path, model_source, gguf_type: str) -> Path:
+    """<out>/gguf/<name>-<type>.gguf, the name being the source model's, `-pruned` added."""
+    name = Path(str(model_source)).name.removesuffix(".gguf") or "model"
+    return Path(out) / "gguf" / f"{name}-pruned-{gguf_type}.gguf"
+
+
+def gguf_unavailable(config: ModelConfig | None, replacement: str, gguf_type: str, source_gguf) -> str | None:
+    """Why a run of `config` pruned with `replacement` writes no GGUF; None where it does."""
+    if replacement in ("ffn", "mlp", "linear"):
+        return f"an `{replacement}` block has no llama.cpp layer (prune.replacement=layer or none gives a GGUF)"
+    try:
+        if config is not None:
+            check_gguf_exportable(config, gguf_type)
+    except ExportError as e:
+        return str(e)
+    if source_gguf is None:
+        return ("the model source is no GGUF, and the GGUF's tokenizer is copied from one (write it afterwards: "
+                "scripts/convert.py <out>/model <file>.gguf --to gguf --tokenizer <a GGUF of the same vocabulary>)")
+    return None
 
 
 def check_gguf_exportable(config: ModelConfig, gguf_type: str = "f16") -> None:
@@ -210,7 +227,7 @@ def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16", source_g
     check_gguf_exportable(config, gguf_type)
     if source_gguf is None:
         raise ExportError("a GGUF needs the tokenizer in llama.cpp's form: pass a GGUF with the model's vocabulary "
-                          "(the model's own source .gguf) as the tokenizer source")
+                          "(the model's own source .gguf; scripts/convert.py --tokenizer FILE.gguf)")
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite)")

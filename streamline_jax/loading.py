@@ -152,6 +152,14 @@ def resolve_source(source, cache=None) -> tuple[str, Path]:
                             f"({', '.join(EMBEDDED_MODELS)}) or a hub id")
 
 
+def source_gguf(source) -> Path | None:
+    """The GGUF file a model source is (an embedded name: its packaged file), or None."""
+    if str(source) in EMBEDDED_MODELS:
+        return embedded_gguf(str(source))
+    path = Path(str(source)).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def place_on_mesh(model: Model, mesh) -> Model:
     from .sharding import shard_params
 

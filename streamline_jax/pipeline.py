@@ -166,6 +166,8 @@ class Inputs:
     tasks: list
     hf_ok: bool
     harness: Any = None  # lm-eval's task manager, when eval.harness_tasks names tasks
+    gguf_source: Path | None = None  # the GGUF the export copies the tokenizer from
+    no_gguf: str | None = None  # why no GGUF is written (export.gguf on)
 
 
 def check_inputs(c: RunConfig, stages) -> Inputs:
@@ -211,7 +213,25 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
             if isinstance(t, PerplexityTask) and "evaluate" in stages and t.window > model_config.max_position_embeddings:
                 raise ConfigError(f"the {t.name} perplexity window of {t.window} tokens (eval.window) is longer than "
                                   f"the model's context of {model_config.max_position_embeddings} tokens")
-    return Inputs(calib_source, train_source, valid_source, tasks, hf_ok, harness)
+    gguf_source, no_gguf = _gguf_plan(c, stages, model_config)
+    return Inputs(calib_source, train_source, valid_source, tasks, hf_ok, harness, gguf_source, no_gguf)
+
+
+def _gguf_plan(c: RunConfig, stages, model_config) -> tuple[Path | None, str | None]:
+    """(the GGUF to copy the tokenizer from, why no GGUF is written) for export.gguf."""
+    from .export_gguf import gguf_unavailable
+    from .loading import source_gguf
+
+    if not (c.export.gguf and "save" in stages):
+        return None, None
+    try:
+        source = source_gguf(c.model.source)
+    except FileNotFoundError:  # an embedded model whose package is missing: the load stage says so
+        source = None
+    reason = gguf_unavailable(model_config, c.prune.replacement, c.export.gguf_type, source)
+    if reason:
+        log.warning("no GGUF export: %s", reason)
+    return source, reason
 
 
 @dataclasses.dataclass
@@ -505,8 +525,8 @@ def harness_stage(c: RunConfig, dense, pruned, harness) -> dict:
             for name, m in (("dense", dense), ("pruned", pruned)) if m is not None}
 
 
-def save_stage(c: RunConfig, pruned, out: Path, hf_ok: bool) -> dict:
-    """The pruned model as an Orbax checkpoint and a Hugging Face folder; what was written where."""
+def save_stage(c: RunConfig, pruned, out: Path, inputs: Inputs, params_before: int | None = None) -> dict:
+    """The pruned model as an Orbax checkpoint, a Hugging Face folder and a GGUF; what was written where."""
     from . import export
     from .distributed import main_only
     from .interrupts import deferred_interrupts
@@ -518,15 +538,30 @@ def save_stage(c: RunConfig, pruned, out: Path, hf_ok: bool) -> dict:
         if c.export.orbax:
             export.save_orbax_model(pruned, out / "model", overwrite=True)
             outputs["orbax"] = "model/ (streamline_jax.load)"
-        if hf_ok:  # gathered on every process (a collective), written by process 0
+        if inputs.hf_ok or (inputs.gguf_source and not inputs.no_gguf):  # gathered on every process (a collective)
             from .distributed import to_host
 
             host = pruned.replace(params=to_host(pruned.params))
+        if inputs.hf_ok:  # written by process 0
             main_only(export.export_hf)(host, out / "hf", overwrite=True)
             outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
         elif c.export.hf:
             outputs["hf"] = f"not written: an `{c.prune.replacement}` block has no stock Hugging Face form"
+        if inputs.gguf_source and not inputs.no_gguf:
+            outputs["gguf"] = _save_gguf(c, host, out, inputs.gguf_source, params_before)
+        elif c.export.gguf:
+            outputs["gguf"] = f"not written: {inputs.no_gguf}"
     return outputs
+
+
+def _save_gguf(c: RunConfig, host, out: Path, source: Path, params_before: int | None) -> str:
+    from .distributed import main_only
+    from .export_gguf import export_gguf, gguf_path
+
+    path = gguf_path(out, c.model.source, c.export.gguf_type)
+    facts = {"base_model": c.model.hub_id or c.model.source, "params_before": params_before}
+    main_only(export_gguf)(host, path, c.export.gguf_type, source_gguf=source, facts=facts)
+    return f"{path.relative_to(out)} (llama-cli -m {path.relative_to(out)}; ollama: FROM ./{path.name})"
 
 
 def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes,
@@ -577,7 +612,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     outputs = {}
     if "save" in stages:
         with stage("save", times):
-            outputs = save_stage(c, pruned, out, inputs.hf_ok)
+            outputs = save_stage(c, pruned, out, inputs, dense.num_params)
     report["outputs"] = outputs
     times["total"] = time.perf_counter() - total_start
     report["stage_times"] = times

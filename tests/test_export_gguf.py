@@ -188,3 +188,73 @@ def test_llama_cpp_loads_half_precision_exports(tmp_path, gguf_type):
     theirs, _ = llama_cpp_run(llama_cpp(export(tmp_path, pruned, gguf_type)), PROMPT)
     ours, _ = ours_run(pruned, PROMPT)
     assert rel_err(theirs, ours) <= 2e-2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run and scripts/convert.py
+
+
+def tiny_gguf_source(tmp_path):
+    """A tiny dense random Llama as a GGUF with a tiny vocabulary: a model source the run can export a GGUF of."""
+    dense = Model(FAMILIES["llama"], params_from_torch(FAMILIES["llama"], torch_model(FAMILIES["llama"])), None)
+    vocab = vocab_gguf(tmp_path / "vocab.gguf", 128)
+    return export_gguf(dense, tmp_path / "tiny.gguf", "f32", source_gguf=vocab)
+
+
+def test_run_writes_the_gguf_by_default(tiny_files, tmp_path):
+    from streamline_jax import run as run_mod
+
+    source, out, d = tiny_gguf_source(tmp_path), tmp_path / "out", tiny_files["data"]
+    args = ["--model", str(source), "--out", str(out), "--quiet", "--stages", "score,prune,train,save",
+            f"data.calibration={d / 'train.jsonl'}", "data.seq_len=32", "data.calib_chunks=4", "data.train_chunks=8",
+            "data.batch_size=4", "score.sparsity=null", "score.num_layers=2", "eval.tasks=[]", "train.lr=1e-3",
+            "train.distill_steps=0"]
+    assert run_mod.main(args) == 0
+    path = out / "gguf" / "tiny-pruned-f16.gguf"
+    assert [p.name for p in (out / "gguf").iterdir()] == [path.name]
+    pruned, back = sj.load(out / "model"), sj.load(path)
+    assert back.config.depth == pruned.config.depth == 5
+    ids = np.array([PROMPT])
+    assert rel_err(forward(back, ids), forward(pruned, ids)) < 1e-2  # f16 weights
+    reader = open_gguf(path)
+    assert field(reader, "general.file_type") == 1 and field(reader, "tokenizer.ggml.model") == "llama"
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert report["outputs"]["gguf"].startswith("gguf/tiny-pruned-f16.gguf")
+
+
+def test_run_without_a_gguf_source_says_why_no_gguf(tiny_files, tmp_path):
+    from streamline_jax import run as run_mod
+
+    out, d = tmp_path / "out", tiny_files["data"]
+    args = ["--model", str(tiny_files["llama"]), "--out", str(out), "--quiet", "--stages", "score,prune,save",
+            f"data.calibration={d / 'train.jsonl'}", "data.seq_len=32", "data.calib_chunks=4", "data.batch_size=4",
+            "score.sparsity=null", "score.num_layers=2", "eval.tasks=[]", "prune.replacement=none"]
+    assert run_mod.main(args) == 0
+    report = __import__("json").loads((out / "report.json").read_text())
+    assert report["outputs"]["gguf"].startswith("not written: the model source is no GGUF")
+    assert not (out / "gguf").exists()
+
+
+def test_convert_writes_gguf_from_orbax_and_refuses_blocks_by_name(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("convert", Path(__file__).parents[1] / "scripts" / "convert.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    from streamline_jax.export import save_orbax_model
+
+    vocab = vocab_gguf(tmp_path / "vocab.gguf", 128)
+    pruned = pruned_model(FAMILIES["qwen3"], 2, 2, "none")
+    save_orbax_model(pruned, tmp_path / "orbax")
+    target = tmp_path / "m.gguf"
+    assert convert.main([str(tmp_path / "orbax"), str(target), "--to", "gguf", "--gguf-type", "q8_0",
+                         "--tokenizer", str(vocab)]) == 0
+    back = sj.load(target)
+    assert back.config.depth == 4 and field(open_gguf(target), "general.file_type") == 7
+    save_orbax_model(pruned_model(FAMILIES["llama"], replacement="mlp"), tmp_path / "mlp")
+    assert convert.main([str(tmp_path / "mlp"), str(tmp_path / "x.gguf"), "--to", "gguf", "--tokenizer",
+                         str(vocab)]) == 2
+    assert "`mlp` replacement block" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+    assert convert.main([str(tmp_path / "orbax"), str(tmp_path / "y.gguf"), "--to", "gguf"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
