@@ -182,6 +182,11 @@ def source_metadata(source_gguf: Path | None, config: ModelConfig, kept_layers: 
     return fields
 
 
+def gguf_license(path) -> str | None:
+    """general.license of a GGUF (None: no file, or none said)."""
+    return field(open_gguf(Path(path)), "general.license") if path else None
+
+
 def kept_source_layers(config: ModelConfig) -> list[int]:
     """The original layer each current layer was made from (a `layer` block: the first layer of its span)."""
     from .pruning import original_ranges
@@ -232,7 +237,8 @@ def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16", source_g
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite)")
     copied = source_metadata(Path(source_gguf), config, kept_source_layers(config))
-    facts = {"params_after": model.num_params, **(facts or {})}
+    facts = {"params_after": model.num_params, "license": gguf_license(source_gguf),
+             **{k: v for k, v in (facts or {}).items() if v is not None}}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)

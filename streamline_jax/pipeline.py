@@ -86,8 +86,9 @@ def _strip(results: dict) -> dict:
 
 def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overwrite: bool = False,
         resume: bool = False, preset: str | None = None, progress: bool = True, target: str | None = None,
-        shared: SharedWork | None = None) -> dict:
-    """Run `stages` of the pipeline into `out`; return the report. KeyboardInterrupt propagates (the caller logs)."""
+        shared: SharedWork | None = None, command: str | None = None) -> dict:
+    """Run `stages` of the pipeline into `out`; return the report (`command`, the command line that ran it, goes
+    into the model card). KeyboardInterrupt propagates (the caller logs)."""
     from .distributed import is_main_process
 
     out = Path(out).absolute()
@@ -106,7 +107,7 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
             log.addHandler(handler)
             try:
                 report = _run(config, work, stages, resume, preset, progress, total_start, target, times, inputs,
-                              shared)
+                              shared, command)
                 if is_main_process():
                     (work / FAILED).unlink(missing_ok=True)
                     finish_out(work, out)
@@ -565,7 +566,7 @@ def _save_gguf(c: RunConfig, host, out: Path, source: Path, params_before: int |
 
 
 def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes,
-         inputs: Inputs, shared: SharedWork | None = None) -> dict:
+         inputs: Inputs, shared: SharedWork | None = None, command: str | None = None) -> dict:
     import jax
 
     from .distributed import main_only
@@ -574,7 +575,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     log.info("output folder %s; stages %s", out, ", ".join(stages))
     shared = shared if shared is not None else SharedWork()  # this run's own: calibration tokenized once
     report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
-                              "devices": [str(d) for d in jax.devices()], "finished": None}
+                              "devices": [str(d) for d in jax.devices()], "finished": None, "command": command}
     with stage("load", times):
         dense, report["model"] = load_stage(c, preset, target, shared)
     staged = stage_layout("scoring", preset, target)
@@ -619,6 +620,11 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     chosen = (choices[0].start, choices[0].length) if choices else None
     report = main_only(write_report)(report, out, scores, chosen, history) or report
+    if (out / "hf" / "config.json").exists() and "save" in stages:
+        from .export_gguf import gguf_license
+        from .model_card import write_model_card
+
+        main_only(write_model_card)(report, out / "hf", gguf_license(inputs.gguf_source))
     main_only((out / DONE).write_text)(report["finished"] + "\n")  # last: the folder is finished
     main_only(shutil.rmtree)(out / PAIR_CACHE, ignore_errors=True)  # only a resume of this run needed it
     log.info("report: %s", out / "report.md")

@@ -5,6 +5,7 @@ tokens must match ours."""
 from __future__ import annotations
 
 import jax
+import yaml
 import numpy as np
 import pytest
 
@@ -198,7 +199,7 @@ def tiny_gguf_source(tmp_path):
     """A tiny dense random Llama as a GGUF with a tiny vocabulary: a model source the run can export a GGUF of."""
     dense = Model(FAMILIES["llama"], params_from_torch(FAMILIES["llama"], torch_model(FAMILIES["llama"])), None)
     vocab = vocab_gguf(tmp_path / "vocab.gguf", 128)
-    return export_gguf(dense, tmp_path / "tiny.gguf", "f32", source_gguf=vocab)
+    return export_gguf(dense, tmp_path / "tiny.gguf", "f32", source_gguf=vocab, facts={"license": "apache-2.0"})
 
 
 def test_run_writes_the_gguf_by_default(tiny_files, tmp_path):
@@ -220,6 +221,16 @@ def test_run_writes_the_gguf_by_default(tiny_files, tmp_path):
     assert field(reader, "general.file_type") == 1 and field(reader, "tokenizer.ggml.model") == "llama"
     report = __import__("json").loads((out / "report.json").read_text())
     assert report["outputs"]["gguf"].startswith("gguf/tiny-pruned-f16.gguf")
+    assert field(reader, "general.license") == "apache-2.0"
+    card = (out / "hf" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["license"] == "apache-2.0" and {"pruned", "llm-streamline"} <= set(front["tags"])
+    assert front["base_model"] == str(source)
+    span = report["span"]
+    assert f"- layers {span['start']}..{span['end'] - 1} (2 layers), chosen by" in card
+    assert f"- parameters: {report['params']['dense']:,} → {report['params']['pruned']:,}" in card
+    assert "replacement: layer" in card  # the recipe
+    assert "python -m streamline_jax.run --model " + str(source) in card and "score.num_layers=2" in card
 
 
 def test_run_without_a_gguf_source_says_why_no_gguf(tiny_files, tmp_path):
