@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamline_jax import export, load  # noqa: E402
 from streamline_jax.export_gguf import check_gguf_exportable, export_gguf  # noqa: E402
-from streamline_jax.loading import ORBAX_MARKER, source_gguf  # noqa: E402
+from streamline_jax.loading import ORBAX_MARKER, tokenizer_source  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -26,8 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("target", help="output folder (written atomically)")
     p.add_argument("--to", choices=("orbax", "hf", "gguf"), help="default: hf for an Orbax source, orbax otherwise")
     p.add_argument("--gguf-type", default="f16", help="GGUF tensor type: f32, f16, bf16, q8_0 (default f16)")
-    p.add_argument("--tokenizer", help="GGUF whose tokenizer the GGUF gets (default: the source, if a GGUF or an "
-                                       "embedded name)")
+    p.add_argument("--tokenizer", help="GGUF, or Hugging Face folder, whose tokenizer the GGUF gets (default: the "
+                                       "source's own)")
     p.add_argument("--dtype", default=None, help="parameter dtype (default: float32, or as saved for Orbax)")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         model = export.load_orbax_model(args.source, args.dtype) if is_orbax else load(args.source,
                                                                                        args.dtype or "float32")
         if to == "gguf":
-            out = export_gguf(model, args.target, args.gguf_type, args.tokenizer or source_gguf(args.source),
+            out = export_gguf(model, args.target, args.gguf_type, args.tokenizer or tokenizer_source(args.source),
                               overwrite=args.overwrite)
         else:
             out = export.export_hf(model, args.target, args.overwrite) if to == "hf" else \

@@ -39,7 +39,7 @@ def gguf_path(out: Path, model_source, gguf_type: str) -> Path:
     return Path(out) / "gguf" / f"{name}-pruned-{gguf_type}.gguf"
 
 
-def gguf_unavailable(config: ModelConfig | None, replacement: str, gguf_type: str, source_gguf) -> str | None:
+def gguf_unavailable(config: ModelConfig | None, replacement: str, gguf_type: str, tokenizer_source) -> str | None:
     """Why a run of `config` pruned with `replacement` writes no GGUF; None where it does."""
     if replacement in ("ffn", "mlp", "linear"):
         return f"an `{replacement}` block has no llama.cpp layer (prune.replacement=layer or none gives a GGUF)"
@@ -48,9 +48,16 @@ def gguf_unavailable(config: ModelConfig | None, replacement: str, gguf_type: st
             check_gguf_exportable(config, gguf_type)
     except ExportError as e:
         return str(e)
-    if source_gguf is None:
-        return ("the model source is no GGUF, and the GGUF's tokenizer is copied from one (write it afterwards: "
-                "scripts/convert.py <out>/model <file>.gguf --to gguf --tokenizer <a GGUF of the same vocabulary>)")
+    if tokenizer_source is None:
+        return ("the model source has no tokenizer llama.cpp can read (write the GGUF afterwards: scripts/convert.py "
+                "<out>/model <file>.gguf --to gguf --tokenizer <a GGUF of the same vocabulary>)")
+    if Path(tokenizer_source).is_dir() and config is not None:
+        from .gguf_vocab import VocabError, hf_vocab_fields
+
+        try:
+            hf_vocab_fields(Path(tokenizer_source), config.vocab_size)
+        except VocabError as e:
+            return str(e)
     return None
 
 
@@ -156,12 +163,18 @@ def encode(w: np.ndarray, gguf_type: str):
     return gguf.quants.quantize(w, qtype), qtype
 
 
-def source_metadata(source_gguf: Path | None, config: ModelConfig, kept_layers: list[int]):
+def source_metadata(tokenizer_source: Path, config: ModelConfig, kept_layers: list[int]):
     """The fields to copy from the source GGUF: tokenizer.* whole, and `<arch>.*` keys not generated here, any
-    that holds one value per source layer sliced to `kept_layers`; [(key, value, types)]."""
-    if source_gguf is None:
-        return []
-    reader = open_gguf(source_gguf)
+    that holds one value per source layer sliced to `kept_layers`; [(key, value, types)]. A Hugging Face folder:
+    its tokenizer in llama.cpp's form (`gguf_vocab.py`)."""
+    if tokenizer_source.is_dir():
+        from .gguf_vocab import VocabError, hf_vocab_fields
+
+        try:
+            return [(key, value, None) for key, value in hf_vocab_fields(tokenizer_source, config.vocab_size)]
+        except VocabError as e:
+            raise ExportError(str(e)) from None
+    reader = open_gguf(tokenizer_source)
     arch = architecture(config.model_type).gguf_name
     source_depth = field(reader, f"{arch}.block_count")
     fields = []
@@ -176,15 +189,15 @@ def source_metadata(source_gguf: Path | None, config: ModelConfig, kept_layers: 
                 fields.append((key, value, f.types))
     tokens = field(reader, "tokenizer.ggml.tokens") or ()
     if tokens and len(tokens) != config.vocab_size:
-        raise ExportError(f"{source_gguf}: its tokenizer has {len(tokens)} tokens, the model {config.vocab_size}")
+        raise ExportError(f"{tokenizer_source}: its tokenizer has {len(tokens)} tokens, the model {config.vocab_size}")
     if not tokens:
-        raise ExportError(f"{source_gguf}: no tokenizer.ggml.tokens; llama.cpp needs the tokenizer in the GGUF")
+        raise ExportError(f"{tokenizer_source}: no tokenizer.ggml.tokens; llama.cpp needs the tokenizer in the GGUF")
     return fields
 
 
 def gguf_license(path) -> str | None:
-    """general.license of a GGUF (None: no file, or none said)."""
-    return field(open_gguf(Path(path)), "general.license") if path else None
+    """general.license of a GGUF (None: no file, a folder, or none said)."""
+    return field(open_gguf(Path(path)), "general.license") if path and Path(path).is_file() else None
 
 
 def kept_source_layers(config: ModelConfig) -> list[int]:
@@ -220,24 +233,25 @@ def pruning_summary(config: ModelConfig, facts: dict) -> str:
            f"{config.depth} layers{params}"
 
 
-def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16", source_gguf: str | os.PathLike | None = None,
+def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16", tokenizer_source: str | os.PathLike | None = None,
                 facts: dict | None = None, overwrite: bool = True) -> Path:
     """Write `model` as one GGUF file llama.cpp loads, atomically (a temporary file renamed into place).
 
-    `source_gguf`: the GGUF whose tokenizer (and per-layer metadata) to copy; needed, since llama.cpp reads the
-    tokenizer from the file. `facts`: base_model, license, params_before, params_after, for general.*."""
+    `tokenizer_source`: the GGUF whose tokenizer (and per-layer metadata) to copy, or a Hugging Face folder whose
+    tokenizer to convert; needed, since llama.cpp reads the tokenizer from the file. `facts`: base_model, license, params_before, params_after, for general.*."""
     import gguf
 
     config = model.config
     check_gguf_exportable(config, gguf_type)
-    if source_gguf is None:
-        raise ExportError("a GGUF needs the tokenizer in llama.cpp's form: pass a GGUF with the model's vocabulary "
+    if tokenizer_source is None:
+        raise ExportError("a GGUF needs the tokenizer in llama.cpp's form: pass a GGUF with the model's vocabulary, "
+                          "or a Hugging Face folder with a byte-level BPE tokenizer.json "
                           "(the model's own source .gguf; scripts/convert.py --tokenizer FILE.gguf)")
     path = Path(path).absolute()
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite)")
-    copied = source_metadata(Path(source_gguf), config, kept_source_layers(config))
-    facts = {"params_after": model.num_params, "license": gguf_license(source_gguf),
+    copied = source_metadata(Path(tokenizer_source), config, kept_source_layers(config))
+    facts = {"params_after": model.num_params, "license": gguf_license(tokenizer_source),
              **{k: v for k, v in (facts or {}).items() if v is not None}}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -249,7 +263,10 @@ def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16", source_g
             if key not in copied_keys:  # a per-layer array of the source, sliced, wins over our scalar
                 _add(writer, key, value)
         for key, value, types in copied:
-            writer.add_key_value(key, value, types[0], sub_type=types[-1] if len(types) > 1 else None)
+            if types is None:
+                _add(writer, key, value)
+            else:
+                writer.add_key_value(key, value, types[0], sub_type=types[-1] if len(types) > 1 else None)
         for name, w in gguf_tensors(config, model.params):
             data, qtype = encode(w, gguf_type)
             writer.add_tensor(name, data, raw_dtype=qtype)
@@ -270,7 +287,9 @@ def _add(writer, key: str, value) -> None:
     V = gguf.GGUFValueType
     kind = lambda v: V.BOOL if isinstance(v, bool) else V.UINT32 if isinstance(v, int) else \
         V.FLOAT32 if isinstance(v, float) else V.STRING
-    if isinstance(value, list):
+    if key == "tokenizer.ggml.token_type":  # llama.cpp reads int32
+        writer.add_key_value(key, value, V.ARRAY, sub_type=V.INT32)
+    elif isinstance(value, list):
         writer.add_key_value(key, value, V.ARRAY, sub_type=kind(value[0]) if value else V.STRING)
     else:
         writer.add_key_value(key, value, kind(value))

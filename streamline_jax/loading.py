@@ -152,12 +152,15 @@ def resolve_source(source, cache=None) -> tuple[str, Path]:
                             f"({', '.join(EMBEDDED_MODELS)}) or a hub id")
 
 
-def source_gguf(source) -> Path | None:
-    """The GGUF file a model source is (an embedded name: its packaged file), or None."""
+def tokenizer_source(source) -> Path | None:
+    """Where a model source's tokenizer lies in a form a GGUF export reads: the GGUF file it is (an embedded name:
+    its packaged file), or its Hugging Face folder with a tokenizer.json; None otherwise."""
     if str(source) in EMBEDDED_MODELS:
         return embedded_gguf(str(source))
     path = Path(str(source)).expanduser()
-    return path if path.suffix == ".gguf" and path.is_file() else None
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    return path if (path / "tokenizer.json").is_file() else None
 
 
 def place_on_mesh(model: Model, mesh) -> Model:

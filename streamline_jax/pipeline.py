@@ -167,7 +167,7 @@ class Inputs:
     tasks: list
     hf_ok: bool
     harness: Any = None  # lm-eval's task manager, when eval.harness_tasks names tasks
-    gguf_source: Path | None = None  # the GGUF the export copies the tokenizer from
+    tokenizer_source: Path | None = None  # the GGUF (or HF folder) the GGUF export takes the tokenizer from
     no_gguf: str | None = None  # why no GGUF is written (export.gguf on)
 
 
@@ -214,19 +214,19 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
             if isinstance(t, PerplexityTask) and "evaluate" in stages and t.window > model_config.max_position_embeddings:
                 raise ConfigError(f"the {t.name} perplexity window of {t.window} tokens (eval.window) is longer than "
                                   f"the model's context of {model_config.max_position_embeddings} tokens")
-    gguf_source, no_gguf = _gguf_plan(c, stages, model_config)
-    return Inputs(calib_source, train_source, valid_source, tasks, hf_ok, harness, gguf_source, no_gguf)
+    gguf_tokenizer, no_gguf = _gguf_plan(c, stages, model_config)
+    return Inputs(calib_source, train_source, valid_source, tasks, hf_ok, harness, gguf_tokenizer, no_gguf)
 
 
 def _gguf_plan(c: RunConfig, stages, model_config) -> tuple[Path | None, str | None]:
     """(the GGUF to copy the tokenizer from, why no GGUF is written) for export.gguf."""
     from .export_gguf import gguf_unavailable
-    from .loading import source_gguf
+    from .loading import tokenizer_source
 
     if not (c.export.gguf and "save" in stages):
         return None, None
     try:
-        source = source_gguf(c.model.source)
+        source = tokenizer_source(c.model.source)
     except FileNotFoundError:  # an embedded model whose package is missing: the load stage says so
         source = None
     reason = gguf_unavailable(model_config, c.prune.replacement, c.export.gguf_type, source)
@@ -539,7 +539,7 @@ def save_stage(c: RunConfig, pruned, out: Path, inputs: Inputs, params_before: i
         if c.export.orbax:
             export.save_orbax_model(pruned, out / "model", overwrite=True)
             outputs["orbax"] = "model/ (streamline_jax.load)"
-        if inputs.hf_ok or (inputs.gguf_source and not inputs.no_gguf):  # gathered on every process (a collective)
+        if inputs.hf_ok or (inputs.tokenizer_source and not inputs.no_gguf):  # gathered on every process (a collective)
             from .distributed import to_host
 
             host = pruned.replace(params=to_host(pruned.params))
@@ -548,8 +548,8 @@ def save_stage(c: RunConfig, pruned, out: Path, inputs: Inputs, params_before: i
             outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
         elif c.export.hf:
             outputs["hf"] = f"not written: an `{c.prune.replacement}` block has no stock Hugging Face form"
-        if inputs.gguf_source and not inputs.no_gguf:
-            outputs["gguf"] = _save_gguf(c, host, out, inputs.gguf_source, params_before)
+        if inputs.tokenizer_source and not inputs.no_gguf:
+            outputs["gguf"] = _save_gguf(c, host, out, inputs.tokenizer_source, params_before)
         elif c.export.gguf:
             outputs["gguf"] = f"not written: {inputs.no_gguf}"
     return outputs
@@ -561,7 +561,7 @@ def _save_gguf(c: RunConfig, host, out: Path, source: Path, params_before: int |
 
     path = gguf_path(out, c.model.source, c.export.gguf_type)
     facts = {"base_model": c.model.hub_id or c.model.source, "params_before": params_before}
-    main_only(export_gguf)(host, path, c.export.gguf_type, source_gguf=source, facts=facts)
+    main_only(export_gguf)(host, path, c.export.gguf_type, tokenizer_source=source, facts=facts)
     return f"{path.relative_to(out)} (llama-cli -m {path.relative_to(out)}; ollama: FROM ./{path.name})"
 
 
@@ -624,7 +624,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
         from .export_gguf import gguf_license
         from .model_card import write_model_card
 
-        main_only(write_model_card)(report, out / "hf", gguf_license(inputs.gguf_source))
+        main_only(write_model_card)(report, out / "hf", gguf_license(inputs.tokenizer_source))
     main_only((out / DONE).write_text)(report["finished"] + "\n")  # last: the folder is finished
     main_only(shutil.rmtree)(out / PAIR_CACHE, ignore_errors=True)  # only a resume of this run needed it
     log.info("report: %s", out / "report.md")

@@ -50,14 +50,14 @@ def pruned_model(config, start=1, length=3, replacement="layer"):
 
 def export(tmp_path, model, gguf_type="f32"):
     vocab = vocab_gguf(tmp_path / "vocab.gguf", model.config.vocab_size)
-    return export_gguf(model, tmp_path / "gguf" / f"m-{gguf_type}.gguf", gguf_type, source_gguf=vocab,
+    return export_gguf(model, tmp_path / "gguf" / f"m-{gguf_type}.gguf", gguf_type, tokenizer_source=vocab,
                        facts={"base_model": "tiny/random", "params_before": 12345})
 
 
 def llama_cpp(path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama_cpp (llama-cpp-python) is not installed; "
                                                        "`bash scripts/setup.sh --test` builds and installs it")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=2, verbose=False,
+    return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=2, verbose=False,
                            type_k=0, type_v=0)  # a float32 KV cache: llama.cpp's f16 default rounds
 
 
@@ -125,7 +125,7 @@ def export_with_per_layer_source(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return pruned, export_gguf(pruned, tmp_path / "out.gguf", "f32", source_gguf=source)
+    return pruned, export_gguf(pruned, tmp_path / "out.gguf", "f32", tokenizer_source=source)
 
 
 def test_per_layer_metadata_of_the_source_is_sliced_to_the_kept_layers(tmp_path):
@@ -199,7 +199,7 @@ def tiny_gguf_source(tmp_path):
     """A tiny dense random Llama as a GGUF with a tiny vocabulary: a model source the run can export a GGUF of."""
     dense = Model(FAMILIES["llama"], params_from_torch(FAMILIES["llama"], torch_model(FAMILIES["llama"])), None)
     vocab = vocab_gguf(tmp_path / "vocab.gguf", 128)
-    return export_gguf(dense, tmp_path / "tiny.gguf", "f32", source_gguf=vocab, facts={"license": "apache-2.0"})
+    return export_gguf(dense, tmp_path / "tiny.gguf", "f32", tokenizer_source=vocab, facts={"license": "apache-2.0"})
 
 
 def test_run_writes_the_gguf_by_default(tiny_files, tmp_path):
@@ -242,7 +242,7 @@ def test_run_without_a_gguf_source_says_why_no_gguf(tiny_files, tmp_path):
             "score.sparsity=null", "score.num_layers=2", "eval.tasks=[]", "prune.replacement=none"]
     assert run_mod.main(args) == 0
     report = __import__("json").loads((out / "report.json").read_text())
-    assert report["outputs"]["gguf"].startswith("not written: the model source is no GGUF")
+    assert "not a byte-level BPE tokenizer" in report["outputs"]["gguf"]
     assert not (out / "gguf").exists()
 
 
@@ -269,3 +269,76 @@ def test_convert_writes_gguf_from_orbax_and_refuses_blocks_by_name(tmp_path, cap
     assert "`mlp` replacement block" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
     assert convert.main([str(tmp_path / "orbax"), str(tmp_path / "y.gguf"), "--to", "gguf"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizers
+
+
+def byte_bpe_folder(folder, vocab_size):
+    """A Hugging Face folder with a tiny byte-level BPE tokenizer (GPT-2's pre-tokenizer), `vocab_size` tokens."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from tiny import sentences
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sentences(300, 0), trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                                bos_token="<|endoftext|>")
+    fast.save_pretrained(str(folder))
+    return folder, fast
+
+
+def test_hf_tokenizer_pre_tokenizers_are_named_or_refused():
+    from streamline_jax.gguf_vocab import PRE_TOKENIZERS, describe
+
+    smollm = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                    {"type": "ByteLevel", "add_prefix_space": False,
+                                                     "use_regex": True}]}
+    assert PRE_TOKENIZERS[describe(smollm)] == "smollm"
+    assert describe({"type": "Whitespace"}) not in PRE_TOKENIZERS
+
+
+def test_gguf_from_hf_tokenizer_tokenizes_like_it_in_llama_cpp(tmp_path):
+    from streamline_jax.gguf_vocab import hf_vocab_fields
+
+    config = FAMILIES["qwen2"].replace(vocab_size=320)
+    folder, tok = byte_bpe_folder(tmp_path / "hf", 300)
+    fields = dict(hf_vocab_fields(folder, config.vocab_size))
+    assert fields["tokenizer.ggml.pre"] == "gpt-2" and len(fields["tokenizer.ggml.tokens"]) == 320
+    assert fields["tokenizer.ggml.tokens"][319] == "[PAD319]" and fields["tokenizer.ggml.eos_token_id"] == 0
+    model = Model(config, params_from_torch(config, torch_model(config)), None)
+    path = export_gguf(model, tmp_path / "m.gguf", "f32", tokenizer_source=folder)
+    llm = llama_cpp(path)
+    text = "the big cat sat on 12 red mats, near the river!"
+    assert llm.tokenize(text.encode(), add_bos=False) == tok(text)["input_ids"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The real model
+
+
+@pytest.mark.slow
+def test_default_run_gguf_continues_the_sample_prompts_like_we_do(smollm2, tmp_path):
+    """The embedded SmolLM2 pruned as the default run prunes it (a `layer` block; here untrained, since what this
+    proves is the export), written as the default run writes it (f16, tokenizer from the embedded GGUF): llama.cpp
+    tokenizes the README's sample prompts as we do and continues them with our greedy tokens."""
+    from streamline_jax.export_gguf import gguf_path
+    from streamline_jax.loading import embedded_gguf
+    from streamline_jax.settings import build_config
+
+    c, _ = build_config("smollm2-135m", None, [])
+    pruned = pruning.prune(smollm2, 20, 6, c.prune.replacement)
+    path = export_gguf(pruned, gguf_path(tmp_path, c.model.source, c.export.gguf_type), c.export.gguf_type,
+                       tokenizer_source=embedded_gguf("smollm2-135m"))
+    llm = llama_cpp(path)
+    new_tokens = c.samples.max_new_tokens
+    ours = sj.generate(pruned, list(c.samples.prompts), new_tokens, eos_token_id=())
+    for prompt, prompt_ids, tokens in zip(c.samples.prompts, ours.prompt_tokens, ours.tokens):
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == prompt_ids
+        assert llama_cpp_run(llm, prompt_ids, new_tokens)[1] == tokens, prompt
