@@ -233,12 +233,14 @@ def pruning_summary(config: ModelConfig, facts: dict) -> str:
            f"{config.depth} layers{params}"
 
 
-def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16", tokenizer_source: str | os.PathLike | None = None,
-                facts: dict | None = None, overwrite: bool = True) -> Path:
+def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16",
+                tokenizer_source: str | os.PathLike | None = None, facts: dict | None = None,
+                overwrite: bool = True) -> Path:
     """Write `model` as one GGUF file llama.cpp loads, atomically (a temporary file renamed into place).
 
     `tokenizer_source`: the GGUF whose tokenizer (and per-layer metadata) to copy, or a Hugging Face folder whose
-    tokenizer to convert; needed, since llama.cpp reads the tokenizer from the file. `facts`: base_model, license, params_before, params_after, for general.*."""
+    tokenizer to convert; needed, since llama.cpp reads the tokenizer from the file. `facts`: base_model, license,
+    params_before, params_after, for general.*."""
     import gguf
 
     config = model.config

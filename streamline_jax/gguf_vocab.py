@@ -53,7 +53,8 @@ def hf_vocab_fields(folder: Path, vocab_size: int) -> list[tuple[str, object]]:
                          f"tokenizer copied from a GGUF of the same vocabulary")
     spec = json.loads(path.read_text())
     model = spec["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    if model.get("type") != "BPE" or model.get("byte_fallback") or not byte_level:
         raise VocabError(f"{path}: not a byte-level BPE tokenizer (model {model.get('type')}); the GGUF export "
                          f"builds only those, copy the tokenizer from a GGUF of the same vocabulary instead")
     steps = describe(spec.get("pre_tokenizer"))

@@ -50,7 +50,8 @@ def model_card(report: dict, license: str | None = None) -> str:
              f"lightweight block trained in its place).", ""]
     lines += span_lines(report)
     if params:
-        lines.append(f"- parameters: {params['dense']:,} → {params['pruned']:,} ({params['pruned'] / params['dense']:.2%}); "
+        share = params["pruned"] / params["dense"]
+        lines.append(f"- parameters: {params['dense']:,} → {params['pruned']:,} ({share:.2%}); "
                      f"layers {params['dense_layers']} → {params['pruned_layers']}")
     outputs = report.get("outputs") or {}
     lines += ["", "## Evaluation (dense vs pruned)", ""] + evaluation_lines(report)

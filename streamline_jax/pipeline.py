@@ -539,7 +539,8 @@ def save_stage(c: RunConfig, pruned, out: Path, inputs: Inputs, params_before: i
         if c.export.orbax:
             export.save_orbax_model(pruned, out / "model", overwrite=True)
             outputs["orbax"] = "model/ (streamline_jax.load)"
-        if inputs.hf_ok or (inputs.tokenizer_source and not inputs.no_gguf):  # gathered on every process (a collective)
+        gguf_ok = inputs.tokenizer_source is not None and not inputs.no_gguf
+        if inputs.hf_ok or gguf_ok:  # gathered on every process (a collective)
             from .distributed import to_host
 
             host = pruned.replace(params=to_host(pruned.params))
@@ -548,7 +549,7 @@ def save_stage(c: RunConfig, pruned, out: Path, inputs: Inputs, params_before: i
             outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
         elif c.export.hf:
             outputs["hf"] = f"not written: an `{c.prune.replacement}` block has no stock Hugging Face form"
-        if inputs.tokenizer_source and not inputs.no_gguf:
+        if gguf_ok:
             outputs["gguf"] = _save_gguf(c, host, out, inputs.tokenizer_source, params_before)
         elif c.export.gguf:
             outputs["gguf"] = f"not written: {inputs.no_gguf}"
