@@ -138,7 +138,8 @@ def gguf_tensors(config: ModelConfig, params):
         if name is None:
             raise ExportError(f"{config.model_type}: no GGUF tensor name for {hf_name!r}")
         w = np.asarray(w, np.float32)
-        if arch.gguf_permutes_qk and hf_name.endswith((".q_proj.weight", ".k_proj.weight")):
+        if arch.gguf_permutes_qk and hf_name.endswith((".q_proj.weight", ".k_proj.weight", ".q_proj.bias",
+                                                        ".k_proj.bias")):  # biases too, as the converter does
             w = permute_rows(w, config.num_heads if ".q_proj" in hf_name else config.num_kv_heads)
         if arch.gguf_norm_shift and hf_name.endswith("norm.weight"):
             w = w + np.float32(arch.gguf_norm_shift)

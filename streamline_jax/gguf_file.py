@@ -147,7 +147,8 @@ def gguf_sources(reader, hf: dict, origin: str) -> list[GGUFSource]:
     """The GGUF's tensors under their Hugging Face names, q/k rows un-permuted where llama.cpp permuted them."""
     arch = gguf_architecture_of(reader)
     table = arch.gguf_names or BLOCK_FAMILIES[arch.family].gguf_names
-    heads = {".q_proj.weight": hf["num_attention_heads"], ".k_proj.weight": hf["num_key_value_heads"]}
+    heads = {".q_proj.weight": hf["num_attention_heads"], ".k_proj.weight": hf["num_key_value_heads"],
+             ".q_proj.bias": hf["num_attention_heads"], ".k_proj.bias": hf["num_key_value_heads"]}
     sources = []
     for t in reader.tensors:
         if t.name == ROPE_FREQS:  # read into the config's rope scaling
