@@ -78,6 +78,10 @@ def check_gguf_exportable(config: ModelConfig, gguf_type: str = "f16") -> None:
             raise ExportError(f"{config.model_type}: query_pre_attn_scalar={config.query_pre_attn_scalar} differs "
                               f"from head_dim={config.head_dim}; llama.cpp scales queries by head_dim for a "
                               f"pruned depth, so the GGUF would be another model")
+        big = {"gemma2": 46, "gemma3_text": 62}[config.model_type]  # llama.cpp's 27B: queries by hidden / heads
+        if config.depth == big and config.hidden_size // config.num_heads != config.head_dim:
+            raise ExportError(f"{config.model_type} pruned to {big} layers: llama.cpp takes that depth for the 27B "
+                              f"model and scales queries by hidden/heads, not head_dim; prune another span length")
         if not config.tie_word_embeddings and config.model_type == "gemma2":
             raise ExportError("gemma2 with an untied lm_head: llama.cpp's gemma2 always uses the embedding")
 

@@ -133,6 +133,19 @@ def export_with_per_layer_source(tmp_path):
     return pruned, export_gguf(pruned, tmp_path / "out.gguf", "f32", tokenizer_source=source)
 
 
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    import streamline_jax.export_gguf as export_gguf_mod
+
+    def broken(*args):
+        yield "token_embd.weight", np.zeros((128, 64), np.float32)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_gguf_mod, "gguf_tensors", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export(tmp_path, pruned_model(FAMILIES["llama"]))
+    assert list((tmp_path / "gguf").iterdir()) == []
+
+
 def test_per_layer_metadata_of_the_source_is_sliced_to_the_kept_layers(tmp_path):
     """llama.cpp's own --prune-layers leaves such arrays whole, and its files then fail to load."""
     _, path = export_with_per_layer_source(tmp_path)
@@ -341,9 +354,30 @@ def test_default_run_gguf_continues_the_sample_prompts_like_we_do(smollm2, tmp_p
     pruned = pruning.prune(smollm2, 20, 6, c.prune.replacement)
     path = export_gguf(pruned, gguf_path(tmp_path, c.model.source, c.export.gguf_type), c.export.gguf_type,
                        tokenizer_source=embedded_gguf("smollm2-135m"))
+    assert field(open_gguf(path), "llama.block_count") == 25
     llm = llama_cpp(path)
     new_tokens = c.samples.max_new_tokens
     ours = sj.generate(pruned, list(c.samples.prompts), new_tokens, eos_token_id=())
     for prompt, prompt_ids, tokens in zip(c.samples.prompts, ours.prompt_tokens, ours.tokens):
         assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == prompt_ids
         assert llama_cpp_run(llm, prompt_ids, new_tokens)[1] == tokens, prompt
+
+
+def test_model_card_holds_the_evaluation_table():
+    from streamline_jax.model_card import model_card
+
+    report = {"config": {"model": {"source": "smollm2-135m", "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                         "prune": {"replacement": "layer"}},
+              "span": {"start": 20, "end": 26, "length": 6, "metric": "angular", "replacement": "layer"},
+              "params": {"dense": 134515008, "pruned": 115000000, "dense_layers": 30, "pruned_layers": 25},
+              "retention": {"rows": [{"task": "piqa", "metric": "acc", "dense": 0.66, "pruned": 0.61,
+                                      "retention": 0.924}]},
+              "command": "python -m streamline_jax.run --model smollm2-135m"}
+    card = model_card(report, "apache-2.0")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",
+                     "library_name": "transformers", "pipeline_tag": "text-generation",
+                     "tags": ["pruned", "llm-streamline", "streamline-jax"]}
+    assert "| piqa | acc | 0.6600 | 0.6100 | 92.40% |" in card
+    assert "- layers 20..25 (6 layers), chosen by angular, replaced by one `layer` block" in card
+    assert "- parameters: 134,515,008 → 115,000,000 (85.49%); layers 30 → 25" in card
