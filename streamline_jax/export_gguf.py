@@ -17,6 +17,7 @@ period, which the kept layers follow only when the span removed a whole number o
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -261,6 +262,8 @@ def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16",
     facts = {"params_after": model.num_params, "license": gguf_license(tokenizer_source),
              **{k: v for k, v in (facts or {}).items() if v is not None}}
     path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):  # of a writer killed before its rename
+        leftover.unlink()
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
