@@ -266,13 +266,18 @@ def test_run_without_a_gguf_source_says_why_no_gguf(tiny_files, tmp_path):
     assert not (out / "gguf").exists()
 
 
-def test_convert_writes_gguf_from_orbax_and_refuses_blocks_by_name(tmp_path, capsys):
+def convert_script():
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location("convert", Path(__file__).parents[1] / "scripts" / "convert.py")
     convert = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(convert)
+    return convert
+
+
+def test_convert_writes_gguf_from_orbax_and_refuses_blocks_by_name(tmp_path, capsys):
+    convert = convert_script()
     from streamline_jax.export import save_orbax_model
 
     vocab = vocab_gguf(tmp_path / "vocab.gguf", 128)
@@ -289,6 +294,18 @@ def test_convert_writes_gguf_from_orbax_and_refuses_blocks_by_name(tmp_path, cap
     assert "`mlp` replacement block" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
     assert convert.main([str(tmp_path / "orbax"), str(tmp_path / "y.gguf"), "--to", "gguf"]) == 2
     assert "--tokenizer" in capsys.readouterr().err
+
+
+def test_convert_writes_gguf_from_a_hugging_face_folder(tmp_path, capsys):
+    convert = convert_script()
+    config = FAMILIES["llama"].replace(vocab_size=320)
+    folder, _ = byte_bpe_folder(tmp_path / "hf", 300)
+    torch_model(config).save_pretrained(str(folder))
+    assert convert.main([str(folder), str(tmp_path / "m.gguf"), "--to", "gguf", "--gguf-type", "f32"]) == 0
+    reader = open_gguf(tmp_path / "m.gguf")
+    assert field(reader, "tokenizer.ggml.pre") == "gpt-2" and field(reader, "llama.block_count") == 6
+    ids = np.array([PROMPT])
+    assert rel_err(forward(sj.load(tmp_path / "m.gguf"), ids), forward(sj.load(folder), ids)) < 1e-5
 
 
 # --------------------------------------------------------------------------------------------------------------
