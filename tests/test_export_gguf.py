@@ -361,19 +361,21 @@ def test_gguf_from_hf_tokenizer_tokenizes_like_it_in_llama_cpp(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_run_gguf_continues_the_sample_prompts_like_we_do(smollm2, tmp_path):
-    """The embedded SmolLM2 pruned as the default run prunes it (a `layer` block; here untrained, since what this
-    proves is the export), written as the default run writes it (f16, tokenizer from the embedded GGUF): llama.cpp
-    tokenizes the README's sample prompts as we do and continues them with our greedy tokens."""
-    from streamline_jax.export_gguf import gguf_path
-    from streamline_jax.loading import embedded_gguf
+def test_default_run_gguf_continues_the_sample_prompts_like_we_do(tiny_files, tmp_path):
+    """The default run's save stage on the embedded SmolLM2 (scored on tiny data, the `layer` block untrained:
+    what this proves is the export): its GGUF (f16, tokenizer from the embedded GGUF) is tokenized by llama.cpp as
+    we tokenize the README's sample prompts and continues them with our greedy tokens."""
+    from streamline_jax import run as run_mod
     from streamline_jax.settings import build_config
 
+    out, d = tmp_path / "out", tiny_files["data"]
+    assert run_mod.main(["--out", str(out), "--quiet", "--stages", "score,prune,save",
+                         f"data.calibration={d / 'train.jsonl'}", "data.seq_len=32", "data.calib_chunks=2",
+                         "data.batch_size=2", "export.hf=false", "export.orbax=true"]) == 0
     c, _ = build_config("smollm2-135m", None, [])
-    pruned = pruning.prune(smollm2, 20, 6, c.prune.replacement)
-    path = export_gguf(pruned, gguf_path(tmp_path, c.model.source, c.export.gguf_type), c.export.gguf_type,
-                       tokenizer_source=embedded_gguf("smollm2-135m"))
-    assert field(open_gguf(path), "llama.block_count") == 25
+    path = out / "gguf" / "smollm2-135m-pruned-f16.gguf"
+    pruned = sj.load(out / "model")
+    assert field(open_gguf(path), "llama.block_count") == pruned.config.depth < 30
     llm = llama_cpp(path)
     new_tokens = c.samples.max_new_tokens
     ours = sj.generate(pruned, list(c.samples.prompts), new_tokens, eos_token_id=())
