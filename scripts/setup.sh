@@ -17,6 +17,7 @@ if [ "${1:-}" = "--test" ]; then
   # once, the wheel cached outside the checkout; GGML_NATIVE=OFF so a cached wheel runs on any x86-64 CPU here
   WHEELS=${STREAMLINE_JAX_WHEELS:-$HOME/.cache/streamline_jax/wheels}
   LLAMA_CPP=llama_cpp_python-0.3.36
+  mkdir -p "$WHEELS"
   ls "$WHEELS/$LLAMA_CPP"-*.whl >/dev/null 2>&1 || CMAKE_ARGS="-DGGML_NATIVE=OFF" \
     .venv/bin/python -m pip wheel -q --no-deps "llama-cpp-python==0.3.36" -w "$WHEELS"
   .venv/bin/python -m pip install -q numpy diskcache jinja2 typing-extensions
