@@ -2,7 +2,7 @@
 
 Pipeline, one module per stage: loading → score → pruning → train → evaluation → export (and generation).
 The stage functions are exported here: load, score_spans / choose_span, prune, train_replacement, perplexity /
-evaluate / model_group / compare, save_orbax_model / export_hf / export_gguf, generate.
+evaluate / model_group / compare, save_orbax_model / export_hf, generate.
 """
 
 from .models.config import ModelConfig, Segment
@@ -17,7 +17,6 @@ from .train import TrainOptions, train_replacement
 from .evaluation import ModelGroup, RetentionReport, compare, evaluate, model_group, perplexity, stability
 from .tasks import TASKS, PerplexityTask, Task
 from .export import export_hf, load_orbax_model, save_orbax_model
-from .export_gguf import export_gguf
 from .generation import Generation, generate
 
 __all__ = [
@@ -27,5 +26,5 @@ __all__ = [
     "score_spans", "choose_span", "choose_layers", "SpanScores", "SpanChoice", "prune", "prune_layers",
     "train_replacement", "TrainOptions", "perplexity", "evaluate", "model_group", "ModelGroup", "compare", "stability",
     "RetentionReport", "Task",
-    "PerplexityTask", "TASKS", "save_orbax_model", "load_orbax_model", "export_hf", "export_gguf", "generate", "Generation",
+    "PerplexityTask", "TASKS", "save_orbax_model", "load_orbax_model", "export_hf", "generate", "Generation",
 ]
