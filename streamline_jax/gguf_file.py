@@ -97,6 +97,8 @@ def gguf_hf_config(reader) -> dict:
         "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
         "pad_token_id": field(reader, "tokenizer.ggml.padding_token_id"),
         "hidden_act": "silu",
+        # llama / qwen3 with biases (qwen2's q/k/v biases are its architecture's own)
+        "attention_bias": "blk.0.attn_output.bias" in names, "mlp_bias": "blk.0.ffn_down.bias" in names,
     }
     if arch.gguf_config:
         hf.update(arch.gguf_config(g, hf["num_hidden_layers"], head_dim))
@@ -112,15 +114,27 @@ def gguf_hf_config(reader) -> dict:
     return hf
 
 
-def llama3_scaling_from_rope_freqs(divisors: np.ndarray, head_dim: int, theta: float) -> dict:
-    """The Llama-3 rope scaling whose per-frequency divisors llama.cpp's converter wrote as `rope_freqs`."""
+def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert-time permutation of attn_q / attn_k rows (per head: rotate-half -> interleaved)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama3_rope_divisors(head_dim: int, theta: float, factor: float, low: float, high: float,
+                         old_len: int) -> np.ndarray:
+    """The per-frequency divisors (`rope_freqs`) of a Llama-3 rope scaling, as llama.cpp's converter writes them."""
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    return np.where(wavelen < old_len / high, 1.0,
+                    np.where(wavelen > old_len / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+
+
+def llama3_scaling_from_rope_freqs(divisors: np.ndarray, head_dim: int, theta: float) -> dict:
+    """The Llama-3 rope scaling whose per-frequency divisors llama.cpp's converter wrote as `rope_freqs`."""
     factor = float(np.max(divisors))
     for low, high, old_len in LLAMA3_ROPE_CANDIDATES:
-        smooth = (old_len / wavelen - low) / (high - low)
-        expected = np.where(wavelen < old_len / high, 1.0,
-                            np.where(wavelen > old_len / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+        expected = llama3_rope_divisors(head_dim, theta, factor, low, high, old_len)
         if divisors.shape == expected.shape and np.allclose(divisors, expected, rtol=1e-4):
             return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
                     "original_max_position_embeddings": old_len}
@@ -133,7 +147,8 @@ def gguf_sources(reader, hf: dict, origin: str) -> list[GGUFSource]:
     """The GGUF's tensors under their Hugging Face names, q/k rows un-permuted where llama.cpp permuted them."""
     arch = gguf_architecture_of(reader)
     table = arch.gguf_names or BLOCK_FAMILIES[arch.family].gguf_names
-    heads = {".q_proj.weight": hf["num_attention_heads"], ".k_proj.weight": hf["num_key_value_heads"]}
+    heads = {".q_proj.weight": hf["num_attention_heads"], ".k_proj.weight": hf["num_key_value_heads"],
+             ".q_proj.bias": hf["num_attention_heads"], ".k_proj.bias": hf["num_key_value_heads"]}
     sources = []
     for t in reader.tensors:
         if t.name == ROPE_FREQS:  # read into the config's rope scaling

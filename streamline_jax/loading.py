@@ -152,6 +152,17 @@ def resolve_source(source, cache=None) -> tuple[str, Path]:
                             f"({', '.join(EMBEDDED_MODELS)}) or a hub id")
 
 
+def tokenizer_source(source) -> Path | None:
+    """Where a model source's tokenizer lies in a form a GGUF export reads: the GGUF file it is (an embedded name:
+    its packaged file), or its Hugging Face folder with a tokenizer.json; None otherwise."""
+    if str(source) in EMBEDDED_MODELS:
+        return embedded_gguf(str(source))
+    path = Path(str(source)).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        return path
+    return path if (path / "tokenizer.json").is_file() else None
+
+
 def place_on_mesh(model: Model, mesh) -> Model:
     from .sharding import shard_params
 

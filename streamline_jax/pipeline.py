@@ -86,8 +86,9 @@ def _strip(results: dict) -> dict:
 
 def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overwrite: bool = False,
         resume: bool = False, preset: str | None = None, progress: bool = True, target: str | None = None,
-        shared: SharedWork | None = None) -> dict:
-    """Run `stages` of the pipeline into `out`; return the report. KeyboardInterrupt propagates (the caller logs)."""
+        shared: SharedWork | None = None, command: str | None = None) -> dict:
+    """Run `stages` of the pipeline into `out`; return the report (`command`, the command line that ran it, goes
+    into the model card). KeyboardInterrupt propagates (the caller logs)."""
     from .distributed import is_main_process
 
     out = Path(out).absolute()
@@ -106,7 +107,7 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
             log.addHandler(handler)
             try:
                 report = _run(config, work, stages, resume, preset, progress, total_start, target, times, inputs,
-                              shared)
+                              shared, command)
                 if is_main_process():
                     (work / FAILED).unlink(missing_ok=True)
                     finish_out(work, out)
@@ -166,6 +167,8 @@ class Inputs:
     tasks: list
     hf_ok: bool
     harness: Any = None  # lm-eval's task manager, when eval.harness_tasks names tasks
+    tokenizer_source: Path | None = None  # the GGUF (or HF folder) the GGUF export takes the tokenizer from
+    no_gguf: str | None = None  # why no GGUF is written (export.gguf on)
 
 
 def check_inputs(c: RunConfig, stages) -> Inputs:
@@ -214,7 +217,25 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
             if isinstance(t, PerplexityTask) and "evaluate" in stages and t.window > model_config.max_position_embeddings:
                 raise ConfigError(f"the {t.name} perplexity window of {t.window} tokens (eval.window) is longer than "
                                   f"the model's context of {model_config.max_position_embeddings} tokens")
-    return Inputs(calib_source, train_source, valid_source, tasks, hf_ok, harness)
+    gguf_tokenizer, no_gguf = _gguf_plan(c, stages, model_config)
+    return Inputs(calib_source, train_source, valid_source, tasks, hf_ok, harness, gguf_tokenizer, no_gguf)
+
+
+def _gguf_plan(c: RunConfig, stages, model_config) -> tuple[Path | None, str | None]:
+    """(the GGUF to copy the tokenizer from, why no GGUF is written) for export.gguf."""
+    from .export_gguf import gguf_unavailable
+    from .loading import tokenizer_source
+
+    if not (c.export.gguf and "save" in stages):
+        return None, None
+    try:
+        source = tokenizer_source(c.model.source)
+    except FileNotFoundError:  # an embedded model whose package is missing: the load stage says so
+        source = None
+    reason = gguf_unavailable(model_config, c.prune.replacement, c.export.gguf_type, source)
+    if reason:
+        log.warning("no GGUF export: %s", reason)
+    return source, reason
 
 
 @dataclasses.dataclass
@@ -508,8 +529,8 @@ def harness_stage(c: RunConfig, dense, pruned, harness) -> dict:
             for name, m in (("dense", dense), ("pruned", pruned)) if m is not None}
 
 
-def save_stage(c: RunConfig, pruned, out: Path, hf_ok: bool) -> dict:
-    """The pruned model as an Orbax checkpoint and a Hugging Face folder; what was written where."""
+def save_stage(c: RunConfig, pruned, out: Path, inputs: Inputs, params_before: int | None = None) -> dict:
+    """The pruned model as an Orbax checkpoint, a Hugging Face folder and a GGUF; what was written where."""
     from . import export
     from .distributed import main_only
     from .interrupts import deferred_interrupts
@@ -521,19 +542,35 @@ def save_stage(c: RunConfig, pruned, out: Path, hf_ok: bool) -> dict:
         if c.export.orbax:
             export.save_orbax_model(pruned, out / "model", overwrite=True)
             outputs["orbax"] = "model/ (streamline_jax.load)"
-        if hf_ok:  # gathered on every process (a collective), written by process 0
+        gguf_ok = inputs.tokenizer_source is not None and not inputs.no_gguf
+        if inputs.hf_ok or gguf_ok:  # gathered on every process (a collective)
             from .distributed import to_host
 
             host = pruned.replace(params=to_host(pruned.params))
+        if inputs.hf_ok:  # written by process 0
             main_only(export.export_hf)(host, out / "hf", overwrite=True)
             outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
         elif c.export.hf:
             outputs["hf"] = f"not written: an `{c.prune.replacement}` block has no stock Hugging Face form"
+        if gguf_ok:
+            outputs["gguf"] = _save_gguf(c, host, out, inputs.tokenizer_source, params_before)
+        elif c.export.gguf:
+            outputs["gguf"] = f"not written: {inputs.no_gguf}"
     return outputs
 
 
+def _save_gguf(c: RunConfig, host, out: Path, source: Path, params_before: int | None) -> str:
+    from .distributed import main_only
+    from .export_gguf import export_gguf, gguf_path
+
+    path = gguf_path(out, c.model.source, c.export.gguf_type)
+    facts = {"base_model": c.model.hub_id or c.model.source, "params_before": params_before}
+    main_only(export_gguf)(host, path, c.export.gguf_type, tokenizer_source=source, facts=facts)
+    return f"{path.relative_to(out)} (llama-cli -m {path.relative_to(out)}; ollama: FROM ./{path.name})"
+
+
 def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes,
-         inputs: Inputs, shared: SharedWork | None = None) -> dict:
+         inputs: Inputs, shared: SharedWork | None = None, command: str | None = None) -> dict:
     import jax
 
     from .distributed import main_only
@@ -542,7 +579,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     log.info("output folder %s; stages %s", out, ", ".join(stages))
     shared = shared if shared is not None else SharedWork()  # this run's own: calibration tokenized once
     report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
-                              "devices": [str(d) for d in jax.devices()], "finished": None}
+                              "devices": [str(d) for d in jax.devices()], "finished": None, "command": command}
     with stage("load", times):
         dense, report["model"] = load_stage(c, preset, target, shared)
     staged = stage_layout("scoring", preset, target)
@@ -580,13 +617,18 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     outputs = {}
     if "save" in stages:
         with stage("save", times):
-            outputs = save_stage(c, pruned, out, inputs.hf_ok)
+            outputs = save_stage(c, pruned, out, inputs, dense.num_params)
     report["outputs"] = outputs
     times["total"] = time.perf_counter() - total_start
     report["stage_times"] = times
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     chosen = (choices[0].start, choices[0].length) if choices else None
     report = main_only(write_report)(report, out, scores, chosen, history) or report
+    if (out / "hf" / "config.json").exists() and "save" in stages:
+        from .export_gguf import gguf_license
+        from .model_card import write_model_card
+
+        main_only(write_model_card)(report, out / "hf", gguf_license(inputs.tokenizer_source))
     main_only((out / DONE).write_text)(report["finished"] + "\n")  # last: the folder is finished
     main_only(shutil.rmtree)(out / PAIR_CACHE, ignore_errors=True)  # only a resume of this run needed it
     log.info("report: %s", out / "report.md")

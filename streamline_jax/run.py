@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -152,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                       progress=not args.quiet, target=args.target)
             print(f"sweep report: {Path(out).absolute() / 'report.md'}")
             return 0
+        command = "python -m streamline_jax.run " + shlex.join(sys.argv[1:] if argv is None else argv)
         report = run(config, out, stages, overwrite=args.overwrite, resume=args.resume, preset=preset,
-                     progress=not args.quiet, target=args.target)
+                     progress=not args.quiet, target=args.target, command=command)
     except KeyboardInterrupt:
         work = staging_folder(Path(out).absolute()) if args.overwrite else Path(out)
         work = work if work.exists() else Path(out)

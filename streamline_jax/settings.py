@@ -132,6 +132,8 @@ class SamplesSection:
 class ExportSection:
     orbax: bool = True
     hf: bool = True
+    gguf: bool = True  # where the family, the block and a GGUF tokenizer allow it
+    gguf_type: str = "f16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,6 +351,7 @@ def build_config(model: str | None = None, config_file: str | None = None,
 
 def check_values(c: RunConfig) -> None:
     """Choices and ranges, before any work."""
+    from .export_gguf import GGUF_TYPES
     from .pruning import REPLACEMENTS
     from .score import SPAN_METRICS
     from .train import LR_SCHEDULES, MODES, MSE_WEIGHTINGS
@@ -361,6 +364,7 @@ def check_values(c: RunConfig) -> None:
 
     choice("score.metric", c.score.metric, SPAN_METRICS)
     choice("prune.replacement", c.prune.replacement, REPLACEMENTS)
+    choice("export.gguf_type", c.export.gguf_type, GGUF_TYPES)
     choice("prune.init", c.prune.init, PRUNE_INITS)
     choice("prune.fit_weighting", c.prune.fit_weighting, ("token", "uniform"))
     if c.prune.init == "linear" and c.prune.replacement not in ("mlp", "ffn"):

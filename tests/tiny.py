@@ -82,3 +82,29 @@ def run_files(root: Path) -> dict[str, Path]:
     (data / "eval.txt").write_text("\n".join(sentences(40, 3)))
     return {"root": root, "data": data, "llama": hf_folder(root / "llama", LLAMA), "opt": hf_folder(root / "opt", OPT),
             "llama_2k": hf_folder(root / "llama_2k", LLAMA_2K), "shared": fake_shared_data(root / "shared")}
+
+
+def vocab_gguf(path: Path, vocab_size: int, arch: str = "llama") -> Path:
+    """A GGUF holding only a tiny sentencepiece-style vocabulary of `vocab_size` tokens (<unk>, <s>, </s>, the
+    newline byte, then words): the tokenizer llama.cpp needs in a file, for tiny random models fed token ids."""
+    import gguf
+
+    tokens = ["<unk>", "<s>", "</s>", "<0x0A>"] + [f"\u2581w{i}" for i in range(vocab_size - 4)]
+    T = gguf.TokenType
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL, T.BYTE] + [T.NORMAL] * (vocab_size - 4)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(vocab_size)])
+    w.add_token_types([int(t) for t in types])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
