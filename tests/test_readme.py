@@ -221,6 +221,10 @@ COMMANDS: dict[str, Run] = {
     "streamline-jax --model llama3-8b --target v5e-8": Run("parse", "an 8B model on a TPU VM"),
     "streamline-jax-plan --model llama3-8b --topology v5e-8": Run("parse", "minutes of compiling for a TPU"),
     "python scripts/bench_device.py": Run("parse", "1B and 7B models: for a GPU or TPU machine"),
+    "streamline-jax-convert run/model m.gguf --to gguf --tokenizer src.gguf": Run(
+        "parse", "tests/test_export_gguf.py converts to GGUF and loads the file in llama.cpp"),
+    "streamline-jax-convert runs/smollm2-135m/model /tmp/pruned-q8.gguf --to gguf --gguf-type q8_0 --tokenizer "
+    "SOURCE.gguf": Run("parse", "tests/test_export_gguf.py converts to GGUF and loads the file in llama.cpp"),
     "python scripts/bench_device.py --models llama2-7b --batch 8 --seq 2048 --no-torch": Run(
         "parse", "a 7B model: for a GPU or TPU machine"),
     "python scripts/bench_device.py --models tiny --batch 2 --seq 64": Run(
@@ -570,6 +574,18 @@ def _free_names(code: str) -> set[str]:
               for a in n.names}
     read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     return read - bound - set(dir(builtins))
+
+
+def test_docs_python_blocks_run_in_a_tiny_default_runs_folder(runner, monkeypatch):
+    """docs/'s ```python blocks (transformers reading a run's hf/) run as written where the README's first command,
+    made tiny, has written runs/smollm2-135m."""
+    result = runner.run(DEFAULT_RUN)
+    assert result.error is None, result.log
+    blocks = [(path, code) for path in DOCS for code in readme_blocks(path.read_text())[1]]
+    assert blocks, "docs/ has no ```python block"
+    monkeypatch.chdir(result.folder)
+    for path, code in blocks:
+        exec(compile(code, str(path), "exec"), {"__name__": "__docs__"})
 
 
 def test_python_example_runs_on_a_tiny_model(tiny_files, tmp_path, monkeypatch):
