@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from streamline_jax import export
+from streamline_jax import convert
 from streamline_jax.loading import ORBAX_MARKER
 
 
@@ -27,15 +27,13 @@ def main(argv=None) -> int:
     source = Path(args.source)
     if not (source / ORBAX_MARKER).exists() and (source / "model" / ORBAX_MARKER).exists():
         source = source / "model"
-    try:
-        export.check_hf_exportable(export.read_orbax_config(source))  # before loading any weights
-        model = export.load_orbax_model(source, args.dtype)
-        out = export.export_hf(model, args.target, args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    if not (source / ORBAX_MARKER).exists():
+        print(f"error: {args.source} is neither a streamline_jax model folder (no {ORBAX_MARKER}) nor a run folder "
+              f"holding one in model/", file=sys.stderr)
         return 2
-    print(f"{source} -> {out}: {model.config.depth} layers, {model.num_params:,} parameters")
-    return 0
+    # the Orbax -> Hugging Face conversion, which checks the block before loading any weights
+    return convert.main([str(source), args.target, "--to", "hf", *(["--dtype", args.dtype] if args.dtype else []),
+                         *(["--overwrite"] if args.overwrite else [])])
 
 
 if __name__ == "__main__":
