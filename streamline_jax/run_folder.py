@@ -92,7 +92,7 @@ def prepare_out(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> 
     if contents and not is_run_folder(out):
         _refuse_foreign(out)
     if overwrite and contents:
-        return _prepare_staging(out, config), False
+        return _prepare_staging(out, config)
     if (out / DONE).exists():
         if resume:
             raise ConfigError(f"{out} holds a finished run; nothing to resume (pass --overwrite to run again)")
@@ -131,9 +131,9 @@ def _check_resume(out: Path, config: RunConfig, resume: bool) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _prepare_staging(out: Path, config: RunConfig) -> Path:
-    """The staging folder for --overwrite: an unfinished replacement with these settings is continued, any other
-    is started again."""
+def _prepare_staging(out: Path, config: RunConfig) -> tuple[Path, bool]:
+    """The staging folder for --overwrite and whether the run resumes there: an unfinished replacement with these
+    settings is continued (from its training checkpoint), any other is started again."""
     staging = staging_folder(out)
     if staging.exists():
         if not staging.is_dir() or [p for p in staging.iterdir() if p.name != LOCK] and not is_run_folder(staging):
@@ -143,12 +143,12 @@ def _prepare_staging(out: Path, config: RunConfig) -> Path:
         if same and not (staging / DONE).exists():
             log.info("continuing the unfinished replacement of %s in %s", out, staging)
             _check_resume(staging, config, True)
-            return staging
+            return staging, True
         shutil.rmtree(staging)
     staging.mkdir()
     (staging / RUN_CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     log.info("--overwrite: the new run is written in %s; %s is kept until it finishes", staging, out)
-    return staging
+    return staging, False
 
 
 def finish_out(work: Path, out: Path) -> None:

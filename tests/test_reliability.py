@@ -368,3 +368,37 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_goes_to_run_log(files
     assert errors == ["error: RuntimeError: a bug of ours"] and "Traceback" not in err
     assert f"the traceback is in {out / 'run.log'}" in err
     assert "Traceback" in (out / "run.log").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fault cases of issue 49
+
+
+def _signal_after_first_checkpoint(signum):
+    """A train.LOOP_HOOK sending `signum` once the first periodic checkpoint is written."""
+    saved = []
+
+    def hook(point):
+        if point == "saved" and not saved:
+            saved.append(point)
+            os.kill(os.getpid(), signum)
+
+    return hook
+
+
+def test_an_interrupted_overwrite_is_continued_by_the_same_command(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    base = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train", "train.checkpoint_every=1")
+    assert run_mod.main(base) == 0
+    before = (out / "report.json").read_text()
+    again = base + ["--overwrite", "train.lr=0.02"]
+    monkeypatch.setattr(train, "LOOP_HOOK", _signal_after_first_checkpoint(signal.SIGINT))
+    assert run_mod.main(again) == 130
+    staging = run_mod.staging_folder(out)
+    assert (staging / "train_checkpoint").exists() and (out / "report.json").read_text() == before
+    capsys.readouterr()
+    steps = []
+    monkeypatch.setattr(train, "LOOP_HOOK", lambda point: steps.append(point) if point == "logged" else None)
+    assert run_mod.main(again) == 0, capsys.readouterr().err
+    assert 0 < len(steps) < 4  # continued from its checkpoint, not started again
+    assert _report(out)["config"]["train"]["lr"] == 0.02 and not staging.exists()
