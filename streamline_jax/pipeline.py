@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .files import write_atomic
 from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, TRAIN_CHECKPOINT, finish_out, folder_lock,
                          mark_holder, prepare_out, staging_folder)
 from .settings import STAGES, ConfigError, RunConfig, check_against_model, peek_model_config
@@ -149,7 +150,7 @@ def _record_failure(work: Path, error: BaseException, stage_name: str) -> None:
     import traceback
 
     what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
-    (work / FAILED).write_text(f"stage {stage_name}: {what}\n")
+    write_atomic(work / FAILED, f"stage {stage_name}: {what}\n")
     if not isinstance(error, (KeyboardInterrupt, ConfigError)):
         with open(work / "run.log", "a") as f:
             traceback.print_exception(error, file=f)
@@ -176,7 +177,8 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
 
     try:
         d = c.data
-        order = {"shuffle_buffer": d.shuffle_buffer, "shuffle_seed": d.shuffle_seed}
+        order = {"shuffle_buffer": d.shuffle_buffer, "shuffle_seed": d.shuffle_seed,
+                 "max_skipped": d.max_skipped_records}
         calib_source = data.text_source(_data_path(d.calibration), d.text_field, **order)
         train_spec = _data_path(d.train)
         train_source = data.text_source(train_spec, d.text_field, **order) if train_spec else calib_source
@@ -584,7 +586,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     chosen = (choices[0].start, choices[0].length) if choices else None
     report = main_only(write_report)(report, out, scores, chosen, history) or report
-    main_only((out / DONE).write_text)(report["finished"] + "\n")  # last: the folder is finished
+    main_only(write_atomic)(out / DONE, report["finished"] + "\n")  # last: the folder is finished
     main_only(shutil.rmtree)(out / PAIR_CACHE, ignore_errors=True)  # only a resume of this run needed it
     log.info("report: %s", out / "report.md")
     return report

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_open, write_atomic
+
 
 def jsonable(x):
     """numpy scalars/arrays to Python, NaN/inf to None (strict JSON)."""
@@ -27,11 +29,16 @@ def jsonable(x):
 
 
 def write_json(report: dict, path: Path) -> None:
-    Path(path).write_text(json.dumps(jsonable(report), indent=1, allow_nan=False) + "\n")
+    write_atomic(path, json.dumps(jsonable(report), indent=1, allow_nan=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Plots
+
+
+def save_figure(fig, path: Path) -> None:
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=110, format=Path(path).suffix.lstrip("."))
 
 
 def _pyplot():
@@ -63,7 +70,7 @@ def plot_span_scores(table, metric: str, chosen: tuple[int, int] | None, path: P
     ax.set_ylabel("span length (layers)")
     ax.set_title(f"span scores ({metric}); bright = most redundant")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -81,7 +88,7 @@ def plot_block_influence(block_influence, chosen: tuple[int, int] | None, path: 
     ax.set_ylabel("block influence (1 - cos)")
     ax.set_title("block influence per layer" + ("; red: pruned span" if chosen else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -108,7 +115,7 @@ def plot_loss(history: dict, path: Path) -> None:
     ax.legend()
     ax.set_title("replacement block training")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -226,7 +233,7 @@ def write_report(report: dict, folder: Path, scores=None, chosen=None, history=N
         plots["loss"] = "plots/loss.png"
     report = {**report, "plots": plots}
     write_json(report, folder / "report.json")
-    (folder / "report.md").write_text(to_markdown(jsonable(report)))
+    write_atomic(folder / "report.md", to_markdown(jsonable(report)))
     return report
 
 
@@ -295,7 +302,7 @@ def plot_sweep(rows: list[dict], dense: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -162,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, _training_error()) as e:
         print("\n".join([f"error: {e}", *getattr(e, "__notes__", ())]), file=sys.stderr)
         return 2
+    except OSError as e:  # the system refused a write (a full disk, no permission): one line naming the path
+        from .files import describe
+
+        print("\n".join([f"error: {describe(e)}", *getattr(e, "__notes__", ())]), file=sys.stderr)
+        return 1
     except Exception as e:  # not bad input but a fault of ours: one line here, the traceback in run.log
         if not getattr(e, "__notes__", None):
             raise

@@ -52,6 +52,7 @@ class DataSection:
     text_field: str = "text"
     shuffle_buffer: int = 0  # documents read in a seeded shuffled order (datasets' buffer shuffle); 0: files' order
     shuffle_seed: int = 0
+    max_skipped_records: int = 0  # records without text skipped (counted, logged) before a source is refused
     seq_len: int = 2048
     calib_chunks: int = 256
     train_chunks: int = 4096
@@ -391,6 +392,7 @@ def check_values(c: RunConfig) -> None:
 RANGES = [
     ("data.seq_len", 1, True), ("data.calib_chunks", 1, True), ("data.train_chunks", 1, True),
     ("data.valid_chunks", 0, True), ("data.batch_size", 1, True), ("data.shuffle_buffer", 0, True),
+    ("data.max_skipped_records", 0, True),
     ("score.sparsity", 0, False), ("score.num_layers", 1, True), ("score.protect_first", 0, True),
     ("score.protect_last", 0, True), ("score.spans", 1, True), ("prune.mlp_width", 1, True), ("prune.ridge", 0, True),
     ("train.num_steps", 1, True), ("train.epochs", 1, True), ("train.lr", 0, False), ("train.min_lr", 0, True),

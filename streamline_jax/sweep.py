@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import pipeline, run_folder, settings
+from .files import write_atomic
 from .report import jsonable, plot_sweep, sweep_markdown, write_json
 
 log = logging.getLogger("streamline_jax.run")
@@ -116,7 +117,7 @@ def write_sweep_report(out: Path, recorded: dict, rows: list[dict], dense: dict 
         plot_sweep(rows, dense, out / "plots" / "sweep.png")
         report["plot"] = "plots/sweep.png"
     write_json(report, out / "report.json")
-    (out / "report.md").write_text(sweep_markdown(jsonable(report)))
+    write_atomic(out / "report.md", sweep_markdown(jsonable(report)))
     return report
 
 
@@ -141,7 +142,7 @@ def run_sweep(model: str | None, config_file: str | None, overrides: list[str], 
     _check_sweep_folder(out, recorded, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        (out / SWEEP_SETTINGS).write_text(yaml.safe_dump(recorded, sort_keys=False))
+        write_atomic(out / SWEEP_SETTINGS, yaml.safe_dump(recorded, sort_keys=False))
     shared = pipeline.SharedWork()
     rows, dense, times = [], None, {}
     start = time.perf_counter()

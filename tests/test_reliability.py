@@ -402,3 +402,88 @@ def test_an_interrupted_overwrite_is_continued_by_the_same_command(files, tmp_pa
     assert run_mod.main(again) == 0, capsys.readouterr().err
     assert 0 < len(steps) < 4  # continued from its checkpoint, not started again
     assert _report(out)["config"]["train"]["lr"] == 0.02 and not staging.exists()
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+from streamline_jax import run
+sys.exit(run.main({args!r}))
+"""
+
+
+def _run_on_full_disk(args, limit):
+    """main(args) in a process that cannot write more than `limit` bytes into any file."""
+    script = FULL_DISK.format(limit=limit, args=[*args, "--compilation-cache", "off"])
+    env = {**os.environ, "STREAMLINE_JAX_RESULTS_CACHE": "off"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_a_full_disk_at_startup_leaves_nothing_the_same_command_refuses(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _args(files, "llama", out, "--stages", "score")
+    done = _run_on_full_disk(args, limit=1000)  # run_config.yaml is longer
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(errors) == 1 and "run_config.yaml" in errors[0] and "free some space" in errors[0], errors
+    assert run_mod.main(args) == 0, capsys.readouterr().err
+    assert run_mod.read_yaml(out / "run_config.yaml") == _report(out)["config"]
+
+
+@pytest.mark.parametrize("left", ["", "model:\n  source: /x\ntrain: [1"])
+def test_a_run_folder_without_whole_settings_is_treated_as_empty(files, tmp_path, capsys, left):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run_config.yaml").write_text(left)  # as a version writing in place left it on a full disk
+    (out / "run.log").write_text("")
+    args = _args(files, "llama", out, "--stages", "score")
+    assert run_mod.main(args) == 0, capsys.readouterr().err
+    assert (out / "DONE").exists() and run_mod.read_yaml(out / "run_config.yaml") == _report(out)["config"]
+
+
+def test_exported_folders_are_readable_as_the_umask_says(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    previous = os.umask(0o022)
+    try:
+        assert run_mod.main(_args(files, "llama", out, "prune.replacement=layer", "--stages", "save")) == 0
+    finally:
+        os.umask(previous)
+    saved = [out / "model", *(out / "model").rglob("*"), out / "hf", *(out / "hf").rglob("*")]
+    for path in [*saved, out / "report.json", out / "run_config.yaml", out / "plots" / "span_scores.png"]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+
+def _jsonl_with(path: Path, files, bad_line: str | bytes, every: int) -> Path:
+    """The tiny train.jsonl with every `every`-th record from the second replaced by `bad_line` (every other one:
+    whatever the shuffled order, the first chunks read hold one)."""
+    lines = (files["data"] / "train.jsonl").read_bytes().splitlines()
+    bad = bad_line if isinstance(bad_line, bytes) else bad_line.encode()
+    path.write_bytes(b"\n".join(bad if i % every == 1 else line for i, line in enumerate(lines)) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("bad_line, every, message", [
+    ('{"title": "no text here"}', 2, "line 2: no text field 'text' (its fields: ['title'])"),
+    ('{"text": 42}', 2, "line 2: field 'text' holds int, not text"),
+    (b'{"text": "caf\xe9 au lait"}', 2, "line 2: not UTF-8 text (byte 0xe9"),
+])
+@pytest.mark.parametrize("shuffle", [0, 10000])
+def test_every_record_is_checked_and_a_bad_one_is_named_by_file_and_line(files, tmp_path, capsys, bad_line, every,
+                                                                         message, shuffle):
+    data = _jsonl_with(tmp_path / "train.jsonl", files, bad_line, every)
+    args = _args(files, "llama", tmp_path / "out", "--stages", "score", f"data.calibration={data}",
+                 f"data.shuffle_buffer={shuffle}")
+    assert run_mod.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{data}, {message}" in err and "Traceback" not in err, err
+
+
+def test_records_without_text_are_skipped_and_counted_up_to_the_setting(files, tmp_path, monkeypatch, capsys):
+    data = _jsonl_with(tmp_path / "train.jsonl", files, '{"title": "no text here"}', 2)
+    warnings = []
+    monkeypatch.setattr(run_mod.log, "warning", lambda msg, *a: warnings.append(msg % a))
+    args = _args(files, "llama", tmp_path / "out", "--stages", "score", f"data.calibration={data}",
+                 "data.shuffle_buffer=0", "data.max_skipped_records=1000")
+    assert run_mod.main(args) == 0, capsys.readouterr().err
+    assert any("skipped" in w and "record(s) without text" in w and str(data) in w for w in warnings), warnings
