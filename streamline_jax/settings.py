@@ -475,12 +475,10 @@ def peek_model_config(c: RunConfig):
                     safetensors_index(f)
             return config
         if path.suffix == ".gguf" and path.is_file():
-            import gguf
-
-            from .loading import gguf_hf_config
+            from .loading import gguf_hf_config, open_gguf
             from .models.config import from_hf_config
 
-            return from_hf_config(gguf_hf_config(gguf.GGUFReader(str(path))))
+            return from_hf_config(gguf_hf_config(open_gguf(path)))
     except (KeyError, TypeError) as e:
         raise ConfigError(f"{path}: cannot read the model's configuration ({type(e).__name__}: {e})") from None
     if c.model.architecture:  # a preset (embedded, or a hub id not downloaded yet): its shapes

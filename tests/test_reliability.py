@@ -487,3 +487,29 @@ def test_records_without_text_are_skipped_and_counted_up_to_the_setting(files, t
                  "data.shuffle_buffer=0", "data.max_skipped_records=1000")
     assert run_mod.main(args) == 0, capsys.readouterr().err
     assert any("skipped" in w and "record(s) without text" in w and str(data) in w for w in warnings), warnings
+
+
+def _truncated_gguf(tmp_path, where: str) -> Path:
+    from test_distributed import LLAMA as GGUF_LLAMA, _tiny_gguf
+
+    path = _tiny_gguf(tmp_path / "whole.gguf", GGUF_LLAMA)
+    raw = path.read_bytes()
+    cut = tmp_path / f"cut-in-{where}.gguf"
+    cut.write_bytes(raw[:200] if where == "metadata" else raw[:len(raw) - 5000])
+    return cut
+
+
+@pytest.mark.parametrize("where, message", [
+    ("metadata", "not a GGUF file, or truncated: its metadata cannot be read"),
+    ("tensors", "truncated: its tensor table lists"),
+])
+def test_a_truncated_gguf_is_named_in_the_run_and_in_convert(files, tmp_path, capsys, where, message):
+    sys.path.insert(0, str(TESTS.parent / "scripts"))
+    import convert
+
+    cut = _truncated_gguf(tmp_path, where)
+    assert run_mod.main(_args(files, "llama", tmp_path / "out", "--model", str(cut))) == 2
+    assert convert.main([str(cut), str(tmp_path / "converted")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(e.startswith(f"error: {cut}: {message}") for e in errors), errors
+    assert not (tmp_path / "out").exists() and not (tmp_path / "converted").exists()
