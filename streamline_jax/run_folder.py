@@ -207,6 +207,8 @@ def folder_lock(out: Path):
     and cleared at the end, so a record left behind is a stale lock of a run that was killed."""
     import fcntl
 
+    if out.exists() and not out.is_dir():  # before mkdir, which would fail on it with a traceback
+        raise ConfigError(f"--out {out} is a file")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)

@@ -513,3 +513,68 @@ def test_a_truncated_gguf_is_named_in_the_run_and_in_convert(files, tmp_path, ca
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 2 and all(e.startswith(f"error: {cut}: {message}") for e in errors), errors
     assert not (tmp_path / "out").exists() and not (tmp_path / "converted").exists()
+
+
+def test_an_out_naming_a_file_is_one_line(files, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("a file of the user's")
+    assert run_mod.main(_args(files, "llama", out)) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: --out {out} is a file"] and out.read_text() == "a file of the user's"
+
+
+def test_an_out_on_a_read_only_filesystem_is_one_line(files, tmp_path, monkeypatch, capsys):
+    import errno
+
+    out = tmp_path / "ro" / "out"
+    real = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if self == out or out.is_relative_to(self) and self != tmp_path:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert run_mod.main(_args(files, "llama", out)) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: {out}: Read-only file system; choose a folder you can write in (--out)"]
+
+
+def _as_another_user() -> list[str]:
+    """The command prefix that runs a process as a user without root's pass over permissions."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: a folder's missing write permission cannot be felt")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_an_out_in_a_folder_without_write_permission_is_one_line(files, tmp_path):
+    import shutil
+    import tempfile
+
+    prefix = _as_another_user()
+    shared = Path(tempfile.mkdtemp(prefix="streamline-perm-"))  # pytest's own folders are root's only
+    try:
+        model = shutil.copytree(files["llama"], shared / "llama")
+        data = shutil.copytree(files["data"], shared / "data")
+        locked = shared / "locked"
+        locked.mkdir()
+        for path in [shared, *shared.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        locked.chmod(0o555)
+        (shared / "home").mkdir(mode=0o777)
+        (shared / "home").chmod(0o777)  # the datasets cache
+        out = locked / "out"
+        args = _args({"llama": model, "data": data}, "llama", out, "--compilation-cache", "off")
+        env = {**os.environ, "HOME": str(shared / "home"), "STREAMLINE_JAX_RESULTS_CACHE": "off"}
+        done = subprocess.run([*prefix, sys.executable, "-m", "streamline_jax.run", *args], capture_output=True,
+                              text=True, timeout=600, env=env, cwd=shared)
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert done.stderr.splitlines()[-1:] == [f"error: {out}: Permission denied; choose a folder you can write "
+                                                 f"in (--out)"] and "Traceback" not in done.stderr, done.stderr
+        assert not out.exists()
+    finally:
+        shutil.rmtree(shared)
