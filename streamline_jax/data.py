@@ -252,8 +252,10 @@ class ChunkSplit(NamedTuple):
     train: Iterator[np.ndarray]  # the chunks after them, lazily
 
 
-def split_chunks(chunks: Iterable[np.ndarray], calib: int, train: int | None = None, skip: int = 0) -> ChunkSplit:
-    """Chunks [skip, skip+calib) for calibration and the next `train` (None: all the rest) for training.
+def split_chunks(chunks: Iterable[np.ndarray], calib: int, train: int | None = None, skip: int = 0, *,
+                 what: str = "calibration") -> ChunkSplit:
+    """Chunks [skip, skip+calib) for calibration (or `what` the first chunks are for, which a short dataset's error
+    names) and the next `train` (None: all the rest) for training.
 
     The calibration set is read at once, so a short dataset is an error here, before any model work. The training
     iterator raises `DataError` if the data runs out before `train` chunks.
@@ -265,7 +267,7 @@ def split_chunks(chunks: Iterable[np.ndarray], calib: int, train: int | None = N
     calib_chunks = list(itertools.islice(it, calib))
     if skipped < skip or len(calib_chunks) < calib:
         raise DataError(f"dataset too short: it gives {skipped + len(calib_chunks)} chunks, but {skip} skipped + "
-                        f"{calib} calibration chunks are needed")
+                        f"{calib} {what} chunks are needed")
     return ChunkSplit(calib_chunks, _take_exactly(it, train, first=skip + calib))
 
 

@@ -349,6 +349,33 @@ def prune_stage(c: RunConfig, dense, choices, calib_source, shared: SharedWork |
     return pruned, parts
 
 
+TRAINED_SPANS = "spans.json"  # in train_checkpoint/: the spans its blocks replace and the data that chose them
+
+
+def check_trained_spans(c: RunConfig, pruned, out: Path, resume: bool) -> None:
+    """Record the spans training starts on; a resume that chose other spans is refused saying why they moved."""
+    from .cache import path_stamp
+    from .distributed import main_only
+
+    calibration = _data_path(c.data.calibration)
+    now = {"spans": [list(s) for s in pruned.config.pruned_spans], "calibration": path_stamp(calibration)}
+    path = out / TRAIN_CHECKPOINT / TRAINED_SPANS
+    saved = json.loads(path.read_text()) if resume and path.is_file() else None
+    if saved is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        main_only(write_atomic)(path, json.dumps(now))
+    elif saved["spans"] != now["spans"]:
+        why = (f"the calibration data ({calibration}) changed since the run stopped"
+               if saved["calibration"] != now["calibration"] else "the calibration data is unchanged")
+        raise ConfigError(f"{out}: the chosen span moved from {_spans_text(saved['spans'])} to "
+                          f"{_spans_text(now['spans'])}: {why}, so its training checkpoint is of another span. "
+                          f"Restore the data to continue the run, or pass --overwrite to start again on this data")
+
+
+def _spans_text(spans) -> str:
+    return ", ".join(f"layers [{start}, {start + length}) -> {kind}" for start, length, kind in spans)
+
+
 def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: bool, progress: bool,
                 preset: str | None = None, target: str | None = None):
     """The replacement block trained on the training stage's layout (configs/meshes.yaml: `mse` for mode mse, `lm`
@@ -360,6 +387,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     from .loading import place_on_mesh
     from .train import train_replacement, trainable_blocks
 
+    check_trained_spans(c, pruned, out, resume)
     home = pruned.mesh
     dense, pruned, remat, layout_name = _on_training_layout(c, "mse" if c.train.mode == "mse" else "lm", dense,
                                                             pruned, preset, target)
@@ -371,7 +399,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     valid_batches = None
     if inputs.valid_source is not None and c.data.valid_chunks:
         vchunks = data.split_chunks(data.token_chunks(inputs.valid_source, dense.tokenizer, seq),
-                                    c.data.valid_chunks).calib
+                                    c.data.valid_chunks, what=f"validation (data.valid {c.data.valid})").calib
         valid_batches = list(data.batches(vchunks, batch))
     t = c.train
     blocks = trainable_blocks(pruned.config)

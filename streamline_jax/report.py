@@ -306,11 +306,22 @@ def plot_sweep(rows: list[dict], dense: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _incomplete(report: dict) -> list[str]:
+    """The line saying a sweep stopped before its last point (an interrupt, a failure), or none."""
+    unfinished = report.get("unfinished") or []
+    if not unfinished:
+        return []
+    done = len(report.get("points", []))
+    return ["", f"**Incomplete: {done} of {done + len(unfinished)} points finished**; not yet run: "
+                f"{', '.join(unfinished)}. The same command continues the sweep."]
+
+
 def sweep_markdown(report: dict) -> str:
     rows, dense = report.get("points", []), report.get("dense") or {"tasks": {}, "params": None}
     axes = ", ".join(f"`{a['key']}` = {', '.join(a['values'])}" for a in report.get("axes", []))
     tasks = list(dense["tasks"]) or sorted({t for r in rows for t in r["tasks"]})
     lines = [f"# LLM-Streamline sweep: {report.get('model')}", "", f"Swept: {axes}. Updated {report.get('updated')}.",
+             *_incomplete(report),
              "", "| point | span(s) | parameters | removed | " + " | ".join(tasks) + " | retention | train s |",
              "|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
     if dense["params"]:

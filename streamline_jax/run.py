@@ -108,6 +108,13 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .interrupts import terminate_as_interrupt
+
+    with terminate_as_interrupt():  # a scheduler's SIGTERM stops the run like Ctrl-C: at a safe point, resumable
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = make_parser().parse_intermixed_args(argv)
     if not log.handlers:
         h = _StderrHandler()

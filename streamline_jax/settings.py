@@ -514,6 +514,9 @@ def check_against_model(c: RunConfig, config) -> None:
     if config.family == "opt" and c.data.seq_len > config.max_position_embeddings:
         raise ConfigError(f"data.seq_len={c.data.seq_len} is longer than the {config.max_position_embeddings} "
                           f"positions OPT learned (max_position_embeddings of {c.model.source})")
+    if c.data.seq_len > config.max_position_embeddings:  # refused before the chunks' memory is allocated
+        raise ConfigError(f"data.seq_len={c.data.seq_len} is longer than the model's context of "
+                          f"{config.max_position_embeddings} tokens (max_position_embeddings of {c.model.source})")
 
 
 def preset_model_config(name: str):

@@ -109,8 +109,10 @@ def dense_row(report: dict) -> dict:
     return {"params": report.get("model", {}).get("params"), "tasks": tasks}
 
 
-def write_sweep_report(out: Path, recorded: dict, rows: list[dict], dense: dict | None, times: dict) -> dict:
-    report = {**recorded, "dense": dense, "points": rows, "times": times,
+def write_sweep_report(out: Path, recorded: dict, rows: list[dict], dense: dict | None, times: dict,
+                       unfinished: list[str]) -> dict:
+    """The sweep's report.json and report.md: the points finished so far, and those not yet (`unfinished`)."""
+    report = {**recorded, "dense": dense, "points": rows, "unfinished": unfinished, "times": times,
               "updated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     (out / "plots").mkdir(exist_ok=True)
     if dense and any(r["params"] for r in rows):
@@ -160,5 +162,5 @@ def run_sweep(model: str | None, config_file: str | None, overrides: list[str], 
         dense = dense or (dense_row(report) if report.get("evaluation") else None)
         times["total"] = time.perf_counter() - start
         if is_main_process():
-            write_sweep_report(out, recorded, rows, dense, times)
+            write_sweep_report(out, recorded, rows, dense, times, [n for n, _, _ in plan[i + 1:]])
     return {**recorded, "dense": dense, "points": rows, "times": times}

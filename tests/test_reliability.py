@@ -578,3 +578,64 @@ def test_an_out_in_a_folder_without_write_permission_is_one_line(files, tmp_path
         assert not out.exists()
     finally:
         shutil.rmtree(shared)
+
+
+TERMINATED_RUN = """
+import signal, sys
+sys.path.insert(0, {tests!r})
+from streamline_jax import run, train
+import test_reliability as t
+train.LOOP_HOOK = t._signal_after_first_checkpoint(signal.SIGTERM)
+sys.exit(run.main({args!r}))
+"""
+
+
+def test_sigterm_stops_at_the_next_safe_point_like_ctrl_c(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train", "train.checkpoint_every=1")
+    script = TERMINATED_RUN.format(tests=str(TESTS), args=[*args, "--compilation-cache", "off"])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert "interrupt (SIGTERM): stopping at the next safe point" in done.stderr and "Traceback" not in done.stderr
+    assert (out / "FAILED").read_text().strip() == "stage train: interrupted"
+    steps = []
+    monkeypatch.setattr(train, "LOOP_HOOK", lambda point: steps.append(point) if point == "logged" else None)
+    assert run_mod.main(args) == 0, capsys.readouterr().err
+    assert 0 < len(steps) < 4  # continued from the checkpoint written as it stopped
+
+
+def test_a_seq_len_beyond_the_models_context_is_refused_before_loading(files, tmp_path, monkeypatch, capsys):
+    from streamline_jax import loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "data.seq_len=300")) == 2
+    assert "data.seq_len=300 is longer than the model's context of 256 tokens" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_short_validation_file_is_named_as_such(files, tmp_path, capsys):
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text('{"text": "the cat sat."}\n')
+    args = _args(files, "llama", tmp_path / "out", "prune.replacement=layer", "--stages", "train", f"data.valid={valid}")
+    assert run_mod.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"2 validation (data.valid {valid}) chunks are needed" in err and "calibration" not in err, err
+
+
+def test_a_resume_whose_span_moved_because_the_data_changed_says_so(files, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    calibration = Path(shutil.copy(files["data"] / "train.jsonl", tmp_path / "calibration.jsonl"))
+    out = tmp_path / "out"
+    args = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train", "train.checkpoint_every=1",
+                 f"data.calibration={calibration}")
+    monkeypatch.setattr(train, "LOOP_HOOK", _signal_after_first_checkpoint(signal.SIGINT))
+    assert run_mod.main(args) == 130
+    monkeypatch.setattr(train, "LOOP_HOOK", None)
+    capsys.readouterr()
+    calibration.write_text('{"text": "the the the the the the the the"}\n' * 400)  # scores choose layers 2..3
+    assert run_mod.main(args) == 2
+    err = capsys.readouterr().err
+    assert ("the chosen span moved from layers [4, 6) -> layer to layers [2, 4) -> layer: the calibration data "
+            f"({calibration}) changed since the run stopped") in err and "Traceback" not in err, err
