@@ -106,8 +106,9 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             log.addHandler(handler)
             try:
-                report = _run(config, work, stages, resume, preset, progress, total_start, target, times, inputs,
-                              shared)
+                with _library_errors_to(handler):
+                    report = _run(config, work, stages, resume, preset, progress, total_start, target, times,
+                                  inputs, shared)
                 if is_main_process():
                     (work / FAILED).unlink(missing_ok=True)
                     finish_out(work, out)
@@ -122,6 +123,37 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
                 log.removeHandler(handler)
                 handler.close()
         return report
+
+
+LIBRARY_LOGGERS = ("absl", "asyncio")  # Orbax's writer threads and their event loops
+
+
+@contextlib.contextmanager
+def _library_errors_to(handler: logging.Handler):
+    """The libraries' own error reports (Orbax's threads logging each failed write, their closed event loops) go
+    to run.log only: a full disk is then the one line of the error that stops the run, not dozens of tracebacks."""
+    import threading
+
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    kept = [(lg, lg.propagate) for lg in loggers]
+    previous_hook = threading.excepthook
+
+    def to_log(args):
+        name = args.thread.name if args.thread else "?"
+        handler.handle(logging.LogRecord("thread", logging.ERROR, __file__, 0, "exception in thread %s", (name,),
+                                         (args.exc_type, args.exc_value, args.exc_traceback)))
+
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+    threading.excepthook = to_log
+    try:
+        yield
+    finally:
+        threading.excepthook = previous_hook
+        for lg, propagate in kept:
+            lg.removeHandler(handler)
+            lg.propagate = propagate
 
 
 def _prepare_all_processes(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> tuple[Path, bool]:

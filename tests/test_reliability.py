@@ -639,3 +639,12 @@ def test_a_resume_whose_span_moved_because_the_data_changed_says_so(files, tmp_p
     err = capsys.readouterr().err
     assert ("the chosen span moved from layers [4, 6) -> layer to layers [2, 4) -> layer: the calibration data "
             f"({calibration}) changed since the run stopped") in err and "Traceback" not in err, err
+
+
+def test_a_disk_filling_during_the_save_is_one_line_and_the_tracebacks_go_to_run_log(files, tmp_path):
+    out = tmp_path / "out"
+    done = _run_on_full_disk(_args(files, "llama", out, "prune.replacement=layer", "--stages", "save"), limit=200_000)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "File too large" in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr, done.stderr[-3000:]
+    assert "Traceback" in (out / "run.log").read_text() and not (out / "model").exists()
