@@ -130,27 +130,30 @@ LIBRARY_LOGGERS = ("absl", "asyncio")  # Orbax's writer threads and their event 
 
 @contextlib.contextmanager
 def _library_errors_to(handler: logging.Handler):
-    """The libraries' own error reports (Orbax's threads logging each failed write, their closed event loops) go
-    to run.log only: a full disk is then the one line of the error that stops the run, not dozens of tracebacks."""
+    """The libraries' own error reports go to run.log only (Orbax's threads logging each failed write; tensorstore's
+    callbacks into a closed event loop, reported as unraisable): a full disk is then the one line of the error that
+    stops the run, not dozens of tracebacks."""
+    import sys
     import threading
 
     loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
     kept = [(lg, lg.propagate) for lg in loggers]
-    previous_hook = threading.excepthook
+    hooks = threading.excepthook, sys.excepthook, sys.unraisablehook
 
-    def to_log(args):
-        name = args.thread.name if args.thread else "?"
-        handler.handle(logging.LogRecord("thread", logging.ERROR, __file__, 0, "exception in thread %s", (name,),
-                                         (args.exc_type, args.exc_value, args.exc_traceback)))
+    def to_log(exc_type, value, tb, where="a library callback"):
+        handler.handle(logging.LogRecord("library", logging.ERROR, __file__, 0, "exception in %s", (where,),
+                                         (exc_type, value, tb)))
 
     for lg in loggers:
         lg.addHandler(handler)
         lg.propagate = False
-    threading.excepthook = to_log
+    threading.excepthook = lambda a: to_log(a.exc_type, a.exc_value, a.exc_traceback, f"thread {a.thread}")
+    sys.excepthook = to_log
+    sys.unraisablehook = lambda u: to_log(u.exc_type, u.exc_value, u.exc_traceback, f"{u.object!r}")
     try:
         yield
     finally:
-        threading.excepthook = previous_hook
+        threading.excepthook, sys.excepthook, sys.unraisablehook = hooks
         for lg, propagate in kept:
             lg.removeHandler(handler)
             lg.propagate = propagate
