@@ -594,6 +594,14 @@ def save_stage(c: RunConfig, pruned, out: Path, hf_ok: bool) -> dict:
     return outputs
 
 
+def skipped_records(inputs: Inputs) -> dict:
+    """{source: records without text skipped} for the data sources that skipped any (data.max_skipped_records)."""
+    sources = {"calibration": inputs.calib_source, "valid": inputs.valid_source}
+    if inputs.train_source is not inputs.calib_source:  # else training reads on in the calibration source
+        sources["train"] = inputs.train_source
+    return {name: s.skipped for name, s in sources.items() if getattr(s, "skipped", 0)}
+
+
 def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes,
          inputs: Inputs, shared: SharedWork | None = None) -> dict:
     import jax
@@ -644,6 +652,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
         with stage("save", times):
             outputs = save_stage(c, pruned, out, inputs.hf_ok)
     report["outputs"] = outputs
+    report["skipped_records"] = skipped_records(inputs)
     times["total"] = time.perf_counter() - total_start
     report["stage_times"] = times
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

@@ -487,6 +487,8 @@ def test_records_without_text_are_skipped_and_counted_up_to_the_setting(files, t
                  "data.shuffle_buffer=0", "data.max_skipped_records=1000")
     assert run_mod.main(args) == 0, capsys.readouterr().err
     assert any("skipped" in w and "record(s) without text" in w and str(data) in w for w in warnings), warnings
+    skipped = _report(tmp_path / "out")["skipped_records"]
+    assert list(skipped) == ["calibration"] and skipped["calibration"] > 0
 
 
 def _truncated_gguf(tmp_path, where: str) -> Path:
