@@ -14,9 +14,10 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .files import write_atomic
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -86,12 +87,4 @@ def write(kind: str, key: str, value: dict) -> Path | None:
         return None
     folder = root / kind
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(value, f)
-        os.replace(tmp, folder / f"{key}.json")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return folder / f"{key}.json"
+    return write_atomic(folder / f"{key}.json", json.dumps(value))

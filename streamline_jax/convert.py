@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         else:
             out = export.export_hf(model, args.target, args.overwrite) if to == "hf" else \
                 export.save_orbax_model(model, args.target, args.overwrite)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # bad input, or a target the system refuses (permission, full disk)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.source} -> {out} ({to}, {model.config.depth} layers, {model.num_params:,} parameters)")

@@ -13,6 +13,8 @@ Everything is lazy: the corpus is read, tokenized and chunked as it is consumed,
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
 
@@ -20,6 +22,9 @@ import numpy as np
 
 # file suffix -> `datasets` packaged builder
 BUILDERS = {".txt": "text", ".text": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+log = logging.getLogger("streamline_jax.run")
 
 
 class DataError(ValueError):
@@ -36,14 +41,19 @@ class TextSource:
     `shuffle_buffer` > 0 reads the documents in a shuffled order (`datasets`' buffer shuffle, seeded by
     `shuffle_seed`): a full permutation of a corpus of at most that many documents, and the same order on every
     iteration, so chunks cut from the stream stay disjoint between calibration and training. 0: the files' order.
+
+    Every record is checked as it is read: one without text (the field absent, null, or not a string) is skipped
+    and counted (the count is logged), and the reading stops with a `DataError` naming the file and line once more
+    than `max_skipped` were.
     """
 
     def __init__(self, spec, text_field: str = "text", split: str = "train", sample_by: str = "line",
-                 shuffle_buffer: int = 0, shuffle_seed: int = 0):
+                 shuffle_buffer: int = 0, shuffle_seed: int = 0, max_skipped: int = 0):
         if shuffle_buffer < 0:
             raise DataError(f"shuffle_buffer must be non-negative, got {shuffle_buffer}")
         self.spec, self.text_field, self.split, self.sample_by = spec, text_field, split, sample_by
-        self.shuffle_buffer, self.shuffle_seed = shuffle_buffer, shuffle_seed
+        self.shuffle_buffer, self.shuffle_seed, self.max_skipped = shuffle_buffer, shuffle_seed, max_skipped
+        self.skipped = 0  # the most records without text one pass skipped (logged as it grows)
         self._builder, self._kwargs = _resolve(spec, split, sample_by)
         self.dataset = self._open()
         if shuffle_buffer:
@@ -75,62 +85,104 @@ class TextSource:
         if self.text_field not in first:
             raise DataError(f"dataset {self.spec!r} has no text field {self.text_field!r}; its fields are "
                             f"{sorted(first)}")
-        if not isinstance(first[self.text_field], str):
-            raise DataError(f"field {self.text_field!r} of dataset {self.spec!r} holds "
-                            f"{type(first[self.text_field]).__name__}, not text")
+        next(iter(self), None)  # the first record with text, or the error of the records without it before it
 
     def _records(self):
         """The dataset's records; a file that cannot be parsed is named with the line at fault."""
         try:
             yield from self.dataset
         except Exception as e:
-            files = self._kwargs.get("data_files", {}).get(self.split, []) if self._builder == "json" else []
-            where = _bad_json_line(files)
+            where = _bad_json_line(self._json_files()) or _bad_text_line(self._json_files(), self.text_field)
             if where:
                 raise DataError(where) from None
             raise DataError(f"cannot read dataset {self.spec!r} ({type(e).__name__}: {e})") from None
 
+    def _json_files(self) -> list:
+        return self._kwargs.get("data_files", {}).get(self.split, []) if self._builder == "json" else []
+
     def __iter__(self) -> Iterator[str]:
-        for record in self._records():
-            text = record[self.text_field]
-            if text:
-                yield text
+        skipped = 0
+        try:
+            for number, record in enumerate(self._records(), 1):
+                text = record.get(self.text_field)
+                if isinstance(text, str):
+                    if text:
+                        yield text
+                    continue
+                skipped += 1
+                if skipped > self.max_skipped:
+                    self.skipped = skipped  # said by the error, not logged
+                    raise DataError(self._refusal(number, text))
+        finally:
+            if skipped > self.skipped:
+                self.skipped = skipped
+                log.warning("%s: skipped %d record(s) without text in field %r (data.max_skipped_records allows "
+                            "%d)", self.spec, skipped, self.text_field, self.max_skipped)
+
+    def _refusal(self, number: int, text) -> str:
+        what = (_bad_text_line(self._json_files(), self.text_field) or
+                f"dataset {self.spec!r}, record {number}: field {self.text_field!r} holds "
+                f"{type(text).__name__}, not text")
+        return (f"{what}; more than data.max_skipped_records={self.max_skipped} records without text: fix or remove "
+                f"them, or allow skipping more")
 
     def __repr__(self):
         shuffled = f", shuffle_buffer={self.shuffle_buffer}, shuffle_seed={self.shuffle_seed}"
         return f"TextSource({self.spec!r}, text_field={self.text_field!r}{shuffled if self.shuffle_buffer else ''})"
 
 
-def _bad_json_line(files) -> str | None:
-    """"file, line N: what is wrong" for the first line of these JSON Lines files that is not a JSON object (or
-    the place where a whole .json file stops parsing), or None."""
-    import json
-
+def _json_lines(files) -> Iterator[tuple[str, int, dict | str]]:
+    """(file, line number, the record or what is wrong with the line) for every non-blank line of these JSON Lines
+    files (a whole .json file: one line 0, or the line where it stops parsing)."""
     for f in files:
         if Path(f).suffix == ".json":
             try:
-                json.loads(Path(f).read_text())
-            except ValueError as e:
-                return f"{f}, line {getattr(e, 'lineno', '?')}: not valid JSON ({e})"
+                json.loads(Path(f).read_bytes())
+            except ValueError as e:  # UnicodeDecodeError too
+                yield f, getattr(e, "lineno", "?"), f"not valid JSON ({e})"
             continue
-        with open(f) as lines:
-            for number, line in enumerate(lines, 1):
+        with open(f, "rb") as lines:
+            for number, raw in enumerate(lines, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield f, number, f"not UTF-8 text (byte {raw[e.start]:#x} at column {e.start + 1})"
+                    continue
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except ValueError as e:
-                    return f"{f}, line {number}: not valid JSON ({e})"
-                if not isinstance(record, dict):
-                    return f"{f}, line {number}: expected a JSON object, got {type(record).__name__}"
+                    yield f, number, f"not valid JSON ({e})"
+                    continue
+                ok = isinstance(record, dict)
+                yield f, number, record if ok else f"expected a JSON object, got {type(record).__name__}"
+
+
+def _bad_json_line(files) -> str | None:
+    """"file, line N: what is wrong" for the first line of these JSON Lines files that is not a JSON object (or
+    the place where a whole .json file stops parsing), or None."""
+    for f, number, record in _json_lines(files):
+        if isinstance(record, str):
+            return f"{f}, line {number}: {record}"
+    return None
+
+
+def _bad_text_line(files, field: str) -> str | None:
+    """"file, line N: what is wrong" for the first record of these JSON Lines files without text in `field`."""
+    for f, number, record in _json_lines(files):
+        if isinstance(record, dict) and not isinstance(record.get(field), str):
+            if field not in record:
+                return f"{f}, line {number}: no text field {field!r} (its fields: {sorted(record)})"
+            return f"{f}, line {number}: field {field!r} holds {type(record[field]).__name__}, not text"
     return None
 
 
 def text_source(spec, text_field: str = "text", split: str = "train", sample_by: str = "line",
-                shuffle_buffer: int = 0, shuffle_seed: int = 0) -> TextSource:
-    """Documents from a hub dataset name or local text/json/jsonl/parquet files, streamed, in order or shuffled
-    (see `TextSource`)."""
-    return TextSource(spec, text_field, split, sample_by, shuffle_buffer, shuffle_seed)
+                shuffle_buffer: int = 0, shuffle_seed: int = 0, max_skipped: int = 0) -> TextSource:
+    """Documents from a hub dataset name or local text/json/jsonl/parquet files, streamed, in order or shuffled,
+    each record checked (see `TextSource`)."""
+    return TextSource(spec, text_field, split, sample_by, shuffle_buffer, shuffle_seed, max_skipped)
 
 
 def _resolve(spec, split, sample_by):
@@ -202,8 +254,10 @@ class ChunkSplit(NamedTuple):
     train: Iterator[np.ndarray]  # the chunks after them, lazily
 
 
-def split_chunks(chunks: Iterable[np.ndarray], calib: int, train: int | None = None, skip: int = 0) -> ChunkSplit:
-    """Chunks [skip, skip+calib) for calibration and the next `train` (None: all the rest) for training.
+def split_chunks(chunks: Iterable[np.ndarray], calib: int, train: int | None = None, skip: int = 0, *,
+                 what: str = "calibration") -> ChunkSplit:
+    """Chunks [skip, skip+calib) for calibration (or `what` the first chunks are for, which a short dataset's error
+    names) and the next `train` (None: all the rest) for training.
 
     The calibration set is read at once, so a short dataset is an error here, before any model work. The training
     iterator raises `DataError` if the data runs out before `train` chunks.
@@ -215,7 +269,7 @@ def split_chunks(chunks: Iterable[np.ndarray], calib: int, train: int | None = N
     calib_chunks = list(itertools.islice(it, calib))
     if skipped < skip or len(calib_chunks) < calib:
         raise DataError(f"dataset too short: it gives {skipped + len(calib_chunks)} chunks, but {skip} skipped + "
-                        f"{calib} calibration chunks are needed")
+                        f"{calib} {what} chunks are needed")
     return ChunkSplit(calib_chunks, _take_exactly(it, train, first=skip + calib))
 
 

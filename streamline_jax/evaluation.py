@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from .files import write_atomic
+
 from .backend import jit_by_config
 from .models import transformer
 from .models.model import Model
@@ -697,7 +699,7 @@ class RetentionReport:
     def to_json(self, path: str | os.PathLike | None = None, indent: int = 2) -> str:
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            write_atomic(path, text + "\n")
         return text
 
     def to_markdown(self) -> str:

@@ -17,14 +17,13 @@ period, which the kept layers follow only when the span removed a whole number o
 
 from __future__ import annotations
 
-import glob
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .export import ExportError, as_decoder_layers
+from .files import atomic_path, temporaries_of
 from .gguf_file import field, llama3_rope_divisors, open_gguf, permute_rows
 from .models.config import ModelConfig
 from .models.families import architecture
@@ -262,11 +261,9 @@ def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16",
     facts = {"params_after": model.num_params, "license": gguf_license(tokenizer_source),
              **{k: v for k, v in (facts or {}).items() if v is not None}}
     path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):  # of a writer killed before its rename
+    for leftover in temporaries_of(path):  # of a writer killed before its rename
         leftover.unlink()
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, architecture(config.model_type).gguf_name)
         copied_keys = {key for key, _, _ in copied}
         for key, value in {**general_metadata(config, gguf_type, facts), **metadata(config)}.items():
@@ -284,10 +281,6 @@ def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16",
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

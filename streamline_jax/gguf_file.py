@@ -63,9 +63,35 @@ def field(reader, key, default=None):
 
 
 def open_gguf(path: Path):
+    """The file's reader; a file cut short (or not a GGUF) is a CheckpointError naming it, before any tensor read."""
     import gguf
 
-    return gguf.GGUFReader(str(path))
+    class CheckedReader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):  # the tensor table is read: check the size it lists
+            _check_size(path, start_offs, fields)
+            super()._build_tensors(start_offs, fields)
+
+    try:
+        return CheckedReader(str(path))
+    except (IndexError, ValueError, OverflowError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: not a GGUF file, or truncated: its metadata cannot be read "
+                              f"({type(e).__name__}: {e}); the file has {Path(path).stat().st_size:,} bytes") from None
+
+
+def _check_size(path: Path, data_start: int, table) -> None:
+    """Refuse a file shorter than the end of the last tensor its table lists."""
+    import gguf
+
+    end = data_start
+    for tensor in table:  # parts: name length, name, dimension count, dimensions, type, offset
+        dims, raw_type, offset = tensor.parts[3], tensor.parts[4], tensor.parts[5]
+        block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_type[0]))]
+        end = max(end, data_start + int(offset[0]) + int(np.prod(dims, dtype=np.int64)) * type_size // block)
+    size = Path(path).stat().st_size
+    if end > size:
+        raise CheckpointError(f"{path}: truncated: its tensor table lists {end:,} bytes, the file has {size:,}")
 
 
 def gguf_architecture_of(reader) -> Architecture:

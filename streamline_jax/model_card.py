@@ -4,11 +4,11 @@ and after, the dense-vs-pruned evaluation, the recipe (the settings that made it
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from .files import write_atomic
 
 RECIPE_SECTIONS = ("model", "data", "score", "prune", "train")
 
@@ -66,13 +66,4 @@ def model_card(report: dict, license: str | None = None) -> str:
 
 def write_model_card(report: dict, folder: Path, license: str | None = None) -> Path:
     """Write README.md into `folder` (the Hugging Face folder) atomically."""
-    path = Path(folder) / "README.md"
-    fd, tmp = tempfile.mkstemp(prefix="README.md.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(model_card(report, license))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_atomic(Path(folder) / "README.md", model_card(report, license))

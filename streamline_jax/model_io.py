@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from .checkpoint import load_tokenizer
+from .files import open_mode
 from .models import transformer
 from .models.config import ModelConfig
 from .models.model import Model
@@ -52,6 +53,9 @@ def atomic_folder(target: str | os.PathLike, overwrite: bool = False, all_proces
         yield tmp
         if together:
             barrier(f"atomic_folder:written:{target}")
+        if leader:  # mkdtemp's folder (and some writers' files) are the owner's only; the umask decides, as elsewhere
+            for path in [tmp, *tmp.rglob("*")]:
+                open_mode(path)
         if leader and target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .files import write_atomic
 from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, TRAIN_CHECKPOINT, finish_out, folder_lock,
                          mark_holder, prepare_out, staging_folder)
 from .settings import STAGES, ConfigError, RunConfig, check_against_model, peek_model_config
@@ -106,8 +107,9 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
             log.addHandler(handler)
             try:
-                report = _run(config, work, stages, resume, preset, progress, total_start, target, times, inputs,
-                              shared, command)
+                with _library_errors_to(handler):
+                    report = _run(config, work, stages, resume, preset, progress, total_start, target, times,
+                                  inputs, shared, command)
                 if is_main_process():
                     (work / FAILED).unlink(missing_ok=True)
                     finish_out(work, out)
@@ -122,6 +124,40 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
                 log.removeHandler(handler)
                 handler.close()
         return report
+
+
+LIBRARY_LOGGERS = ("absl", "asyncio")  # Orbax's writer threads and their event loops
+
+
+@contextlib.contextmanager
+def _library_errors_to(handler: logging.Handler):
+    """The libraries' own error reports go to run.log only (Orbax's threads logging each failed write; tensorstore's
+    callbacks into a closed event loop, reported as unraisable): a full disk is then the one line of the error that
+    stops the run, not dozens of tracebacks."""
+    import sys
+    import threading
+
+    loggers = [logging.getLogger(name) for name in LIBRARY_LOGGERS]
+    kept = [(lg, lg.propagate) for lg in loggers]
+    hooks = threading.excepthook, sys.excepthook, sys.unraisablehook
+
+    def to_log(exc_type, value, tb, where="a library callback"):
+        handler.handle(logging.LogRecord("library", logging.ERROR, __file__, 0, "exception in %s", (where,),
+                                         (exc_type, value, tb)))
+
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.propagate = False
+    threading.excepthook = lambda a: to_log(a.exc_type, a.exc_value, a.exc_traceback, f"thread {a.thread}")
+    sys.excepthook = to_log
+    sys.unraisablehook = lambda u: to_log(u.exc_type, u.exc_value, u.exc_traceback, f"{u.object!r}")
+    try:
+        yield
+    finally:
+        threading.excepthook, sys.excepthook, sys.unraisablehook = hooks
+        for lg, propagate in kept:
+            lg.removeHandler(handler)
+            lg.propagate = propagate
 
 
 def _prepare_all_processes(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> tuple[Path, bool]:
@@ -150,7 +186,7 @@ def _record_failure(work: Path, error: BaseException, stage_name: str) -> None:
     import traceback
 
     what = "interrupted" if isinstance(error, KeyboardInterrupt) else f"{type(error).__name__}: {error}"
-    (work / FAILED).write_text(f"stage {stage_name}: {what}\n")
+    write_atomic(work / FAILED, f"stage {stage_name}: {what}\n")
     if not isinstance(error, (KeyboardInterrupt, ConfigError)):
         with open(work / "run.log", "a") as f:
             traceback.print_exception(error, file=f)
@@ -183,7 +219,8 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
     provide([d.calibration, d.train, d.valid, c.eval.perplexity_text] +  # the `{data}` folder, before the model
             [v for t in (tasks if "evaluate" in stages else ()) for v in dataclasses.asdict(t).values()])
     try:
-        order = {"shuffle_buffer": d.shuffle_buffer, "shuffle_seed": d.shuffle_seed}
+        order = {"shuffle_buffer": d.shuffle_buffer, "shuffle_seed": d.shuffle_seed,
+                 "max_skipped": d.max_skipped_records}
         calib_source = data.text_source(_data_path(d.calibration), d.text_field, **order)
         train_spec = _data_path(d.train)
         train_source = data.text_source(train_spec, d.text_field, **order) if train_spec else calib_source
@@ -371,6 +408,33 @@ def prune_stage(c: RunConfig, dense, choices, calib_source, shared: SharedWork |
     return pruned, parts
 
 
+TRAINED_SPANS = "spans.json"  # in train_checkpoint/: the spans its blocks replace and the data that chose them
+
+
+def check_trained_spans(c: RunConfig, pruned, out: Path, resume: bool) -> None:
+    """Record the spans training starts on; a resume that chose other spans is refused saying why they moved."""
+    from .cache import path_stamp
+    from .distributed import main_only
+
+    calibration = _data_path(c.data.calibration)
+    now = {"spans": [list(s) for s in pruned.config.pruned_spans], "calibration": path_stamp(calibration)}
+    path = out / TRAIN_CHECKPOINT / TRAINED_SPANS
+    saved = json.loads(path.read_text()) if resume and path.is_file() else None
+    if saved is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        main_only(write_atomic)(path, json.dumps(now))
+    elif saved["spans"] != now["spans"]:
+        why = (f"the calibration data ({calibration}) changed since the run stopped"
+               if saved["calibration"] != now["calibration"] else "the calibration data is unchanged")
+        raise ConfigError(f"{out}: the chosen span moved from {_spans_text(saved['spans'])} to "
+                          f"{_spans_text(now['spans'])}: {why}, so its training checkpoint is of another span. "
+                          f"Restore the data to continue the run, or pass --overwrite to start again on this data")
+
+
+def _spans_text(spans) -> str:
+    return ", ".join(f"layers [{start}, {start + length}) -> {kind}" for start, length, kind in spans)
+
+
 def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: bool, progress: bool,
                 preset: str | None = None, target: str | None = None):
     """The replacement block trained on the training stage's layout (configs/meshes.yaml: `mse` for mode mse, `lm`
@@ -382,6 +446,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     from .loading import place_on_mesh
     from .train import train_replacement, trainable_blocks
 
+    check_trained_spans(c, pruned, out, resume)
     home = pruned.mesh
     dense, pruned, remat, layout_name = _on_training_layout(c, "mse" if c.train.mode == "mse" else "lm", dense,
                                                             pruned, preset, target)
@@ -393,7 +458,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     valid_batches = None
     if inputs.valid_source is not None and c.data.valid_chunks:
         vchunks = data.split_chunks(data.token_chunks(inputs.valid_source, dense.tokenizer, seq),
-                                    c.data.valid_chunks).calib
+                                    c.data.valid_chunks, what=f"validation (data.valid {c.data.valid})").calib
         valid_batches = list(data.batches(vchunks, batch))
     t = c.train
     blocks = trainable_blocks(pruned.config)
@@ -569,6 +634,14 @@ def _save_gguf(c: RunConfig, host, out: Path, source: Path, params_before: int |
     return f"{path.relative_to(out)} (llama-cli -m {path.relative_to(out)}; ollama: FROM ./{path.name})"
 
 
+def skipped_records(inputs: Inputs) -> dict:
+    """{source: records without text skipped} for the data sources that skipped any (data.max_skipped_records)."""
+    sources = {"calibration": inputs.calib_source, "valid": inputs.valid_source}
+    if inputs.train_source is not inputs.calib_source:  # else training reads on in the calibration source
+        sources["train"] = inputs.train_source
+    return {name: s.skipped for name, s in sources.items() if getattr(s, "skipped", 0)}
+
+
 def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes,
          inputs: Inputs, shared: SharedWork | None = None, command: str | None = None) -> dict:
     import jax
@@ -619,6 +692,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
         with stage("save", times):
             outputs = save_stage(c, pruned, out, inputs, dense.num_params)
     report["outputs"] = outputs
+    report["skipped_records"] = skipped_records(inputs)
     times["total"] = time.perf_counter() - total_start
     report["stage_times"] = times
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -629,7 +703,7 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
         from .model_card import write_model_card
 
         main_only(write_model_card)(report, out / "hf", gguf_license(inputs.tokenizer_source))
-    main_only((out / DONE).write_text)(report["finished"] + "\n")  # last: the folder is finished
+    main_only(write_atomic)(out / DONE, report["finished"] + "\n")  # last: the folder is finished
     main_only(shutil.rmtree)(out / PAIR_CACHE, ignore_errors=True)  # only a resume of this run needed it
     log.info("report: %s", out / "report.md")
     return report

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_open, write_atomic
+
 
 RETENTION_HEADER = "| task | metric | dense | pruned | retention | stability | agreement | flips |"
 
@@ -41,11 +43,16 @@ def jsonable(x):
 
 
 def write_json(report: dict, path: Path) -> None:
-    Path(path).write_text(json.dumps(jsonable(report), indent=1, allow_nan=False) + "\n")
+    write_atomic(path, json.dumps(jsonable(report), indent=1, allow_nan=False) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Plots
+
+
+def save_figure(fig, path: Path) -> None:
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, dpi=110, format=Path(path).suffix.lstrip("."))
 
 
 def _pyplot():
@@ -77,7 +84,7 @@ def plot_span_scores(table, metric: str, chosen: tuple[int, int] | None, path: P
     ax.set_ylabel("span length (layers)")
     ax.set_title(f"span scores ({metric}); bright = most redundant")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -95,7 +102,7 @@ def plot_block_influence(block_influence, chosen: tuple[int, int] | None, path: 
     ax.set_ylabel("block influence (1 - cos)")
     ax.set_title("block influence per layer" + ("; red: pruned span" if chosen else ""))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -122,7 +129,7 @@ def plot_loss(history: dict, path: Path) -> None:
     ax.legend()
     ax.set_title("replacement block training")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -239,7 +246,7 @@ def write_report(report: dict, folder: Path, scores=None, chosen=None, history=N
         plots["loss"] = "plots/loss.png"
     report = {**report, "plots": plots}
     write_json(report, folder / "report.json")
-    (folder / "report.md").write_text(to_markdown(jsonable(report)))
+    write_atomic(folder / "report.md", to_markdown(jsonable(report)))
     return report
 
 
@@ -310,8 +317,18 @@ def plot_sweep(rows: list[dict], dense: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
+
+
+def _incomplete(report: dict) -> list[str]:
+    """The line saying a sweep stopped before its last point (an interrupt, a failure), or none."""
+    unfinished = report.get("unfinished") or []
+    if not unfinished:
+        return []
+    done = len(report.get("points", []))
+    return ["", f"**Incomplete: {done} of {done + len(unfinished)} points finished**; not yet run: "
+                f"{', '.join(unfinished)}. The same command continues the sweep."]
 
 
 def sweep_markdown(report: dict) -> str:
@@ -319,6 +336,7 @@ def sweep_markdown(report: dict) -> str:
     axes = ", ".join(f"`{a['key']}` = {', '.join(a['values'])}" for a in report.get("axes", []))
     tasks = list(dense["tasks"]) or sorted({t for r in rows for t in r["tasks"]})
     lines = [f"# LLM-Streamline sweep: {report.get('model')}", "", f"Swept: {axes}. Updated {report.get('updated')}.",
+             *_incomplete(report),
              "", "| point | span(s) | parameters | removed | " + " | ".join(tasks) + " | retention | train s |",
              "|---|---|---|---|" + "---|" * len(tasks) + "---|---|"]
     if dense["params"]:

@@ -112,6 +112,13 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .interrupts import terminate_as_interrupt
+
+    with terminate_as_interrupt():  # a scheduler's SIGTERM stops the run like Ctrl-C: at a safe point, resumable
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = make_parser().parse_intermixed_args(argv)
     if not log.handlers:
         h = _StderrHandler()
@@ -167,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, _training_error()) as e:
         print("\n".join([f"error: {e}", *getattr(e, "__notes__", ())]), file=sys.stderr)
         return 2
+    except OSError as e:  # the system refused a write (a full disk, no permission): one line naming the path
+        from .files import describe
+
+        print("\n".join([f"error: {describe(e)}", *getattr(e, "__notes__", ())]), file=sys.stderr)
+        return 1
     except Exception as e:  # not bad input but a fault of ours: one line here, the traceback in run.log
         if not getattr(e, "__notes__", None):
             raise

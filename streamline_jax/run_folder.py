@@ -6,14 +6,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
 
 import yaml
 
-from .settings import ConfigError, RunConfig, read_yaml
+from .files import TEMP, write_atomic
+from .settings import ConfigError, RunConfig
 
 DONE = "DONE"
 RUN_CONFIG = "run_config.yaml"
@@ -36,6 +36,21 @@ def settings_diff(saved: dict, now: dict) -> list[str]:
             if saved.get(s, {}).get(k) != now[s][k]]
 
 
+def saved_settings(folder: Path) -> dict | None:
+    """The settings of the run in `folder`; None where it holds none whole (absent, empty or cut short, as a full
+    disk left it before these files were written atomically)."""
+    try:
+        saved = yaml.safe_load((folder / RUN_CONFIG).read_text())
+    except (FileNotFoundError, IsADirectoryError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    whole = isinstance(saved, dict) and saved and all(isinstance(v, dict) for v in saved.values())
+    return saved if whole else None
+
+
+def write_settings(folder: Path, config: RunConfig) -> None:
+    write_atomic(folder / RUN_CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
 def read_failure(out: Path) -> str | None:
     """What the last run in `out` said when it failed ("stage: error"), or None."""
     path = out / FAILED
@@ -45,7 +60,6 @@ def read_failure(out: Path) -> str | None:
 # What a run writes in its folder; a folder holding anything else is not ours and is never touched.
 RUN_FILES = {DONE, RUN_CONFIG, FAILED, LOCK, "report.json", "report.md", "run.log"}
 RUN_FOLDERS = {TRAIN_CHECKPOINT, DISTILL_CHECKPOINT, PAIR_CACHE, "model", "hf", "plots"}
-EXPORT_TEMP = re.compile(r"^\.(model|hf)\.tmp-")  # export.atomic_folder's, left by a run killed while saving
 # Settings that change only evaluation, samples and what is saved: a resume may change them (training is kept).
 RESUMABLE_SECTIONS = ("eval", "samples", "export")
 
@@ -59,7 +73,7 @@ def foreign_entries(out: Path) -> list[str]:
     """What `out` holds that no run writes (a user's notes, other folders): such a folder is never ours."""
     return sorted(p.name for p in out.iterdir()
                   if not ((p.name in RUN_FILES and p.is_file()) or (p.name in RUN_FOLDERS and p.is_dir())
-                          or (EXPORT_TEMP.match(p.name) and p.is_dir())))
+                          or TEMP.match(p.name)))  # the temporaries of a run killed while writing
 
 
 def is_run_folder(out: Path) -> bool:
@@ -91,8 +105,14 @@ def prepare_out(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> 
     contents = [p for p in out.iterdir() if p.name != LOCK] if out.exists() else []
     if contents and not is_run_folder(out):
         _refuse_foreign(out)
+    if contents and not (out / DONE).exists() and saved_settings(out) is None:
+        log.warning("%s holds no whole %s (a run stopped as it began, e.g. by a full disk): treated as empty",
+                    out, RUN_CONFIG)
+        for path in contents:
+            _remove(path)
+        contents = []
     if overwrite and contents:
-        return _prepare_staging(out, config), False
+        return _prepare_staging(out, config)
     if (out / DONE).exists():
         if resume:
             raise ConfigError(f"{out} holds a finished run; nothing to resume (pass --overwrite to run again)")
@@ -105,7 +125,7 @@ def prepare_out(out: Path, config: RunConfig, overwrite: bool, resume: bool) -> 
         raise ConfigError(f"--resume: {out} holds no run to resume")
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
-        (out / RUN_CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_settings(out, config)
     return out, resume
 
 
@@ -113,7 +133,7 @@ def _check_resume(out: Path, config: RunConfig, resume: bool) -> None:
     """Allow continuing the unfinished run in `out` with these settings, or refuse naming what differs."""
     failure = read_failure(out)
     stopped = f"it stopped in {failure}" if failure else "it did not finish"
-    diff = settings_diff(read_yaml(out / RUN_CONFIG), config.to_dict())
+    diff = settings_diff(saved_settings(out) or {}, config.to_dict())
     fixed = [d for d in diff if not d.startswith(tuple(f"{s}." for s in RESUMABLE_SECTIONS))]
     if fixed:
         raise ConfigError(f"{out} holds an unfinished run ({stopped}) whose settings differ from these in "
@@ -123,32 +143,32 @@ def _check_resume(out: Path, config: RunConfig, resume: bool) -> None:
     if diff:  # evaluation-only changes: training and its checkpoint are kept
         log.info("%s: continuing the unfinished run (%s) with new evaluation settings: %s", out, stopped,
                  "; ".join(diff))
-        (out / RUN_CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_settings(out, config)
     elif not resume:
         log.info("%s holds an unfinished run with the same settings (%s): resuming it", out, stopped)
-    for path in out.iterdir():  # export temporaries of a run killed while saving
-        if EXPORT_TEMP.match(path.name):
-            shutil.rmtree(path, ignore_errors=True)
+    for path in out.iterdir():  # the temporaries of a run killed while writing
+        if TEMP.match(path.name):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def _prepare_staging(out: Path, config: RunConfig) -> Path:
-    """The staging folder for --overwrite: an unfinished replacement with these settings is continued, any other
-    is started again."""
+def _prepare_staging(out: Path, config: RunConfig) -> tuple[Path, bool]:
+    """The staging folder for --overwrite and whether the run resumes there: an unfinished replacement with these
+    settings is continued (from its training checkpoint), any other is started again."""
     staging = staging_folder(out)
     if staging.exists():
         if not staging.is_dir() or [p for p in staging.iterdir() if p.name != LOCK] and not is_run_folder(staging):
             raise ConfigError(f"{staging} (where --overwrite writes the new run) holds something else; remove it")
-        same = (staging / RUN_CONFIG).is_file() and not settings_diff(read_yaml(staging / RUN_CONFIG),
-                                                                       config.to_dict())
+        saved = saved_settings(staging)
+        same = saved is not None and not settings_diff(saved, config.to_dict())
         if same and not (staging / DONE).exists():
             log.info("continuing the unfinished replacement of %s in %s", out, staging)
             _check_resume(staging, config, True)
-            return staging
+            return staging, True
         shutil.rmtree(staging)
     staging.mkdir()
-    (staging / RUN_CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_settings(staging, config)
     log.info("--overwrite: the new run is written in %s; %s is kept until it finishes", staging, out)
-    return staging
+    return staging, False
 
 
 def finish_out(work: Path, out: Path) -> None:
@@ -187,6 +207,8 @@ def folder_lock(out: Path):
     and cleared at the end, so a record left behind is a stale lock of a run that was killed."""
     import fcntl
 
+    if out.exists() and not out.is_dir():  # before mkdir, which would fail on it with a traceback
+        raise ConfigError(f"--out {out} is a file")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out, os.O_RDONLY)
@@ -205,7 +227,7 @@ def folder_lock(out: Path):
             yield
         finally:
             if (out / LOCK).is_file():
-                (out / LOCK).write_text("")
+                write_atomic(out / LOCK, "")
             if created and out.exists() and not any(out.iterdir()):
                 out.rmdir()  # refused before any work: leave no empty folder behind
     finally:
@@ -213,6 +235,6 @@ def folder_lock(out: Path):
 
 
 def mark_holder(folder: Path) -> None:
-    (folder / LOCK).write_text(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
+    write_atomic(folder / LOCK, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
 
 

@@ -52,6 +52,7 @@ class DataSection:
     text_field: str = "text"
     shuffle_buffer: int = 0  # documents read in a seeded shuffled order (datasets' buffer shuffle); 0: files' order
     shuffle_seed: int = 0
+    max_skipped_records: int = 0  # records without text skipped (counted, logged) before a source is refused
     seq_len: int = 2048
     calib_chunks: int = 256
     train_chunks: int = 4096
@@ -403,6 +404,7 @@ def check_values(c: RunConfig) -> None:
 RANGES = [
     ("data.seq_len", 1, True), ("data.calib_chunks", 1, True), ("data.train_chunks", 1, True),
     ("data.valid_chunks", 0, True), ("data.batch_size", 1, True), ("data.shuffle_buffer", 0, True),
+    ("data.max_skipped_records", 0, True),
     ("score.sparsity", 0, False), ("score.num_layers", 1, True), ("score.protect_first", 0, True),
     ("score.protect_last", 0, True), ("score.spans", 1, True), ("prune.mlp_width", 1, True), ("prune.ridge", 0, True),
     ("train.num_steps", 1, True), ("train.epochs", 1, True), ("train.lr", 0, False), ("train.min_lr", 0, True),
@@ -485,12 +487,10 @@ def peek_model_config(c: RunConfig):
                     safetensors_index(f)
             return config
         if path.suffix == ".gguf" and path.is_file():
-            import gguf
-
-            from .loading import gguf_hf_config
+            from .loading import gguf_hf_config, open_gguf
             from .models.config import from_hf_config
 
-            return from_hf_config(gguf_hf_config(gguf.GGUFReader(str(path))))
+            return from_hf_config(gguf_hf_config(open_gguf(path)))
     except (KeyError, TypeError) as e:
         raise ConfigError(f"{path}: cannot read the model's configuration ({type(e).__name__}: {e})") from None
     if c.model.architecture:  # a preset (embedded, or a hub id not downloaded yet): its shapes
@@ -526,6 +526,9 @@ def check_against_model(c: RunConfig, config) -> None:
     if config.family == "opt" and c.data.seq_len > config.max_position_embeddings:
         raise ConfigError(f"data.seq_len={c.data.seq_len} is longer than the {config.max_position_embeddings} "
                           f"positions OPT learned (max_position_embeddings of {c.model.source})")
+    if c.data.seq_len > config.max_position_embeddings:  # refused before the chunks' memory is allocated
+        raise ConfigError(f"data.seq_len={c.data.seq_len} is longer than the model's context of "
+                          f"{config.max_position_embeddings} tokens (max_position_embeddings of {c.model.source})")
 
 
 def preset_model_config(name: str):

@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from . import pipeline, run_folder, settings
+from .files import write_atomic
 from .report import jsonable, plot_sweep, sweep_markdown, write_json
 
 log = logging.getLogger("streamline_jax.run")
@@ -118,15 +119,17 @@ def dense_row(report: dict) -> dict:
     return {"params": report.get("model", {}).get("params"), "tasks": tasks}
 
 
-def write_sweep_report(out: Path, recorded: dict, rows: list[dict], dense: dict | None, times: dict) -> dict:
-    report = {**recorded, "dense": dense, "points": rows, "times": times,
+def write_sweep_report(out: Path, recorded: dict, rows: list[dict], dense: dict | None, times: dict,
+                       unfinished: list[str]) -> dict:
+    """The sweep's report.json and report.md: the points finished so far, and those not yet (`unfinished`)."""
+    report = {**recorded, "dense": dense, "points": rows, "unfinished": unfinished, "times": times,
               "updated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     (out / "plots").mkdir(exist_ok=True)
     if dense and any(r["params"] for r in rows):
         plot_sweep(rows, dense, out / "plots" / "sweep.png")
         report["plot"] = "plots/sweep.png"
     write_json(report, out / "report.json")
-    (out / "report.md").write_text(sweep_markdown(jsonable(report)))
+    write_atomic(out / "report.md", sweep_markdown(jsonable(report)))
     return report
 
 
@@ -151,7 +154,7 @@ def run_sweep(model: str | None, config_file: str | None, overrides: list[str], 
     _check_sweep_folder(out, recorded, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if is_main_process():
-        (out / SWEEP_SETTINGS).write_text(yaml.safe_dump(recorded, sort_keys=False))
+        write_atomic(out / SWEEP_SETTINGS, yaml.safe_dump(recorded, sort_keys=False))
     shared = pipeline.SharedWork()
     rows, dense, times = [], None, {}
     start = time.perf_counter()
@@ -169,5 +172,5 @@ def run_sweep(model: str | None, config_file: str | None, overrides: list[str], 
         dense = dense or (dense_row(report) if report.get("evaluation") else None)
         times["total"] = time.perf_counter() - start
         if is_main_process():
-            write_sweep_report(out, recorded, rows, dense, times)
+            write_sweep_report(out, recorded, rows, dense, times, [n for n, _, _ in plan[i + 1:]])
     return {**recorded, "dense": dense, "points": rows, "times": times}

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .backend import jit_for
 from .data import batches as batch_chunks, pad_rows
+from .files import write_atomic
 from .interrupts import deferred_interrupts
 from .models import transformer
 from .models.config import ModelConfig, Segment
@@ -487,7 +488,7 @@ class SpanPairCache:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        (self.path / "complete.json").write_text(json.dumps(
+        write_atomic(self.path / "complete.json", json.dumps(
             {"start": self.start, "length": self.length, "rows": n, "batch": b, "seq": t, "input_ids": True}))
 
     def batches(self, batch_size=None):
@@ -1265,7 +1266,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     best = jax.tree.map(lambda a, like: a.astype(like.dtype), best, initial)
     trained = pruned_model.replace(config=result_config, params=merge_params(best, frozen_params))
     if checkpoint_dir:
-        (Path(checkpoint_dir) / "loss_curve.json").write_text(json.dumps(history, indent=1))
+        write_atomic(Path(checkpoint_dir) / "loss_curve.json", json.dumps(history, indent=1))
     return (trained, history) if return_history else trained
 
 

@@ -368,3 +368,285 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_goes_to_run_log(files
     assert errors == ["error: RuntimeError: a bug of ours"] and "Traceback" not in err
     assert f"the traceback is in {out / 'run.log'}" in err
     assert "Traceback" in (out / "run.log").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fault cases of issue 49
+
+
+def _signal_after_first_checkpoint(signum):
+    """A train.LOOP_HOOK sending `signum` once the first periodic checkpoint is written."""
+    saved = []
+
+    def hook(point):
+        if point == "saved" and not saved:
+            saved.append(point)
+            os.kill(os.getpid(), signum)
+
+    return hook
+
+
+def test_an_interrupted_overwrite_is_continued_by_the_same_command(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    base = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train", "train.checkpoint_every=1")
+    assert run_mod.main(base) == 0
+    before = (out / "report.json").read_text()
+    again = base + ["--overwrite", "train.lr=0.02"]
+    monkeypatch.setattr(train, "LOOP_HOOK", _signal_after_first_checkpoint(signal.SIGINT))
+    assert run_mod.main(again) == 130
+    staging = run_mod.staging_folder(out)
+    assert (staging / "train_checkpoint").exists() and (out / "report.json").read_text() == before
+    capsys.readouterr()
+    steps = []
+    monkeypatch.setattr(train, "LOOP_HOOK", lambda point: steps.append(point) if point == "logged" else None)
+    assert run_mod.main(again) == 0, capsys.readouterr().err
+    assert 0 < len(steps) < 4  # continued from its checkpoint, not started again
+    assert _report(out)["config"]["train"]["lr"] == 0.02 and not staging.exists()
+
+
+FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+from streamline_jax import run
+sys.exit(run.main({args!r}))
+"""
+
+
+def _run_on_full_disk(args, limit):
+    """main(args) in a process that cannot write more than `limit` bytes into any file."""
+    script = FULL_DISK.format(limit=limit, args=[*args, "--compilation-cache", "off"])
+    env = {**os.environ, "STREAMLINE_JAX_RESULTS_CACHE": "off"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_a_full_disk_at_startup_leaves_nothing_the_same_command_refuses(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = _args(files, "llama", out, "--stages", "score")
+    done = _run_on_full_disk(args, limit=1000)  # run_config.yaml is longer
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(errors) == 1 and "run_config.yaml" in errors[0] and "free some space" in errors[0], errors
+    assert run_mod.main(args) == 0, capsys.readouterr().err
+    assert run_mod.read_yaml(out / "run_config.yaml") == _report(out)["config"]
+
+
+@pytest.mark.parametrize("left", ["", "model:\n  source: /x\ntrain: [1"])
+def test_a_run_folder_without_whole_settings_is_treated_as_empty(files, tmp_path, capsys, left):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run_config.yaml").write_text(left)  # as a version writing in place left it on a full disk
+    (out / "run.log").write_text("")
+    args = _args(files, "llama", out, "--stages", "score")
+    assert run_mod.main(args) == 0, capsys.readouterr().err
+    assert (out / "DONE").exists() and run_mod.read_yaml(out / "run_config.yaml") == _report(out)["config"]
+
+
+def test_exported_folders_are_readable_as_the_umask_says(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    previous = os.umask(0o022)
+    try:
+        assert run_mod.main(_args(files, "llama", out, "prune.replacement=layer", "--stages", "save")) == 0
+    finally:
+        os.umask(previous)
+    saved = [out / "model", *(out / "model").rglob("*"), out / "hf", *(out / "hf").rglob("*")]
+    for path in [*saved, out / "report.json", out / "run_config.yaml", out / "plots" / "span_scores.png"]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+
+def _jsonl_with(path: Path, files, bad_line: str | bytes, every: int) -> Path:
+    """The tiny train.jsonl with every `every`-th record from the second replaced by `bad_line` (every other one:
+    whatever the shuffled order, the first chunks read hold one)."""
+    lines = (files["data"] / "train.jsonl").read_bytes().splitlines()
+    bad = bad_line if isinstance(bad_line, bytes) else bad_line.encode()
+    path.write_bytes(b"\n".join(bad if i % every == 1 else line for i, line in enumerate(lines)) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("bad_line, every, message", [
+    ('{"title": "no text here"}', 2, "line 2: no text field 'text' (its fields: ['title'])"),
+    ('{"text": 42}', 2, "line 2: field 'text' holds int, not text"),
+    (b'{"text": "caf\xe9 au lait"}', 2, "line 2: not UTF-8 text (byte 0xe9"),
+])
+@pytest.mark.parametrize("shuffle", [0, 10000])
+def test_every_record_is_checked_and_a_bad_one_is_named_by_file_and_line(files, tmp_path, capsys, bad_line, every,
+                                                                         message, shuffle):
+    data = _jsonl_with(tmp_path / "train.jsonl", files, bad_line, every)
+    args = _args(files, "llama", tmp_path / "out", "--stages", "score", f"data.calibration={data}",
+                 f"data.shuffle_buffer={shuffle}")
+    assert run_mod.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{data}, {message}" in err and "Traceback" not in err, err
+
+
+def test_records_without_text_are_skipped_and_counted_up_to_the_setting(files, tmp_path, monkeypatch, capsys):
+    data = _jsonl_with(tmp_path / "train.jsonl", files, '{"title": "no text here"}', 2)
+    warnings = []
+    monkeypatch.setattr(run_mod.log, "warning", lambda msg, *a: warnings.append(msg % a))
+    args = _args(files, "llama", tmp_path / "out", "--stages", "score", f"data.calibration={data}",
+                 "data.shuffle_buffer=0", "data.max_skipped_records=1000")
+    assert run_mod.main(args) == 0, capsys.readouterr().err
+    assert any("skipped" in w and "record(s) without text" in w and str(data) in w for w in warnings), warnings
+    skipped = _report(tmp_path / "out")["skipped_records"]
+    assert list(skipped) == ["calibration"] and skipped["calibration"] > 0
+
+
+def _truncated_gguf(tmp_path, where: str) -> Path:
+    from test_distributed import LLAMA as GGUF_LLAMA, _tiny_gguf
+
+    path = _tiny_gguf(tmp_path / "whole.gguf", GGUF_LLAMA)
+    raw = path.read_bytes()
+    cut = tmp_path / f"cut-in-{where}.gguf"
+    cut.write_bytes(raw[:200] if where == "metadata" else raw[:len(raw) - 5000])
+    return cut
+
+
+@pytest.mark.parametrize("where, message", [
+    ("metadata", "not a GGUF file, or truncated: its metadata cannot be read"),
+    ("tensors", "truncated: its tensor table lists"),
+])
+def test_a_truncated_gguf_is_named_in_the_run_and_in_convert(files, tmp_path, capsys, where, message):
+    sys.path.insert(0, str(TESTS.parent / "scripts"))
+    import convert
+
+    cut = _truncated_gguf(tmp_path, where)
+    assert run_mod.main(_args(files, "llama", tmp_path / "out", "--model", str(cut))) == 2
+    assert convert.main([str(cut), str(tmp_path / "converted")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(e.startswith(f"error: {cut}: {message}") for e in errors), errors
+    assert not (tmp_path / "out").exists() and not (tmp_path / "converted").exists()
+
+
+def test_an_out_naming_a_file_is_one_line(files, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.write_text("a file of the user's")
+    assert run_mod.main(_args(files, "llama", out)) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: --out {out} is a file"] and out.read_text() == "a file of the user's"
+
+
+def test_an_out_on_a_read_only_filesystem_is_one_line(files, tmp_path, monkeypatch, capsys):
+    import errno
+
+    out = tmp_path / "ro" / "out"
+    real = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if self == out or out.is_relative_to(self) and self != tmp_path:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert run_mod.main(_args(files, "llama", out)) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"error: {out}: Read-only file system; choose a folder you can write in (--out)"]
+
+
+def _as_another_user() -> list[str]:
+    """The command prefix that runs a process as a user without root's pass over permissions."""
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: a folder's missing write permission cannot be felt")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_an_out_in_a_folder_without_write_permission_is_one_line(files, tmp_path):
+    import shutil
+    import tempfile
+
+    prefix = _as_another_user()
+    shared = Path(tempfile.mkdtemp(prefix="streamline-perm-"))  # pytest's own folders are root's only
+    try:
+        model = shutil.copytree(files["llama"], shared / "llama")
+        data = shutil.copytree(files["data"], shared / "data")
+        locked = shared / "locked"
+        locked.mkdir()
+        for path in [shared, *shared.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        locked.chmod(0o555)
+        (shared / "home").mkdir(mode=0o777)
+        (shared / "home").chmod(0o777)  # the datasets cache
+        out = locked / "out"
+        args = _args({"llama": model, "data": data}, "llama", out, "--compilation-cache", "off")
+        env = {**os.environ, "HOME": str(shared / "home"), "STREAMLINE_JAX_RESULTS_CACHE": "off"}
+        done = subprocess.run([*prefix, sys.executable, "-m", "streamline_jax.run", *args], capture_output=True,
+                              text=True, timeout=600, env=env, cwd=shared)
+        assert done.returncode == 1, done.stderr[-3000:]
+        assert done.stderr.splitlines()[-1:] == [f"error: {out}: Permission denied; choose a folder you can write "
+                                                 f"in (--out)"] and "Traceback" not in done.stderr, done.stderr
+        assert not out.exists()
+    finally:
+        shutil.rmtree(shared)
+
+
+TERMINATED_RUN = """
+import signal, sys
+sys.path.insert(0, {tests!r})
+from streamline_jax import run, train
+import test_reliability as t
+train.LOOP_HOOK = t._signal_after_first_checkpoint(signal.SIGTERM)
+sys.exit(run.main({args!r}))
+"""
+
+
+def test_sigterm_stops_at_the_next_safe_point_like_ctrl_c(files, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train", "train.checkpoint_every=1")
+    script = TERMINATED_RUN.format(tests=str(TESTS), args=[*args, "--compilation-cache", "off"])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 130, done.stderr[-3000:]
+    assert "interrupt (SIGTERM): stopping at the next safe point" in done.stderr and "Traceback" not in done.stderr
+    assert (out / "FAILED").read_text().strip() == "stage train: interrupted"
+    steps = []
+    monkeypatch.setattr(train, "LOOP_HOOK", lambda point: steps.append(point) if point == "logged" else None)
+    assert run_mod.main(args) == 0, capsys.readouterr().err
+    assert 0 < len(steps) < 4  # continued from the checkpoint written as it stopped
+
+
+def test_a_seq_len_beyond_the_models_context_is_refused_before_loading(files, tmp_path, monkeypatch, capsys):
+    from streamline_jax import loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    assert run_mod.main(_args(files, "llama", out, "data.seq_len=300")) == 2
+    assert "data.seq_len=300 is longer than the model's context of 256 tokens" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_short_validation_file_is_named_as_such(files, tmp_path, capsys):
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text('{"text": "the cat sat."}\n')
+    args = _args(files, "llama", tmp_path / "out", "prune.replacement=layer", "--stages", "train", f"data.valid={valid}")
+    assert run_mod.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"2 validation (data.valid {valid}) chunks are needed" in err and "calibration" not in err, err
+
+
+def test_a_resume_whose_span_moved_because_the_data_changed_says_so(files, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    calibration = Path(shutil.copy(files["data"] / "train.jsonl", tmp_path / "calibration.jsonl"))
+    out = tmp_path / "out"
+    args = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train", "train.checkpoint_every=1",
+                 f"data.calibration={calibration}")
+    monkeypatch.setattr(train, "LOOP_HOOK", _signal_after_first_checkpoint(signal.SIGINT))
+    assert run_mod.main(args) == 130
+    monkeypatch.setattr(train, "LOOP_HOOK", None)
+    capsys.readouterr()
+    calibration.write_text('{"text": "the the the the the the the the"}\n' * 400)  # scores choose layers 2..3
+    assert run_mod.main(args) == 2
+    err = capsys.readouterr().err
+    assert ("the chosen span moved from layers [4, 6) -> layer to layers [2, 4) -> layer: the calibration data "
+            f"({calibration}) changed since the run stopped") in err and "Traceback" not in err, err
+
+
+def test_a_disk_filling_during_the_save_is_one_line_and_the_tracebacks_go_to_run_log(files, tmp_path):
+    out = tmp_path / "out"
+    done = _run_on_full_disk(_args(files, "llama", out, "prune.replacement=layer", "--stages", "save"), limit=200_000)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "File too large" in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "Event loop is closed" not in done.stderr, done.stderr[-3000:]
+    assert "Traceback" in (out / "run.log").read_text() and not (out / "model").exists()

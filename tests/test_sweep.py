@@ -92,12 +92,17 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(files, tmp_path, counted,
     assert run_mod.main(args) == 2
     assert (out / "points" / "score.num_layers=1" / "DONE").exists()
     assert not (out / "points" / "score.num_layers=2").exists()
+    # the report of the points so far says the sweep is incomplete, naming what is missing
+    assert json.loads((out / "report.json").read_text())["unfinished"] == ["score.num_layers=2"]
+    assert ("**Incomplete: 1 of 2 points finished**; not yet run: score.num_layers=2"
+            in (out / "report.md").read_text())
     monkeypatch.setattr(pipeline, "run", real_run)
     loads = counted["load"]
     assert run_mod.main(args) == 0
     assert counted["load"] == loads + 1  # only the unfinished point ran
     report = json.loads((out / "report.json").read_text())
     assert [r["point"] for r in report["points"]] == ["score.num_layers=1", "score.num_layers=2"]
+    assert report["unfinished"] == [] and "Incomplete" not in (out / "report.md").read_text()
     # other base settings in the same folder: refused, naming them
     assert run_mod.main(args + ["train.lr=5e-3"]) == 2
 
