@@ -43,8 +43,10 @@ def atomic_path(path: str | os.PathLike):
         yield tmp
         open_mode(tmp)
         os.replace(tmp, path)
-    except OSError as e:  # a failed write names no file: name the one being written
+    except OSError as e:  # the system's error names the temporary, or no file: name the one being written
         tmp.unlink(missing_ok=True)
+        if e.errno is None:  # raised by a writer, not the system: its own words
+            raise
         raise OSError(e.errno, e.strerror, str(path)) from e
     except BaseException:
         tmp.unlink(missing_ok=True)

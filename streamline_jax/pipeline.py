@@ -269,10 +269,7 @@ def _gguf_plan(c: RunConfig, stages, model_config) -> tuple[Path | None, str | N
         source = tokenizer_source(c.model.source)
     except FileNotFoundError:  # an embedded model whose package is missing: the load stage says so
         source = None
-    reason = gguf_unavailable(model_config, c.prune.replacement, c.export.gguf_type, source)
-    if reason:
-        log.warning("no GGUF export: %s", reason)
-    return source, reason
+    return source, gguf_unavailable(model_config, c.prune.replacement, c.export.gguf_type, source)
 
 
 @dataclasses.dataclass
@@ -619,8 +616,9 @@ def save_stage(c: RunConfig, pruned, out: Path, inputs: Inputs, params_before: i
             outputs["hf"] = f"not written: an `{c.prune.replacement}` block has no stock Hugging Face form"
         if gguf_ok:
             outputs["gguf"] = _save_gguf(c, host, out, inputs.tokenizer_source, params_before)
-        elif c.export.gguf:
+        elif c.export.gguf:  # said when the save stage would write it, not before the run (it may fail first)
             outputs["gguf"] = f"not written: {inputs.no_gguf}"
+            log.warning("no GGUF export: %s", inputs.no_gguf)
     return outputs
 
 

@@ -92,7 +92,7 @@ def ours_run(model, prompt, new_tokens=8):
 def test_gguf_reads_back_as_the_pruned_model(tmp_path, family):
     pruned = pruned_model(FAMILIES[family])
     (tmp_path / "gguf").mkdir()
-    (tmp_path / "gguf" / "m-f32.gguf.x1y2.tmp").write_text("as a writer killed before its rename leaves it")
+    (tmp_path / "gguf" / ".m-f32.gguf.tmp-x1y2").write_text("as a writer killed before its rename leaves it")
     path = export(tmp_path, pruned)
     back = sj.load(path)
     assert back.config.depth == pruned.config.depth == 4
