@@ -1,10 +1,15 @@
 """The tokenizer as llama.cpp reads it (`tokenizer.ggml.*` and `tokenizer.chat_template`), built from a Hugging Face
-tokenizer folder: byte-level BPE tokenizers (tokenizer.json), as llama.cpp's converter writes them.
+tokenizer folder: byte-level BPE tokenizers (tokenizer.json) as llama.cpp's `gpt2` tokenizer, and SentencePiece-style
+ones (BPE with byte fallback: Llama-2, Mistral, Gemma) as its `llama` tokenizer.
 
 `tokenizer.ggml.pre` names the pre-tokenizer llama.cpp applies; without it llama.cpp falls back to a default one
 and splits text unlike the model's own tokenizer. llama.cpp's converter recognises a pre-tokenizer by hashing the
 tokens of a test text; we recognise the pre-tokenizers of the supported families by their tokenizer.json
 description, and refuse any other by name rather than write a file that tokenizes differently.
+
+llama.cpp's `llama` tokenizer merges adjacent pieces by the score of the token they make. llama.cpp's converter,
+given only a tokenizer.json, writes every score -1000 (and so merges leftmost first); we score a token by the rank of
+its merges, which is BPE where the merges are SentencePiece's (`merge_scores`), and refuse other merges by name.
 """
 
 from __future__ import annotations
@@ -91,11 +96,12 @@ def byte_level_fields(spec: dict, vocab_size: int, path: Path) -> list[tuple[str
                          f"text differently: copy the tokenizer from a GGUF of the same vocabulary instead")
     tokens, types = token_list(spec, vocab_size, path)
     return [("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", pre), ("tokenizer.ggml.tokens", tokens),
-            ("tokenizer.ggml.token_type", types), ("tokenizer.ggml.merges", merge_pairs(spec))]
+            ("tokenizer.ggml.token_type", types), ("tokenizer.ggml.merges", [" ".join(p) for p in merge_pairs(spec["model"])])]
 
 
-def merge_pairs(spec: dict) -> list[str]:
-    return [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+def merge_pairs(model: dict) -> list[tuple[str, str]]:
+    """The merges of a tokenizer.json BPE model (written "a b" or ["a", "b"]) as pairs, by rank."""
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
 
 
 def spm_fields(spec: dict, vocab_size: int, path: Path) -> list[tuple[str, object]]:
@@ -129,7 +135,7 @@ def merge_scores(model: dict, path: Path) -> dict[str, float]:
     into two tokens is a merge and a token's merges are ranked together, as in the vocabularies converted from
     SentencePiece (Llama-2, Mistral, Gemma)."""
     vocab = model["vocab"]
-    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    pairs = merge_pairs(model)
     first: dict[str, int] = {}
     latest = 0
     for rank, (a, b) in enumerate(pairs):

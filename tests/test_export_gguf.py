@@ -4,6 +4,9 @@ tokens must match ours."""
 
 from __future__ import annotations
 
+import copy
+import json
+
 import jax
 import yaml
 import numpy as np
@@ -379,7 +382,7 @@ def spm_tokenizer(shape="llama2", complete_merges=True):
     merges = [(t[:i], t[i:]) for t, _ in pieces for i in range(1, len(t)) if t[:i] in vocab and t[i:] in vocab]
     if not complete_merges:
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-                  for m in __import__("json").loads(trained.to_str())["model"]["merges"]]
+                  for m in json.loads(trained.to_str())["model"]["merges"]]
     tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     steps = {"prepend": normalizers.Prepend("\u2581"), "replace": normalizers.Replace(" ", "\u2581")}
     normalizer, pre = SPM_SHAPES[shape]
@@ -433,18 +436,19 @@ def test_sentencepiece_style_tokenizers_llama_cpp_would_split_differently_are_re
     assert tok.convert_ids_to_tokens(tok(" lead")["input_ids"])[:2] == ["\u2581", "l"]  # llama.cpp: "\u2581", "\u2581"
     with pytest.raises(VocabError, match=r"pre-tokenizer \['Metaspace\(\u2581,first,split=False\)'\]"):
         hf_vocab_fields(folder, 320)
-    spec = __import__("json").loads((spm_folder(tmp_path / "hf")[0] / "tokenizer.json").read_text())
+    spec = json.loads((spm_folder(tmp_path / "hf")[0] / "tokenizer.json").read_text())
     for name, change, error in [
             ("bytes", lambda s: s["model"]["vocab"].pop("<0x41>"), r"without the byte tokens \['<0x41>'\]"),
+            ("ranks", lambda s: s["model"]["merges"].append(s["model"]["merges"][0]), "not ranked together"),
             ("split", lambda s: s.update(normalizer=None, pre_tokenizer={
                 "type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}),
              r"normalizer and pre-tokenizer \['Metaspace\(\u2581,always,split=True\)'\]"),
             ("unigram", lambda s: s.update(model={"type": "Unigram", "vocab": [["<unk>", 0.0]]}),
              "not a byte-level BPE tokenizer nor a SentencePiece-style")]:
-        broken = __import__("copy").deepcopy(spec)
+        broken = copy.deepcopy(spec)
         change(broken)
         (tmp_path / name).mkdir()
-        (tmp_path / name / "tokenizer.json").write_text(__import__("json").dumps(broken))
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(broken))
         with pytest.raises(VocabError, match=error):
             hf_vocab_fields(tmp_path / name, 320)
 
