@@ -95,8 +95,9 @@ def byte_level_fields(spec: dict, vocab_size: int, path: Path) -> list[tuple[str
                          f"{sorted(set(PRE_TOKENIZERS.values()))}); without tokenizer.ggml.pre llama.cpp would split "
                          f"text differently: copy the tokenizer from a GGUF of the same vocabulary instead")
     tokens, types = token_list(spec, vocab_size, path)
+    merges = [" ".join(pair) for pair in merge_pairs(spec["model"])]
     return [("tokenizer.ggml.model", "gpt2"), ("tokenizer.ggml.pre", pre), ("tokenizer.ggml.tokens", tokens),
-            ("tokenizer.ggml.token_type", types), ("tokenizer.ggml.merges", [" ".join(p) for p in merge_pairs(spec["model"])])]
+            ("tokenizer.ggml.token_type", types), ("tokenizer.ggml.merges", merges)]
 
 
 def merge_pairs(model: dict) -> list[tuple[str, str]]:
@@ -122,18 +123,18 @@ def spm_fields(spec: dict, vocab_size: int, path: Path) -> list[tuple[str, objec
     T, unk = gguf.TokenType, spec["model"].get("unk_token")
     types = [int(T.BYTE) if BYTE_TOKEN.fullmatch(t) else int(T.UNKNOWN) if t == unk else k
              for t, k in zip(tokens, types)]
-    made = merge_scores(spec["model"], path)
+    made = merge_scores(spec["model"], {a["content"] for a in spec.get("added_tokens", [])}, path)
     scores = [made.get(t, 0.0) if k in (T.NORMAL, T.BYTE) else -1000.0 for t, k in zip(tokens, types)]
     return [("tokenizer.ggml.model", "llama"), ("tokenizer.ggml.pre", "default"), ("tokenizer.ggml.tokens", tokens),
             ("tokenizer.ggml.scores", scores), ("tokenizer.ggml.token_type", types),
             ("tokenizer.ggml.add_space_prefix", SPM_SHAPES[steps])]
 
 
-def merge_scores(model: dict, path: Path) -> dict[str, float]:
+def merge_scores(model: dict, added: set[str], path: Path) -> dict[str, float]:
     """{token: minus the rank of its first merge}. llama.cpp merges the adjacent pair whose concatenation is the
     token of the highest score, whether or not the pair is a merge; that is BPE only where every split of a token
     into two tokens is a merge and a token's merges are ranked together, as in the vocabularies converted from
-    SentencePiece (Llama-2, Mistral, Gemma)."""
+    SentencePiece (Llama-2, Mistral, Gemma). Added tokens (`added`) llama.cpp matches in the text before merging."""
     vocab = model["vocab"]
     pairs = merge_pairs(model)
     first: dict[str, int] = {}
@@ -144,7 +145,7 @@ def merge_scores(model: dict, path: Path) -> dict[str, float]:
             raise VocabError(f"{path}: the merges making {a + b!r} are not ranked together; llama.cpp ranks merges "
                              f"by the token they make, so it would tokenize differently")
     merges = set(pairs)
-    for token in vocab:
+    for token in vocab.keys() - added:
         for i in range(1, len(token)):
             a, b = token[:i], token[i:]
             if a in vocab and b in vocab and (a, b) not in merges:

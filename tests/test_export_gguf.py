@@ -22,7 +22,7 @@ from streamline_jax.gguf_file import field, open_gguf
 from streamline_jax.models.config import from_hf_config
 from streamline_jax.models.model import Model, forward
 from test_models import CONFIGS, GEMMA_HF
-from tiny import vocab_gguf
+from tiny import sentences, vocab_gguf
 
 GEMMA6 = dict(GEMMA_HF, num_hidden_layers=6, query_pre_attn_scalar=16)  # llama.cpp scales queries by head_dim
 FAMILIES = {
@@ -320,8 +320,6 @@ def byte_bpe_folder(folder, vocab_size):
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from tiny import sentences
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -371,8 +369,6 @@ def spm_tokenizer(shape="llama2", complete_merges=True):
     (every split of a piece into two pieces is a merge, ranked by the piece)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-    from tiny import sentences
-
     trained = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     trained.pre_tokenizer = pre_tokenizers.Metaspace()
     trained.train_from_iterator(sentences(300, 0), trainers.BpeTrainer(vocab_size=55, special_tokens=["<unk>"]))
@@ -415,7 +411,7 @@ def test_gguf_from_sentencepiece_style_tokenizer_tokenizes_and_runs_like_it(tmp_
     reader = open_gguf(path)
     assert field(reader, "tokenizer.ggml.model") == "llama" and field(reader, "tokenizer.ggml.unknown_token_id") == 0
     llm = llama_cpp(path)
-    for text in SPM_TEXTS:
+    for text in SPM_TEXTS + sentences(20, 9):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert llm.tokenize(text.encode(), add_bos=False) == ids, text
     assert 3 + 0xC3 in tok(SPM_TEXTS[2], add_special_tokens=False)["input_ids"]  # byte fallback was used
