@@ -10,6 +10,8 @@ description, and refuse any other by name rather than write a file that tokenize
 llama.cpp's `llama` tokenizer merges adjacent pieces by the score of the token they make. llama.cpp's converter,
 given only a tokenizer.json, writes every score -1000 (and so merges leftmost first); we score a token by the rank of
 its merges, which is BPE where the merges are SentencePiece's (`merge_scores`), and refuse other merges by name.
+Unigram tokenizers are refused: merging needs every intermediate piece in the vocabulary, which Unigram's lacks
+(llama.cpp would split whole words into letters).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ PRE_TOKENIZERS = {
 # that newer transformers write for Llama-2: it prepends none to a text that starts with a space, llama.cpp does.
 SPM_SHAPES = {
     ("Prepend(\u2581)", "Replace( ->\u2581)"): True,  # Llama-2, Mistral
-    ("Replace( ->\u2581)",): False,  # Gemma
+    ("Replace( ->\u2581)", "Split( )"): False,  # Gemma (the split finds no space left: a no-op)
+    ("Replace( ->\u2581)",): False,  # Gemma, as newer transformers write it
 }
 BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 

@@ -359,8 +359,9 @@ def test_gguf_from_hf_tokenizer_tokenizes_like_it_in_llama_cpp(tmp_path):
 
 SPM_TEXTS = ["the big cat sat on a mat.", "  two  spaces\nand a newline\n", "Caf\u00e9 \u20ac na\u00efve", " lead"]
 # tokenizer.json's normalizer and pre-tokenizer as Llama-2 (and Mistral) ship them, as Gemma ships them (no space
-# prepended), and as newer transformers write Llama-2's (refused: see the test of refusals)
-SPM_SHAPES = {"llama2": (["prepend", "replace"], None), "metaspace": ([], "metaspace"), "gemma": (["replace"], None)}
+# prepended; a Split on spaces the normalizer has already replaced), and as newer transformers write Llama-2's
+# (refused: see the test of refusals)
+SPM_SHAPES = {"llama2": (["prepend", "replace"], None), "metaspace": ([], "metaspace"), "gemma": (["replace"], "split")}
 
 
 def spm_tokenizer(shape="llama2", complete_merges=True):
@@ -384,8 +385,10 @@ def spm_tokenizer(shape="llama2", complete_merges=True):
     normalizer, pre = SPM_SHAPES[shape]
     if normalizer:
         tok.normalizer = normalizers.Sequence([steps[n] for n in normalizer])
-    if pre:
+    if pre == "metaspace":
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    if pre == "split":
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     return tok
 
