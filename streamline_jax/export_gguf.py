@@ -252,7 +252,7 @@ def export_gguf(model, path: str | os.PathLike, gguf_type: str = "f16",
     check_gguf_exportable(config, gguf_type)
     if tokenizer_source is None:
         raise ExportError("a GGUF needs the tokenizer in llama.cpp's form: pass a GGUF with the model's vocabulary, "
-                          "or a Hugging Face folder with a byte-level BPE tokenizer.json "
+                          "or a Hugging Face folder with a byte-level or SentencePiece-style BPE tokenizer.json "
                           "(the model's own source .gguf; scripts/convert.py --tokenizer FILE.gguf)")
     path = Path(path).absolute()
     if path.exists() and not overwrite:

@@ -4,6 +4,9 @@ tokens must match ours."""
 
 from __future__ import annotations
 
+import copy
+import json
+
 import jax
 import yaml
 import numpy as np
@@ -19,7 +22,7 @@ from streamline_jax.gguf_file import field, open_gguf
 from streamline_jax.models.config import from_hf_config
 from streamline_jax.models.model import Model, forward
 from test_models import CONFIGS, GEMMA_HF
-from tiny import vocab_gguf
+from tiny import sentences, vocab_gguf
 
 GEMMA6 = dict(GEMMA_HF, num_hidden_layers=6, query_pre_attn_scalar=16)  # llama.cpp scales queries by head_dim
 FAMILIES = {
@@ -317,8 +320,6 @@ def byte_bpe_folder(folder, vocab_size):
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from tiny import sentences
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -354,6 +355,101 @@ def test_gguf_from_hf_tokenizer_tokenizes_like_it_in_llama_cpp(tmp_path):
     llm = llama_cpp(path)
     text = "the big cat sat on 12 red mats, near the river!"
     assert llm.tokenize(text.encode(), add_bos=False) == tok(text)["input_ids"]
+
+
+SPM_TEXTS = ["the big cat sat on a mat.", "  two  spaces\nand a newline\n", "Caf\u00e9 \u20ac na\u00efve", " lead"]
+# tokenizer.json's normalizer and pre-tokenizer as Llama-2 (and Mistral) ship them, as Gemma ships them (no space
+# prepended; a Split on spaces the normalizer has already replaced), and as newer transformers write Llama-2's
+# (refused: see the test of refusals)
+SPM_SHAPES = {"llama2": (["prepend", "replace"], None), "metaspace": ([], "metaspace"), "gemma": (["replace"], "split")}
+
+
+def spm_tokenizer(shape="llama2", complete_merges=True):
+    """A tiny SentencePiece-style tokenizer (BPE with byte fallback over <unk>, <s>, </s>, the 256 byte tokens and
+    54 pieces): the merges are those of BPE training, completed as SentencePiece's converted vocabularies are
+    (every split of a piece into two pieces is a merge, ranked by the piece)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    trained = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    trained.train_from_iterator(sentences(300, 0), trainers.BpeTrainer(vocab_size=55, special_tokens=["<unk>"]))
+    pieces = sorted(trained.get_vocab().items(), key=lambda kv: kv[1])[1:]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+                                        + [t for t, _ in pieces])}
+    merges = [(t[:i], t[i:]) for t, _ in pieces for i in range(1, len(t)) if t[:i] in vocab and t[i:] in vocab]
+    if not complete_merges:
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                  for m in json.loads(trained.to_str())["model"]["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    steps = {"prepend": normalizers.Prepend("\u2581"), "replace": normalizers.Replace(" ", "\u2581")}
+    normalizer, pre = SPM_SHAPES[shape]
+    if normalizer:
+        tok.normalizer = normalizers.Sequence([steps[n] for n in normalizer])
+    if pre == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    if pre == "split":
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tok
+
+
+def spm_folder(folder, shape="llama2", complete_merges=True):
+    import transformers
+
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=spm_tokenizer(shape, complete_merges),
+                                                unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(folder))
+    return folder, fast
+
+
+@pytest.mark.parametrize("family,shape", [("llama", "llama2"), ("gemma3", "gemma")])
+def test_gguf_from_sentencepiece_style_tokenizer_tokenizes_and_runs_like_it(tmp_path, family, shape):
+    """Llama-2's, Mistral's and Gemma's tokenizer.json (BPE with byte fallback) become llama.cpp's SentencePiece
+    tokenizer: llama.cpp splits texts with spaces, newlines and characters outside the vocabulary (byte fallback)
+    as the Hugging Face tokenizer does, and runs the pruned model like we do."""
+    config = FAMILIES[family].replace(vocab_size=320)
+    folder, tok = spm_folder(tmp_path / "hf", shape)
+    pruned = pruned_model(config, 1, 1 if family.startswith("gemma") else 3)
+    path = export_gguf(pruned, tmp_path / "m.gguf", "f32", tokenizer_source=folder)
+    reader = open_gguf(path)
+    assert field(reader, "tokenizer.ggml.model") == "llama" and field(reader, "tokenizer.ggml.unknown_token_id") == 0
+    llm = llama_cpp(path)
+    for text in SPM_TEXTS + sentences(20, 9):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert llm.tokenize(text.encode(), add_bos=False) == ids, text
+    assert 3 + 0xC3 in tok(SPM_TEXTS[2], add_special_tokens=False)["input_ids"]  # byte fallback was used
+    prompt = tok(SPM_TEXTS[0] + SPM_TEXTS[1])["input_ids"]
+    theirs, their_tokens = llama_cpp_run(llm, prompt)
+    ours, our_tokens = ours_run(pruned, prompt)
+    assert rel_err(theirs, ours) <= 2e-3
+    assert their_tokens == our_tokens
+
+
+def test_sentencepiece_style_tokenizers_llama_cpp_would_split_differently_are_refused(tmp_path):
+    from streamline_jax.gguf_vocab import VocabError, hf_vocab_fields
+
+    folder, _ = spm_folder(tmp_path / "trained", complete_merges=False)  # BPE training's merges only
+    with pytest.raises(VocabError, match="splits into .* which is not a merge"):
+        hf_vocab_fields(folder, 320)
+    folder, tok = spm_folder(tmp_path / "metaspace", "metaspace")
+    assert tok.convert_ids_to_tokens(tok(" lead")["input_ids"])[:2] == ["\u2581", "l"]  # llama.cpp: "\u2581", "\u2581"
+    with pytest.raises(VocabError, match=r"pre-tokenizer \['Metaspace\(\u2581,first,split=False\)'\]"):
+        hf_vocab_fields(folder, 320)
+    spec = json.loads((spm_folder(tmp_path / "hf")[0] / "tokenizer.json").read_text())
+    for name, change, error in [
+            ("bytes", lambda s: s["model"]["vocab"].pop("<0x41>"), r"without the byte tokens \['<0x41>'\]"),
+            ("ranks", lambda s: s["model"]["merges"].append(s["model"]["merges"][0]), "not ranked together"),
+            ("split", lambda s: s.update(normalizer=None, pre_tokenizer={
+                "type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always", "split": True}),
+             r"normalizer and pre-tokenizer \['Metaspace\(\u2581,always,split=True\)'\]"),
+            ("unigram", lambda s: s.update(model={"type": "Unigram", "vocab": [["<unk>", 0.0]]}),
+             "not a byte-level BPE tokenizer nor a SentencePiece-style")]:
+        broken = copy.deepcopy(spec)
+        change(broken)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps(broken))
+        with pytest.raises(VocabError, match=error):
+            hf_vocab_fields(tmp_path / name, 320)
 
 
 # --------------------------------------------------------------------------------------------------------------
