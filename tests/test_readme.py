@@ -536,7 +536,8 @@ def test_parse_mode_stops_at_the_parser_and_fails_on_an_unknown_flag(tmp_path):
     command, or in a synopsis's brackets) fails it; a program without an argparse parser fails too."""
     script = tmp_path / "prog.py"
     script.write_text("import argparse, pathlib\n"
-                      "p = argparse.ArgumentParser()\np.add_argument('--steps', type=int)\np.add_argument('rest', nargs='*')\n"
+                      "p = argparse.ArgumentParser()\np.add_argument('--steps', type=int)\n"
+                      "p.add_argument('rest', nargs='*')\n"
                       "args = p.parse_args()\npathlib.Path('ran').write_text('ran')\n")
     (tmp_path / "noparser.py").write_text("print('hello')\n")
 

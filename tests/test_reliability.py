@@ -619,7 +619,8 @@ def test_a_seq_len_beyond_the_models_context_is_refused_before_loading(files, tm
 def test_a_short_validation_file_is_named_as_such(files, tmp_path, capsys):
     valid = tmp_path / "valid.jsonl"
     valid.write_text('{"text": "the cat sat."}\n')
-    args = _args(files, "llama", tmp_path / "out", "prune.replacement=layer", "--stages", "train", f"data.valid={valid}")
+    args = _args(files, "llama", tmp_path / "out", "prune.replacement=layer", "--stages", "train",
+                 f"data.valid={valid}")
     assert run_mod.main(args) == 2
     err = capsys.readouterr().err
     assert f"2 validation (data.valid {valid}) chunks are needed" in err and "calibration" not in err, err
