@@ -36,6 +36,8 @@ from streamline_jax.models.model import Model, forward
 from streamline_jax.models.presets import preset
 from streamline_jax.pruning import prune
 
+from bench_forward import forward_flops  # scripts/ is on the path
+
 # bf16 dense peak FLOP/s by jax's device_kind (spec sheets; no sparsity)
 PEAK_BF16 = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
              "NVIDIA H200": 989e12, "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
@@ -53,14 +55,6 @@ def model_config(name: str) -> ModelConfig:
     extra = {"tinyllama-1.1b": TINYLLAMA, "tiny": TINY}
     base = preset("llama2-7b").replace(layout=(), **extra[name]) if name in extra else preset(name)
     return base.replace(dtype="bfloat16", compute_dtype="bfloat16")
-
-
-def forward_flops(config: ModelConfig, batch: int, seq: int) -> float:
-    """Matmul FLOPs of one forward with logits: every weight product, and attention over the full T x T square."""
-    d, hd = config.hidden_size, config.head_dim
-    per_layer = 2 * (d * config.num_heads * hd + 2 * d * config.num_kv_heads * hd + config.num_heads * hd * d
-                     + 3 * d * config.intermediate_size) + 2 * 2 * seq * config.num_heads * hd
-    return batch * seq * (config.num_layers * per_layer + 2 * d * config.vocab_size)
 
 
 def seconds(fn, reps: int, sync=jax.block_until_ready) -> float:

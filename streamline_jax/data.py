@@ -92,7 +92,8 @@ class TextSource:
         try:
             yield from self.dataset
         except Exception as e:
-            where = _bad_json_line(self._json_files()) or _bad_text_line(self._json_files(), self.text_field)
+            files = self._json_files()
+            where = _bad_json_line(files) or _bad_text_line(files, self.text_field)
             if where:
                 raise DataError(where) from None
             raise DataError(f"cannot read dataset {self.spec!r} ({type(e).__name__}: {e})") from None

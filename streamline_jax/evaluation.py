@@ -22,9 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from .files import write_atomic
-
 from .backend import jit_by_config
+from .files import write_atomic
 from .models import transformer
 from .models.model import Model
 from .report import RETENTION_HEADER, answer_columns
