@@ -712,11 +712,11 @@ def stage_layout(stage: str, preset: str | None, target: str | None):
     matching the devices found; None when there is neither (one device, or the mesh.* settings)."""
     import jax
 
-    from . import plan
+    from . import mesh_layouts
 
-    if target is None and (jax.device_count() == 1 or plan.pick_target() is None):
+    if target is None and (jax.device_count() == 1 or mesh_layouts.pick_target() is None):
         return None
-    return plan.stage_mesh(stage, target=target, model=preset)
+    return mesh_layouts.stage_mesh(stage, target=target, model=preset)
 
 
 def scoring_mesh(c: RunConfig, preset: str | None, target: str | None):

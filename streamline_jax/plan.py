@@ -1,5 +1,6 @@
-"""Pod-scale planning: mesh layouts per target (configs/meshes.yaml), the three sharded steps (scoring, MSE
-training, LM-loss training), and ahead-of-time compiles for real TPU topologies with per-chip memory.
+"""Pod-scale planning: the run's sharded steps (scoring, MSE training, LM-loss training, evaluation) on the mesh
+layouts of configs/meshes.yaml (mesh_layouts.py), and ahead-of-time compiles for real TPU topologies with per-chip
+memory.
 
 The AOT path needs no TPU and no weights: libtpu (the `tpu` extra) describes the topology, parameters are
 `ShapeDtypeStruct`s carrying their `NamedSharding`, and `jit(...).lower(...).compile()` gives XLA's own
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import functools
 import importlib.util
 import os
@@ -25,169 +25,25 @@ from typing import Callable
 
 import jax
 import numpy as np
-import yaml
 from jax.sharding import Mesh
 
 from . import train
-from .config_files import CONFIG_DIR
 from .models import transformer
 from .models.config import ModelConfig
 from .models.model import Model, with_compute_dtype
-from .models.transformer import REMAT_POLICIES
 from .pruning import prune_config
 from .evaluation import shared_prefix_logprobs
 from .score import score_sums
-from .sharding import MESH_AXES, ShardingError, param_shardings
+from .mesh_layouts import STEP_LAYOUTS, StageLayout, Target, TopologyError, check_layout, layout_mesh
+from .sharding import ShardingError, param_shardings
 
 # Compile-only use of libtpu touches no chip, so several planning processes may load it at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-MESHES_YAML = CONFIG_DIR / "meshes.yaml"
-LAYOUT_STAGES = ("scoring", "mse", "lm")  # each target in configs/meshes.yaml gives these
-STAGES = LAYOUT_STAGES + ("evaluate",)  # evaluation runs on the scoring layout, as the run does
+PLANNED_STEPS = tuple(STEP_LAYOUTS)  # the steps a plan compiles, each on its layout
 GIB = 1024 ** 3
 # XLA keeps a little HBM for itself; a plan must fit in this share of the chip.
 USABLE_HBM = 0.95
-
-
-class TopologyError(ValueError):
-    pass
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Layouts
-
-
-@dataclasses.dataclass(frozen=True)
-class StageLayout:
-    data: int
-    fsdp: int
-    tensor: int
-    batch: int
-    remat: str = "none"
-
-    def __post_init__(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {self.remat!r}; expected one of {REMAT_POLICIES}")
-
-    @property
-    def devices(self) -> int:
-        return self.data * self.fsdp * self.tensor
-
-    def replace(self, **changes) -> "StageLayout":
-        return dataclasses.replace(self, **changes)
-
-    def __str__(self):
-        return f"data={self.data} fsdp={self.fsdp} tensor={self.tensor} batch={self.batch} remat={self.remat}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    name: str
-    platform: str
-    device_kind: str
-    devices: int
-    hbm_gib: float
-    stages: dict
-    topology: str | None = None
-    chip_config: str = "default"
-
-    def layout(self, stage: str, model: str | None = None, overrides: dict | None = None) -> StageLayout:
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
-        stage = "scoring" if stage == "evaluate" else stage
-        d = dict(self.stages[stage])
-        d.update(((overrides or {}).get(self.name, {}).get(model, {}) or {}).get(stage, {}))
-        return StageLayout(**d)
-
-
-def load_targets(path: str | Path = MESHES_YAML) -> tuple[dict[str, Target], dict, int]:
-    """(targets by name, overrides, default seq_len) from the mesh layouts file, checked."""
-    raw = yaml.safe_load(Path(path).read_text())
-    targets = {}
-    for name, t in raw["targets"].items():
-        t = dict(t)
-        stages = t.pop("stages")
-        missing = [s for s in LAYOUT_STAGES if s not in stages]
-        if missing:
-            raise ValueError(f"{path}: target {name!r} has no layout for stage(s) {missing}")
-        target = Target(name=name, stages=stages, **t)
-        for stage in LAYOUT_STAGES:
-            layout = target.layout(stage)
-            if layout.devices != target.devices:
-                raise ValueError(f"{path}: {name}/{stage} splits {layout.devices} devices, the target has "
-                                 f"{target.devices}")
-        targets[name] = target
-    return targets, raw.get("overrides") or {}, int(raw.get("seq_len", 2048))
-
-
-def find_target(name: str, targets: dict[str, Target] | None = None) -> Target:
-    """A target by its name (`v5e-16`) or its topology (`v5e:4x4`); a clear error otherwise."""
-    targets = targets or load_targets()[0]
-    if name in targets:
-        return targets[name]
-    for t in targets.values():
-        if t.topology == name:
-            return t
-    known = list(targets) + [t.topology for t in targets.values() if t.topology]
-    near = difflib.get_close_matches(name, known, n=1)
-    hint = f"; did you mean {near[0]!r}?" if near else ""
-    raise TopologyError(f"unknown target or topology {name!r}{hint} (known: {', '.join(known)})")
-
-
-def _chip(kind: str) -> str:
-    """A device kind as the chip family meshes.yaml names (`TPU v5 lite`/`TPU v5e` → v5e, `TPU v5`/`TPU v5p` → v5p)."""
-    k = kind.lower()
-    for chip, marks in (("v5e", ("v5 lite", "v5e", "v5litepod")), ("v6e", ("v6 lite", "v6e")), ("v5p", ("v5p", "tpu v5")),
-                        ("v4", ("tpu v4",)), ("h100", ("h100",)), ("h200", ("h200",))):
-        if any(m in k for m in marks):
-            return chip
-    return k
-
-
-def pick_target(devices=None, targets: dict[str, Target] | None = None) -> Target | None:
-    """The target matching the devices JAX sees (chip and count), or None."""
-    devices = list(devices if devices is not None else jax.devices())
-    targets = targets or load_targets()[0]
-    chip = _chip(devices[0].device_kind)
-    for t in targets.values():
-        if len(devices) == t.devices and _chip(t.device_kind) == chip:
-            return t
-    return None
-
-
-def stage_mesh(stage: str, target: str | None = None, model: str | None = None, devices=None) -> tuple[Mesh, StageLayout]:
-    """The mesh (and layout) for a stage on the devices JAX sees: the named target's layout, else the target that
-    matches the devices, else every device on fsdp."""
-    devices = list(devices if devices is not None else jax.devices())
-    targets, overrides, _ = load_targets()
-    t = find_target(target, targets) if target else pick_target(devices, targets)
-    if t is None:
-        layout = StageLayout(1, len(devices), 1, len(devices), "full" if stage == "lm" else "none")
-    else:
-        layout = t.layout(stage, model, overrides)
-    return layout_mesh(layout, devices), layout
-
-
-def check_layout(config: ModelConfig, layout: StageLayout, batch: int | None = None) -> None:
-    """A clear error when the mesh cannot split the heads, the MLP, the vocabulary or the batch."""
-    batch = layout.batch if batch is None else batch
-    t = layout.tensor
-    for what, size in (("num_heads", config.num_heads), ("num_kv_heads", config.num_kv_heads),
-                       ("intermediate_size", config.intermediate_size), ("vocab_size", config.vocab_size)):
-        if size % t:
-            raise ShardingError(f"tensor={t} does not divide {what}={size}; pick a tensor size that divides it "
-                                f"(divisors: {_divisors(size, up_to=64)})")
-    shards = layout.data * layout.fsdp
-    if batch % shards:
-        raise ShardingError(f"batch {batch} cannot be split over data×fsdp = {layout.data}×{layout.fsdp} = {shards} "
-                            f"shards; use a multiple of {shards}")
-    if config.hidden_size % layout.fsdp:
-        raise ShardingError(f"fsdp={layout.fsdp} does not divide hidden_size={config.hidden_size}")
-
-
-def _divisors(n, up_to):
-    return [d for d in range(1, up_to + 1) if n % d == 0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -280,20 +136,6 @@ def target_devices(target: Target) -> tuple:
         raise TopologyError(f"topology {target.topology} has {len(devices)} devices, target {target.name} says "
                             f"{target.devices}")
     return devices
-
-
-def layout_mesh(layout: StageLayout, devices) -> Mesh:
-    devices = list(devices)
-    if layout.devices != len(devices):
-        raise ShardingError(f"layout {layout} needs {layout.devices} devices, found {len(devices)}")
-    shape = (layout.data, layout.fsdp, layout.tensor)
-    try:
-        from jax.experimental import mesh_utils
-
-        grid = mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # not a shape the physical mesh helper knows: plain order
-        grid = np.array(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -405,8 +247,8 @@ def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh,
                                  shared=start, with_greedy=False))
         return StepPlan(stage, score_sums.jitted(config, platform),
                         (config, params, batch["input_ids"], batch["attention_mask"]))
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    if stage not in PLANNED_STEPS:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {PLANNED_STEPS}")
     program, _ = training_program(stage, config, span or default_span(config), mesh, remat=layout.remat,
                                   training=training, platform=platform)
     return StepPlan(stage, program.train_step, program.arguments + (batch,))

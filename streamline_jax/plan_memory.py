@@ -22,29 +22,30 @@ import sys
 import time
 from pathlib import Path
 
-from streamline_jax import plan
+from streamline_jax import mesh_layouts, plan
 from streamline_jax.models.presets import preset
+from streamline_jax.models.transformer import REMAT_POLICIES
 
 
 def plan_rows(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a preset name, e.g. llama2-13b")
     ap.add_argument("--topology", required=True, help="a target (v5e-16) or topology (v5e:4x4) from meshes.yaml")
-    ap.add_argument("--stage", choices=plan.STAGES, action="append", help="stage(s) to plan (default: all)")
+    ap.add_argument("--stage", choices=plan.PLANNED_STEPS, action="append", help="stage(s) to plan (default: all)")
     ap.add_argument("--seq-len", type=int, help="tokens per sequence (default: seq_len in meshes.yaml)")
     ap.add_argument("--batch", type=int, help="global batch for every stage (default: the layout's)")
     ap.add_argument("--layout", help="data,fsdp,tensor for every stage (default: the target's)")
-    ap.add_argument("--remat", choices=plan.REMAT_POLICIES, help="remat policy for every stage")
+    ap.add_argument("--remat", choices=REMAT_POLICIES, help="remat policy for every stage")
     ap.add_argument("--span", help="start,length of the pruned span (default: a quarter of the layers from L/4)")
-    ap.add_argument("--meshes", default=str(plan.MESHES_YAML), help="mesh layouts file")
+    ap.add_argument("--meshes", default=str(mesh_layouts.MESHES_YAML), help="mesh layouts file")
     ap.add_argument("--no-search", action="store_true", help="do not look for a layout that fits")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--config", help="the run's --config file (its train settings pick the planned steps)")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="the run's overrides, e.g. train.distill_steps=0")
     args = ap.parse_args(argv)
 
-    targets, overrides, seq_len = plan.load_targets(args.meshes)
-    target = plan.find_target(args.topology, targets)
+    targets, overrides, seq_len = mesh_layouts.load_targets(args.meshes)
+    target = mesh_layouts.find_target(args.topology, targets)
     config = preset(args.model)
     seq_len = args.seq_len or seq_len
     span = tuple(int(x) for x in args.span.split(",")) if args.span else plan.default_span(config)
@@ -53,7 +54,7 @@ def plan_rows(argv=None) -> list[dict]:
     print(f"{args.model} on {target.name} ({target.topology}, {len(devices)} × {devices[0].device_kind}, "
           f"{target.hbm_gib} GiB each), seq_len {seq_len}, span start={span[0]} length={span[1]}", flush=True)
     rows = []
-    for stage in args.stage or plan.STAGES:
+    for stage in args.stage or plan.PLANNED_STEPS:
         layout = target.layout(stage, args.model, overrides)
         if args.layout:
             d, f, t = (int(x) for x in args.layout.split(","))

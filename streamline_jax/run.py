@@ -146,7 +146,7 @@ def _main(argv: list[str] | None) -> int:
         initialize_from_args(args)  # before any other JAX call; a no-op for one process off TPU
         enable_compilation_cache(args.compilation_cache)
         if args.target:
-            from .plan import find_target
+            from .mesh_layouts import find_target
 
             find_target(args.target)  # an unknown layout name fails before any work
     except (DistributedError, ValueError) as e:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from streamline_jax import plan
+from streamline_jax import mesh_layouts, plan
 from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig, to_hf_config
 from streamline_jax.models.presets import PRESETS, PUBLISHED_PARAMS, preset
@@ -52,38 +52,38 @@ def test_presets_agree_with_the_run_presets_in_configs():
 def test_unknown_preset_and_target_names():
     with pytest.raises(KeyError, match="did you mean 'llama2-13b'"):
         preset("llama2-13")
-    with pytest.raises(plan.TopologyError, match="unknown target or topology 'v5e:4x5'.*did you mean"):
-        plan.find_target("v5e:4x5")
+    with pytest.raises(mesh_layouts.TopologyError, match="unknown target or topology 'v5e:4x5'.*did you mean"):
+        mesh_layouts.find_target("v5e:4x5")
     with pytest.raises(plan.TopologyError, match="not of the form"):
         plan.topology_devices("tpu-v5e-16")
 
 
 def test_mesh_layouts_cover_every_target_and_stage():
-    targets, overrides, seq_len = plan.load_targets()
+    targets, overrides, seq_len = mesh_layouts.load_targets()
     assert set(targets) >= {"v5e-8", "v5e-16", "v5p-8", "v5p-32", "v4-32", "8xH100", "8xH200"}
     assert seq_len > 0
     for t in targets.values():
-        for stage in plan.STAGES:
+        for stage in mesh_layouts.STEP_LAYOUTS:
             layout = t.layout(stage)
-            assert layout.devices == t.devices and layout.remat in plan.REMAT_POLICIES
+            assert layout.devices == t.devices and layout.remat in transformer.REMAT_POLICIES
             assert layout.batch % (layout.data * layout.fsdp) == 0
-    assert plan.find_target("v5e:4x4").name == "v5e-16"
+    assert mesh_layouts.find_target("v5e:4x4").name == "v5e-16"
     fake = lambda kind, n: [SimpleNamespace(device_kind=kind)] * n
-    assert plan.pick_target(fake("TPU v5 lite", 16), targets).name == "v5e-16"
-    assert plan.pick_target(fake("TPU v5", 4), targets).name == "v5p-8"
-    assert plan.pick_target(fake("TPU v4", 16), targets).name == "v4-32"
-    assert plan.pick_target(fake("NVIDIA H100 80GB HBM3", 8), targets).name == "8xH100"
-    assert plan.pick_target(fake("cpu", 3), targets) is None
+    assert mesh_layouts.pick_target(fake("TPU v5 lite", 16), targets).name == "v5e-16"
+    assert mesh_layouts.pick_target(fake("TPU v5", 4), targets).name == "v5p-8"
+    assert mesh_layouts.pick_target(fake("TPU v4", 16), targets).name == "v4-32"
+    assert mesh_layouts.pick_target(fake("NVIDIA H100 80GB HBM3", 8), targets).name == "8xH100"
+    assert mesh_layouts.pick_target(fake("cpu", 3), targets) is None
 
 
 def test_layout_errors_name_the_problem():
     cfg = preset("llama2-70b")  # 64 heads, 8 kv heads
     with pytest.raises(ShardingError, match="tensor=16 does not divide num_kv_heads=8"):
-        plan.check_layout(cfg, plan.StageLayout(1, 1, 16, 16))
+        mesh_layouts.check_layout(cfg, mesh_layouts.StageLayout(1, 1, 16, 16))
     with pytest.raises(ShardingError, match="batch 12 cannot be split over data×fsdp = 1×16"):
-        plan.check_layout(cfg, plan.StageLayout(1, 16, 1, 12))
+        mesh_layouts.check_layout(cfg, mesh_layouts.StageLayout(1, 16, 1, 12))
     with pytest.raises(ValueError, match="unknown remat policy"):
-        plan.StageLayout(1, 1, 1, 1, "some")
+        mesh_layouts.StageLayout(1, 1, 1, 1, "some")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def test_planned_steps_compile_and_run_sharded_on_8_cpu_devices():
     every stage gives the numbers of the same program on one device."""
     res = _run("""
         import json, jax, jax.numpy as jnp, numpy as np
-        from streamline_jax import plan
+        from streamline_jax import mesh_layouts, plan
         from streamline_jax.score import score_sums
         from streamline_jax.models.config import ModelConfig
         cfg = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6,
@@ -221,7 +221,7 @@ def test_planned_steps_compile_and_run_sharded_on_8_cpu_devices():
         rng = np.random.default_rng(0)
         ids = rng.integers(0, 128, (8, 16)).astype(np.int32)
         tokens = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
-        for stage in plan.LAYOUT_STAGES:  # evaluate: test_plan_lowers_the_evaluation_step_the_run_executes
+        for stage in mesh_layouts.LAYOUT_STAGES:  # evaluate: test_plan_lowers_the_evaluation_step_the_run_executes
             p = plan.build_step(stage, cfg, layout, mesh, 16, span=(2, 2), training=training)
             compiled = p.lower().compile()
             mem = plan.memory_plan(compiled, stage, layout, 16, 16)
@@ -309,7 +309,7 @@ def test_plan_lowers_the_evaluation_step_the_run_executes():
     scoring layout."""
     res = _run("""
         import hashlib, json, jax, numpy as np
-        from streamline_jax import evaluation, plan
+        from streamline_jax import evaluation, mesh_layouts, plan
         from streamline_jax.loading import place_on_mesh
         from streamline_jax.models import transformer
         from streamline_jax.models.config import ModelConfig
@@ -337,7 +337,7 @@ def test_plan_lowers_the_evaluation_step_the_run_executes():
         evaluation.score_sequences(group, seqs, [len(q) - 1 for q in seqs], batch_size=32, pack_length=16)
         batch, seq_len = lowered["shape"]
         step = plan.build_step("evaluate", cfg, layout.replace(batch=batch), mesh, seq_len, span=(1, 2))
-        target = plan.load_targets()[0]["v5e-8"]
+        target = mesh_layouts.load_targets()[0]["v5e-8"]
         digest = lambda t: hashlib.sha256(t.encode()).hexdigest()
         print(json.dumps(dict(run=digest(lowered["run"]), plan=digest(step.lower().as_text()),
                               shape=[batch, seq_len], shared=group.shared,
@@ -370,13 +370,13 @@ def test_missing_libtpu_is_an_error_naming_every_place_looked(tmp_path, monkeypa
 def test_aot_memory_plan_for_a_tpu_topology():
     res = _run("""
         import json
-        from streamline_jax import plan
+        from streamline_jax import mesh_layouts, plan
         from streamline_jax.models.config import ModelConfig
         cfg = ModelConfig(family="llama", vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=4,
                           num_heads=8, num_kv_heads=4, head_dim=32, tie_word_embeddings=False, dtype="bfloat16")
-        target = plan.find_target("v5e-8")
+        target = mesh_layouts.find_target("v5e-8")
         out = {}
-        for stage in plan.STAGES:
+        for stage in plan.PLANNED_STEPS:
             r = plan.plan_stage(cfg, target, stage, plan.StageLayout(1, 4, 2, 8, "full"), 128)
             out[stage] = r.row() | dict(kind=plan.target_devices(target)[0].device_kind, total=r.total_bytes,
                                          args=r.argument_bytes)

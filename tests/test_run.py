@@ -459,12 +459,12 @@ def test_training_runs_on_its_own_stage_layout_on_simulated_devices(files, tmp_p
                  "train.num_steps=2", "data.batch_size=8")
     script = f"""
 import json, jax
-from streamline_jax import pipeline, plan, run
+from streamline_jax import mesh_layouts, pipeline, run
 scoring = pipeline.stage_layout
 def layouts(stage, preset, target):
     if stage == "lm":  # another mesh than scoring's fsdp=8
-        layout = plan.StageLayout(2, 2, 2, 8, "dots")
-        return plan.layout_mesh(layout, jax.devices()), layout
+        layout = mesh_layouts.StageLayout(2, 2, 2, 8, "dots")
+        return mesh_layouts.layout_mesh(layout, jax.devices()), layout
     return scoring(stage, preset, target)
 pipeline.stage_layout = layouts
 assert run.main({args!r}) == 0
