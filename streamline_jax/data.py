@@ -24,7 +24,7 @@ import numpy as np
 BUILDERS = {".txt": "text", ".text": "text", ".raw": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-log = logging.getLogger("streamline_jax.run")
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):

@@ -32,7 +32,7 @@ LAYOUT = {
 VALID_EVERY = 10  # corpus: every 10th document goes to valid.jsonl, as in ../shared/data
 CORPUS_DOCS = 22_000  # ~20k training documents (~20M tokens, ~80 MB): the defaults' 8.9M tokens without a repeat
 
-log = logging.getLogger("streamline_jax.run")
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,9 +15,10 @@ from typing import Any
 from .files import write_atomic
 from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, TRAIN_CHECKPOINT, finish_out, folder_lock,
                          mark_holder, prepare_out, staging_folder)
-from .settings import STAGES, ConfigError, RunConfig, check_against_model, peek_model_config
+from .run_inputs import Inputs, check_inputs, data_path
+from .settings import STAGES, ConfigError, RunConfig, check_against_model
 
-log = logging.getLogger("streamline_jax.run")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -40,15 +41,6 @@ class ChunkBatches:
         return data.batches(train, self.batch_size, drop_last=True)
 
 
-def _data_path(spec: str | None) -> str | None:
-    if spec is None:
-        return None
-    from .tasks import resolve_path
-
-    path = resolve_path(spec)
-    return str(path) if path.exists() or "{data}" in spec else spec
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -67,15 +59,6 @@ def stage(name: str, times: StageTimes):
     yield
     times[name] = times.get(name, 0.0) + time.perf_counter() - start
     log.info("[%s] done in %.1f s", name, times[name])
-
-
-def _check_tokenizer_before_load(source: str):
-    from .checkpoint import TOKENIZER_FILES, has_tokenizer
-
-    path = Path(source).expanduser()
-    if path.is_dir() and not (path / "streamline_model.json").exists() and not has_tokenizer(path):
-        raise ConfigError(f"{path} has no tokenizer ({', '.join(TOKENIZER_FILES[:-1])} or {TOKENIZER_FILES[-1]}); "
-                          f"calibration, training and evaluation need one: add it to the folder")
 
 
 def _strip(results: dict) -> dict:
@@ -105,11 +88,13 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
                 mark_holder(work)
             handler = logging.FileHandler(work / "run.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-            log.addHandler(handler)
+            package_log = logging.getLogger(__package__)  # every module's logger is its child
+            package_log.addHandler(handler)
             try:
                 with _library_errors_to(handler):
-                    report = _run(config, work, stages, resume, preset, progress, total_start, target, times,
-                                  inputs, shared, command)
+                    report = _run(RunContext(config, work, stages, inputs, times, total_start, resume=resume,
+                                             preset=preset, target=target, progress=progress, shared=shared,
+                                             command=command))
                 if is_main_process():
                     (work / FAILED).unlink(missing_ok=True)
                     finish_out(work, out)
@@ -121,7 +106,7 @@ def run(config: RunConfig, out: Path, stages: tuple[str, ...] = STAGES, *, overw
                            f"continues it; other settings need --overwrite")
                 raise
             finally:
-                log.removeHandler(handler)
+                package_log.removeHandler(handler)
                 handler.close()
         return report
 
@@ -191,85 +176,6 @@ def _record_failure(work: Path, error: BaseException, stage_name: str) -> None:
         with open(work / "run.log", "a") as f:
             traceback.print_exception(error, file=f)
         error.add_note(f"the traceback is in {work / 'run.log'}")
-
-
-@dataclasses.dataclass
-class Inputs:
-    """What the checks before any work found: the data sources and tasks."""
-
-    calib_source: Any
-    train_source: Any
-    valid_source: Any
-    tasks: list
-    hf_ok: bool
-    harness: Any = None  # lm-eval's task manager, when eval.harness_tasks names tasks
-    tokenizer_source: Path | None = None  # the GGUF (or HF folder) the GGUF export takes the tokenizer from
-    no_gguf: str | None = None  # why no GGUF is written (export.gguf on)
-
-
-def check_inputs(c: RunConfig, stages) -> Inputs:
-    """Data files, tasks, the tokenizer and the model's shape against the settings: everything that needs no
-    model weights, so that bad input fails before the output folder is touched."""
-    from . import data
-    from .data_sources import provide
-    from .tasks import PerplexityTask, get_task, load_items
-
-    d = c.data
-    tasks = [get_task(t) for t in c.eval.tasks]
-    provide([d.calibration, d.train, d.valid, c.eval.perplexity_text] +  # the `{data}` folder, before the model
-            [v for t in (tasks if "evaluate" in stages else ()) for v in dataclasses.asdict(t).values()])
-    try:
-        order = {"shuffle_buffer": d.shuffle_buffer, "shuffle_seed": d.shuffle_seed,
-                 "max_skipped": d.max_skipped_records}
-        calib_source = data.text_source(_data_path(d.calibration), d.text_field, **order)
-        train_spec = _data_path(d.train)
-        train_source = data.text_source(train_spec, d.text_field, **order) if train_spec else calib_source
-        valid_source = data.text_source(_data_path(d.valid), d.text_field, **order) if d.valid else None
-    except data.DataError as e:
-        raise ConfigError(str(e)) from None
-    if c.eval.perplexity_text:
-        path = _data_path(c.eval.perplexity_text)
-        if not Path(path).is_file():
-            raise ConfigError(f"eval.perplexity_text: file not found: {path}")
-        tasks.append(PerplexityTask("text", path, window=c.eval.window))
-    if "evaluate" in stages:
-        for t in tasks:
-            if not isinstance(t, PerplexityTask):
-                load_items(t, c.eval.limit)  # a missing or malformed task file fails here
-    harness = None
-    if "evaluate" in stages and c.eval.harness_tasks:
-        from .lm_eval import check_tasks
-
-        harness = check_tasks(c.eval.harness_tasks)  # lm-eval's task index; an unknown name fails here
-    hf_ok = c.export.hf and "save" in stages
-    if hf_ok and c.prune.replacement in ("mlp", "linear"):
-        log.warning("an `%s` block cannot be exported to a stock Hugging Face architecture: writing the Orbax "
-                    "checkpoint only", c.prune.replacement)
-        hf_ok = False
-    _check_tokenizer_before_load(c.model.source)
-    model_config = peek_model_config(c)
-    if model_config is not None:
-        check_against_model(c, model_config)
-        for t in tasks:
-            if isinstance(t, PerplexityTask) and "evaluate" in stages and t.window > model_config.max_position_embeddings:
-                raise ConfigError(f"the {t.name} perplexity window of {t.window} tokens (eval.window) is longer than "
-                                  f"the model's context of {model_config.max_position_embeddings} tokens")
-    gguf_tokenizer, no_gguf = _gguf_plan(c, stages, model_config)
-    return Inputs(calib_source, train_source, valid_source, tasks, hf_ok, harness, gguf_tokenizer, no_gguf)
-
-
-def _gguf_plan(c: RunConfig, stages, model_config) -> tuple[Path | None, str | None]:
-    """(the GGUF to copy the tokenizer from, why no GGUF is written) for export.gguf."""
-    from .export_gguf import gguf_unavailable
-    from .loading import tokenizer_source
-
-    if not (c.export.gguf and "save" in stages):
-        return None, None
-    try:
-        source = tokenizer_source(c.model.source)
-    except FileNotFoundError:  # an embedded model whose package is missing: the load stage says so
-        source = None
-    return source, gguf_unavailable(model_config, c.prune.replacement, c.export.gguf_type, source)
 
 
 @dataclasses.dataclass
@@ -413,7 +319,7 @@ def check_trained_spans(c: RunConfig, pruned, out: Path, resume: bool) -> None:
     from .cache import path_stamp
     from .distributed import main_only
 
-    calibration = _data_path(c.data.calibration)
+    calibration = data_path(c.data.calibration)
     now = {"spans": [list(s) for s in pruned.config.pruned_spans], "calibration": path_stamp(calibration)}
     path = out / TRAIN_CHECKPOINT / TRAINED_SPANS
     saved = json.loads(path.read_text()) if resume and path.is_file() else None
@@ -515,8 +421,8 @@ def dense_evaluation_key(c: RunConfig, dense, tasks) -> str:
     from .loading import resolve_source
 
     _, path = resolve_source(c.model.source)
-    task_files = [cache.path_stamp(_data_path(v)) for t in tasks for v in dataclasses.asdict(t).values()
-                  if isinstance(v, str) and Path(_data_path(v)).exists()]
+    task_files = [cache.path_stamp(data_path(v)) for t in tasks for v in dataclasses.asdict(t).values()
+                  if isinstance(v, str) and Path(data_path(v)).exists()]
     e = c.eval
     return cache.content_key(model=cache.path_stamp(path), dtype=dense.config.dtype,
                              compute_dtype=dense.config.compute_dtype, tasks=tasks, task_files=task_files,
@@ -632,25 +538,36 @@ def _save_gguf(c: RunConfig, host, out: Path, source: Path, params_before: int |
     return f"{path.relative_to(out)} (llama-cli -m {path.relative_to(out)}; ollama: FROM ./{path.name})"
 
 
-def skipped_records(inputs: Inputs) -> dict:
-    """{source: records without text skipped} for the data sources that skipped any (data.max_skipped_records)."""
-    sources = {"calibration": inputs.calib_source, "valid": inputs.valid_source}
-    if inputs.train_source is not inputs.calib_source:  # else training reads on in the calibration source
-        sources["train"] = inputs.train_source
-    return {name: s.skipped for name, s in sources.items() if getattr(s, "skipped", 0)}
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """One run as `run` starts it: its settings, the folder it writes and how it runs."""
+
+    config: RunConfig
+    out: Path  # the folder written: `--out`, or the staging folder beside it under --overwrite
+    stages: tuple[str, ...]
+    inputs: Inputs
+    times: StageTimes  # filled in as the stages finish
+    started: float  # time.perf_counter() when `run` began
+    resume: bool = False
+    preset: str | None = None
+    target: str | None = None  # the meshes.yaml target named on the command line
+    progress: bool = True
+    shared: SharedWork | None = None  # a sweep's work shared between its points
+    command: str | None = None  # the command line, for the model card
 
 
-def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start, target, times: StageTimes,
-         inputs: Inputs, shared: SharedWork | None = None, command: str | None = None) -> dict:
+def _run(ctx: RunContext) -> dict:
     import jax
 
     from .distributed import main_only
     from .report import write_report
 
+    c, out, stages, times, inputs = ctx.config, ctx.out, ctx.stages, ctx.times, ctx.inputs
+    resume, preset, target, progress, shared = ctx.resume, ctx.preset, ctx.target, ctx.progress, ctx.shared
     log.info("output folder %s; stages %s", out, ", ".join(stages))
     shared = shared if shared is not None else SharedWork()  # this run's own: calibration tokenized once
     report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
-                              "devices": [str(d) for d in jax.devices()], "finished": None, "command": command}
+                              "devices": [str(d) for d in jax.devices()], "finished": None, "command": ctx.command}
     with stage("load", times):
         dense, report["model"] = load_stage(c, preset, target, shared)
     staged = stage_layout("scoring", preset, target)
@@ -690,8 +607,8 @@ def _run(c: RunConfig, out: Path, stages, resume, preset, progress, total_start,
         with stage("save", times):
             outputs = save_stage(c, pruned, out, inputs, dense.num_params)
     report["outputs"] = outputs
-    report["skipped_records"] = skipped_records(inputs)
-    times["total"] = time.perf_counter() - total_start
+    report["skipped_records"] = inputs.skipped_records()
+    times["total"] = time.perf_counter() - ctx.started
     report["stage_times"] = times
     report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     chosen = (choices[0].start, choices[0].length) if choices else None

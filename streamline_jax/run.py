@@ -25,9 +25,10 @@ from pathlib import Path
 
 # The settings', output folder's and pipeline's public names, re-exported: `streamline_jax.run` is the module the
 # command line's users import.
-from .pipeline import SharedWork, check_inputs, run
+from .pipeline import SharedWork, run
 from .run_folder import (DONE, LOCK, TRAIN_CHECKPOINT, folder_lock, mark_holder, settings_diff,
                          staging_folder)
+from .run_inputs import check_inputs
 from .settings import (CONFIG_DIR, DEFAULT_MODEL, STAGES, ConfigError, RunConfig, TrainSection,
                        build_config, check_layer, parse_overrides, preset_model_config, preset_names, read_yaml,
                        valid_keys)
@@ -39,7 +40,7 @@ __all__ = ["main", "make_parser", "parse_stages", "run", "SharedWork", "check_in
 
 NEEDS = {"prune": ("score",), "train": ("prune",), "save": ("prune",)}
 
-log = logging.getLogger("streamline_jax.run")
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # streamline_jax.run under `python -m` too
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -120,12 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     args = make_parser().parse_intermixed_args(argv)
-    if not log.handlers:
+    package_log = logging.getLogger(__package__)  # every module's logger is its child
+    if not package_log.handlers:
         h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(h)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+        package_log.addHandler(h)
+        package_log.setLevel(logging.INFO)
+        package_log.propagate = False
     try:
         config, preset = build_config(args.model, args.config, args.overrides)
         stages = parse_stages(args.stages)

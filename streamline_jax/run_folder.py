@@ -23,7 +23,7 @@ TRAIN_CHECKPOINT = "train_checkpoint"
 DISTILL_CHECKPOINT = "distill_checkpoint"  # train.distill_steps' phase
 PAIR_CACHE = "pair_cache"  # the span's (input, target) pairs on disk while the run lasts (train.pair_cache)
 
-log = logging.getLogger("streamline_jax.run")
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------

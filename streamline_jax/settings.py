@@ -24,7 +24,7 @@ STAGES = ("score", "prune", "train", "evaluate", "save")
 PRUNE_INITS = ("default", "linear")
 NOT_PRESETS = ("pipeline", "meshes")
 
-log = logging.getLogger("streamline_jax.run")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from . import pipeline, run_folder, settings
+from . import pipeline, run_folder, run_inputs, settings
 from .files import write_atomic
 from .report import jsonable, plot_sweep, sweep_markdown, write_json
 
-log = logging.getLogger("streamline_jax.run")
+log = logging.getLogger(__name__)
 
 SWEEP_SETTINGS = "sweep.yaml"
 
@@ -145,7 +145,7 @@ def run_sweep(model: str | None, config_file: str | None, overrides: list[str], 
     for pairs in points(axes):
         config, _ = settings.build_config(model, config_file, point_overrides(overrides, pairs))
         try:
-            pipeline.check_inputs(config, stages)
+            run_inputs.check_inputs(config, stages)
         except settings.ConfigError as e:
             raise settings.ConfigError(f"sweep point {point_name(pairs)}: {e}") from None
         plan.append((point_name(pairs), pairs, config))

@@ -67,7 +67,7 @@ def test_the_order_env_then_checkout_then_hub(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(data_sources, "checkout_data_dir", lambda: checkout)
     monkeypatch.setenv("STREAMLINE_JAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv(data_sources.ENV, str(env))
-    with caplog.at_level(logging.INFO, "streamline_jax.run"):
+    with caplog.at_level(logging.INFO, "streamline_jax.data_sources"):
         assert data_sources.provide(NEEDED) == env
         assert "$STREAMLINE_JAX_DATA" in caplog.text
         monkeypatch.delenv(data_sources.ENV)
@@ -89,7 +89,7 @@ def test_a_file_missing_from_the_env_folder_is_named_with_the_ways(tmp_path, mon
 
 def test_the_hub_path_through_datasets_on_the_hubs_layout(no_local_data, monkeypatch, caplog):
     monkeypatch.setattr(data_sources, "HUB", local_hub(no_local_data / "hub"))
-    with caplog.at_level(logging.INFO, "streamline_jax.run"):
+    with caplog.at_level(logging.INFO, "streamline_jax.data_sources"):
         folder = data_sources.provide(NEEDED)
     assert folder == no_local_data / "cache" / "data"
     assert "from the Hugging Face hub" in caplog.text
@@ -103,7 +103,7 @@ def test_the_hub_path_through_datasets_on_the_hubs_layout(no_local_data, monkeyp
     assert len(train) == 36 and len(valid) == 4 and valid[0].startswith("document 9 ")  # every 10th, no blank
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temporary folder left
     caplog.clear()
-    with caplog.at_level(logging.INFO, "streamline_jax.run"):
+    with caplog.at_level(logging.INFO, "streamline_jax.data_sources"):
         assert data_sources.provide(NEEDED) == folder  # read from the cache afterwards
     assert "from the Hugging Face hub into" not in caplog.text
 

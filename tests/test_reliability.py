@@ -209,8 +209,10 @@ def test_a_stale_lock_of_a_killed_run_is_noticed_and_taken_over(files, tmp_path,
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     holder = (out / ".lock").read_text().strip()
     assert holder.startswith("pid ") and "started" in holder
+    from streamline_jax import run_folder
+
     warnings = []
-    monkeypatch.setattr(run_mod.log, "warning", lambda msg, *a: warnings.append(msg % a))
+    monkeypatch.setattr(run_folder.log, "warning", lambda msg, *a: warnings.append(msg % a))
     assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 0
     assert any("stale lock" in w and holder in w for w in warnings), warnings
     assert (out / ".lock").read_text() == ""  # released: the next run finds no stale record
@@ -481,8 +483,10 @@ def test_every_record_is_checked_and_a_bad_one_is_named_by_file_and_line(files, 
 
 def test_records_without_text_are_skipped_and_counted_up_to_the_setting(files, tmp_path, monkeypatch, capsys):
     data = _jsonl_with(tmp_path / "train.jsonl", files, '{"title": "no text here"}', 2)
+    from streamline_jax import data as data_mod
+
     warnings = []
-    monkeypatch.setattr(run_mod.log, "warning", lambda msg, *a: warnings.append(msg % a))
+    monkeypatch.setattr(data_mod.log, "warning", lambda msg, *a: warnings.append(msg % a))
     args = _args(files, "llama", tmp_path / "out", "--stages", "score", f"data.calibration={data}",
                  "data.shuffle_buffer=0", "data.max_skipped_records=1000")
     assert run_mod.main(args) == 0, capsys.readouterr().err

@@ -185,12 +185,18 @@ def test_distill_phase_after_mse_training_resumes_where_it_stopped(files, tmp_pa
                                rtol=1e-5)
 
 
-def test_scoring_only(files, tmp_path):
+def test_scoring_only(files, tmp_path, capsys):
+    import re
+
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "opt", out, "--stages", "score")) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["stages"] == ["score"] and "span" in report and "training" not in report
     assert not (out / "model").exists()
+    # each module logs by its own name; the package logger's handlers show them on the console and in run.log
+    err, run_log = capsys.readouterr().err, (out / "run.log").read_text()
+    for line in ("[score] started", "chosen span"):
+        assert re.search(rf"^\d\d:\d\d:\d\d .*{re.escape(line)}", err, re.M) and line in run_log, (line, err)
 
 
 def test_finished_output_folder_is_refused_without_overwrite(files, tmp_path, capsys):
@@ -202,6 +208,7 @@ def test_finished_output_folder_is_refused_without_overwrite(files, tmp_path, ca
     assert run_mod.main(_args(files, "llama", out, "--stages", "score", "--resume")) == 2
     assert run_mod.main(_args(files, "llama", out, "--stages", "score", "--overwrite", "score.num_layers=3")) == 0
     assert json.loads((out / "report.json").read_text())["span"]["length"] == 3
+    assert "--overwrite: the new run is written in" in capsys.readouterr().err  # run_folder.py's logger
 
 
 def test_unrelated_folder_is_never_overwritten(files, tmp_path, capsys):
@@ -275,8 +282,10 @@ def test_failed_run_says_what_failed_and_the_same_command_resumes_it(files, tmp_
     assert "data.seq_len: 32 -> 16" in err and "train.lr: 0.001 -> 0.002" in err and "--overwrite" in err
     assert (out / "train_checkpoint").is_dir()
     # the same settings: resumes (training is read back from its last checkpoint) and finishes
+    from streamline_jax import run_folder
+
     caplog_lines = []
-    monkeypatch.setattr(run_mod.log, "info", lambda msg, *a: caplog_lines.append(msg % a))
+    monkeypatch.setattr(run_folder.log, "info", lambda msg, *a: caplog_lines.append(msg % a))
     assert run_mod.main(args) == 0
     assert any("unfinished run with the same settings (it stopped in stage evaluate" in line and "resuming" in line
                for line in caplog_lines)
