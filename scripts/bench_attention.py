@@ -1,5 +1,6 @@
 """Causal attention's training step on CPU: the blocked loop's own backward (flash attention's, from the saved
-logsumexp: `layers._causal_heads`) against JAX's autodiff through the same blocked forward, and the forward alone.
+logsumexp: `layers.attend_causal_blocks`) against JAX's autodiff through the same blocked forward, and the forward
+alone.
 
 Shapes are SmolLM2-135M's (9 query heads, 3 key heads, head_dim 64) at `--batch` x `--seq` tokens in the compute
 dtype; the variants alternate `--reps` times in one process (the machine is shared: compare the minima).
@@ -24,8 +25,8 @@ from streamline_jax.models import layers  # noqa: E402
 
 
 def autodiff_blocks(q, k, v, mask):
-    """`layers._attend_causal_blocks` without its custom backward: JAX differentiates the blocked forward."""
-    return layers._attend_causal_blocks(q, k, v, mask, heads=lambda *a: layers._causal_heads_forward(*a)[0])
+    """`layers.attend_causal_blocks` without its custom backward: JAX differentiates the blocked forward."""
+    return layers.attend_causal_blocks(q, k, v, mask, own_backward=False)
 
 
 def timed(fn, reps):
@@ -55,8 +56,8 @@ def main():
         loss = lambda q, k, v: jnp.sum(attend(q, k, v, mask).astype(jnp.float32) ** 2)  # noqa: E731
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
-    forward = jax.jit(lambda q, k, v: layers._attend_causal_blocks(q, k, v, mask))
-    own, autodiff = grad_of(layers._attend_causal_blocks), grad_of(autodiff_blocks)
+    forward = jax.jit(lambda q, k, v: layers.attend_causal_blocks(q, k, v, mask))
+    own, autodiff = grad_of(layers.attend_causal_blocks), grad_of(autodiff_blocks)
     times = {"forward": [], "forward + own backward": [], "forward + autodiff backward": []}
     for _ in range(args.reps):
         times["forward"].append(timed(lambda: forward(q, k, v), 1))

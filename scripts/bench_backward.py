@@ -38,11 +38,6 @@ def main():
     from streamline_jax.backend import jit_for
     from streamline_jax.models import layers
 
-    bf16_backward = layers._low_precision_product
-
-    def jax_transpose(spec, a, b):  # what JAX differentiates without the custom VJP
-        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-
     fused_head = train.distillation_loss
 
     dense = sj.with_compute_dtype(sj.load("smollm2-135m"), "bfloat16")
@@ -63,8 +58,8 @@ def main():
     frozen = {"pruned": frozen_pruned, "dense": dense.params}
     times: dict = {}
     for rep in range(args.reps):
-        for variant, impl in (("bf16 backward", bf16_backward), ("jax transpose", jax_transpose)):
-            layers._low_precision_product = impl  # read when the loss is traced, so each program below sees it
+        for variant in ("bf16 backward", "jax transpose"):
+            layers.LOW_PRECISION_BACKWARD = variant == "bf16 backward"  # read when each program below is traced
             for loss in args.losses.split(","):
                 kd = (train.distillation_settings(dense.config, pruned.config, block, paths, 1.0, 0.0, (), 0.0)
                       if loss.startswith("kd") else None)
@@ -81,7 +76,7 @@ def main():
                     jax.block_until_ready(step(trained, frozen, batches[loss]))
                 times.setdefault(loss, {}).setdefault(variant, []).append((time.perf_counter() - start) / n)
                 print(f"rep {rep}: {loss:10s} {variant}: {times[loss][variant][-1]:.2f} s", flush=True)
-    layers._low_precision_product, train.distillation_loss = bf16_backward, fused_head
+    layers.LOW_PRECISION_BACKWARD, train.distillation_loss = True, fused_head
     tokens = args.batch * args.seq
     print(f"\nvalue_and_grad, {args.batch} x {args.seq} tokens, min of {args.reps}:")
     print("| loss | bf16 backward s | jax transpose s | speed-up | bf16 backward tokens/s |")

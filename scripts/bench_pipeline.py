@@ -197,7 +197,8 @@ def child_torch(args):
     out = {"ceiling": [ceiling_torch()], "ceiling_bf16": ceiling_torch("bfloat16"), "threads": args.threads,
            "rss_before_load_mib": peak_rss_mib()}
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(args.hf_folder, dtype=torch.float32).eval()
+    # sdpa: without an attention mask its attention is causal, which the copied layer's training relies on
+    model = AutoModelForCausalLM.from_pretrained(args.hf_folder, dtype=torch.float32, attn_implementation="sdpa").eval()
     out.update(load_s=time.perf_counter() - t, rss_after_load_mib=peak_rss_mib())
     batches = {name: [{k: torch.from_numpy(v).long() for k, v in b.items()} for b in load_batches(args.data, name)]
                for name in ("calib", "train", "valid")}
@@ -255,8 +256,7 @@ def child_torch(args):
     positions = torch.arange(seq)[None].expand(b, seq)
     with torch.no_grad():  # the same rotary tables for every batch of this shape
         rope = model.model.rotary_emb(pairs[0][0][None], positions)
-    # no attention mask: transformers' sdpa attention is then causal, as in the full model over unpadded rows
-    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    # no attention mask: sdpa attention (asked for at loading) is then causal, as in the full model over unpadded rows
     with torch.no_grad():  # the copy must give the full forward's next hidden state: causal, the right positions
         x0, ref = out.pop("check")
         err = float((layer(x0, position_embeddings=rope) - ref).abs().max() / ref.abs().max())

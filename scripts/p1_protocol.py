@@ -113,7 +113,7 @@ def authors_bidirectional_training(enabled):
     causal_attend = llama.attend
 
     def attend_everything(q, k, v, mask, causal=False):
-        return layers._attend_dense(q, k, v, jnp.ones_like(mask))
+        return layers.attend(q, k, v, jnp.ones_like(mask))  # not causal: dense attention over every key
 
     llama.attend = attend_everything
     try:

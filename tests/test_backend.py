@@ -55,3 +55,25 @@ def test_float32_cpu_programs_get_eigen_dots_where_they_measured_faster_and_bf16
         assert backend.compiler_options("bfloat16") == {}
     finally:
         backend.float32_cpu_dot_options.cache_clear()
+
+
+def test_jit_by_config_counts_the_signatures_it_compiled():
+    """`cache_size()`: what evaluation reports as a call's compiles; a new shape or config compiles, a repeat does not."""
+    import jax.numpy as jnp
+
+    from streamline_jax.models.config import ModelConfig
+
+    @backend.jit_by_config(static_argnums=0)
+    def scaled(config, x):
+        return x * config.hidden_size
+
+    config = ModelConfig(family="llama", vocab_size=8, hidden_size=4, intermediate_size=8, num_layers=1, num_heads=1,
+                         num_kv_heads=1, head_dim=4)
+    assert scaled.cache_size() == 0
+    scaled(config, jnp.ones(3))
+    scaled(config, jnp.ones(3))
+    assert scaled.cache_size() == 1
+    scaled(config, jnp.ones(5))
+    scaled(config.replace(hidden_size=8, head_dim=8), jnp.ones(5))
+    assert scaled.cache_size() == 3
+    assert backend.jit_cache_size(lambda x: x) == 0  # not a jitted function: nothing compiled

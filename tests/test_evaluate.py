@@ -464,10 +464,10 @@ def test_evaluate_checks_every_task_before_model_work(tmp_path, tiny):
     model, _ = tiny
     good = tk.BOOLQ.replace(source=write_jsonl(tmp_path / "b.jsonl", [HUB_ROWS["boolq"]]))
     bad = tk.BOOLQ.replace(name="boolq_bad", source=write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}]))
-    before = ev.target_logprobs._cache_size()
+    before = ev.target_logprobs.cache_size()
     with pytest.raises(tk.TaskFileError, match=r"bad.jsonl:1: missing field 'passage'"):
         ev.evaluate(model, [good, bad])
-    assert ev.target_logprobs._cache_size() == before
+    assert ev.target_logprobs.cache_size() == before
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -148,6 +148,42 @@ def test_blocked_causal_attention_equals_dense_in_values_and_gradients(softcap):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
+def test_blocked_attention_without_its_own_backward_is_autodiff_through_the_blocked_forward():
+    """The setting scripts/bench_attention.py compares against: the same values, gradients within float32 rounding
+    of flash attention's backward, and a program without the custom backward's logsumexp."""
+    from streamline_jax.models import layers
+
+    b, t, h, kv, d = 1, 40, 4, 2, 8
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(keys[0], (b, t, h, d))
+    k, v = (jax.random.normal(key, (b, t, kv, d)) for key in keys[1:])
+    mask = jnp.tril(jnp.ones((t, t), bool))[None]
+    def loss(own):
+        return lambda *a: jnp.sum(jnp.sin(layers.attend_causal_blocks(*a, mask, own_backward=own)))
+
+    grads = {own: jax.value_and_grad(loss(own), argnums=(0, 1, 2))(q, k, v) for own in (True, False)}
+    np.testing.assert_allclose(grads[True][0], grads[False][0], rtol=1e-6)
+    for x, y in zip(grads[True][1], grads[False][1]):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_low_precision_backward_off_is_jaxs_own_transpose(monkeypatch):
+    """The setting scripts/bench_backward.py compares against: with it off, a bf16 product's backward multiplies the
+    float32 cotangent in float32 (JAX's transpose); on (the default), every backward product takes bf16 inputs."""
+    from streamline_jax.models import layers
+
+    a, b = (jnp.ones(s, jnp.bfloat16) for s in ((3, 4), (4, 5)))
+
+    def dot_operands():
+        grad = jax.jit(jax.grad(lambda a, b: jnp.sum(layers.product("ij,jk->ik", a, b)), (0, 1)))
+        return [line.rsplit(":", 1)[1].split("->")[0] for line in grad.lower(a, b).as_text().splitlines()
+                if "stablehlo.dot_general" in line]
+
+    assert dot_operands() and all("f32" not in o for o in dot_operands())
+    monkeypatch.setattr(layers, "LOW_PRECISION_BACKWARD", False)
+    assert any("f32" in o for o in dot_operands())
+
+
 def test_blocked_causal_attention_keeps_fully_masked_rows_finite():
     """Left padding leaves the first queries no key to see; the blocked softmax, normalised after the value
     product, must still give finite outputs and gradients there (the rows are ignored, but a NaN would spread)."""

@@ -28,6 +28,9 @@ KERNEL_INIT = nn.initializers.normal(0.02)  # every dense kernel, whether `dense
 
 
 ACTIVATION_DTYPE = jnp.float32  # residual stream, norms, softmax and dot outputs, whatever the weights' dtype
+# False: `product`'s backward is JAX's own transpose (float32 cotangent times compute-dtype inputs, in float32) instead
+# of its compute-dtype products. Read when a program is traced; scripts/bench_backward.py compares the two.
+LOW_PRECISION_BACKWARD = True
 
 
 def product(spec: str, a, b):
@@ -36,7 +39,7 @@ def product(spec: str, a, b):
     training does): JAX's own transpose would multiply the float32 cotangent in float32, at about a third of the
     bf16 rate on AMX CPUs and far below it on accelerators. Specs name every index (no ellipsis), and each input's
     indices appear in the other input or the output."""
-    if a.dtype == jnp.float32 and b.dtype == jnp.float32:
+    if (a.dtype == jnp.float32 and b.dtype == jnp.float32) or not LOW_PRECISION_BACKWARD:
         return jnp.einsum(spec, a, b, preferred_element_type=ACTIVATION_DTYPE)
     return _low_precision_product(spec, a, b)
 
@@ -217,7 +220,7 @@ def attend(q, k, v, mask, causal=False, softcap=None, platform=None):
     t, s = q.shape[1], k.shape[1]
     platform = platform or jax.default_backend()
     if causal and t == s and t > CAUSAL_BLOCK and platform == "cpu":
-        return _attend_causal_blocks(q, k, v, mask, softcap)
+        return attend_causal_blocks(q, k, v, mask, softcap)
     return _attend_dense(q, k, v, mask, softcap)
 
 
@@ -226,15 +229,17 @@ def capped(x, cap):
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def _attend_causal_blocks(q, k, v, mask, softcap=None, heads=None):
-    """`heads`: what runs the (batch, key head) loop (default `_causal_heads`, with its own backward)."""
+def attend_causal_blocks(q, k, v, mask, softcap=None, own_backward=True):
+    """`attend`'s causal path on CPU (shapes as there). `own_backward=False`: JAX differentiates the blocked
+    forward instead of flash attention's backward (scripts/bench_attention.py compares the two)."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     g = h // kv
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b * kv, g, t, d)
     k = k.transpose(0, 2, 1, 3).reshape(b * kv, t, d)
     v = v.transpose(0, 2, 1, 3).reshape(b * kv, t, d)
-    out = (heads or _causal_heads)(q, k, v, mask, softcap, kv)  # [B * K, G, T, D]
+    heads = _causal_heads if own_backward else lambda *a: _causal_heads_forward(*a)[0]
+    out = heads(q, k, v, mask, softcap, kv)  # [B * K, G, T, D]
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
