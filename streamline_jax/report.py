@@ -174,22 +174,43 @@ def to_markdown(report: dict) -> str:
         lines += ["## Scores", "", f"![span scores]({plots['span_scores']})", ""]
     if plots.get("block_influence"):
         lines += [f"![block influence]({plots['block_influence']})", ""]
-    training = report.get("training")
-    if training:
-        lines += ["## Training", ""]
-        for block in training.get("blocks", [training]):
-            which = f"block {block['block']} (layers {block['span'][0]}..{sum(block['span']) - 1}): " \
-                if "blocks" in training else ""
-            for phase in (block, block.get("distill")):
-                if phase is None:
-                    continue
-                train = phase.get("train") or []
-                then = "then distillation: " if phase is not block else which
-                lines += [f"{then}{phase.get('mode')} loss, {len(train)} steps in {phase.get('wall_s', 0):.1f} s; "
-                          f"first {_fmt(train[0][1] if train else None)}, last {_fmt(train[-1][1] if train else None)}"
-                          f"; best validation {_fmt(phase.get('best_valid'))} at step {phase.get('best_step')}.", ""]
-        if plots.get("loss"):
-            lines += [f"![training loss]({plots['loss']})", ""]
+    if report.get("training"):
+        lines += _training_lines(report["training"], plots)
+    lines += _evaluation_lines(report)
+    if report.get("samples"):
+        lines += ["## Samples (greedy)", "", report["samples"], ""]
+    outputs = report.get("outputs")
+    if outputs:
+        lines += ["## Outputs", ""] + [f"- {k}: {v}" for k, v in outputs.items()] + [""]
+    times = report.get("stage_times")
+    if times:
+        lines += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _training_lines(training: dict, plots: dict) -> list[str]:
+    lines = ["## Training", ""]
+    for block in training.get("blocks", [training]):
+        which = f"block {block['block']} (layers {block['span'][0]}..{sum(block['span']) - 1}): " \
+            if "blocks" in training else ""
+        for phase in (block, block.get("distill")):
+            if phase is None:
+                continue
+            train = phase.get("train") or []
+            then = "then distillation: " if phase is not block else which
+            lines += [f"{then}{phase.get('mode')} loss, {len(train)} steps in {phase.get('wall_s', 0):.1f} s; "
+                      f"first {_fmt(train[0][1] if train else None)}, last {_fmt(train[-1][1] if train else None)}"
+                      f"; best validation {_fmt(phase.get('best_valid'))} at step {phase.get('best_step')}.", ""]
+    if plots.get("loss"):
+        lines += [f"![training loss]({plots['loss']})", ""]
+    return lines
+
+
+def _evaluation_lines(report: dict) -> list[str]:
+    """The retention table (else each model's figures), and lm-evaluation-harness's table."""
+    lines = []
     retention = report.get("retention")
     if retention:
         lines += ["## Evaluation", "", RETENTION_HEADER, "|---|---|---|---|---|---|---|---|"]
@@ -218,17 +239,7 @@ def to_markdown(report: dict) -> str:
                 cells = [str(v) if isinstance(v, int) else _fmt(v) for v in values]
                 lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
         lines.append("")
-    if report.get("samples"):
-        lines += ["## Samples (greedy)", "", report["samples"], ""]
-    outputs = report.get("outputs")
-    if outputs:
-        lines += ["## Outputs", ""] + [f"- {k}: {v}" for k, v in outputs.items()] + [""]
-    times = report.get("stage_times")
-    if times:
-        lines += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
-        lines.append("")
-    return "\n".join(lines)
+    return lines
 
 
 def write_report(report: dict, folder: Path, scores=None, chosen=None, history=None) -> dict:
