@@ -326,7 +326,7 @@ def test_shuffled_training_reads_the_same_permutation_live_and_from_the_pair_cac
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
              for a, b in zip(jax.tree.leaves(live.params), jax.tree.leaves(in_order.params))]
     assert max(moved) > 1e-4  # another order is another run
-    from streamline_jax.train import _epoch_order
+    from streamline_jax.data import epoch_order as _epoch_order
 
     first, second = _epoch_order(16, 5, 0), _epoch_order(16, 5, 1)
     assert sorted(first) == list(range(16)) and list(first) != list(second)
@@ -699,7 +699,7 @@ def test_trainable_and_kd_settings_are_checked_up_front():
     kw = dict(batch_size=4, progress=False)
     with pytest.raises(ValueError, match="trainable pattern 'segments/seg_9/.*' matches none"):
         train_replacement(model, pruned, chunks(8), mode="lm", trainable=("segments/seg_9/.*",), **kw)
-    with pytest.raises(ValueError, match="mode 'mse' trains the block only"):
+    with pytest.raises(ValueError, match="mode=mse trains the block only"):
         train_replacement(model, pruned, chunks(8), mode="mse", trainable=("block", "final_norm/.*"), **kw)
     with pytest.raises(ValueError, match="not a regular expression"):
         train_replacement(model, pruned, chunks(8), mode="lm", trainable=("seg_2(",), **kw)

@@ -5,7 +5,6 @@ KD_CHUNK_TOKENS at a time)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 from ..backend import jit_for
 from ..models import transformer
 from ..models.config import ModelConfig, Segment
-from .params import Block
+from .params import Block, merge_params
 
 
 def _dense_prefix(config: ModelConfig, params, input_ids, mask, start):
@@ -76,9 +75,6 @@ def span_pairs_fn(config: ModelConfig, start, length):
     return jit_for(transformer.compute_dtype(config), span_io)
 
 
-MSE_WEIGHTINGS = ("uniform", "token", "balanced")
-
-
 def masked_mse(out, target, mask, weighting="uniform"):
     """Mean squared error over real tokens. In SmolLM2 the span's output at position 0 carries a massive activation
     (norm ~23,000 against ~200 elsewhere) that makes up ~98% of the plain (`uniform`) MSE of a block that starts as
@@ -97,38 +93,6 @@ def masked_mse(out, target, mask, weighting="uniform"):
         return per_token
     pooled = jnp.sum(err * real) / (jnp.sum(size * real) + 1e-6)
     return 0.5 * (pooled + per_token)
-
-
-def param_path(key_path) -> str:
-    """A parameter's '/'-joined path ("segments/seg_1/mlp/down_proj/kernel")."""
-    return jax.tree_util.keystr(key_path, simple=True, separator="/")
-
-
-def split_params(params, is_trained):
-    """(trained, frozen): two nested dicts holding the leaves whose path `is_trained` says, and the rest."""
-    def split(tree, prefix):
-        trained, frozen = {}, {}
-        for key, value in tree.items():
-            path = f"{prefix}{key}"
-            if isinstance(value, Mapping):
-                t, f = split(value, path + "/")
-                trained.update({key: t} if t else {})
-                frozen.update({key: f} if f else {})
-            elif is_trained(path):
-                trained[key] = value
-            else:
-                frozen[key] = value
-        return trained, frozen
-
-    return split(params, "")
-
-
-def merge_params(a, b):
-    """The union of two trees of nested dicts that `split_params` made."""
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = merge_params(out[key], value) if key in out else value
-    return out
 
 
 def _block_params(trained, frozen, block: Block):
