@@ -289,7 +289,6 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     return (trained, history) if return_history else trained
 
 
-
 def _run_program(program: TrainingProgram, dense_model: Model, pruned_model: Model, block: Block,
                  data: _TrainingData, checkpoints: Checkpoints, options: TrainOptions, *, on_step, progress):
     """Run `program` from the pruned model's parameters, or from the checkpoint it resumes: (the best trained

@@ -11,53 +11,22 @@ import jax.numpy as jnp
 
 from ..backend import jit_for
 from ..models import transformer
-from ..models.config import ModelConfig, Segment
+from ..models.config import ModelConfig
 from .params import Block, merge_params
 
 
 def _dense_prefix(config: ModelConfig, params, input_ids, mask, start):
     """The dense model's hidden state entering layer `start`, with the attention mask and positions."""
-    t = input_ids.shape[1]
-    positions = transformer.default_positions(mask)
-    attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], config.sliding_window)
+    attn, positions = transformer.causal_masks(config, mask)
     x = transformer.embed(config, params, input_ids, positions)
-    x, _ = _run_pieces(config, _dense_layers(config, params, 0, start), x, attn, positions)
+    x, _ = transformer.run_layers(config, params, x, attn, positions, 0, start)
     return x, attn, positions
-
-
-def _dense_layers(config: ModelConfig, params, lo, hi):
-    """(segment, params) pieces of the dense model's layers [lo, hi); none for an empty range."""
-    return [(seg, seg_params) for seg, seg_params, _ in transformer.stack_pieces(config, params, lo, hi)]
-
-
-def _run_pieces(config: ModelConfig, pieces, x, attn, positions, stops=(), first=0, remat="none"):
-    """Run (segment, params) pieces in order from x; `first` numbers the first piece's first layer. Returns the last
-    output and {layer: the output of that layer} for each layer in `stops` (a stacked segment is cut there). `remat`:
-    a `transformer.remat_policy` name for every layer."""
-    outputs, layer = {}, first
-    for segment, seg_params in pieces:
-        n = segment.num_layers
-        ends = sorted({s + 1 - layer for s in stops if layer <= s < layer + n} | {n})
-        lo = 0
-        for hi in ends:
-            if hi > lo:
-                part, sub = seg_params, segment
-                if segment.kind == "layers":
-                    part, sub = jax.tree.map(lambda a: a[lo:hi], seg_params), Segment("layers", hi - lo)
-                x, _, _ = transformer.run_segment(config, sub, part, x, attn, positions, first_layer=layer + lo,
-                                                  remat=transformer.remat_policy(remat))
-            if layer + hi - 1 in stops:
-                outputs[layer + hi - 1] = x
-            lo = hi
-        layer += n
-    return x, outputs
 
 
 def _dense_span_io(config: ModelConfig, params, input_ids, mask, start, length):
     """The dense model's hidden states entering layer `start` and leaving layer `start+length-1` (no gradient)."""
     x_in, attn, positions = _dense_prefix(config, params, input_ids, mask, start)
-    target, _ = _run_pieces(config, _dense_layers(config, params, start, start + length), x_in, attn, positions,
-                            first=start)
+    target, _ = transformer.run_layers(config, params, x_in, attn, positions, start, start + length)
     return jax.lax.stop_gradient(x_in), jax.lax.stop_gradient(target), attn, positions
 
 
@@ -115,9 +84,8 @@ def lm_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block
     ids, mask = batch["input_ids"], batch["attention_mask"]
     params = merge_params(trained, frozen["pruned"])
     logits = transformer.apply(pruned_config, params, ids, mask, remat=transformer.remat_policy(remat))["logits"]
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-    real = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+    nll, real = transformer.next_token_nll(logits, ids, mask)
+    real = real.astype(jnp.float32)
     return jnp.sum(nll * real) / jnp.maximum(jnp.sum(real), 1.0)
 
 
@@ -125,9 +93,7 @@ def cached_mse_loss(trained, frozen, batch, *, dense_config, pruned_config, bloc
                     remat="none"):
     """MSE on (input, target) pairs read from a `SpanPairCache` instead of recomputed by the frozen model."""
     mask = batch["attention_mask"]
-    t = mask.shape[1]
-    positions = transformer.default_positions(mask)
-    attn = transformer.attention_mask_matrix(mask, jnp.arange(t)[None], pruned_config.sliding_window)
+    attn, positions = transformer.causal_masks(pruned_config, mask)
     out, _, _ = transformer.run_segment(pruned_config, block.segment, _block_params(trained, frozen, block),
                                         batch["x_in"], attn, positions, first_layer=block.layer,
                                         remat=transformer.remat_policy(remat))
@@ -152,7 +118,7 @@ class Distillation:
     shared_prefix: bool = True  # the student's layers before the block are the teacher's, untrained
 
 
-HEAD_KEYS = ("embed_tokens", "final_norm", "project_out", "lm_head")  # what transformer.head reads
+HEAD_KEYS = transformer.HEAD_KEYS
 
 
 def distillation_loss_by_autodiff(teacher_config, teacher_params, student_config, student_params, teacher_h,
@@ -182,11 +148,7 @@ def distillation_loss_by_autodiff(teacher_config, teacher_params, student_config
 
 def _token_chunks(*arrays):
     """Each [N, ...] array as [N / chunk, chunk, ...] (KD_CHUNK_TOKENS a chunk; the last zero-padded)."""
-    n = arrays[0].shape[0]
-    chunk = min(KD_CHUNK_TOKENS, n)
-    pad = -n % chunk
-    return tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((-1, chunk) + a.shape[1:])
-                 for a in arrays)
+    return transformer.chunk_tokens(KD_CHUNK_TOKENS, *arrays)
 
 
 def distillation_loss(teacher_config, teacher_params, student_config, student_params, teacher_h, student_h,
@@ -258,8 +220,7 @@ def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block
         teacher = (jax.lax.stop_gradient(x), block.start)
         return _distill_from(teacher, teacher, trained, frozen, batch, attn, positions, dense_config=dense_config,
                              pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat)
-    positions = transformer.default_positions(mask)
-    attn = transformer.attention_mask_matrix(mask, jnp.arange(ids.shape[1])[None], dense_config.sliding_window)
+    attn, positions = transformer.causal_masks(dense_config, mask)
     teacher = (transformer.embed(dense_config, dense_params, ids, positions), 0)
     student = (transformer.embed(pruned_config, pruned, ids, positions), 0)
     return _distill_from(teacher, student, trained, frozen, batch, attn, positions, dense_config=dense_config,
@@ -272,8 +233,7 @@ def cached_kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block
     span's output, the student from the span's input where its prefix is the teacher's (else from its embeddings)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     pruned = merge_params(trained, frozen["pruned"])
-    positions = transformer.default_positions(mask)
-    attn = transformer.attention_mask_matrix(mask, jnp.arange(ids.shape[1])[None], dense_config.sliding_window)
+    attn, positions = transformer.causal_masks(dense_config, mask)
     teacher = (batch["target"], block.start + block.length)
     student = ((batch["x_in"], block.start) if kd.shared_prefix
                else (transformer.embed(pruned_config, pruned, ids, positions), 0))
@@ -288,20 +248,18 @@ def _distill_from(teacher, student, trained, frozen, batch, attn, positions, *, 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     dense_params, pruned = frozen["dense"], merge_params(trained, frozen["pruned"])
     (x_t, teacher_first), (x_s, original_first) = teacher, student
-    segments = [(seg, pruned["segments"][f"seg_{i}"]) for i, seg in enumerate(pruned_config.layout)]
     student_first = 0
     if original_first:  # the student starts at the block: the layers before it are the teacher's
-        block_index = int(block.key.removeprefix("seg_"))
-        student_first = sum(seg.num_layers for seg, _ in segments[:block_index])
-        segments = segments[block_index:]
+        student_first = transformer.layer_offsets(pruned_config)[transformer.segment_index(block.key)]
     teacher_stops, student_stops = [t for t, _ in kd.hidden_pairs], [s for _, s in kd.hidden_pairs]
     # a span ending at the last layer leaves a cached teacher no layers to run
-    teacher_layers = _dense_layers(dense_config, dense_params, teacher_first, dense_config.depth)
-    h_t, hidden_t = _run_pieces(dense_config, teacher_layers, x_t, attn, positions, teacher_stops, teacher_first)
+    h_t, hidden_t = transformer.run_layers(dense_config, dense_params, x_t, attn, positions, teacher_first,
+                                           stops=teacher_stops)
     if teacher_first - 1 in teacher_stops:  # a cached span output is the teacher's last layer before teacher_first
         hidden_t[teacher_first - 1] = x_t
     h_t, hidden_t = jax.lax.stop_gradient((h_t, hidden_t))
-    h_s, hidden_s = _run_pieces(pruned_config, segments, x_s, attn, positions, student_stops, student_first, remat)
+    h_s, hidden_s = transformer.run_layers(pruned_config, pruned, x_s, attn, positions, student_first,
+                                           stops=student_stops, remat=remat)
     b, t = ids.shape
     real = mask.astype(jnp.float32)
     next_real = jnp.concatenate([real[:, 1:] * real[:, :-1], jnp.zeros((b, 1), jnp.float32)], axis=1)

@@ -9,6 +9,7 @@ from typing import Mapping, Sequence
 
 import jax
 
+from ..models import transformer
 from ..models.config import ModelConfig, Segment
 
 
@@ -31,7 +32,7 @@ def trainable_blocks(pruned: ModelConfig) -> list[Block]:
     for i, seg in enumerate(pruned.layout):
         if seg.kind != "layers":
             lo, hi = ranges[layer]
-            blocks.append(Block(f"seg_{i}", seg, lo, hi - lo, layer))
+            blocks.append(Block(transformer.segment_key(i), seg, lo, hi - lo, layer))
         layer += seg.num_layers
     return blocks
 

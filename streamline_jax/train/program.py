@@ -53,9 +53,9 @@ def distillation_settings(dense_config: ModelConfig, pruned_config: ModelConfig,
     if hidden_weight and hidden_every:  # a layer that another span pruned has no copy to match: skipped
         pairs |= {(layer, current[(layer, layer + 1)]) for layer in range(end - 1 + hidden_every, depth, hidden_every)
                   if (layer, layer + 1) in current}
-    index = int(block.key.removeprefix("seg_"))
+    index = transformer.segment_index(block.key)
     before = pruned_config.layout[:index]
-    prefix = {f"segments/seg_{i}" for i in range(index)} | {"embed_tokens", "embed_positions", "project_in"}
+    prefix = {f"segments/{transformer.segment_key(i)}" for i in range(index)} | set(transformer.EMBED_KEYS)
     trained_prefix = any(p.split("/")[0] in prefix or "/".join(p.split("/")[:2]) in prefix for p in paths)
     shared = (all(seg.kind == "layers" for seg in before) and sum(seg.num_layers for seg in before) == block.start
               and not trained_prefix)
