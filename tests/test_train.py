@@ -781,3 +781,23 @@ def test_remat_trains_to_the_same_parameters_and_the_step_donates_its_inputs(mod
     assert all(b > barriers[0] for b in barriers[1:]), barriers
     assert all("tf.aliasing_output" in t or "jax.buffer_donor" in t for t in texts)
     assert all(not a.is_deleted() for a in jax.tree.leaves(pruned.params))
+
+
+def test_training_options_check_themselves_once_for_the_api_and_the_settings():
+    """One check, two spellings: train_replacement's names and the run's `train.` settings."""
+    from streamline_jax.train import TrainOptions
+
+    bad = TrainOptions(mode="mse", trainable=("block", "lm_head/.*"))
+    with pytest.raises(ValueError, match=r"^mode=mse trains the block only"):
+        bad.check()
+    with pytest.raises(ValueError, match=r"^train\.mode=mse trains the block only .* needs train\.mode=lm or kd"):
+        bad.check(prefix="train.")
+    with pytest.raises(ValueError, match=r"kd_hidden_layers=\[5\] needs kd_hidden_weight > 0"):
+        TrainOptions(mode="kd", kd_hidden_layers=(5,)).check()
+    options = TrainOptions(num_steps=3, grad_accum=2, epochs=2)
+    assert options.steps_for(3) == 3 and TrainOptions(grad_accum=2).steps_for(5) == 2
+    with pytest.raises(ValueError, match=r"num_steps=3 x grad_accum=2 needs 6 batches, but the data gives 2 per "
+                                         r"epoch x epochs=2: 4"):
+        options.steps_for(2)
+    with pytest.raises(ValueError, match="the data gives no optimizer step"):
+        TrainOptions(grad_accum=4).steps_for(3)
