@@ -35,6 +35,7 @@ _HOMES = {
                "span_pairs", "span_pairs_fn"),
     "optimizer": ("lr_schedule", "make_optimizer", "scale_updates_by_path", "warmup_steps_for"),
     "program": ("TrainingProgram", "abstract_batch", "abstract_step_arguments", "bind_loss", "build_program",
+                "cached_mse_eval_step",
                 "distillation_settings", "make_steps", "training_program"),
     "span_cache": ("SpanPairCache",),
     "checkpoints": ("Checkpoints", "LoopState", "TrainingError"),

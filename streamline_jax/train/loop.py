@@ -16,15 +16,14 @@ import numpy as np
 
 from ..files import write_atomic
 from ..interrupts import deferred_interrupts
-from ..models import transformer
 from ..models.model import Model, with_compute_dtype
 from ..sharding import place_batch
 from ..data import progress_bar, reiterable
 from .checkpoints import Checkpoints, LoopState, TrainingError
-from .losses import cached_mse_loss, span_pairs_fn
+from .losses import span_pairs_fn
 from .options import TrainOptions
 from .params import Block, chosen_block, merge_params, split_params
-from .program import TrainingProgram, bind_loss, build_program, make_steps
+from .program import TrainingProgram, build_program, cached_mse_eval_step
 from .span_cache import SpanPairCache
 
 
@@ -304,10 +303,9 @@ def _run_program(program: TrainingProgram, dense_model: Model, pruned_model: Mod
     if valid and program.loss_name == "mse":  # the frozen span's validation pairs once, not on every pass
         pairs = _validation_pairs(dense_model, block, valid, mesh)
         if pairs is not None:
-            cached_loss = bind_loss(cached_mse_loss, dense_config=dense_model.config,
-                                    pruned_config=pruned_model.config, block=block, weighting=options.mse_weighting)
             valid = pairs
-            eval_step = make_steps(cached_loss, program.tx, transformer.compute_dtype(pruned_model.config))[1]
+            eval_step = cached_mse_eval_step(program, dense_model.config, pruned_model.config, block,
+                                             options.mse_weighting)
     # the best parameters are a copy: the train step donates the trained ones
     state = LoopState(trained, _placed(program.tx.init(trained), program.arguments[1]), _kept(trained))
     checkpoints.restore(state)

@@ -17,7 +17,7 @@ from ..backend import jit_for
 from ..models import transformer
 from ..models.config import ModelConfig
 from ..sharding import batch_sharding, param_shardings
-from .losses import LOSSES, Distillation
+from .losses import LOSSES, Distillation, cached_mse_loss
 from .optimizer import make_optimizer, warmup_steps_for
 from .options import TrainOptions
 from .params import Block, split_params, trained_paths
@@ -150,6 +150,15 @@ def build_program(options: TrainOptions, dense_config: ModelConfig, pruned_confi
         weight_decay=options.weight_decay, clip_norm=options.clip_norm, grad_accum=options.grad_accum,
         lr_schedule=options.lr_schedule, kd=kd, mse_weighting=options.mse_weighting, remat=remat, mesh=mesh,
         platform=platform, lr_beyond_block=options.lr_beyond_block)
+
+
+def cached_mse_eval_step(program: TrainingProgram, dense_config: ModelConfig, pruned_config: ModelConfig,
+                         block: Block, weighting: str):
+    """`program`'s eval step on (input, target) span pairs instead of token batches: MSE validation from pairs
+    computed once."""
+    loss = bind_loss(cached_mse_loss, dense_config=dense_config, pruned_config=pruned_config, block=block,
+                     weighting=weighting)
+    return make_steps(loss, program.tx, transformer.compute_dtype(pruned_config))[1]
 
 
 def abstract_step_arguments(dense_config: ModelConfig, pruned_config: ModelConfig, paths, loss_name: str, tx,
