@@ -370,7 +370,7 @@ def test_validation_pairs_computed_once_give_the_recomputed_losses(monkeypatch):
         return [loss for _, loss in history["valid"]]
 
     kept = valid_losses()
-    monkeypatch.setattr(train, "VALID_PAIRS_BYTES", 0)  # too large to keep: every pass recomputes the pairs
+    monkeypatch.setattr(train.loop, "VALID_PAIRS_BYTES", 0)  # too large to keep: every pass recomputes the pairs
     np.testing.assert_allclose(kept, valid_losses(), rtol=1e-6)
     assert len(kept) == 5 and kept[-1] < kept[0]
 
@@ -440,7 +440,7 @@ def test_kd_loss_is_torch_kl_divergence_and_cross_entropy_over_real_tokens(monke
     expected = float((1 - ce_weight) * kl + ce_weight * ce)
     assert float(kl) > 0.1
     np.testing.assert_allclose(float(loss(trained)), expected, rtol=1e-5)
-    monkeypatch.setattr(train, "KD_CHUNK_TOKENS", 7)  # 48 tokens in 7 chunks, the last one padded
+    monkeypatch.setattr(train.losses, "KD_CHUNK_TOKENS", 7)  # 48 tokens in 7 chunks, the last one padded
     np.testing.assert_allclose(float(loss(trained)), expected, rtol=1e-5)
 
 
@@ -503,7 +503,7 @@ def test_kd_loss_with_its_gradient_made_in_the_forward_equals_autodiff(monkeypat
     against distillation_loss_by_autodiff (through recomputed logits), value and gradient, over padded chunks."""
     from streamline_jax import train
 
-    monkeypatch.setattr(train, "KD_CHUNK_TOKENS", 7)  # 40 tokens in 6 chunks, the last one padded
+    monkeypatch.setattr(train.losses, "KD_CHUNK_TOKENS", 7)  # 40 tokens in 6 chunks, the last one padded
     teacher, student = dense(LLAMA, seed=1), prune(dense(LLAMA), 1, 2, "layer")
     rng = np.random.default_rng(0)
     h_t, h_s = (jnp.asarray(rng.standard_normal((40, LLAMA.hidden_size)), jnp.float32) for _ in range(2))
@@ -763,7 +763,7 @@ def test_remat_trains_to_the_same_parameters_and_the_step_donates_its_inputs(mod
         steps.append(program)
         return program
 
-    monkeypatch.setattr(train, "training_program", spy)
+    monkeypatch.setattr(train.program, "training_program", spy)
     kw = dict(mode=mode, batch_size=4, lr=1e-2, warmup_steps=1, num_steps=3, progress=False,
               **({"kd_ce_weight": 0.5} if mode == "kd" else {}))
     results = {remat: train_replacement(model, pruned, chunks(12), remat=remat, **kw).params
