@@ -23,7 +23,7 @@ tokenized and batched by the project's data functions in a third child, outside 
 stays small: a child's ru_maxrss starts from its parent's size at the fork), and measures its own float32 matmul
 ceiling (2048^3, jax's dot or torch's mm, before and after its work; the machine is shared and drifts). Our compile
 time comes from jax's compile events, and our train steps and validation passes are timed by wrapping the jitted
-steps `train.make_steps` builds (the loop blocks on each step's loss anyway).
+steps `train.program.make_steps` builds (the loop blocks on each step's loss anyway).
 
 The limit is the matmul work a stage cannot avoid, at the best ceiling measured in this run: scoring is L layers
 forward on the calibration tokens (no LM head); training is the prefix and span (start + n layers) forward on the
@@ -155,7 +155,7 @@ def child_ours(args):
     # time each jitted train / eval step as train_replacement calls it (it reads every loss, so each call ends
     # with the step done); compile time is booked apart from the steps' own time
     timings = {"train_step": [], "eval_step": []}
-    make_steps = train.make_steps
+    make_steps = train.program.make_steps
 
     def timed(name, fn):
         def call(*a):
@@ -169,7 +169,7 @@ def child_ours(args):
         train_step, eval_step = make_steps(*args, **kwargs)
         return timed("train_step", train_step), timed("eval_step", eval_step)
 
-    train.make_steps = timed_make_steps
+    train.program.make_steps = timed_make_steps  # what train_replacement's program is built with
     pruned = sj.prune(model, choice.start, args.span, "layer")
     c0, t = compile_s[0], time.perf_counter()
     _, history = sj.train_replacement(model, pruned, train_batches, mode="mse", valid_batches=valid, lr=args.lr,

@@ -137,7 +137,7 @@ def claim_tensors(config: ModelConfig, sources: Iterable[TensorSource], origin: 
     if not config.is_dense:
         raise CheckpointError("checkpoints are imported into dense models only")
     abstract = transformer.abstract_params(config)
-    stack = abstract["segments"]["seg_0"]
+    stack = abstract["segments"][transformer.segment_key(0)]
     claimed = {}
     for src in sources:
         raw_name = src.name
@@ -182,7 +182,7 @@ def params_from_sources(config: ModelConfig, sources: Iterable[TensorSource], dt
 
     def build(path, leaf):
         keys = tuple(p.key for p in path)
-        if keys[:2] != ("segments", "seg_0"):
+        if keys[:2] != ("segments", transformer.segment_key(0)):
             src, kind = claimed[(keys, None)]
             return to_param(kind, src.load(), leaf.shape).astype(dtype)
         out = np.empty(leaf.shape, dtype)
@@ -204,7 +204,7 @@ def _check_complete(config, abstract, claimed, origin):
     missing = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         keys = [p.key for p in path]
-        if keys[:2] == ["segments", "seg_0"]:
+        if keys[:2] == ["segments", transformer.segment_key(0)]:
             for layer in range(leaf.shape[0]):
                 if (tuple(keys[2:]), layer) not in claimed:
                     missing.append(hf_name(config, keys[2:], layer))
@@ -247,7 +247,7 @@ def hf_tensors_from_params(config: ModelConfig, params) -> Iterator[tuple[str, n
         yield _named(config, keys, None, leaf)
     layer = 0
     for i, seg in enumerate(config.layout):
-        seg_params = params["segments"][f"seg_{i}"]
+        seg_params = params["segments"][transformer.segment_key(i)]
         if seg.kind not in ("layers", "layer"):
             raise CheckpointError(f"segment {i} is a {seg.kind!r} block, which has no Hugging Face layer form")
         for j in range(seg.num_layers):

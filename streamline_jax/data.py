@@ -311,6 +311,86 @@ def pad_rows(ids: np.ndarray, mask: np.ndarray, rows: int) -> tuple[np.ndarray, 
     return np.pad(ids, pad), np.pad(mask, pad)
 
 
+# Re-iterable batch collections for training: an epoch re-reads the data, in order or in a seeded permutation
+
+
+def epoch_order(n, shuffle_seed, epoch):
+    """Indices 0..n-1 in order, or in epoch `epoch`'s permutation under `shuffle_seed` (the same on a resume)."""
+    if shuffle_seed is None:
+        return np.arange(n)
+    return np.random.default_rng([shuffle_seed, epoch]).permutation(n)
+
+
+class _Batched:
+    """Re-iterable batches over re-iterable chunks (a sequence, or a callable returning a fresh iterator). Training
+    drops a short last batch; validation pads it (`pad_last`) so that no chunk is left out."""
+
+    def __init__(self, chunks, batch_size, pad_last=False):
+        self.chunks, self.batch_size, self.pad_last = chunks, batch_size, pad_last
+        if _indexable(chunks):
+            self.epoch = self._epoch
+
+    def _epoch(self, e, shuffle_seed=None):
+        return self._stack(self.chunks[i] for i in epoch_order(len(self.chunks), shuffle_seed, e))
+
+    def __iter__(self):
+        return self._stack(self.chunks() if callable(self.chunks) else self.chunks)
+
+    def _stack(self, chunks):
+        return batches(chunks, self.batch_size, drop_last=not self.pad_last, pad_last=self.pad_last)
+
+
+class _BatchList:
+    """A list of ready batches, read in order or (`epoch`) in a permutation of the batches."""
+
+    def __init__(self, batch_list):
+        self.batch_list = batch_list
+
+    def epoch(self, e, shuffle_seed=None):
+        return (self.batch_list[i] for i in epoch_order(len(self.batch_list), shuffle_seed, e))
+
+    def __iter__(self):
+        return iter(self.batch_list)
+
+
+def reiterable(data, batch_size, what, pad_last=False):
+    if batch_size is None:
+        if callable(data):
+            return _Fresh(data)
+        if iter(data) is data:
+            raise ValueError(f"the {what} batches must be re-iterable (a list, or a callable returning an iterator), "
+                             f"not a one-shot iterator")
+        return _BatchList(data) if _indexable(data) else data
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not callable(data) and iter(data) is data:
+        raise ValueError(f"the {what} chunks must be re-iterable (a list, or a callable returning an iterator)")
+    count = sum(1 for _ in itertools.islice(data() if callable(data) else data, batch_size))
+    if count < batch_size:
+        raise ValueError(f"batch size {batch_size} is larger than the {what} data ({count} chunks)")
+    return _Batched(data, batch_size, pad_last)
+
+
+def _indexable(data):
+    return not callable(data) and hasattr(data, "__len__") and hasattr(data, "__getitem__")
+
+
+class _Fresh:
+    def __init__(self, factory):
+        self.factory = factory
+
+    def __iter__(self):
+        return iter(self.factory())
+
+
+def progress_bar(enabled, total, initial, desc="train block", unit="step"):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit)
+
+
 def main(argv=None) -> int:
     """`python -m streamline_jax.data download DIR`: see streamline_jax.data_sources."""
     from .data_sources import main as data_main

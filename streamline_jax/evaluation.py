@@ -61,10 +61,7 @@ def head_logprobs(config, params, hidden, targets, with_greedy=False):
     `with_greedy`, whether each target is the argmax)."""
     b, t, d = hidden.shape
     n = b * t
-    chunk = min(HEAD_CHUNK, n)
-    pad = -n % chunk
-    flat_hidden = jnp.pad(hidden.reshape(n, d), ((0, pad), (0, 0))).reshape(-1, chunk, d)
-    flat_targets = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
+    flat_hidden, flat_targets = transformer.chunk_tokens(HEAD_CHUNK, hidden.reshape(n, d), targets.reshape(n))
 
     def one_chunk(args):
         h, tg = args

@@ -56,10 +56,10 @@ def as_decoder_layers(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     if not any(seg.kind == "ffn" for seg in config.layout):
         return config, params
     layer_config = config.one_block(Segment("layer"))
-    layer_shapes = transformer.abstract_params(layer_config)["segments"]["seg_0"]
+    layer_shapes = transformer.abstract_params(layer_config)["segments"][transformer.segment_key(0)]
     segments, layout = {}, []
     for i, seg in enumerate(config.layout):
-        p = params["segments"][f"seg_{i}"]
+        p = params["segments"][transformer.segment_key(i)]
         if seg.kind == "ffn":
             def fill(path, a, ffn=p):
                 keys = [k.key for k in path]
@@ -73,7 +73,7 @@ def as_decoder_layers(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
                     return jnp.full(a.shape, value, a.dtype)
             p = jax.tree_util.tree_map_with_path(fill, layer_shapes)
             seg = Segment("layer")
-        segments[f"seg_{i}"] = p
+        segments[transformer.segment_key(i)] = p
         layout.append(seg)
     new_params = {**params, "segments": segments}
     return config.replace(layout=tuple(layout)), new_params

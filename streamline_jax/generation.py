@@ -85,13 +85,13 @@ def unrolled(config: ModelConfig, params):
     """
     layout, segments = [], {}
     for i, seg in enumerate(config.layout):
-        p = params["segments"][f"seg_{i}"]
+        p = params["segments"][transformer.segment_key(i)]
         if seg.kind == "layers":
             for j in range(seg.num_layers):
-                segments[f"seg_{len(layout)}"] = jax.tree.map(lambda a, j=j: a[j], p)
+                segments[transformer.segment_key(len(layout))] = jax.tree.map(lambda a, j=j: a[j], p)
                 layout.append(Segment("layer"))
         else:
-            segments[f"seg_{len(layout)}"] = p
+            segments[transformer.segment_key(len(layout))] = p
             layout.append(seg)
     return config.replace(layout=tuple(layout)), {**params, "segments": segments}
 

@@ -176,24 +176,17 @@ def training_program(stage: str, config: ModelConfig, span: tuple[int, int], mes
 
         names = {f.name for f in dataclasses.fields(TrainSection)}
         phase = TrainSection(**{k: v for k, v in options.items() if k in names}).distillation(1, 1)
-        options = {**options, "trainable": phase.trainable, "freeze": phase.freeze,
+        options = {**options, "mode": phase.mode, "trainable": phase.trainable, "freeze": phase.freeze,
                    "lr_beyond_block": phase.lr_beyond_block}
     if options["compute_dtype"] is not None:  # as train_replacement resolves it
         config = with_compute_dtype(Model(config, None), options["compute_dtype"]).config
     start, length = span
     pruned = prune_config(config, start, length, "layer")
-    block = train.trainable_blocks(pruned)[0]
-    paths = train.trained_paths(transformer.abstract_params(pruned), block, options["trainable"], options["freeze"])
-    kd = train.distillation_settings(config, pruned, block, paths, options["kd_temperature"], options["kd_ce_weight"],
-                                     options["kd_hidden_layers"], options["kd_hidden_weight"],
-                                     options["kd_hidden_every"]) if mode == "kd" else None
+    names = {f.name for f in dataclasses.fields(train.TrainOptions)}
+    train_options = train.TrainOptions().replace(**{k: v for k, v in options.items() if k in names})
     num_steps = options["num_steps"] or PLAN_NUM_STEPS  # a run's null: every batch, for the schedule only
-    program = train.training_program(
-        config, pruned, block, paths, mode, lr=options["lr"], min_lr=options["min_lr"],
-        warmup_steps=train.warmup_steps_for(num_steps, options["warmup_steps"]), num_steps=num_steps,
-        weight_decay=options["weight_decay"], clip_norm=options["clip_norm"], grad_accum=options["grad_accum"],
-        lr_schedule=options["lr_schedule"], kd=kd, mse_weighting=options["mse_weighting"], remat=remat, mesh=mesh,
-        platform=platform, lr_beyond_block=options["lr_beyond_block"])
+    program = train.build_program(train_options, config, pruned, train.trainable_blocks(pruned)[0], num_steps,
+                                  loss_name=mode, remat=remat, mesh=mesh, platform=platform)
     return program, pruned
 
 

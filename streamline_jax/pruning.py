@@ -65,7 +65,7 @@ def _part(seg: Segment, seg_params, lo: int, hi: int):
     """(segment, params) of layers [lo, hi) of a segment (a block: itself); params None where seg_params is."""
     if seg.kind != "layers" or (lo, hi) == (0, seg.num_layers):
         return seg, seg_params
-    return Segment("layers", hi - lo), None if seg_params is None else _slice(seg_params, lo, hi)
+    return Segment("layers", hi - lo), None if seg_params is None else transformer.slice_layers(seg_params, lo, hi)
 
 
 def _pruned_pieces(config: ModelConfig, start: int, end: int, block: Segment | None, params=None,
@@ -75,7 +75,7 @@ def _pruned_pieces(config: ModelConfig, start: int, end: int, block: Segment | N
     where `params` is None (the layout alone)."""
     before, after, layer = [], [], 0
     for i, seg in enumerate(config.layout):
-        seg_params = None if params is None else params["segments"][f"seg_{i}"]
+        seg_params = None if params is None else params["segments"][transformer.segment_key(i)]
         first, last = layer, layer + seg.num_layers
         if first < start:
             before.append(_part(seg, seg_params, 0, min(last, start) - first))
@@ -109,30 +109,15 @@ def prune_config(config: ModelConfig, start: int, length: int, replacement: str 
                           layer_types=config.pruned_layer_types(start, end, block is not None))
 
 
-def _pieces(config: ModelConfig, params):
-    """(first current layer, segment, its params) for every segment."""
-    out, layer = [], 0
-    for i, seg in enumerate(config.layout):
-        out.append((layer, seg, params["segments"][f"seg_{i}"]))
-        layer += seg.num_layers
-    return out
-
-
-def _slice(tree, lo, hi):
-    return jax.tree.map(lambda a: a[lo:hi], tree)
-
-
 def _block_params(config: ModelConfig, params, start: int, segment: Segment, rng):
     """Initial parameters of the replacement block, taken from layer `start` (or fresh for `mlp` and `linear`)."""
     if segment.kind in ("mlp", "linear"):
         module = transformer.block_module(config, segment)
         x = jnp.zeros((1, 1, config.hidden_size), jnp.float32)
         return nn.meta.unbox(module.init(rng, x)["params"])
-    for first, seg, seg_params in _pieces(config, params):
-        if first <= start < first + seg.num_layers:
-            break
-    if seg.kind == "layers":
-        source = jax.tree.map(lambda a: a[start - first], seg_params)
+    (seg, seg_params, _), = transformer.stack_pieces(config, params, start, start + 1)
+    if seg.kind == "layers":  # layer `start` alone, sliced from its stack
+        source = jax.tree.map(lambda a: a[0], seg_params)
     elif seg.kind in ("layer", segment.kind):
         source = seg_params
     else:
@@ -142,7 +127,7 @@ def _block_params(config: ModelConfig, params, start: int, segment: Segment, rng
         return jax.tree.map(jnp.copy, source)
     # ffn: the sub-block's own names (post_attention_layernorm + mlp, or final_layer_norm + fc1/fc2)
     one = config.one_block(segment, start)
-    names = transformer.abstract_params(one)["segments"]["seg_0"].keys()
+    names = transformer.abstract_params(one)["segments"][transformer.segment_key(0)].keys()
     return {k: jax.tree.map(jnp.copy, source[k]) for k in names}
 
 
@@ -160,7 +145,7 @@ def prune_params(config: ModelConfig, params, start: int, length: int, replaceme
     block_params = _block_params(config, params, start, segment, rng) if segment else None
     merged = _pruned_pieces(config, start, end, segment, params, block_params)
     new_params = {k: v for k, v in params.items() if k != "segments"}
-    new_params["segments"] = {f"seg_{i}": p for i, (_, p) in enumerate(merged)}
+    new_params["segments"] = {transformer.segment_key(i): p for i, (_, p) in enumerate(merged)}
     _check_shapes(new_config, new_params)
     return new_config, new_params
 

@@ -25,7 +25,7 @@ import numpy as np
 from .backend import jit_by_config
 from .models import transformer
 from .models.config import ModelConfig, Segment
-from .models.model import Model, _prepare
+from .models.model import Model, prepare_inputs, stack_hidden
 from .pruning import REPLACEMENTS, prune_config
 
 METRICS = ("cosine", "angular", "block_influence")
@@ -190,7 +190,7 @@ def score_spans(model: Model, batches: Iterable, metric: str = "cosine", *, prog
         it = tqdm(it, desc="scoring spans", unit="batch", initial=1)
     sums = None
     for batch in itertools.chain([first], it):
-        ids, mask = _prepare(model, *_as_arrays(batch))
+        ids, mask = prepare_inputs(model, *_as_arrays(batch))
         out = score_sums(model.config, model.params, ids, mask)
         # sums stay on device; waiting for the previous batch keeps one step in flight and the progress bar honest
         jax.block_until_ready(sums)
@@ -212,7 +212,7 @@ def layer_param_counts(config: ModelConfig) -> list[int]:
     segments = transformer.abstract_params(config)["segments"]
     counts = []
     for i, seg in enumerate(config.layout):
-        total = _size(segments[f"seg_{i}"])
+        total = _size(segments[transformer.segment_key(i)])
         counts += [total // seg.num_layers] * seg.num_layers
     return counts
 
@@ -225,7 +225,7 @@ def replacement_param_count(config: ModelConfig, replacement: str, mlp_width: in
         return 0
     segment = Segment(replacement, width=(mlp_width or config.intermediate_size) if replacement == "mlp" else None)
     one = config.one_block(segment)
-    return _size(transformer.abstract_params(one)["segments"]["seg_0"])
+    return _size(transformer.abstract_params(one)["segments"][transformer.segment_key(0)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,10 +473,8 @@ SPAN_METRICS = METRICS + LOSS_METRICS  # what the pipeline's score.metric may na
 def suffix_nll(config: ModelConfig, params, x, input_ids, attention_mask, first):
     """(summed next-token NLL over real tokens, their count) of the dense model run on from hidden state x [B, T, D]
     entering layer `first`: layers first..L-1, then the head. `first` is traced, so one compile serves every span."""
-    stack = params["segments"]["seg_0"]
-    t = input_ids.shape[1]
-    positions = transformer.default_positions(attention_mask)
-    attn = transformer.attention_mask_matrix(attention_mask, jnp.arange(t)[None], config.sliding_window)
+    stack = params["segments"][transformer.segment_key(0)]
+    attn, positions = transformer.causal_masks(config, attention_mask)
     one = Segment("layers", 1)
 
     def layer(i, h):
@@ -484,9 +482,7 @@ def suffix_nll(config: ModelConfig, params, x, input_ids, attention_mask, first)
         return transformer.run_segment(config, one, params_i, h, attn, positions)[0]
 
     x = jax.lax.fori_loop(first, config.depth, layer, x)
-    logp = jax.nn.log_softmax(transformer.head(config, params, x)[:, :-1].astype(jnp.float32))
-    nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
-    real = (attention_mask[:, 1:] > 0) & (attention_mask[:, :-1] > 0)
+    nll, real = transformer.next_token_nll(transformer.head(config, params, x), input_ids, attention_mask)
     return jnp.sum(jnp.where(real, nll, 0.0)), jnp.sum(real, dtype=jnp.int32)
 
 
@@ -535,8 +531,8 @@ def span_losses(model: Model, batches: Iterable, length: int, starts: Iterable[i
         it = tqdm(it, desc="span losses", unit="batch")
     total, count = np.zeros(len(starts) + 1), 0
     for batch in it:
-        ids, mask = _prepare(model, *_as_arrays(batch))
-        hidden = transformer_hidden(model.config, model.params, ids, mask)
+        ids, mask = prepare_inputs(model, *_as_arrays(batch))
+        hidden = stack_hidden(model.config, model.params, ids, mask)
         out = [suffix_nll(model.config, model.params, hidden[0], ids, mask, 0)]  # the dense model itself
         out += [suffix_nll(model.config, model.params, hidden[s], ids, mask, s + length) for s in starts]
         total += np.asarray(jnp.stack([o[0] for o in out]), np.float64)
@@ -545,13 +541,6 @@ def span_losses(model: Model, batches: Iterable, length: int, starts: Iterable[i
         raise ValueError("no calibration batches, or no real next-token pairs in them")
     losses = total / count
     return SpanCosts(length, {s: float(v) for s, v in zip(starts, losses[1:])}, float(losses[0]), count)
-
-
-@jit_by_config(static_argnames=("config",))
-def transformer_hidden(config: ModelConfig, params, input_ids, attention_mask):
-    """Every layer's input h[0..L] ([L+1, B, T, D]) of one batch, without the head."""
-    return transformer.apply(config, params, input_ids, attention_mask, collect_hidden=True,
-                             return_logits=False)["hidden"]
 
 
 def choose_span_by_loss(model: Model, batches: Iterable, length: int | None = None, sparsity: float | None = None,

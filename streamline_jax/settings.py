@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from .config_files import CONFIG_DIR, config_path, recipe_names
-from .train import TrainOptions
+from .train.options import TrainOptions
 
 DEFAULT_MODEL = "smollm2-135m"
 STAGES = ("score", "prune", "train", "evaluate", "save")
@@ -355,7 +355,7 @@ def check_values(c: RunConfig) -> None:
     from .export_gguf import GGUF_TYPES
     from .pruning import REPLACEMENTS
     from .score import SPAN_METRICS
-    from .train import LR_SCHEDULES, MODES, MSE_WEIGHTINGS
+    from .train.options import LR_SCHEDULES, MODES, MSE_WEIGHTINGS
 
     def choice(key, value, allowed):
         if value not in allowed:
@@ -437,36 +437,21 @@ def check_ranges(c: RunConfig) -> None:
         raise ConfigError(f"train.min_lr ({c.train.min_lr}) must not exceed train.lr ({c.train.lr})")
     if c.train.distils_after and c.train.min_lr > c.train.distill_lr:
         raise ConfigError(f"train.min_lr ({c.train.min_lr}) must not exceed train.distill_lr ({c.train.distill_lr})")
-    if c.train.kd_ce_weight > 1:
-        raise ConfigError(f"train.kd_ce_weight is the cross-entropy's share of the KD loss: it must be in [0, 1], "
-                          f"got {c.train.kd_ce_weight}")
-    if c.train.kd_hidden_layers and not c.train.kd_hidden_weight:
-        raise ConfigError(f"train.kd_hidden_layers={list(c.train.kd_hidden_layers)} needs train.kd_hidden_weight > 0")
     for key in ("trainable", "freeze", "distill_trainable", "distill_freeze"):
         for pattern in getattr(c.train, key) or ():
             try:
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"train.{key}: {pattern!r} is not a regular expression ({e})") from None
-    if not c.train.trainable:
-        raise ConfigError("train.trainable is empty: nothing would train ([block] trains the replacement block)")
     if c.train.distill_trainable is not None and not c.train.distill_trainable:
         raise ConfigError("train.distill_trainable is empty: the distillation phase would train nothing (null: as "
                           "train.trainable)")
-    if c.train.mode == "mse" and tuple(c.train.trainable) != ("block",):
-        raise ConfigError(f"train.mode=mse trains the block only; train.trainable={list(c.train.trainable)} needs "
-                          f"train.mode=lm or kd")
-    per_step = c.data.batch_size * c.train.grad_accum
-    if c.train.num_steps is None and c.data.train_chunks < per_step:
-        raise ConfigError(f"data.train_chunks={c.data.train_chunks} gives no optimizer step: one step takes "
-                          f"data.batch_size x train.grad_accum = {per_step} chunks")
-    if c.train.num_steps is not None:
-        available = c.data.train_chunks // c.data.batch_size * c.train.epochs
-        if c.train.num_steps * c.train.grad_accum > available:
-            raise ConfigError(f"train.num_steps={c.train.num_steps} x train.grad_accum={c.train.grad_accum} needs "
-                              f"{c.train.num_steps * c.train.grad_accum} batches, but data.train_chunks="
-                              f"{c.data.train_chunks} in batches of {c.data.batch_size} x train.epochs="
-                              f"{c.train.epochs} give {available}")
+    try:  # the training options' own checks, as train_replacement makes them
+        c.train.check(prefix="train.")
+        c.train.steps_for(c.data.train_chunks // c.data.batch_size, f"data.train_chunks={c.data.train_chunks}",
+                          prefix="train.")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def peek_model_config(c: RunConfig):

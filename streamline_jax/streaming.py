@@ -73,7 +73,7 @@ def stream_params(config: ModelConfig, sources: Iterable[TensorSource], mesh, dt
 
     def build(path, leaf, sharding):
         keys = tuple(p.key for p in path)
-        stacked = keys[:2] == ("segments", "seg_0")
+        stacked = keys[:2] == ("segments", transformer.segment_key(0))
         shape = tuple(leaf.shape)
 
         def part(index):

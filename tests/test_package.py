@@ -109,3 +109,17 @@ def test_config_takes_a_path_or_a_shipped_recipe(tmp_path, monkeypatch):
     assert build_config(None, "mine.yaml")[0].train.lr == 0.5
     with pytest.raises(ConfigError, match="not a shipped recipe .paper, quick"):
         build_config(None, "papr")
+
+
+def test_the_settings_and_the_training_options_import_without_jax():
+    """settings.py (and train.options, whose TrainOptions it subclasses) need no JAX. The package's __init__ imports
+    the models (JAX), so the package object stands here without running it."""
+    code = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("streamline_jax", {str(ROOT / "streamline_jax" / "__init__.py")!r},
+                                              submodule_search_locations=[{str(ROOT / "streamline_jax")!r}])
+sys.modules["streamline_jax"] = importlib.util.module_from_spec(spec)
+import streamline_jax.settings
+assert "jax" not in sys.modules, sorted(m for m in sys.modules if m.startswith("jax"))
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -271,7 +271,7 @@ def test_plan_lowers_the_train_step_the_run_executes():
         ids = np.random.default_rng(0).integers(0, 128, (8, 16)).astype(np.int32)
         batches = [{"input_ids": ids, "attention_mask": np.ones_like(ids)}] * 3
         lowered = {}
-        build = train.training_program
+        build = train.program.training_program
 
         def spy(*args, **kwargs):
             program = build(*args, **kwargs)
@@ -285,9 +285,9 @@ def test_plan_lowers_the_train_step_the_run_executes():
         for mode, remat, grad_accum in (("lm", "full", 1), ("kd", "dots", 1), ("mse", "none", 2), ("lm", "none", 1)):
             lowered.clear()
             settings = dict(mode=mode, num_steps=1, grad_accum=grad_accum, lr=3e-4, kd_ce_weight=0.5 if mode == "kd" else 0.0)
-            train.training_program = spy
+            train.program.training_program = spy
             train.train_replacement(dense, pruned, batches, remat=remat, progress=False, **settings)
-            train.training_program = build
+            train.program.training_program = build
             stage = "mse" if mode == "mse" else "lm"
             text = plan.build_step(stage, cfg, layout.replace(remat=remat), mesh, 16, span=(2, 2),
                                    training=settings).lower().as_text()

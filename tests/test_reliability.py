@@ -57,11 +57,11 @@ def _same_result(a, b):
 def straight(setup, tmp_path_factory):
     """The loop's interrupt points, in order, in an uninterrupted run; and that run's result."""
     seen = []
-    train.LOOP_HOOK = seen.append
+    train.loop.LOOP_HOOK = seen.append
     try:
         result = _train(setup, tmp_path_factory.mktemp("straight"))
     finally:
-        train.LOOP_HOOK = None
+        train.loop.LOOP_HOOK = None
     return seen, result
 
 
@@ -90,12 +90,12 @@ def test_ctrl_c_at_any_point_of_training_checkpoints_that_step_and_resumes_bitwi
     picks = [points.index("stepped"), points.index("validated"), points.index("saved")]
     for k in picks:
         folder = tmp_path / f"int{k}"
-        train.LOOP_HOOK = _interrupt_at(k, signal.SIGINT)
+        train.loop.LOOP_HOOK = _interrupt_at(k, signal.SIGINT)
         try:
             with pytest.raises(KeyboardInterrupt):
                 _train(setup, folder)
         finally:
-            train.LOOP_HOOK = None
+            train.loop.LOOP_HOOK = None
         # the step under way is finished and checkpointed: no work is lost, none is done twice
         step = min(points[:k].count("logged") + (points[k] not in ("validated", "saved")), num_steps)
         assert _latest_checkpoint(folder) == step, (k, points[k])
@@ -115,9 +115,9 @@ if point == "mid-save":  # killed while Orbax writes the checkpoint
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    history=ocp.args.JsonSave(history)))
         os.kill(os.getpid(), signal.SIGKILL)
-    train._save = save
+    train.checkpoints._save = save
 else:
-    train.LOOP_HOOK = t._interrupt_at(point, signal.SIGKILL)
+    train.loop.LOOP_HOOK = t._interrupt_at(point, signal.SIGKILL)
 model, pruned, data, valid = t.make_setup()
 train.train_replacement(model, pruned, data, valid_batches=valid, checkpoint_dir={folder!r}, **t.TRAIN_KW)
 """
@@ -269,7 +269,7 @@ def test_evaluation_settings_can_change_on_resume_without_training_again(files, 
     trained = _report_history(out)
     monkeypatch.setattr(evaluation, "evaluate", real)
     steps = []
-    monkeypatch.setattr(train, "LOOP_HOOK", lambda point: steps.append(point) if point == "stepped" else None)
+    monkeypatch.setattr(train.loop, "LOOP_HOOK", lambda point: steps.append(point) if point == "stepped" else None)
     assert run_mod.main(args + ["eval.ppl_windows=1"]) == 0
     assert steps == [] and (out / "DONE").exists()  # training was read back, not run again
     report = _report(out)
@@ -394,13 +394,13 @@ def test_an_interrupted_overwrite_is_continued_by_the_same_command(files, tmp_pa
     assert run_mod.main(base) == 0
     before = (out / "report.json").read_text()
     again = base + ["--overwrite", "train.lr=0.02"]
-    monkeypatch.setattr(train, "LOOP_HOOK", _signal_after_first_checkpoint(signal.SIGINT))
+    monkeypatch.setattr(train.loop, "LOOP_HOOK", _signal_after_first_checkpoint(signal.SIGINT))
     assert run_mod.main(again) == 130
     staging = run_mod.staging_folder(out)
     assert (staging / "train_checkpoint").exists() and (out / "report.json").read_text() == before
     capsys.readouterr()
     steps = []
-    monkeypatch.setattr(train, "LOOP_HOOK", lambda point: steps.append(point) if point == "logged" else None)
+    monkeypatch.setattr(train.loop, "LOOP_HOOK", lambda point: steps.append(point) if point == "logged" else None)
     assert run_mod.main(again) == 0, capsys.readouterr().err
     assert 0 < len(steps) < 4  # continued from its checkpoint, not started again
     assert _report(out)["config"]["train"]["lr"] == 0.02 and not staging.exists()
@@ -591,7 +591,7 @@ import signal, sys
 sys.path.insert(0, {tests!r})
 from streamline_jax import run, train
 import test_reliability as t
-train.LOOP_HOOK = t._signal_after_first_checkpoint(signal.SIGTERM)
+train.loop.LOOP_HOOK = t._signal_after_first_checkpoint(signal.SIGTERM)
 sys.exit(run.main({args!r}))
 """
 
@@ -605,7 +605,7 @@ def test_sigterm_stops_at_the_next_safe_point_like_ctrl_c(files, tmp_path, monke
     assert "interrupt (SIGTERM): stopping at the next safe point" in done.stderr and "Traceback" not in done.stderr
     assert (out / "FAILED").read_text().strip() == "stage train: interrupted"
     steps = []
-    monkeypatch.setattr(train, "LOOP_HOOK", lambda point: steps.append(point) if point == "logged" else None)
+    monkeypatch.setattr(train.loop, "LOOP_HOOK", lambda point: steps.append(point) if point == "logged" else None)
     assert run_mod.main(args) == 0, capsys.readouterr().err
     assert 0 < len(steps) < 4  # continued from the checkpoint written as it stopped
 
@@ -637,9 +637,9 @@ def test_a_resume_whose_span_moved_because_the_data_changed_says_so(files, tmp_p
     out = tmp_path / "out"
     args = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train", "train.checkpoint_every=1",
                  f"data.calibration={calibration}")
-    monkeypatch.setattr(train, "LOOP_HOOK", _signal_after_first_checkpoint(signal.SIGINT))
+    monkeypatch.setattr(train.loop, "LOOP_HOOK", _signal_after_first_checkpoint(signal.SIGINT))
     assert run_mod.main(args) == 130
-    monkeypatch.setattr(train, "LOOP_HOOK", None)
+    monkeypatch.setattr(train.loop, "LOOP_HOOK", None)
     capsys.readouterr()
     calibration.write_text('{"text": "the the the the the the the the"}\n' * 400)  # scores choose layers 2..3
     assert run_mod.main(args) == 2

@@ -123,8 +123,8 @@ def test_kd_training_beyond_the_block_from_the_settings(files, tmp_path, monkeyp
     from streamline_jax import train
 
     settings = []
-    real_settings = train.distillation_settings
-    monkeypatch.setattr(train, "distillation_settings", lambda *a: settings.append(real_settings(*a)) or settings[-1])
+    real_settings = train.program.distillation_settings
+    monkeypatch.setattr(train.program, "distillation_settings", lambda *a: settings.append(real_settings(*a)) or settings[-1])
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "llama", out, "train.mode=kd", "train.kd_temperature=2", "train.kd_ce_weight=0.5",
                               "train.kd_hidden_layers=[-1]", "train.kd_hidden_weight=0.1", "train.kd_hidden_every=1",
@@ -167,16 +167,16 @@ def test_distill_phase_after_mse_training_resumes_where_it_stopped(files, tmp_pa
     assert distill["lr_beyond_block"] == 3e-4
 
     out = tmp_path / "out"
-    real_save = train._save
+    real_save = train.checkpoints._save
 
     def interrupt_in_the_distill_phase(manager, step, *a, **k):
         real_save(manager, step, *a, **k)
         if "distill_checkpoint" in str(manager.directory) and step == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train, "_save", interrupt_in_the_distill_phase)
+    monkeypatch.setattr(train.checkpoints, "_save", interrupt_in_the_distill_phase)
     assert run_mod.main(_args(files, "llama", out, *args)) == 130
-    monkeypatch.setattr(train, "_save", real_save)
+    monkeypatch.setattr(train.checkpoints, "_save", real_save)
     assert run_mod.main(_args(files, "llama", out, *args)) == 0
     resumed = json.loads((out / "report.json").read_text())["training"]
     np.testing.assert_allclose([l for _, l, *_ in resumed["distill"]["train"]],
@@ -229,7 +229,7 @@ def test_ctrl_c_during_training_then_resume(files, tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = _args(files, "llama", out, "prune.replacement=layer", "train.checkpoint_every=1", "--stages", "train")
     saves = []
-    real_save = train._save
+    real_save = train.checkpoints._save
 
     def save_then_interrupt(*a, **k):
         real_save(*a, **k)
@@ -237,12 +237,12 @@ def test_ctrl_c_during_training_then_resume(files, tmp_path, monkeypatch):
         if len(saves) == 2:
             raise KeyboardInterrupt  # as if Ctrl-C came right after the second checkpoint
 
-    monkeypatch.setattr(train, "_save", save_then_interrupt)
+    monkeypatch.setattr(train.checkpoints, "_save", save_then_interrupt)
     assert run_mod.main(args) == 130
     assert not (out / "DONE").exists() and not (out / "report.json").exists()
     assert (out / "train_checkpoint").is_dir()
     assert (out / "FAILED").read_text().strip() == "stage train: interrupted"
-    monkeypatch.setattr(train, "_save", real_save)
+    monkeypatch.setattr(train.checkpoints, "_save", real_save)
     assert run_mod.main(args + ["train.lr=2e-3"]) == 2  # other settings: refused, the checkpoint kept
     assert (out / "train_checkpoint").is_dir()
     assert run_mod.main(args) == 0  # the same settings: it resumes by itself

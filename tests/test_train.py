@@ -326,7 +326,7 @@ def test_shuffled_training_reads_the_same_permutation_live_and_from_the_pair_cac
     moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
              for a, b in zip(jax.tree.leaves(live.params), jax.tree.leaves(in_order.params))]
     assert max(moved) > 1e-4  # another order is another run
-    from streamline_jax.train import _epoch_order
+    from streamline_jax.data import epoch_order as _epoch_order
 
     first, second = _epoch_order(16, 5, 0), _epoch_order(16, 5, 1)
     assert sorted(first) == list(range(16)) and list(first) != list(second)
@@ -370,7 +370,7 @@ def test_validation_pairs_computed_once_give_the_recomputed_losses(monkeypatch):
         return [loss for _, loss in history["valid"]]
 
     kept = valid_losses()
-    monkeypatch.setattr(train, "VALID_PAIRS_BYTES", 0)  # too large to keep: every pass recomputes the pairs
+    monkeypatch.setattr(train.loop, "VALID_PAIRS_BYTES", 0)  # too large to keep: every pass recomputes the pairs
     np.testing.assert_allclose(kept, valid_losses(), rtol=1e-6)
     assert len(kept) == 5 and kept[-1] < kept[0]
 
@@ -440,7 +440,7 @@ def test_kd_loss_is_torch_kl_divergence_and_cross_entropy_over_real_tokens(monke
     expected = float((1 - ce_weight) * kl + ce_weight * ce)
     assert float(kl) > 0.1
     np.testing.assert_allclose(float(loss(trained)), expected, rtol=1e-5)
-    monkeypatch.setattr(train, "KD_CHUNK_TOKENS", 7)  # 48 tokens in 7 chunks, the last one padded
+    monkeypatch.setattr(train.losses, "KD_CHUNK_TOKENS", 7)  # 48 tokens in 7 chunks, the last one padded
     np.testing.assert_allclose(float(loss(trained)), expected, rtol=1e-5)
 
 
@@ -503,7 +503,7 @@ def test_kd_loss_with_its_gradient_made_in_the_forward_equals_autodiff(monkeypat
     against distillation_loss_by_autodiff (through recomputed logits), value and gradient, over padded chunks."""
     from streamline_jax import train
 
-    monkeypatch.setattr(train, "KD_CHUNK_TOKENS", 7)  # 40 tokens in 6 chunks, the last one padded
+    monkeypatch.setattr(train.losses, "KD_CHUNK_TOKENS", 7)  # 40 tokens in 6 chunks, the last one padded
     teacher, student = dense(LLAMA, seed=1), prune(dense(LLAMA), 1, 2, "layer")
     rng = np.random.default_rng(0)
     h_t, h_s = (jnp.asarray(rng.standard_normal((40, LLAMA.hidden_size)), jnp.float32) for _ in range(2))
@@ -699,7 +699,7 @@ def test_trainable_and_kd_settings_are_checked_up_front():
     kw = dict(batch_size=4, progress=False)
     with pytest.raises(ValueError, match="trainable pattern 'segments/seg_9/.*' matches none"):
         train_replacement(model, pruned, chunks(8), mode="lm", trainable=("segments/seg_9/.*",), **kw)
-    with pytest.raises(ValueError, match="mode 'mse' trains the block only"):
+    with pytest.raises(ValueError, match="mode=mse trains the block only"):
         train_replacement(model, pruned, chunks(8), mode="mse", trainable=("block", "final_norm/.*"), **kw)
     with pytest.raises(ValueError, match="not a regular expression"):
         train_replacement(model, pruned, chunks(8), mode="lm", trainable=("seg_2(",), **kw)
@@ -763,7 +763,7 @@ def test_remat_trains_to_the_same_parameters_and_the_step_donates_its_inputs(mod
         steps.append(program)
         return program
 
-    monkeypatch.setattr(train, "training_program", spy)
+    monkeypatch.setattr(train.program, "training_program", spy)
     kw = dict(mode=mode, batch_size=4, lr=1e-2, warmup_steps=1, num_steps=3, progress=False,
               **({"kd_ce_weight": 0.5} if mode == "kd" else {}))
     results = {remat: train_replacement(model, pruned, chunks(12), remat=remat, **kw).params
@@ -781,3 +781,23 @@ def test_remat_trains_to_the_same_parameters_and_the_step_donates_its_inputs(mod
     assert all(b > barriers[0] for b in barriers[1:]), barriers
     assert all("tf.aliasing_output" in t or "jax.buffer_donor" in t for t in texts)
     assert all(not a.is_deleted() for a in jax.tree.leaves(pruned.params))
+
+
+def test_training_options_check_themselves_once_for_the_api_and_the_settings():
+    """One check, two spellings: train_replacement's names and the run's `train.` settings."""
+    from streamline_jax.train import TrainOptions
+
+    bad = TrainOptions(mode="mse", trainable=("block", "lm_head/.*"))
+    with pytest.raises(ValueError, match=r"^mode=mse trains the block only"):
+        bad.check()
+    with pytest.raises(ValueError, match=r"^train\.mode=mse trains the block only .* needs train\.mode=lm or kd"):
+        bad.check(prefix="train.")
+    with pytest.raises(ValueError, match=r"kd_hidden_layers=\[5\] needs kd_hidden_weight > 0"):
+        TrainOptions(mode="kd", kd_hidden_layers=(5,)).check()
+    options = TrainOptions(num_steps=3, grad_accum=2, epochs=2)
+    assert options.steps_for(3) == 3 and TrainOptions(grad_accum=2).steps_for(5) == 2
+    with pytest.raises(ValueError, match=r"num_steps=3 x grad_accum=2 needs 6 batches, but the data gives 2 per "
+                                         r"epoch x epochs=2: 4"):
+        options.steps_for(2)
+    with pytest.raises(ValueError, match="the data gives no optimizer step"):
+        TrainOptions(grad_accum=4).steps_for(3)

@@ -53,7 +53,9 @@ def _jit_apply(config, params, input_ids, attention_mask, *, collect_hidden, ret
     return out.get("logits"), out.get("hidden")
 
 
-def _prepare(model: Model, input_ids, attention_mask):
+def prepare_inputs(model: Model, input_ids, attention_mask=None):
+    """(input_ids, attention_mask) as [B, T] int32 device arrays placed on the model's mesh ([T] ids: one row; no
+    mask: every token real)."""
     input_ids = jnp.asarray(np.asarray(input_ids), jnp.int32)
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
@@ -67,7 +69,7 @@ def _prepare(model: Model, input_ids, attention_mask):
 
 def forward(model: Model, input_ids, attention_mask=None):
     """Logits [B, T, V] in float32."""
-    ids, mask = _prepare(model, input_ids, attention_mask)
+    ids, mask = prepare_inputs(model, input_ids, attention_mask)
     logits, _ = _jit_apply(model.config, model.params, ids, mask, collect_hidden=False, return_logits=True)
     return logits
 
@@ -76,6 +78,10 @@ def hidden_states(model: Model, input_ids, attention_mask=None):
     """All L+1 hidden states [L+1, B, T, D]: h[0] the embeddings, h[i] the input of layer i, h[L] the output of the
     last layer *before* the final norm (transformers' `output_hidden_states` applies the final norm to its last entry).
     A replacement block counts as one layer."""
-    ids, mask = _prepare(model, input_ids, attention_mask)
-    _, hidden = _jit_apply(model.config, model.params, ids, mask, collect_hidden=True, return_logits=False)
-    return hidden
+    return stack_hidden(model.config, model.params, *prepare_inputs(model, input_ids, attention_mask))
+
+
+def stack_hidden(config, params, input_ids, attention_mask):
+    """`hidden_states` of prepared inputs (`prepare_inputs`), jitted: every layer's input h[0..L], without the
+    head."""
+    return _jit_apply(config, params, input_ids, attention_mask, collect_hidden=True, return_logits=False)[1]

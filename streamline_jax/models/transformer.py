@@ -30,6 +30,16 @@ from .opt import OPTDecoderLayer, OPTFFNBlock
 OPT_POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 
 
+def segment_key(i: int) -> str:
+    """The key of layout segment `i`'s parameters (and cache) under params["segments"]."""
+    return f"seg_{i}"
+
+
+def segment_index(key: str) -> int:
+    """The layout index of the segment whose key is `key` (`segment_key`'s inverse)."""
+    return int(key.removeprefix("seg_"))
+
+
 def param_dtype(config: ModelConfig):
     """The dtype the weights are stored in."""
     return jnp.dtype(config.dtype)
@@ -126,12 +136,12 @@ def _boxed_init(config: ModelConfig, rng):
             keys = jax.random.split(rngs[i + 2], seg.num_layers)
             one = lambda k: module.init(k, x, mask, pos, *types)["params"]
             stacked = jax.vmap(one)(keys)
-            segments[f"seg_{i}"] = jax.tree.map(_prepend_layers_axis, stacked,
+            segments[segment_key(i)] = jax.tree.map(_prepend_layers_axis, stacked,
                                                 is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
         elif seg.kind == "layer":
-            segments[f"seg_{i}"] = module.init(rngs[i + 2], x, mask, pos, *types)["params"]
+            segments[segment_key(i)] = module.init(rngs[i + 2], x, mask, pos, *types)["params"]
         else:
-            segments[f"seg_{i}"] = module.init(rngs[i + 2], x)["params"]
+            segments[segment_key(i)] = module.init(rngs[i + 2], x)["params"]
     params["segments"] = segments
     params.update(head)
     return params
@@ -211,7 +221,16 @@ def default_positions(attention_mask):
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def causal_masks(config: ModelConfig, attention_mask):
+    """(mask [B, T, T] bool, positions [B, T]) for rows of one sequence each without a cache: `input_masks`'
+    common case, from the [B, T] attention mask alone."""
+    t = attention_mask.shape[1]
+    mask = attention_mask_matrix(attention_mask, jnp.arange(t)[None], config.sliding_window)
+    return mask, default_positions(attention_mask)
+
+
 EMBED_KEYS = ("embed_tokens", "embed_positions", "project_in")  # what `embed` reads
+HEAD_KEYS = ("embed_tokens", "final_norm", "project_out", "lm_head")  # what `head` reads (tied: the embeddings)
 
 
 def embed(config: ModelConfig, params, input_ids, positions):
@@ -220,8 +239,26 @@ def embed(config: ModelConfig, params, input_ids, positions):
 
 
 def head(config: ModelConfig, params, x):
-    keys = ("final_norm", "project_out", "lm_head")
-    return Head(config).apply({"params": {k: params[k] for k in keys if k in params}}, x, params["embed_tokens"])
+    own = {k: params[k] for k in HEAD_KEYS if k in params and k != "embed_tokens"}
+    return Head(config).apply({"params": own}, x, params["embed_tokens"])
+
+
+def next_token_nll(logits, input_ids, attention_mask):
+    """(NLL [B, T-1] float32 of each next token under `logits` [B, T, V], real [B, T-1] bool: both the token and the
+    one it follows are real)."""
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+    return nll, (attention_mask[:, 1:] > 0) & (attention_mask[:, :-1] > 0)
+
+
+def chunk_tokens(chunk: int, *arrays):
+    """Each [N, ...] array as [N / c, c, ...] with c = min(chunk, N) (the last chunk zero-padded): what the LM head
+    runs over a chunk at a time, so that [tokens x vocab] logits are never made whole."""
+    n = arrays[0].shape[0]
+    chunk = min(chunk, n)
+    pad = -n % chunk
+    return tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((-1, chunk) + a.shape[1:])
+                 for a in arrays)
 
 
 def layer_offsets(config: ModelConfig) -> list[int]:
@@ -326,7 +363,7 @@ def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions
     x = embed(config, params, input_ids, positions)
     hidden, new_caches = [], {}
     for i, (seg, first) in enumerate(zip(config.layout, layer_offsets(config))):
-        key = f"seg_{i}"
+        key = segment_key(i)
         cache = None if caches is None else caches.get(key)
         x, inputs, cache = run_segment(config, seg, params["segments"][key], x, mask, positions,
                                        collect=collect_hidden, cache=cache, cache_index=cache_index, remat=remat,
@@ -347,6 +384,11 @@ def apply(config: ModelConfig, params, input_ids, attention_mask=None, positions
 # Models that share a beginning: a dense model and its pruned copies
 
 
+def slice_layers(stacked, lo: int, hi: int):
+    """Layers [lo, hi) of a stacked segment's parameters."""
+    return jax.tree.map(lambda a: a[lo:hi], stacked)
+
+
 def stack_pieces(config: ModelConfig, params, lo: int, hi: int) -> list[tuple[Segment, object, int]]:
     """(segment, its parameters, stack index of its first layer) for running stack layers [lo, hi) in order; a
     stacked segment that the range cuts is sliced."""
@@ -355,19 +397,35 @@ def stack_pieces(config: ModelConfig, params, lo: int, hi: int) -> list[tuple[Se
         a, b = max(lo, first), min(hi, first + seg.num_layers)
         if a >= b:
             continue
-        seg_params = params["segments"][f"seg_{i}"]
+        seg_params = params["segments"][segment_key(i)]
         if seg.kind == "layers" and b - a < seg.num_layers:
-            seg_params = jax.tree.map(lambda p: p[a - first:b - first], seg_params)
+            seg_params = slice_layers(seg_params, a - first, b - first)
             seg = dataclasses.replace(seg, num_layers=b - a)
         pieces.append((seg, seg_params, a))
     return pieces
 
 
-def run_layers(config: ModelConfig, params, x, mask, positions, lo: int = 0, hi: int | None = None):
-    """Stack layers [lo, hi) (default: to the last) from hidden state x entering layer lo."""
+def run_layers(config: ModelConfig, params, x, mask, positions, lo: int = 0, hi: int | None = None, *,
+               stops=(), remat: str = "none"):
+    """Stack layers [lo, hi) (default: to the last) of any layout from hidden state x entering layer lo. Returns
+    (the last output, {layer: that layer's output} for each layer in `stops`: a stacked segment is cut there).
+    `remat`: a `remat_policy` name for every layer."""
+    outputs, policy = {}, remat_policy(remat)
     for seg, seg_params, first in stack_pieces(config, params, lo, config.depth if hi is None else hi):
-        x, _, _ = run_segment(config, seg, seg_params, x, mask, positions, first_layer=first)
-    return x
+        n = seg.num_layers
+        ends = sorted({s + 1 - first for s in stops if first <= s < first + n} | {n})
+        start = 0
+        for end in ends:
+            if end > start:
+                part, sub = seg_params, seg
+                if seg.kind == "layers" and (start, end) != (0, n):
+                    part, sub = slice_layers(seg_params, start, end), Segment("layers", end - start)
+                x, _, _ = run_segment(config, sub, part, x, mask, positions, first_layer=first + start,
+                                      remat=policy)
+            if first + end - 1 in stops:
+                outputs[first + end - 1] = x
+            start = end
+    return x, outputs
 
 
 def apply_shared_prefix(configs, params, shared: int, input_ids, attention_mask=None, positions=None, *,
@@ -379,8 +437,8 @@ def apply_shared_prefix(configs, params, shared: int, input_ids, attention_mask=
     mask, positions = input_masks(configs[0], input_ids, attention_mask, positions, segment_ids=segment_ids,
                                   shared_prefix_ids=shared_prefix_ids)
     x = embed(configs[0], params[0], input_ids, positions)
-    x = run_layers(configs[0], params[0], x, mask, positions, 0, shared)
-    return [run_layers(c, p, x, mask, positions, shared) for c, p in zip(configs, params)]
+    x, _ = run_layers(configs[0], params[0], x, mask, positions, 0, shared)
+    return [run_layers(c, p, x, mask, positions, shared)[0] for c, p in zip(configs, params)]
 
 
 _LAYER_FREE = ("num_layers", "layout", "pruned_spans", "layer_types")  # what may differ between models sharing layers
@@ -439,8 +497,8 @@ def init_caches(config: ModelConfig, batch: int, length: int, dtype=None):
     for i, seg in enumerate(config.layout):
         if seg.kind == "layers":
             z = jnp.zeros((seg.num_layers,) + shape, dtype)
-            caches[f"seg_{i}"] = (z, z)
+            caches[segment_key(i)] = (z, z)
         elif seg.kind == "layer":
             z = jnp.zeros(shape, dtype)
-            caches[f"seg_{i}"] = (z, z)
+            caches[segment_key(i)] = (z, z)
     return caches

@@ -1,0 +1,281 @@
+"""The training losses: MSE of the block against the dense span (from the frozen model or a pair cache), the pruned
+model's next-token cross-entropy, and distillation from the dense teacher (the KD loss with its custom VJP, reduced
+KD_CHUNK_TOKENS at a time)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ..backend import jit_for
+from ..models import transformer
+from ..models.config import ModelConfig
+from .params import Block, merge_params
+
+
+def _dense_prefix(config: ModelConfig, params, input_ids, mask, start):
+    """The dense model's hidden state entering layer `start`, with the attention mask and positions."""
+    attn, positions = transformer.causal_masks(config, mask)
+    x = transformer.embed(config, params, input_ids, positions)
+    x, _ = transformer.run_layers(config, params, x, attn, positions, 0, start)
+    return x, attn, positions
+
+
+def _dense_span_io(config: ModelConfig, params, input_ids, mask, start, length):
+    """The dense model's hidden states entering layer `start` and leaving layer `start+length-1` (no gradient)."""
+    x_in, attn, positions = _dense_prefix(config, params, input_ids, mask, start)
+    target, _ = transformer.run_layers(config, params, x_in, attn, positions, start, start + length)
+    return jax.lax.stop_gradient(x_in), jax.lax.stop_gradient(target), attn, positions
+
+
+def span_pairs(config: ModelConfig, params, ids, mask, start, length):
+    """The dense span's (input, target) in float32, not jitted: for use inside another jitted function."""
+    x_in, target, _, _ = _dense_span_io(config, params, ids, mask, start, length)
+    return x_in.astype(jnp.float32), target.astype(jnp.float32)
+
+
+def span_pairs_fn(config: ModelConfig, start, length):
+    """A jitted (params, ids, mask) -> (input, target) in float32: the span's pairs for a pair cache or validation."""
+    def span_io(params, ids, mask):
+        return span_pairs(config, params, ids, mask, start, length)
+
+    return jit_for(transformer.compute_dtype(config), span_io)
+
+
+def masked_mse(out, target, mask, weighting="uniform"):
+    """Mean squared error over real tokens. In SmolLM2 the span's output at position 0 carries a massive activation
+    (norm ~23,000 against ~200 elsewhere) that makes up ~98% of the plain (`uniform`) MSE of a block that starts as
+    the identity. `token` divides each token's error by its target's mean square, so that token counts as one of
+    many; `balanced` is the mean of the two relative errors (the batch's summed error over its summed target
+    square, and `token`'s), so the massive tokens and the rest each steer about half of the gradient."""
+    target = target.astype(jnp.float32)
+    err = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=-1)
+    real = mask.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(real), 1.0)
+    if weighting == "uniform":
+        return jnp.sum(err * real) / count
+    size = jnp.mean(jnp.square(target), axis=-1)
+    per_token = jnp.sum(err / (size + 1e-6) * real) / count
+    if weighting == "token":
+        return per_token
+    pooled = jnp.sum(err * real) / (jnp.sum(size * real) + 1e-6)
+    return 0.5 * (pooled + per_token)
+
+
+def _block_params(trained, frozen, block: Block):
+    pruned = frozen.get("pruned", {}).get("segments", {}).get(block.key, {})
+    return merge_params(trained.get("segments", {}).get(block.key, {}), pruned)
+
+
+def mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform",
+             remat="none"):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    x_in, target, attn, positions = _dense_span_io(dense_config, frozen["dense"], ids, mask, block.start,
+                                                   block.length)
+    out, _, _ = transformer.run_segment(pruned_config, block.segment, _block_params(trained, frozen, block), x_in,
+                                        attn, positions, first_layer=block.layer,
+                                        remat=transformer.remat_policy(remat))
+    return masked_mse(out, target, mask, weighting)
+
+
+def lm_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, remat="none"):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    params = merge_params(trained, frozen["pruned"])
+    logits = transformer.apply(pruned_config, params, ids, mask, remat=transformer.remat_policy(remat))["logits"]
+    nll, real = transformer.next_token_nll(logits, ids, mask)
+    real = real.astype(jnp.float32)
+    return jnp.sum(nll * real) / jnp.maximum(jnp.sum(real), 1.0)
+
+
+def cached_mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform",
+                    remat="none"):
+    """MSE on (input, target) pairs read from a `SpanPairCache` instead of recomputed by the frozen model."""
+    mask = batch["attention_mask"]
+    attn, positions = transformer.causal_masks(pruned_config, mask)
+    out, _, _ = transformer.run_segment(pruned_config, block.segment, _block_params(trained, frozen, block),
+                                        batch["x_in"], attn, positions, first_layer=block.layer,
+                                        remat=transformer.remat_policy(remat))
+    return masked_mse(out, batch["target"], mask, weighting)
+
+
+# Tokens whose logits one step of the distillation loss holds at a time (teacher and student, [chunk, vocab] float32
+# each): 1024 x 49152 x 4 bytes = 192 MiB for SmolLM2, whatever the batch.
+KD_CHUNK_TOKENS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """KD mode's settings. `hidden_pairs`: (teacher layer, student layer) whose outputs the hidden-state MSE
+    matches, in the dense model's and the pruned model's own layer numbers: the span's last layer against the block,
+    and each later original layer against its copy."""
+
+    temperature: float = 1.0
+    ce_weight: float = 0.0
+    hidden_weight: float = 0.0
+    hidden_pairs: tuple = ()
+    shared_prefix: bool = True  # the student's layers before the block are the teacher's, untrained
+
+
+HEAD_KEYS = transformer.HEAD_KEYS
+
+
+def distillation_loss_by_autodiff(teacher_config, teacher_params, student_config, student_params, teacher_h,
+                                  student_h, labels, kl_weight, ce_weight, temperature):
+    """`distillation_loss` (same arguments and value) differentiable in everything, the student's head included:
+    autodiff through each chunk's logits, recomputed in the backward pass (jax.checkpoint), so memory holds one
+    chunk's [chunk, vocab], never the batch's; five vocabulary products a chunk. For a head that trains."""
+    with_ce = ce_weight is not None
+    ce_weight = jnp.zeros_like(kl_weight) if ce_weight is None else ce_weight
+    xs = _token_chunks(teacher_h, student_h, labels, kl_weight, ce_weight)
+
+    @jax.checkpoint
+    def body(total, xs):
+        h_t, h_s, label, w_kl, w_ce = xs
+        logits_t = jax.lax.stop_gradient(transformer.head(teacher_config, teacher_params, h_t[None])[0])
+        logits_s = transformer.head(student_config, student_params, h_s[None])[0]
+        logp_t = jax.nn.log_softmax(logits_t.astype(jnp.float32) / temperature)
+        logp_s = jax.nn.log_softmax(logits_s.astype(jnp.float32) / temperature)
+        loss = jnp.sum(jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s), axis=-1) * w_kl) * temperature ** 2
+        if with_ce:
+            logp = logp_s if temperature == 1 else jax.nn.log_softmax(logits_s.astype(jnp.float32))
+            loss -= jnp.sum(jnp.take_along_axis(logp, label[:, None], axis=-1)[:, 0] * w_ce)
+        return total + loss, None
+
+    return jax.lax.scan(body, jnp.float32(0), xs)[0]
+
+
+def _token_chunks(*arrays):
+    """Each [N, ...] array as [N / chunk, chunk, ...] (KD_CHUNK_TOKENS a chunk; the last zero-padded)."""
+    return transformer.chunk_tokens(KD_CHUNK_TOKENS, *arrays)
+
+
+def distillation_loss(teacher_config, teacher_params, student_config, student_params, teacher_h, student_h,
+                      labels, kl_weight, ce_weight, temperature):
+    """sum over tokens of kl_weight x T^2 KL(teacher || student) + ce_weight x the student's cross-entropy on
+    `labels`, from [N, D] final hidden states (before the final norm), KD_CHUNK_TOKENS at a time ([N] weights: mask /
+    count x the loss's share; ce_weight None: no cross-entropy). Differentiable in `student_h` only: the student's
+    head is frozen (`distillation_loss_by_autodiff` for one that trains). Each chunk's gradient is made in the
+    forward pass from the probabilities at hand (T (p_s - p_t) for the KL, p_s - onehot for the cross-entropy), so
+    the backward pass recomputes no logits: three vocabulary products a chunk (teacher, student, the student's input
+    gradient) where autodiff with recomputation needs five.
+    Memory holds one chunk's [chunk, vocab] and the [N, D] input gradient."""
+    with_ce = ce_weight is not None
+    ce_weight = jnp.zeros_like(kl_weight) if ce_weight is None else ce_weight
+    xs = _token_chunks(teacher_h, student_h, labels, kl_weight, ce_weight)
+
+    def chunk_loss_and_grad(teacher_params, student_params, h_t, h_s, label, w_kl, w_ce, with_grad=True):
+        logits_t = transformer.head(teacher_config, teacher_params, h_t[None])[0].astype(jnp.float32)
+        head_s = lambda h: transformer.head(student_config, student_params, h[None])[0]
+        logits_s, head_vjp = jax.vjp(head_s, h_s) if with_grad else (head_s(h_s), None)
+        out_dtype, logits_s = logits_s.dtype, logits_s.astype(jnp.float32)
+        # KL from the scaled logits and their logsumexps (sum p_t = 1), the log-probabilities never written out:
+        # fewer passes over the [chunk, vocab] arrays (~15% faster on CPU)
+        z_t, z_s = logits_t / temperature, logits_s / temperature
+        lse_t = jax.nn.logsumexp(z_t, axis=-1, keepdims=True)
+        lse_s = jax.nn.logsumexp(z_s, axis=-1, keepdims=True)
+        p_t = jnp.exp(z_t - lse_t)
+        kl = jnp.sum(p_t * (z_t - z_s), axis=-1) - (lse_t - lse_s)[:, 0]
+        loss = jnp.sum(kl * w_kl) * temperature ** 2
+        if with_ce:
+            lse = lse_s if temperature == 1 else jax.nn.logsumexp(logits_s, axis=-1, keepdims=True)
+            loss -= jnp.sum((jnp.take_along_axis(logits_s, label[:, None], axis=-1) - lse)[:, 0] * w_ce)
+        if not with_grad:
+            return loss, None
+        dlogits = temperature * (jnp.exp(z_s - lse_s) - p_t) * w_kl[:, None]
+        if with_ce:
+            dlogits += (jnp.exp(logits_s - lse) - jax.nn.one_hot(label, logits_s.shape[-1], dtype=jnp.float32)
+                        ) * w_ce[:, None]
+        return loss, head_vjp(dlogits.astype(out_dtype))[0]
+
+    @jax.custom_vjp
+    def summed(h_s, frozen):
+        return summed_fwd(h_s, frozen, with_grad=False)[0]  # not differentiated (validation): no gradient made
+
+    def summed_fwd(h_s, frozen, with_grad=True):
+        def body(total, x):
+            loss, dh = chunk_loss_and_grad(*frozen[0], *x, with_grad=with_grad)
+            return total + loss, dh
+
+        total, dh = jax.lax.scan(body, jnp.float32(0), (frozen[1][0], h_s) + frozen[1][1:])
+        return total, dh
+
+    def summed_bwd(dh, g):
+        return g * dh, None  # the teacher, the head and the weights get no gradient
+
+    summed.defvjp(summed_fwd, summed_bwd)
+    heads = tuple({k: p[k] for k in HEAD_KEYS if k in p} for p in (teacher_params, student_params))
+    return summed(xs[1], (heads, xs[:1] + xs[2:]))
+
+
+def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, kd: Distillation,
+            weighting="uniform", remat="none"):
+    """(1 - ce_weight) KL + ce_weight CE (+ hidden_weight x the mean hidden-state MSE), over real tokens. `remat`
+    applies to the student's layers (the teacher's get no gradient)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    dense_params, pruned = frozen["dense"], merge_params(trained, frozen["pruned"])
+    if kd.shared_prefix:  # the frozen prefix once, for both
+        x, attn, positions = _dense_prefix(dense_config, dense_params, ids, mask, block.start)
+        teacher = (jax.lax.stop_gradient(x), block.start)
+        return _distill_from(teacher, teacher, trained, frozen, batch, attn, positions, dense_config=dense_config,
+                             pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat)
+    attn, positions = transformer.causal_masks(dense_config, mask)
+    teacher = (transformer.embed(dense_config, dense_params, ids, positions), 0)
+    student = (transformer.embed(pruned_config, pruned, ids, positions), 0)
+    return _distill_from(teacher, student, trained, frozen, batch, attn, positions, dense_config=dense_config,
+                         pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat)
+
+
+def cached_kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, kd: Distillation,
+                   weighting="uniform", remat="none"):
+    """`kd_loss` with the dense span's input and output read from a `SpanPairCache`: the teacher runs from the
+    span's output, the student from the span's input where its prefix is the teacher's (else from its embeddings)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pruned = merge_params(trained, frozen["pruned"])
+    attn, positions = transformer.causal_masks(dense_config, mask)
+    teacher = (batch["target"], block.start + block.length)
+    student = ((batch["x_in"], block.start) if kd.shared_prefix
+               else (transformer.embed(pruned_config, pruned, ids, positions), 0))
+    return _distill_from(teacher, student, trained, frozen, batch, attn, positions, dense_config=dense_config,
+                         pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat)
+
+
+def _distill_from(teacher, student, trained, frozen, batch, attn, positions, *, dense_config, pruned_config,
+                  block: Block, kd: Distillation, weighting, remat):
+    """KD's loss with the teacher's hidden state entering its (dense) layer number and the student's entering its
+    original layer number (0 or the block's start): (hidden state, layer) each."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    dense_params, pruned = frozen["dense"], merge_params(trained, frozen["pruned"])
+    (x_t, teacher_first), (x_s, original_first) = teacher, student
+    student_first = 0
+    if original_first:  # the student starts at the block: the layers before it are the teacher's
+        student_first = transformer.layer_offsets(pruned_config)[transformer.segment_index(block.key)]
+    teacher_stops, student_stops = [t for t, _ in kd.hidden_pairs], [s for _, s in kd.hidden_pairs]
+    # a span ending at the last layer leaves a cached teacher no layers to run
+    h_t, hidden_t = transformer.run_layers(dense_config, dense_params, x_t, attn, positions, teacher_first,
+                                           stops=teacher_stops)
+    if teacher_first - 1 in teacher_stops:  # a cached span output is the teacher's last layer before teacher_first
+        hidden_t[teacher_first - 1] = x_t
+    h_t, hidden_t = jax.lax.stop_gradient((h_t, hidden_t))
+    h_s, hidden_s = transformer.run_layers(pruned_config, pruned, x_s, attn, positions, student_first,
+                                           stops=student_stops, remat=remat)
+    b, t = ids.shape
+    real = mask.astype(jnp.float32)
+    next_real = jnp.concatenate([real[:, 1:] * real[:, :-1], jnp.zeros((b, 1), jnp.float32)], axis=1)
+    labels = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
+    # per-token weights: each term's share of the loss over its count of tokens
+    kl_weight = ((1 - kd.ce_weight) * real / jnp.maximum(jnp.sum(real), 1.0)).reshape(-1)
+    ce_weight = (kd.ce_weight * next_real / jnp.maximum(jnp.sum(next_real), 1.0)).reshape(-1)
+    flat = (dense_config, dense_params, pruned_config, pruned, h_t.reshape(b * t, -1), h_s.reshape(b * t, -1),
+            labels.reshape(-1), kl_weight)
+    head_trains = any(k in trained for k in HEAD_KEYS)  # then autodiff through its recomputed logits
+    loss = (distillation_loss_by_autodiff if head_trains else distillation_loss)(
+        *flat, ce_weight if kd.ce_weight else None, kd.temperature)
+    if kd.hidden_weight and kd.hidden_pairs:
+        mse = [masked_mse(hidden_s[s], hidden_t[t], mask, weighting) for t, s in kd.hidden_pairs]
+        loss += kd.hidden_weight * sum(mse) / len(mse)
+    return loss
+
+
+LOSSES = {"mse": mse_loss, "lm": lm_loss, "kd": kd_loss, "mse_cached": cached_mse_loss, "kd_cached": cached_kd_loss}
