@@ -41,7 +41,9 @@ def main() -> int:
                "STREAMLINE_JAX_COMPILATION_CACHE": str(work / "xla")}
         env.pop("STREAMLINE_JAX_DATA", None)
         command = [sys.executable, "-m", "streamline_jax.run", "--quiet"]
-        command += ["--config", str(Path(args.config).absolute())] if args.config else []
+        # a file from here (the run works in `work`); a shipped recipe's name (paper) as it is
+        config = str(Path(args.config).absolute()) if args.config and Path(args.config).exists() else args.config
+        command += ["--config", config] if config else []
         command += args.overrides
         print("$ python", " ".join(command[1:]), f"(in {work}, empty caches; --quiet: no progress bars)", flush=True)
         rates = matmul_rates()

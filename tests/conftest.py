@@ -49,6 +49,23 @@ def tiny_files(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def files(tiny_files):
+    """The command line's tests' name for tiny_files."""
+    return tiny_files
+
+
+# fixtures that load the real model: a test using one is `slow`, so `-m "not slow"` is a quick loop
+REAL_MODEL_FIXTURES = {"smollm2", "smollm2_torch"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """Our SmolLM2-135M-Instruct, float32, from the embedded GGUF (converted once into the cache)."""
     import streamline_jax as sj

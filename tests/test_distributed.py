@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -24,11 +23,11 @@ import pytest
 from streamline_jax import distributed
 from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig, to_hf_config
+from helpers import run_python
+from tiny import LLAMA_UNTIED as LLAMA, tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LLAMA = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6, num_heads=4,
-                    num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
 OPT = ModelConfig(family="opt", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4,
                   num_kv_heads=4, head_dim=16, word_embed_proj_dim=32, activation="relu")
 
@@ -47,17 +46,6 @@ def write_hf(config: ModelConfig, folder: Path, shard_size="20KB", seed=0):
             p.normal_(0, 0.1)
     model.save_pretrained(folder, max_shard_size=shard_size)
     return folder
-
-
-def run_python(code: str, devices: int = 8, env: dict | None = None, timeout: int = 240, wait=True):
-    full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                    PYTHONPATH=str(ROOT), **(env or {}))
-    cmd = [sys.executable, "-c", textwrap.dedent(code)]
-    if not wait:
-        return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-4000:]
-    return out.stdout
 
 
 def free_port() -> int:
@@ -106,49 +94,8 @@ def test_streaming_load_matches_plain_load_on_8_devices(tmp_path):
     assert "tensor=8 does not divide num_heads=4" in bad, bad
 
 
-def _tiny_gguf(path: Path, config: ModelConfig, seed=0):
-    """A tiny llama GGUF with Q8_0 matrices (quantised rows) and float32 norms, like llama.cpp writes."""
-    import gguf
-
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_vocab_size(config.vocab_size)
-    w.add_embedding_length(config.hidden_size)
-    w.add_feed_forward_length(config.intermediate_size)
-    w.add_block_count(config.num_layers)
-    w.add_head_count(config.num_heads)
-    w.add_head_count_kv(config.num_kv_heads)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_context_length(256)
-
-    def q8(name, shape):
-        a = rng.standard_normal(shape).astype(np.float32) * 0.1
-        w.add_tensor(name, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
-                     raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-
-    d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
-    q8("token_embd.weight", (config.vocab_size, d))
-    q8("output.weight", (config.vocab_size, d))
-    w.add_tensor("output_norm.weight", np.ones(d, np.float32))
-    for i in range(config.num_layers):
-        q8(f"blk.{i}.attn_q.weight", (config.num_heads * hd, d))
-        q8(f"blk.{i}.attn_k.weight", (config.num_kv_heads * hd, d))
-        q8(f"blk.{i}.attn_v.weight", (config.num_kv_heads * hd, d))
-        q8(f"blk.{i}.attn_output.weight", (d, config.num_heads * hd))
-        q8(f"blk.{i}.ffn_gate.weight", (f, d))
-        q8(f"blk.{i}.ffn_up.weight", (f, d))
-        q8(f"blk.{i}.ffn_down.weight", (d, f))
-        w.add_tensor(f"blk.{i}.attn_norm.weight", rng.standard_normal(d).astype(np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", rng.standard_normal(d).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 def test_streaming_gguf_matches_plain_dequantization(tmp_path):
-    path = _tiny_gguf(tmp_path / "tiny.gguf", LLAMA)
+    path = tiny_gguf(tmp_path / "tiny.gguf", LLAMA)
     out = run_python(f"""
         import json, numpy as np, jax, gguf
         from streamline_jax.sharding import make_mesh

@@ -351,7 +351,7 @@ def test_models_with_per_layer_attention_types_share_layers_while_the_types_agre
     and 1 are shared; the pruned model's next layer (3, sliding) stands where the dense one has layer 2 (full), and
     sharing stops there. Together, each model scores as alone, every layer with its own type."""
     from streamline_jax.pruning import prune
-    from test_score import reference_pair
+    from tiny import reference_pair
 
     _, model = reference_pair("gemma3")
     pruned = prune(model, 1, 2, replacement="layer")

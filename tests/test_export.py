@@ -20,13 +20,12 @@ from streamline_jax import export, pruning as prune_mod
 from streamline_jax.loading import ORBAX_MARKER, load
 from streamline_jax.models.config import ModelConfig
 from streamline_jax.models.model import Model, forward
+from tiny import OPT
 
 ROOT = Path(__file__).resolve().parents[1]
 
 LLAMA = ModelConfig(family="llama", model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=96,
                     num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True, mlp_bias=True)
-OPT = ModelConfig(family="opt", model_type="opt", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6,
-                  num_heads=4, num_kv_heads=4, head_dim=16, word_embed_proj_dim=64, activation="relu")
 
 
 class _Tokenizer:

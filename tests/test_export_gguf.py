@@ -21,8 +21,7 @@ from streamline_jax.export_gguf import export_gguf, follows_period, gemma_period
 from streamline_jax.gguf_file import field, open_gguf
 from streamline_jax.models.config import from_hf_config
 from streamline_jax.models.model import Model, forward
-from test_models import CONFIGS, GEMMA_HF
-from tiny import sentences, vocab_gguf
+from tiny import CONFIGS, GEMMA_HF, sentences, vocab_gguf
 
 GEMMA6 = dict(GEMMA_HF, num_hidden_layers=6, query_pre_attn_scalar=16)  # llama.cpp scales queries by head_dim
 FAMILIES = {

@@ -24,7 +24,7 @@ from streamline_jax.models.config import ModelConfig, UnsupportedArchitectureErr
 from streamline_jax.models.layers import rope_inv_freq
 from streamline_jax.models.model import Model, forward
 from streamline_jax.sharding import make_mesh
-from test_models import CONFIGS, make_batch
+from tiny import CONFIGS, make_batch
 
 # Hugging Face module names -> llama.cpp's GGUF tensor names (convert_hf_to_gguf.py / gguf-py tensor_mapping.py)
 GGUF_LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -22,11 +22,9 @@ from streamline_jax.models.config import ModelConfig, from_hf_config
 from streamline_jax.models.model import Model
 from streamline_jax.pruning import prune
 from streamline_jax.tasks import TaskFileError
+from tiny import FAMILY_GEMMA_HF
 
-GEMMA_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=32,
-                sliding_window=4, hidden_activation="gelu_pytorch_tanh", eos_token_id=3, pad_token_id=0,
-                tie_word_embeddings=False)
+GEMMA_HF = dict(FAMILY_GEMMA_HF, eos_token_id=3, pad_token_id=0, tie_word_embeddings=False)
 TINY = {
     "llama": ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6,
                          num_heads=4, num_kv_heads=2, head_dim=16, eos_token_id=3, pad_token_id=0,

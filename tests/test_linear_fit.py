@@ -12,36 +12,12 @@ import pytest
 from streamline_jax import export, linear_fit, load
 from streamline_jax.evaluation import score_sequences
 from streamline_jax.generation import generate
-from streamline_jax.models import transformer
-from streamline_jax.models.config import ModelConfig
-from streamline_jax.models.model import Model, forward, hidden_states
+from streamline_jax.models.model import forward, hidden_states
 from streamline_jax.pruning import prune
 
-from test_distributed import run_python
+from helpers import padded_calibration as calibration, run_python, small_model as tiny_model
 
-LLAMA = ModelConfig(family="llama", vocab_size=128, hidden_size=32, intermediate_size=48, num_layers=6, num_heads=4,
-                    num_kv_heads=2, head_dim=8, tie_word_embeddings=False, eos_token_id=1)
 START, LENGTH = 2, 3
-
-
-def tiny_model():
-    return Model(LLAMA, transformer.init_params(LLAMA, jax.random.PRNGKey(3)))
-
-
-def calibration(num_batches=4, batch=4, seq=16, seed=0):
-    """Batches with left padding, right padding and one fully padded row: padding must count nowhere."""
-    rng = np.random.RandomState(seed)
-    out = []
-    for i in range(num_batches):
-        ids = rng.randint(2, 128, (batch, seq)).astype(np.int32)
-        mask = np.ones_like(ids)
-        mask[0, :5] = 0
-        mask[1, -4:] = 0
-        if i == 1:
-            mask[2] = 0
-        ids[mask == 0] = rng.randint(2, 128, int((mask == 0).sum()))  # padding ids are arbitrary
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
 
 
 def span_pairs_numpy(model, batches):
@@ -176,7 +152,8 @@ assert jax.device_count() == 8
 from streamline_jax import linear_fit, make_mesh
 from streamline_jax.loading import place_on_mesh
 from streamline_jax.pruning import prune
-from test_linear_fit import START, LENGTH, calibration, tiny_model
+from helpers import padded_calibration as calibration, small_model as tiny_model
+START, LENGTH = SPAN
 dense = place_on_mesh(tiny_model(), make_mesh(data=2, fsdp=4))
 fitted, [result] = linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), calibration(batch=8))
 kernel = fitted.params["segments"]["seg_1"]["linear"]["kernel"]
@@ -188,7 +165,8 @@ print("tokens", result.tokens)
 
 def test_fit_on_an_8_device_mesh_equals_one_device(tmp_path):
     path = tmp_path / "kernel.npy"
-    out = run_python(ON_MESH.replace('sys.argv[1] if len(sys.argv) > 1 else "/dev/null"', repr(str(path))))
+    out = run_python(ON_MESH.replace('sys.argv[1] if len(sys.argv) > 1 else "/dev/null"', repr(str(path)))
+                     .replace("SPAN", repr((START, LENGTH))))
     dense = tiny_model()
     fitted, [result] = linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), calibration(batch=8))
     assert f"tokens {result.tokens}" in out

@@ -22,7 +22,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 import streamline_jax as sj  # noqa: E402
 from conftest import shared_data  # noqa: E402
-from test_distributed import run_python  # noqa: E402
+from helpers import run_python  # noqa: E402
 from streamline_jax import evaluation as ev  # noqa: E402
 from streamline_jax import tasks as tk  # noqa: E402
 from streamline_jax.lm_eval import StreamlineLM, StreamlineLMError, write_offline_tasks  # noqa: E402

@@ -15,7 +15,7 @@ from conftest import rel_err, shared_data
 from reference import torch_forward, torch_model
 from streamline_jax.loading import CheckpointError, unpermute_rows
 from streamline_jax.models.config import ModelConfig, UnsupportedArchitectureError
-from test_models import CONFIGS, make_batch
+from tiny import CONFIGS, LLAMA_UNTIED, make_batch, tiny_gguf
 
 
 def save_reference(config: ModelConfig, folder, **kwargs):
@@ -236,6 +236,7 @@ def test_gguf_tokenizer_matches_transformers_on_chat_and_special_tokens(gguf_tok
         ref.decode(ref(text).input_ids, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_gguf_loads_without_importing_torch():
     """The embedded model's GGUF (weights and tokenizer) loads in a process that never imports torch."""
     import subprocess
@@ -250,12 +251,11 @@ def test_gguf_loads_without_importing_torch():
 
 
 def test_gguf_without_tokenizer_metadata_loads_with_no_tokenizer(tmp_path):
-    from test_distributed import LLAMA, _tiny_gguf
-
-    model = sj.load(_tiny_gguf(tmp_path / "tiny.gguf", LLAMA))
-    assert model.tokenizer is None and model.config.num_layers == LLAMA.num_layers
+    model = sj.load(tiny_gguf(tmp_path / "tiny.gguf", LLAMA_UNTIED))
+    assert model.tokenizer is None and model.config.num_layers == LLAMA_UNTIED.num_layers
 
 
+@pytest.mark.slow
 def test_embedded_conversion_keeps_a_whole_folder_another_process_wrote_meanwhile(tmp_path, monkeypatch):
     """Parallel test workers (or two runs) converting the embedded GGUF into one cache at once: the writer that
     finds the folder written when it comes to move its own in keeps that one, fails nothing and leaves no temp."""

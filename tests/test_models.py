@@ -10,66 +10,11 @@ import pytest
 from conftest import rel_err
 from reference import params_from_torch, torch_forward, torch_model
 from streamline_jax.models import transformer
-from streamline_jax.models.config import (ModelConfig, Segment, UnsupportedArchitectureError, from_hf_config,
-                                          to_hf_config)
+from streamline_jax.models.config import Segment, UnsupportedArchitectureError, from_hf_config, to_hf_config
 from streamline_jax.models.layers import layer_norm, rms_norm
-
-BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, head_dim=16,
-            max_position_embeddings=64)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 16}
-
-GEMMA_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=32,
-                sliding_window=4, hidden_activation="gelu_pytorch_tanh")
-
-CONFIGS = {
-    "llama_gqa_tied": ModelConfig(family="llama", model_type="llama", num_kv_heads=2, **BASE),
-    "llama_mha_untied": ModelConfig(family="llama", model_type="llama", num_kv_heads=4, tie_word_embeddings=False,
-                                    **BASE),
-    "llama3_rope_scaling": ModelConfig(family="llama", model_type="llama", num_kv_heads=2, rope_scaling=LLAMA3_ROPE,
-                                       rope_theta=500000.0, tie_word_embeddings=False, **BASE),
-    "llama_bias": ModelConfig(family="llama", model_type="llama", num_kv_heads=2, attention_bias=True,
-                              mlp_bias=True, **BASE),
-    "mistral": ModelConfig(family="llama", model_type="mistral", num_kv_heads=2, tie_word_embeddings=False, **BASE),
-    "mistral_sliding_window": ModelConfig(family="llama", model_type="mistral", num_kv_heads=2, sliding_window=4,
-                                          **BASE),
-    "qwen2_tied": ModelConfig(family="llama", model_type="qwen2", num_kv_heads=2, qkv_bias=True,
-                              rope_theta=1000000.0, **BASE),
-    "qwen2_untied": ModelConfig(family="llama", model_type="qwen2", num_kv_heads=2, qkv_bias=True,
-                                tie_word_embeddings=False, **BASE),
-    # head_dim 24 != hidden_size / num_heads, as in Qwen3-0.6B (1024 / 16 heads, head_dim 128)
-    "qwen3": ModelConfig(family="llama", model_type="qwen3", num_kv_heads=2, qk_norm=True,
-                         **{**BASE, "head_dim": 24}),
-    "qwen3_bias_untied": ModelConfig(family="llama", model_type="qwen3", num_kv_heads=4, qk_norm=True,
-                                     attention_bias=True, tie_word_embeddings=False, **BASE),
-    # Gemma: soft-caps small enough to bend tiny random scores and logits; a 4-slot window on 12-token rows;
-    # query_pre_attn_scalar != head_dim; Gemma 3 with a scaled global rope and its own local rope base
-    "gemma2": from_hf_config(dict(GEMMA_HF, model_type="gemma2", attn_logit_softcapping=0.05,
-                                  final_logit_softcapping=1.0)),
-    "gemma3": from_hf_config(dict(GEMMA_HF, model_type="gemma3_text", num_hidden_layers=4, sliding_window_pattern=3,
-                                  rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_theta=1000000.0,
-                                  rope_local_base_freq=100.0, tie_word_embeddings=False)),
-    "opt_125m_style": ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu", **BASE),
-    "opt_350m_style": ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu",
-                                  word_embed_proj_dim=32, do_layer_norm_before=False, **BASE),
-}
+from tiny import CONFIGS, make_batch
 
 PADDING = {"no_padding": None, "right_padding": "right", "left_padding": "left"}
-
-
-def make_batch(seed=0, batch=3, length=12, vocab=128, padding=None):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, vocab, size=(batch, length))
-    mask = np.ones((batch, length), np.int32)
-    if padding == "right":
-        mask[1, 7:] = 0
-        mask[2, 4:] = 0
-    elif padding == "left":
-        mask[1, :5] = 0
-        mask[2, :8] = 0
-    ids = np.where(mask == 1, ids, 0)
-    return ids, mask
 
 
 def final_hidden(config, params, h_last):

@@ -18,13 +18,12 @@ import pytest
 
 from streamline_jax import mesh_layouts, plan
 from streamline_jax.models import transformer
-from streamline_jax.models.config import ModelConfig, to_hf_config
+from streamline_jax.models.config import to_hf_config
 from streamline_jax.models.presets import PRESETS, PUBLISHED_PARAMS, preset
 from streamline_jax.sharding import ShardingError
+from tiny import LLAMA_UNTIED as LLAMA
 
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA = ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6, num_heads=4,
-                    num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -13,7 +13,7 @@ from streamline_jax.models import transformer
 from streamline_jax.models.config import Segment
 from streamline_jax.models.model import forward
 
-from test_score import reference_pair
+from tiny import reference_pair
 
 IDS = np.random.RandomState(1).randint(3, 128, (2, 10))
 MASK = np.ones_like(IDS)

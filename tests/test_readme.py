@@ -5,8 +5,9 @@ Commands come from the indented code blocks, the ```bash / ```sh blocks and the 
 command (`python ...`, `VAR=... python ...`, a console script such as `streamline-jax ...`), and from the indented
 `python ...` lines of the docstrings. Each must have an entry in COMMANDS saying how it runs here: as written, tiny
 (arguments appended that shrink it onto a tiny random model), parsed (pod-sized work, long benchmarks: the program
-runs up to its argparse parser, which parses the documented arguments, and stops there, so a renamed flag fails; a
-synopsis's `[--flag ...]` has each flag checked against the parser) or with --help. A command without an entry
+runs up to its argparse parser, which parses the documented arguments, and stops there, so a renamed flag fails, and
+the run's settings it names (--model, --config, key=value, --sweep, --stages, --target) must resolve; a synopsis's
+`[--flag ...]` has each flag checked against the parser) or with --help. A command without an entry
 fails, and so does an entry whose command is documented nowhere any more. Console scripts run through the entry
 point pyproject.toml declares for them.
 
@@ -323,13 +324,41 @@ def _has_libtpu() -> bool:
 
 # `python -c PROGRAM_UNTIL_PARSED MODE KIND TARGET ARGS...`: runs a program (KIND: `path` a script, `module` as
 # `python -m`, `entry` a console script's `module:function`) with ARGS. MODE `run` runs it; `parse` stops it at its
-# first argparse call, after its own parser has parsed ARGS (a renamed flag exits 2 with argparse's message); `flags`
-# checks that each of ARGS (a synopsis's flags) is one of that parser's options instead. A program that never parses
-# its arguments with argparse fails.
+# first argparse call (parse_args, parse_intermixed_args or their `known` forms), after its own parser has parsed ARGS
+# (a renamed flag exits 2 with argparse's message) and the values the run's settings give meaning to resolve as the
+# run resolves them (`check_values`); `flags` checks that each of ARGS (a synopsis's flags) is one of that parser's
+# options instead. A program that never parses its arguments with argparse fails.
 PROGRAM_UNTIL_PARSED = r"""
 import argparse, importlib, os, runpy, sys
 mode, kind, target, *args = sys.argv[1:]
 depth = 0
+
+# --model, --config and key=value settings (`overrides`; bench_sweep's `settings`) as the run builds them, --sweep's
+# keys, --stages, and --target/--topology among configs/meshes.yaml's layouts; exits 2 naming a bad one
+def check_values(parsed):
+    from streamline_jax.settings import ConfigError
+    get = lambda name: getattr(parsed, name, None)
+    try:
+        if get("overrides") is not None or get("settings") is not None or get("sweep"):
+            from streamline_jax.settings import build_config
+            build_config(get("model"), get("config"), [*(get("overrides") or ()), *(get("settings") or ())])
+        if get("sweep"):
+            from streamline_jax.sweep import parse_axes
+            parse_axes([get("sweep")] if isinstance(get("sweep"), str) else get("sweep"))
+        if isinstance(get("stages"), str):
+            from streamline_jax.run import parse_stages
+            parse_stages(get("stages"))
+        for flag in ("target", "topology"):
+            if get(flag) is not None:
+                import yaml
+                from streamline_jax.config_files import CONFIG_DIR
+                targets = yaml.safe_load((CONFIG_DIR / "meshes.yaml").read_text())["targets"]
+                known = [*targets, *(t["topology"] for t in targets.values() if "topology" in t)]
+                if get(flag) not in known:
+                    raise ConfigError(f"--{flag} {get(flag)}: not a layout of configs/meshes.yaml ({known})")
+    except ConfigError as e:
+        print(f"error: a documented value: {e}", file=sys.stderr)
+        sys.exit(2)
 
 def stop_after(original):
     def parse(self, args=None, namespace=None):
@@ -343,13 +372,14 @@ def stop_after(original):
             if unknown:
                 self.error("unrecognized arguments: " + " ".join(unknown))
         else:
-            original(self, args, namespace)
+            parsed = original(self, args, namespace)
+            check_values(parsed[0] if isinstance(parsed, tuple) else parsed)
         print("parsed by", self.prog, words)
         sys.exit(0)
     return parse
 
 if mode != "run":
-    for name in ("parse_args", "parse_known_args"):
+    for name in ("parse_args", "parse_known_args", "parse_intermixed_args", "parse_known_intermixed_args"):
         setattr(argparse.ArgumentParser, name, stop_after(getattr(argparse.ArgumentParser, name)))
 sys.argv = [target, *args]
 if kind == "path":
@@ -558,6 +588,32 @@ def test_parse_mode_stops_at_the_parser_and_fails_on_an_unknown_flag(tmp_path):
     code, log = run(["python", "noparser.py"], "parse")
     assert code != 0 and "never parsed its arguments" in log
     assert run(["python", "prog.py", "--steps", "3"], "run")[0] == 0 and (tmp_path / "ran").exists()
+
+
+def test_parse_mode_checks_the_settings_a_command_names(tmp_path):
+    """A program parsing as the run does (intermixed: flags among key=value overrides) fails on a renamed flag, and
+    the values the run's settings resolve fail where the run would fail: an unknown override key, --model preset,
+    --config recipe, stage or mesh layout."""
+    (tmp_path / "run.py").write_text(
+        "import argparse\np = argparse.ArgumentParser()\n"
+        "for flag in ('--model', '--config', '--stages', '--target'):\n    p.add_argument(flag)\n"
+        "p.add_argument('overrides', nargs='*')\nargs = p.parse_intermixed_args()\nopen('ran', 'w')\n")
+
+    def run(*words):
+        out = subprocess.run(program_words(["python", "run.py", *words], "parse"), cwd=tmp_path, capture_output=True,
+                             text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+        return out.returncode, out.stderr
+
+    assert run("--model", "llama2-13b", "train.lr=1e-4", "--config", "paper", "--stages", "score",
+               "--target", "v5e-8") == (0, "")
+    assert not (tmp_path / "ran").exists()
+    for words, message in [(("--modle", "llama2-13b", "train.lr=1e-4"), "unrecognized arguments: --modle"),
+                           (("trian.lr=1e-4",), "unknown key 'trian'"),
+                           (("--model", "llama2-31b"), "unknown model preset 'llama2-31b'"),
+                           (("--config", "papr"), "--config papr"), (("--stages", "scor"), "unknown stage 'scor'"),
+                           (("--target", "v5e-9"), "--target v5e-9: not a layout")]:
+        code, log = run(*words)
+        assert code == 2 and message in log, (words, log)
 
 
 # --------------------------------------------------------------------------------------------------------------

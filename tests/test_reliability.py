@@ -16,24 +16,14 @@ import numpy as np
 import pytest
 
 from streamline_jax import train
-from streamline_jax.pruning import prune
 from streamline_jax.train import train_replacement
-from test_train import LLAMA, chunks, dense
+from helpers import TRAIN_KW, interrupt_at, make_setup, run_args as _args, signal_after_first_checkpoint
+from tiny import LLAMA_UNTIED, tiny_gguf
 
 TESTS = Path(__file__).resolve().parent
 
 # --------------------------------------------------------------------------------------------------------------
 # Training: interrupted anywhere, resumed bitwise
-
-TRAIN_KW = dict(batch_size=4, lr=3e-3, warmup_steps=1, eval_every=2, checkpoint_every=3, grad_accum=2,
-                progress=False, return_history=True)
-
-
-def make_setup():
-    model = dense(LLAMA)
-    pruned = prune(model, 1, 2, "layer")
-    return model, pruned, chunks(32), chunks(4, seed=2)
-
 
 @pytest.fixture(scope="module")
 def setup():
@@ -70,17 +60,6 @@ def _latest_checkpoint(folder: Path) -> int | None:
     return max(steps, default=None)
 
 
-def _interrupt_at(k, signum):
-    calls = []
-
-    def hook(point):
-        calls.append(point)
-        if len(calls) == k + 1:
-            os.kill(os.getpid(), signum)
-
-    return hook
-
-
 def test_ctrl_c_at_any_point_of_training_checkpoints_that_step_and_resumes_bitwise(setup, straight, tmp_path):
     points, straight = straight
     num_steps = points.count("logged")
@@ -90,7 +69,7 @@ def test_ctrl_c_at_any_point_of_training_checkpoints_that_step_and_resumes_bitwi
     picks = [points.index("stepped"), points.index("validated"), points.index("saved")]
     for k in picks:
         folder = tmp_path / f"int{k}"
-        train.loop.LOOP_HOOK = _interrupt_at(k, signal.SIGINT)
+        train.loop.LOOP_HOOK = interrupt_at(k, signal.SIGINT)
         try:
             with pytest.raises(KeyboardInterrupt):
                 _train(setup, folder)
@@ -107,7 +86,7 @@ import os, signal, sys
 sys.path.insert(0, {tests!r})
 import orbax.checkpoint as ocp
 from streamline_jax import train
-import test_reliability as t
+import helpers as t
 
 point = {point!r}
 if point == "mid-save":  # killed while Orbax writes the checkpoint
@@ -117,7 +96,7 @@ if point == "mid-save":  # killed while Orbax writes the checkpoint
         os.kill(os.getpid(), signal.SIGKILL)
     train.checkpoints._save = save
 else:
-    train.loop.LOOP_HOOK = t._interrupt_at(point, signal.SIGKILL)
+    train.loop.LOOP_HOOK = t.interrupt_at(point, signal.SIGKILL)
 model, pruned, data, valid = t.make_setup()
 train.train_replacement(model, pruned, data, valid_batches=valid, checkpoint_dir={folder!r}, **t.TRAIN_KW)
 """
@@ -138,12 +117,6 @@ def test_sigkill_at_any_point_of_training_resumes_bitwise(setup, straight, tmp_p
 # The command line: output folder, lock, settings, errors
 
 from streamline_jax import run as run_mod  # noqa: E402
-from test_run import _args  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def files(tiny_files):
-    return tiny_files
 
 
 def _report(out):
@@ -376,25 +349,13 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_goes_to_run_log(files
 # The fault cases of issue 49
 
 
-def _signal_after_first_checkpoint(signum):
-    """A train.LOOP_HOOK sending `signum` once the first periodic checkpoint is written."""
-    saved = []
-
-    def hook(point):
-        if point == "saved" and not saved:
-            saved.append(point)
-            os.kill(os.getpid(), signum)
-
-    return hook
-
-
 def test_an_interrupted_overwrite_is_continued_by_the_same_command(files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     base = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train", "train.checkpoint_every=1")
     assert run_mod.main(base) == 0
     before = (out / "report.json").read_text()
     again = base + ["--overwrite", "train.lr=0.02"]
-    monkeypatch.setattr(train.loop, "LOOP_HOOK", _signal_after_first_checkpoint(signal.SIGINT))
+    monkeypatch.setattr(train.loop, "LOOP_HOOK", signal_after_first_checkpoint(signal.SIGINT))
     assert run_mod.main(again) == 130
     staging = run_mod.staging_folder(out)
     assert (staging / "train_checkpoint").exists() and (out / "report.json").read_text() == before
@@ -496,9 +457,7 @@ def test_records_without_text_are_skipped_and_counted_up_to_the_setting(files, t
 
 
 def _truncated_gguf(tmp_path, where: str) -> Path:
-    from test_distributed import LLAMA as GGUF_LLAMA, _tiny_gguf
-
-    path = _tiny_gguf(tmp_path / "whole.gguf", GGUF_LLAMA)
+    path = tiny_gguf(tmp_path / "whole.gguf", LLAMA_UNTIED)
     raw = path.read_bytes()
     cut = tmp_path / f"cut-in-{where}.gguf"
     cut.write_bytes(raw[:200] if where == "metadata" else raw[:len(raw) - 5000])
@@ -590,8 +549,8 @@ TERMINATED_RUN = """
 import signal, sys
 sys.path.insert(0, {tests!r})
 from streamline_jax import run, train
-import test_reliability as t
-train.loop.LOOP_HOOK = t._signal_after_first_checkpoint(signal.SIGTERM)
+import helpers as t
+train.loop.LOOP_HOOK = t.signal_after_first_checkpoint(signal.SIGTERM)
 sys.exit(run.main({args!r}))
 """
 
@@ -637,7 +596,7 @@ def test_a_resume_whose_span_moved_because_the_data_changed_says_so(files, tmp_p
     out = tmp_path / "out"
     args = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train", "train.checkpoint_every=1",
                  f"data.calibration={calibration}")
-    monkeypatch.setattr(train.loop, "LOOP_HOOK", _signal_after_first_checkpoint(signal.SIGINT))
+    monkeypatch.setattr(train.loop, "LOOP_HOOK", signal_after_first_checkpoint(signal.SIGINT))
     assert run_mod.main(args) == 130
     monkeypatch.setattr(train.loop, "LOOP_HOOK", None)
     capsys.readouterr()

@@ -16,22 +16,8 @@ from streamline_jax import run as run_mod
 from streamline_jax.loading import load
 from streamline_jax.models import transformer
 from streamline_jax.models.model import forward
+from helpers import run_args as _args
 from tiny import LLAMA, hf_folder
-
-
-@pytest.fixture(scope="module")
-def files(tiny_files):
-    return tiny_files
-
-
-def _args(files, model, out, *extra):
-    d = files["data"]
-    return ["--model", str(files[model]), "--out", str(out), "--quiet",
-            f"data.calibration={d / 'train.jsonl'}", f"data.valid={d / 'valid.jsonl'}", "data.seq_len=32",
-            "data.calib_chunks=4", "data.train_chunks=16", "data.valid_chunks=2", "data.batch_size=4",
-            "score.sparsity=null", "score.num_layers=2", "eval.tasks=[]", f"eval.perplexity_text={d / 'eval.txt'}",
-            "eval.window=64", "samples.prompts=[the cat]", "samples.max_new_tokens=4", "train.lr=1e-3",
-            "train.distill_steps=0", *extra]  # the distillation phase where a test asks for it
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])

@@ -7,38 +7,10 @@ import pytest
 import torch
 import transformers
 
-from reference import params_from_torch, torch_model
 from streamline_jax import score
 from streamline_jax.models import transformer
-from streamline_jax.models.config import ModelConfig, from_hf_config, to_hf_config
-from streamline_jax.models.model import Model
-
-GEMMA_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
-                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, query_pre_attn_scalar=32,
-                sliding_window=4, hidden_activation="gelu_pytorch_tanh")
-TINY = {
-    "llama": ModelConfig(family="llama", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6,
-                         num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5),
-    "opt": ModelConfig(family="opt", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=6, num_heads=4,
-                       num_kv_heads=4, head_dim=16, word_embed_proj_dim=64, activation="relu", pad_token_id=1,
-                       max_position_embeddings=64),
-    "qwen2": ModelConfig(family="llama", model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=96,
-                         num_layers=6, num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True),
-    "qwen3": ModelConfig(family="llama", model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96,
-                         num_layers=6, num_heads=4, num_kv_heads=2, head_dim=24, qk_norm=True),
-    # sliding layers 0, 2, 4 (window 4) and soft-caps that bend tiny random scores
-    "gemma2": from_hf_config(dict(GEMMA_HF, model_type="gemma2", attn_logit_softcapping=0.05,
-                                  final_logit_softcapping=1.0)),
-    # layer_types s s f s s f; a local rope base of its own and a scaled global rope
-    "gemma3": from_hf_config(dict(GEMMA_HF, model_type="gemma3_text", sliding_window_pattern=3, rope_theta=1e6,
-                                  rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 8.0})),
-}
-
-
-def reference_pair(family):
-    """A random transformers model (tests/reference.py) and our Model with the same weights."""
-    ref = torch_model(TINY[family])
-    return ref, Model(TINY[family], params_from_torch(TINY[family], ref))
+from streamline_jax.models.config import from_hf_config
+from tiny import FAMILIES, reference_pair
 
 
 def padded_batches():
@@ -266,7 +238,7 @@ def test_sparsity_on_an_already_pruned_model_counts_each_layer():
     """Layers differ in size once a block is in: the search must agree with counting every pruned config."""
     from streamline_jax.pruning import prune_config
 
-    config = prune_config(TINY["llama"], 1, 2, "mlp", mlp_width=8)  # layers: full, tiny mlp, full, full, full
+    config = prune_config(FAMILIES["llama"], 1, 2, "mlp", mlp_width=8)  # layers: full, tiny mlp, full, full, full
     scores = fake_scores(config, seed=2)
     total = transformer.count_params(transformer.abstract_params(config))
     for r in (0.05, 0.2, 0.35):
@@ -355,7 +327,7 @@ def test_perplexity_choice_equals_a_brute_force_loop_over_spans(family):
 
 
 def test_last_metric_drops_the_last_layers():
-    config = TINY["llama"]
+    config = FAMILIES["llama"]
     assert (score.choose_last_span(config, length=2).start, score.choose_last_span(config, length=2).end) == (4, 6)
     assert score.choose_last_span(config, length=2, protect_last=1).start == 3
     n, _ = score.spans_for_sparsity(config, 0.3, "none")

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from streamline_jax.sharding import ShardingError, logical_to_spec, make_mesh, param_shardings
 from streamline_jax.models import transformer
-from test_models import CONFIGS
+from tiny import CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,12 +8,7 @@ import json
 import pytest
 
 from streamline_jax import evaluation, loading, pipeline, run as run_mod, score, sweep
-from test_run import _args
-
-
-@pytest.fixture(scope="module")
-def files(tiny_files):
-    return tiny_files
+from helpers import run_args as _args
 
 
 @pytest.fixture

@@ -11,34 +11,18 @@ import pytest
 
 from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig, from_hf_config
-from streamline_jax.models.model import Model
 from streamline_jax.pruning import prune
 from streamline_jax.train import TrainingError, train_replacement, trainable_blocks
+from tiny import SMALL, SMALL_LLAMA as LLAMA, SMALL_OPT as OPT, chunks, dense
 
-TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=6, num_heads=4, head_dim=8,
-            max_position_embeddings=64)
-LLAMA = ModelConfig(family="llama", model_type="llama", num_kv_heads=2, **TINY)
-OPT = ModelConfig(family="opt", model_type="opt", num_kv_heads=4, activation="relu", **TINY)
-QWEN = {"qwen2": ModelConfig(family="llama", model_type="qwen2", num_kv_heads=2, qkv_bias=True, **TINY),
-        "qwen3": ModelConfig(family="llama", model_type="qwen3", num_kv_heads=2, qk_norm=True, **TINY)}
+QWEN = {"qwen2": ModelConfig(family="llama", model_type="qwen2", num_kv_heads=2, qkv_bias=True, **SMALL),
+        "qwen3": ModelConfig(family="llama", model_type="qwen3", num_kv_heads=2, qk_norm=True, **SMALL)}
 GEMMA_HF = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64, sliding_window=4)
 GEMMA = {"gemma2": from_hf_config(dict(GEMMA_HF, model_type="gemma2", attn_logit_softcapping=5.0,
                                        final_logit_softcapping=30.0)),
          "gemma3": from_hf_config(dict(GEMMA_HF, model_type="gemma3_text", sliding_window_pattern=3,
                                        rope_local_base_freq=100.0))}
-
-
-def dense(config, seed=0):
-    """A random model whose layers change the hidden state a lot (std 0.02 weights barely do)."""
-    params = transformer.init_params(config, jax.random.PRNGKey(seed))
-    scale = lambda path, a: a * 8 if path[-1].key in ("kernel", "embed_tokens") else a
-    return Model(config, jax.tree_util.tree_map_with_path(scale, params))
-
-
-def chunks(n, seq=16, seed=0, vocab=64):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, size=seq).astype(np.int32) for _ in range(n)]
 
 
 def patterned_chunks(n, seq=16, seed=0):
