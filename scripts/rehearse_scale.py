@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -203,60 +204,98 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def run_child(command: list[str], env: dict, log: Path, watch: Path | None = None) -> tuple[int, int, int]:
-    """(exit status, peak RSS in bytes, largest size `watch` reached on disk) of a child process."""
-    peak_watch = [0]
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):  # exited meanwhile
+        return 0
+
+
+def current_stage(log: Path) -> str:
+    """The stage the run's log last said it started ("setup" before the first)."""
+    found = re.findall(r"\[(\w+)\] started", log.read_text(errors="replace")) if log.exists() else []
+    return found[-1] if found else "setup"
+
+
+def run_child(command: list[str], env: dict, log: Path, watch: Path | None = None) -> dict:
+    """The exit status (`rc`), peak RSS in bytes (`peak`: the kernel's), the peak RSS seen in each stage the log
+    names (`stage_peaks`, sampled each second) and the largest size `watch` reached on disk (`watch_peak`)."""
+    seen = {"watch_peak": 0, "stage_peaks": {}}
     with open(log, "w") as out:
         child = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         done = threading.Event()
 
-        def watch_size():
+        def sample():
             while not done.wait(1.0):
+                name = current_stage(log)
+                seen["stage_peaks"][name] = max(seen["stage_peaks"].get(name, 0), rss_bytes(child.pid))
                 if watch is not None and watch.exists():
-                    peak_watch[0] = max(peak_watch[0], folder_bytes(watch))
+                    seen["watch_peak"] = max(seen["watch_peak"], folder_bytes(watch))
 
-        watcher = threading.Thread(target=watch_size, daemon=True)
-        watcher.start()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
         done.set()
-        watcher.join()
-    return child.returncode, usage.ru_maxrss * 1024, peak_watch[0]
+        sampler.join()
+    return {"rc": child.returncode, "peak": usage.ru_maxrss * 1024, **seen}
 
 
 def tail(log: Path, lines: int = 15) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def run_overrides(args, folder: Path) -> list[str]:
-    return [f"model.source={folder}", "model.dtype=bfloat16", f"data.seq_len={args.seq_len}",
-            f"data.calib_chunks={args.chunks}", f"data.train_chunks={args.chunks}", "data.valid_chunks=0",
-            "data.batch_size=1", f"train.num_steps={args.mse_steps}", f"train.distill_steps={args.distill_steps}",
-            "train.pair_cache=true", "eval.ppl_windows=1", f"eval.limit={args.mc_items}", "eval.batch_size=1",
-            "samples.prompts=[]", "export.gguf=false"]
+def mesh_split(config, devices: int, mesh: str) -> tuple[int, int]:
+    """(fsdp, tensor) for `devices`. `tensor`: the most tensor parallelism that divides the heads, the MLP and the
+    vocabulary, the rest fsdp. On simulated devices every one is host memory, and fsdp gathers each layer (and the
+    head) whole on every device as it runs: 8 fsdp devices hold 8 gathered copies of the largest weights at once,
+    a pod's chips one each. `fsdp`: every device on fsdp, the layout configs/meshes.yaml gives 8-chip targets."""
+    if mesh == "fsdp":
+        return devices, 1
+    sizes = (config.num_heads, config.num_kv_heads, config.intermediate_size, config.vocab_size)
+    tensor = max(t for t in range(1, devices + 1) if devices % t == 0 and all(n % t == 0 for n in sizes))
+    return devices // tensor, tensor
 
 
-def run_pipeline(args, folder: Path, preset_yaml: Path | None, out: Path) -> dict:
+def run_overrides(args, folder: Path, fsdp: int, tensor: int) -> list[str]:
+    """Tiny data sizes, every batch one sequence per device (`--batch`, default --devices): a batch that does not
+    divide over the devices is replicated, and each simulated device would then hold the whole step's activations
+    in host memory (a pod's batch is at least its chip count: configs/meshes.yaml)."""
+    b, seq = args.batch or args.devices, args.seq_len
+    wikitext = '"{data}/wikitext-2-raw/wiki.test.raw"'  # quoted: a YAML value
+    return [f"model.source={folder}", "model.dtype=bfloat16", f"data.seq_len={seq}", f"data.batch_size={b}",
+            f"data.calib_chunks={b * args.calib_batches}", f"data.train_chunks={b * args.train_batches}",
+            "data.valid_chunks=0", f"train.num_steps={args.mse_steps}", f"train.distill_steps={args.distill_steps}",
+            "train.pair_cache=true", "eval.tasks=[piqa]", f"eval.perplexity_text={wikitext}",
+            f"eval.window={seq}", f"eval.ppl_windows={b}", f"eval.limit={args.mc_items}", f"eval.batch_size={b}",
+            "samples.prompts=[]", "export.gguf=false", "mesh.data=1", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"]
+
+
+def run_pipeline(args, folder: Path, preset_yaml: Path | None, out: Path, mesh: tuple[int, int]) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, written in place (no --overwrite staging)
     command = [sys.executable, "-m", "streamline_jax.run", "--model", str(folder), "--out", str(out), "--quiet"]
     if preset_yaml is not None:
         command += ["--config", str(preset_yaml)]  # the preset's settings (what distils), its shapes checked
-    command += run_overrides(args, folder)
+    command += run_overrides(args, folder, *mesh)
     log = out.parent / f"{out.name}.log"
     start = time.perf_counter()
-    rc, peak, pair_cache = run_child(command, device_env(args.devices), log, watch=out / "pair_cache")
-    if rc != 0:
-        raise RehearsalError(f"the run failed (exit {rc}); the end of {log}:\n{tail(log)}")
+    child = run_child(command, device_env(args.devices), log, watch=out / "pair_cache")
+    peaks = {k: round(v / GIB, 2) for k, v in child["stage_peaks"].items()}
+    if child["rc"] != 0:
+        raise RehearsalError(f"the run failed (exit {child['rc']}; peak RSS by stage, GiB: {peaks}); the end of "
+                             f"{log}:\n{tail(log)}")
     report = json.loads((out / "report.json").read_text())
-    return {"command": " ".join(command), "wall_s": time.perf_counter() - start, "peak_rss": peak,
-            "pair_cache": pair_cache, "report": report}
+    return {"command": " ".join(command), "wall_s": time.perf_counter() - start, "peak_rss": child["peak"],
+            "stage_peak_rss_gib": peaks, "pair_cache": child["watch_peak"], "report": report}
 
 
 COMPARE_TOKENS = 64
 
 
-def logits_child(model_path: str, devices: int, save: str) -> None:
-    """In a child process: load `model_path` onto `devices` devices (fsdp) and save its logits on a fixed batch."""
+def logits_child(model_path: str, devices: int, tensor: int, save: str) -> None:
+    """In a child process: load `model_path` onto `devices` devices (`tensor` of them on the tensor axis, the rest
+    fsdp) and save its logits on a fixed batch."""
     import jax
 
     from streamline_jax.loading import load
@@ -264,21 +303,21 @@ def logits_child(model_path: str, devices: int, save: str) -> None:
     from streamline_jax.sharding import make_mesh
 
     assert jax.device_count() == devices, jax.devices()
-    model = load(model_path, "bfloat16", mesh=make_mesh(1, devices, 1))
+    model = load(model_path, "bfloat16", mesh=make_mesh(1, devices // tensor, tensor))
     model = with_compute_dtype(model, "float32")
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (1, COMPARE_TOKENS))
     np.save(save, np.asarray(forward(model, ids), np.float32))
 
 
-def model_logits(model_path: Path, devices: int, save: Path) -> tuple[np.ndarray, int]:
+def model_logits(model_path: Path, devices: int, tensor: int, save: Path) -> tuple[np.ndarray, int]:
     """(logits, peak RSS of the loading process)."""
     log = save.with_suffix(".log")
     command = [sys.executable, str(Path(__file__).resolve()), "--logits-of", str(model_path), "--devices",
-               str(devices), "--save", str(save)]
-    rc, peak, _ = run_child(command, device_env(devices), log)
-    if rc != 0:
-        raise RehearsalError(f"loading {model_path} on {devices} devices failed (exit {rc}):\n{tail(log)}")
-    return np.load(save), peak
+               str(devices), "--tensor", str(tensor), "--save", str(save)]
+    child = run_child(command, device_env(devices), log)
+    if child["rc"] != 0:
+        raise RehearsalError(f"loading {model_path} on {devices} devices failed (exit {child['rc']}):\n{tail(log)}")
+    return np.load(save), child["peak"]
 
 
 def compare_logits(a: np.ndarray, b: np.ndarray) -> dict:
@@ -331,16 +370,22 @@ def rehearse(args) -> dict:
     check_disk(out.parent, 2 * weights + GIB, "the run's outputs (Orbax model, Hugging Face export, pair cache)")
     result = {"preset": name, "params": weights // 2, "weights_gib": round(weights / GIB, 3)}
     try:
-        ran = run_pipeline(args, folder, preset_yaml, out)
+        mesh = mesh_split(config, args.devices, args.mesh)
+        ran = run_pipeline(args, folder, preset_yaml, out, mesh)
         result.update(peak_rss_gib=round(ran["peak_rss"] / GIB, 3), rss_ratio=round(ran["peak_rss"] / weights, 3),
-                      stage_seconds=stage_seconds(ran["report"]), pair_cache_gib=round(ran["pair_cache"] / GIB, 4),
+                      stage_seconds=stage_seconds(ran["report"]), stage_peak_rss_gib=ran["stage_peak_rss_gib"],
+                      pair_cache_gib=round(ran["pair_cache"] / GIB, 4),
                       span=ran["report"].get("span"), pruned_params=ran["report"]["params"]["pruned"])
-        restored, restore_peak = model_logits(out / "model", args.restore_devices, out.parent / f"{name}-orbax.npy")
-        exported, export_peak = model_logits(out / "hf", args.devices, out.parent / f"{name}-hf.npy")
+        restore_mesh = mesh_split(config, args.restore_devices, args.mesh)
+        restored, restore_peak = model_logits(out / "model", args.restore_devices, restore_mesh[1],
+                                              out.parent / f"{name}-orbax.npy")
+        exported, export_peak = model_logits(out / "hf", args.devices, mesh[1], out.parent / f"{name}-hf.npy")
         compared = compare_logits(restored, exported)
         result.update(restored_equal=compared["equal"], logits=compared, export_index=check_export_index(out / "hf"),
                       export_loaded=True, restore_peak_rss_gib=round(restore_peak / GIB, 3),
-                      export_load_peak_rss_gib=round(export_peak / GIB, 3), command=ran["command"])
+                      export_load_peak_rss_gib=round(export_peak / GIB, 3), command=ran["command"],
+                      mesh={"run": dict(fsdp=mesh[0], tensor=mesh[1]),
+                            "restore": dict(fsdp=restore_mesh[0], tensor=restore_mesh[1])})
     finally:
         if not args.keep:
             shutil.rmtree(out, ignore_errors=True)
@@ -357,16 +402,23 @@ def make_parser() -> argparse.ArgumentParser:
     what.add_argument("--config-json", help="a JSON file of ModelConfig fields instead (tests: tiny shapes)")
     what.add_argument("--logits-of", help=argparse.SUPPRESS)  # the child process that loads a model
     p.add_argument("--save", help=argparse.SUPPRESS)
+    p.add_argument("--tensor", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--mesh", choices=("tensor", "fsdp"), default="tensor",
+                   help="tensor: the most tensor parallelism the shapes allow, the rest fsdp (default); fsdp: every "
+                        "device on fsdp, as meshes.yaml's 8-chip layouts (host memory then holds a gathered layer "
+                        "and head per simulated device)")
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices of the run (default 8)")
     p.add_argument("--restore-devices", type=int, default=4, help="devices the Orbax model is restored on")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "streamline_jax" / "rehearsal"),
                    help="where the random model is kept and the run is written")
     p.add_argument("--shard-mib", type=int, default=4096, help="safetensors shard size of the random model")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--chunks", type=int, default=2, help="calibration chunks, and as many training chunks")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per chunk (and per perplexity window)")
+    p.add_argument("--batch", type=int, help="chunks per batch (default: --devices, one per device)")
+    p.add_argument("--calib-batches", type=int, default=1, help="calibration batches")
+    p.add_argument("--train-batches", type=int, default=2, help="training batches")
     p.add_argument("--mse-steps", type=int, default=2)
     p.add_argument("--distill-steps", type=int, default=2)
-    p.add_argument("--mc-items", type=int, default=2, help="multiple-choice items per task")
+    p.add_argument("--mc-items", type=int, default=4, help="multiple-choice items (PIQA)")
     p.add_argument("--keep", action="store_true", help="keep the run's output folder")
     return p
 
@@ -374,7 +426,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     if args.logits_of:
-        logits_child(args.logits_of, args.devices, args.save)
+        logits_child(args.logits_of, args.devices, args.tensor, args.save)
         return 0
     if not (args.preset or args.config_json):
         print("error: give --preset NAME or --config-json FILE", file=sys.stderr)

@@ -610,10 +610,10 @@ def save_stage(c: RunConfig, pruned, out: Path, inputs: Inputs, params_before: i
             export.save_orbax_model(pruned, out / "model", overwrite=True)
             outputs["orbax"] = "model/ (streamline_jax.load)"
         gguf_ok = inputs.tokenizer_source is not None and not inputs.no_gguf
-        if inputs.hf_ok or gguf_ok:  # gathered on every process (a collective)
-            from .distributed import to_host
+        if inputs.hf_ok or gguf_ok:  # gathered on every process (a collective); one process: read tensor by tensor
+            from .distributed import host_readable
 
-            host = pruned.replace(params=to_host(pruned.params))
+            host = pruned.replace(params=host_readable(pruned.params))
         if inputs.hf_ok:  # written by process 0
             main_only(export.export_hf)(host, out / "hf", overwrite=True)
             outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
