@@ -364,7 +364,7 @@ def rehearse(args) -> dict:
     name = args.preset or Path(args.config_json).stem
     cache = Path(args.cache).expanduser()
     folder = cache / name
-    shapes = write_model_folder(folder, config, args.shard_mib * 1024 ** 2)
+    shapes = write_model_folder(folder, config, int(args.shard_gib * GIB))
     weights = sum(2 * int(np.prod(s)) for s in shapes.values())
     out = cache / "runs" / name
     check_disk(out.parent, 2 * weights + GIB, "the run's outputs (Orbax model, Hugging Face export, pair cache)")
@@ -411,7 +411,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore-devices", type=int, default=4, help="devices the Orbax model is restored on")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "streamline_jax" / "rehearsal"),
                    help="where the random model is kept and the run is written")
-    p.add_argument("--shard-mib", type=int, default=4096, help="safetensors shard size of the random model")
+    p.add_argument("--shard-gib", type=float, default=4.0, help="safetensors shard size of the random model")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per chunk (and per perplexity window)")
     p.add_argument("--batch", type=int, help="chunks per batch (default: --devices, one per device)")
     p.add_argument("--calib-batches", type=int, default=1, help="calibration batches")
