@@ -277,7 +277,7 @@ def run_pipeline(args, folder: Path, preset_yaml: Path | None, out: Path, mesh: 
     command = [sys.executable, "-m", "streamline_jax.run", "--model", str(folder), "--out", str(out), "--quiet"]
     if preset_yaml is not None:
         command += ["--config", str(preset_yaml)]  # the preset's settings (what distils), its shapes checked
-    command += run_overrides(args, folder, *mesh)
+    command += run_overrides(args, folder, *mesh) + args.set
     log = out.parent / f"{out.name}.log"
     start = time.perf_counter()
     child = run_child(command, device_env(args.devices), log, watch=out / "pair_cache")
@@ -419,6 +419,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--mse-steps", type=int, default=2)
     p.add_argument("--distill-steps", type=int, default=2)
     p.add_argument("--mc-items", type=int, default=4, help="multiple-choice items (PIQA)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the run, after the rehearsal's own (e.g. train.distill_trainable=[block])")
     p.add_argument("--keep", action="store_true", help="keep the run's output folder")
     return p
 
