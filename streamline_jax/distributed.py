@@ -192,6 +192,13 @@ def to_host(tree):
                         np.asarray(multihost_utils.process_allgather(a, tiled=True)), tree)
 
 
+def host_readable(tree):
+    """Arrays this process can read whole, for writing files: in one process the tree as it is (each array comes to
+    the host when its turn to be written comes, so a model is never on the host whole); across processes, gathered
+    (`to_host`)."""
+    return tree if jax.process_count() == 1 else to_host(tree)
+
+
 def global_batch(mesh, arrays):
     """A batch every process holds in full (the same numpy arrays) as global arrays split over data × fsdp; each
     process places only its own devices' rows."""

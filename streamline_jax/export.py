@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .checkpoint import hf_tensors_from_params
+from .distributed import host_readable
 from .model_io import ORBAX_MARKER, atomic_folder, load_orbax_model, read_orbax_config, save_orbax_model  # noqa: F401
 from .models import transformer
 from .models.config import ModelConfig, Segment, to_hf_config
@@ -79,63 +80,61 @@ def as_decoder_layers(config: ModelConfig, params) -> tuple[ModelConfig, dict]:
     return config.replace(layout=tuple(layout)), new_params
 
 
-def _host(tree):
-    from .distributed import to_host
-
-    return to_host(tree)
-
-
 def write_safetensors(tensors, folder: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
-    """Write (name, array) pairs as model.safetensors, or as shards plus model.safetensors.index.json."""
-    from safetensors.numpy import save_file
-
-    shards, current, size = [], {}, 0
-    for name, array in tensors:
-        array = np.ascontiguousarray(array)
-        if current and size + array.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = array
-        size += array.nbytes
-    shards.append(current)
+    """Write (name, array) pairs as model.safetensors, or as shards plus model.safetensors.index.json. One tensor is
+    in memory at a time: each goes to its shard's data file as it comes, and the header is put in front of the data
+    once every shard is known (numpy has no bfloat16 of safetensors' writer: the header is written here)."""
+    shards: list[dict] = []  # {name: (dtype, shape, nbytes)} per shard; its data in folder/.shard-<i>.data
+    size, data = 0, None
+    try:
+        for name, array in tensors:
+            array = np.ascontiguousarray(array)
+            if data is None or (shards[-1] and size + array.nbytes > max_shard_bytes):
+                if data is not None:
+                    data.close()
+                shards.append({})
+                size, data = 0, open(folder / f".shard-{len(shards)}.data", "wb")
+            data.write(array.tobytes())
+            shards[-1][name] = (array.dtype, array.shape, array.nbytes)
+            size += array.nbytes
+    finally:
+        if data is not None:
+            data.close()
     if len(shards) == 1:
-        _save_shard(save_file, shards[0], folder / "model.safetensors")
+        _finish_shard(folder / ".shard-1.data", shards[0], folder / "model.safetensors")
         return ["model.safetensors"]
-    names, weight_map, total = [], {}, 0
+    names, weight_map = [], {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        _save_shard(save_file, shard, folder / fname)
+        _finish_shard(folder / f".shard-{i + 1}.data", shard, folder / fname)
         names.append(fname)
-        for k, v in shard.items():
-            weight_map[k] = fname
-            total += v.nbytes
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(nbytes for shard in shards for _, _, nbytes in shard.values())
     (folder / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return names
 
 
-def _save_shard(save_file, shard: dict, path: Path):
-    # safetensors' numpy writer has no bfloat16: store its bits under the BF16 tag by hand
-    if any(a.dtype == jnp.bfloat16 for a in shard.values()):
-        _save_with_bf16(shard, path)
-    else:
-        save_file(shard, str(path), metadata={"format": "pt"})
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(jnp.bfloat16): "BF16",
+                      np.dtype(np.float64): "F64", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
 
 
-def _save_with_bf16(shard: dict, path: Path):
-    codes = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(jnp.bfloat16): "BF16",
-             np.dtype(np.float64): "F64", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
+def _finish_shard(data: Path, shard: dict, path: Path) -> None:
+    """The safetensors file: its header, then the shard's data file copied behind it (and removed)."""
+    import shutil
+
     header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, a in shard.items():
-        header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
+    for name, (dtype, shape, nbytes) in shard.items():
+        header[name] = {"dtype": SAFETENSORS_DTYPES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, open(data, "rb") as src:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
-        for a in shard.values():
-            f.write(a.tobytes())
+        shutil.copyfileobj(src, f, 64 * 1024 ** 2)
+    data.unlink()
 
 
 def export_hf(model: Model, folder: str | os.PathLike, overwrite: bool = False,
@@ -150,7 +149,7 @@ def export_hf(model: Model, folder: str | os.PathLike, overwrite: bool = False,
     layer_config, params = as_decoder_layers(config, model.params)
     hf_config = to_hf_config(layer_config)
     with atomic_folder(folder, overwrite) as tmp:
-        write_safetensors(hf_tensors_from_params(layer_config, _host(params)), tmp, max_shard_bytes)
+        write_safetensors(hf_tensors_from_params(layer_config, host_readable(params)), tmp, max_shard_bytes)
         model.tokenizer.save_pretrained(str(tmp))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")  # last
     return folder

@@ -133,10 +133,10 @@ def _tensor_names(config: ModelConfig):
 def gguf_tensors(config: ModelConfig, params):
     """(GGUF name, float32 array in llama.cpp's layout) of every tensor, for a model of decoder layers."""
     from .checkpoint import hf_tensors_from_params
-    from .distributed import to_host
+    from .distributed import host_readable
 
     names, arch = _tensor_names(config), architecture(config.model_type)
-    layer_config, params = as_decoder_layers(config, to_host(params))
+    layer_config, params = as_decoder_layers(config, host_readable(params))
     for hf_name, w in hf_tensors_from_params(layer_config, params):
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:

@@ -287,11 +287,16 @@ def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: Share
     return scores, choices, parts
 
 
-def prune_stage(c: RunConfig, dense, choices, calib_source, shared: SharedWork | None = None):
+def prune_stage(c: RunConfig, dense, choices, calib_source, shared: SharedWork | None = None,
+                share_layers: bool = False):
     """The spans cut out and their blocks put in (a `linear` block, or `prune.init=linear`, fitted in closed form
-    on the calibration chunks): (pruned model, report parts)."""
+    on the calibration chunks): (dense model, pruned model, report parts). With `share_layers`, the dense model
+    comes back with its stack split at the spans' ends, and the pruned model holds the kept layers' arrays of that
+    split instead of copies: one model's memory for both (`dense` is unusable after)."""
     from . import pruning as prune_mod
 
+    if share_layers:
+        dense = prune_mod.split_stack(dense, [e for ch in choices for e in (ch.start, ch.end)])
     pruned = dense
     for choice in sorted(choices, key=lambda ch: -ch.start):  # later spans first: earlier starts stay valid
         pruned = prune_mod.prune(pruned, choice.start, choice.length, c.prune.replacement, c.prune.mlp_width)
@@ -308,7 +313,7 @@ def prune_stage(c: RunConfig, dense, choices, calib_source, shared: SharedWork |
     parts.update(params={"dense": dense.num_params, "pruned": pruned.num_params,
                          "dense_layers": dense.config.depth, "pruned_layers": pruned.config.depth},
                  pruned_config=pruned.config.to_dict())
-    return pruned, parts
+    return dense, pruned, parts
 
 
 TRAINED_SPANS = "spans.json"  # in train_checkpoint/: the spans its blocks replace and the data that chose them
@@ -511,10 +516,10 @@ def save_stage(c: RunConfig, pruned, out: Path, inputs: Inputs, params_before: i
             export.save_orbax_model(pruned, out / "model", overwrite=True)
             outputs["orbax"] = "model/ (streamline_jax.load)"
         gguf_ok = inputs.tokenizer_source is not None and not inputs.no_gguf
-        if inputs.hf_ok or gguf_ok:  # gathered on every process (a collective)
-            from .distributed import to_host
+        if inputs.hf_ok or gguf_ok:  # gathered on every process (a collective); one process: read tensor by tensor
+            from .distributed import host_readable
 
-            host = pruned.replace(params=to_host(pruned.params))
+            host = pruned.replace(params=host_readable(pruned.params))
         if inputs.hf_ok:  # written by process 0
             main_only(export.export_hf)(host, out / "hf", overwrite=True)
             outputs["hf"] = "hf/ (transformers.AutoModelForCausalLM.from_pretrained)"
@@ -565,6 +570,7 @@ def _run(ctx: RunContext) -> dict:
     c, out, stages, times, inputs = ctx.config, ctx.out, ctx.stages, ctx.times, ctx.inputs
     resume, preset, target, progress, shared = ctx.resume, ctx.preset, ctx.target, ctx.progress, ctx.shared
     log.info("output folder %s; stages %s", out, ", ".join(stages))
+    owns_dense = shared is None  # a sweep's points share the dense model: each prunes it whole
     shared = shared if shared is not None else SharedWork()  # this run's own: calibration tokenized once
     report: dict[str, Any] = {"stages": list(stages), "config": c.to_dict(), "preset": preset,
                               "devices": [str(d) for d in jax.devices()], "finished": None, "command": ctx.command}
@@ -581,7 +587,7 @@ def _run(ctx: RunContext) -> dict:
         report.update(parts)
     if "prune" in stages:
         with stage("prune", times):
-            pruned, parts = prune_stage(c, dense, choices, inputs.calib_source, shared)
+            dense, pruned, parts = prune_stage(c, dense, choices, inputs.calib_source, shared, owns_dense)
         report.update(parts)
     if "train" in stages and c.prune.replacement not in ("none", "linear"):  # `linear` is fitted, not trained
         with stage("train", times):

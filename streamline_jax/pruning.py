@@ -169,6 +169,55 @@ def prune(model: Model, start: int, length: int, replacement: str = "layer", mlp
     return out
 
 
+def split_stack(model: Model, cuts) -> Model:
+    """The same dense model with its stack of layers as consecutive `layers` segments cut at `cuts`, so that a model
+    pruned at those cuts holds the kept segments' own arrays instead of copies (`prune` keeps whole segments as they
+    are). Each stacked array is split one device shard at a time and that shard freed at once: host memory grows by
+    a shard, not by a model, and `model`'s arrays are deleted (use the model returned)."""
+    config = model.config
+    if not config.is_dense:
+        raise ValueError("split_stack splits a dense model's stack of layers")
+    bounds = sorted({0, config.depth} | {int(c) for c in cuts if 0 < c < config.depth})
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    if len(ranges) == len(config.layout):
+        return model
+    old = {}
+    for i, (seg, first) in enumerate(zip(config.layout, transformer.layer_offsets(config))):
+        old.update({(first, first + seg.num_layers): model.params["segments"][f"seg_{i}"]})
+    parts = [[] for _ in ranges]
+    for (lo, hi), seg_params in old.items():
+        inside = [k for k, (a, b) in enumerate(ranges) if lo <= a and b <= hi]
+        pieces = jax.tree.map(lambda a: _split_leaf(a, [(ranges[k][0] - lo, ranges[k][1] - lo) for k in inside]),
+                              seg_params)
+        for j, k in enumerate(inside):
+            parts[k] = jax.tree.map(lambda leaf: leaf[j], pieces, is_leaf=lambda x: isinstance(x, list))
+    params = {**model.params, "segments": {f"seg_{k}": p for k, p in enumerate(parts)}}
+    layout = tuple(Segment("layers", b - a) for a, b in ranges)
+    return model.replace(config=config.replace(layout=layout), params=params)
+
+
+def _split_leaf(a, ranges) -> list:
+    """Stacked array `a` cut along its layer axis into `ranges`; `a` deleted. Each device's shard is cut and freed in
+    turn where the layer axis is whole on every device; otherwise the whole array is cut, then freed."""
+    if not isinstance(a, jax.Array) or not all(_whole_axis0(s.index) for s in a.addressable_shards):
+        out = [a[lo:hi] for lo, hi in ranges]
+        if isinstance(a, jax.Array):
+            a.delete()
+        return out
+    per_range = [[] for _ in ranges]
+    for shard in a.addressable_shards:
+        data = shard.data
+        for k, (lo, hi) in enumerate(ranges):
+            per_range[k].append(data[lo:hi])
+        data.delete()
+    return [jax.make_array_from_single_device_arrays((hi - lo,) + a.shape[1:], a.sharding, arrays)
+            for (lo, hi), arrays in zip(ranges, per_range)]
+
+
+def _whole_axis0(index) -> bool:
+    return not index or index[0] == slice(None)
+
+
 def prune_layers(model: Model, layers) -> Model:
     """Remove individual layers (ShortGPT's baseline, e.g. `score.choose_layers(...).layers`) without replacement."""
     layers = sorted(set(int(i) for i in layers))

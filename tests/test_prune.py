@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -188,3 +190,20 @@ def test_gemma_layer_types_follow_the_layers():
     twice = sj_prune.prune(pruned, 3, 2, "none")  # drops current layers 3, 4 (original 4 and 5)
     assert twice.config.layer_types == ("sliding_attention",) * 3
     assert_close(ours(twice), theirs(ref, [0, 1, 3]))
+
+
+def test_split_stack_lets_the_pruned_model_hold_the_dense_models_arrays(pair):
+    """The run splits the dense stack at the span's ends, so the pruned model keeps the dense model's own arrays for
+    the layers before and after the span (no second copy in memory), and both models compute what they did."""
+    _, model = pair
+    model = model.replace(params=jax.tree.map(jnp.copy, model.params))  # split_stack deletes the arrays it splits
+    dense_logits, pruned_logits = ours(model), ours(sj_prune.prune(model, 2, 2, "layer"))
+    dense = sj_prune.split_stack(model, [2, 4])
+    assert dense.config.layout == (Segment("layers", 2),) * 3 and dense.config.is_dense
+    pruned = sj_prune.prune(dense, 2, 2, "layer")
+    assert_close(ours(dense), dense_logits)
+    assert_close(ours(pruned), pruned_logits)
+    for kept in ("seg_0", "seg_2"):
+        for a, b in zip(jax.tree.leaves(dense.params["segments"][kept]), jax.tree.leaves(pruned.params["segments"][kept])):
+            assert a is b
+    assert all(a.is_deleted() for a in jax.tree.leaves(model.params["segments"]["seg_0"]))

@@ -230,6 +230,10 @@ COMMANDS: dict[str, Run] = {
         "parse", "a 7B model: for a GPU or TPU machine"),
     "python scripts/bench_device.py --models tiny --batch 2 --seq 64": Run(
         "parse", "tests/test_bench_device.py runs it at tiny shapes with its figures checked"),
+    "python scripts/rehearse_scale.py --preset llama2-7b --devices 8": Run(
+        "parse", "a 7B model in 17 GB of memory for many minutes; tests/test_rehearse_scale.py runs it tiny"),
+    "python scripts/rehearse_scale.py --preset qwen2.5-7b --devices 8": Run(
+        "parse", "a 7B model in 19 GB of memory for many minutes; tests/test_rehearse_scale.py runs it tiny"),
 }
 
 

@@ -785,3 +785,16 @@ def test_training_options_check_themselves_once_for_the_api_and_the_settings():
         options.steps_for(2)
     with pytest.raises(ValueError, match="the data gives no optimizer step"):
         TrainOptions(grad_accum=4).steps_for(3)
+
+
+def test_pair_cache_that_does_not_fit_the_disk_is_refused_before_any_pair(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 2, "layer")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 9, 10 ** 9 - 1000, 1000))
+    with pytest.raises(TrainingError, match=r"pair cache needs 0\.00 GiB in .*pairs.* 0\.00 GiB free") as e:
+        train_replacement(model, pruned, chunks(16), batch_size=4, pair_cache=tmp_path / "pairs", progress=False)
+    assert "train.pair_cache=false" in str(e.value) and not (tmp_path / "pairs").exists()

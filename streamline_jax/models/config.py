@@ -136,7 +136,8 @@ class ModelConfig:
 
     @property
     def is_dense(self) -> bool:
-        return self.layout == (Segment("layers", self.num_layers),) and not self.pruned_spans
+        """Every original layer, in one stack or in consecutive stacks (`pruning.split_stack`)."""
+        return all(s.kind == "layers" for s in self.layout) and not self.pruned_spans
 
     @property
     def embed_dim(self) -> int:

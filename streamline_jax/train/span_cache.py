@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -12,6 +13,7 @@ import numpy as np
 from ..data import epoch_order, pad_rows, progress_bar
 from ..files import write_atomic
 from ..models.model import Model
+from .checkpoints import TrainingError
 from .losses import span_pairs_fn
 
 
@@ -46,8 +48,6 @@ class SpanPairCache:
         import tensorstore as ts
 
         if self.path.exists():
-            import shutil
-
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
         config, params = dense_model.config, dense_model.params
@@ -57,6 +57,7 @@ class SpanPairCache:
         b, t = np.asarray(first["input_ids"]).shape
         count = 1 + sum(1 for _ in batch_list)
         n, d = count * b, config.hidden_size
+        self._check_disk(n, t, d)
         arrays = {}
         for name, shape, dtype in (("x_in", (n, t, d), ts.float32), ("target", (n, t, d), ts.float32),
                                    ("attention_mask", (n, t), ts.int32), ("input_ids", (n, t), ts.int32)):
@@ -80,6 +81,16 @@ class SpanPairCache:
             bar.close()
         write_atomic(self.path / "complete.json", json.dumps(
             {"start": self.start, "length": self.length, "rows": n, "batch": b, "seq": t, "input_ids": True}))
+
+    def _check_disk(self, n: int, t: int, d: int) -> None:
+        """A clear error before any pair is computed when the disk cannot hold them all."""
+        need = 4 * n * t * (2 * d + 2)  # x_in and target in float32, the mask and token ids in int32
+        free = shutil.disk_usage(self.path).free
+        if need > free:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise TrainingError(f"the span pair cache needs {need / 1024 ** 3:.2f} GiB in {self.path} ({n} sequences "
+                                f"x {t} tokens x 2 x {d} float32), and its disk has {free / 1024 ** 3:.2f} GiB free: "
+                                f"free some space, or set train.pair_cache=false")
 
     def batches(self, batch_size=None):
         """Re-iterable batches {"x_in", "target", "attention_mask", "input_ids"} read from disk: rows in order, or in
