@@ -100,7 +100,7 @@ def plan_rows(argv=None) -> list[dict]:
                 planned[stage] = found
             else:
                 print(f"  -> no candidate layout fits {stage} on {target.name}; try a larger topology")
-    estimate = print_run_estimate(run_config, planned, chips, f"{args.model} on {target.name}")
+    estimate = print_run_estimate(run_config, planned, chips, f"{args.model} on {args.topology}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(stages=rows, run_estimate=estimate), indent=2))
     return rows
@@ -160,7 +160,7 @@ def plan_row(result: plan.MemoryPlan, chips) -> dict:
     for chip in chips:
         est = stage_estimate(result, chip)
         row |= {"est_gib_accessed_per_chip": round(est.bytes / plan.GIB, 2), f"step_s_{chip}": round(est.seconds, 4),
-                f"bound_{chip}": est.bound, f"flops_s_{chip}": round(est.compute_s, 4)}
+                f"bound_{chip}": est.bound, f"at_least_s_{chip}": round(est.at_least_s, 4)}
     return row
 
 
@@ -175,27 +175,31 @@ def print_run_estimate(run_config, planned: dict, chips, what: str) -> dict:
              for chip in chips}
     work = step_estimates.run_work(run_config)
     missing = sorted({w.stage for w in work} - set(planned))
+    planned_len = {p.seq_len for p in planned.values()}
+    if planned_len and planned_len != {run_config.data.seq_len}:
+        print(f"(steps planned at seq_len {', '.join(map(str, planned_len))}, the run reads {run_config.data.seq_len}: "
+              f"its tokens at the planned steps' time per token)")
     out = {}
     for chip in chips:
         parts = step_estimates.run_estimate(work, steps[chip])
-        total, lower = sum(p.seconds for p in parts), sum(p.steps * p.step.compute_s for p in parts)
+        total, lower = sum(p.seconds for p in parts), sum(p.steps * p.step.at_least_s for p in parts)
         fmt = step_estimates.format_seconds
         print(f"a run with these settings, {what}, at {step_estimates.CHIPS[chip].name} peak (collectives not "
-              f"counted): {fmt(total)} (roofline), {fmt(lower)} at peak FLOPs alone"
+              f"counted): {fmt(total)} (roofline), at least {fmt(lower)}"
               + (f"; without the unplanned stage(s) {missing}" if missing else ""))
         for p in parts:
             print(f"  {p.work.what:48s} {p.work.tokens / 1e6:8.2f} M tokens  {p.steps:8.1f} {p.work.stage} steps "
-                  f"x {fmt(p.step.seconds):>7s} = {fmt(p.seconds):>8s}  (FLOPs alone {fmt(p.steps * p.step.compute_s)})")
-        out[chip] = dict(total_s=round(total, 1), flops_alone_s=round(lower, 1), missing=missing,
+                  f"x {fmt(p.step.seconds):>7s} = {fmt(p.seconds):>8s}  (at least {fmt(p.steps * p.step.at_least_s)})")
+        out[chip] = dict(total_s=round(total, 1), at_least_s=round(lower, 1), missing=missing,
                          stages=[dict(what=p.work.what, stage=p.work.stage, tokens=p.work.tokens,
                                       steps=round(p.steps, 1), seconds=round(p.seconds, 1),
-                                      flops_alone_s=round(p.steps * p.step.compute_s, 1)) for p in parts])
+                                      at_least_s=round(p.steps * p.step.at_least_s, 1)) for p in parts])
     return out
 
 
 def _print(r, prefix=""):
     fmt = step_estimates.format_seconds
-    steps = "  ".join(f"{c} {fmt(r['step_s_' + c])} ({r['bound_' + c]}; FLOPs alone {fmt(r['flops_s_' + c])})"
+    steps = "  ".join(f"{c} {fmt(r['step_s_' + c])} ({r['bound_' + c]}; at least {fmt(r['at_least_s_' + c])})"
                       for c in (k[len("step_s_"):] for k in r if k.startswith("step_s_")))
     print(f"{prefix}{r['stage']:8s} {r['layout']:48s} args {r['args_gib']:6.2f} out {r['out_gib']:6.2f} "
           f"temp {r['temp_gib']:6.2f} total {r['total_gib']:6.2f} / {r['hbm_gib']:.0f} GiB  "

@@ -8,8 +8,8 @@ FLOPs fall short by. That scaling is rough: the one-off parts (embeddings, head,
 cosine sums over every pair of hidden states) scale with it too. Against the same tiny steps compiled with every
 layer unrolled (which XLA counts in full) it gave 2.0x the bytes for scoring, 1.8x for MSE, 1.0x for the LM step and
 1.3x for evaluation; compiling the unrolled steps instead is exact but slow at scale (three unrolled layers of
-llama2-13b's LM step took 513 s for v5e-16 here). Hence each step's time at peak FLOPs alone is given too, a lower
-bound. Collectives (FSDP all-gathers and reduce-scatters over ICI or NVLink) are in neither: a step that waits for
+llama2-13b's LM step took 513 s for v5e-16 here). Hence a lower bound too: the step's FLOPs at peak, or the bytes
+XLA counted at full bandwidth, whichever takes longer. Collectives (FSDP all-gathers and reduce-scatters over ICI or NVLink) are in neither: a step that waits for
 them takes longer.
 """
 
@@ -55,26 +55,39 @@ def target_chips(target_name: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class StepEstimate:
-    """One step on one chip at the chip's peak: the larger of compute time and HBM time."""
+    """One step on one chip at the chip's peak: the larger of compute time and HBM time (the roofline), and a lower
+    bound from the bytes XLA counted (a scan body once)."""
     chip: str
     flops: float  # per chip
-    bytes: float  # per chip
-    compute_s: float
-    memory_s: float
+    bytes: float  # per chip, scaled for the scans
+    counted_bytes: float  # per chip, as XLA counted them
+
+    @property
+    def compute_s(self) -> float:
+        return self.flops / CHIPS[self.chip].bf16_flops
+
+    @property
+    def memory_s(self) -> float:
+        return self.bytes / CHIPS[self.chip].hbm_bandwidth
 
     @property
     def seconds(self) -> float:
         return max(self.compute_s, self.memory_s)
 
     @property
+    def at_least_s(self) -> float:
+        """The step moves at least the bytes XLA counted and does all its FLOPs."""
+        counted = self.counted_bytes / CHIPS[self.chip].hbm_bandwidth
+        return max(self.compute_s, 0.0 if math.isnan(counted) else counted)
+
+    @property
     def bound(self) -> str:
         return "compute" if self.compute_s >= self.memory_s else "memory"
 
 
-def roofline(chip: str, flops: float, hbm_bytes: float) -> StepEstimate:
-    """Step time at `chip`'s peak for `flops` and `hbm_bytes` on one chip."""
-    c = CHIPS[chip]
-    return StepEstimate(chip, flops, hbm_bytes, flops / c.bf16_flops, hbm_bytes / c.hbm_bandwidth)
+def roofline(chip: str, flops: float, hbm_bytes: float, counted_bytes: float | None = None) -> StepEstimate:
+    """Step time at `chip`'s peak for `flops` and `hbm_bytes` on one chip (`counted_bytes`: XLA's count, if less)."""
+    return StepEstimate(chip, flops, hbm_bytes, hbm_bytes if counted_bytes is None else counted_bytes)
 
 
 def scan_corrected_bytes(xla_bytes: float, xla_flops: float, flops: float) -> float:
@@ -86,7 +99,7 @@ def scan_corrected_bytes(xla_bytes: float, xla_flops: float, flops: float) -> fl
 
 
 def step_estimate(chip: str, flops_per_chip: float, xla_flops: float, xla_bytes: float) -> StepEstimate:
-    return roofline(chip, flops_per_chip, scan_corrected_bytes(xla_bytes, xla_flops, flops_per_chip))
+    return roofline(chip, flops_per_chip, scan_corrected_bytes(xla_bytes, xla_flops, flops_per_chip), xla_bytes)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -168,6 +181,8 @@ def run_estimate(work: list[StageWork], steps: dict[str, tuple[StepEstimate, int
 def format_seconds(s: float) -> str:
     if math.isnan(s):
         return "?"
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
     if s < 1:
         return f"{s * 1e3:.0f} ms"
     if s < 120:
