@@ -31,7 +31,7 @@ CHIPS = {
     "v4": Chip("TPU v4", 275e12, 1228e9, "https://cloud.google.com/tpu/docs/v4"),
     "v5e": Chip("TPU v5e", 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
     "v5p": Chip("TPU v5p", 459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("TPU v6e", 918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
+    "v6e": Chip("TPU v6e", 918e12, 1638e9, "https://cloud.google.com/tpu/docs/v6e"),
     # dense (no 2:4 sparsity) bf16 tensor-core peak of the SXM parts
     "h100": Chip("NVIDIA H100 SXM", 989e12, 3.35e12, "https://www.nvidia.com/en-us/data-center/h100/"),
     "h200": Chip("NVIDIA H200 SXM", 989e12, 4.8e12, "https://www.nvidia.com/en-us/data-center/h200/"),
