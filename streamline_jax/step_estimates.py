@@ -9,8 +9,8 @@ cosine sums over every pair of hidden states) scale with it too. Against the sam
 layer unrolled (which XLA counts in full) it gave 2.0x the bytes for scoring, 1.8x for MSE, 1.0x for the LM step and
 1.3x for evaluation; compiling the unrolled steps instead is exact but slow at scale (three unrolled layers of
 llama2-13b's LM step took 513 s for v5e-16 here). Hence a lower bound too: the step's FLOPs at peak, or the bytes
-XLA counted at full bandwidth, whichever takes longer. Collectives (FSDP all-gathers and reduce-scatters over ICI or NVLink) are in neither: a step that waits for
-them takes longer.
+XLA counted at full bandwidth, whichever takes longer. Collectives (FSDP all-gathers and reduce-scatters over ICI or
+NVLink) are in neither: a step that waits for them takes longer.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ SHARDED_MATMUL = f"""
 
 
 def test_cost_analysis_counts_a_matmul_for_one_device():
-    """2·m·n·k FLOPs for one device's matmul; split over 4 devices, each counts its quarter (per chip, not global)."""
+    """2·m·n·k FLOPs for one device's matmul; split over 4 devices, each counts its quarter (per chip, not
+    global)."""
     a, b = jax.ShapeDtypeStruct((M, K), jnp.bfloat16), jax.ShapeDtypeStruct((K, N), jnp.bfloat16)
     cost = jax.jit(lambda a, b: a @ b).lower(a, b).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
