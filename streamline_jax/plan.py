@@ -264,6 +264,7 @@ class MemoryPlan:
     flops: float  # XLA's count for one chip; it counts a scanned layer stack's body once
     hbm_bytes: float
     model_flops: float = float("nan")  # per step, all chips, counted by `step_flops`
+    xla_bytes: float = float("nan")  # HBM bytes accessed, XLA's count for one chip (a scan body once, as `flops`)
 
     @property
     def total_bytes(self) -> int:
@@ -329,7 +330,7 @@ def memory_plan(compiled, stage: str, layout: StageLayout, seq_len: int, hbm_gib
     return MemoryPlan(stage, layout, seq_len, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
                       int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes),
                       int(mem.generated_code_size_in_bytes), float((cost or {}).get("flops", float("nan"))),
-                      hbm_gib * GIB)
+                      hbm_gib * GIB, xla_bytes=float((cost or {}).get("bytes accessed", float("nan"))))
 
 
 def plan_stage(config: ModelConfig, target: Target, stage: str, layout: StageLayout, seq_len: int, *,

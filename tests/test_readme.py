@@ -221,6 +221,9 @@ COMMANDS: dict[str, Run] = {
         "parse", "minutes of compiling; the README's plan command is planned tiny"),
     "streamline-jax --model llama3-8b --target v5e-8": Run("parse", "an 8B model on a TPU VM"),
     "streamline-jax-plan --model llama3-8b --topology v5e-8": Run("parse", "minutes of compiling for a TPU"),
+    "streamline-jax-plan --model llama2-13b --topology v5e-16": Run(
+        "parse", "10 minutes of compiling; tests/test_step_estimates.py plans smollm2-135m for gpu:8 and checks the "
+        "printed step times and run estimate"),
     "python scripts/bench_device.py": Run("parse", "1B and 7B models: for a GPU or TPU machine"),
     "streamline-jax-convert run/model m.gguf --to gguf --tokenizer src.gguf": Run(
         "parse", "tests/test_export_gguf.py converts to GGUF and loads the file in llama.cpp"),
