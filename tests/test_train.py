@@ -781,3 +781,72 @@ def test_remat_trains_to_the_same_parameters_and_the_step_donates_its_inputs(mod
     assert all(b > barriers[0] for b in barriers[1:]), barriers
     assert all("tf.aliasing_output" in t or "jax.buffer_donor" in t for t in texts)
     assert all(not a.is_deleted() for a in jax.tree.leaves(pruned.params))
+
+
+def test_lm_loss_is_torch_cross_entropy_over_real_tokens_with_the_head_s_gradient(monkeypatch):
+    """LM mode's loss, computed a chunk of tokens at a time (padded chunks), is the cross-entropy of the full logits,
+    and its gradient reaches a trained head (the tied embedding) as autodiff through those logits does."""
+    import torch
+    import torch.nn.functional as F
+
+    from streamline_jax import train
+
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 3, "layer")
+    block = trainable_blocks(pruned.config)[0]
+    paths = train.trained_paths(pruned.params, block, ("block", "embed_tokens"))
+    trained, frozen = train.split_params(pruned.params, set(paths).__contains__)
+    ids = np.asarray(chunks(3, seed=7)).reshape(3, 16)
+    mask = np.ones_like(ids)
+    mask[1, 11:] = 0
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+
+    def loss(trained):
+        return train.lm_loss(trained, {"pruned": frozen}, batch, dense_config=model.config,
+                             pruned_config=pruned.config, block=block)
+
+    def full_logits_loss(trained):  # the batch's [B, T, V] logits at once
+        logits = transformer.apply(pruned.config, train.merge_params(trained, frozen), batch["input_ids"],
+                                   batch["attention_mask"])["logits"]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), batch["input_ids"][:, 1:, None], -1)[..., 0]
+        real = jnp.asarray(mask[:, 1:] * mask[:, :-1], jnp.float32)
+        return jnp.sum(nll * real) / jnp.sum(real)
+
+    logits = torch.tensor(np.asarray(transformer.apply(pruned.config, pruned.params, ids, mask)["logits"]))
+    real = torch.tensor(mask[:, 1:] * mask[:, :-1]).bool()
+    expected = float(F.cross_entropy(logits[:, :-1][real], torch.tensor(ids, dtype=torch.long)[:, 1:][real]))
+    monkeypatch.setattr(train, "KD_CHUNK_TOKENS", 7)  # 48 tokens in 7 chunks, the last one padded
+    value, grads = jax.jit(jax.value_and_grad(loss))(trained)
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    expected_grads = jax.jit(jax.grad(full_logits_loss))(trained)
+    assert float(jnp.abs(grads["embed_tokens"]).max()) > 1e-3
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def _compiled_step_temp_bytes(loss_name, vocab_size):
+    """The temporary bytes of the compiled train step of `loss_name` (trained: the block) on a 512-token batch."""
+    from streamline_jax import train
+    from streamline_jax.pruning import prune_config
+
+    config = LLAMA.replace(vocab_size=vocab_size, num_layers=3, layout=(), max_position_embeddings=256)
+    pruned = prune_config(config, 1, 1, "layer")
+    block = trainable_blocks(pruned)[0]
+    paths = train.trained_paths(transformer.abstract_params(pruned), block)
+    kd = train.distillation_settings(config, pruned, block, paths, 1.0, 0.0, (), 0.0) if loss_name == "kd" else None
+    program = train.training_program(config, pruned, block, paths, loss_name, lr=1e-3, min_lr=1e-4, warmup_steps=1,
+                                     num_steps=2, weight_decay=0.0, clip_norm=1.0, grad_accum=1, kd=kd)
+    compiled = program.train_step.lower(*program.arguments, train.abstract_batch(2, 256)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("loss_name", ["kd", "lm"])
+def test_a_training_step_s_memory_is_flat_in_the_vocabulary(monkeypatch, loss_name):
+    """The distillation's and the LM loss's logits are made a bounded number of logits at a time: a 16x larger
+    vocabulary adds ~nothing to the compiled step's temporary memory (the batch's [512, 32768] float32 logits alone
+    would be 64 MiB)."""
+    from streamline_jax import train
+
+    monkeypatch.setattr(train, "KD_CHUNK_LOGITS", 128 * 2048)  # 128 tokens a chunk at 2,048 words, 8 at 32,768
+    small, large = (_compiled_step_temp_bytes(loss_name, v) for v in (2048, 32768))
+    assert large - small < 4 << 20, (small, large)
