@@ -220,23 +220,35 @@ def lm_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block
     labels = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
     weight = next_real / jnp.maximum(jnp.sum(next_real), 1.0)
     return chunked_cross_entropy(pruned_config, params, hidden.reshape(b * t, -1), labels.reshape(-1),
-                                 weight.reshape(-1))
+                                 weight.reshape(-1), head_trains=any(k in trained for k in HEAD_KEYS))
 
 
-def chunked_cross_entropy(config: ModelConfig, params, hidden, labels, weight):
-    """sum over tokens of weight x -log p(label) from [N, D] final hidden states (before the final norm),
-    differentiable in everything: the head runs a chunk of tokens at a time (`_token_chunks`) and its logits are
-    recomputed in the backward pass (jax.checkpoint), so memory holds one chunk's [chunk, vocab], never the batch's."""
+def chunked_cross_entropy(config: ModelConfig, params, hidden, labels, weight, head_trains=True):
+    """sum over tokens of weight x -log p(label) from [N, D] final hidden states (before the final norm), the head run
+    a chunk of tokens at a time (`_token_chunks`): memory holds one chunk's [chunk, vocab], never the batch's. A
+    frozen head (not `head_trains`): each chunk's input gradient is made in the forward pass (softmax - onehot), two
+    vocabulary products a chunk; else autodiff through its logits recomputed in the backward pass (jax.checkpoint)."""
     head_params = {k: params[k] for k in HEAD_KEYS if k in params}
     xs = _token_chunks(config.vocab_size, hidden, labels, weight)
 
-    @jax.checkpoint
-    def body(total, xs):
-        h, label, w = xs
-        logits = transformer.head(config, head_params, h[None])[0].astype(jnp.float32)
-        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, label[:, None], axis=-1)[:, 0]
-        return total + jnp.sum(nll * w), None
+    def chunk_loss(h, label, w, with_grad=False):
+        head = lambda h: transformer.head(config, head_params, h[None])[0]
+        logits, head_vjp = jax.vjp(head, h) if with_grad else (head(h), None)
+        out_dtype, logits = logits.dtype, logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        loss = jnp.sum((lse - jnp.take_along_axis(logits, label[:, None], axis=-1))[:, 0] * w)
+        if not with_grad:
+            return loss, None
+        dlogits = (jnp.exp(logits - lse) - jax.nn.one_hot(label, logits.shape[-1], dtype=jnp.float32)) * w[:, None]
+        return loss, head_vjp(dlogits.astype(out_dtype))[0]
 
+    if head_trains:
+        body = jax.checkpoint(lambda total, x: (total + chunk_loss(*x)[0], None))
+    else:
+        nll = jax.custom_vjp(lambda h, label, w: chunk_loss(h, label, w)[0])
+        nll.defvjp(lambda h, label, w: chunk_loss(h, label, w, with_grad=True),
+                   lambda dh, g: (g * dh, None, None))  # labels and weights get no gradient
+        body = lambda total, x: (total + nll(*x), None)
     return jax.lax.scan(body, jnp.float32(0), xs)[0]
 
 
@@ -302,10 +314,12 @@ def distillation_loss_by_autodiff(teacher_config, teacher_params, student_config
 
 
 def _token_chunks(vocab_size, *arrays):
-    """Each [N, ...] array as [N / chunk, chunk, ...] (KD_CHUNK_TOKENS a chunk, fewer where their [chunk, vocab_size]
-    logits would exceed KD_CHUNK_LOGITS; the last zero-padded)."""
+    """Each [N, ...] array as [N / chunk, chunk, ...] (at most KD_CHUNK_TOKENS a chunk, fewer where their
+    [chunk, vocab_size] logits would exceed KD_CHUNK_LOGITS; the chunks as even as they can be, the last
+    zero-padded)."""
     n = arrays[0].shape[0]
-    chunk = max(1, min(KD_CHUNK_TOKENS, KD_CHUNK_LOGITS // vocab_size, n))
+    most = max(1, min(KD_CHUNK_TOKENS, KD_CHUNK_LOGITS // vocab_size, n))
+    chunk = -(-n // -(-n // most))  # 2048 tokens at most 331 a chunk: 7 of 293, not 7 of 331 (13% padding)
     pad = -n % chunk
     return tuple(jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((-1, chunk) + a.shape[1:])
                  for a in arrays)
