@@ -10,8 +10,7 @@ though it is one buffer) and, for the evaluation's scoring function (`evaluation
 subprocess on real random weights and prints its peak host RSS and its mean step time after the first (compile
 included in the peak). The machine is shared: run one at a time, and read the times as rough.
 
-    python scripts/bench_vocab_memory.py [--vocabs 49152,151936] [--losses kd,kd_cached,lm] [--layers 4] [--span 2]
-        [--batch 4] [--seq 512] [--steps 3] [--kd-chunk-logits N]
+    python scripts/bench_vocab_memory.py [--vocabs 49152,151936] [--steps 3] [--kd-chunk-logits N]
 """
 
 from __future__ import annotations
