@@ -154,6 +154,9 @@ COMMANDS: dict[str, Run] = {
     ".venv/bin/python scripts/bench_train.py": PARSE_BENCH,
     ".venv/bin/python scripts/bench_backward.py": PARSE_BENCH,
     ".venv/bin/python scripts/bench_attention.py": PARSE_BENCH,
+    ".venv/bin/python scripts/bench_vocab_memory.py": PARSE_BENCH,
+    "python scripts/bench_vocab_memory.py --steps 3": PARSE_BENCH,
+    "python scripts/bench_vocab_memory.py [--vocabs 49152,151936] [--steps 3] [--kd-chunk-logits N]": PARSE_BENCH,
     ".venv/bin/python scripts/bench_load.py": PARSE_BENCH,
     ".venv/bin/python scripts/bench_default.py": PARSE_BENCH,  # the README's next benchmarks
     ".venv/bin/python scripts/bench_pipeline.py": PARSE_BENCH,

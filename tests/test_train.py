@@ -798,3 +798,74 @@ def test_pair_cache_that_does_not_fit_the_disk_is_refused_before_any_pair(tmp_pa
     with pytest.raises(TrainingError, match=r"pair cache needs 0\.00 GiB in .*pairs.* 0\.00 GiB free") as e:
         train_replacement(model, pruned, chunks(16), batch_size=4, pair_cache=tmp_path / "pairs", progress=False)
     assert "train.pair_cache=false" in str(e.value) and not (tmp_path / "pairs").exists()
+
+
+@pytest.mark.parametrize("trainable", [("block",), ("block", "embed_tokens")])
+def test_lm_loss_is_torch_cross_entropy_over_real_tokens_with_autodiff_s_gradient(monkeypatch, trainable):
+    """LM mode's loss, computed a chunk of tokens at a time (padded chunks), is the cross-entropy of the full logits,
+    and its gradient (made in the forward pass for a frozen head) is autodiff's through those logits, a trained head
+    (the tied embedding) included."""
+    import torch
+    import torch.nn.functional as F
+
+    from streamline_jax import train
+
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 3, "layer")
+    block = trainable_blocks(pruned.config)[0]
+    paths = train.trained_paths(pruned.params, block, trainable)
+    trained, frozen = train.split_params(pruned.params, set(paths).__contains__)
+    ids = np.asarray(chunks(3, seed=7)).reshape(3, 16)
+    mask = np.ones_like(ids)
+    mask[1, 11:] = 0
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask)}
+
+    def loss(trained):
+        return train.lm_loss(trained, {"pruned": frozen}, batch, dense_config=model.config,
+                             pruned_config=pruned.config, block=block)
+
+    def full_logits_loss(trained):  # the batch's [B, T, V] logits at once
+        logits = transformer.apply(pruned.config, train.merge_params(trained, frozen), batch["input_ids"],
+                                   batch["attention_mask"])["logits"]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), batch["input_ids"][:, 1:, None], -1)[..., 0]
+        real = jnp.asarray(mask[:, 1:] * mask[:, :-1], jnp.float32)
+        return jnp.sum(nll * real) / jnp.sum(real)
+
+    logits = torch.tensor(np.asarray(transformer.apply(pruned.config, pruned.params, ids, mask)["logits"]))
+    real = torch.tensor(mask[:, 1:] * mask[:, :-1]).bool()
+    expected = float(F.cross_entropy(logits[:, :-1][real], torch.tensor(ids, dtype=torch.long)[:, 1:][real]))
+    monkeypatch.setattr(train.losses, "KD_CHUNK_TOKENS", 7)  # 48 tokens in 7 chunks, the last one padded
+    value, grads = jax.jit(jax.value_and_grad(loss))(trained)
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    expected_grads = jax.jit(jax.grad(full_logits_loss))(trained)
+    assert min(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-4  # each trained leaf gets some
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def _compiled_step_temp_bytes(loss_name, vocab_size):
+    """The temporary bytes of the compiled train step of `loss_name` (trained: the block) on a 512-token batch."""
+    from streamline_jax import train
+    from streamline_jax.pruning import prune_config
+
+    config = LLAMA.replace(vocab_size=vocab_size, num_layers=3, layout=(), max_position_embeddings=256)
+    pruned = prune_config(config, 1, 1, "layer")
+    block = trainable_blocks(pruned)[0]
+    paths = train.trained_paths(transformer.abstract_params(pruned), block)
+    kd = train.distillation_settings(config, pruned, block, paths, 1.0, 0.0, (), 0.0) if loss_name == "kd" else None
+    program = train.training_program(config, pruned, block, paths, loss_name, lr=1e-3, min_lr=1e-4, warmup_steps=1,
+                                     num_steps=2, weight_decay=0.0, clip_norm=1.0, grad_accum=1, kd=kd)
+    compiled = program.train_step.lower(*program.arguments, train.abstract_batch(2, 256)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("loss_name", ["kd", "lm"])
+def test_a_training_step_s_memory_is_flat_in_the_vocabulary(monkeypatch, loss_name):
+    """The distillation's and the LM loss's logits are made a bounded number of logits at a time: a 16x larger
+    vocabulary adds ~nothing to the compiled step's temporary memory (the batch's [512, 32768] float32 logits alone
+    would be 64 MiB)."""
+    from streamline_jax import train
+
+    monkeypatch.setattr(train.losses, "KD_CHUNK_LOGITS", 128 * 2048)  # 128 tokens a chunk at 2,048 words, 8 at 32,768
+    small, large = (_compiled_step_temp_bytes(loss_name, v) for v in (2048, 32768))
+    assert large - small < 4 << 20, (small, large)

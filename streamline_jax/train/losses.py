@@ -1,6 +1,6 @@
 """The training losses: MSE of the block against the dense span (from the frozen model or a pair cache), the pruned
-model's next-token cross-entropy, and distillation from the dense teacher (the KD loss with its custom VJP, reduced
-KD_CHUNK_TOKENS at a time)."""
+model's next-token cross-entropy, and distillation from the dense teacher (the KD loss with its custom VJP, reduced a
+chunk of tokens at a time)."""
 
 from __future__ import annotations
 
@@ -83,10 +83,44 @@ def mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Bloc
 def lm_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, remat="none"):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     params = merge_params(trained, frozen["pruned"])
-    logits = transformer.apply(pruned_config, params, ids, mask, remat=transformer.remat_policy(remat))["logits"]
-    nll, real = transformer.next_token_nll(logits, ids, mask)
-    real = real.astype(jnp.float32)
-    return jnp.sum(nll * real) / jnp.maximum(jnp.sum(real), 1.0)
+    hidden = transformer.apply(pruned_config, params, ids, mask, return_logits=False,
+                               remat=transformer.remat_policy(remat))["last_hidden"]
+    b, t = ids.shape
+    real = mask.astype(jnp.float32)
+    next_real = jnp.concatenate([real[:, 1:] * real[:, :-1], jnp.zeros((b, 1), jnp.float32)], axis=1)
+    labels = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
+    weight = next_real / jnp.maximum(jnp.sum(next_real), 1.0)
+    return chunked_cross_entropy(pruned_config, params, hidden.reshape(b * t, -1), labels.reshape(-1),
+                                 weight.reshape(-1), head_trains=any(k in trained for k in HEAD_KEYS))
+
+
+def chunked_cross_entropy(config: ModelConfig, params, hidden, labels, weight, head_trains=True):
+    """sum over tokens of weight x -log p(label) from [N, D] final hidden states (before the final norm), the head run
+    a chunk of tokens at a time (`_token_chunks`): memory holds one chunk's [chunk, vocab], never the batch's. A
+    frozen head (not `head_trains`): each chunk's input gradient is made in the forward pass (softmax - onehot), two
+    vocabulary products a chunk; else autodiff through its logits recomputed in the backward pass (jax.checkpoint)."""
+    head_params = {k: params[k] for k in HEAD_KEYS if k in params}
+    xs = _token_chunks(config.vocab_size, hidden, labels, weight)
+
+    def chunk_loss(h, label, w, with_grad=False):
+        head = lambda h: transformer.head(config, head_params, h[None])[0]
+        logits, head_vjp = jax.vjp(head, h) if with_grad else (head(h), None)
+        out_dtype, logits = logits.dtype, logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+        loss = jnp.sum((lse - jnp.take_along_axis(logits, label[:, None], axis=-1))[:, 0] * w)
+        if not with_grad:
+            return loss, None
+        dlogits = (jnp.exp(logits - lse) - jax.nn.one_hot(label, logits.shape[-1], dtype=jnp.float32)) * w[:, None]
+        return loss, head_vjp(dlogits.astype(out_dtype))[0]
+
+    if head_trains:
+        body = jax.checkpoint(lambda total, x: (total + chunk_loss(*x)[0], None))
+    else:
+        nll = jax.custom_vjp(lambda h, label, w: chunk_loss(h, label, w)[0])
+        nll.defvjp(lambda h, label, w: chunk_loss(h, label, w, with_grad=True),
+                   lambda dh, g: (g * dh, None, None))  # labels and weights get no gradient
+        body = lambda total, x: (total + nll(*x), None)
+    return jax.lax.scan(body, jnp.float32(0), xs)[0]
 
 
 def cached_mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, weighting="uniform",
@@ -101,8 +135,10 @@ def cached_mse_loss(trained, frozen, batch, *, dense_config, pruned_config, bloc
 
 
 # Tokens whose logits one step of the distillation loss holds at a time (teacher and student, [chunk, vocab] float32
-# each): 1024 x 49152 x 4 bytes = 192 MiB for SmolLM2, whatever the batch.
+# each): at most KD_CHUNK_TOKENS, and at most KD_CHUNK_LOGITS logits a chunk, so that its memory stays flat in the
+# vocabulary (192 MiB an array: 1024 tokens for SmolLM2's 49,152, 331 for Qwen's 151,936), whatever the batch.
 KD_CHUNK_TOKENS = 1024
+KD_CHUNK_LOGITS = 1024 * 49152
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +164,7 @@ def distillation_loss_by_autodiff(teacher_config, teacher_params, student_config
     chunk's [chunk, vocab], never the batch's; five vocabulary products a chunk. For a head that trains."""
     with_ce = ce_weight is not None
     ce_weight = jnp.zeros_like(kl_weight) if ce_weight is None else ce_weight
-    xs = _token_chunks(teacher_h, student_h, labels, kl_weight, ce_weight)
+    xs = _token_chunks(student_config.vocab_size, teacher_h, student_h, labels, kl_weight, ce_weight)
 
     @jax.checkpoint
     def body(total, xs):
@@ -146,15 +182,20 @@ def distillation_loss_by_autodiff(teacher_config, teacher_params, student_config
     return jax.lax.scan(body, jnp.float32(0), xs)[0]
 
 
-def _token_chunks(*arrays):
-    """Each [N, ...] array as [N / chunk, chunk, ...] (KD_CHUNK_TOKENS a chunk; the last zero-padded)."""
-    return transformer.chunk_tokens(KD_CHUNK_TOKENS, *arrays)
+def _token_chunks(vocab_size, *arrays):
+    """Each [N, ...] array as [N / chunk, chunk, ...] (at most KD_CHUNK_TOKENS a chunk, fewer where their
+    [chunk, vocab_size] logits would exceed KD_CHUNK_LOGITS; the chunks as even as they can be, the last
+    zero-padded)."""
+    n = arrays[0].shape[0]
+    most = max(1, min(KD_CHUNK_TOKENS, KD_CHUNK_LOGITS // vocab_size, n))
+    chunk = -(-n // -(-n // most))  # 2048 tokens at most 331 a chunk: 7 of 293, not 7 of 331 (13% padding)
+    return transformer.chunk_tokens(chunk, *arrays)
 
 
 def distillation_loss(teacher_config, teacher_params, student_config, student_params, teacher_h, student_h,
                       labels, kl_weight, ce_weight, temperature):
     """sum over tokens of kl_weight x T^2 KL(teacher || student) + ce_weight x the student's cross-entropy on
-    `labels`, from [N, D] final hidden states (before the final norm), KD_CHUNK_TOKENS at a time ([N] weights: mask /
+    `labels`, from [N, D] final hidden states (before the final norm), a chunk of tokens at a time ([N] weights: mask /
     count x the loss's share; ce_weight None: no cross-entropy). Differentiable in `student_h` only: the student's
     head is frozen (`distillation_loss_by_autodiff` for one that trains). Each chunk's gradient is made in the
     forward pass from the probabilities at hand (T (p_s - p_t) for the KL, p_s - onehot for the cross-entropy), so
@@ -163,7 +204,7 @@ def distillation_loss(teacher_config, teacher_params, student_config, student_pa
     Memory holds one chunk's [chunk, vocab] and the [N, D] input gradient."""
     with_ce = ce_weight is not None
     ce_weight = jnp.zeros_like(kl_weight) if ce_weight is None else ce_weight
-    xs = _token_chunks(teacher_h, student_h, labels, kl_weight, ce_weight)
+    xs = _token_chunks(student_config.vocab_size, teacher_h, student_h, labels, kl_weight, ce_weight)
 
     def chunk_loss_and_grad(teacher_params, student_params, h_t, h_s, label, w_kl, w_ce, with_grad=True):
         logits_t = transformer.head(teacher_config, teacher_params, h_t[None])[0].astype(jnp.float32)
