@@ -20,8 +20,8 @@ from .data import batches, split_chunks, text_source, token_chunks
 from .score import SpanChoice, SpanScores, choose_layers, choose_span, score_spans
 from .pruning import prune, prune_layers
 from .train import TrainOptions, train_replacement
-from .evaluation import (ModelGroup, RetentionReport, answer_agreement, compare, evaluate, model_group, perplexity,
-                         stability)
+from .evaluation import ModelGroup, evaluate, model_group, perplexity
+from .retention import RetentionReport, answer_agreement, compare, stability
 from .tasks import TASKS, PerplexityTask, Task
 from .export import export_hf, load_orbax_model, save_orbax_model
 from .generation import Generation, generate

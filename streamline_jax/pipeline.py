@@ -465,6 +465,7 @@ def evaluate_stage(c: RunConfig, dense, pruned, tasks, progress: bool, shared: S
     pruned span (the same in both, unless they trained) run once for both (`evaluation.model_group`)."""
     from . import evaluation as ev
     from .report import jsonable
+    from .retention import compare
 
     start = time.perf_counter()
     key = dense_evaluation_key(c, dense, tasks)
@@ -487,7 +488,7 @@ def evaluate_stage(c: RunConfig, dense, pruned, tasks, progress: bool, shared: S
     results = {"dense": dense_results}
     if pruned is not None:
         results["pruned"] = pruned_results
-        retention = ev.compare(results["dense"], results["pruned"])
+        retention = compare(results["dense"], results["pruned"])
         parts["retention"] = retention.to_dict()
         log.info("evaluation:\n%s", retention.to_markdown())
     parts["evaluation"] = {k: _strip(v) for k, v in results.items()}

@@ -13,6 +13,7 @@ import torch
 from conftest import shared_data
 from reference import params_from_torch, torch_model
 from streamline_jax import evaluation as ev
+from streamline_jax import retention
 from streamline_jax import tasks as tk
 from streamline_jax.report import summary, to_markdown
 from streamline_jax.models.config import ModelConfig
@@ -492,7 +493,7 @@ def test_stability_hand_computed():
     pruned = [[1.0, 0.0], [0.0, 2.0], [0.0, 1.0]]  # pruned: wrong, right, wrong -> agree on items 2 and 3
     z = math.exp(0.5) + math.exp(1.5) + math.exp(0.25)
     want = (math.exp(1.5) + math.exp(0.25)) / z
-    assert ev.stability(dense, pruned, labels) == pytest.approx(want, rel=1e-12)
+    assert retention.stability(dense, pruned, labels) == pytest.approx(want, rel=1e-12)
     assert want == pytest.approx(0.7776, abs=1e-4)
     # the authors' version sums the first two weights instead: a different answer
     assert authors_stability(dense, pruned, labels) == pytest.approx((math.exp(0.5) + math.exp(1.5)) / z)
@@ -502,27 +503,27 @@ def test_stability_hand_computed():
 def test_stability_edge_cases():
     dense = [[0.0, 1.0, 2.0], [1.0, 1.0, 1.0], [5.0, 0.0]]  # ragged choices are fine
     labels = [2, 0, 0]
-    assert ev.stability(dense, dense, labels) == pytest.approx(1.0)
+    assert retention.stability(dense, dense, labels) == pytest.approx(1.0)
     # both wrong counts as agreement; equal spreads give the plain share of agreeing items
-    assert ev.stability([[0, 1], [0, 1]], [[0, 1], [1, 0]], [0, 0]) == pytest.approx(0.5)
-    assert ev.stability([[0, 1], [0, 1]], [[1, 0], [0, 1]], [0, 0]) == pytest.approx(0.5)
-    assert ev.stability([[0, 1], [0, 1]], [[1, 0], [1, 0]], [0, 0]) == pytest.approx(0.0)
+    assert retention.stability([[0, 1], [0, 1]], [[0, 1], [1, 0]], [0, 0]) == pytest.approx(0.5)
+    assert retention.stability([[0, 1], [0, 1]], [[1, 0], [0, 1]], [0, 0]) == pytest.approx(0.5)
+    assert retention.stability([[0, 1], [0, 1]], [[1, 0], [1, 0]], [0, 0]) == pytest.approx(0.0)
     with pytest.raises(ev.EvaluationError, match="same items"):
-        ev.stability([[0, 1]], [[0, 1], [1, 0]], [0])
+        retention.stability([[0, 1]], [[0, 1], [1, 0]], [0])
 
 
 def test_agreement_and_flips_see_what_equal_accuracies_hide():
     labels = [0, 0, 0, 0]
     dense = [[1, 0], [1, 0], [0, 1], [0, 1]]  # right, right, wrong, wrong: acc 0.5
     pruned = [[0, 1], [0, 1], [1, 0], [1, 0]]  # wrong, wrong, right, right: acc 0.5 too, every answer changed
-    assert ev.answer_agreement(dense, pruned, labels) == {"agreement": 0.0, "flips": 1.0, "right_to_wrong": 0.5,
+    assert retention.answer_agreement(dense, pruned, labels) == {"agreement": 0.0, "flips": 1.0, "right_to_wrong": 0.5,
                                                           "wrong_to_right": 0.5, "items": 4}
-    assert ev.answer_agreement(dense, dense, labels)["agreement"] == 1.0
+    assert retention.answer_agreement(dense, dense, labels)["agreement"] == 1.0
     # three choices: both wrong with different picks is no flip, and no agreement either
-    got = ev.answer_agreement([[0, 1, 0]], [[0, 0, 1]], [0])
+    got = retention.answer_agreement([[0, 1, 0]], [[0, 0, 1]], [0])
     assert (got["agreement"], got["flips"]) == (0.0, 0.0)
     with pytest.raises(ev.EvaluationError, match="same items"):
-        ev.answer_agreement([[0, 1]], [[0, 1], [1, 0]], [0])
+        retention.answer_agreement([[0, 1]], [[0, 1], [1, 0]], [0])
 
 
 def fake_results(num_params, acc_lls, labels, ppl):
@@ -537,14 +538,14 @@ def fake_results(num_params, acc_lls, labels, ppl):
 def test_compare_report():
     dense = fake_results(135, [[0.0, 1.0], [0.0, 3.0], [0.0, 0.5], [2.0, 0.0]], [1, 1, 0, 0], 20.0)
     pruned = fake_results(100, [[1.0, 0.0], [0.0, 2.0], [0.0, 1.0], [2.0, 0.0]], [1, 1, 0, 0], 25.0)
-    report = ev.compare(dense, pruned)
+    report = retention.compare(dense, pruned)
     rows = {(r["task"], r["metric"]): r for r in report.rows}
     assert rows["piqa", "acc"]["dense"] == 0.75 and rows["piqa", "acc"]["pruned"] == 0.5
     assert rows["piqa", "acc"]["retention"] == pytest.approx(0.5 / 0.75)
     assert rows["wikitext2", "perplexity"]["retention"] == pytest.approx(20.0 / 25.0)
     assert report.num_params == {"dense": 135, "pruned": 100}
     assert report.stability["piqa"] == pytest.approx(
-        ev.stability(dense["tasks"]["piqa"]["loglikelihoods"], pruned["tasks"]["piqa"]["loglikelihoods"],
+        retention.stability(dense["tasks"]["piqa"]["loglikelihoods"], pruned["tasks"]["piqa"]["loglikelihoods"],
                      [1, 1, 0, 0]))
     assert report.mean_retention == pytest.approx(0.5 / 0.75)
     # dense right, right, wrong, right; pruned wrong, right, wrong, right; picks differ on the first item only
@@ -562,10 +563,10 @@ def test_compare_report():
     assert "| wikitext2 | perplexity | 20.0000 | 25.0000 | 80.00% |  |  |  |" in md
     assert "0.667  (same answer 75.0%, flips 25.0%)" in summary({"retention": back}, Path("out"))
     with pytest.raises(ev.EvaluationError, match="no task in common"):
-        ev.compare(dense, {"num_params": 1, "tasks": {"boolq": {}}})
+        retention.compare(dense, {"num_params": 1, "tasks": {"boolq": {}}})
     other = fake_results(100, [[1.0, 0.0]], [1], 25.0)
     with pytest.raises(ev.EvaluationError, match="different items"):
-        ev.compare(dense, other)
+        retention.compare(dense, other)
 
 
 def test_bf16_compute_keeps_smollm2_wikitext_perplexity_within_half_a_percent(smollm2, smollm2_torch):
