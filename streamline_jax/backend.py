@@ -181,7 +181,6 @@ def jit_by_config(**jit_kwargs):
 
         wrapper.jitted = jitted
         wrapper.cache_size = lambda: sum(jit_cache_size(f) for f in compiled.values())  # shapes compiled so far
-        wrapper._cache_size = wrapper.cache_size  # the name evaluation.py reads until it reads `cache_size`
         return wrapper
 
     return decorate

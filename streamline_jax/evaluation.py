@@ -117,8 +117,8 @@ def _grouped(model) -> tuple[ModelGroup, bool]:
 
 
 def _compiles() -> int:
-    """Shapes compiled so far (jax's jit cache sizes; 0 where this jax lacks them)."""
-    return sum(getattr(f, "_cache_size", lambda: 0)() for f in (target_logprobs, shared_prefix_logprobs))
+    """Shapes compiled so far (jax's jit cache sizes; 0 where this jax lacks them: `backend.jit_cache_size`)."""
+    return target_logprobs.cache_size() + shared_prefix_logprobs.cache_size()
 
 
 def _run(group: ModelGroup, input_ids: np.ndarray, targets: np.ndarray, with_greedy: bool = False,
