@@ -345,7 +345,7 @@ depth = 0
 
 # --model, --config and key=value settings (`overrides`; bench_sweep's `settings`) as the run builds them, --sweep's
 # keys, --stages, and --target/--topology among configs/meshes.yaml's layouts; exits 2 naming a bad one
-def check_values(parsed):
+def check_values(parser, parsed):
     from streamline_jax.settings import ConfigError
     get = lambda name: getattr(parsed, name, None)
     try:
@@ -359,7 +359,7 @@ def check_values(parsed):
             from streamline_jax.run import parse_stages
             parse_stages(get("stages"))
         for flag in ("target", "topology"):
-            if get(flag) is not None:
+            if get(flag) is not None and f"--{flag}" in parser._option_string_actions:  # not convert's `target`
                 import yaml
                 from streamline_jax.config_files import CONFIG_DIR
                 targets = yaml.safe_load((CONFIG_DIR / "meshes.yaml").read_text())["targets"]
@@ -383,7 +383,7 @@ def stop_after(original):
                 self.error("unrecognized arguments: " + " ".join(unknown))
         else:
             parsed = original(self, args, namespace)
-            check_values(parsed[0] if isinstance(parsed, tuple) else parsed)
+            check_values(self, parsed[0] if isinstance(parsed, tuple) else parsed)
         print("parsed by", self.prog, words)
         sys.exit(0)
     return parse
