@@ -23,7 +23,7 @@ they load on first use, so `streamline_jax.train.options` imports without JAX.
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 # public name -> the module of this package that defines it
 _HOMES = {
@@ -41,19 +41,4 @@ _HOMES = {
     "checkpoints": ("Checkpoints", "LoopState", "TrainingError"),
     "loop": ("VALID_PAIRS_BYTES", "train_replacement"),
 }
-_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
-__all__ = sorted(_MODULE_OF)
-
-
-def __getattr__(name):
-    if name in _HOMES:
-        return importlib.import_module(f"{__name__}.{name}")
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_MODULE_OF) | set(_HOMES))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _HOMES, globals())
