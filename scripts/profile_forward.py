@@ -73,7 +73,7 @@ def main():
     mask = jnp.ones((b, t), jnp.int32)
     positions = transformer.default_positions(mask)
     allowed = transformer.attention_mask_matrix(mask, jnp.arange(t)[None])
-    layer0 = jax.tree.map(lambda a: a[0], p["segments"]["seg_0"])
+    layer0 = jax.tree.map(lambda a: a[0], p["segments"][transformer.segment_key(0)])
 
     q_dims = c.num_heads * c.head_dim
     kv_dims = c.num_kv_heads * c.head_dim

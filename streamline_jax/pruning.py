@@ -181,9 +181,8 @@ def split_stack(model: Model, cuts) -> Model:
     ranges = list(zip(bounds[:-1], bounds[1:]))
     if len(ranges) == len(config.layout):
         return model
-    old = {}
-    for i, (seg, first) in enumerate(zip(config.layout, transformer.layer_offsets(config))):
-        old.update({(first, first + seg.num_layers): model.params["segments"][f"seg_{i}"]})
+    old = {(first, first + seg.num_layers): model.params["segments"][transformer.segment_key(i)]
+           for i, (seg, first) in enumerate(zip(config.layout, transformer.layer_offsets(config)))}
     parts = [[] for _ in ranges]
     for (lo, hi), seg_params in old.items():
         inside = [k for k, (a, b) in enumerate(ranges) if lo <= a and b <= hi]
@@ -191,7 +190,7 @@ def split_stack(model: Model, cuts) -> Model:
                               seg_params)
         for j, k in enumerate(inside):
             parts[k] = jax.tree.map(lambda leaf: leaf[j], pieces, is_leaf=lambda x: isinstance(x, list))
-    params = {**model.params, "segments": {f"seg_{k}": p for k, p in enumerate(parts)}}
+    params = {**model.params, "segments": {transformer.segment_key(k): p for k, p in enumerate(parts)}}
     layout = tuple(Segment("layers", b - a) for a, b in ranges)
     return model.replace(config=config.replace(layout=layout), params=params)
 

@@ -80,15 +80,23 @@ def mse_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Bloc
     return masked_mse(out, target, mask, weighting)
 
 
+def _next_token_labels(ids, mask):
+    """(real [B, T], next_real [B, T], labels [B, T]) float32 masks and ids: position t's label is token t+1, real
+    where both are real tokens; the last position has none (zeros)."""
+    b = ids.shape[0]
+    real = mask.astype(jnp.float32)
+    next_real = jnp.concatenate([real[:, 1:] * real[:, :-1], jnp.zeros((b, 1), jnp.float32)], axis=1)
+    labels = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
+    return real, next_real, labels
+
+
 def lm_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, remat="none"):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     params = merge_params(trained, frozen["pruned"])
     hidden = transformer.apply(pruned_config, params, ids, mask, return_logits=False,
                                remat=transformer.remat_policy(remat))["last_hidden"]
     b, t = ids.shape
-    real = mask.astype(jnp.float32)
-    next_real = jnp.concatenate([real[:, 1:] * real[:, :-1], jnp.zeros((b, 1), jnp.float32)], axis=1)
-    labels = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
+    _, next_real, labels = _next_token_labels(ids, mask)
     weight = next_real / jnp.maximum(jnp.sum(next_real), 1.0)
     return chunked_cross_entropy(pruned_config, params, hidden.reshape(b * t, -1), labels.reshape(-1),
                                  weight.reshape(-1), head_trains=any(k in trained for k in HEAD_KEYS))
@@ -302,9 +310,7 @@ def _distill_from(teacher, student, trained, frozen, batch, attn, positions, *, 
     h_s, hidden_s = transformer.run_layers(pruned_config, pruned, x_s, attn, positions, student_first,
                                            stops=student_stops, remat=remat)
     b, t = ids.shape
-    real = mask.astype(jnp.float32)
-    next_real = jnp.concatenate([real[:, 1:] * real[:, :-1], jnp.zeros((b, 1), jnp.float32)], axis=1)
-    labels = jnp.concatenate([ids[:, 1:], jnp.zeros((b, 1), ids.dtype)], axis=1)
+    real, next_real, labels = _next_token_labels(ids, mask)
     # per-token weights: each term's share of the loss over its count of tokens
     kl_weight = ((1 - kd.ce_weight) * real / jnp.maximum(jnp.sum(real), 1.0)).reshape(-1)
     ce_weight = (kd.ce_weight * next_real / jnp.maximum(jnp.sum(next_real), 1.0)).reshape(-1)
