@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_atomic
-from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, TRAIN_CHECKPOINT, finish_out, folder_lock,
-                         mark_holder, prepare_out, staging_folder)
+from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, SPAN_HEAL, TRAIN_CHECKPOINT, finish_out,
+                         folder_lock, mark_holder, prepare_out, staging_folder)
 from .run_inputs import Inputs, check_inputs, data_path
 from .settings import STAGES, ConfigError, RunConfig, check_against_model
 
@@ -215,6 +215,17 @@ def calibration_batches(c: RunConfig, dense, calib_source, shared: SharedWork | 
     return batches
 
 
+def validation_batches(c: RunConfig, tokenizer, valid_source) -> list | None:
+    """The validation chunks in batches (token ids only: small), or None without data.valid or valid_chunks."""
+    from . import data
+
+    if valid_source is None or not c.data.valid_chunks:
+        return None
+    chunks = data.split_chunks(data.token_chunks(valid_source, tokenizer, c.data.seq_len), c.data.valid_chunks,
+                               what=f"validation (data.valid {c.data.valid})").calib
+    return list(data.batches(chunks, c.data.batch_size))
+
+
 def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
     """The dense model on its mesh, with the compute dtype resolved; (model, its part of the report)."""
     from .backend import resolve_compute_dtype
@@ -245,10 +256,11 @@ def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
                    "config": dense.config.to_dict()}
 
 
-def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: SharedWork | None, load_key: str):
+def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: SharedWork | None, load_key: str,
+                valid_source=None, out: Path | None = None, resume: bool = False):
     """Span scores on the calibration chunks (reused from `shared` when their settings agree) and the spans they
-    choose: (scores, choices, report parts). `perplexity` and `last` choose otherwise; the cosine tables still go
-    in the report."""
+    choose: (scores, choices, report parts). `perplexity`, `last` and `heal` (on `valid_source`; its record in
+    `out`, which a resume reads) choose otherwise; the cosine tables still go in the report."""
     from . import score as score_mod
 
     by_similarity = c.score.metric in score_mod.METRICS
@@ -273,6 +285,11 @@ def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: Share
         log.info("%s", costs)
         parts["span_costs"] = costs.to_dict()
         choices = [choice]
+    elif c.score.metric == "heal":
+        choice, heal = heal_choice(c, dense, scores, calib_source, valid_source, shared, out, resume)
+        log.info("%s", heal)
+        parts["span_heal"] = heal.to_dict()
+        choices = [choice]
     elif c.score.metric == "last":
         choices = [score_mod.choose_last_span(dense.config, **span_args)]
     else:
@@ -285,6 +302,31 @@ def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: Share
                  for ch in choices]
     parts.update({"span": described[0]} if len(choices) == 1 else {"spans": described})
     return scores, choices, parts
+
+
+def heal_choice(c: RunConfig, dense, scores, calib_source, valid_source, shared: SharedWork | None, out: Path | None,
+                resume: bool):
+    """`score.metric=heal`: the top score.heal_candidates spans by cosine, each pruned as the prune stage does,
+    healed score.heal_steps MSE steps on the calibration chunks and scored on the validation chunks; (the lowest's
+    SpanChoice, the SpanHeal). Recorded in `out`; a resume of the run reads the record back."""
+    from . import span_heal
+    from .distributed import main_only
+
+    path = out / SPAN_HEAL if out is not None else None
+    if resume and path is not None and path.is_file():
+        heal = span_heal.SpanHeal.from_dict(json.loads(path.read_text()))
+        log.info("span heal: read back from %s (not healed again)", path)
+        return span_heal.chosen_from(heal, dense.config, c.prune.replacement, c.prune.mlp_width), heal
+    calib = calibration_batches(c, dense, calib_source, shared)
+    choice, heal = span_heal.choose_span_by_heal(
+        dense, scores, lambda ch: prune_stage(c, dense, [ch], calib_source, shared)[1], calib,
+        validation_batches(c, dense.tokenizer, valid_source), c.train, count=c.score.heal_candidates,
+        steps=c.score.heal_steps, length=c.score.num_layers, sparsity=c.score.sparsity,
+        replacement=c.prune.replacement, protect_first=c.score.protect_first, protect_last=c.score.protect_last,
+        mlp_width=c.prune.mlp_width)
+    if path is not None:
+        main_only(write_atomic)(path, json.dumps(heal.to_dict()))
+    return choice, heal
 
 
 def prune_stage(c: RunConfig, dense, choices, calib_source, shared: SharedWork | None = None,
@@ -350,7 +392,6 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     mesh differs from the models' one, the models are re-sharded onto it for training (the dense model is then on
     the devices twice while it trains) and the trained model back. With `train.distill_steps`, a distillation phase
     (mode kd, on the `lm` layout) follows from the trained blocks; its history is the block's `distill`."""
-    from . import data
     from .loading import place_on_mesh
     from .train import train_replacement, trainable_blocks
 
@@ -363,11 +404,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     train_batches = ChunkBatches(inputs.train_source, dense.tokenizer, seq, skip, c.data.train_chunks, batch)
     if c.train.shuffle:  # a permutation per epoch needs the batches listed (token ids only: small)
         train_batches = list(train_batches)
-    valid_batches = None
-    if inputs.valid_source is not None and c.data.valid_chunks:
-        vchunks = data.split_chunks(data.token_chunks(inputs.valid_source, dense.tokenizer, seq),
-                                    c.data.valid_chunks, what=f"validation (data.valid {c.data.valid})").calib
-        valid_batches = list(data.batches(vchunks, batch))
+    valid_batches = validation_batches(c, dense.tokenizer, inputs.valid_source)
     t = c.train
     blocks = trainable_blocks(pruned.config)
     histories = []
@@ -584,7 +621,7 @@ def _run(ctx: RunContext) -> dict:
     if "score" in stages:
         with stage("score", times):
             scores, choices, parts = score_stage(c, dense, inputs.calib_source, progress, shared,
-                                                _load_key(c, preset, target))
+                                                _load_key(c, preset, target), inputs.valid_source, out, resume)
         report.update(parts)
     if "prune" in stages:
         with stage("prune", times):

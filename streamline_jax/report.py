@@ -164,6 +164,8 @@ def to_markdown(report: dict) -> str:
                   f"{span['params_removed']:,} of {span['params_total']:,} parameters removed net "
                   f"({span['sparsity']:.2%})." for span in spans]
         lines.append("")
+    if report.get("span_heal"):
+        lines += _heal_lines(report["span_heal"])
     params = report.get("params")
     if params:
         lines += [f"Parameters: dense {params['dense']:,} → pruned {params['pruned']:,} "
@@ -188,6 +190,16 @@ def to_markdown(report: dict) -> str:
         lines += [f"| {k} | {v:.1f} |" for k, v in times.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def _heal_lines(heal: dict) -> list[str]:
+    """score.metric=heal: each candidate's cosine, validation loss after the heal, and seconds."""
+    lines = [f"Candidates healed {heal['steps']} MSE steps each, by next-token loss over {heal['num_tokens']:,} "
+             f"validation tokens (the cosine alone chose layers from {heal['cosine_choice']}):", "",
+             "| start | length | cosine | loss after the heal | seconds |", "|---|---|---|---|---|"]
+    lines += [f"| {h['start']}{' (chosen)' if h['start'] == heal['chosen'] else ''} | {h['length']} | "
+              f"{h['cosine']:.4f} | {h['loss']:.4f} | {h['seconds']:.1f} |" for h in heal["candidates"]]
+    return lines + [""]
 
 
 def _training_lines(training: dict, plots: dict) -> list[str]:

@@ -465,7 +465,7 @@ def choose_layers(scores: SpanScores, count: int | None = None, sparsity: float 
 # ----------------------------------------------------------------------------------------------------------------
 # Span choice by what the model loses (SLEB, BlockPruner), and the drop-the-last-layers baseline
 
-LOSS_METRICS = ("perplexity", "last")
+LOSS_METRICS = ("perplexity", "last", "heal")  # heal: the top cosine spans healed a little (span_heal.py)
 SPAN_METRICS = METRICS + LOSS_METRICS  # what the pipeline's score.metric may name
 
 

@@ -68,6 +68,8 @@ class ScoreSection:
     protect_first: int = 0
     protect_last: int = 0
     spans: int = 1  # disjoint spans, each replaced by its own block (score.choose_spans)
+    heal_candidates: int = 3  # metric heal: the top this many spans by cosine are healed and compared
+    heal_steps: int = 16  # metric heal: MSE steps of each candidate's block before its validation loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,9 +378,12 @@ def check_values(c: RunConfig) -> None:
     choice("train.mse_weighting", c.train.mse_weighting, MSE_WEIGHTINGS)
     if (c.score.sparsity is None) == (c.score.num_layers is None):
         raise ConfigError("set exactly one of score.sparsity and score.num_layers (the other to null)")
-    if c.score.spans > 1 and c.score.metric in ("perplexity", "last"):
+    if c.score.spans > 1 and c.score.metric in ("perplexity", "last", "heal"):
         raise ConfigError(f"score.spans={c.score.spans} places spans by their similarity scores; "
                           f"score.metric={c.score.metric} chooses one span only")
+    if c.score.metric == "heal" and not (c.data.valid and c.data.valid_chunks):
+        raise ConfigError("score.metric=heal compares the healed candidates by their loss on the validation chunks: "
+                          f"set data.valid and data.valid_chunks >= 1 (now {c.data.valid!r}, {c.data.valid_chunks})")
     check_ranges(c)
     from .models.model import COMPUTE_DTYPES
 
@@ -406,7 +411,8 @@ RANGES = [
     ("data.valid_chunks", 0, True), ("data.batch_size", 1, True), ("data.shuffle_buffer", 0, True),
     ("data.max_skipped_records", 0, True),
     ("score.sparsity", 0, False), ("score.num_layers", 1, True), ("score.protect_first", 0, True),
-    ("score.protect_last", 0, True), ("score.spans", 1, True), ("prune.mlp_width", 1, True), ("prune.ridge", 0, True),
+    ("score.protect_last", 0, True), ("score.spans", 1, True), ("score.heal_candidates", 1, True),
+    ("score.heal_steps", 1, True), ("prune.mlp_width", 1, True), ("prune.ridge", 0, True),
     ("train.num_steps", 1, True), ("train.epochs", 1, True), ("train.lr", 0, False), ("train.min_lr", 0, True),
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
