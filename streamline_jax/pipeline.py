@@ -215,6 +215,14 @@ def calibration_batches(c: RunConfig, dense, calib_source, shared: SharedWork | 
     return batches
 
 
+def training_batches(c: RunConfig, tokenizer, inputs: Inputs, count: int | None = None) -> ChunkBatches:
+    """The first `count` training chunks (null: data.train_chunks) in batches, after the calibration chunks where
+    both come from one source."""
+    skip = c.data.calib_chunks if inputs.train_source is inputs.calib_source else 0
+    return ChunkBatches(inputs.train_source, tokenizer, c.data.seq_len, skip, count or c.data.train_chunks,
+                        c.data.batch_size)
+
+
 def validation_batches(c: RunConfig, tokenizer, valid_source) -> list | None:
     """The validation chunks in batches (token ids only: small), or None without data.valid or valid_chunks."""
     from . import data
@@ -257,10 +265,11 @@ def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
 
 
 def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: SharedWork | None, load_key: str,
-                valid_source=None, out: Path | None = None, resume: bool = False):
+                inputs: Inputs | None = None, out: Path | None = None, resume: bool = False):
     """Span scores on the calibration chunks (reused from `shared` when their settings agree) and the spans they
-    choose: (scores, choices, report parts). `perplexity`, `last` and `heal` (on `valid_source`; its record in
-    `out`, which a resume reads) choose otherwise; the cosine tables still go in the report."""
+    choose: (scores, choices, report parts). `perplexity`, `last` and `heal` (on the training and validation chunks
+    of `inputs`; its record in `out`, which a resume reads) choose otherwise; the cosine tables still go in the
+    report."""
     from . import score as score_mod
 
     by_similarity = c.score.metric in score_mod.METRICS
@@ -286,7 +295,7 @@ def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: Share
         parts["span_costs"] = costs.to_dict()
         choices = [choice]
     elif c.score.metric == "heal":
-        choice, heal = heal_choice(c, dense, scores, calib_source, valid_source, shared, out, resume)
+        choice, heal = heal_choice(c, dense, scores, inputs, shared, out, resume)
         log.info("%s", heal)
         parts["span_heal"] = heal.to_dict()
         choices = [choice]
@@ -304,11 +313,11 @@ def score_stage(c: RunConfig, dense, calib_source, progress: bool, shared: Share
     return scores, choices, parts
 
 
-def heal_choice(c: RunConfig, dense, scores, calib_source, valid_source, shared: SharedWork | None, out: Path | None,
+def heal_choice(c: RunConfig, dense, scores, inputs: Inputs, shared: SharedWork | None, out: Path | None,
                 resume: bool):
     """`score.metric=heal`: the top score.heal_candidates spans by cosine, each pruned as the prune stage does,
-    healed score.heal_steps MSE steps on the calibration chunks and scored on the validation chunks; (the lowest's
-    SpanChoice, the SpanHeal). Recorded in `out`; a resume of the run reads the record back."""
+    healed score.heal_steps MSE steps on the first training chunks and scored on the validation chunks; (the
+    lowest's SpanChoice, the SpanHeal). Recorded in `out`; a resume of the run reads the record back."""
     from . import span_heal
     from .distributed import main_only
 
@@ -317,10 +326,11 @@ def heal_choice(c: RunConfig, dense, scores, calib_source, valid_source, shared:
         heal = span_heal.SpanHeal.from_dict(json.loads(path.read_text()))
         log.info("span heal: read back from %s (not healed again)", path)
         return span_heal.chosen_from(heal, dense.config, c.prune.replacement, c.prune.mlp_width), heal
-    calib = calibration_batches(c, dense, calib_source, shared)
+    steps = c.score.heal_steps * c.data.batch_size * c.train.grad_accum  # the chunks of one pass; fewer: repeated
+    heal_batches = list(training_batches(c, dense.tokenizer, inputs, min(steps, c.data.train_chunks)))
     choice, heal = span_heal.choose_span_by_heal(
-        dense, scores, lambda ch: prune_stage(c, dense, [ch], calib_source, shared)[1], calib,
-        validation_batches(c, dense.tokenizer, valid_source), c.train, count=c.score.heal_candidates,
+        dense, scores, lambda ch: prune_stage(c, dense, [ch], inputs.calib_source, shared)[1], heal_batches,
+        validation_batches(c, dense.tokenizer, inputs.valid_source), c.train, count=c.score.heal_candidates,
         steps=c.score.heal_steps, length=c.score.num_layers, sparsity=c.score.sparsity,
         replacement=c.prune.replacement, protect_first=c.score.protect_first, protect_last=c.score.protect_last,
         mlp_width=c.prune.mlp_width)
@@ -399,9 +409,8 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     home = pruned.mesh
     dense, pruned, remat, layout_name = _on_training_layout(c, "mse" if c.train.mode == "mse" else "lm", dense,
                                                             pruned, preset, target)
-    seq, batch = c.data.seq_len, c.data.batch_size
-    skip = c.data.calib_chunks if inputs.train_source is inputs.calib_source else 0
-    train_batches = ChunkBatches(inputs.train_source, dense.tokenizer, seq, skip, c.data.train_chunks, batch)
+    batch = c.data.batch_size
+    train_batches = training_batches(c, dense.tokenizer, inputs)
     if c.train.shuffle:  # a permutation per epoch needs the batches listed (token ids only: small)
         train_batches = list(train_batches)
     valid_batches = validation_batches(c, dense.tokenizer, inputs.valid_source)
@@ -621,7 +630,7 @@ def _run(ctx: RunContext) -> dict:
     if "score" in stages:
         with stage("score", times):
             scores, choices, parts = score_stage(c, dense, inputs.calib_source, progress, shared,
-                                                _load_key(c, preset, target), inputs.valid_source, out, resume)
+                                                _load_key(c, preset, target), inputs, out, resume)
         report.update(parts)
     if "prune" in stages:
         with stage("prune", times):

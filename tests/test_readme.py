@@ -134,6 +134,10 @@ COMMANDS: dict[str, Run] = {
     "python -m streamline_jax.run --out runs/p1-default --stages score,prune,train,evaluate data.calib_chunks=50 "
     "data.train_chunks=1000 data.valid_chunks=100 score.num_layers=8 score.sparsity=null train.epochs=1 "
     "eval.ppl_windows=128 eval.limit=1000": Run("parse", "P1's sizes on the real model: 40 minutes"),
+    "python -m streamline_jax.run --out runs/heal --stages score,prune,train,evaluate model.dtype=bfloat16 "
+    "data.seq_len=512 data.batch_size=4 data.calib_chunks=32 data.valid_chunks=32 data.train_chunks=96 "
+    "train.epochs=2 train.distill_steps=8 eval.limit=200 eval.ppl_windows=16 eval.batch_size=4 score.metric=heal": Run(
+        "parse", "the real model: 23 minutes on a shared CPU; tests/test_span_heal.py heals on the tiny model"),
     "python -m streamline_jax.run --sweep score.sparsity=0.2,0.3 --sweep prune.replacement=none,layer": Run(
         "parse", "tests/test_sweep.py sweeps two settings at once on the tiny model"),
     "python -m streamline_jax.run --sweep score.spans=1,2 score.num_layers=8 score.sparsity=null": Run(
