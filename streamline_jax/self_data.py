@@ -134,19 +134,19 @@ def self_texts(model, prompts: Iterable[str], path: str | os.PathLike, tokens_ne
     while have < tokens_needed:
         index = len(batches)
         batch = [next(stream) for _ in range(sampling.batch_size)]
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()  # CPU time too: a shared machine's wall time is noise
         out = generate(model, batch, sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                        seed=sampling.seed + index, chat=chat, prompt_bucket=PROMPT_BUCKET)
         records = [_record(tokenizer, prompt, answer, reason, chat)
                    for prompt, answer, reason in zip(batch, out.texts, out.finish_reasons)]
         entry = {"batch": index, "records": records, "seconds": round(time.perf_counter() - start, 3),
-                 "new_tokens": sum(len(t) for t in out.tokens)}
+                 "cpu_seconds": round(time.process_time() - cpu, 3), "new_tokens": sum(len(t) for t in out.tokens)}
         _append(Path(path), entry)
         batches.append(entry)
         have += sum(r["tokens"] for r in records)
-        log.info("self data: batch %d, %d new tokens in %.1f s (%.0f tokens/s); %d of %d tokens", index,
-                 entry["new_tokens"], entry["seconds"], entry["new_tokens"] / max(entry["seconds"], 1e-9),
-                 min(have, tokens_needed), tokens_needed)
+        log.info("self data: batch %d, %d new tokens in %.1f s, %.1f CPU s (%.0f tokens/s); %d of %d tokens", index,
+                 entry["new_tokens"], entry["seconds"], entry["cpu_seconds"],
+                 entry["new_tokens"] / max(entry["seconds"], 1e-9), min(have, tokens_needed), tokens_needed)
     return SelfData([r["text"] for b in batches for r in b["records"]], _info(batches, reused, have, chat, path))
 
 
@@ -182,6 +182,7 @@ def _info(batches: list[dict], reused: int, tokens: int, chat: bool, path) -> di
     return {"cache": Path(path).name, "texts": sum(len(b["records"]) for b in batches), "tokens": tokens,
             "batches": len(batches), "batches_reused": reused, "chat_template": chat,
             "generated_tokens": new, "generation_s": round(seconds, 2),
+            "generation_cpu_s": round(sum(b.get("cpu_seconds", 0) for b in generated), 2),
             "tokens_per_s": round(new / seconds, 1) if seconds else None,
             "finished_by_eos": sum(r["finish"] == "eos" for b in batches for r in b["records"])}
 
