@@ -166,9 +166,12 @@ def _cycled(prompts: Iterable[str], temperature: float) -> Iterator[str]:
 
 
 def _record(tokenizer, prompt: str, answer: str, reason: str, chat: bool) -> dict:
-    if chat:
+    if chat and reason == "eos":
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": answer}], tokenize=False)
+    elif chat:  # cut at max_new_tokens: no end of turn the model did not write
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False) + answer
     else:
         text = prompt + answer
     tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # and the EOS that joins documents

@@ -29,15 +29,15 @@ class SpyGenerate:
     """Stands in for generation.generate: counts the calls, keeps their arguments, answers by seed (the same
     batch gets the same answers), and raises KeyboardInterrupt at call `stop_at` (1-based)."""
 
-    def __init__(self, stop_at=None):
-        self.calls, self.stop_at = [], stop_at
+    def __init__(self, stop_at=None, reason="eos"):
+        self.calls, self.stop_at, self.reason = [], stop_at, reason
 
     def __call__(self, model, prompts, max_new_tokens, *, seed, chat, **kwargs):
         self.calls.append(dict(prompts=list(prompts), seed=seed, chat=chat, max_new_tokens=max_new_tokens, **kwargs))
         if len(self.calls) == self.stop_at:
             raise KeyboardInterrupt
         texts = [f" the cat sat {seed} {i}" for i in range(len(prompts))]
-        return Generation(texts, [[5, 6, 7]] * len(prompts), [[3]] * len(prompts), ["eos"] * len(prompts))
+        return Generation(texts, [[5, 6, 7]] * len(prompts), [[3]] * len(prompts), [self.reason] * len(prompts))
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,13 @@ def test_the_chat_template_renders_prompt_and_answer(tmp_path, caplog):
     chat = make(Model(LLAMA, None, tokenizer=tokenizer), tmp_path / "chat.jsonl", spy, tokens=10)
     assert spy.calls[0]["chat"] and chat.info["chat_template"]
     assert chat.texts[0] == f"<user>{spy.calls[0]['prompts'][0]}<assistant> the cat sat 7 0"
+
+    tokenizer.chat_template = TEMPLATE + "{% if not add_generation_prompt %}<end>{% endif %}"
+    spy, cut = SpyGenerate(), SpyGenerate(reason="length")
+    ended = make(Model(LLAMA, None, tokenizer=tokenizer), tmp_path / "ended.jsonl", spy, tokens=10)
+    assert ended.texts[0] == f"<user>{spy.calls[0]['prompts'][0]}<assistant> the cat sat 7 0<end>"
+    unended = make(Model(LLAMA, None, tokenizer=tokenizer), tmp_path / "cut.jsonl", cut, tokens=10)
+    assert unended.texts[0] == f"<user>{cut.calls[0]['prompts'][0]}<assistant> the cat sat 7 0"  # cut: no end
 
 
 def test_corpus_prompts_take_passages_of_every_document_in_turn():
