@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_atomic
-from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, SPAN_HEAL, TRAIN_CHECKPOINT, finish_out,
-                         folder_lock, mark_holder, prepare_out, staging_folder)
+from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, SELF_DATA, SPAN_HEAL, TRAIN_CHECKPOINT,
+                         finish_out, folder_lock, mark_holder, prepare_out, staging_folder)
 from .run_inputs import Inputs, check_inputs, data_path
 from .settings import STAGES, ConfigError, RunConfig, check_against_model
 
@@ -431,20 +431,58 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
     elif t.distils_after:  # after every block's own training, so that each distils inside the finished model
         dense, pruned, remat, layout_name = _on_training_layout(c, "lm", dense, pruned, preset, target)
         ran_on["distill_layout"] = layout_name
-        kd = t.distillation(c.data.train_chunks, batch)
+        distill_batches, distill_chunks, self_made = distillation_batches(c, dense, inputs, out, train_batches)
+        kd = t.distillation(distill_chunks, batch)
+        pairs = out / PAIR_CACHE / (SELF_PAIR_CACHE if self_made else "")  # other chunks: pairs of their own
         for block, history in zip(blocks, histories):
             pruned, distilled = train_replacement(
-                dense, pruned, train_batches, kd, valid_batches=valid_batches, block_key=block.key, remat=remat,
+                dense, pruned, distill_batches, kd, valid_batches=valid_batches, block_key=block.key, remat=remat,
                 checkpoint_dir=out / DISTILL_CHECKPOINT / subfolders[block.key], resume=resume, progress=progress,
-                return_history=True, pair_cache=out / PAIR_CACHE / subfolders[block.key] if t.pair_cache else None)
+                return_history=True, pair_cache=pairs / subfolders[block.key] if t.pair_cache else None)
             history["distill"] = {**distilled, "mode": "kd", "lr": t.distill_lr, "trainable": list(kd.trainable),
-                                  "freeze": list(kd.freeze), "lr_beyond_block": kd.lr_beyond_block}
+                                  "freeze": list(kd.freeze), "lr_beyond_block": kd.lr_beyond_block,
+                                  "text": c.data.distill_text, **({"self_data": self_made} if self_made else {})}
     if home is not None and pruned.mesh != home:
         pruned = place_on_mesh(pruned, home)
     if len(histories) == 1:
         return pruned, {**histories[0], **ran_on}
     return pruned, {"mode": t.mode, "blocks": histories, "wall_s": sum(h.get("wall_s", 0) for h in histories),
                     **ran_on}
+
+
+SELF_PAIR_CACHE = "self_data"  # in pair_cache/: the span's pairs of the self-data chunks
+
+
+def distillation_batches(c: RunConfig, dense, inputs: Inputs, out: Path, train_batches):
+    """(batches, chunk count, what was generated or None) of the distillation phase: the training chunks, or with
+    data.distill_text=self, chunks of the dense model's own answers (self_data; cached in `out`, resumable)."""
+    from . import self_data
+
+    d, t = c.data, c.train
+    if d.distill_text != "self":
+        return train_batches, d.train_chunks, None
+    chunks = d.self_chunks or t.distill_steps * t.grad_accum * d.batch_size
+    if d.self_prompts:
+        prompts, prompt_source = self_data.read_prompts(data_path(d.self_prompts)), data_path(d.self_prompts)
+    else:
+        prompts = self_data.CorpusPrompts(inputs.train_source)
+        prompt_source = [data_path(d.train or d.calibration), d.text_field, d.shuffle_buffer, d.shuffle_seed,
+                         self_data.PROMPT_WORDS]
+    sampling = self_data.Sampling(d.self_max_new_tokens, d.self_temperature, d.self_top_p, d.self_batch_size,
+                                  t.seed)
+    key = self_data.cache_key(model=model_stamp(c), dtype=dense.config.dtype,
+                              compute_dtype=dense.config.compute_dtype, prompts=_stamp(prompt_source),
+                              sampling=dataclasses.asdict(sampling))
+    made = self_data.self_texts(dense, prompts, out / SELF_DATA, chunks * d.seq_len, sampling, key)
+    batches = ChunkBatches(made.texts, dense.tokenizer, d.seq_len, 0, chunks, d.batch_size)
+    return (list(batches) if t.shuffle else batches), chunks, {**made.info, "chunks": chunks}
+
+
+def _stamp(source):
+    """A prompts file's or corpus's path stamp (cache.path_stamp), with the settings beside it as they are."""
+    from .cache import path_stamp
+
+    return path_stamp(source) if isinstance(source, str) else [path_stamp(source[0]), *source[1:]]
 
 
 def _on_training_layout(c: RunConfig, stage: str, dense, pruned, preset: str | None, target: str | None):
@@ -469,16 +507,22 @@ def _on_training_layout(c: RunConfig, stage: str, dense, pruned, preset: str | N
 def dense_evaluation_key(c: RunConfig, dense, tasks) -> str:
     """What the dense model's evaluation depends on: the model's files and settings, the tasks and their files."""
     from . import cache
-    from .loading import resolve_source
 
-    _, path = resolve_source(c.model.source)
     task_files = [cache.path_stamp(data_path(v)) for t in tasks for v in dataclasses.asdict(t).values()
                   if isinstance(v, str) and Path(data_path(v)).exists()]
     e = c.eval
-    return cache.content_key(model=cache.path_stamp(path), dtype=dense.config.dtype,
+    return cache.content_key(model=model_stamp(c), dtype=dense.config.dtype,
                              compute_dtype=dense.config.compute_dtype, tasks=tasks, task_files=task_files,
                              limit=e.limit, ppl_windows=e.ppl_windows, batch_size=e.batch_size,
                              devices=_device_kind())
+
+
+def model_stamp(c: RunConfig):
+    """What the model's files are (cache.path_stamp of what model.source resolves to), for the caches' keys."""
+    from .cache import path_stamp
+    from .loading import resolve_source
+
+    return path_stamp(resolve_source(c.model.source)[1])
 
 
 def _device_kind() -> str:

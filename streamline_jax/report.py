@@ -215,9 +215,19 @@ def _training_lines(training: dict, plots: dict) -> list[str]:
             lines += [f"{then}{phase.get('mode')} loss, {len(train)} steps in {phase.get('wall_s', 0):.1f} s; "
                       f"first {_fmt(train[0][1] if train else None)}, last {_fmt(train[-1][1] if train else None)}"
                       f"; best validation {_fmt(phase.get('best_valid'))} at step {phase.get('best_step')}.", ""]
+            if phase.get("self_data"):
+                lines += [_self_data_line(phase["self_data"]), ""]
     if plots.get("loss"):
         lines += [f"![training loss]({plots['loss']})", ""]
     return lines
+
+
+def _self_data_line(made: dict) -> str:
+    speed = f" ({made['tokens_per_s']:.0f} new tokens/s)" if made.get("tokens_per_s") else ""
+    return (f"The distillation read the dense model's own text (data.distill_text=self, {made['cache']}): "
+            f"{made['texts']} answers, {made['tokens']} tokens in {made['chunks']} chunks; {made['batches']} "
+            f"batches, {made['batches_reused']} reused, the others generated in {made['generation_s']:.1f} s{speed}; "
+            f"chat template: {'yes' if made['chat_template'] else 'no'}.")
 
 
 def _evaluation_lines(report: dict) -> list[str]:

@@ -23,6 +23,7 @@ TRAIN_CHECKPOINT = "train_checkpoint"
 DISTILL_CHECKPOINT = "distill_checkpoint"  # train.distill_steps' phase
 PAIR_CACHE = "pair_cache"  # the span's (input, target) pairs on disk while the run lasts (train.pair_cache)
 SPAN_HEAL = "span_heal.json"  # score.metric=heal's candidates, which a resume reads instead of healing again
+SELF_DATA = "self_data.jsonl"  # the dense model's own text for the distillation (data.distill_text=self)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def read_failure(out: Path) -> str | None:
 
 
 # What a run writes in its folder; a folder holding anything else is not ours and is never touched.
-RUN_FILES = {DONE, RUN_CONFIG, FAILED, LOCK, SPAN_HEAL, "report.json", "report.md", "run.log"}
+RUN_FILES = {DONE, RUN_CONFIG, FAILED, LOCK, SPAN_HEAL, SELF_DATA, "report.json", "report.md", "run.log"}
 RUN_FOLDERS = {TRAIN_CHECKPOINT, DISTILL_CHECKPOINT, PAIR_CACHE, "model", "hf", "plots"}
 # Settings that change only evaluation, samples and what is saved: a resume may change them (training is kept).
 RESUMABLE_SECTIONS = ("eval", "samples", "export")

@@ -63,7 +63,9 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
 
     d = c.data
     tasks = [get_task(t) for t in c.eval.tasks]
-    provide([d.calibration, d.train, d.valid, c.eval.perplexity_text] +  # the `{data}` folder, before the model
+    self_prompts = d.self_prompts if d.distill_text == "self" else None
+    # the `{data}` folder, before the model
+    provide([d.calibration, d.train, d.valid, c.eval.perplexity_text, self_prompts] +
             [v for t in (tasks if "evaluate" in stages else ()) for v in dataclasses.asdict(t).values()])
     try:
         order = {"shuffle_buffer": d.shuffle_buffer, "shuffle_seed": d.shuffle_seed,
@@ -72,6 +74,10 @@ def check_inputs(c: RunConfig, stages) -> Inputs:
         train_spec = data_path(d.train)
         train_source = data.text_source(train_spec, d.text_field, **order) if train_spec else calib_source
         valid_source = data.text_source(data_path(d.valid), d.text_field, **order) if d.valid else None
+        if d.distill_text == "self" and d.self_prompts:  # a missing or empty prompts file fails here
+            from .self_data import read_prompts
+
+            read_prompts(data_path(d.self_prompts))
     except data.DataError as e:
         raise ConfigError(str(e)) from None
     if c.eval.perplexity_text:

@@ -22,6 +22,7 @@ from .train.options import TrainOptions
 DEFAULT_MODEL = "smollm2-135m"
 STAGES = ("score", "prune", "train", "evaluate", "save")
 PRUNE_INITS = ("default", "linear")
+DISTILL_TEXTS = ("corpus", "self")
 NOT_PRESETS = ("pipeline", "meshes")
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,13 @@ class DataSection:
     train_chunks: int = 4096
     valid_chunks: int = 64
     batch_size: int = 8
+    distill_text: str = "corpus"  # what the distillation phase reads: corpus | self (the dense model's own answers)
+    self_prompts: str | None = None  # self: a .txt (a prompt a line) or .jsonl file; null: cut from the corpus
+    self_max_new_tokens: int = 256
+    self_temperature: float = 0.7  # 0: greedy
+    self_top_p: float = 0.9
+    self_batch_size: int = 16  # prompts answered at once
+    self_chunks: int | None = None  # seq_len chunks of self data; null: one pass of the distillation's steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,6 +381,10 @@ def check_values(c: RunConfig) -> None:
     if c.prune.init == "linear" and c.prune.replacement not in ("mlp", "ffn"):
         raise ConfigError(f"prune.init=linear fits the output projection of an mlp or ffn block, not of "
                           f"prune.replacement={c.prune.replacement!r} (a `linear` block is always fitted)")
+    choice("data.distill_text", c.data.distill_text, DISTILL_TEXTS)
+    if c.data.distill_text == "self" and not c.train.distils_after:
+        raise ConfigError("data.distill_text=self is the text of the distillation phase, and there is none: set "
+                          "train.distill_steps (with a train.mode other than kd)")
     choice("train.mode", c.train.mode, MODES)
     choice("train.lr_schedule", c.train.lr_schedule, LR_SCHEDULES)
     choice("train.mse_weighting", c.train.mse_weighting, MSE_WEIGHTINGS)
@@ -409,7 +421,8 @@ def check_values(c: RunConfig) -> None:
 RANGES = [
     ("data.seq_len", 1, True), ("data.calib_chunks", 1, True), ("data.train_chunks", 1, True),
     ("data.valid_chunks", 0, True), ("data.batch_size", 1, True), ("data.shuffle_buffer", 0, True),
-    ("data.max_skipped_records", 0, True),
+    ("data.max_skipped_records", 0, True), ("data.self_max_new_tokens", 1, True), ("data.self_temperature", 0, True),
+    ("data.self_top_p", 0, False), ("data.self_batch_size", 1, True), ("data.self_chunks", 1, True),
     ("score.sparsity", 0, False), ("score.num_layers", 1, True), ("score.protect_first", 0, True),
     ("score.protect_last", 0, True), ("score.spans", 1, True), ("score.heal_candidates", 1, True),
     ("score.heal_steps", 1, True), ("prune.mlp_width", 1, True), ("prune.ridge", 0, True),
@@ -437,6 +450,8 @@ def check_ranges(c: RunConfig) -> None:
     if c.score.sparsity is not None and not c.score.sparsity < 1:
         raise ConfigError(f"score.sparsity is the fraction of parameters removed: it must be in (0, 1), got "
                           f"{c.score.sparsity}")
+    if c.data.self_top_p > 1:
+        raise ConfigError(f"data.self_top_p must be in (0, 1] (1: off), got {c.data.self_top_p}")
     if c.mesh.fsdp != -1 and c.mesh.fsdp < 1:
         raise ConfigError(f"mesh.fsdp must be >= 1, or -1 (every device left), got {c.mesh.fsdp}")
     if c.train.min_lr > c.train.lr:

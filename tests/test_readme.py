@@ -77,6 +77,10 @@ TINY_RUN = ("--quiet", "model.source={llama}", "model.architecture=null", "model
 # the default run evaluates and samples; the others need not again
 TINY_QUICK = TINY_RUN + ("eval.tasks=[]", "samples.prompts=[]")
 DEFAULT_RUN = "python -m streamline_jax.run"
+SELF_DATA_RUN = ("python -m streamline_jax.run --out /tmp/47s-a --quiet --stages score,prune,train,evaluate,save "
+                 "model.dtype=bfloat16 data.seq_len=256 data.batch_size=4 data.train_chunks=96 train.epochs=2 "
+                 "train.distill_steps=16 eval.limit=200 eval.ppl_windows=16 eval.batch_size=4 export.hf=false "
+                 "export.gguf=false")
 SCORE_RUN = "python -m streamline_jax.run --stages score"
 
 
@@ -213,6 +217,10 @@ COMMANDS: dict[str, Run] = {
     "--distill-tag SUFFIX]": Run(
         "parse", "hours on the real model"),
     "python scripts/span_pair_stats.py runs/p1/pairs_11_8/valid": Run("parse", "reads a pair cache p1_protocol makes"),
+    # docs/results.md: the model's own data (issue 47 item 2), the corpus and the self-data runs
+    SELF_DATA_RUN: Run("parse", "20 minutes on the real model"),
+    SELF_DATA_RUN.replace("/tmp/47s-a", "/tmp/47s-b") + " data.distill_text=self": Run(
+        "parse", "20 minutes on the real model, a third of them generating"),
     "streamline-jax-convert smollm2-135m /tmp/smollm2-orbax": Run(
         "parse", "20 s to write the 135M model; the README's convert command runs the same code on a tiny one"),
     "streamline-jax-convert path/to/hf-folder /tmp/m-orbax --dtype bfloat16": Run(
