@@ -113,8 +113,8 @@ def test_init_linear_ffn_keeps_the_gate_and_up_projections_and_lowers_the_error(
 
 def test_fit_refuses_bad_input():
     dense, batches = tiny_model(), calibration(1)
-    with pytest.raises(linear_fit.FitError, match="no linear/mlp/ffn block"):
-        linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "layer"), batches)
+    with pytest.raises(linear_fit.FitError, match="no linear/mlp/ffn/layer block"):
+        linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "none"), batches)
     with pytest.raises(linear_fit.FitError, match="ridge"):
         linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), batches, ridge=-1)
     with pytest.raises(linear_fit.FitError, match="no calibration batches"):
