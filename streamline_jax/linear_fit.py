@@ -126,11 +126,17 @@ def ridge_solve(xtx, xtr, ridge: float):
     any model width and activation scale), in float64."""
     xtx, xtr = np.asarray(xtx, np.float64), np.asarray(xtr, np.float64)
     lam = ridge * np.trace(xtx) / len(xtx)
+    singular = FitError(f"the calibration features are rank-deficient ({len(xtx)} features; fewer calibration "
+                        f"tokens, or features that are zero or repeat) and ridge={ridge}: set a positive ridge or "
+                        f"use more calibration tokens")
+    if lam == 0:  # the sums come from float32 products: an eigenvalue below their rounding is no information
+        eig = np.linalg.eigvalsh(xtx)
+        if eig[0] <= eig[-1] * len(xtx) * np.finfo(np.float32).eps:
+            raise singular
     try:
         return np.linalg.solve(xtx + lam * np.eye(len(xtx)), xtr)
     except np.linalg.LinAlgError:
-        raise FitError(f"the calibration features are rank-deficient (X^T X is singular) and ridge={ridge}: set "
-                       f"a positive ridge or use more calibration tokens") from None
+        raise singular from None
 
 
 @dataclasses.dataclass(frozen=True)
