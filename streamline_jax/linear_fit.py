@@ -21,6 +21,14 @@ silu(gate) * up of the normed x) are the features, its output projection (kernel
 column) the solution, the rest of the block as initialised. A SwiGLU cannot start exactly at a linear map, so the
 block starts at the best output map for its own features instead, and training goes on from there.
 
+A `layer` block (a copy of the span's first layer, `init=linear`) is fitted the same way given its copied attention:
+its output is h + f(h) W_down, h = x + attention(x), so W_down is the least-squares map from the MLP's features
+f(h) to y - h, with h and f(h) read off the block's own forward (its output less its projection's output). Nothing
+new is added: the exported model is the family's stock layer with other down-projection values. Where a norm
+follows the projection (Gemma's post_feedforward_layernorm, post-norm OPT) the output is not linear in it and the fit
+is refused. On SmolLM2 the fit wants `uniform` weighting: the span makes position 0's massive activation, and a
+`token` fit that neglects it wrecks the attention of every later token (docs/results.md, issue 47).
+
 Per calibration batch one jitted step (sharded like the batch on a mesh; XLA reduces the sums over devices) returns
 X^T X, X^T R, sum |R|^2 and the token count, masked by the attention mask, in float32; the host adds them into
 float64 sums. float64 because the residual stream of SmolLM2 carries massive activations (norm ~23,000 at position 0
