@@ -30,11 +30,11 @@ is refused. On SmolLM2 the fit wants `uniform` weighting: the span makes positio
 `token` fit that neglects it wrecks the attention of every later token (docs/results.md, issue 47).
 
 Per calibration batch one jitted step (sharded like the batch on a mesh; XLA reduces the sums over devices) returns
-X^T X, X^T R, sum |R|^2, the `none` replacement's sum |y - x|^2 and the token count, masked by the
-attention mask, in float32; the host adds them into float64 sums. float64 because the residual stream of SmolLM2 carries massive activations (norm ~23,000 at position 0
-against ~200 elsewhere), so squares span ~1e4 and float32 sums over 10^5+ tokens would lose the small tokens'
-share; ReplaceMe accumulates in float64 for the same reason. Host memory is the [F, F] and [F, D] sums, whatever
-the number of batches.
+X^T X, X^T R, sum |R|^2, the `none` replacement's sum |y - x|^2 and the token count, masked by the attention mask,
+in float32; the host adds them into float64 sums. float64 because the residual stream of SmolLM2 carries massive
+activations (norm ~23,000 at position 0 against ~200 elsewhere), so squares span ~1e4 and float32 sums over 10^5+
+tokens would lose the small tokens' share; ReplaceMe accumulates in float64 for the same reason. Host memory is the
+[F, F] and [F, D] sums, whatever the number of batches.
 """
 
 from __future__ import annotations
