@@ -21,12 +21,20 @@ silu(gate) * up of the normed x) are the features, its output projection (kernel
 column) the solution, the rest of the block as initialised. A SwiGLU cannot start exactly at a linear map, so the
 block starts at the best output map for its own features instead, and training goes on from there.
 
+A `layer` block (a copy of the span's first layer, `init=linear`) is fitted the same way given its copied attention:
+its output is h + f(h) W_down, h = x + attention(x), so W_down is the least-squares map from the MLP's features
+f(h) to y - h, with h and f(h) read off the block's own forward (its output less its projection's output). Nothing
+new is added: the exported model is the family's stock layer with other down-projection values. Where a norm
+follows the projection (Gemma's post_feedforward_layernorm, post-norm OPT) the output is not linear in it and the fit
+is refused. On SmolLM2 the fit wants `uniform` weighting: the span makes position 0's massive activation, and a
+`token` fit that neglects it wrecks the attention of every later token (docs/results.md, issue 47).
+
 Per calibration batch one jitted step (sharded like the batch on a mesh; XLA reduces the sums over devices) returns
-X^T X, X^T R, sum |R|^2 and the token count, masked by the attention mask, in float32; the host adds them into
-float64 sums. float64 because the residual stream of SmolLM2 carries massive activations (norm ~23,000 at position 0
-against ~200 elsewhere), so squares span ~1e4 and float32 sums over 10^5+ tokens would lose the small tokens'
-share; ReplaceMe accumulates in float64 for the same reason. Host memory is the [F, F] and [F, D] sums, whatever
-the number of batches.
+X^T X, X^T R, sum |R|^2, the `none` replacement's sum |y - x|^2 and the token count, masked by the attention mask,
+in float32; the host adds them into float64 sums. float64 because the residual stream of SmolLM2 carries massive
+activations (norm ~23,000 at position 0 against ~200 elsewhere), so squares span ~1e4 and float32 sums over 10^5+
+tokens would lose the small tokens' share; ReplaceMe accumulates in float64 for the same reason. Host memory is the
+[F, F] and [F, D] sums, whatever the number of batches.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from .models.model import Model
 from .sharding import place_batch
 from .train import Block, span_pairs, trainable_blocks
 
-FITTABLE = ("linear", "mlp", "ffn")
+FITTABLE = ("linear", "mlp", "ffn", "layer")
 WEIGHTINGS = ("uniform", "token")
 OUTPUT_PROJECTIONS = ("linear", "fc2", "down_proj")  # the Dense that ends each fittable block
 DEFAULT_RIDGE = 1e-4
@@ -57,41 +65,66 @@ class FitError(ValueError):
     pass
 
 
-def projection_input(config: ModelConfig, segment: Segment, block_params, x):
-    """(input of the block's output projection [..., F], its parameter path, whether it has a bias): the block's
-    hidden features, read by intercepting the call of its last Dense."""
+def linear_in_projection(config: ModelConfig, segment: Segment) -> bool:
+    """Whether the block's output is (what it computes without its output projection) + that projection's output,
+    so that least squares over the projection is exact. Not where a norm follows the projection: Gemma's
+    post_feedforward_layernorm, post-norm OPT's final_layer_norm after the residual."""
+    if segment.kind not in ("layer", "ffn"):
+        return True
+    return not config.sandwich_norms and (config.family != "opt" or config.do_layer_norm_before)
+
+
+def projection_io(config: ModelConfig, block: Block, block_params, x, attn, positions):
+    """(block output, input of its output projection [..., F], that projection's output [..., D], its parameter
+    path, whether it has a bias), read by intercepting the call of the block's last Dense. A `layer` block runs its
+    attention on `x` with the mask `attn` and `positions` (`transformer.causal_masks`)."""
     seen = {}
 
     def capture(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
         module = context.module
         if isinstance(module, Dense) and context.method_name == "__call__" and module.name in OUTPUT_PROJECTIONS:
-            seen["x"], seen["path"], seen["bias"] = args[0], tuple(module.scope.path), module.use_bias
-        return next_fun(*args, **kwargs)
+            seen.update(x=args[0], y=out, path=tuple(module.scope.path), bias=module.use_bias)
+        return out
 
     with nn.intercept_methods(capture):
-        transformer.block_module(config, segment).apply({"params": block_params}, x)
-    return seen["x"], seen["path"], seen["bias"]
+        out, _, _ = transformer.run_segment(config, block.segment, block_params, x, attn, positions,
+                                            first_layer=block.layer)
+    return out, seen["x"], seen["y"], seen["path"], seen["bias"]
+
+
+def _projection_site(config: ModelConfig, block: Block, block_params):
+    """(parameter path, has bias) of the block's output projection, from a one-token trace."""
+    ones = jnp.ones((1, 1), jnp.int32)
+    attn, positions = transformer.causal_masks(config, ones)
+    x = jnp.zeros((1, 1, config.hidden_size), jnp.float32)
+    return projection_io(config, block, block_params, x, attn, positions)[3:]
 
 
 def fit_sums_fn(dense_config: ModelConfig, pruned_config: ModelConfig, block: Block, weighting: str = "uniform"):
-    """A jitted (dense params, block params, ids, mask) -> (X^T X [F', F'], X^T R [F', D], sum |R|^2, tokens), float32:
-    X the block's projection input (plus a ones column when the projection has a bias), R = span output - input.
+    """A jitted (dense params, block params, ids, mask) -> (X^T X [F', F'], X^T R [F', D], sum |R|^2,
+    sum |y - x|^2, tokens), float32: X the block's projection input (plus a ones column when the projection has a
+    bias), R = y - (the block's output less its projection's), y the span's output, x its input (so |y - x|^2 is
+    the `none` replacement's error; R = y - x for the blocks whose rest is the identity).
     `token` weighs each token's squared error by 1 / its target's mean square (relative errors, as `train.masked_mse`
     does): the massive activation SmolLM2's span creates at position 0 (norm ~23,000) would otherwise own the fit."""
     def sums(dense_params, block_params, ids, mask):
         x_in, target = span_pairs(dense_config, dense_params, ids, mask, block.start, block.length)
-        feats, _, bias = projection_input(pruned_config, block.segment, block_params, x_in)
+        attn, positions = transformer.causal_masks(dense_config, mask)
+        out, feats, projected, _, bias = projection_io(pruned_config, block, block_params, x_in, attn, positions)
         feats = feats.astype(jnp.float32)
         if bias:
             feats = jnp.concatenate([feats, jnp.ones_like(feats[..., :1])], axis=-1)
         real = mask.astype(jnp.float32)[..., None]
         if weighting == "token":
             real = real / (jnp.mean(jnp.square(target), axis=-1, keepdims=True) + 1e-6)
-        residual = (target - x_in) * jnp.sqrt(real)
+        rest = out.astype(jnp.float32) - projected.astype(jnp.float32)
+        residual = (target - rest) * jnp.sqrt(real)
         hi = jax.lax.Precision.HIGHEST
         xtx = jnp.einsum("btf,btg->fg", feats * real, feats, precision=hi)
         xtr = jnp.einsum("btf,btd->fd", feats * jnp.sqrt(real), residual, precision=hi)
-        return xtx, xtr, jnp.sum(jnp.square(residual)), jnp.sum(mask > 0, dtype=jnp.int32)
+        none = jnp.sum(jnp.square(target - x_in) * real)
+        return xtx, xtr, jnp.sum(jnp.square(residual)), none, jnp.sum(mask > 0, dtype=jnp.int32)
 
     return jit_for(transformer.compute_dtype(dense_config), sums)
 
@@ -101,21 +134,29 @@ def ridge_solve(xtx, xtr, ridge: float):
     any model width and activation scale), in float64."""
     xtx, xtr = np.asarray(xtx, np.float64), np.asarray(xtr, np.float64)
     lam = ridge * np.trace(xtx) / len(xtx)
+    singular = FitError(f"the calibration features are rank-deficient ({len(xtx)} features; fewer calibration "
+                        f"tokens, or features that are zero or repeat) and ridge={ridge}: set a positive ridge or "
+                        f"use more calibration tokens")
+    if lam == 0:  # the sums come from float32 products: an eigenvalue below their rounding is no information
+        eig = np.linalg.eigvalsh(xtx)
+        if eig[0] <= eig[-1] * len(xtx) * np.finfo(np.float32).eps:
+            raise singular
     try:
         return np.linalg.solve(xtx + lam * np.eye(len(xtx)), xtr)
     except np.linalg.LinAlgError:
-        raise FitError(f"the calibration features are rank-deficient (X^T X is singular) and ridge={ridge}: set "
-                       f"a positive ridge or use more calibration tokens") from None
+        raise singular from None
 
 
 @dataclasses.dataclass(frozen=True)
 class FitResult:
-    """One fitted block: calibration tokens and the relative residual error |X W - R|^2 / |R|^2 (1.0 is what the
-    `none` replacement leaves, 0 a perfect fit)."""
+    """One fitted block: calibration tokens and its squared error to the span's output relative to the `none`
+    replacement's |y - x|^2 (0 a perfect fit), after the fit and as the block started (1.0 for the blocks that start
+    as the identity; a `layer` or `ffn` block: the copied layer's)."""
 
     key: str
     tokens: int
     relative_error: float
+    start_error: float = 1.0
 
 
 def _batch_arrays(batch):
@@ -130,7 +171,8 @@ def _batch_arrays(batch):
 
 
 def fit_block_sums(dense: Model, pruned: Model, block: Block, batches: Iterable, weighting: str = "uniform"):
-    """The float64 sums (X^T X, X^T R, |R|^2, tokens) of `block` over `batches`, one jitted step per batch."""
+    """The float64 sums (X^T X, X^T R, |R|^2, |y - x|^2, tokens) of `block` over `batches` (`fit_sums_fn`), one
+    jitted step per batch."""
     step = fit_sums_fn(dense.config, pruned.config, block, weighting)
     block_params = pruned.params["segments"][block.key]
     total, pending = None, None
@@ -150,16 +192,47 @@ def _add(total, sums):
     return host if total is None else [a + b for a, b in zip(total, host)]
 
 
-def _set(tree, path, name, value):
-    node = tree
+def _node(tree, path):
     for k in path:
-        node = node[k]
+        tree = tree[k]
+    return tree
+
+
+def _set(tree, path, name, value):
+    node = _node(tree, path)
     node[name] = jnp.asarray(value, node[name].dtype)
+
+
+def _squared_error(w, xtx, xtr, r2):
+    """|X W - R|^2 from the sums."""
+    return r2 - 2 * np.sum(w * xtr) + np.sum(w * (xtx @ w))
+
+
+def _fit_block(dense: Model, pruned: Model, block: Block, segments, batches, ridge, weighting) -> FitResult:
+    """Fit `block`'s output projection, written into `segments` (the pruned model's, new containers)."""
+    if not linear_in_projection(pruned.config, block.segment):
+        raise FitError(f"the {block.segment.kind!r} block's output projection is followed by a norm in this "
+                       f"{pruned.config.model_type} model, so no closed-form fit gives its best value")
+    xtx, xtr, r2, none, tokens = fit_block_sums(dense, pruned, block, batches, weighting)
+    if tokens <= 0:
+        raise FitError("no real (unmasked) tokens in the calibration batches")
+    w = ridge_solve(xtx, xtr, ridge)
+    path, bias = _projection_site(pruned.config, block, segments[block.key])
+    node = _node(segments[block.key], path)
+    start = np.asarray(node["kernel"], np.float64)
+    if bias:
+        start = np.concatenate([start, np.asarray(node["bias"], np.float64)[None]])
+    _set(segments[block.key], path, "kernel", w[:-1] if bias else w)
+    if bias:
+        _set(segments[block.key], path, "bias", w[-1])
+    scale = max(float(none), 1e-30)
+    return FitResult(block.key, int(tokens), float(_squared_error(w, xtx, xtr, r2) / scale),
+                     float(_squared_error(start, xtx, xtr, r2) / scale))
 
 
 def fit_linear(dense: Model, pruned: Model, batches: Iterable, ridge: float = DEFAULT_RIDGE,
                weighting: str = "uniform") -> tuple[Model, list]:
-    """Fit the output projection of every `linear`, `mlp` or `ffn` block of `pruned` on the dense model's span
+    """Fit the output projection of every `linear`, `mlp`, `ffn` or `layer` block of `pruned` on the dense model's span
     (input, output) pairs over the calibration `batches` (a re-iterable when there are several blocks), each token
     weighted alike (`uniform`) or by 1 / its target's mean square (`token`).
     Returns (the model with those projections replaced, [FitResult per block])."""
@@ -174,19 +247,7 @@ def fit_linear(dense: Model, pruned: Model, batches: Iterable, ridge: float = DE
         kinds = sorted({s.kind for s in pruned.config.layout})
         raise FitError(f"the pruned model has no {'/'.join(FITTABLE)} block to fit (its segments: {kinds})")
     segments = jax.tree.map(lambda a: a, dict(pruned.params["segments"]))  # new containers, same arrays
-    results = []
-    for block in blocks:
-        xtx, xtr, r2, tokens = fit_block_sums(dense, pruned, block, batches, weighting)
-        if tokens <= 0:
-            raise FitError("no real (unmasked) tokens in the calibration batches")
-        w = ridge_solve(xtx, xtr, ridge)
-        error = (r2 - 2 * np.sum(w * xtr) + np.sum(w * (xtx @ w))) / max(float(r2), 1e-30)
-        x = jnp.zeros((1, 1, pruned.config.hidden_size), jnp.float32)
-        _, path, bias = projection_input(pruned.config, block.segment, segments[block.key], x)
-        _set(segments[block.key], path, "kernel", w[:-1] if bias else w)
-        if bias:
-            _set(segments[block.key], path, "bias", w[-1])
-        results.append(FitResult(block.key, int(tokens), float(error)))
+    results = [_fit_block(dense, pruned, block, segments, batches, ridge, weighting) for block in blocks]
     out = pruned.replace(params={**pruned.params, "segments": segments}, mesh=None)
     if pruned.mesh is not None:
         from .loading import place_on_mesh

@@ -360,8 +360,8 @@ def prune_stage(c: RunConfig, dense, choices, calib_source, shared: SharedWork |
                                   c.prune.fit_weighting)
         parts["linear_fit"] = [dataclasses.asdict(f) for f in fits]
         for f in fits:
-            log.info("closed-form fit on %d calibration tokens: relative error %.4f (1 = the `none` replacement)",
-                     f.tokens, f.relative_error)
+            log.info("closed-form fit on %d calibration tokens: relative error %.4f, %.4f before it (1 = the `none` "
+                     "replacement)", f.tokens, f.relative_error, f.start_error)
     parts.update(params={"dense": dense.num_params, "pruned": pruned.num_params,
                          "dense_layers": dense.config.depth, "pruned_layers": pruned.config.depth},
                  pruned_config=pruned.config.to_dict())

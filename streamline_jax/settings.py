@@ -84,7 +84,7 @@ class ScoreSection:
 class PruneSection:
     replacement: str = "layer"
     mlp_width: int | None = None
-    init: str = "default"  # `linear`: fit an mlp/ffn block's output projection in closed form before training
+    init: str = "default"  # `linear`: fit an mlp/ffn/layer block's output projection in closed form before training
     ridge: float = 1e-4  # of the closed-form fits (`linear` blocks, init=linear), relative to trace(X^T X)/width
     fit_weighting: str = "token"  # of the closed-form fits: token (relative error per token) | uniform (ReplaceMe's)
 
@@ -378,8 +378,8 @@ def check_values(c: RunConfig) -> None:
     choice("export.gguf_type", c.export.gguf_type, GGUF_TYPES)
     choice("prune.init", c.prune.init, PRUNE_INITS)
     choice("prune.fit_weighting", c.prune.fit_weighting, ("token", "uniform"))
-    if c.prune.init == "linear" and c.prune.replacement not in ("mlp", "ffn"):
-        raise ConfigError(f"prune.init=linear fits the output projection of an mlp or ffn block, not of "
+    if c.prune.init == "linear" and c.prune.replacement not in ("mlp", "ffn", "layer"):
+        raise ConfigError(f"prune.init=linear fits the output projection of an mlp, ffn or layer block, not of "
                           f"prune.replacement={c.prune.replacement!r} (a `linear` block is always fitted)")
     choice("data.distill_text", c.data.distill_text, DISTILL_TEXTS)
     if c.data.distill_text == "self" and not c.train.distils_after:

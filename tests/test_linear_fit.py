@@ -12,7 +12,8 @@ import pytest
 from streamline_jax import export, linear_fit, load
 from streamline_jax.evaluation import score_sequences
 from streamline_jax.generation import generate
-from streamline_jax.models.model import forward, hidden_states
+from streamline_jax.models import transformer
+from streamline_jax.models.model import Model, forward, hidden_states
 from streamline_jax.pruning import prune
 
 from helpers import padded_calibration as calibration, run_python, small_model as tiny_model
@@ -113,8 +114,8 @@ def test_init_linear_ffn_keeps_the_gate_and_up_projections_and_lowers_the_error(
 
 def test_fit_refuses_bad_input():
     dense, batches = tiny_model(), calibration(1)
-    with pytest.raises(linear_fit.FitError, match="no linear/mlp/ffn block"):
-        linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "layer"), batches)
+    with pytest.raises(linear_fit.FitError, match="no linear/mlp/ffn/layer block"):
+        linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "none"), batches)
     with pytest.raises(linear_fit.FitError, match="ridge"):
         linear_fit.fit_linear(dense, prune(dense, START, LENGTH, "linear"), batches, ridge=-1)
     with pytest.raises(linear_fit.FitError, match="no calibration batches"):
@@ -172,3 +173,127 @@ def test_fit_on_an_8_device_mesh_equals_one_device(tmp_path):
     assert f"tokens {result.tokens}" in out
     expected = np.asarray(fitted.params["segments"]["seg_1"]["linear"]["kernel"])
     np.testing.assert_allclose(np.load(path), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# init=linear on a `layer` block: the copied layer's down projection, given its copied attention
+
+PROJECTIONS = {"llama": ("mlp", "down_proj"), "opt": ("fc2",)}
+
+
+def projection(model, path):
+    """The block's output projection as one [F (+1 for a bias), D] matrix, float64."""
+    node = model.params["segments"]["seg_1"]
+    for k in path:
+        node = node[k]
+    w = np.asarray(node["kernel"], np.float64)
+    return np.concatenate([w, np.asarray(node["bias"], np.float64)[None]]) if "bias" in node else w
+
+
+def block_out(model, batches, path, w):
+    """The block's output on the real calibration tokens from the plain forward, with its output projection set to
+    `w` (as `projection` gives it)."""
+    segments = jax.tree.map(lambda a: a, dict(model.params["segments"]))
+    node = segments["seg_1"]
+    for k in path:
+        node = node[k]
+    has_bias = "bias" in node
+    node["kernel"] = jnp.asarray(w[:-1] if has_bias else w, node["kernel"].dtype)
+    if has_bias:
+        node["bias"] = jnp.asarray(w[-1], node["bias"].dtype)
+    probe = model.replace(params={**model.params, "segments": segments})
+    return np.concatenate([np.asarray(hidden_states(probe, b["input_ids"], b["attention_mask"]), np.float64)
+                           [START + 1][b["attention_mask"].astype(bool)] for b in batches])
+
+
+def layer_features(model, batches, path):
+    """(the block's output with a zero projection, the projection's input features [tokens, F (+ ones)]) read off
+    the plain forward: the output is affine in the projection, so one-hot rows expose the features a width at a
+    time."""
+    width, d = projection(model, path).shape
+    rest = block_out(model, batches, path, np.zeros((width, d)))
+    cols = []
+    for lo in range(0, width, d):
+        n = min(d, width - lo)
+        probe = np.zeros((width, d))
+        probe[lo + np.arange(n), np.arange(n)] = 1
+        cols.append((block_out(model, batches, path, probe) - rest)[:, :n])
+    return rest, np.concatenate(cols, axis=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_init_linear_layer_equals_numpy_least_squares_given_the_copied_attention(family):
+    from tiny import SMALL_OPT, dense as random_dense
+
+    dense, path = (tiny_model() if family == "llama" else random_dense(SMALL_OPT)), PROJECTIONS[family]
+    batches = calibration()
+    pruned = prune(dense, START, LENGTH, "layer")
+    fitted, [result] = linear_fit.fit_linear(dense, pruned, batches, ridge=0.0)
+    x, y = span_pairs_numpy(dense, batches)
+    rest, feats = layer_features(pruned, batches, path)
+    expected = np.linalg.lstsq(feats, y - rest, rcond=None)[0]
+    got = projection(fitted, path)
+    assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+    # everything but the projection is the copied layer's (its attention above all)
+    before, after = (jax.tree_util.tree_leaves_with_path(m.params["segments"]["seg_1"]) for m in (pruned, fitted))
+    changed = {tuple(k.key for k in p[:-1]) for (p, a), (_, b) in zip(before, after) if not np.array_equal(a, b)}
+    assert changed == {path}
+    # the plain forward's error to the span's output: below the copied layer's, as reported (relative to `none`'s)
+    none = np.sum((y - x) ** 2)
+    error = np.sum((block_out(fitted, batches, path, got) - y) ** 2)
+    copied = np.sum((block_out(pruned, batches, path, projection(pruned, path)) - y) ** 2)
+    assert error < copied
+    assert result.relative_error == pytest.approx(error / none, rel=1e-3)
+    assert result.start_error == pytest.approx(copied / none, rel=1e-3)
+
+
+def test_layer_fit_on_fewer_tokens_than_features_needs_the_ridge():
+    """7 real tokens against the layer's 48 MLP features: X^T X is singular. Without a ridge: one clear error
+    (numpy's solve would return noise, not raise); with one: a finite fit that beats the copied layer there."""
+    dense, batches = tiny_model(), calibration(num_batches=1, batch=2, seq=8)
+    assert sum(int(b["attention_mask"].sum()) for b in batches) == 7
+    pruned = prune(dense, START, LENGTH, "layer")
+    with pytest.raises(linear_fit.FitError, match="rank-deficient.*ridge=0.0"):
+        linear_fit.fit_linear(dense, pruned, batches, ridge=0.0)
+    fitted, [result] = linear_fit.fit_linear(dense, pruned, batches, ridge=1e-3)
+    assert np.isfinite(projection(fitted, PROJECTIONS["llama"])).all()
+    assert result.relative_error < result.start_error
+
+
+def test_layer_fit_refuses_a_norm_after_the_projection():
+    """Gemma norms the MLP's output before the residual: its down projection has no closed-form optimum."""
+    from tiny import CONFIGS
+
+    gemma = CONFIGS["gemma2"]
+    dense = Model(gemma, transformer.init_params(gemma, jax.random.PRNGKey(0)))
+    with pytest.raises(linear_fit.FitError, match="'layer' block's output projection is followed by a norm"):
+        linear_fit.fit_linear(dense, prune(dense, 0, 2, "layer"), calibration(1, vocab=gemma.vocab_size))
+
+
+def test_fitted_layer_block_exports_as_a_stock_layer(tmp_path):
+    """The fit changes the values of a weight the layer already has, so the Hugging Face folder loads in
+    transformers' own class with our logits, and the GGUF reads back as the same model."""
+    import torch
+    import transformers
+
+    from reference import params_from_torch, torch_model
+    from streamline_jax.export_gguf import export_gguf
+    from tiny import CONFIGS, train_tokenizer, vocab_gguf
+
+    config = CONFIGS["llama_bias"].replace(num_layers=6, layout=())  # a bias on the down projection too
+    dense = Model(config, params_from_torch(config, torch_model(config)), train_tokenizer())
+    pruned = prune(dense, 1, 3, "layer")
+    fitted, [result] = linear_fit.fit_linear(dense, pruned, calibration(vocab=config.vocab_size))
+    assert result.relative_error < result.start_error
+    ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 12))
+    ours = np.asarray(forward(fitted, ids))
+    assert np.abs(ours - np.asarray(forward(pruned, ids))).max() > 1e-3  # the fit shows in the logits
+    folder = export.export_hf(fitted, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    assert type(hf).__module__.startswith("transformers.models.") and hf.config.num_hidden_layers == 4
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-5
+    path = export_gguf(fitted, tmp_path / "m.gguf", "f32", tokenizer_source=vocab_gguf(tmp_path / "vocab.gguf",
+                                                                                      config.vocab_size))
+    np.testing.assert_allclose(np.asarray(forward(load(path), ids)), ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())

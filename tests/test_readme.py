@@ -142,6 +142,17 @@ COMMANDS: dict[str, Run] = {
     "data.seq_len=512 data.batch_size=4 data.calib_chunks=32 data.valid_chunks=32 data.train_chunks=96 "
     "train.epochs=2 train.distill_steps=8 eval.limit=200 eval.ppl_windows=16 eval.batch_size=4 score.metric=heal": Run(
         "parse", "the real model: 23 minutes on a shared CPU; tests/test_span_heal.py heals on the tiny model"),
+    # docs/results.md: the closed-form start of the `layer` block (issue 47, item 3)
+    "python -m streamline_jax.run --out /tmp/47c/zero --stages score,prune,evaluate --sweep prune.init=default,linear "
+    "data.calib_chunks=32 data.batch_size=2 eval.batch_size=4 eval.limit=200 eval.ppl_windows=16": Run(
+        "parse", "two points on the real model: 16 minutes; tests/test_run.py fits a layer block on the tiny one"),
+    "python -m streamline_jax.run --out /tmp/47c/zero-uniform --stages score,prune,evaluate prune.init=linear "
+    "prune.fit_weighting=uniform data.calib_chunks=32 data.batch_size=2 eval.batch_size=4 eval.limit=200 "
+    "eval.ppl_windows=16": Run("parse", "the real model: 18 minutes"),
+    "python -m streamline_jax.run --out /tmp/47c/trained --stages score,prune,train,evaluate --sweep "
+    "prune.init=default,linear prune.fit_weighting=uniform data.calib_chunks=32 data.batch_size=4 eval.batch_size=4 "
+    "data.train_chunks=96 train.epochs=2 train.distill_steps=8 eval.limit=200 eval.ppl_windows=16": Run(
+        "parse", "two trained points on the real model: an hour"),
     "python -m streamline_jax.run --sweep score.sparsity=0.2,0.3 --sweep prune.replacement=none,layer": Run(
         "parse", "tests/test_sweep.py sweeps two settings at once on the tiny model"),
     "python -m streamline_jax.run --sweep score.spans=1,2 score.num_layers=8 score.sparsity=null": Run(

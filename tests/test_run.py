@@ -88,14 +88,17 @@ def test_linear_block_by_perplexity_fits_without_training(files, tmp_path, monke
     assert np.any(np.asarray(pruned.params["segments"][f"seg_{kinds.index('linear')}"]["linear"]["kernel"]))
 
 
-def test_init_linear_needs_an_mlp_or_ffn_block_and_last_drops_the_last_layers(files, tmp_path):
+def test_init_linear_needs_a_block_with_an_output_projection_and_last_drops_the_last_layers(files, tmp_path):
     with pytest.raises(run_mod.ConfigError, match="prune.init=linear"):
-        run_mod.build_config(None, None, ["prune.init=linear", "prune.replacement=layer"])
+        run_mod.build_config(None, None, ["prune.init=linear", "prune.replacement=none"])
     out = tmp_path / "out"
-    assert run_mod.main(_args(files, "llama", out, "prune.replacement=ffn", "prune.init=linear", "score.metric=last",
-                              "train.num_steps=1", "--stages", "train")) == 0
+    assert run_mod.main(_args(files, "llama", out, "prune.replacement=layer", "prune.init=linear",
+                              "prune.fit_weighting=uniform", "score.metric=last", "train.num_steps=1",
+                              "--stages", "train")) == 0
     report = json.loads((out / "report.json").read_text())
-    assert (report["span"]["start"], report["span"]["end"]) == (4, 6) and "linear_fit" in report
+    assert (report["span"]["start"], report["span"]["end"]) == (4, 6)
+    [fit] = report["linear_fit"]  # the copied layer's down projection, refitted: closer to the span than the copy
+    assert fit["relative_error"] < fit["start_error"]
 
 
 def test_mlp_writes_orbax_only(files, tmp_path):
