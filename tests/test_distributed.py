@@ -305,6 +305,7 @@ def _cli_env(devices: int) -> dict:
                 PYTHONPATH=str(ROOT), STREAMLINE_JAX_RESULTS_CACHE="off")
 
 
+@pytest.mark.pipeline
 def test_the_whole_cli_over_two_processes_equals_one_process(tiny_files, tmp_path):
     """`python -m streamline_jax.run` as 2 processes × 4 devices (loopback coordinator) against one process with
     the same 8 devices: both finish; only process 0 prints the summary (it alone writes the report, plots and the
