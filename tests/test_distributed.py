@@ -175,6 +175,7 @@ def two_process_run(tmp_path_factory):
     return tmp, folder, ids, mask
 
 
+@pytest.mark.pipeline
 def test_two_processes_score_like_one(two_process_run):
     import importlib
 
@@ -191,6 +192,7 @@ def test_two_processes_score_like_one(two_process_run):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.pipeline
 def test_orbax_save_from_two_processes_restores_in_one(two_process_run):
     import importlib
 
