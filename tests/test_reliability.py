@@ -593,6 +593,7 @@ def test_a_seq_len_beyond_the_models_context_is_refused_before_loading(files, tm
     assert not out.exists()
 
 
+@pytest.mark.pipeline
 def test_a_short_validation_file_is_named_as_such(files, tmp_path, capsys):
     valid = tmp_path / "valid.jsonl"
     valid.write_text('{"text": "the cat sat."}\n')

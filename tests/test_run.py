@@ -410,6 +410,7 @@ def test_preset_parameter_counts_equal_the_published(name, billions):
     assert float(f"{count / 1e9:.3g}") == billions, count  # to the published 3 significant figures
 
 
+@pytest.mark.pipeline
 def test_convert_and_export_scripts_round_trip(files, tmp_path):
     import importlib.util
 
