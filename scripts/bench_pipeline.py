@@ -186,11 +186,134 @@ def child_ours(args):
     return out
 
 
-def child_torch(args):
+def torch_score(model, calib, n):
+    """The authors' scoring: the full forward with output_hidden_states, the cosine of every (s, s + n) over real
+    tokens; the span's start and the cosine of each start."""
     import torch
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
+
+    gram, tokens = 0.0, 0
+    with torch.no_grad():
+        for b in calib:
+            hidden = model(**b, output_hidden_states=True).hidden_states
+            mask = b["attention_mask"].reshape(-1).float()
+            unit = torch.stack([F.normalize(h.reshape(-1, h.shape[-1]), dim=-1) for h in hidden])  # [L+1, N, D]
+            gram = gram + torch.einsum("ind,jnd->ij", unit * mask[None, :, None], unit)
+            tokens += int(mask.sum())
+            del hidden, unit
+    cosine = (gram / tokens).double().numpy()
+    depth = cosine.shape[0] - 1
+    by_start = [float(cosine[s, s + n]) for s in range(depth - n + 1)]
+    return int(np.argmax(by_start)), by_start
+
+
+def torch_pairs(model, batches, start, n, out):
+    """The span's pairs from the same full forward on every batch, kept on the host one row at a time; out["check"]
+    gets the first batch's states before and after the span's first layer, to check the copy against."""
+    import torch
+
+    inputs, targets, masks = [], [], []
+    with torch.no_grad():
+        for b in batches:
+            hidden = model(**b, output_hidden_states=True).hidden_states
+            if not inputs:
+                out.setdefault("check", (hidden[start], hidden[start + 1]))
+            inputs += torch.unbind(hidden[start], dim=0)
+            targets += torch.unbind(hidden[start + n], dim=0)
+            masks += torch.unbind(b["attention_mask"], dim=0)
+            del hidden
+    return inputs, targets, masks
+
+
+def copied_layer(model, start, check, rope):
+    """A copy of the span's first LlamaDecoderLayer with FREEZE frozen, and the parameters that train; it must give
+    the full forward's next hidden state (causal, the right positions)."""
+    import torch
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    layer = LlamaDecoderLayer(model.config, start)
+    layer.load_state_dict(model.model.layers[start].state_dict())
+    trained = []
+    for name, p in layer.named_parameters():
+        p.requires_grad_(not any(f in name for f in FREEZE))
+        if p.requires_grad:
+            trained.append(p)
+    # no attention mask: sdpa attention (asked for at loading) is then causal, as in the full model over unpadded rows
+    with torch.no_grad():
+        x0, ref = check
+        err = float((layer(x0, position_embeddings=rope) - ref).abs().max() / ref.abs().max())
+        assert err < 1e-5, f"the copied layer does not reproduce the full forward: relative error {err:.2e}"
+    return layer, trained
+
+
+def cosine_factor(num_steps, warmup, lr, min_lr=5e-5):
+    """optax.warmup_cosine_decay_schedule as a factor of lr, for torch's LambdaLR."""
+    def factor(step):
+        if step < warmup:
+            return step / warmup
+        frac = min((step - warmup) / max(num_steps - warmup, 1), 1.0)
+        return (min_lr + 0.5 * (1 + math.cos(math.pi * frac)) * (lr - min_lr)) / lr
+    return factor
+
+
+def masked_mse(pred, target, mask):
+    return ((pred - target).square().mean(-1) * mask).sum() / mask.sum().clamp(min=1)
+
+
+def pair_batch(pairs, i, b):
+    import torch
+
+    rows = slice(i * b, (i + 1) * b)
+    return torch.stack(pairs[0][rows]), torch.stack(pairs[1][rows]), torch.stack(pairs[2][rows]).float()
+
+
+def torch_validate(layer, valid_pairs, b, rope):
+    import torch
+
+    with torch.no_grad():
+        total = weight = 0.0
+        for i in range(len(valid_pairs[0]) // b):
+            x, y, m = pair_batch(valid_pairs, i, b)
+            total += float(masked_mse(layer(x, position_embeddings=rope), y, m)) * float(m.sum())
+            weight += float(m.sum())
+    return total / max(weight, 1.0)
+
+
+def torch_train(layer, trained, pairs, valid_pairs, b, rope, args):
+    """The copied layer trained on the cached pairs (AdamW, clipping, our schedule), validated at our steps, the best
+    block kept; its times and losses."""
+    import torch
+
+    num_steps = len(pairs[0]) // b
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_factor(num_steps, max(1, num_steps // 20), args.lr))
+    checks = set(eval_steps(num_steps, args.eval_every)) if valid_pairs else set()
+    out, valid_s, valid_loss, best = {}, 0.0, [], None
+    t = time.perf_counter()
+    for step in range(num_steps + 1):
+        if step:
+            x, y, m = pair_batch(pairs, step - 1, b)
+            loss = masked_mse(layer(x, position_embeddings=rope), y, m)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, 5.0)
+            opt.step()
+            sched.step()
+            out["train_loss_last"] = float(loss)
+        if step in checks:
+            tv = time.perf_counter()
+            valid_loss.append(torch_validate(layer, valid_pairs, b, rope))
+            if valid_loss[-1] <= min(valid_loss):  # keep the best block, as the authors and we do
+                best = {k: v.clone() for k, v in layer.state_dict().items()}
+            valid_s += time.perf_counter() - tv
+    train_s = time.perf_counter() - t
+    return {**out, "train_s": train_s, "valid_s": valid_s, "steps_s": train_s - valid_s, "num_steps": num_steps,
+            "valid_passes": len(valid_loss), "valid_loss": valid_loss, "kept_best": best is not None}
+
+
+def child_torch(args):
+    import torch
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -202,117 +325,26 @@ def child_torch(args):
     out.update(load_s=time.perf_counter() - t, rss_after_load_mib=peak_rss_mib())
     batches = {name: [{k: torch.from_numpy(v).long() for k, v in b.items()} for b in load_batches(args.data, name)]
                for name in ("calib", "train", "valid")}
-    n = args.span
 
-    # (a) score: the full forward with output_hidden_states, the cosine of every (s, s + n) over real tokens
     t = time.perf_counter()
-    gram, tokens = 0.0, 0
-    with torch.no_grad():
-        for b in batches["calib"]:
-            hidden = model(**b, output_hidden_states=True).hidden_states
-            mask = b["attention_mask"].reshape(-1).float()
-            unit = torch.stack([F.normalize(h.reshape(-1, h.shape[-1]), dim=-1) for h in hidden])  # [L+1, N, D]
-            gram = gram + torch.einsum("ind,jnd->ij", unit * mask[None, :, None], unit)
-            tokens += int(mask.sum())
-            del hidden, unit
-    cosine = (gram / tokens).double().numpy()
-    depth = cosine.shape[0] - 1
-    by_start = [float(cosine[s, s + n]) for s in range(depth - n + 1)]
-    start = int(np.argmax(by_start))
+    start, by_start = torch_score(model, batches["calib"], args.span)
     out.update(score_s=time.perf_counter() - t, start=start, cosine=by_start, rss_after_score_mib=peak_rss_mib())
 
-    # (b) the span's pairs, from the same full forward on every batch, kept on the host one row at a time
-    def collect(name):
-        inputs, targets, masks = [], [], []
-        with torch.no_grad():
-            for b in batches[name]:
-                hidden = model(**b, output_hidden_states=True).hidden_states
-                if not inputs:  # the state after the span's first layer, to check the copy against below
-                    out.setdefault("check", (hidden[start], hidden[start + 1]))
-                inputs += torch.unbind(hidden[start], dim=0)
-                targets += torch.unbind(hidden[start + n], dim=0)
-                masks += torch.unbind(b["attention_mask"], dim=0)
-                del hidden
-        return inputs, targets, masks
-
     t = time.perf_counter()
-    pairs = collect("train")
+    pairs = torch_pairs(model, batches["train"], start, args.span, out)
     out.update(collect_s=time.perf_counter() - t, rss_after_collect_mib=peak_rss_mib())
     t = time.perf_counter()
-    valid_pairs = collect("valid") if args.valid_chunks else None
+    valid_pairs = torch_pairs(model, batches["valid"], start, args.span, out) if args.valid_chunks else None
     out["collect_valid_s"] = time.perf_counter() - t
     held = [x for p in (pairs, valid_pairs or ()) for x in p[0] + p[1]]
     out["pairs_mib"] = sum(x.numel() * x.element_size() for x in held) / 2 ** 20
 
-    # (c) a copy of the span's first layer, trained on the cached pairs
-    layer = LlamaDecoderLayer(model.config, start)
-    layer.load_state_dict(model.model.layers[start].state_dict())
-    trained = []
-    for name, p in layer.named_parameters():
-        p.requires_grad_(not any(f in name for f in FREEZE))
-        if p.requires_grad:
-            trained.append(p)
     b, seq = batches["train"][0]["input_ids"].shape
     positions = torch.arange(seq)[None].expand(b, seq)
     with torch.no_grad():  # the same rotary tables for every batch of this shape
         rope = model.model.rotary_emb(pairs[0][0][None], positions)
-    # no attention mask: sdpa attention (asked for at loading) is then causal, as in the full model over unpadded rows
-    with torch.no_grad():  # the copy must give the full forward's next hidden state: causal, the right positions
-        x0, ref = out.pop("check")
-        err = float((layer(x0, position_embeddings=rope) - ref).abs().max() / ref.abs().max())
-        assert err < 1e-5, f"the copied layer does not reproduce the full forward: relative error {err:.2e}"
-
-    num_steps = len(pairs[0]) // b
-    warmup = max(1, num_steps // 20)
-
-    def schedule(step):  # optax.warmup_cosine_decay_schedule, as a factor of lr
-        if step < warmup:
-            return step / warmup
-        frac = min((step - warmup) / max(num_steps - warmup, 1), 1.0)
-        return (5e-5 + 0.5 * (1 + math.cos(math.pi * frac)) * (args.lr - 5e-5)) / args.lr
-
-    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-
-    def batch_of(p, i):
-        rows = slice(i * b, (i + 1) * b)
-        return torch.stack(p[0][rows]), torch.stack(p[1][rows]), torch.stack(p[2][rows]).float()
-
-    def masked_mse(pred, target, mask):
-        return ((pred - target).square().mean(-1) * mask).sum() / mask.sum().clamp(min=1)
-
-    def validate():
-        with torch.no_grad():
-            total = weight = 0.0
-            for i in range(len(valid_pairs[0]) // b):
-                x, y, m = batch_of(valid_pairs, i)
-                total += float(masked_mse(layer(x, position_embeddings=rope), y, m)) * float(m.sum())
-                weight += float(m.sum())
-        return total / max(weight, 1.0)
-
-    checks = set(eval_steps(num_steps, args.eval_every)) if valid_pairs else set()
-    valid_s, valid_loss, best = 0.0, [], None
-    t = time.perf_counter()
-    for step in range(num_steps + 1):
-        if step:
-            x, y, m = batch_of(pairs, step - 1)
-            loss = masked_mse(layer(x, position_embeddings=rope), y, m)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 5.0)
-            opt.step()
-            sched.step()
-            out["train_loss_last"] = float(loss)
-        if step in checks:
-            tv = time.perf_counter()
-            valid_loss.append(validate())
-            if valid_loss[-1] <= min(valid_loss):  # keep the best block, as the authors and we do
-                best = {k: v.clone() for k, v in layer.state_dict().items()}
-            valid_s += time.perf_counter() - tv
-    train_s = time.perf_counter() - t
-    out.update(train_s=train_s, valid_s=valid_s, steps_s=train_s - valid_s, num_steps=num_steps,
-               valid_passes=len(valid_loss), valid_loss=valid_loss, rss_after_train_mib=peak_rss_mib(),
-               kept_best=best is not None)
+    layer, trained = copied_layer(model, start, out.pop("check"), rope)
+    out.update(torch_train(layer, trained, pairs, valid_pairs, b, rope, args), rss_after_train_mib=peak_rss_mib())
     out["ceiling"].append(ceiling_torch())
     return out
 
@@ -385,7 +417,7 @@ def merge(runs):
     return out
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calib-chunks", type=int, default=16, help="the first N of P1's 50 calibration chunks")
     ap.add_argument("--train-chunks", type=int, default=64, help="the first N of P1's training chunks")
@@ -406,13 +438,12 @@ def main():
     ap.add_argument("--child", choices=("data", "ours", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     ap.add_argument("--hf-folder", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        result = {"data": child_data, "ours": child_ours, "torch": child_torch}[args.child](args)
-        result["peak_rss_mib"] = peak_rss_mib()
-        print(json.dumps(result))
-        return
+    return ap
 
+
+def run_rounds(args):
+    """The data child, then each side's children round by round; the tokens, the model's config.json, the number of
+    training steps and each side's rounds merged."""
     runs = {"ours": [], "torch": []}
     with tempfile.TemporaryDirectory() as tmp:
         args.data = str(Path(tmp) / "batches.npz")
@@ -425,22 +456,15 @@ def main():
         for r in range(args.rounds):
             for side in ("ours", "torch") if r % 2 == 0 else ("torch", "ours"):
                 runs[side].append(run_child(side, args))
-    ours, theirs = merge(runs["ours"]), merge(runs["torch"])
-    # the limit is the work at the best rate measured for the dtype each side computes in: ours (float32 or bf16
-    # inputs), torch float32 (the authors' path)
-    ceiling = max(ours["ceiling"] + theirs["ceiling"])
-    bf16 = ours["compute_dtype"] == "bfloat16"
-    ceiling_ours = max(ours["ceiling_bf16"] + [theirs["ceiling_bf16"]]) if bf16 else ceiling
-    passes = len(eval_steps(num_steps, args.eval_every)) if args.valid_chunks else 0
-    flops = stage_flops(cfg, args.seq, tokens, ours["start"], args.span, passes)
-    limit = {k: v / ceiling_ours for k, v in flops.items() if not k.endswith("per_token")}
-    torch_scale = ceiling_ours / ceiling  # torch's limit over ours
+    return tokens, cfg, num_steps, merge(runs["ours"]), merge(runs["torch"])
 
-    # rows: stage, ours s, torch s, limit s (None where a side has no such stage)
+
+def stage_rows(ours, theirs, limit, passes):
+    """(stage, ours s, torch s, limit s) of the table, None where a side has no such stage."""
     ours_valid = ours["valid_s"]
     ours_other = ours["train_s"] - ours["train_compile_s"] - ours["steps_s"] - ours_valid
     torch_train = theirs["collect_s"] + theirs["collect_valid_s"] + theirs["train_s"]
-    rows = [
+    return [
         ("score", ours["score_s"], theirs["score_s"], limit["score"]),
         ("  of which compile", ours["score_compile_s"], None, 0.0),
         ("train, all", ours["train_s"], torch_train, limit["pairs"] + limit["block"] + limit["valid"]),
@@ -456,9 +480,12 @@ def main():
          limit["score"] + limit["pairs"] + limit["block"] + limit["valid"]),
     ]
 
-    def cell(x, fmt="{:9.1f}"):
-        return fmt.format(x) if x is not None else f"{'-':>9}"
 
+def cell(x, fmt="{:9.1f}"):
+    return fmt.format(x) if x is not None else f"{'-':>9}"
+
+
+def print_header(args, ours, theirs, num_steps, ceiling, ceiling_ours):
     print(f"\nP1 pipeline on SmolLM2-135M, ours with {ours['compute_dtype']} dot inputs ({ours['compute_dtype_why']}), "
           f"torch float32: {args.calib_chunks} calibration + {args.train_chunks} training + "
           f"{args.valid_chunks} validation chunks of {args.seq}, batch {args.batch}, span {args.span}, `layer` block "
@@ -472,6 +499,10 @@ def main():
     same = "the same span" if ours["start"] == theirs["start"] else "DIFFERENT spans (limits use ours)"
     print(f"span by cosine: ours layers [{ours['start']}, {ours['start'] + args.span}), torch layers "
           f"[{theirs['start']}, {theirs['start'] + args.span}): {same}")
+
+
+def print_table(rows, ours, theirs, torch_scale):
+    """The stages' table; its rows as dicts, for the JSON."""
     print(f"\n| {'stage':<24} | {'ours s':>9} | {'torch s':>9} | {'torch/ours':>10} | {'limit s':>9} | "
           f"{'ours frac':>10} | {'torch frac':>11} |")
     print(f"|{'-' * 26}|{'-' * 11}|{'-' * 11}|{'-' * 12}|{'-' * 11}|{'-' * 12}|{'-' * 13}|")
@@ -486,6 +517,10 @@ def main():
     po, pt = ours["peak_rss_mib"], theirs["peak_rss_mib"]
     print(f"| {'peak host memory, MiB':<24} | {po:9.0f} | {pt:9.0f} | {pt / po:10.2f} | {'-':>9} | {'-':>10} | "
           f"{'-':>11} |")
+    return table
+
+
+def print_notes(args, ours, theirs, flops, tokens, passes):
     print("\nfrac: the fraction of the limit reached (limit s / measured s, each side against its own dtype's "
           "ceiling; the limit s column is ours); torch/ours > 1: we are faster")
     print(f"load (not in the table): ours {ours['load_s']:.1f} s, torch {theirs['load_s']:.1f} s")
@@ -501,6 +536,27 @@ def main():
         print(f"our steps: {ours['num_steps']} x {ours['step_s_median']:.2f} s (median); validation loss start -> "
               f"best: ours {ours['valid_loss'][0]:.4g} -> {min(ours['valid_loss']):.4g}, torch "
               f"{theirs['valid_loss'][0]:.4g} -> {min(theirs['valid_loss']):.4g}")
+
+
+def main():
+    args = parser().parse_args()
+    if args.child:
+        result = {"data": child_data, "ours": child_ours, "torch": child_torch}[args.child](args)
+        result["peak_rss_mib"] = peak_rss_mib()
+        print(json.dumps(result))
+        return
+    tokens, cfg, num_steps, ours, theirs = run_rounds(args)
+    # the limit is the work at the best rate measured for the dtype each side computes in: ours (float32 or bf16
+    # inputs), torch float32 (the authors' path)
+    ceiling = max(ours["ceiling"] + theirs["ceiling"])
+    bf16 = ours["compute_dtype"] == "bfloat16"
+    ceiling_ours = max(ours["ceiling_bf16"] + [theirs["ceiling_bf16"]]) if bf16 else ceiling
+    passes = len(eval_steps(num_steps, args.eval_every)) if args.valid_chunks else 0
+    flops = stage_flops(cfg, args.seq, tokens, ours["start"], args.span, passes)
+    limit = {k: v / ceiling_ours for k, v in flops.items() if not k.endswith("per_token")}
+    print_header(args, ours, theirs, num_steps, ceiling, ceiling_ours)
+    table = print_table(stage_rows(ours, theirs, limit, passes), ours, theirs, ceiling_ours / ceiling)
+    print_notes(args, ours, theirs, flops, tokens, passes)
     result = {"args": {k: v for k, v in vars(args).items() if k not in ("child", "data")}, "tokens": tokens,
               "ceiling_flops": ceiling, "flops": flops, "limit_s": limit, "eval_passes": passes, "table": table,
               "same_span": ours["start"] == theirs["start"], "ours": ours, "torch": theirs}

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -171,7 +172,7 @@ def training_fields(args, mode, freeze, trainable, kd_hidden_layers, history):
             "best_step": history["best_step"], "steps": history["train"][-1][0]}
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/p1")
     ap.add_argument("--rows", default=",".join(ROWS))
@@ -226,7 +227,19 @@ def main():
                          "a suffix that starts with a dash needs the = form (--distill-tag=-x)")
     ap.add_argument("--distill-trainable", default=None,
                     help="what the distillation phase trains (default: --trainable), as train.distill_trainable")
-    args = ap.parse_args()
+    return ap
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPlan:
+    """The rows asked for and the training settings they share, checked against each other."""
+    rows: list[str]
+    freeze: tuple[str, ...] | None
+    trainable: tuple[str, ...] | None
+    kd_hidden_layers: tuple[int, ...]
+
+
+def row_plan(args) -> RowPlan:
     rows = args.rows.split(",")
     unknown = set(rows) - set(ROWS)
     if unknown:
@@ -238,111 +251,155 @@ def main():
     trainable = split_or_none(args.trainable)
     if trainable != ("block",) and any(ROW_SPECS[r][1] == "mse" for r in trained):
         raise SystemExit(f"--trainable beyond the block is for the LM and KD rows, not {trained}")
-    kd_hidden_layers = tuple(int(h) for h in args.kd_hidden_layers.split(",") if h)
     if args.authors_bidirectional and trained != ["layer"]:
         raise SystemExit(f"--authors-bidirectional applies to the MSE layer row only, not {trained}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    pairs_dir = Path(args.pairs) if args.pairs else out
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    return RowPlan(rows, freeze, trainable, tuple(int(h) for h in args.kd_hidden_layers.split(",") if h))
 
-    model = sj.with_compute_dtype(sj.load("smollm2-135m"), args.compute_dtype)
-    calib, train_chunks, valid_chunks = chunk_lists(model, args)
-    calib_batches = list(data.batches(calib, args.batch))
-    scores = sj.score_spans(model, calib_batches, metric="cosine")
-    cosine_start = sj.choose_span(scores, length=args.span).start
-    print(f"span: layers [{cosine_start}, {cosine_start + args.span}) by cosine "
-          f"{scores.to_numpy()[cosine_start, args.span]:.4f}")
-    span_starts = {"cosine": cosine_start}
 
-    def span_start(metric):
-        if metric not in span_starts:
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row as it runs: its names, what it replaces the span with, how it trains, its span and when it began."""
+    name: str  # ROW or ROW@TAG
+    final: str  # what it is recorded as: ROW+kdN... (with --distill-tag and @TAG) where a distillation follows
+    replacement: str | None
+    mode: str | None
+    weighting: str | None
+    span_metric: str
+    start: int
+    distils: bool
+    t0: float
+
+
+class Protocol:
+    """P1's model, chunks and spans, and OUT/results.json, which grows by a row as each finishes."""
+
+    def __init__(self, args):
+        self.args = args
+        self.plan = row_plan(args)
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.out / "results.json"
+        self.pairs_dir = Path(args.pairs) if args.pairs else self.out
+        self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        self.model = sj.with_compute_dtype(sj.load("smollm2-135m"), args.compute_dtype)
+        calib, self.train_chunks, self.valid_chunks = chunk_lists(self.model, args)
+        self.calib_batches = list(data.batches(calib, args.batch))
+        scores = sj.score_spans(self.model, self.calib_batches, metric="cosine")
+        cosine_start = sj.choose_span(scores, length=args.span).start
+        print(f"span: layers [{cosine_start}, {cosine_start + args.span}) by cosine "
+              f"{scores.to_numpy()[cosine_start, args.span]:.4f}")
+        self.span_starts = {"cosine": cosine_start}
+
+    def span_start(self, metric):
+        if metric not in self.span_starts:
             if metric == "perplexity":
                 t = time.perf_counter()
-                choice, costs = score.choose_span_by_loss(model, calib_batches, length=args.span)
+                choice, costs = score.choose_span_by_loss(self.model, self.calib_batches, length=self.args.span)
                 print(costs, f"\n({time.perf_counter() - t:.0f} s)", flush=True)
             else:
-                choice = score.choose_last_span(model.config, length=args.span)
-            span_starts[metric] = choice.start
+                choice = score.choose_last_span(self.model.config, length=self.args.span)
+            self.span_starts[metric] = choice.start
             print(f"span by {metric}: layers [{choice.start}, {choice.end})", flush=True)
-        return span_starts[metric]
+        return self.span_starts[metric]
 
-    def record(name, candidate, t0, start, span_metric, train_s, extra):
-        """Evaluate `candidate` (span from `start`, chosen by `span_metric`) as row `name`, add it to
-        OUT/results.json."""
-        nonlocal results
-        fields = {"span": [start, start + args.span - 1], "span_metric": span_metric, "train_s": train_s,
-                  "compute_dtype": model.config.compute_dtype, **extra}
-        results[name] = {**fields, **evaluate_row(candidate, args), "row_s": time.perf_counter() - t0}
+    def record(self, name, row: Row, candidate, train_s, extra):
+        """Evaluate `candidate` as row `name`, add it to OUT/results.json."""
+        fields = {"span": [row.start, row.start + self.args.span - 1], "span_metric": row.span_metric,
+                  "train_s": train_s, "compute_dtype": self.model.config.compute_dtype, **extra}
+        self.results[name] = {**fields, **evaluate_row(candidate, self.args), "row_s": time.perf_counter() - row.t0}
         # merge into what is on disk now, so runs of different rows into one folder keep each other's rows
-        on_disk = json.loads(results_path.read_text()) if results_path.exists() else {}
-        results = {**on_disk, name: results[name]}
-        results_path.write_text(json.dumps(results, indent=1))
-        print(name, results[name], flush=True)
+        on_disk = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+        self.results = {**on_disk, name: self.results[name]}
+        self.results_path.write_text(json.dumps(self.results, indent=1))
+        print(name, self.results[name], flush=True)
 
-    for row in rows:
-        name = f"{row}@{args.tag}" if args.tag else row
-        distils = args.distill_steps > 0 and ROW_SPECS[row][1] in ("mse", "lm")
-        final = (f"{row}+kd{args.distill_steps}{args.distill_tag}" + (f"@{args.tag}" if args.tag else "")
+    def run_row(self, row_name):
+        """The row, unless OUT/results.json has it: prune, fit, train and distil as it says, then evaluate."""
+        args = self.args
+        replacement, mode, weighting = ROW_SPECS[row_name]
+        name = f"{row_name}@{args.tag}" if args.tag else row_name
+        distils = args.distill_steps > 0 and mode in ("mse", "lm")
+        final = (f"{row_name}+kd{args.distill_steps}{args.distill_tag}" + (f"@{args.tag}" if args.tag else "")
                  if distils else name)
-        if final in results:
-            continue
+        if final in self.results:
+            return
         t0 = time.perf_counter()
-        train_s, extra = 0.0, {}
-        replacement, mode, weighting = ROW_SPECS[row]
-        span_metric = ROW_SPAN_METRIC.get(row, "cosine")
-        start = span_start(span_metric)
-        if row == "dense":
-            candidate = model
-        else:
-            candidate = prune(model, start, args.span, replacement)
-            if row in LINEAR_FIT_ROWS:
-                t = time.perf_counter()
-                candidate, [fit] = linear_fit.fit_linear(model, candidate, calib_batches, ridge=args.ridge,
-                                                         weighting=args.fit_weighting)
-                extra = {"fit_s": time.perf_counter() - t, "fit_tokens": fit.tokens, "ridge": args.ridge,
-                         "fit_weighting": args.fit_weighting,
-                         "fit_relative_error": fit.relative_error}
-                print(f"{name}: closed-form fit {extra}", flush=True)
+        span_metric = ROW_SPAN_METRIC.get(row_name, "cosine")
+        row = Row(name, final, replacement, mode, weighting, span_metric, self.span_start(span_metric), distils, t0)
+        train_s, extra, candidate = 0.0, {}, self.model
+        if row_name != "dense":
+            candidate = prune(self.model, row.start, args.span, replacement)
+            if row_name in LINEAR_FIT_ROWS:
+                candidate, extra = self.fit(row, candidate)
             if replacement != "none" and mode is not None:
-                options = training_options(args, mode, weighting, freeze, trainable, kd_hidden_layers,
-                                           len(train_chunks))
-                trained_dir = out / f"trained_{name}"  # kept where a distillation follows, for the next variant
-                if distils and name in results and (trained_dir / ORBAX_MARKER).exists():
-                    candidate = sj.with_compute_dtype(sj.load_orbax_model(trained_dir), args.compute_dtype)
-                    train_s, extra = results[name]["train_s"], {**extra, **{
-                        k: v for k, v in results[name].items() if k in TRAINING_FIELDS}}
-                    print(f"{name}: the trained model reused from {trained_dir}", flush=True)
-                else:
-                    t = time.perf_counter()
-                    with authors_bidirectional_training(args.authors_bidirectional):
-                        candidate, history = train.train_replacement(
-                            model, candidate, train_chunks, options, batch_size=args.batch,
-                            valid_batches=valid_chunks, return_history=True,
-                            pair_cache=pairs_dir / f"pairs_{start}_{args.span}" if mode == "mse" else None)
-                    train_s = time.perf_counter() - t
-                    (out / f"history_{name}.json").write_text(json.dumps(history, indent=1))
-                    extra = {**extra, **training_fields(args, mode, freeze, trainable, kd_hidden_layers, history)}
-                    if distils:
-                        sj.save_orbax_model(candidate, trained_dir, overwrite=True)
-                if distils:  # the pipeline's distillation phase from the trained block; the row before it kept too
-                    if name not in results:
-                        record(name, candidate, t0, start, span_metric, train_s, extra)
-                    t = time.perf_counter()
-                    candidate, distilled = train.train_replacement(
-                        model, candidate, train_chunks, options.distillation(len(train_chunks), args.batch),
-                        batch_size=args.batch, valid_batches=valid_chunks, return_history=True)
-                    extra = {**extra, "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
-                             "distill_lr_beyond_block": args.distill_lr_beyond_block,
-                             "distill_freeze": args.distill_freeze, "distill_trainable": args.distill_trainable,
-                             "distill_s": time.perf_counter() - t, "distill_valid_kd_start": distilled["valid"][0][1],
-                             "distill_valid_kd_best": distilled["best_valid"],
-                             "distill_best_step": distilled["best_step"]}
-                    train_s += extra["distill_s"]
-                    (out / f"history_{final}.json").write_text(json.dumps(distilled, indent=1))
-        record(final, candidate, t0, start, span_metric, train_s, extra)
+                candidate, train_s, extra = self.train_row(row, candidate, extra)
+        self.record(final, row, candidate, train_s, extra)
 
+    def fit(self, row: Row, candidate):
+        """The block fitted in closed form on the calibration chunks, and what the fit records."""
+        args = self.args
+        t = time.perf_counter()
+        candidate, [fit] = linear_fit.fit_linear(self.model, candidate, self.calib_batches, ridge=args.ridge,
+                                                 weighting=args.fit_weighting)
+        extra = {"fit_s": time.perf_counter() - t, "fit_tokens": fit.tokens, "ridge": args.ridge,
+                 "fit_weighting": args.fit_weighting,
+                 "fit_relative_error": fit.relative_error}
+        print(f"{row.name}: closed-form fit {extra}", flush=True)
+        return candidate, extra
+
+    def train_row(self, row: Row, candidate, extra):
+        """The block trained (or, before another variant of its distillation, the one trained then), and distilled
+        where the row says."""
+        plan, args = self.plan, self.args
+        options = training_options(args, row.mode, row.weighting, plan.freeze, plan.trainable, plan.kd_hidden_layers,
+                                   len(self.train_chunks))
+        trained_dir = self.out / f"trained_{row.name}"  # kept where a distillation follows, for the next variant
+        if row.distils and row.name in self.results and (trained_dir / ORBAX_MARKER).exists():
+            candidate = sj.with_compute_dtype(sj.load_orbax_model(trained_dir), args.compute_dtype)
+            train_s, extra = self.results[row.name]["train_s"], {**extra, **{
+                k: v for k, v in self.results[row.name].items() if k in TRAINING_FIELDS}}
+            print(f"{row.name}: the trained model reused from {trained_dir}", flush=True)
+        else:
+            candidate, train_s, extra = self.train_block(row, candidate, options, extra)
+            if row.distils:
+                sj.save_orbax_model(candidate, trained_dir, overwrite=True)
+        if row.distils:  # the pipeline's distillation phase from the trained block; the row before it kept too
+            if row.name not in self.results:
+                self.record(row.name, row, candidate, train_s, extra)
+            candidate, train_s, extra = self.distil(row, candidate, options, train_s, extra)
+        return candidate, train_s, extra
+
+    def train_block(self, row: Row, candidate, options, extra):
+        plan, args = self.plan, self.args
+        t = time.perf_counter()
+        with authors_bidirectional_training(args.authors_bidirectional):
+            candidate, history = train.train_replacement(
+                self.model, candidate, self.train_chunks, options, batch_size=args.batch,
+                valid_batches=self.valid_chunks, return_history=True,
+                pair_cache=self.pairs_dir / f"pairs_{row.start}_{args.span}" if row.mode == "mse" else None)
+        train_s = time.perf_counter() - t
+        (self.out / f"history_{row.name}.json").write_text(json.dumps(history, indent=1))
+        extra = {**extra, **training_fields(args, row.mode, plan.freeze, plan.trainable, plan.kd_hidden_layers,
+                                            history)}
+        return candidate, train_s, extra
+
+    def distil(self, row: Row, candidate, options, train_s, extra):
+        args = self.args
+        t = time.perf_counter()
+        candidate, distilled = train.train_replacement(
+            self.model, candidate, self.train_chunks, options.distillation(len(self.train_chunks), args.batch),
+            batch_size=args.batch, valid_batches=self.valid_chunks, return_history=True)
+        extra = {**extra, "distill_steps": args.distill_steps, "distill_lr": args.distill_lr,
+                 "distill_lr_beyond_block": args.distill_lr_beyond_block,
+                 "distill_freeze": args.distill_freeze, "distill_trainable": args.distill_trainable,
+                 "distill_s": time.perf_counter() - t, "distill_valid_kd_start": distilled["valid"][0][1],
+                 "distill_valid_kd_best": distilled["best_valid"],
+                 "distill_best_step": distilled["best_step"]}
+        (self.out / f"history_{row.final}.json").write_text(json.dumps(distilled, indent=1))
+        return candidate, train_s + extra["distill_s"], extra
+
+
+def print_table(results, args):
     print(f"\nP1 on SmolLM2-135M ({args.train_chunks} training chunks of {args.seq}; WikiText-2 first "
           f"{args.eval_windows} x 1024; PIQA first {args.piqa_items})")
     print("| row | WikiText-2 ppl | PIQA acc | params | training wall time |")
@@ -351,6 +408,14 @@ def main():
         r = results[row]
         piqa = f"{r['piqa_acc']:.3f} ± {r['piqa_stderr']:.3f}" if "piqa_acc" in r else "–"
         print(f"| {row} | {r['wikitext2_ppl']:.2f} | {piqa} | {r['num_params']:,} | {r['train_s']:.0f} s |")
+
+
+def main():
+    args = parser().parse_args()
+    protocol = Protocol(args)
+    for row in protocol.plan.rows:
+        protocol.run_row(row)
+    print_table(protocol.results, args)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,8 @@ def files(tiny_files):
     return tiny_files
 
 
-# fixtures that load the real model: a test using one is `slow`, so `-m "not slow"` is a quick loop
+# fixtures that load the real model: a test using one is `slow` (the quick loop, `-m "not slow and not pipeline"`,
+# leaves it out with the whole runs marked `pipeline`)
 REAL_MODEL_FIXTURES = {"smollm2", "smollm2_torch"}
 
 

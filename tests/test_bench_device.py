@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.pipeline
 def test_bench_device_runs_every_figure_at_tiny_shapes():
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_device.py"), "--models", "tiny",
                            "--batch", "2", "--seq", "32", "--reps", "1"], capture_output=True, text=True, timeout=600)

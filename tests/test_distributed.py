@@ -175,6 +175,7 @@ def two_process_run(tmp_path_factory):
     return tmp, folder, ids, mask
 
 
+@pytest.mark.pipeline
 def test_two_processes_score_like_one(two_process_run):
     import importlib
 
@@ -191,6 +192,7 @@ def test_two_processes_score_like_one(two_process_run):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
+@pytest.mark.pipeline
 def test_orbax_save_from_two_processes_restores_in_one(two_process_run):
     import importlib
 
@@ -305,6 +307,7 @@ def _cli_env(devices: int) -> dict:
                 PYTHONPATH=str(ROOT), STREAMLINE_JAX_RESULTS_CACHE="off")
 
 
+@pytest.mark.pipeline
 def test_the_whole_cli_over_two_processes_equals_one_process(tiny_files, tmp_path):
     """`python -m streamline_jax.run` as 2 processes × 4 devices (loopback coordinator) against one process with
     the same 8 devices: both finish; only process 0 prints the summary (it alone writes the report, plots and the

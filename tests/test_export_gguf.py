@@ -224,6 +224,7 @@ def tiny_gguf_source(tmp_path):
     return export_gguf(dense, tmp_path / "tiny.gguf", "f32", tokenizer_source=vocab, facts={"license": "apache-2.0"})
 
 
+@pytest.mark.pipeline
 def test_run_writes_the_gguf_by_default(tiny_files, tmp_path):
     from streamline_jax import run as run_mod
 
@@ -255,6 +256,7 @@ def test_run_writes_the_gguf_by_default(tiny_files, tmp_path):
     assert "python -m streamline_jax.run --model " + str(source) in card and "score.num_layers=2" in card
 
 
+@pytest.mark.pipeline
 def test_run_without_a_gguf_source_says_why_no_gguf(tiny_files, tmp_path):
     from streamline_jax import run as run_mod
 

@@ -274,6 +274,7 @@ def test_command_line(folders, offline_tasks, tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.pipeline
 def test_pipeline_runs_harness_tasks_into_its_report(tiny_files, tmp_path, monkeypatch):
     """eval.harness_tasks: lm-eval's tasks on the dense and the pruned model, in report.json and report.md; the
     pruned model in the run's folder is what `pretrained=<run folder>` evaluates."""

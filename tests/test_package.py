@@ -68,6 +68,7 @@ def test_the_wheel_holds_the_settings_files_and_the_licence(installed):
     assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
 
 
+@pytest.mark.pipeline
 def test_a_tiny_run_from_a_folder_outside_the_checkout(installed, tiny_files, tmp_path):
     bin_dir = installed[1]
     where = subprocess.run([str(bin_dir / "python"), "-c", "import streamline_jax; print(streamline_jax.__file__)"],

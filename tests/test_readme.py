@@ -95,6 +95,8 @@ COMMANDS: dict[str, Run] = {
         "tiny", "the default run takes minutes", TINY_RUN, setup=True, makes=("runs/smollm2-135m/DONE",)),
     "bash scripts/setup.sh --test && .venv/bin/python -m pytest -q": Run(
         "help", "this test suite is that command", setup=True),
+    '.venv/bin/python -m pytest -m "not slow and not pipeline"': Run(
+        "help", "this test suite is that command, less the tests marked slow or pipeline"),
     # README: command line
     DEFAULT_RUN: Run("tiny", "the default run takes minutes", TINY_RUN,
                      makes=("runs/smollm2-135m/DONE", "runs/smollm2-135m/report.md", "runs/smollm2-135m/hf")),
@@ -555,7 +557,18 @@ def runner(tmp_path_factory, tiny_files):
     return Runner(tmp_path_factory.mktemp("readme"), tiny_files)
 
 
-@pytest.mark.parametrize("command", sorted(DOCUMENTED), ids=lambda c: c if len(c) <= 90 else c[:87] + "...")
+def _runs_the_pipeline(command: str) -> bool:
+    """The command runs the pipeline, made tiny, or starts from the folder of one that did."""
+    how = COMMANDS.get(command)
+    return bool(how) and (how.how == "tiny" or (how.first is not None and _runs_the_pipeline(how.first)))
+
+
+def _marks(command: str) -> list:
+    return [pytest.mark.pipeline] if _runs_the_pipeline(command) else []
+
+
+@pytest.mark.parametrize("command", [pytest.param(c, marks=_marks(c)) for c in sorted(DOCUMENTED)],
+                         ids=lambda c: c if len(c) <= 90 else c[:87] + "...")
 def test_documented_command_runs(command, runner):
     where = ", ".join(DOCUMENTED[command])
     if command not in COMMANDS:
@@ -576,6 +589,15 @@ def test_readme_is_a_short_guide_with_the_ci_commands():
     assert [line for line in section.splitlines() if line.startswith("    ") and line.strip()] == [
         "    bash scripts/setup.sh && .venv/bin/python -m streamline_jax.run",
         "    bash scripts/setup.sh --test && .venv/bin/python -m pytest -q"]
+
+
+def test_the_quick_loop_deselects_by_registered_markers():
+    """The README's quick loop names markers pyproject.toml registers: an unknown name would deselect nothing."""
+    (command,) = [c for c in DOCUMENTED if c.startswith(".venv/bin/python -m pytest -m ")]
+    expression = shlex.split(command)[4]
+    markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    registered = {m.split(":")[0] for m in markers}
+    assert set(re.findall(r"\w+", expression)) - {"not", "and", "or"} <= registered, (expression, registered)
 
 
 def test_every_entry_is_a_documented_command():
@@ -667,6 +689,7 @@ def _free_names(code: str) -> set[str]:
     return read - bound - set(dir(builtins))
 
 
+@pytest.mark.pipeline
 def test_docs_python_blocks_run_in_a_tiny_default_runs_folder(runner, monkeypatch):
     """docs/'s ```python blocks (transformers reading a run's hf/) run as written where the README's first command,
     made tiny, has written runs/smollm2-135m."""
@@ -679,6 +702,7 @@ def test_docs_python_blocks_run_in_a_tiny_default_runs_folder(runner, monkeypatc
         exec(compile(code, str(path), "exec"), {"__name__": "__docs__"})
 
 
+@pytest.mark.pipeline
 def test_python_example_runs_on_a_tiny_model(tiny_files, tmp_path, monkeypatch):
     """The README's ```python block as written on a tiny random Llama: only the model name changes, the data it
     names are tiny files in the working folder, and the names it leaves to the reader are bound to tiny arrays."""

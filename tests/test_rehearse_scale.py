@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tiny import LLAMA_2K, fake_shared_data
 
@@ -29,6 +30,7 @@ def tiny_config_json(path: Path) -> Path:
     return path
 
 
+@pytest.mark.pipeline
 def test_rehearsal_runs_end_to_end_on_four_simulated_devices(tmp_path):
     env = dict(os.environ, STREAMLINE_JAX_DATA=str(fake_shared_data(tmp_path / "data")), PYTHONPATH=str(ROOT))
     cache = tmp_path / "cache"

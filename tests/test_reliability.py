@@ -60,6 +60,7 @@ def _latest_checkpoint(folder: Path) -> int | None:
     return max(steps, default=None)
 
 
+@pytest.mark.pipeline
 def test_ctrl_c_at_any_point_of_training_checkpoints_that_step_and_resumes_bitwise(setup, straight, tmp_path):
     points, straight = straight
     num_steps = points.count("logged")
@@ -102,6 +103,7 @@ train.train_replacement(model, pruned, data, valid_batches=valid, checkpoint_dir
 """
 
 
+@pytest.mark.pipeline
 def test_sigkill_at_any_point_of_training_resumes_bitwise(setup, straight, tmp_path):
     points, straight = straight
     after_checkpoint = points.index("saved") + 3  # in the step after the first checkpoint
@@ -123,6 +125,7 @@ def _report(out):
     return json.loads((out / "report.json").read_text())
 
 
+@pytest.mark.pipeline
 def test_overwrite_keeps_the_finished_run_until_the_new_one_finishes(files, tmp_path, monkeypatch, capsys):
     from streamline_jax import score
 
@@ -154,6 +157,7 @@ def test_overwrite_keeps_the_finished_run_until_the_new_one_finishes(files, tmp_
 
 
 @pytest.mark.parametrize("extra", ["notes.txt", "my_subfolder"])
+@pytest.mark.pipeline
 def test_overwrite_refuses_a_folder_holding_more_than_a_run(files, tmp_path, capsys, extra):
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 0
@@ -175,6 +179,7 @@ with run.folder_lock(Path({out!r})):
 """
 
 
+@pytest.mark.pipeline
 def test_a_stale_lock_of_a_killed_run_is_noticed_and_taken_over(files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-c", KILLED_HOLDER.format(out=str(out))], capture_output=True, text=True,
@@ -230,6 +235,7 @@ def test_settings_against_the_model_shape_are_checked_before_loading(files, tmp_
     assert message in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.pipeline
 def test_evaluation_settings_can_change_on_resume_without_training_again(files, tmp_path, monkeypatch, capsys):
     from streamline_jax import evaluation
 
@@ -304,6 +310,7 @@ def test_every_error_names_the_file_and_the_field_or_line(files, tmp_path, monke
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
+@pytest.mark.pipeline
 def test_ctrl_c_during_save_waits_for_whole_files_and_temp_folders_are_cleaned(files, tmp_path, monkeypatch,
                                                                              capsys):
     from streamline_jax import export, load
@@ -349,6 +356,7 @@ def test_an_unexpected_error_is_one_line_and_its_traceback_goes_to_run_log(files
 # The fault cases of issue 49
 
 
+@pytest.mark.pipeline
 def test_an_interrupted_overwrite_is_continued_by_the_same_command(files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     base = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train", "train.checkpoint_every=1")
@@ -383,6 +391,7 @@ def _run_on_full_disk(args, limit):
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
 
 
+@pytest.mark.pipeline
 def test_a_full_disk_at_startup_leaves_nothing_the_same_command_refuses(files, tmp_path, capsys):
     out = tmp_path / "out"
     args = _args(files, "llama", out, "--stages", "score")
@@ -395,6 +404,7 @@ def test_a_full_disk_at_startup_leaves_nothing_the_same_command_refuses(files, t
 
 
 @pytest.mark.parametrize("left", ["", "model:\n  source: /x\ntrain: [1"])
+@pytest.mark.pipeline
 def test_a_run_folder_without_whole_settings_is_treated_as_empty(files, tmp_path, capsys, left):
     out = tmp_path / "out"
     out.mkdir()
@@ -405,6 +415,7 @@ def test_a_run_folder_without_whole_settings_is_treated_as_empty(files, tmp_path
     assert (out / "DONE").exists() and run_mod.read_yaml(out / "run_config.yaml") == _report(out)["config"]
 
 
+@pytest.mark.pipeline
 def test_exported_folders_are_readable_as_the_umask_says(files, tmp_path, capsys):
     out = tmp_path / "out"
     previous = os.umask(0o022)
@@ -442,6 +453,7 @@ def test_every_record_is_checked_and_a_bad_one_is_named_by_file_and_line(files, 
     assert f"{data}, {message}" in err and "Traceback" not in err, err
 
 
+@pytest.mark.pipeline
 def test_records_without_text_are_skipped_and_counted_up_to_the_setting(files, tmp_path, monkeypatch, capsys):
     data = _jsonl_with(tmp_path / "train.jsonl", files, '{"title": "no text here"}', 2)
     from streamline_jax import data as data_mod
@@ -516,6 +528,7 @@ def _as_another_user() -> list[str]:
     return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
+@pytest.mark.pipeline
 def test_an_out_in_a_folder_without_write_permission_is_one_line(files, tmp_path):
     import shutil
     import tempfile
@@ -555,6 +568,7 @@ sys.exit(run.main({args!r}))
 """
 
 
+@pytest.mark.pipeline
 def test_sigterm_stops_at_the_next_safe_point_like_ctrl_c(files, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = _args(files, "llama", out, "prune.replacement=layer", "--stages", "train", "train.checkpoint_every=1")
@@ -579,6 +593,7 @@ def test_a_seq_len_beyond_the_models_context_is_refused_before_loading(files, tm
     assert not out.exists()
 
 
+@pytest.mark.pipeline
 def test_a_short_validation_file_is_named_as_such(files, tmp_path, capsys):
     valid = tmp_path / "valid.jsonl"
     valid.write_text('{"text": "the cat sat."}\n')
@@ -589,6 +604,7 @@ def test_a_short_validation_file_is_named_as_such(files, tmp_path, capsys):
     assert f"2 validation (data.valid {valid}) chunks are needed" in err and "calibration" not in err, err
 
 
+@pytest.mark.pipeline
 def test_a_resume_whose_span_moved_because_the_data_changed_says_so(files, tmp_path, monkeypatch, capsys):
     import shutil
 
@@ -607,6 +623,7 @@ def test_a_resume_whose_span_moved_because_the_data_changed_says_so(files, tmp_p
             f"({calibration}) changed since the run stopped") in err and "Traceback" not in err, err
 
 
+@pytest.mark.pipeline
 def test_a_disk_filling_during_the_save_is_one_line_and_the_tracebacks_go_to_run_log(files, tmp_path):
     out = tmp_path / "out"
     done = _run_on_full_disk(_args(files, "llama", out, "prune.replacement=layer", "--stages", "save"), limit=200_000)

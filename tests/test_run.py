@@ -20,6 +20,7 @@ from helpers import run_args as _args
 from tiny import LLAMA, hf_folder
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("replacement", ["none", "layer", "ffn"])
 def test_cli_end_to_end_hf_export_matches_pruned_model(files, tmp_path, family, replacement):
@@ -63,6 +64,7 @@ def test_cli_end_to_end_hf_export_matches_pruned_model(files, tmp_path, family, 
         assert report["evaluation_shared_layers"] == span["start"] and "together" in report["evaluation_s"]
 
 
+@pytest.mark.pipeline
 def test_linear_block_by_perplexity_fits_without_training(files, tmp_path, monkeypatch):
     """score.metric=perplexity picks the span with the least calibration loss (its costs in the report), and a
     `linear` block is fitted in closed form: no training stage, Orbax only. Scoring, the span choice and the fit
@@ -88,6 +90,7 @@ def test_linear_block_by_perplexity_fits_without_training(files, tmp_path, monke
     assert np.any(np.asarray(pruned.params["segments"][f"seg_{kinds.index('linear')}"]["linear"]["kernel"]))
 
 
+@pytest.mark.pipeline
 def test_init_linear_needs_a_block_with_an_output_projection_and_last_drops_the_last_layers(files, tmp_path):
     with pytest.raises(run_mod.ConfigError, match="prune.init=linear"):
         run_mod.build_config(None, None, ["prune.init=linear", "prune.replacement=none"])
@@ -101,6 +104,7 @@ def test_init_linear_needs_a_block_with_an_output_projection_and_last_drops_the_
     assert fit["relative_error"] < fit["start_error"]
 
 
+@pytest.mark.pipeline
 def test_mlp_writes_orbax_only(files, tmp_path):
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "llama", out, "prune.replacement=mlp", "--stages", "train,save")) == 0
@@ -108,6 +112,7 @@ def test_mlp_writes_orbax_only(files, tmp_path):
     assert "mlp" in json.loads((out / "report.json").read_text())["outputs"]["hf"]
 
 
+@pytest.mark.pipeline
 def test_kd_training_beyond_the_block_from_the_settings(files, tmp_path, monkeypatch):
     from streamline_jax import train
 
@@ -125,6 +130,7 @@ def test_kd_training_beyond_the_block_from_the_settings(files, tmp_path, monkeyp
     assert span["end"] <= depth - 2 and [t for t, _ in settings[-1].hidden_pairs] == list(range(span["end"] - 1, depth))
 
 
+@pytest.mark.pipeline
 def test_distill_phase_trains_what_its_own_settings_say(files, tmp_path):
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "llama", out, "prune.replacement=layer", "train.num_steps=2",
@@ -139,6 +145,7 @@ def test_distill_phase_trains_what_its_own_settings_say(files, tmp_path):
     assert not np.array_equal(dense.params["final_norm"]["scale"], pruned.params["final_norm"]["scale"])
 
 
+@pytest.mark.pipeline
 def test_distill_phase_after_mse_training_resumes_where_it_stopped(files, tmp_path, monkeypatch):
     from streamline_jax import train
 
@@ -174,6 +181,7 @@ def test_distill_phase_after_mse_training_resumes_where_it_stopped(files, tmp_pa
                                rtol=1e-5)
 
 
+@pytest.mark.pipeline
 def test_scoring_only(files, tmp_path, capsys):
     import re
 
@@ -188,6 +196,7 @@ def test_scoring_only(files, tmp_path, capsys):
         assert re.search(rf"^\d\d:\d\d:\d\d .*{re.escape(line)}", err, re.M) and line in run_log, (line, err)
 
 
+@pytest.mark.pipeline
 def test_finished_output_folder_is_refused_without_overwrite(files, tmp_path, capsys):
     out = tmp_path / "out"
     assert run_mod.main(_args(files, "llama", out, "--stages", "score")) == 0
@@ -212,6 +221,7 @@ def test_model_without_tokenizer_is_refused_before_loading(files, tmp_path, caps
     assert "no tokenizer" in capsys.readouterr().err
 
 
+@pytest.mark.pipeline
 def test_ctrl_c_during_training_then_resume(files, tmp_path, monkeypatch):
     from streamline_jax import train
 
@@ -248,6 +258,7 @@ def test_ctrl_c_during_training_then_resume(files, tmp_path, monkeypatch):
                                rtol=1e-5)
 
 
+@pytest.mark.pipeline
 def test_failed_run_says_what_failed_and_the_same_command_resumes_it(files, tmp_path, monkeypatch, capsys):
     from streamline_jax import evaluation
 
@@ -284,6 +295,7 @@ def test_failed_run_says_what_failed_and_the_same_command_resumes_it(files, tmp_
     assert f"outputs in {out}" in summary
 
 
+@pytest.mark.pipeline
 def test_a_folder_in_use_by_another_run_is_refused(files, tmp_path, capsys):
     out = tmp_path / "out"
     with run_mod.folder_lock(out):  # as another live run would hold it
@@ -401,6 +413,7 @@ def test_preset_parameter_counts_equal_the_published(name, billions):
     assert float(f"{count / 1e9:.3g}") == billions, count  # to the published 3 significant figures
 
 
+@pytest.mark.pipeline
 def test_convert_and_export_scripts_round_trip(files, tmp_path):
     import importlib.util
 
@@ -444,6 +457,7 @@ def test_mesh_layout_by_flag_on_simulated_devices():
     assert shape["data"] * shape["fsdp"] * shape["tensor"] == 8
 
 
+@pytest.mark.pipeline
 def test_training_runs_on_its_own_stage_layout_on_simulated_devices(files, tmp_path):
     """On 8 CPU devices with the v5e-8 layouts, and a training layout (lm stage) that differs from the scoring one:
     the models are re-sharded for training, which runs with the layout's remat, and the report says which layout

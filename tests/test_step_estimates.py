@@ -101,6 +101,7 @@ def test_default_run_work_per_stage():
     assert parts[0].steps == 256 * 2048 / (16 * 2048) and parts[0].seconds == parts[0].steps * est.seconds
 
 
+@pytest.mark.pipeline
 def test_planner_prints_step_times_and_the_run_estimate(tmp_path):
     """`--topology gpu:8` compiles the 8-GPU target's steps for 8 CPU devices and prints, beside each stage's
     per-chip memory, its step time at H100 and H200 peaks, then the whole run's estimate per stage."""
@@ -125,6 +126,7 @@ def test_planner_prints_step_times_and_the_run_estimate(tmp_path):
     assert stages["scoring"]["step_s_h100"] >= stages["scoring"]["at_least_s_h100"] > 0
 
 
+@pytest.mark.pipeline
 def test_scan_correction_against_the_unrolled_program():
     """XLA counts a scanned layer stack's body once: the same tiny step with every layer unrolled counts them all.
     The FLOPs from the shapes match the unrolled count; XLA's scanned bytes fall short, and scaled they come

@@ -34,6 +34,7 @@ def _sweep_args(files, out, *axes, extra=()):
     return args + [a for axis in axes for a in ("--sweep", axis)]
 
 
+@pytest.mark.pipeline
 def test_sweep_shares_load_scoring_and_dense_evaluation(files, tmp_path, counted, monkeypatch):
     monkeypatch.setenv("STREAMLINE_JAX_RESULTS_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "sweep"
@@ -70,6 +71,7 @@ def test_sweep_shares_load_scoring_and_dense_evaluation(files, tmp_path, counted
     assert list((tmp_path / "cache" / "dense_eval").glob("*.json"))
 
 
+@pytest.mark.pipeline
 def test_an_interrupted_sweep_resumes_where_it_stopped(files, tmp_path, counted, monkeypatch):
     monkeypatch.setenv("STREAMLINE_JAX_RESULTS_CACHE", "off")
     out = tmp_path / "sweep"
@@ -124,6 +126,7 @@ def test_values_split_outside_brackets():
     assert sweep.split_values("[piqa,wikitext2],[piqa]") == ["[piqa,wikitext2]", "[piqa]"]
 
 
+@pytest.mark.pipeline
 def test_two_spans_each_get_a_trained_block_and_export(files, tmp_path):
     import numpy as np
     import torch
@@ -156,6 +159,7 @@ def test_two_spans_each_get_a_trained_block_and_export(files, tmp_path):
     np.testing.assert_allclose(np.asarray(forward(pruned, ids)), ref, atol=2e-4 * np.abs(ref).max())
 
 
+@pytest.mark.pipeline
 def test_sweeping_one_of_sparsity_and_num_layers_sets_the_other_to_null(files, tmp_path):
     base = [a for a in _args(files, "llama", tmp_path / "by_length", "samples.prompts=[]")
             if a not in ("score.sparsity=null", "score.num_layers=2")]  # pipeline.yaml's sparsity stays
