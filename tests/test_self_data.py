@@ -153,6 +153,7 @@ def test_bad_self_data_settings_fail_before_any_work(files, tmp_path, capsys, ov
     assert not out.exists()
 
 
+@pytest.mark.pipeline
 def test_the_distillation_trains_on_the_self_data(files, tmp_path, monkeypatch):
     from streamline_jax import train
 

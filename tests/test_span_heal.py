@@ -93,6 +93,7 @@ def test_heal_settings_are_checked(override, message):
         run_mod.build_config(None, None, ["score.metric=heal", override])
 
 
+@pytest.mark.pipeline
 def test_a_run_by_heal_reports_its_candidates_and_a_resume_reads_them_back(files, tmp_path, monkeypatch):
     out = tmp_path / "out"
     args = _args(files, "llama", out, "score.metric=heal", "score.heal_candidates=2", "score.heal_steps=2",
