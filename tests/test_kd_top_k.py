@@ -195,3 +195,16 @@ def test_top_k_cache_that_does_not_fit_the_disk_is_refused_before_any_teacher_ru
     assert "train.pair_cache=false" in str(e.value) and not calls
     assert not (tmp_path / "pairs" / "teacher_top8_t2").exists()
     assert json.loads((tmp_path / "pairs" / "complete.json").read_text())["rows"] == 16  # the pairs stay
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.kd_top_k=-1"], "train.kd_top_k must be >= 0"),
+    (["train.kd_top_k=2.5"], "train.kd_top_k must be an integer"),
+    (["train.kd_top_k=64", "train.pair_cache=false"], "train.kd_top_k=64 needs train.pair_cache=true"),
+    (["train.kd_top_k=50000"], "train.kd_top_k=50000 must be at most the model's vocabulary size (49152)"),
+])
+def test_top_k_settings_are_clear_errors_before_the_run(overrides, message, capsys):
+    from streamline_jax import run
+
+    assert run.main(["--out", "/nonexistent/x", *overrides]) == 2
+    assert message in capsys.readouterr().err
