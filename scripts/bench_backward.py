@@ -15,6 +15,9 @@ teacher's top `--top-k` log-probabilities read from the batch too (`train.kd_top
 head; the KL over the top k and the tail): compare it with `kd_cached`.
 
     python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--top-k 64] [--losses kd,kd_cached,kd_cached_topk,kd_autodiff,lm,mse_cached]
+    python scripts/bench_backward.py --batch 2 --weights bfloat16 --kd-chunk-tokens 256 --losses kd_cached,kd_cached_topk
+
+The second in a small host memory (~1.5 GB): bf16 weights, the distillation's head a quarter of its chunk at a time.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ def main():
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--losses", default="kd,kd_cached,kd_cached_topk,kd_autodiff,lm,mse_cached")
     p.add_argument("--top-k", type=int, default=64, help="kd_cached_topk's k (train.kd_top_k)")
+    p.add_argument("--weights", default="float32", help="the weights' dtype as loaded (products in bf16 either way)")
+    p.add_argument("--kd-chunk-tokens", type=int, default=None, help="tokens a distillation head chunk (default: "
+                   "train.losses.KD_CHUNK_TOKENS)")
     args = p.parse_args()
 
     import streamline_jax as sj
@@ -43,7 +49,9 @@ def main():
 
     fused_head = train.distillation_loss
 
-    dense = sj.with_compute_dtype(sj.load("smollm2-135m"), "bfloat16")
+    if args.kd_chunk_tokens:
+        train.losses.KD_CHUNK_TOKENS = args.kd_chunk_tokens  # read when each loss is traced
+    dense = sj.with_compute_dtype(sj.load("smollm2-135m", dtype=args.weights), "bfloat16")
     pruned = sj.prune(dense, 10, 9, replacement="layer")
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, dense.config.vocab_size, (args.batch, args.seq)), jnp.int32)

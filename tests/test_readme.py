@@ -187,6 +187,8 @@ COMMANDS: dict[str, Run] = {
     "[--log-every 4]": PARSE_BENCH,
     "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--top-k 64] "
     "[--losses kd,kd_cached,kd_cached_topk,kd_autodiff,lm,mse_cached]": PARSE_BENCH,
+    "python scripts/bench_backward.py --batch 2 --weights bfloat16 --kd-chunk-tokens 256 "
+    "--losses kd_cached,kd_cached_topk": PARSE_BENCH,
     "python scripts/bench_attention.py [--batch 8] [--seq 512] [--dtype bfloat16] [--reps 3]": PARSE_BENCH,
     "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": PARSE_BENCH,
     "python scripts/bench_default.py": PARSE_BENCH,  # bench_default's and bench_pipeline's, once the README names them
