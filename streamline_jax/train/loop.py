@@ -166,15 +166,18 @@ def _training_data(train_batches, valid_batches, batch_size, options: TrainOptio
 
 
 def _read_from_pair_cache(data: _TrainingData, pair_cache, dense_model: Model, block: Block, progress,
-                          top_k: tuple | None = None) -> None:
+                          top_k: tuple | None = None, grad_accum: int = 1) -> None:
     """Switch `data` to the span's (input, target) pairs in tensorstore arrays at `pair_cache` (built first unless a
     finished cache of the same span and size is there); validation's go in its `valid` folder. `top_k`: (k,
-    temperature): the teacher's top k too, in a `TeacherTopKCache` beside each (built once, likewise)."""
+    temperature): the teacher's top k too, in a `TeacherTopKCache` beside each (built once, likewise; for training,
+    of the rows its `grad_accum` x num_steps batches read)."""
     rows = data.batches_per_epoch * len(np.asarray(data.first["input_ids"]))
     cache = SpanPairCache(pair_cache, block.start, block.length)
     if not cache.complete(rows):
         cache.build(dense_model, data.train, progress)
-    data.train = cache.batches(teacher=_teacher_top_k(cache, dense_model, top_k, progress))
+    reads = min(data.num_steps * grad_accum, data.total_batches)  # a short distillation reads only some rows
+    rows = cache.rows_read(reads, data.shuffle_seed) if top_k and reads < data.batches_per_epoch else None
+    data.train = cache.batches(teacher=_teacher_top_k(cache, dense_model, top_k, progress, rows))
     if data.valid is not None:
         valid_rows = sum(len(np.asarray(b["input_ids"])) for b in data.valid)
         valid_cache = SpanPairCache(Path(pair_cache) / "valid", block.start, block.length)
@@ -183,11 +186,12 @@ def _read_from_pair_cache(data: _TrainingData, pair_cache, dense_model: Model, b
         data.valid = valid_cache.batches(teacher=_teacher_top_k(valid_cache, dense_model, top_k, False))
 
 
-def _teacher_top_k(pairs: SpanPairCache, dense_model: Model, top_k, progress) -> TeacherTopKCache | None:
-    """The finished teacher's top-k cache beside `pairs` (built unless there), or None without `top_k`."""
+def _teacher_top_k(pairs: SpanPairCache, dense_model: Model, top_k, progress, rows=None) -> TeacherTopKCache | None:
+    """The finished teacher's top-k cache beside `pairs` for `rows` (None: all; built unless there), or None without
+    `top_k`."""
     if top_k is None:
         return None
-    teacher = TeacherTopKCache(pairs, *top_k)
+    teacher = TeacherTopKCache(pairs, *top_k, rows)
     if not teacher.complete():
         teacher.build(dense_model, progress)
     return teacher
@@ -299,7 +303,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                             loss_name=loss_name, params=pruned_model.params, remat=remat, mesh=pruned_model.mesh)
     checkpoints = Checkpoints(checkpoint_dir, resume)
     if pair_cache is not None and not (resume and (checkpoints.last_good or 0) >= data.num_steps):
-        _read_from_pair_cache(data, pair_cache, dense_model, block, progress, top_k)  # a finished one reads none
+        _read_from_pair_cache(data, pair_cache, dense_model, block, progress, top_k,
+                              options.grad_accum)  # a finished training reads no pairs
     best, frozen_params, history = _run_program(program, dense_model, pruned_model, block, data, checkpoints, options,
                                                 on_step=on_step, progress=progress)
     trained = pruned_model.replace(config=result_config, params=merge_params(best, frozen_params))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -111,6 +112,16 @@ class SpanPairCache(_ArrayFolder):
         need = 4 * n * t * (2 * d + 2)  # x_in and target in float32, the mask and token ids in int32
         self._check_free(need, "span pair cache", f"{n} sequences x {t} tokens x 2 x {d} float32")
 
+    def rows_read(self, batches: int, shuffle_seed=None) -> np.ndarray:
+        """The sorted rows that the first `batches` batches of `batches()` read, over epochs (all where that is one
+        epoch or more)."""
+        meta = self._meta()
+        n, b = meta["rows"], meta["batch"]
+        per_epoch = n // b
+        parts = [epoch_order(n, shuffle_seed, e)[:min(per_epoch, batches - e * per_epoch) * b]
+                 for e in range(-(-batches // per_epoch))]
+        return np.unique(np.concatenate(parts))
+
     def batches(self, batch_size=None, teacher: "TeacherTopKCache | None" = None):
         """Re-iterable batches {PAIR_ARRAYS} read from disk (with `teacher`, its TOP_K_ARRAYS too): rows in order, or
         in epoch e's permutation under a seed (`.epoch(e, shuffle_seed)`)."""
@@ -139,16 +150,18 @@ class TeacherTopKCache(_ArrayFolder):
     log-probabilities at `temperature` and their ids ([N, T, k]) and the tail's log-mass ([N, T]), in a folder
     inside the pair cache's (so a rebuilt pair cache drops it). Computed once, from the cached span outputs (the
     teacher's layers after the span and its head run once per training row, not at every step and epoch); its
-    `complete.json` (span, rows, k, temperature) marks a finished cache, which later epochs, phases and resumes
-    reuse."""
+    `complete.json` (span, rows, k, temperature, which rows) marks a finished cache, which later epochs, phases and
+    resumes reuse. `rows`: only these rows of the pair cache (those a short distillation reads; None: all), the others
+    left unwritten: the cache costs a teacher pass a row, so it pays only for rows read more than about once."""
 
-    def __init__(self, pairs: SpanPairCache, k: int, temperature: float):
-        self.pairs, self.k, self.temperature = pairs, int(k), float(temperature)
+    def __init__(self, pairs: SpanPairCache, k: int, temperature: float, rows: np.ndarray | None = None):
+        self.pairs, self.k, self.temperature, self.rows = pairs, int(k), float(temperature), rows
         self.path = pairs.path / f"teacher_top{self.k}_t{self.temperature:g}"
 
     def _key(self, rows):
+        which = "all" if self.rows is None else hashlib.sha1(np.asarray(self.rows, np.int64).tobytes()).hexdigest()
         return {"start": self.pairs.start, "length": self.pairs.length, "rows": rows, "k": self.k,
-                "temperature": self.temperature}
+                "temperature": self.temperature, "computed_rows": which}
 
     def complete(self) -> bool:
         """Whether a finished cache of this k and temperature over the pair cache's rows is there."""
@@ -161,19 +174,22 @@ class TeacherTopKCache(_ArrayFolder):
 
         meta = self.pairs._meta()
         n, b, t, k = meta["rows"], meta["batch"], meta["seq"], self.k
+        todo = np.arange(n) if self.rows is None else np.asarray(self.rows)
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
-        self._check_free(n * t * (8 * k + 4), "teacher's top-k cache",
-                         f"{n} sequences x {t} tokens x {k} float32 log-probabilities and int32 ids")
+        self._check_free(len(todo) * t * (8 * k + 4), "teacher's top-k cache",
+                         f"{len(todo)} sequences x {t} tokens x {k} float32 log-probabilities and int32 ids")
         arrays = {"top_logp": self._create("top_logp", (n, t, k), ts.float32, [b, t, k]),
                   "top_ids": self._create("top_ids", (n, t, k), ts.int32, [b, t, k]),
                   "tail_logp": self._create("tail_logp", (n, t), ts.float32, [b, t])}
         top_k = teacher_top_k_fn(dense_model.config, self.pairs.start + self.pairs.length, k, self.temperature)
         target, mask = self.pairs.open("target"), self.pairs.open("attention_mask")
-        bar = progress_bar(progress, n // b, 0, f"cache teacher top {k}", "batch")
-        for i in range(n // b):
-            rows = slice(i * b, (i + 1) * b)
+        count = -(-len(todo) // b)
+        bar = progress_bar(progress, count, 0, f"cache teacher top {k}", "batch")
+        for i in range(count):
+            rows = todo[i * b:(i + 1) * b]
+            rows = np.concatenate([rows, np.repeat(rows[-1:], b - len(rows))])  # a short last batch: one shape
             out = top_k(dense_model.params, jnp.asarray(target[rows].read().result()),
                         jnp.asarray(mask[rows].read().result()))
             for w in [arrays[name][rows].write(np.asarray(out[name])) for name in TOP_K_ARRAYS]:
