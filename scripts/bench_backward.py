@@ -10,9 +10,14 @@ shared: compare the minima), and prints the ratios.
 the backward pass (`train.distillation_loss_by_autodiff`, five vocabulary products a chunk), where `kd` makes each
 chunk's gradient in the forward pass (`train.distillation_loss`, three): compare the two rows' times. `kd_cached` is
 the distillation step as the default run takes it, from the span's pair cache (the teacher from the span's output,
-the student from its input): compare it with `kd` for what the cache spares.
+the student from its input): compare it with `kd` for what the cache spares. `kd_cached_topk` is that step with the
+teacher's top `--top-k` log-probabilities read from the batch too (`train.kd_top_k`: no teacher layers, no teacher
+head; the KL over the top k and the tail): compare it with `kd_cached`.
 
-    python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--losses kd,kd_cached,kd_autodiff,lm,mse_cached]
+    python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--top-k 64] [--losses kd,kd_cached,kd_cached_topk,kd_autodiff,lm,mse_cached]
+    python scripts/bench_backward.py --batch 2 --weights bfloat16 --kd-chunk-tokens 256 --losses kd_cached,kd_cached_topk
+
+The second in a small host memory (~1.5 GB): bf16 weights, the distillation's head a quarter of its chunk at a time.
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--losses", default="kd,kd_cached,kd_autodiff,lm,mse_cached")
+    p.add_argument("--losses", default="kd,kd_cached,kd_cached_topk,kd_autodiff,lm,mse_cached")
+    p.add_argument("--top-k", type=int, default=64, help="kd_cached_topk's k (train.kd_top_k)")
+    p.add_argument("--weights", default="float32", help="the weights' dtype as loaded (products in bf16 either way)")
+    p.add_argument("--kd-chunk-tokens", type=int, default=None, help="tokens a distillation head chunk (default: "
+                   "train.losses.KD_CHUNK_TOKENS)")
     args = p.parse_args()
 
     import streamline_jax as sj
@@ -40,15 +49,20 @@ def main():
 
     fused_head = train.distillation_loss
 
-    dense = sj.with_compute_dtype(sj.load("smollm2-135m"), "bfloat16")
+    if args.kd_chunk_tokens:
+        train.losses.KD_CHUNK_TOKENS = args.kd_chunk_tokens  # read when each loss is traced
+    dense = sj.with_compute_dtype(sj.load("smollm2-135m", dtype=args.weights), "bfloat16")
     pruned = sj.prune(dense, 10, 9, replacement="layer")
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, dense.config.vocab_size, (args.batch, args.seq)), jnp.int32)
     mask = jnp.ones_like(ids)
     x = jnp.asarray(rng.normal(size=(args.batch, args.seq, dense.config.hidden_size)), jnp.float32)
     x_in, target = jax.jit(lambda p: train.span_pairs(dense.config, p, ids, mask, 10, 9))(dense.params)
+    teacher_top = train.teacher_top_k_fn(dense.config, 19, args.top_k, 1.0)(dense.params, target, mask)
     batches = {"kd": {"input_ids": ids, "attention_mask": mask}, "lm": {"input_ids": ids, "attention_mask": mask},
                "kd_cached": {"input_ids": ids, "attention_mask": mask, "x_in": x_in, "target": target},
+               "kd_cached_topk": {"input_ids": ids, "attention_mask": mask, "x_in": x_in, "target": target,
+                                  **teacher_top},
                "kd_autodiff": {"input_ids": ids, "attention_mask": mask},
                "mse_cached": {"x_in": x, "target": x, "attention_mask": mask}}
     block = train.trainable_blocks(pruned.config)[0]
@@ -61,12 +75,13 @@ def main():
         for variant in ("bf16 backward", "jax transpose"):
             layers.LOW_PRECISION_BACKWARD = variant == "bf16 backward"  # read when each program below is traced
             for loss in args.losses.split(","):
-                kd = (train.distillation_settings(dense.config, pruned.config, block, paths, 1.0, 0.0, (), 0.0)
-                      if loss.startswith("kd") else None)
+                top_k = args.top_k if loss == "kd_cached_topk" else 0
+                kd = (train.distillation_settings(dense.config, pruned.config, block, paths, 1.0, 0.0, (), 0.0,
+                                                  top_k=top_k) if loss.startswith("kd") else None)
                 train.distillation_loss = (train.distillation_loss_by_autodiff if loss == "kd_autodiff"
                                            else fused_head)  # read when the loss is traced
-                program = train.training_program(dense.config, pruned.config, block, paths, "kd"
-                                                 if loss == "kd_autodiff" else loss, lr=1e-3,
+                name = {"kd_autodiff": "kd", "kd_cached_topk": "kd_cached"}.get(loss, loss)
+                program = train.training_program(dense.config, pruned.config, block, paths, name, lr=1e-3,
                                                  min_lr=5e-5, warmup_steps=1, num_steps=10, weight_decay=0.0,
                                                  clip_norm=5.0, grad_accum=1, kd=kd)
                 step = jit_for(jnp.bfloat16, jax.value_and_grad(program.loss_fn))

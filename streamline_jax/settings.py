@@ -432,6 +432,7 @@ RANGES = [
     ("train.kd_temperature", 0, False), ("train.kd_ce_weight", 0, True), ("train.kd_hidden_weight", 0, True),
     ("train.kd_hidden_every", 0, True), ("train.log_every", 1, True), ("train.distill_steps", 0, True),
     ("train.distill_lr", 0, False), ("train.lr_beyond_block", 0, False), ("train.distill_lr_beyond_block", 0, False),
+    ("train.kd_top_k", 0, True),
     ("eval.limit", 1, True), ("eval.ppl_windows", 1, True), ("eval.window", 2, True), ("eval.batch_size", 1, True),
     ("samples.max_new_tokens", 1, True), ("mesh.data", 1, True), ("mesh.tensor", 1, True),
 ]
@@ -464,6 +465,9 @@ def check_ranges(c: RunConfig) -> None:
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"train.{key}: {pattern!r} is not a regular expression ({e})") from None
+    if c.train.kd_top_k and (c.train.mode == "kd" or c.train.distils_after) and not c.train.pair_cache:
+        raise ConfigError(f"train.kd_top_k={c.train.kd_top_k} needs train.pair_cache=true: the teacher's top k are "
+                          f"cached beside the span's pairs (0: the full-vocabulary KL, no cache)")
     if c.train.distill_trainable is not None and not c.train.distill_trainable:
         raise ConfigError("train.distill_trainable is empty: the distillation phase would train nothing (null: as "
                           "train.trainable)")
@@ -529,6 +533,9 @@ def check_against_model(c: RunConfig, config) -> None:
             raise ConfigError(f"score.sparsity: {e}") from None
         if length >= depth:
             raise ConfigError(f"score.sparsity={c.score.sparsity} would replace all {depth} layers of the model")
+    if c.train.kd_top_k > config.vocab_size:
+        raise ConfigError(f"train.kd_top_k={c.train.kd_top_k} must be at most the model's vocabulary size "
+                          f"({config.vocab_size})")
     if config.family == "opt" and c.data.seq_len > config.max_position_embeddings:
         raise ConfigError(f"data.seq_len={c.data.seq_len} is longer than the {config.max_position_embeddings} "
                           f"positions OPT learned (max_position_embeddings of {c.model.source})")

@@ -206,8 +206,13 @@ COMMANDS: dict[str, Run] = {
     "[--compute-dtype auto]": PARSE_BENCH,
     "python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000|none] [--speed-steps 16] "
     "[--log-every 4]": PARSE_BENCH,
-    "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] "
-    "[--losses kd,kd_cached,kd_autodiff,lm,mse_cached]": PARSE_BENCH,
+    "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--top-k 64] "
+    "[--losses kd,kd_cached,kd_cached_topk,kd_autodiff,lm,mse_cached]": PARSE_BENCH,
+    "python -m streamline_jax.run --out /tmp/47k-a --stages score,prune,train,evaluate data.train_chunks=96 "
+    "train.epochs=2 train.distill_steps=8 eval.limit=200 eval.ppl_windows=16 model.dtype=bfloat16 "
+    "data.batch_size=4 eval.batch_size=8 samples.prompts=[]": Run("parse", "two real-model runs: 25 minutes"),
+    "python scripts/bench_backward.py --batch 2 --weights bfloat16 --kd-chunk-tokens 256 "
+    "--losses kd_cached,kd_cached_topk": PARSE_BENCH,
     "python scripts/bench_attention.py [--batch 8] [--seq 512] [--dtype bfloat16] [--reps 3]": PARSE_BENCH,
     "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": PARSE_BENCH,
     "python scripts/bench_default.py": PARSE_BENCH,  # bench_default's and bench_pipeline's, once the README names them

@@ -20,11 +20,11 @@ from ..models.model import Model, with_compute_dtype
 from ..sharding import place_batch
 from ..data import progress_bar, reiterable
 from .checkpoints import Checkpoints, LoopState, TrainingError
-from .losses import span_pairs_fn
+from .losses import TOP_K_ARRAYS, span_pairs_fn
 from .options import TrainOptions
 from .params import Block, chosen_block, merge_params, split_params
 from .program import TrainingProgram, build_program, cached_mse_eval_step
-from .span_cache import SpanPairCache
+from .span_cache import SpanPairCache, TeacherTopKCache
 
 
 def _placed(tree, abstract):
@@ -43,6 +43,7 @@ def _as_batch(batch, mesh):
                "attention_mask": jnp.asarray(batch["attention_mask"], jnp.int32)}
         if "input_ids" in batch:  # KD's (the MSE validation pairs kept in memory have none)
             out["input_ids"] = jnp.asarray(batch["input_ids"], jnp.int32)
+        out |= {k: jnp.asarray(batch[k]) for k in TOP_K_ARRAYS if k in batch}  # the teacher's top k (kd_top_k)
     else:
         ids = np.asarray(batch["input_ids"])
         out = {"input_ids": jnp.asarray(ids, jnp.int32),
@@ -164,20 +165,36 @@ def _training_data(train_batches, valid_batches, batch_size, options: TrainOptio
                          num_steps, options.seed if options.shuffle else None)
 
 
-def _read_from_pair_cache(data: _TrainingData, pair_cache, dense_model: Model, block: Block, progress) -> None:
+def _read_from_pair_cache(data: _TrainingData, pair_cache, dense_model: Model, block: Block, progress,
+                          top_k: tuple | None = None, grad_accum: int = 1) -> None:
     """Switch `data` to the span's (input, target) pairs in tensorstore arrays at `pair_cache` (built first unless a
-    finished cache of the same span and size is there); validation's go in its `valid` folder."""
+    finished cache of the same span and size is there); validation's go in its `valid` folder. `top_k`: (k,
+    temperature): the teacher's top k too, in a `TeacherTopKCache` beside each (built once, likewise; for training,
+    of the rows its `grad_accum` x num_steps batches read)."""
     rows = data.batches_per_epoch * len(np.asarray(data.first["input_ids"]))
     cache = SpanPairCache(pair_cache, block.start, block.length)
     if not cache.complete(rows):
         cache.build(dense_model, data.train, progress)
-    data.train = cache.batches()
+    reads = min(data.num_steps * grad_accum, data.total_batches)  # a short distillation reads only some rows
+    rows = cache.rows_read(reads, data.shuffle_seed) if top_k and reads < data.batches_per_epoch else None
+    data.train = cache.batches(teacher=_teacher_top_k(cache, dense_model, top_k, progress, rows))
     if data.valid is not None:
         valid_rows = sum(len(np.asarray(b["input_ids"])) for b in data.valid)
         valid_cache = SpanPairCache(Path(pair_cache) / "valid", block.start, block.length)
         if not valid_cache.complete(valid_rows):
             valid_cache.build(dense_model, data.valid, progress=False)
-        data.valid = valid_cache.batches()
+        data.valid = valid_cache.batches(teacher=_teacher_top_k(valid_cache, dense_model, top_k, False))
+
+
+def _teacher_top_k(pairs: SpanPairCache, dense_model: Model, top_k, progress, rows=None) -> TeacherTopKCache | None:
+    """The finished teacher's top-k cache beside `pairs` for `rows` (None: all; built unless there), or None without
+    `top_k`."""
+    if top_k is None:
+        return None
+    teacher = TeacherTopKCache(pairs, *top_k, rows)
+    if not teacher.complete():
+        teacher.build(dense_model, progress)
+    return teacher
 
 
 def _train_loop(state: LoopState, data: _TrainingData, train_step, eval_step, frozen, valid, mesh, log: _LossLog,
@@ -243,7 +260,10 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     are batched here. With `pair_cache` (modes mse and kd), the dense span's (input, target) pairs are computed once
     into tensorstore arrays at that path (or reused if a finished cache for the same span is there) and every epoch
     reads them from disk; in KD mode the teacher then runs from the span's output and a student whose prefix is the
-    teacher's from its input.
+    teacher's from its input; with `kd_top_k` > 0 as well, the teacher's top k log-probabilities and its tail's mass
+    are computed once per cached row (a `TeacherTopKCache` inside `pair_cache`, reused likewise) and the KL is taken
+    over them (`top_k_distillation_loss`): the teacher's layers after the span and its head no longer run at every
+    step, except the layers the hidden-state terms need.
     `mse_weighting="token"` makes the MSE relative per token (see `masked_mse`). `shuffle`: each epoch reads the
     training chunks (with `batch_size`), the batches of a list, or the cached rows in a fresh permutation drawn from
     `seed`; validation keeps its order. Validation chunks are never dropped: a short last batch is padded with
@@ -268,6 +288,10 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
         raise ValueError("dense_model must be the unpruned model (its layers are the MSE teacher)")
     if pair_cache is not None and options.mode == "lm":
         raise ValueError("pair_cache is for modes 'mse' and 'kd' (the LM loss runs no dense span)")
+    top_k = (options.kd_top_k, options.kd_temperature) if options.mode == "kd" and options.kd_top_k else None
+    if top_k and pair_cache is None:
+        raise ValueError(f"kd_top_k={options.kd_top_k} needs a pair_cache (train.pair_cache=true): the teacher's top "
+                         f"k are cached beside the span's pairs")
     block = chosen_block(pruned_model.config, block_key)
     data = _training_data(train_batches, valid_batches, batch_size, options, pair_cache)
     result_config = pruned_model.config
@@ -279,10 +303,14 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                             loss_name=loss_name, params=pruned_model.params, remat=remat, mesh=pruned_model.mesh)
     checkpoints = Checkpoints(checkpoint_dir, resume)
     if pair_cache is not None and not (resume and (checkpoints.last_good or 0) >= data.num_steps):
-        _read_from_pair_cache(data, pair_cache, dense_model, block, progress)  # a finished training reads no pairs
+        _read_from_pair_cache(data, pair_cache, dense_model, block, progress, top_k,
+                              options.grad_accum)  # a finished training reads no pairs
     best, frozen_params, history = _run_program(program, dense_model, pruned_model, block, data, checkpoints, options,
                                                 on_step=on_step, progress=progress)
     trained = pruned_model.replace(config=result_config, params=merge_params(best, frozen_params))
+    if top_k:  # what the run's report says the distillation read
+        history["teacher"] = {"top_k": top_k[0], "temperature": top_k[1], "cache": str(
+            TeacherTopKCache(SpanPairCache(pair_cache, block.start, block.length), *top_k).path)}
     if checkpoint_dir:
         write_atomic(Path(checkpoint_dir) / "loss_curve.json", json.dumps(history, indent=1))
     return (trained, history) if return_history else trained

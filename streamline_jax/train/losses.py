@@ -160,6 +160,7 @@ class Distillation:
     hidden_weight: float = 0.0
     hidden_pairs: tuple = ()
     shared_prefix: bool = True  # the student's layers before the block are the teacher's, untrained
+    top_k: int = 0  # the teacher's logits as its top k read from the batch (TOP_K_ARRAYS; 0: the full vocabulary)
 
 
 HEAD_KEYS = transformer.HEAD_KEYS
@@ -200,6 +201,50 @@ def _token_chunks(vocab_size, *arrays):
     return transformer.chunk_tokens(chunk, *arrays)
 
 
+def _cross_entropy_and_grad(logits_s, label, w_ce, with_grad, lse=None):
+    """sum of w_ce x the cross-entropy of `label` under [chunk, vocab] float32 logits, and its gradient in them
+    (softmax - onehot; None without `with_grad`). `lse`: the logits' logsumexp where already at hand."""
+    lse = jax.nn.logsumexp(logits_s, axis=-1, keepdims=True) if lse is None else lse
+    loss = -jnp.sum((jnp.take_along_axis(logits_s, label[:, None], axis=-1) - lse)[:, 0] * w_ce)
+    if not with_grad:
+        return loss, None
+    onehot = jax.nn.one_hot(label, logits_s.shape[-1], dtype=jnp.float32)
+    return loss, (jnp.exp(logits_s - lse) - onehot) * w_ce[:, None]
+
+
+def _frozen_head_loss(student_config, student_params, student_h, frozen, rest, chunk_loss):
+    """sum over chunks of tokens of `chunk_loss(frozen, logits_s, *x, with_grad)` -> (loss, its gradient in the
+    student's [chunk, vocab] float32 logits or None), the student's head run on [N, D] `student_h` a chunk at a time
+    with the [N, ...] arrays `rest` (`_token_chunks`). Differentiable in `student_h` only (the head and `frozen` get no
+    gradient): each chunk's input gradient is made in the forward pass, so the backward pass recomputes no logits.
+    Memory holds one chunk's [chunk, vocab] and the [N, D] input gradient."""
+    xs = _token_chunks(student_config.vocab_size, student_h, *rest)
+
+    def chunk_loss_and_grad(head_params, frozen, h_s, x, with_grad):
+        head_s = lambda h: transformer.head(student_config, head_params, h[None])[0]
+        logits_s, head_vjp = jax.vjp(head_s, h_s) if with_grad else (head_s(h_s), None)
+        loss, dlogits = chunk_loss(frozen, logits_s.astype(jnp.float32), *x, with_grad=with_grad)
+        return loss, head_vjp(dlogits.astype(logits_s.dtype))[0] if with_grad else None
+
+    @jax.custom_vjp
+    def summed(h_s, frozen):
+        return summed_fwd(h_s, frozen, with_grad=False)[0]  # not differentiated (validation): no gradient made
+
+    def summed_fwd(h_s, frozen, with_grad=True):
+        def body(total, x):
+            loss, dh = chunk_loss_and_grad(frozen[0], frozen[1], x[0], x[1:], with_grad)
+            return total + loss, dh
+
+        return jax.lax.scan(body, jnp.float32(0), (h_s,) + frozen[2])
+
+    def summed_bwd(dh, g):
+        return g * dh, None  # the head, `frozen` and the other arrays get no gradient
+
+    summed.defvjp(summed_fwd, summed_bwd)
+    head_params = {k: student_params[k] for k in HEAD_KEYS if k in student_params}
+    return summed(xs[0], (head_params, frozen, xs[1:]))
+
+
 def distillation_loss(teacher_config, teacher_params, student_config, student_params, teacher_h, student_h,
                       labels, kl_weight, ce_weight, temperature):
     """sum over tokens of kl_weight x T^2 KL(teacher || student) + ce_weight x the student's cross-entropy on
@@ -212,13 +257,9 @@ def distillation_loss(teacher_config, teacher_params, student_config, student_pa
     Memory holds one chunk's [chunk, vocab] and the [N, D] input gradient."""
     with_ce = ce_weight is not None
     ce_weight = jnp.zeros_like(kl_weight) if ce_weight is None else ce_weight
-    xs = _token_chunks(student_config.vocab_size, teacher_h, student_h, labels, kl_weight, ce_weight)
 
-    def chunk_loss_and_grad(teacher_params, student_params, h_t, h_s, label, w_kl, w_ce, with_grad=True):
-        logits_t = transformer.head(teacher_config, teacher_params, h_t[None])[0].astype(jnp.float32)
-        head_s = lambda h: transformer.head(student_config, student_params, h[None])[0]
-        logits_s, head_vjp = jax.vjp(head_s, h_s) if with_grad else (head_s(h_s), None)
-        out_dtype, logits_s = logits_s.dtype, logits_s.astype(jnp.float32)
+    def chunk_loss(teacher_heads, logits_s, h_t, label, w_kl, w_ce, with_grad=True):
+        logits_t = transformer.head(teacher_config, teacher_heads, h_t[None])[0].astype(jnp.float32)
         # KL from the scaled logits and their logsumexps (sum p_t = 1), the log-probabilities never written out:
         # fewer passes over the [chunk, vocab] arrays (~15% faster on CPU)
         z_t, z_s = logits_t / temperature, logits_s / temperature
@@ -227,35 +268,102 @@ def distillation_loss(teacher_config, teacher_params, student_config, student_pa
         p_t = jnp.exp(z_t - lse_t)
         kl = jnp.sum(p_t * (z_t - z_s), axis=-1) - (lse_t - lse_s)[:, 0]
         loss = jnp.sum(kl * w_kl) * temperature ** 2
-        if with_ce:
-            lse = lse_s if temperature == 1 else jax.nn.logsumexp(logits_s, axis=-1, keepdims=True)
-            loss -= jnp.sum((jnp.take_along_axis(logits_s, label[:, None], axis=-1) - lse)[:, 0] * w_ce)
-        if not with_grad:
-            return loss, None
-        dlogits = temperature * (jnp.exp(z_s - lse_s) - p_t) * w_kl[:, None]
-        if with_ce:
-            dlogits += (jnp.exp(logits_s - lse) - jax.nn.one_hot(label, logits_s.shape[-1], dtype=jnp.float32)
-                        ) * w_ce[:, None]
-        return loss, head_vjp(dlogits.astype(out_dtype))[0]
+        dlogits = temperature * (jnp.exp(z_s - lse_s) - p_t) * w_kl[:, None] if with_grad else None
+        return _with_cross_entropy(loss, dlogits, logits_s, lse_s if temperature == 1 else None, label, w_ce,
+                                   with_ce, with_grad)
 
-    @jax.custom_vjp
-    def summed(h_s, frozen):
-        return summed_fwd(h_s, frozen, with_grad=False)[0]  # not differentiated (validation): no gradient made
+    teacher_heads = {k: teacher_params[k] for k in HEAD_KEYS if k in teacher_params}
+    return _frozen_head_loss(student_config, student_params, student_h, teacher_heads,
+                             (teacher_h, labels, kl_weight, ce_weight), chunk_loss)
 
-    def summed_fwd(h_s, frozen, with_grad=True):
-        def body(total, x):
-            loss, dh = chunk_loss_and_grad(*frozen[0], *x, with_grad=with_grad)
-            return total + loss, dh
 
-        total, dh = jax.lax.scan(body, jnp.float32(0), (frozen[1][0], h_s) + frozen[1][1:])
-        return total, dh
+def _with_cross_entropy(loss, dlogits, logits_s, lse, label, w_ce, with_ce, with_grad):
+    """(loss, dlogits) plus the cross-entropy's (where `with_ce`)."""
+    if not with_ce:
+        return loss, dlogits
+    ce, dce = _cross_entropy_and_grad(logits_s, label, w_ce, with_grad, lse)
+    return loss + ce, dlogits + dce if with_grad else None
 
-    def summed_bwd(dh, g):
-        return g * dh, None  # the teacher, the head and the weights get no gradient
 
-    summed.defvjp(summed_fwd, summed_bwd)
-    heads = tuple({k: p[k] for k in HEAD_KEYS if k in p} for p in (teacher_params, student_params))
-    return summed(xs[1], (heads, xs[:1] + xs[2:]))
+# The teacher's top-k cache (`TeacherTopKCache`): per token, the k largest log-probabilities at the temperature, their
+# token ids, and the log of the mass left outside them (the tail).
+TOP_K_ARRAYS = ("top_logp", "top_ids", "tail_logp")
+
+
+def _top_k_of(z, k):
+    """([c, k] log-probabilities and ids of the k largest of [c, V] scaled logits z, [c] log-mass of the others)."""
+    lse = jax.nn.logsumexp(z, axis=-1, keepdims=True)
+    top, ids = jax.lax.top_k(z, k)
+    in_top = _in_top(z.shape, ids)
+    return top - lse, ids.astype(jnp.int32), _tail_log_mass(z, in_top, lse)
+
+
+def _in_top(shape, ids):
+    """[c, V] bool: where each row's `ids` [c, k] are."""
+    return jnp.zeros(shape, bool).at[jnp.arange(shape[0])[:, None], ids].set(True)
+
+
+def _tail_log_mass(z, in_top, lse):
+    """[c] log of the softmax mass of z outside `in_top` (-inf where nothing is outside), computed from the logits
+    outside (not 1 - the top's sum, which loses a small tail to rounding)."""
+    return jax.nn.logsumexp(jnp.where(in_top, -jnp.inf, z), axis=-1) - lse[:, 0]
+
+
+def teacher_top_k_fn(config: ModelConfig, first_layer: int, k: int, temperature: float):
+    """A jitted (params, x [B, T, D], mask) -> {TOP_K_ARRAYS}: the dense model run from hidden state x entering
+    `first_layer` (a span's cached output) to its next-token distribution at `temperature`, kept as its top k
+    log-probabilities and ids [B, T, k] and the tail's log-mass [B, T]; the head a chunk of tokens at a time."""
+    def top_k(params, x, mask):
+        attn, positions = transformer.causal_masks(config, mask)
+        h, _ = transformer.run_layers(config, params, x, attn, positions, first_layer)
+        b, t, d = h.shape
+        heads = {name: params[name] for name in HEAD_KEYS if name in params}
+        (chunks,) = _token_chunks(config.vocab_size, h.reshape(b * t, d))
+        z = lambda c: transformer.head(config, heads, c[None])[0].astype(jnp.float32) / temperature
+        logp, ids, tail = jax.lax.map(lambda c: _top_k_of(z(c), k), chunks)
+        tokens = lambda a: a.reshape((-1,) + a.shape[2:])[:b * t].reshape((b, t) + a.shape[2:])  # padding dropped
+        return {"top_logp": tokens(logp), "top_ids": tokens(ids), "tail_logp": tokens(tail)}
+
+    return jit_for(transformer.compute_dtype(config), top_k)
+
+
+def top_k_distillation_loss(student_config, student_params, student_h, teacher_top, labels, kl_weight, ce_weight,
+                            temperature):
+    """`distillation_loss` against a teacher kept as its top k (`teacher_top`: the [N, k] log-probabilities at the
+    temperature and ids and the [N] tail log-mass, `teacher_top_k_fn`'s): T^2 KL over k + 1 outcomes, the teacher's
+    k most likely tokens and the rest of the vocabulary as one bucket (the "other bucket" of MaxText's distillation
+    forks; the student's bucket mass from its full log-softmax). Why the bucket rather than renormalising both over
+    the top k (the other common choice): it is the KL of the two distributions coarsened the same way, so it never
+    exceeds the full KL and equals it at k = vocab, and the student still pays for mass it moves outside the
+    teacher's top k, which renormalising cannot see. The student's logits are made a chunk at a time and k of them
+    gathered, so memory stays flat in the vocabulary; the gradient in them, made in the forward pass: T (p_s - p_t)
+    on the top k, T p_s (1 - tail_t / tail_s) on the tail. The student's head is frozen."""
+    with_ce = ce_weight is not None
+    ce_weight = jnp.zeros_like(kl_weight) if ce_weight is None else ce_weight
+
+    def chunk_loss(_, logits_s, top_logp, top_ids, tail_t, label, w_kl, w_ce, with_grad=True):
+        z_s = logits_s / temperature
+        lse_s = jax.nn.logsumexp(z_s, axis=-1, keepdims=True)
+        in_top = _in_top(z_s.shape, top_ids)
+        tail_s = _tail_log_mass(z_s, in_top, lse_s)
+        p_top, has_tail = jnp.exp(top_logp), jnp.isfinite(tail_t)  # k = vocab: no tail, its term 0
+        logp_s_top = jnp.take_along_axis(z_s, top_ids, axis=-1) - lse_s
+        tail_term = jnp.where(has_tail, jnp.exp(tail_t) * (tail_t - jnp.where(has_tail, tail_s, 0)), 0)
+        kl = jnp.sum(p_top * (top_logp - logp_s_top), axis=-1) + tail_term
+        loss = jnp.sum(kl * w_kl) * temperature ** 2
+        dlogits = None
+        if with_grad:
+            # p_s tail_t / tail_s in the log domain: the ratio alone can overflow where the student's tail is tiny
+            log_ratio = jnp.where(has_tail, tail_t - jnp.where(has_tail, tail_s, 0), 0)
+            p_t_top = jnp.zeros_like(z_s).at[jnp.arange(z_s.shape[0])[:, None], top_ids].set(p_top)
+            p_s = jnp.exp(z_s - lse_s)
+            dz = jnp.where(in_top, p_s - p_t_top, p_s - jnp.exp(z_s - lse_s + log_ratio[:, None]))
+            dlogits = temperature * dz * w_kl[:, None]
+        return _with_cross_entropy(loss, dlogits, logits_s, lse_s if temperature == 1 else None, label, w_ce,
+                                   with_ce, with_grad)
+
+    return _frozen_head_loss(student_config, student_params, student_h, None, (*teacher_top, labels, kl_weight,
+                                                                                ce_weight), chunk_loss)
 
 
 def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, kd: Distillation,
@@ -301,9 +409,13 @@ def _distill_from(teacher, student, trained, frozen, batch, attn, positions, *, 
     if original_first:  # the student starts at the block: the layers before it are the teacher's
         student_first = transformer.layer_offsets(pruned_config)[transformer.segment_index(block.key)]
     teacher_stops, student_stops = [t for t, _ in kd.hidden_pairs], [s for _, s in kd.hidden_pairs]
-    # a span ending at the last layer leaves a cached teacher no layers to run
-    h_t, hidden_t = transformer.run_layers(dense_config, dense_params, x_t, attn, positions, teacher_first,
-                                           stops=teacher_stops)
+    # a span ending at the last layer leaves a cached teacher no layers to run; with its top k read from the batch,
+    # the teacher runs only as far as the hidden-state terms need (no further, no head)
+    teacher_last = max([teacher_first] + [s + 1 for s in teacher_stops]) if kd.top_k else None
+    h_t, hidden_t = x_t, {}
+    if teacher_last != teacher_first:
+        h_t, hidden_t = transformer.run_layers(dense_config, dense_params, x_t, attn, positions, teacher_first,
+                                               teacher_last, stops=teacher_stops)
     if teacher_first - 1 in teacher_stops:  # a cached span output is the teacher's last layer before teacher_first
         hidden_t[teacher_first - 1] = x_t
     h_t, hidden_t = jax.lax.stop_gradient((h_t, hidden_t))
@@ -314,11 +426,17 @@ def _distill_from(teacher, student, trained, frozen, batch, attn, positions, *, 
     # per-token weights: each term's share of the loss over its count of tokens
     kl_weight = ((1 - kd.ce_weight) * real / jnp.maximum(jnp.sum(real), 1.0)).reshape(-1)
     ce_weight = (kd.ce_weight * next_real / jnp.maximum(jnp.sum(next_real), 1.0)).reshape(-1)
-    flat = (dense_config, dense_params, pruned_config, pruned, h_t.reshape(b * t, -1), h_s.reshape(b * t, -1),
-            labels.reshape(-1), kl_weight)
-    head_trains = any(k in trained for k in HEAD_KEYS)  # then autodiff through its recomputed logits
-    loss = (distillation_loss_by_autodiff if head_trains else distillation_loss)(
-        *flat, ce_weight if kd.ce_weight else None, kd.temperature)
+    ce_weight = ce_weight if kd.ce_weight else None
+    if kd.top_k:
+        teacher_top = tuple(batch[name].reshape((b * t,) + batch[name].shape[2:]) for name in TOP_K_ARRAYS)
+        loss = top_k_distillation_loss(pruned_config, pruned, h_s.reshape(b * t, -1), teacher_top,
+                                       labels.reshape(-1), kl_weight, ce_weight, kd.temperature)
+    else:
+        flat = (dense_config, dense_params, pruned_config, pruned, h_t.reshape(b * t, -1), h_s.reshape(b * t, -1),
+                labels.reshape(-1), kl_weight)
+        head_trains = any(k in trained for k in HEAD_KEYS)  # then autodiff through its recomputed logits
+        loss = (distillation_loss_by_autodiff if head_trains else distillation_loss)(*flat, ce_weight,
+                                                                                     kd.temperature)
     if kd.hidden_weight and kd.hidden_pairs:
         mse = [masked_mse(hidden_s[s], hidden_t[t], mask, weighting) for t, s in kd.hidden_pairs]
         loss += kd.hidden_weight * sum(mse) / len(mse)

@@ -41,6 +41,7 @@ class TrainOptions:
     kd_hidden_every: int = 0  # also every this many original layers after the span's output (kd_hidden_weight > 0)
     lr_beyond_block: float | None = None  # peak lr of the trained parameters outside the block (None: lr)
     log_every: int = 10  # steps between reads of the losses (see train_replacement)
+    kd_top_k: int = 0  # kd from a pair cache: the teacher's top k log-probabilities cached once (0: the full KL)
 
     def replace(self, **changes) -> "TrainOptions":
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(TrainOptions)})
@@ -69,6 +70,9 @@ class TrainOptions:
                              f"{self.epochs}")
         if not isinstance(self.log_every, numbers.Integral) or self.log_every < 1:
             raise ValueError(f"{name('log_every')} must be a whole number >= 1, got {self.log_every!r}")
+        if not isinstance(self.kd_top_k, numbers.Integral) or self.kd_top_k < 0:
+            raise ValueError(f"{name('kd_top_k')} must be a whole number >= 0 (0: the full-vocabulary KL), got "
+                             f"{self.kd_top_k!r}")
         if not 0 <= self.kd_ce_weight <= 1:
             raise ValueError(f"{name('kd_ce_weight')} is the cross-entropy's share of the KD loss: it must be in "
                              f"[0, 1], got {self.kd_ce_weight}")

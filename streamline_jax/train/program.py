@@ -24,15 +24,22 @@ from .params import Block, split_params, trained_paths
 
 
 def distillation_settings(dense_config: ModelConfig, pruned_config: ModelConfig, block: Block, paths, temperature,
-                          ce_weight, hidden_layers, hidden_weight, hidden_every: int = 0) -> Distillation:
+                          ce_weight, hidden_layers, hidden_weight, hidden_every: int = 0,
+                          top_k: int = 0) -> Distillation:
     """KD mode's settings, checked against the models (the options' own ranges: `TrainOptions.check`), with the
     (teacher, student) layer pairs of the hidden-state terms: the span's output, each of `hidden_layers`, and every
     `hidden_every`-th original layer after the span's output that the student still has (none where hidden_weight
-    is 0)."""
+    is 0). `top_k` > 0: the teacher's logits come as its top k (the cached loss reads them from the batch)."""
     from ..pruning import original_ranges
 
     if not temperature > 0:
         raise ValueError(f"kd_temperature must be positive, got {temperature}")
+    if top_k and not top_k <= dense_config.vocab_size:
+        raise ValueError(f"kd_top_k={top_k} must be at most the vocabulary's size ({dense_config.vocab_size})")
+    if top_k and any(p.split("/")[0] in transformer.HEAD_KEYS for p in paths):
+        raise ValueError(f"kd_top_k={top_k} needs a frozen head (the top-k loss makes no gradient for it): take "
+                         f"{sorted(p for p in paths if p.split('/')[0] in transformer.HEAD_KEYS)} out of the trained "
+                         f"parameters, or set kd_top_k=0")
     if not hidden_weight >= 0:
         raise ValueError(f"kd_hidden_weight must be >= 0, got {hidden_weight}")
     depth, end = dense_config.depth, block.start + block.length
@@ -59,7 +66,8 @@ def distillation_settings(dense_config: ModelConfig, pruned_config: ModelConfig,
     trained_prefix = any(p.split("/")[0] in prefix or "/".join(p.split("/")[:2]) in prefix for p in paths)
     shared = (all(seg.kind == "layers" for seg in before) and sum(seg.num_layers for seg in before) == block.start
               and not trained_prefix)
-    return Distillation(float(temperature), float(ce_weight), float(hidden_weight), tuple(sorted(pairs)), shared)
+    return Distillation(float(temperature), float(ce_weight), float(hidden_weight), tuple(sorted(pairs)), shared,
+                        int(top_k))
 
 
 def make_steps(loss_fn, tx, compute_dtype=jnp.float32, *, out_shardings=None, platform=None):
@@ -143,7 +151,7 @@ def build_program(options: TrainOptions, dense_config: ModelConfig, pruned_confi
     if loss_name.startswith("kd"):
         kd = distillation_settings(dense_config, pruned_config, block, paths, options.kd_temperature,
                                    options.kd_ce_weight, options.kd_hidden_layers, options.kd_hidden_weight,
-                                   options.kd_hidden_every)
+                                   options.kd_hidden_every, options.kd_top_k if loss_name == "kd_cached" else 0)
     return training_program(
         dense_config, pruned_config, block, paths, loss_name, lr=options.lr, min_lr=options.min_lr,
         warmup_steps=warmup_steps_for(num_steps, options.warmup_steps), num_steps=num_steps,

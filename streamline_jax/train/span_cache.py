@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,33 +15,60 @@ from ..data import epoch_order, pad_rows, progress_bar
 from ..files import write_atomic
 from ..models.model import Model
 from .checkpoints import TrainingError
-from .losses import span_pairs_fn
+from .losses import TOP_K_ARRAYS, span_pairs_fn, teacher_top_k_fn
+
+PAIR_ARRAYS = ("x_in", "target", "attention_mask", "input_ids")
 
 
-class SpanPairCache:
-    """The dense model's hidden states entering and leaving a span, for every training batch, in tensorstore arrays
-    on disk ([N, T, D] each, plus the [N, T] mask and token ids), for MSE's epochs and the distillation that follows
-    them. Written one batch at a time, so host memory stays at one batch; a `complete.json` written last marks a
-    finished cache, which later runs reuse."""
+class _ArrayFolder:
+    """A folder of zarr3 tensorstore arrays, one per name."""
 
-    def __init__(self, path, start, length):
-        self.path, self.start, self.length = Path(path), start, length
+    path: Path
 
     def _spec(self, name):
         return {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(self.path / name)}}
 
     def open(self, name):
-        """One of the cache's arrays ("x_in", "target", "attention_mask", "input_ids") as an open TensorStore."""
+        """One of the folder's arrays as an open TensorStore."""
         import tensorstore as ts
 
         return ts.open(self._spec(name)).result()
 
+    def _create(self, name, shape, dtype, chunk):
+        import tensorstore as ts
+
+        return ts.open(self._spec(name), create=True, dtype=dtype, shape=shape,
+                       chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
+
+    def _meta(self):
+        """The finished-marker's contents, or None where there is none."""
+        marker = self.path / "complete.json"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+    def _check_free(self, need: int, what: str, detail: str) -> None:
+        """A clear error (and the folder removed) before anything is computed when its disk lacks `need` bytes."""
+        free = shutil.disk_usage(self.path).free
+        if need > free:
+            shutil.rmtree(self.path, ignore_errors=True)
+            raise TrainingError(f"the {what} needs {need / 1024 ** 3:.2f} GiB in {self.path} ({detail}), and its "
+                                f"disk has {free / 1024 ** 3:.2f} GiB free: free some space, or set "
+                                f"train.pair_cache=false")
+
+
+class SpanPairCache(_ArrayFolder):
+    """The dense model's hidden states entering and leaving a span, for every training batch, in tensorstore arrays
+    on disk ([N, T, D] each, plus the [N, T] mask and token ids: PAIR_ARRAYS), for MSE's epochs and the distillation
+    that follows them. Written one batch at a time, so host memory stays at one batch; a `complete.json` written
+    last marks a finished cache, which later runs reuse."""
+
+    def __init__(self, path, start, length):
+        self.path, self.start, self.length = Path(path), start, length
+
     def complete(self, rows: int | None = None) -> bool:
         """Whether a finished cache for this span (and, if given, this many rows) is there."""
-        marker = self.path / "complete.json"
-        if not marker.exists():
+        meta = self._meta()
+        if meta is None:
             return False
-        meta = json.loads(marker.read_text())
         return ((meta["start"], meta["length"]) == (self.start, self.length) and rows in (None, meta["rows"])
                 and meta.get("input_ids", False))  # caches written before the token ids were kept: rebuilt
 
@@ -58,12 +86,9 @@ class SpanPairCache:
         count = 1 + sum(1 for _ in batch_list)
         n, d = count * b, config.hidden_size
         self._check_disk(n, t, d)
-        arrays = {}
-        for name, shape, dtype in (("x_in", (n, t, d), ts.float32), ("target", (n, t, d), ts.float32),
-                                   ("attention_mask", (n, t), ts.int32), ("input_ids", (n, t), ts.int32)):
-            chunk = [b, t, d][:len(shape)]
-            arrays[name] = ts.open(self._spec(name), create=True, dtype=dtype, shape=shape,
-                                   chunk_layout=ts.ChunkLayout(chunk_shape=chunk)).result()
+        arrays = {name: self._create(name, shape, dtype, [b, t, d][:len(shape)])
+                  for name, shape, dtype in (("x_in", (n, t, d), ts.float32), ("target", (n, t, d), ts.float32),
+                                             ("attention_mask", (n, t), ts.int32), ("input_ids", (n, t), ts.int32))}
         bar = progress_bar(progress, count, 0, "cache span pairs", "batch")
         for i, batch in enumerate(batches):
             ids = np.asarray(batch["input_ids"], np.int32)
@@ -85,23 +110,30 @@ class SpanPairCache:
     def _check_disk(self, n: int, t: int, d: int) -> None:
         """A clear error before any pair is computed when the disk cannot hold them all."""
         need = 4 * n * t * (2 * d + 2)  # x_in and target in float32, the mask and token ids in int32
-        free = shutil.disk_usage(self.path).free
-        if need > free:
-            shutil.rmtree(self.path, ignore_errors=True)
-            raise TrainingError(f"the span pair cache needs {need / 1024 ** 3:.2f} GiB in {self.path} ({n} sequences "
-                                f"x {t} tokens x 2 x {d} float32), and its disk has {free / 1024 ** 3:.2f} GiB free: "
-                                f"free some space, or set train.pair_cache=false")
+        self._check_free(need, "span pair cache", f"{n} sequences x {t} tokens x 2 x {d} float32")
 
-    def batches(self, batch_size=None):
-        """Re-iterable batches {"x_in", "target", "attention_mask", "input_ids"} read from disk: rows in order, or in
-        epoch e's permutation under a seed (`.epoch(e, shuffle_seed)`)."""
+    def rows_read(self, batches: int, shuffle_seed=None) -> np.ndarray:
+        """The sorted rows that the first `batches` batches of `batches()` read, over epochs (all where that is one
+        epoch or more)."""
+        meta = self._meta()
+        n, b = meta["rows"], meta["batch"]
+        per_epoch = n // b
+        parts = [epoch_order(n, shuffle_seed, e)[:min(per_epoch, batches - e * per_epoch) * b]
+                 for e in range(-(-batches // per_epoch))]
+        return np.unique(np.concatenate(parts))
+
+    def batches(self, batch_size=None, teacher: "TeacherTopKCache | None" = None):
+        """Re-iterable batches {PAIR_ARRAYS} read from disk (with `teacher`, its TOP_K_ARRAYS too): rows in order, or
+        in epoch e's permutation under a seed (`.epoch(e, shuffle_seed)`)."""
         cache = self
 
         class _Reader:
             def epoch(self, e, shuffle_seed=None):
-                meta = json.loads((cache.path / "complete.json").read_text())
+                meta = cache._meta()
                 b = batch_size or meta["batch"]
-                arrays = {k: cache.open(k) for k in ("x_in", "target", "attention_mask", "input_ids")}
+                arrays = {k: cache.open(k) for k in PAIR_ARRAYS}
+                if teacher is not None:
+                    arrays |= {k: teacher.open(k) for k in TOP_K_ARRAYS}
                 order = epoch_order(meta["rows"], shuffle_seed, e)
                 for i in range(meta["rows"] // b):
                     rows = order[i * b:(i + 1) * b]
@@ -111,3 +143,59 @@ class SpanPairCache:
                 return self.epoch(0)
 
         return _Reader()
+
+
+class TeacherTopKCache(_ArrayFolder):
+    """The dense teacher's next-token distribution for every row of a finished `SpanPairCache`, kept as its top k
+    log-probabilities at `temperature` and their ids ([N, T, k]) and the tail's log-mass ([N, T]), in a folder
+    inside the pair cache's (so a rebuilt pair cache drops it). Computed once, from the cached span outputs (the
+    teacher's layers after the span and its head run once per training row, not at every step and epoch); its
+    `complete.json` (span, rows, k, temperature, which rows) marks a finished cache, which later epochs, phases and
+    resumes reuse. `rows`: only these rows of the pair cache (those a short distillation reads; None: all), the others
+    left unwritten: the cache costs a teacher pass a row, so it pays only for rows read more than about once."""
+
+    def __init__(self, pairs: SpanPairCache, k: int, temperature: float, rows: np.ndarray | None = None):
+        self.pairs, self.k, self.temperature, self.rows = pairs, int(k), float(temperature), rows
+        self.path = pairs.path / f"teacher_top{self.k}_t{self.temperature:g}"
+
+    def _key(self, rows):
+        which = "all" if self.rows is None else hashlib.sha1(np.asarray(self.rows, np.int64).tobytes()).hexdigest()
+        return {"start": self.pairs.start, "length": self.pairs.length, "rows": rows, "k": self.k,
+                "temperature": self.temperature, "computed_rows": which}
+
+    def complete(self) -> bool:
+        """Whether a finished cache of this k and temperature over the pair cache's rows is there."""
+        pairs = self.pairs._meta()
+        return pairs is not None and self._meta() == self._key(pairs["rows"])
+
+    def build(self, dense_model: Model, progress=True):
+        """Run the teacher from each cached span output and keep its top k (the pair cache must be finished)."""
+        import tensorstore as ts
+
+        meta = self.pairs._meta()
+        n, b, t, k = meta["rows"], meta["batch"], meta["seq"], self.k
+        todo = np.arange(n) if self.rows is None else np.asarray(self.rows)
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        self._check_free(len(todo) * t * (8 * k + 4), "teacher's top-k cache",
+                         f"{len(todo)} sequences x {t} tokens x {k} float32 log-probabilities and int32 ids")
+        arrays = {"top_logp": self._create("top_logp", (n, t, k), ts.float32, [b, t, k]),
+                  "top_ids": self._create("top_ids", (n, t, k), ts.int32, [b, t, k]),
+                  "tail_logp": self._create("tail_logp", (n, t), ts.float32, [b, t])}
+        top_k = teacher_top_k_fn(dense_model.config, self.pairs.start + self.pairs.length, k, self.temperature)
+        target, mask = self.pairs.open("target"), self.pairs.open("attention_mask")
+        count = -(-len(todo) // b)
+        bar = progress_bar(progress, count, 0, f"cache teacher top {k}", "batch")
+        for i in range(count):
+            rows = todo[i * b:(i + 1) * b]
+            rows = np.concatenate([rows, np.repeat(rows[-1:], b - len(rows))])  # a short last batch: one shape
+            out = top_k(dense_model.params, jnp.asarray(target[rows].read().result()),
+                        jnp.asarray(mask[rows].read().result()))
+            for w in [arrays[name][rows].write(np.asarray(out[name])) for name in TOP_K_ARRAYS]:
+                w.result()
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        write_atomic(self.path / "complete.json", json.dumps(self._key(n)))
