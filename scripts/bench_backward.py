@@ -78,8 +78,9 @@ def main():
                 top_k = args.top_k if loss == "kd_cached_topk" else 0
                 kd = (train.distillation_settings(dense.config, pruned.config, block, paths, 1.0, 0.0, (), 0.0,
                                                   top_k=top_k) if loss.startswith("kd") else None)
-                train.distillation_loss = (train.distillation_loss_by_autodiff if loss == "kd_autodiff"
-                                           else fused_head)  # read when the loss is traced
+                # read when the loss is traced, from the losses module (the package's name is only a re-export)
+                train.losses.distillation_loss = (train.distillation_loss_by_autodiff if loss == "kd_autodiff"
+                                                  else fused_head)
                 name = {"kd_autodiff": "kd", "kd_cached_topk": "kd_cached"}.get(loss, loss)
                 program = train.training_program(dense.config, pruned.config, block, paths, name, lr=1e-3,
                                                  min_lr=5e-5, warmup_steps=1, num_steps=10, weight_decay=0.0,
@@ -91,7 +92,7 @@ def main():
                     jax.block_until_ready(step(trained, frozen, batches[loss]))
                 times.setdefault(loss, {}).setdefault(variant, []).append((time.perf_counter() - start) / n)
                 print(f"rep {rep}: {loss:10s} {variant}: {times[loss][variant][-1]:.2f} s", flush=True)
-    layers.LOW_PRECISION_BACKWARD, train.distillation_loss = True, fused_head
+    layers.LOW_PRECISION_BACKWARD, train.losses.distillation_loss = True, fused_head
     tokens = args.batch * args.seq
     print(f"\nvalue_and_grad, {args.batch} x {args.seq} tokens, min of {args.reps}:")
     print("| loss | bf16 backward s | jax transpose s | speed-up | bf16 backward tokens/s |")
