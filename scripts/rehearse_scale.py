@@ -259,10 +259,11 @@ def mesh_split(config, devices: int, mesh: str) -> tuple[int, int]:
 
 
 def run_overrides(args, folder: Path, fsdp: int, tensor: int) -> list[str]:
-    """Tiny data sizes, every batch one sequence per device (`--batch`, default --devices): a batch that does not
-    divide over the devices is replicated, and each simulated device would then hold the whole step's activations
-    in host memory (a pod's batch is at least its chip count: configs/meshes.yaml)."""
-    b, seq = args.batch or args.devices, args.seq_len
+    """Tiny data sizes, every batch one sequence per fsdp device (`--batch`): the tensor axis splits the weights,
+    not the batch, so each tensor device holds the whole batch's activations (every layer's hidden states while
+    scoring), and simulated devices all hold theirs in host memory: 8 sequences on tensor 8 took 3 GiB more than
+    one in a 6-layer llama2-7b's scoring. A pod's chips each hold their own in their own memory."""
+    b, seq = args.batch or fsdp, args.seq_len
     wikitext = '"{data}/wikitext-2-raw/wiki.test.raw"'  # quoted: a YAML value
     return [f"model.source={folder}", "model.dtype=bfloat16", f"data.seq_len={seq}", f"data.batch_size={b}",
             f"data.calib_chunks={b * args.calib_batches}", f"data.train_chunks={b * args.train_batches}",
@@ -413,7 +414,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="where the random model is kept and the run is written")
     p.add_argument("--shard-gib", type=float, default=4.0, help="safetensors shard size of the random model")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per chunk (and per perplexity window)")
-    p.add_argument("--batch", type=int, help="chunks per batch (default: --devices, one per device)")
+    p.add_argument("--batch", type=int, help="chunks per batch (default: one per fsdp device)")
     p.add_argument("--calib-batches", type=int, default=1, help="calibration batches")
     p.add_argument("--train-batches", type=int, default=2, help="training batches")
     p.add_argument("--mse-steps", type=int, default=2)
