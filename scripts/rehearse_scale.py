@@ -261,7 +261,7 @@ def mesh_split(config, devices: int, mesh: str) -> tuple[int, int]:
 def run_overrides(args, folder: Path, fsdp: int, tensor: int) -> list[str]:
     """Tiny data sizes, every batch one sequence per fsdp device (`--batch`): the tensor axis splits the weights,
     not the batch, so each tensor device holds the whole batch's activations (every layer's hidden states while
-    scoring), and simulated devices all hold theirs in host memory: 8 sequences on tensor 8 took 3 GiB more than
+    scoring), and simulated devices all hold theirs in host memory: 8 sequences on tensor 8 peaked 1.4 GiB above
     one in a 6-layer llama2-7b's scoring. A pod's chips each hold their own in their own memory."""
     b, seq = args.batch or fsdp, args.seq_len
     wikitext = '"{data}/wikitext-2-raw/wiki.test.raw"'  # quoted: a YAML value

@@ -1,8 +1,8 @@
 """Streaming load straight onto a mesh: every parameter is built shard by shard on the devices that hold it,
 each shard read from the checkpoint by byte range (safetensors and torch .bin through a memory map, GGUF by
 dequantizing only the rows a shard needs). The whole model is never on one host; a host reads only the slices its
-own devices hold, and the staging memory is one shard at a time. The stacked layers are read a few layers at a
-time, each layer's tensor once for all of this host's devices (`place_layers`).
+own devices hold, and the staging memory is one shard at a time; of the stacked layers, one stacked tensor's shards,
+each layer's tensor read once for all of this host's devices (`place_layers`).
 
 `jax.make_array_from_callback` would read every local shard before placing any; placing them one by one and joining
 them with `jax.make_array_from_single_device_arrays` keeps the staging to a single shard.
@@ -108,46 +108,36 @@ def place(shape, sharding, part: Callable, on_shard: Callable | None = None) -> 
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
-LAYERS_PER_READ = 4  # layers staged on the host at once by `place_layers`
-
-
-def place_layers(shape, sharding, layer_source: Callable, dtype, on_shard: Callable | None = None,
-                 group: int = LAYERS_PER_READ) -> jax.Array:
+def place_layers(shape, sharding, layer_source: Callable, dtype, on_shard: Callable | None = None) -> jax.Array:
     """A global array of stacked layers [L, ...], each layer's tensor (`layer_source(layer)`: (source, kind)) read
-    once and cut for every device that holds part of it, `group` layers at a time; each device's groups are joined
-    on it at the end, one device at a time. Reading each device's part on its own read a layer's every page once per
+    once and cut for every device of this host that holds part of it; each distinct shard is staged on the host
+    whole, placed on its devices and dropped. Reading each device's part on its own read a layer's every page once per
     device (its columns are strided): 8 simulated devices took 10 minutes over llama2-7b once its files outgrew the
-    page cache."""
+    page cache. The staging is this host's share of one stacked tensor (the first ones built are the largest)."""
     shape, inner = tuple(shape), tuple(shape[1:])
-    owned = {}  # device -> (its index beyond the layer axis, the layers it holds)
+    shards = {}  # distinct shard -> (its index beyond the layer axis, its layers, its devices, host array)
     for device, index in sharding.addressable_devices_indices_map(shape).items():
         index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
-        owned[device] = (index[1:], list(range(shape[0])[index[0]]))
-    pieces = {device: [] for device in owned}
-    for lo in range(0, shape[0], group):
-        wanted = {}  # device -> key of its piece of these layers; replicas share one
-        cut = {}  # key -> (index, layers, host array)
-        for device, (index, layers) in owned.items():
-            mine = tuple(layer for layer in layers if lo <= layer < lo + group)
-            if mine:
-                wanted[device] = key = (_key(index, inner), mine)
-                part = tuple(len(range(*s.indices(n))) for s, n in zip(index, inner))
-                cut.setdefault(key, (index, mine, np.empty((len(mine),) + part, dtype)))
-        for layer in range(lo, min(lo + group, shape[0])):
-            src, kind = layer_source(layer)
-            whole = to_param(kind, np.array(src.load()), inner)  # the one read of this layer's tensor
-            for index, mine, host in cut.values():
-                if layer in mine:
-                    host[mine.index(layer)] = whole[index]
-            whole = None
-        for device, key in wanted.items():
-            pieces[device].append(jax.device_put(cut[key][2], device).block_until_ready())
+        layers = list(range(shape[0])[index[0]])
+        key = (_key(index[1:], inner), tuple(layers))
+        if key not in shards:
+            part = tuple(len(range(*s.indices(n))) for s, n in zip(index[1:], inner))
+            shards[key] = (index[1:], layers, [], np.empty((len(layers),) + part, dtype))
+        shards[key][2].append(device)
+    for layer in range(shape[0]):
+        src, kind = layer_source(layer)
+        whole = to_param(kind, src.load(), inner)  # one read: its pages stay cached while every part is cut
+        for index, layers, _, host in shards.values():
+            if layer in layers:
+                host[layers.index(layer)] = whole[index]
+        whole = None
+    placed = {}
+    for key in list(shards):
+        _, _, devices, host = shards.pop(key)
+        for device in devices:
+            placed[device] = jax.device_put(host, device).block_until_ready()
             if on_shard:
-                on_shard(pieces[device][-1].nbytes)
-        cut.clear()
-    arrays = []
-    for device in owned:
-        parts, pieces[device] = pieces[device], None
-        arrays.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts).block_until_ready())
-        parts.clear()
+                on_shard(placed[device].nbytes)
+        host = None
+    arrays = [placed[d] for d in sharding.addressable_devices_indices_map(shape)]
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
