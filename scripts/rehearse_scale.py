@@ -9,9 +9,10 @@ read back by its index.
    (its BPE cut to the model's vocabulary, so every id is valid) into ~/.cache/streamline_jax/rehearsal/<preset>:
    once, one tensor at a time, after checking the free disk.
 2. Runs `python -m streamline_jax.run --model <that folder> --config configs/<preset>.yaml` on `--devices` simulated
-   CPU devices (the mesh.* settings: every device on fsdp, the layout meshes.yaml gives 8-chip targets) with a few
-   512-token calibration and training chunks, a few MSE and distillation steps, one perplexity window and a few
-   multiple-choice items; the span pairs cached on disk (train.pair_cache). Off: the GGUF export and the samples
+   CPU devices (the mesh.* settings from `--mesh`: tensor parallelism first) with a few 64-token calibration and
+   training chunks, a few MSE and distillation steps, one perplexity window and a few
+   multiple-choice items; the span pairs cached on disk (train.pair_cache); one training checkpoint per phase, at
+   its last step (each of a 7B's holds 3 GiB of float32 block and Adam state). Off: the GGUF export and the samples
    (neither is checked here; a 7B GGUF is another ~13 GB of disk).
    Its peak RSS is the kernel's (wait4's ru_maxrss of the run's process).
 3. Restores the saved Orbax model on `--restore-devices` devices and loads the Hugging Face export (by its index) on
@@ -259,15 +260,17 @@ def mesh_split(config, devices: int, mesh: str) -> tuple[int, int]:
 
 
 def run_overrides(args, folder: Path, fsdp: int, tensor: int) -> list[str]:
-    """Tiny data sizes, every batch one sequence per device (`--batch`, default --devices): a batch that does not
-    divide over the devices is replicated, and each simulated device would then hold the whole step's activations
-    in host memory (a pod's batch is at least its chip count: configs/meshes.yaml)."""
-    b, seq = args.batch or args.devices, args.seq_len
+    """Tiny data sizes, every batch one sequence per fsdp device (`--batch`): the tensor axis splits the weights,
+    not the batch, so each tensor device holds the whole batch's activations (every layer's hidden states while
+    scoring), and simulated devices all hold theirs in host memory: 8 sequences on tensor 8 peaked 1.4 GiB above
+    one in a 6-layer llama2-7b's scoring. A pod's chips each hold their own in their own memory."""
+    b, seq = args.batch or fsdp, args.seq_len
     wikitext = '"{data}/wikitext-2-raw/wiki.test.raw"'  # quoted: a YAML value
     return [f"model.source={folder}", "model.dtype=bfloat16", f"data.seq_len={seq}", f"data.batch_size={b}",
             f"data.calib_chunks={b * args.calib_batches}", f"data.train_chunks={b * args.train_batches}",
             "data.valid_chunks=0", f"train.num_steps={args.mse_steps}", f"train.distill_steps={args.distill_steps}",
-            "train.pair_cache=true", "eval.tasks=[piqa]", f"eval.perplexity_text={wikitext}",
+            "train.pair_cache=true", f"train.checkpoint_every={max(1, args.mse_steps, args.distill_steps)}",
+            "eval.tasks=[piqa]", f"eval.perplexity_text={wikitext}",
             f"eval.window={seq}", f"eval.ppl_windows={b}", f"eval.limit={args.mc_items}", f"eval.batch_size={b}",
             "samples.prompts=[]", "export.gguf=false", "mesh.data=1", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}"]
 
@@ -413,7 +416,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="where the random model is kept and the run is written")
     p.add_argument("--shard-gib", type=float, default=4.0, help="safetensors shard size of the random model")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per chunk (and per perplexity window)")
-    p.add_argument("--batch", type=int, help="chunks per batch (default: --devices, one per device)")
+    p.add_argument("--batch", type=int, help="chunks per batch (default: one per fsdp device)")
     p.add_argument("--calib-batches", type=int, default=1, help="calibration batches")
     p.add_argument("--train-batches", type=int, default=2, help="training batches")
     p.add_argument("--mse-steps", type=int, default=2)

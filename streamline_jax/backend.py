@@ -106,23 +106,42 @@ EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 EIGEN_DOTS_CPU_FLAG = "amx_bf16"
 
 
+# XLA:CPU runs every bf16 op but a dot in float32 (its pass "float-normalization-bf16"), the dynamic slice that takes
+# one layer out of a scanned stack too: the whole stack was converted, the conversion hoisted out of the loop, and a
+# bf16 model held a float32 copy of all its layers in each forward, twice its weights (scripts/rehearse_scale.py:
+# 7B-shaped layers, 2 GiB of weights, a forward peaked at 5.8 GiB; 2.8 without the pass, the same logits).
+BF16_SLICES = {"xla_disable_hlo_passes": "float-normalization-bf16"}
+
+
+@functools.cache
+def cpu_options_accepted(option: str, value: str) -> bool:
+    """Whether this jaxlib's CPU compiler takes the option (a renamed or unknown one is refused)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((8, 8), jnp.float32)
+    try:
+        jax.jit(jnp.dot).lower(x, x).compile(compiler_options={option: value})
+    except Exception:  # a jaxlib that does not know (or renamed) the option
+        return False
+    return True
+
+
+def cpu_options(options: dict, platform: str | None = None) -> dict:
+    """`options` for a program compiled for this CPU (`platform`, default: jax's default backend) where this jaxlib
+    takes them all; else {}."""
+    import jax
+
+    if (platform or jax.default_backend()) != "cpu" or jax.default_backend() != "cpu":
+        return {}
+    return dict(options) if all(cpu_options_accepted(k, v) for k, v in options.items()) else {}
+
+
 @functools.cache
 def float32_cpu_dot_options(platform: str | None = None) -> dict:
     """EIGEN_DOTS for a program compiled for this CPU (`platform`, default: jax's default backend) when it has
     EIGEN_DOTS_CPU_FLAG and this jaxlib accepts the option; else {} (XLA's default dots)."""
-    import jax
-    import jax.numpy as jnp
-
-    if (platform or jax.default_backend()) != "cpu" or jax.default_backend() != "cpu":
-        return {}
-    if EIGEN_DOTS_CPU_FLAG not in cpu_flags():
-        return {}
-    x = jnp.ones((8, 8), jnp.float32)
-    try:
-        jax.jit(jnp.dot).lower(x, x).compile(compiler_options=EIGEN_DOTS)
-    except Exception:  # a jaxlib that does not know (or renamed) the option
-        return {}
-    return dict(EIGEN_DOTS)
+    return cpu_options(EIGEN_DOTS, platform) if EIGEN_DOTS_CPU_FLAG in cpu_flags() else {}
 
 
 def compiler_options(compute_dtype, platform: str | None = None) -> dict:
@@ -130,7 +149,8 @@ def compiler_options(compute_dtype, platform: str | None = None) -> dict:
     this backend; the memory planner compiles for a TPU from a CPU host)."""
     import jax.numpy as jnp
 
-    return float32_cpu_dot_options(platform) if jnp.dtype(compute_dtype) == jnp.float32 else {}
+    dots = float32_cpu_dot_options(platform) if jnp.dtype(compute_dtype) == jnp.float32 else {}
+    return {**cpu_options(BF16_SLICES, platform), **dots}
 
 
 def jit_for(compute_dtype, fn, platform: str | None = None, **jit_kwargs):

@@ -1,7 +1,8 @@
 """Streaming load straight onto a mesh: every parameter is built shard by shard on the devices that hold it,
 each shard read from the checkpoint by byte range (safetensors and torch .bin through a memory map, GGUF by
 dequantizing only the rows a shard needs). The whole model is never on one host; a host reads only the slices its
-own devices hold, and the staging memory is one shard at a time.
+own devices hold, and the staging memory is one shard at a time; of the stacked layers, one stacked tensor's shards,
+each layer's tensor read once for all of this host's devices (`place_layers`).
 
 `jax.make_array_from_callback` would read every local shard before placing any; placing them one by one and joining
 them with `jax.make_array_from_single_device_arrays` keeps the staging to a single shard.
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checkpoint import CheckpointError, TensorSource, claim_tensors
+from .checkpoint import CheckpointError, TensorSource, claim_tensors, to_param
 from .models import transformer
 from .models.config import ModelConfig
 from .sharding import LOGICAL_AXIS_RULES, ShardingError, param_shardings
@@ -73,22 +74,11 @@ def stream_params(config: ModelConfig, sources: Iterable[TensorSource], mesh, dt
 
     def build(path, leaf, sharding):
         keys = tuple(p.key for p in path)
-        stacked = keys[:2] == ("segments", transformer.segment_key(0))
         shape = tuple(leaf.shape)
-
-        def part(index):
-            if not stacked:
-                src, kind = claimed[(keys, None)]
-                return read_param_part(src, kind, shape, index, dtype)
-            layers = range(shape[0])[index[0]]
-            out = np.empty((len(layers),) + tuple(len(range(*s.indices(n))) for s, n in zip(index[1:], shape[1:])),
-                           dtype)
-            for j, layer in enumerate(layers):
-                src, kind = claimed[(keys[2:], layer)]
-                out[j] = read_param_part(src, kind, shape[1:], index[1:], dtype)
-            return out
-
-        return place(shape, sharding, part, on_shard)
+        if keys[:2] == ("segments", transformer.segment_key(0)):
+            return place_layers(shape, sharding, lambda layer: claimed[(keys[2:], layer)], dtype, on_shard)
+        src, kind = claimed[(keys, None)]
+        return place(shape, sharding, lambda index: read_param_part(src, kind, shape, index, dtype), on_shard)
 
     return jax.tree_util.tree_map_with_path(build, abstract, shardings)
 
@@ -115,4 +105,39 @@ def place(shape, sharding, part: Callable, on_shard: Callable | None = None) -> 
             on_shard(shard.nbytes)
         arrays.append(shard)
     data = None
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def place_layers(shape, sharding, layer_source: Callable, dtype, on_shard: Callable | None = None) -> jax.Array:
+    """A global array of stacked layers [L, ...], each layer's tensor (`layer_source(layer)`: (source, kind)) read
+    once and cut for every device of this host that holds part of it; each distinct shard is staged on the host
+    whole, placed on its devices and dropped. Reading each device's part on its own read a layer's every page once per
+    device (its columns are strided): 8 simulated devices took 10 minutes over llama2-7b once its files outgrew the
+    page cache. The staging is this host's share of one stacked tensor (the first ones built are the largest)."""
+    shape, inner = tuple(shape), tuple(shape[1:])
+    shards = {}  # distinct shard -> (its index beyond the layer axis, its layers, its devices, host array)
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+        layers = list(range(shape[0])[index[0]])
+        key = (_key(index[1:], inner), tuple(layers))
+        if key not in shards:
+            part = tuple(len(range(*s.indices(n))) for s, n in zip(index[1:], inner))
+            shards[key] = (index[1:], layers, [], np.empty((len(layers),) + part, dtype))
+        shards[key][2].append(device)
+    for layer in range(shape[0]):
+        src, kind = layer_source(layer)
+        whole = to_param(kind, src.load(), inner)  # one read: its pages stay cached while every part is cut
+        for index, layers, _, host in shards.values():
+            if layer in layers:
+                host[layers.index(layer)] = whole[index]
+        whole = None
+    placed = {}
+    for key in list(shards):
+        _, _, devices, host = shards.pop(key)
+        for device in devices:
+            placed[device] = jax.device_put(host, device).block_until_ready()
+            if on_shard:
+                on_shard(placed[device].nbytes)
+        host = None
+    arrays = [placed[d] for d in sharding.addressable_devices_indices_map(shape)]
     return jax.make_array_from_single_device_arrays(shape, sharding, arrays)

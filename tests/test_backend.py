@@ -51,8 +51,9 @@ def test_float32_cpu_programs_get_eigen_dots_where_they_measured_faster_and_bf16
     monkeypatch.setattr(backend, "cpu_flags", lambda: flags)
     backend.float32_cpu_dot_options.cache_clear()
     try:
-        assert backend.compiler_options("float32") == (backend.EIGEN_DOTS if eigen else {})
-        assert backend.compiler_options("bfloat16") == {}
+        slices = backend.BF16_SLICES  # every CPU program
+        assert backend.compiler_options("float32") == {**slices, **(backend.EIGEN_DOTS if eigen else {})}
+        assert backend.compiler_options("bfloat16") == slices
     finally:
         backend.float32_cpu_dot_options.cache_clear()
 
@@ -77,3 +78,27 @@ def test_jit_by_config_counts_the_signatures_it_compiled():
     scaled(config.replace(hidden_size=8, head_dim=8), jnp.ones(5))
     assert scaled.cache_size() == 3
     assert backend.jit_cache_size(lambda x: x) == 0  # not a jitted function: nothing compiled
+
+
+def test_a_bf16_forward_holds_no_float32_copy_of_its_layers():
+    """XLA:CPU's float normalization converted the whole scanned stack of bf16 weights to float32 ahead of the loop
+    (twice the weights in every forward); with backend.BF16_SLICES (in every CPU program's options) each layer is
+    sliced in bf16: the compiled forward's temporaries stay below the stack's own bf16 size."""
+    import jax
+    import jax.numpy as jnp
+
+    from streamline_jax.models import transformer
+    from streamline_jax.models.config import ModelConfig
+
+    config = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_size=128, intermediate_size=512,
+                         num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32, max_position_embeddings=64,
+                         dtype="bfloat16", compute_dtype="bfloat16")
+    params = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), transformer.abstract_params(config))
+    stack = sum(a.nbytes for a in jax.tree.leaves(params["segments"]))
+    ids = jnp.zeros((1, 4), jnp.int32)
+
+    def logits(params, ids):
+        return transformer.apply(config, params, ids)["logits"]
+
+    compiled = backend.jit_for("bfloat16", logits).lower(params, ids).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < stack

@@ -71,3 +71,12 @@ def test_random_weights_are_written_in_the_preset_shapes_one_block_at_a_time():
     assert [b.shape for b in blocks] == [(3, 4), (3, 4), (3, 4), (1, 4)] and str(blocks[0].dtype) == "bfloat16"
     assert np.all(np.concatenate(list(rehearse_scale.random_rows("model.norm.weight", (8,)))).astype(float) == 1)
     assert rehearse_scale.plan_shards(shapes, 20) == [["model.norm.weight"], ["model.embed_tokens.weight"]]
+
+
+def test_batches_hold_one_sequence_per_fsdp_device_and_each_phase_checkpoints_once():
+    """Tensor devices each hold the whole batch's activations (host memory, on simulated devices): the batch is the
+    fsdp size. One training checkpoint per phase: a 7B's holds 3 GiB of float32 state, two per phase were 12 GiB."""
+    args = rehearse_scale.make_parser().parse_args(["--preset", "llama2-7b", "--devices", "8"])
+    tensor8 = rehearse_scale.run_overrides(args, Path("/m"), 1, 8)
+    assert {"data.batch_size=1", "data.train_chunks=2", "train.checkpoint_every=2", "mesh.tensor=8"} <= set(tensor8)
+    assert "data.batch_size=8" in rehearse_scale.run_overrides(args, Path("/m"), 8, 1)

@@ -334,8 +334,10 @@ def _run_program(program: TrainingProgram, dense_model: Model, pruned_model: Mod
             valid = pairs
             eval_step = cached_mse_eval_step(program, dense_model.config, pruned_model.config, block,
                                              options.mse_weighting)
-    # the best parameters are a copy: the train step donates the trained ones
-    state = LoopState(trained, _placed(program.tx.init(trained), program.arguments[1]), _kept(trained))
+    # the best parameters are a copy (the train step donates the trained ones); without validation they are the
+    # trained ones, set after each step: a copy would hold a second float32 block through the first step
+    best = _kept(trained) if valid is not None else trained
+    state = LoopState(trained, _placed(program.tx.init(trained), program.arguments[1]), best)
     checkpoints.restore(state)
     first = data.first
     tokens_per_batch = int(np.sum(np.asarray(first.get("attention_mask", np.ones_like(first["input_ids"])))))
