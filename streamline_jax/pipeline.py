@@ -13,32 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_atomic
-from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, SELF_DATA, SPAN_HEAL, TRAIN_CHECKPOINT,
-                         finish_out, folder_lock, mark_holder, prepare_out, staging_folder)
+from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, SPAN_HEAL, TRAIN_CHECKPOINT,
+                         check_trained_spans, finish_out, folder_lock, mark_holder, prepare_out,
+                         staging_folder)
 from .run_inputs import Inputs, check_inputs, data_path
 from .settings import STAGES, ConfigError, RunConfig, check_against_model
+from .stage_batches import (SELF_PAIR_CACHE, distillation_batches, model_stamp, training_batches,
+                            validation_batches)
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Data: re-iterable batch streams over a text source
-
-
-class ChunkBatches:
-    """Batches of `count` chunks of `seq_len` tokens after the first `skip`, re-read on every iteration (train.py
-    iterates once to count and once per epoch). Incomplete batches are dropped, so every step has one shape."""
-
-    def __init__(self, source, tokenizer, seq_len: int, skip: int, count: int, batch_size: int):
-        self.source, self.tokenizer = source, tokenizer
-        self.seq_len, self.skip, self.count, self.batch_size = seq_len, skip, count, batch_size
-
-    def __iter__(self):
-        from . import data
-
-        chunks = data.token_chunks(self.source, self.tokenizer, self.seq_len)
-        train = data.split_chunks(chunks, 0, self.count, self.skip).train
-        return data.batches(train, self.batch_size, drop_last=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -215,25 +198,6 @@ def calibration_batches(c: RunConfig, dense, calib_source, shared: SharedWork | 
     return batches
 
 
-def training_batches(c: RunConfig, tokenizer, inputs: Inputs, count: int | None = None) -> ChunkBatches:
-    """The first `count` training chunks (null: data.train_chunks) in batches, after the calibration chunks where
-    both come from one source."""
-    skip = c.data.calib_chunks if inputs.train_source is inputs.calib_source else 0
-    return ChunkBatches(inputs.train_source, tokenizer, c.data.seq_len, skip, count or c.data.train_chunks,
-                        c.data.batch_size)
-
-
-def validation_batches(c: RunConfig, tokenizer, valid_source) -> list | None:
-    """The validation chunks in batches (token ids only: small), or None without data.valid or valid_chunks."""
-    from . import data
-
-    if valid_source is None or not c.data.valid_chunks:
-        return None
-    chunks = data.split_chunks(data.token_chunks(valid_source, tokenizer, c.data.seq_len), c.data.valid_chunks,
-                               what=f"validation (data.valid {c.data.valid})").calib
-    return list(data.batches(chunks, c.data.batch_size))
-
-
 def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
     """The dense model on its mesh, with the compute dtype resolved; (model, its part of the report)."""
     from .backend import resolve_compute_dtype
@@ -368,33 +332,6 @@ def prune_stage(c: RunConfig, dense, choices, calib_source, shared: SharedWork |
     return dense, pruned, parts
 
 
-TRAINED_SPANS = "spans.json"  # in train_checkpoint/: the spans its blocks replace and the data that chose them
-
-
-def check_trained_spans(c: RunConfig, pruned, out: Path, resume: bool) -> None:
-    """Record the spans training starts on; a resume that chose other spans is refused saying why they moved."""
-    from .cache import path_stamp
-    from .distributed import main_only
-
-    calibration = data_path(c.data.calibration)
-    now = {"spans": [list(s) for s in pruned.config.pruned_spans], "calibration": path_stamp(calibration)}
-    path = out / TRAIN_CHECKPOINT / TRAINED_SPANS
-    saved = json.loads(path.read_text()) if resume and path.is_file() else None
-    if saved is None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        main_only(write_atomic)(path, json.dumps(now))
-    elif saved["spans"] != now["spans"]:
-        why = (f"the calibration data ({calibration}) changed since the run stopped"
-               if saved["calibration"] != now["calibration"] else "the calibration data is unchanged")
-        raise ConfigError(f"{out}: the chosen span moved from {_spans_text(saved['spans'])} to "
-                          f"{_spans_text(now['spans'])}: {why}, so its training checkpoint is of another span. "
-                          f"Restore the data to continue the run, or pass --overwrite to start again on this data")
-
-
-def _spans_text(spans) -> str:
-    return ", ".join(f"layers [{start}, {start + length}) -> {kind}" for start, length, kind in spans)
-
-
 def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: bool, progress: bool,
                 preset: str | None = None, target: str | None = None):
     """The replacement block trained on the training stage's layout (configs/meshes.yaml: `mse` for mode mse, `lm`
@@ -450,41 +387,6 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
                     **ran_on}
 
 
-SELF_PAIR_CACHE = "self_data"  # in pair_cache/: the span's pairs of the self-data chunks
-
-
-def distillation_batches(c: RunConfig, dense, inputs: Inputs, out: Path, train_batches):
-    """(batches, chunk count, what was generated or None) of the distillation phase: the training chunks, or with
-    data.distill_text=self, chunks of the dense model's own answers (self_data; cached in `out`, resumable)."""
-    from . import self_data
-
-    d, t = c.data, c.train
-    if d.distill_text != "self":
-        return train_batches, d.train_chunks, None
-    chunks = d.self_chunks or t.distill_steps * t.grad_accum * d.batch_size
-    if d.self_prompts:
-        prompts, prompt_source = self_data.read_prompts(data_path(d.self_prompts)), data_path(d.self_prompts)
-    else:
-        prompts = self_data.CorpusPrompts(inputs.train_source)
-        prompt_source = [data_path(d.train or d.calibration), d.text_field, d.shuffle_buffer, d.shuffle_seed,
-                         self_data.PROMPT_WORDS]
-    sampling = self_data.Sampling(d.self_max_new_tokens, d.self_temperature, d.self_top_p, d.self_batch_size,
-                                  t.seed)
-    key = self_data.cache_key(model=model_stamp(c), dtype=dense.config.dtype,
-                              compute_dtype=dense.config.compute_dtype, prompts=_stamp(prompt_source),
-                              sampling=dataclasses.asdict(sampling))
-    made = self_data.self_texts(dense, prompts, out / SELF_DATA, chunks * d.seq_len, sampling, key)
-    batches = ChunkBatches(made.texts, dense.tokenizer, d.seq_len, 0, chunks, d.batch_size)
-    return (list(batches) if t.shuffle else batches), chunks, {**made.info, "chunks": chunks}
-
-
-def _stamp(source):
-    """A prompts file's or corpus's path stamp (cache.path_stamp), with the settings beside it as they are."""
-    from .cache import path_stamp
-
-    return path_stamp(source) if isinstance(source, str) else [path_stamp(source[0]), *source[1:]]
-
-
 def _on_training_layout(c: RunConfig, stage: str, dense, pruned, preset: str | None, target: str | None):
     """(dense, pruned, remat policy, layout name) for training on `stage`'s layout ("mse" or "lm"): the models
     re-sharded onto its mesh where that differs from theirs; as they are without a meshes.yaml target."""
@@ -515,14 +417,6 @@ def dense_evaluation_key(c: RunConfig, dense, tasks) -> str:
                              compute_dtype=dense.config.compute_dtype, tasks=tasks, task_files=task_files,
                              limit=e.limit, ppl_windows=e.ppl_windows, batch_size=e.batch_size,
                              devices=_device_kind())
-
-
-def model_stamp(c: RunConfig):
-    """What the model's files are (cache.path_stamp of what model.source resolves to), for the caches' keys."""
-    from .cache import path_stamp
-    from .loading import resolve_source
-
-    return path_stamp(resolve_source(c.model.source)[1])
 
 
 def _device_kind() -> str:

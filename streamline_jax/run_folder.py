@@ -4,6 +4,7 @@ the lock, the record of a failure, and the check that a resumed run has the same
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -240,3 +241,29 @@ def mark_holder(folder: Path) -> None:
     write_atomic(folder / LOCK, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}\n")
 
 
+TRAINED_SPANS = "spans.json"  # in train_checkpoint/: the spans its blocks replace and the data that chose them
+
+
+def check_trained_spans(c: RunConfig, pruned, out: Path, resume: bool) -> None:
+    """Record the spans training starts on; a resume that chose other spans is refused saying why they moved."""
+    from .cache import path_stamp
+    from .distributed import main_only
+    from .run_inputs import data_path
+
+    calibration = data_path(c.data.calibration)
+    now = {"spans": [list(s) for s in pruned.config.pruned_spans], "calibration": path_stamp(calibration)}
+    path = out / TRAIN_CHECKPOINT / TRAINED_SPANS
+    saved = json.loads(path.read_text()) if resume and path.is_file() else None
+    if saved is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        main_only(write_atomic)(path, json.dumps(now))
+    elif saved["spans"] != now["spans"]:
+        why = (f"the calibration data ({calibration}) changed since the run stopped"
+               if saved["calibration"] != now["calibration"] else "the calibration data is unchanged")
+        raise ConfigError(f"{out}: the chosen span moved from {_spans_text(saved['spans'])} to "
+                          f"{_spans_text(now['spans'])}: {why}, so its training checkpoint is of another span. "
+                          f"Restore the data to continue the run, or pass --overwrite to start again on this data")
+
+
+def _spans_text(spans) -> str:
+    return ", ".join(f"layers [{start}, {start + length}) -> {kind}" for start, length, kind in spans)
