@@ -268,6 +268,8 @@ COMMANDS: dict[str, Run] = {
         "parse", "tests/test_bench_device.py runs it at tiny shapes with its figures checked"),
     "python scripts/rehearse_scale.py --preset llama2-7b --devices 8": Run(
         "parse", "a 7B model in 17 GB of memory for many minutes; tests/test_rehearse_scale.py runs it tiny"),
+    "python scripts/rehearse_scale.py --preset llama2-7b --devices 8 --batch 1 --set 'train.distill_trainable=[block]'":
+        Run("parse", "llama2-7b end to end: 20 GB of memory, 11 minutes; tests/test_rehearse_scale.py runs it tiny"),
     "python scripts/rehearse_scale.py --preset qwen2.5-7b --devices 8": Run(
         "parse", "a 7B model in 19 GB of memory for many minutes; tests/test_rehearse_scale.py runs it tiny"),
 }
