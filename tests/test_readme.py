@@ -77,7 +77,7 @@ TINY_RUN = ("--quiet", "model.source={llama}", "model.architecture=null", "model
 # the default run evaluates and samples; the others need not again
 TINY_QUICK = TINY_RUN + ("eval.tasks=[]", "samples.prompts=[]")
 DEFAULT_RUN = "python -m streamline_jax.run"
-SELF_DATA_RUN = ("python -m streamline_jax.run --out /tmp/47s-a --quiet --stages score,prune,train,evaluate,save "
+SELF_DATA_RUN = ("python -m streamline_jax.run --out runs/47s-a --quiet --stages score,prune,train,evaluate,save "
                  "model.dtype=bfloat16 data.seq_len=256 data.batch_size=4 data.train_chunks=96 train.epochs=2 "
                  "train.distill_steps=16 eval.limit=200 eval.ppl_windows=16 eval.batch_size=4 export.hf=false "
                  "export.gguf=false")
@@ -145,13 +145,13 @@ COMMANDS: dict[str, Run] = {
     "train.epochs=2 train.distill_steps=8 eval.limit=200 eval.ppl_windows=16 eval.batch_size=4 score.metric=heal": Run(
         "parse", "the real model: 23 minutes on a shared CPU; tests/test_span_heal.py heals on the tiny model"),
     # docs/results.md: the closed-form start of the `layer` block (issue 47, item 3)
-    "python -m streamline_jax.run --out /tmp/47c/zero --stages score,prune,evaluate --sweep prune.init=default,linear "
+    "python -m streamline_jax.run --out runs/47c-zero --stages score,prune,evaluate --sweep prune.init=default,linear "
     "data.calib_chunks=32 data.batch_size=2 eval.batch_size=4 eval.limit=200 eval.ppl_windows=16": Run(
         "parse", "two points on the real model: 16 minutes; tests/test_run.py fits a layer block on the tiny one"),
-    "python -m streamline_jax.run --out /tmp/47c/zero-uniform --stages score,prune,evaluate prune.init=linear "
+    "python -m streamline_jax.run --out runs/47c-zero-uniform --stages score,prune,evaluate prune.init=linear "
     "prune.fit_weighting=uniform data.calib_chunks=32 data.batch_size=2 eval.batch_size=4 eval.limit=200 "
     "eval.ppl_windows=16": Run("parse", "the real model: 18 minutes"),
-    "python -m streamline_jax.run --out /tmp/47c/trained --stages score,prune,train,evaluate --sweep "
+    "python -m streamline_jax.run --out runs/47c-trained --stages score,prune,train,evaluate --sweep "
     "prune.init=default,linear prune.fit_weighting=uniform data.calib_chunks=32 data.batch_size=4 eval.batch_size=4 "
     "data.train_chunks=96 train.epochs=2 train.distill_steps=8 eval.limit=200 eval.ppl_windows=16": Run(
         "parse", "two trained points on the real model: an hour"),
@@ -208,7 +208,7 @@ COMMANDS: dict[str, Run] = {
     "[--log-every 4]": PARSE_BENCH,
     "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--top-k 64] "
     "[--losses kd,kd_cached,kd_cached_topk,kd_autodiff,lm,mse_cached]": PARSE_BENCH,
-    "python -m streamline_jax.run --out /tmp/47k-a --stages score,prune,train,evaluate data.train_chunks=96 "
+    "python -m streamline_jax.run --out runs/47k-a --stages score,prune,train,evaluate data.train_chunks=96 "
     "train.epochs=2 train.distill_steps=8 eval.limit=200 eval.ppl_windows=16 model.dtype=bfloat16 "
     "data.batch_size=4 eval.batch_size=8 samples.prompts=[]": Run("parse", "two real-model runs: 25 minutes"),
     "python scripts/bench_backward.py --batch 2 --weights bfloat16 --kd-chunk-tokens 256 "
@@ -237,7 +237,7 @@ COMMANDS: dict[str, Run] = {
     "python scripts/span_pair_stats.py runs/p1/pairs_11_8/valid": Run("parse", "reads a pair cache p1_protocol makes"),
     # docs/results.md: the model's own data (issue 47 item 2), the corpus and the self-data runs
     SELF_DATA_RUN: Run("parse", "20 minutes on the real model"),
-    SELF_DATA_RUN.replace("/tmp/47s-a", "/tmp/47s-b") + " data.distill_text=self": Run(
+    SELF_DATA_RUN.replace("runs/47s-a", "runs/47s-b") + " data.distill_text=self": Run(
         "parse", "20 minutes on the real model, a third of them generating"),
     "streamline-jax-convert smollm2-135m /tmp/smollm2-orbax": Run(
         "parse", "20 s to write the 135M model; the README's convert command runs the same code on a tiny one"),
