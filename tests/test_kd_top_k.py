@@ -192,7 +192,7 @@ def test_top_k_cache_that_does_not_fit_the_disk_is_refused_before_any_teacher_ru
     with pytest.raises(TrainingError, match=r"teacher's top-k cache needs 0\.00 GiB in .*teacher_top8_t2 "
                                             r"\(16 sequences x 16 tokens x 8 .*0\.00 GiB free") as e:
         train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs", kd_top_k=8, **KD)
-    assert "train.pair_cache=false" in str(e.value) and not calls
+    assert "set train.kd_top_k=0" in str(e.value) and "pair_cache=false" not in str(e.value) and not calls
     assert not (tmp_path / "pairs" / "teacher_top8_t2").exists()
     assert json.loads((tmp_path / "pairs" / "complete.json").read_text())["rows"] == 16  # the pairs stay
 

@@ -45,14 +45,14 @@ class _ArrayFolder:
         marker = self.path / "complete.json"
         return json.loads(marker.read_text()) if marker.exists() else None
 
-    def _check_free(self, need: int, what: str, detail: str) -> None:
-        """A clear error (and the folder removed) before anything is computed when its disk lacks `need` bytes."""
+    def _check_free(self, need: int, what: str, detail: str, remedy: str = "train.pair_cache=false") -> None:
+        """A clear error (and the folder removed) before anything is computed when its disk lacks `need` bytes;
+        `remedy`: the setting that does without this folder."""
         free = shutil.disk_usage(self.path).free
         if need > free:
             shutil.rmtree(self.path, ignore_errors=True)
             raise TrainingError(f"the {what} needs {need / 1024 ** 3:.2f} GiB in {self.path} ({detail}), and its "
-                                f"disk has {free / 1024 ** 3:.2f} GiB free: free some space, or set "
-                                f"train.pair_cache=false")
+                                f"disk has {free / 1024 ** 3:.2f} GiB free: free some space, or set {remedy}")
 
 
 class SpanPairCache(_ArrayFolder):
@@ -179,7 +179,8 @@ class TeacherTopKCache(_ArrayFolder):
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
         self._check_free(len(todo) * t * (8 * k + 4), "teacher's top-k cache",
-                         f"{len(todo)} sequences x {t} tokens x {k} float32 log-probabilities and int32 ids")
+                         f"{len(todo)} sequences x {t} tokens x {k} float32 log-probabilities and int32 ids",
+                         "train.kd_top_k=0 (the full KL from the span pairs; kd_top_k needs the pair cache)")
         arrays = {"top_logp": self._create("top_logp", (n, t, k), ts.float32, [b, t, k]),
                   "top_ids": self._create("top_ids", (n, t, k), ts.int32, [b, t, k]),
                   "tail_logp": self._create("tail_logp", (n, t), ts.float32, [b, t])}
