@@ -220,8 +220,10 @@ def save_params(path, params) -> None:
     """Save a (sharded) parameter tree with Orbax; every process calls it and writes its own shards."""
     import orbax.checkpoint as ocp
 
+    from .host_memory import save_concurrent_gb
+
     path = Path(path).absolute()
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer(save_concurrent_gb=save_concurrent_gb(params)) as ckptr:
         ckptr.save(path, params)
         ckptr.wait_until_finished()
     barrier(f"save_params:{path}")

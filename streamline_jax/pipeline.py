@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_atomic
+from .host_memory import fit_allocator_to, release_host_memory
 from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, SPAN_HEAL, TRAIN_CHECKPOINT,
                          check_trained_spans, finish_out, folder_lock, mark_holder, prepare_out,
                          staging_folder)
@@ -40,6 +41,7 @@ def stage(name: str, times: StageTimes):
     times.current = name
     start = time.perf_counter()
     yield
+    release_host_memory()  # what the stage freed goes back to the system before the next one allocates
     times[name] = times.get(name, 0.0) + time.perf_counter() - start
     log.info("[%s] done in %.1f s", name, times[name])
 
@@ -200,6 +202,9 @@ def calibration_batches(c: RunConfig, dense, calib_source, shared: SharedWork | 
 
 def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
     """The dense model on its mesh, with the compute dtype resolved; (model, its part of the report)."""
+    import jax
+    import jax.numpy as jnp
+
     from .backend import resolve_compute_dtype
     from .loading import load
     from .models.model import with_compute_dtype
@@ -220,6 +225,7 @@ def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
         dense = with_compute_dtype(dense, compute)
         log.info("%s: %d layers, %s parameters, %s weights, %s products (%s)", c.model.source, dense.config.depth,
                  f"{dense.num_params:,}", dense.config.dtype, compute, why)
+        fit_allocator_to(dense.num_params * jnp.dtype(dense.config.dtype).itemsize, jax.default_backend())
         if shared is not None:
             shared.models = {key: (dense, why)}  # one model at a time: a sweep over models frees the last
     compute = dense.config.compute_dtype
@@ -595,8 +601,12 @@ def _run(ctx: RunContext) -> dict:
                                              c.samples.max_new_tokens)
     outputs = {}
     if "save" in stages:
+        params_before = dense.num_params
+        if owns_dense:  # the dense model's own layers (the cut span's) are not written: freed before the save
+            shared.models, dense = {}, None
+            release_host_memory()
         with stage("save", times):
-            outputs = save_stage(c, pruned, out, inputs, dense.num_params)
+            outputs = save_stage(c, pruned, out, inputs, params_before)
     report["outputs"] = outputs
     report["skipped_records"] = inputs.skipped_records()
     times["total"] = time.perf_counter() - ctx.started

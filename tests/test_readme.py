@@ -204,6 +204,7 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_load.py [--layers 4] [--devices 8] [--mesh 1,8,1] [--keep DIR]": PARSE_BENCH,
     "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2] "
     "[--compute-dtype auto]": PARSE_BENCH,
+    "python scripts/bench_train.py --counts none --speed-steps 12 --mode mse": PARSE_BENCH,
     "python scripts/bench_train.py [--mode mse|lm|kd] [--seq 64] [--counts 1000,4000|none] [--speed-steps 16] "
     "[--log-every 4]": PARSE_BENCH,
     "python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--top-k 64] "
@@ -269,7 +270,13 @@ COMMANDS: dict[str, Run] = {
     "python scripts/rehearse_scale.py --preset llama2-7b --devices 8": Run(
         "parse", "a 7B model in 17 GB of memory for many minutes; tests/test_rehearse_scale.py runs it tiny"),
     "python scripts/rehearse_scale.py --preset llama2-7b --devices 8 --batch 1 --set 'train.distill_trainable=[block]'":
-        Run("parse", "llama2-7b end to end: 20 GB of memory, 11 minutes; tests/test_rehearse_scale.py runs it tiny"),
+        Run("parse", "llama2-7b end to end: 17 GB of memory, 7 minutes; tests/test_rehearse_scale.py runs it tiny"),
+    "python scripts/rehearse_scale.py --config-json runs/mem/l7b4.json --devices 8 --batch 1 --set "
+    "'train.distill_trainable=[block]'": Run(
+        "parse", "4 llama2-7b layers: 6 GB of memory, 2 minutes; tests/test_rehearse_scale.py runs it tiny"),
+    "python scripts/rehearse_scale.py --preset qwen2.5-7b --devices 4 --restore-devices 2 --set "
+    "'train.distill_trainable=[block]'": Run(
+        "parse", "qwen2.5-7b end to end: 20 GB of memory, 8 minutes; tests/test_rehearse_scale.py runs it tiny"),
     "python scripts/rehearse_scale.py --preset qwen2.5-7b --devices 8": Run(
         "parse", "a 7B model in 19 GB of memory for many minutes; tests/test_rehearse_scale.py runs it tiny"),
 }

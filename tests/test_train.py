@@ -110,7 +110,7 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path, free
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_without_validation_the_first_step_holds_no_copy_of_the_block_and_resume_still_matches(tmp_path):
+def test_without_validation_no_copy_of_the_block_is_held_or_written_and_resume_still_matches(tmp_path):
     """Without validation the best parameters are the trained ones: a copy of the float32 block beside them held one
     more block through the first step (0.75 GiB at 7B). Live float32 bytes before the first step: the trained block
     and Adam's two moments. An interrupted run still resumes to the uninterrupted one's parameters."""
@@ -136,6 +136,9 @@ def test_without_validation_the_first_step_holds_no_copy_of_the_block_and_resume
     finally:
         loop.LOOP_HOOK = None
     assert 3 * block <= seen[0] < 4 * block, (seen, block)
+    # nor does the checkpoint write the block twice (as `best` beside `trained`)
+    written = [p.read_text() for p in (tmp_path / "a").glob("*/state/_METADATA")]
+    assert written and all('"trained"' in m and '"best"' not in m for m in written)
 
     def interrupt(step, loss):
         if step == 3:

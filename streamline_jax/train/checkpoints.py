@@ -8,15 +8,21 @@ from pathlib import Path
 
 import numpy as np
 
+from ..host_memory import release_host_memory, save_concurrent_gb
+
 
 class TrainingError(RuntimeError):
     pass
 
 
-def checkpoint_manager(directory, keep=2):
+def checkpoint_manager(directory, keep=2, state=None):
+    """An Orbax manager of training checkpoints in `directory`; `state`: what it will save (arrays, or
+    ShapeDtypeStructs with their shardings), which sets how much Orbax writes at once (`save_concurrent_gb`)."""
     import orbax.checkpoint as ocp
 
-    return ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep))
+    state = ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb(state))
+    return ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep),
+                                 item_handlers={"state": state, "history": ocp.JsonCheckpointHandler()})
 
 
 def _save(manager, step, state, history):
@@ -59,17 +65,22 @@ class LoopState:
                                                                "best_valid": None, "wall_s": 0.0})
 
     def arrays(self) -> dict:
-        return {"trained": self.trained, "opt_state": self.opt_state, "best": self.best,
-                "micro": np.asarray(self.micro, np.int64)}
+        """The arrays a checkpoint holds; `best` only where it is not the trained parameters themselves (training
+        without validation), which would write the block twice."""
+        arrays = {"trained": self.trained, "opt_state": self.opt_state, "micro": np.asarray(self.micro, np.int64)}
+        if self.best is not self.trained:
+            arrays["best"] = self.best
+        return arrays
 
 
 class Checkpoints:
     """The loop state's Orbax checkpoints in `directory` (none without a directory). A directory that already holds
-    one is refused unless `resume`."""
+    one is refused unless `resume`. `state`: the arrays it will save (or their ShapeDtypeStructs), for Orbax's write
+    limit (`checkpoint_manager`)."""
 
-    def __init__(self, directory, resume: bool):
+    def __init__(self, directory, resume: bool, state=None):
         self.directory, self.resume = directory, resume
-        self.manager = checkpoint_manager(directory) if directory else None
+        self.manager = checkpoint_manager(directory, state=state) if directory else None
         self.last_good = self.manager.latest_step() if self.manager is not None else None
         if self.last_good is not None and not resume:
             raise TrainingError(f"{directory} already holds a training checkpoint (step {self.last_good}); "
@@ -82,7 +93,8 @@ class Checkpoints:
         restored = _restore(self.manager, state.arrays())
         if restored is not None:
             arrays, state.history = restored
-            state.trained, state.opt_state, state.best = arrays["trained"], arrays["opt_state"], arrays["best"]
+            state.trained, state.opt_state = arrays["trained"], arrays["opt_state"]
+            state.best = arrays.get("best", state.trained)
             state.micro = int(arrays["micro"])
 
     def save(self, step, state: LoopState) -> None:
@@ -90,6 +102,7 @@ class Checkpoints:
             return
         if self.manager.latest_step() != step:
             _save(self.manager, step, state.arrays(), state.history)
+            release_host_memory()  # Orbax's host copies of what it wrote
         self.last_good = step
 
     def where(self) -> str:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..files import write_atomic
+from ..host_memory import release_host_memory
 from ..interrupts import deferred_interrupts
 from ..models.model import Model, with_compute_dtype
 from ..sharding import place_batch
@@ -301,12 +302,13 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     loss_name = options.mode if pair_cache is None else f"{options.mode}_cached"
     program = build_program(options, dense_model.config, pruned_model.config, block, data.num_steps,
                             loss_name=loss_name, params=pruned_model.params, remat=remat, mesh=pruned_model.mesh)
-    checkpoints = Checkpoints(checkpoint_dir, resume)
+    checkpoints = Checkpoints(checkpoint_dir, resume, state=program.arguments[:2])
     if pair_cache is not None and not (resume and (checkpoints.last_good or 0) >= data.num_steps):
         _read_from_pair_cache(data, pair_cache, dense_model, block, progress, top_k,
                               options.grad_accum)  # a finished training reads no pairs
     best, frozen_params, history = _run_program(program, dense_model, pruned_model, block, data, checkpoints, options,
                                                 on_step=on_step, progress=progress)
+    release_host_memory()  # the optimizer state, gradients and step buffers, before the next phase allocates
     trained = pruned_model.replace(config=result_config, params=merge_params(best, frozen_params))
     if top_k:  # what the run's report says the distillation read
         history["teacher"] = {"top_k": top_k[0], "temperature": top_k[1], "cache": str(

@@ -8,6 +8,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ..backend import jit_for
 from ..models import transformer
@@ -366,8 +367,26 @@ def top_k_distillation_loss(student_config, student_params, student_h, teacher_t
                                                                                 ce_weight), chunk_loss)
 
 
+def vocab_split_heads(params: dict, mesh) -> dict:
+    """What the LM head reads of `params` (`HEAD_KEYS`), its vocabulary matrix (`lm_head` [embed, vocab], or the tied
+    `embed_tokens` [vocab, embed]) resharded once per step with the vocabulary split over the fsdp and tensor axes
+    together and the embedding dimension whole. FSDP shards the embedding dimension, so the chunk loops of the
+    distillation losses gathered the whole matrix on every device, in every chunk, for the teacher, the student and
+    the student's input gradient: qwen2.5-7b (a 152k vocabulary) on 2 fsdp x 4 tensor devices held three 260 MiB
+    gathered copies per device at once. Resharded, each device holds its 1/8 of the vocabulary (130 MiB) and the
+    chunk's logits are split the same way (their softmax sums reduce across devices). As they are without a mesh or
+    with one fsdp device (the vocabulary is already split over all the others)."""
+    heads = {k: params[k] for k in HEAD_KEYS if k in params}
+    if mesh is None or mesh.shape.get("fsdp", 1) == 1:
+        return heads
+    split = ("fsdp", "tensor")
+    name, spec = ("lm_head", P(None, split)) if "lm_head" in heads else ("embed_tokens", P(split, None))
+    heads[name] = jax.lax.with_sharding_constraint(heads[name], NamedSharding(mesh, spec))
+    return heads
+
+
 def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, kd: Distillation,
-            weighting="uniform", remat="none"):
+            weighting="uniform", remat="none", mesh=None):
     """(1 - ce_weight) KL + ce_weight CE (+ hidden_weight x the mean hidden-state MSE), over real tokens. `remat`
     applies to the student's layers (the teacher's get no gradient)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -376,16 +395,18 @@ def kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block
         x, attn, positions = _dense_prefix(dense_config, dense_params, ids, mask, block.start)
         teacher = (jax.lax.stop_gradient(x), block.start)
         return _distill_from(teacher, teacher, trained, frozen, batch, attn, positions, dense_config=dense_config,
-                             pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat)
+                             pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat,
+                         mesh=mesh)
     attn, positions = transformer.causal_masks(dense_config, mask)
     teacher = (transformer.embed(dense_config, dense_params, ids, positions), 0)
     student = (transformer.embed(pruned_config, pruned, ids, positions), 0)
     return _distill_from(teacher, student, trained, frozen, batch, attn, positions, dense_config=dense_config,
-                         pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat)
+                         pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat,
+                         mesh=mesh)
 
 
 def cached_kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block: Block, kd: Distillation,
-                   weighting="uniform", remat="none"):
+                   weighting="uniform", remat="none", mesh=None):
     """`kd_loss` with the dense span's input and output read from a `SpanPairCache`: the teacher runs from the
     span's output, the student from the span's input where its prefix is the teacher's (else from its embeddings)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -395,11 +416,12 @@ def cached_kd_loss(trained, frozen, batch, *, dense_config, pruned_config, block
     student = ((batch["x_in"], block.start) if kd.shared_prefix
                else (transformer.embed(pruned_config, pruned, ids, positions), 0))
     return _distill_from(teacher, student, trained, frozen, batch, attn, positions, dense_config=dense_config,
-                         pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat)
+                         pruned_config=pruned_config, block=block, kd=kd, weighting=weighting, remat=remat,
+                         mesh=mesh)
 
 
 def _distill_from(teacher, student, trained, frozen, batch, attn, positions, *, dense_config, pruned_config,
-                  block: Block, kd: Distillation, weighting, remat):
+                  block: Block, kd: Distillation, weighting, remat, mesh=None):
     """KD's loss with the teacher's hidden state entering its (dense) layer number and the student's entering its
     original layer number (0 or the block's start): (hidden state, layer) each."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -427,13 +449,14 @@ def _distill_from(teacher, student, trained, frozen, batch, attn, positions, *, 
     kl_weight = ((1 - kd.ce_weight) * real / jnp.maximum(jnp.sum(real), 1.0)).reshape(-1)
     ce_weight = (kd.ce_weight * next_real / jnp.maximum(jnp.sum(next_real), 1.0)).reshape(-1)
     ce_weight = ce_weight if kd.ce_weight else None
+    student_heads = vocab_split_heads(pruned, mesh)
     if kd.top_k:
         teacher_top = tuple(batch[name].reshape((b * t,) + batch[name].shape[2:]) for name in TOP_K_ARRAYS)
-        loss = top_k_distillation_loss(pruned_config, pruned, h_s.reshape(b * t, -1), teacher_top,
+        loss = top_k_distillation_loss(pruned_config, student_heads, h_s.reshape(b * t, -1), teacher_top,
                                        labels.reshape(-1), kl_weight, ce_weight, kd.temperature)
     else:
-        flat = (dense_config, dense_params, pruned_config, pruned, h_t.reshape(b * t, -1), h_s.reshape(b * t, -1),
-                labels.reshape(-1), kl_weight)
+        flat = (dense_config, vocab_split_heads(dense_params, mesh), pruned_config, student_heads,
+                h_t.reshape(b * t, -1), h_s.reshape(b * t, -1), labels.reshape(-1), kl_weight)
         head_trains = any(k in trained for k in HEAD_KEYS)  # then autodiff through its recomputed logits
         loss = (distillation_loss_by_autodiff if head_trains else distillation_loss)(*flat, ce_weight,
                                                                                      kd.temperature)

@@ -116,7 +116,7 @@ def training_program(dense_config: ModelConfig, pruned_config: ModelConfig, bloc
         raise ValueError(f"unknown loss {loss_name!r}; expected one of {list(LOSSES)}")
     extra = {"weighting": mse_weighting} if loss_name != "lm" else {}
     loss_fn = bind_loss(LOSSES[loss_name], dense_config=dense_config, pruned_config=pruned_config, block=block,
-                       remat=remat, **extra, **({"kd": kd} if loss_name.startswith("kd") else {}))
+                       remat=remat, **extra, **({"kd": kd, "mesh": mesh} if loss_name.startswith("kd") else {}))
     scale_of = None
     if lr_beyond_block is not None and lr_beyond_block != lr:
         in_block, beyond = f"segments/{block.key}/", lr_beyond_block / lr
