@@ -84,16 +84,9 @@ def fit_allocator_to(weight_bytes: int, platform: str, host_bytes: int | None = 
 def save_concurrent_gb(tree) -> float:
     """Orbax's `save_concurrent_gb` for saving `tree` (arrays, or ShapeDtypeStructs with their shardings):
     SAVE_CONCURRENT_GB, or its largest device shard's size where that is larger."""
-    import math
-
-    import numpy as np
     from jax import tree_util
 
-    largest = 0
-    for leaf in tree_util.tree_leaves(tree):
-        shape = tuple(getattr(leaf, "shape", ()))
-        sharding = getattr(leaf, "sharding", None)
-        if sharding is not None:
-            shape = tuple(sharding.shard_shape(shape))
-        largest = max(largest, math.prod(shape) * np.dtype(leaf.dtype).itemsize)
+    from .sharding import shard_bytes
+
+    largest = max((shard_bytes(leaf) for leaf in tree_util.tree_leaves(tree)), default=0)
     return max(SAVE_CONCURRENT_GB, 1.01 * largest / 1e9)

@@ -35,7 +35,7 @@ from .pruning import prune_config
 from .evaluation import shared_prefix_logprobs
 from .score import score_sums
 from .mesh_layouts import STEP_LAYOUTS, StageLayout, Target, TopologyError, check_layout, layout_mesh
-from .sharding import ShardingError, param_shardings
+from .sharding import ShardingError, param_shardings, shard_bytes
 
 # Compile-only use of libtpu touches no chip, so several planning processes may load it at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -286,8 +286,7 @@ class MemoryPlan:
 
 def argument_bytes(args) -> int:
     """Bytes of one device's shards of abstract sharded arguments."""
-    return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(args)
-               if isinstance(a, jax.ShapeDtypeStruct))  # not the static config
+    return sum(shard_bytes(a) for a in jax.tree.leaves(args) if isinstance(a, jax.ShapeDtypeStruct))  # not the config
 
 
 def compile_plan(plan: StepPlan):

@@ -92,6 +92,15 @@ def shard_params(params, axes, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     return jax.tree.map(jax.device_put, params, shardings)
 
 
+def shard_bytes(leaf) -> int:
+    """Bytes of one device's shard of an array or ShapeDtypeStruct (the whole of it without a sharding)."""
+    shape = tuple(leaf.shape)
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is not None:
+        shape = tuple(sharding.shard_shape(shape))
+    return math.prod(shape) * np.dtype(leaf.dtype).itemsize
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, batch_size: int | None = None) -> NamedSharding:
     """Split the leading (batch) axis over data and fsdp; replicate if the batch does not divide."""
     parts = mesh.shape["data"] * mesh.shape["fsdp"]
