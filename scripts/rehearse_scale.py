@@ -188,7 +188,9 @@ def write_model_folder(folder: Path, config, shard_bytes: int) -> dict[str, tupl
 
 
 def device_env(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    """The run's environment: `devices` simulated CPU devices, and no results cache, so that every rehearsal
+    evaluates the dense and the pruned model together as a first run does (a cached dense evaluation halves it)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), STREAMLINE_JAX_RESULTS_CACHE="off")
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     return env
@@ -293,6 +295,12 @@ def run_pipeline(args, folder: Path, preset_yaml: Path | None, out: Path, mesh: 
             "stage_peak_rss_gib": peaks, "pair_cache": child["watch_peak"], "report": report}
 
 
+def offloaded_gib(report: dict) -> float:
+    """GiB of the dense span that training kept on disk while its steps ran (train.offload_span; 0: none)."""
+    training = report.get("training") or {}
+    return max(phase.get("offloaded", {}).get("gib", 0) for phase in (training, training.get("distill") or {}))
+
+
 COMPARE_TOKENS = 64
 
 
@@ -377,7 +385,7 @@ def rehearse(args) -> dict:
         ran = run_pipeline(args, folder, preset_yaml, out, mesh)
         result.update(peak_rss_gib=round(ran["peak_rss"] / GIB, 3), rss_ratio=round(ran["peak_rss"] / weights, 3),
                       stage_seconds=stage_seconds(ran["report"]), stage_peak_rss_gib=ran["stage_peak_rss_gib"],
-                      pair_cache_gib=round(ran["pair_cache"] / GIB, 4),
+                      pair_cache_gib=round(ran["pair_cache"] / GIB, 4), offloaded_gib=offloaded_gib(ran["report"]),
                       span=ran["report"].get("span"), pruned_params=ran["report"]["params"]["pruned"])
         restore_mesh = mesh_split(config, args.restore_devices, args.mesh)
         restored, restore_peak = model_logits(out / "model", args.restore_devices, restore_mesh[1],

@@ -74,10 +74,23 @@ def head_logprobs(config, params, hidden, targets, with_greedy=False):
 def shared_prefix_logprobs(config, params, input_ids, targets, attention_mask=None, segment_ids=None, positions=None,
                            shared_prefix_ids=None, *, shared, with_greedy=False):
     """`target_logprobs` of several models at once (`config`, `params`: a tuple, one per model) whose embeddings and
-    first `shared` layers are the same (`transformer.shared_prefix_depth`): those run once. A tuple, one per model."""
+    first `shared` layers are the same (`transformer.shared_prefix_depth`): those run once. A model whose parameters
+    lack the head's (`heads_once`) reads the first model's. A tuple, one per model."""
     hidden = transformer.apply_shared_prefix(config, params, shared, input_ids, attention_mask, positions,
                                              segment_ids=segment_ids, shared_prefix_ids=shared_prefix_ids)
-    return tuple(head_logprobs(c, p, h, targets, with_greedy=with_greedy) for c, p, h in zip(config, params, hidden))
+    first_head = {k: params[0][k] for k in transformer.HEAD_KEYS if k in params[0]}
+    return tuple(head_logprobs(c, {**first_head, **p}, h, targets, with_greedy=with_greedy)
+                 for c, p, h in zip(config, params, hidden))
+
+
+def heads_once(params: Sequence[dict], same=None) -> tuple:
+    """The parameters of models scored together by `shared_prefix_logprobs`, each later model's head leaves left
+    out where they are the first model's (`same(a, b)`; default: the very same arrays): the step then reads, and
+    with float32 products converts, that head once instead of once per model."""
+    same = same or (lambda a, b: a is b)
+    first = params[0]
+    return (first,) + tuple({k: v for k, v in p.items() if not (k in transformer.HEAD_KEYS and k in first and all(
+        same(a, b) for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(first[k]))))} for p in params[1:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +147,7 @@ def _run(group: ModelGroup, input_ids: np.ndarray, targets: np.ndarray, with_gre
         outs = [target_logprobs(m.config, m.params, **place_batch(m.mesh, arrays), with_greedy=with_greedy)
                 for m in models]
     else:
-        outs = shared_prefix_logprobs(tuple(m.config for m in models), tuple(m.params for m in models),
+        outs = shared_prefix_logprobs(tuple(m.config for m in models), heads_once([m.params for m in models]),
                                       **place_batch(models[0].mesh, arrays), shared=group.shared,
                                       with_greedy=with_greedy)
     if with_greedy:

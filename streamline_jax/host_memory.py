@@ -64,13 +64,20 @@ def host_memory_bytes() -> int | None:
         return None
 
 
+def weights_fill_host(weight_bytes: int, platform: str, host_bytes: int | None = None) -> bool:
+    """Whether memory is what limits the run: a CPU (whose devices' arrays are host memory) that the model's
+    weights fill by LARGE_MODEL_SHARE or more."""
+    host_bytes = host_memory_bytes() if host_bytes is None else host_bytes
+    return platform == "cpu" and bool(host_bytes) and weight_bytes >= LARGE_MODEL_SHARE * host_bytes
+
+
 def fit_allocator_to(weight_bytes: int, platform: str, host_bytes: int | None = None) -> bool:
-    """On a CPU whose host memory the model's weights fill by LARGE_MODEL_SHARE or more, fix glibc's mmap threshold
-    at 4 MiB, so that every larger buffer goes back to the system when freed (see the module's docstring). Left as
-    it is elsewhere, and where MALLOC_MMAP_THRESHOLD_ is set (the user's choice). True when it was set."""
+    """Where the weights fill the host (`weights_fill_host`), fix glibc's mmap threshold at 4 MiB, so that every
+    larger buffer goes back to the system when freed (see the module's docstring). Left as it is elsewhere, and
+    where MALLOC_MMAP_THRESHOLD_ is set (the user's choice). True when it was set."""
     host_bytes = host_memory_bytes() if host_bytes is None else host_bytes
     libc = _libc()
-    if (platform != "cpu" or not host_bytes or weight_bytes < LARGE_MODEL_SHARE * host_bytes or libc is None
+    if (not weights_fill_host(weight_bytes, platform, host_bytes) or libc is None
             or "MALLOC_MMAP_THRESHOLD_" in os.environ or not hasattr(libc, "mallopt")):
         return False
     if not libc.mallopt(M_MMAP_THRESHOLD, LARGE_MODEL_MMAP_THRESHOLD):

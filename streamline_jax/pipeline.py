@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_atomic
-from .host_memory import fit_allocator_to, release_host_memory
-from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, PAIR_CACHE, SPAN_HEAL, TRAIN_CHECKPOINT,
+from .host_memory import fit_allocator_to, release_host_memory, weights_fill_host
+from .run_folder import (DISTILL_CHECKPOINT, DONE, FAILED, OFFLOADED_SPAN, PAIR_CACHE, SPAN_HEAL, TRAIN_CHECKPOINT,
                          check_trained_spans, finish_out, folder_lock, mark_holder, prepare_out,
                          staging_folder)
 from .run_inputs import Inputs, check_inputs, data_path
@@ -203,7 +203,6 @@ def calibration_batches(c: RunConfig, dense, calib_source, shared: SharedWork | 
 def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
     """The dense model on its mesh, with the compute dtype resolved; (model, its part of the report)."""
     import jax
-    import jax.numpy as jnp
 
     from .backend import resolve_compute_dtype
     from .loading import load
@@ -225,7 +224,7 @@ def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
         dense = with_compute_dtype(dense, compute)
         log.info("%s: %d layers, %s parameters, %s weights, %s products (%s)", c.model.source, dense.config.depth,
                  f"{dense.num_params:,}", dense.config.dtype, compute, why)
-        fit_allocator_to(dense.num_params * jnp.dtype(dense.config.dtype).itemsize, jax.default_backend())
+        fit_allocator_to(dense.weight_bytes, jax.default_backend())
         if shared is not None:
             shared.models = {key: (dense, why)}  # one model at a time: a sweep over models frees the last
     compute = dense.config.compute_dtype
@@ -358,6 +357,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
         train_batches = list(train_batches)
     valid_batches = validation_batches(c, dense.tokenizer, inputs.valid_source)
     t = c.train
+    offload = out / OFFLOADED_SPAN if offloads_span(c, dense) else None
     blocks = trainable_blocks(pruned.config)
     histories = []
     subfolders = {b.key: "" if len(blocks) == 1 else b.key for b in blocks}  # one block: a single-span run's folders
@@ -366,7 +366,8 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
         pruned, history = train_replacement(
             dense, pruned, train_batches, t, valid_batches=valid_batches, checkpoint_dir=out / TRAIN_CHECKPOINT / sub,
             resume=resume, block_key=block.key, progress=progress, return_history=True, remat=remat,
-            pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode != "lm" else None)  # LM runs no span
+            pair_cache=out / PAIR_CACHE / sub if t.pair_cache and t.mode != "lm" else None,  # LM runs no span
+            offload_span=offload)
         histories.append({**history, "mode": t.mode, "block": block.key, "span": [block.start, block.length]})
     ran_on = {"layout": layout_name, "remat": remat}  # layout None: no meshes.yaml target (mesh.* settings)
     if t.distill_steps and not t.distils_after:
@@ -381,7 +382,8 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
             pruned, distilled = train_replacement(
                 dense, pruned, distill_batches, kd, valid_batches=valid_batches, block_key=block.key, remat=remat,
                 checkpoint_dir=out / DISTILL_CHECKPOINT / subfolders[block.key], resume=resume, progress=progress,
-                return_history=True, pair_cache=pairs / subfolders[block.key] if t.pair_cache else None)
+                return_history=True, pair_cache=pairs / subfolders[block.key] if t.pair_cache else None,
+                offload_span=offload)
             history["distill"] = {**distilled, "mode": "kd", "lr": t.distill_lr, "trainable": list(kd.trainable),
                                   "freeze": list(kd.freeze), "lr_beyond_block": kd.lr_beyond_block,
                                   "text": c.data.distill_text, **({"self_data": self_made} if self_made else {})}
@@ -391,6 +393,16 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
         return pruned, {**histories[0], **ran_on}
     return pruned, {"mode": t.mode, "blocks": histories, "wall_s": sum(h.get("wall_s", 0) for h in histories),
                     **ran_on}
+
+
+def offloads_span(c: RunConfig, dense) -> bool:
+    """Whether training offloads the dense span while its steps read cached pairs (train.offload_span; auto:
+    where the weights fill a CPU host, `host_memory.weights_fill_host`)."""
+    import jax
+
+    if c.train.offload_span == "none" or not c.train.pair_cache:
+        return False
+    return c.train.offload_span == "disk" or weights_fill_host(dense.weight_bytes, jax.default_backend())
 
 
 def _on_training_layout(c: RunConfig, stage: str, dense, pruned, preset: str | None, target: str | None):

@@ -32,7 +32,7 @@ from .models import transformer
 from .models.config import ModelConfig
 from .models.model import Model, with_compute_dtype
 from .pruning import prune_config
-from .evaluation import shared_prefix_logprobs
+from .evaluation import heads_once, shared_prefix_logprobs
 from .score import score_sums
 from .mesh_layouts import STEP_LAYOUTS, StageLayout, Target, TopologyError, check_layout, layout_mesh
 from .sharding import ShardingError, param_shardings, shard_bytes
@@ -234,8 +234,8 @@ def build_step(stage: str, config: ModelConfig, layout: StageLayout, mesh: Mesh,
             start, length = span or default_span(config)
             pruned = prune_config(config, start, length, "layer")
             configs, ids = (config, pruned), batch["input_ids"]
-            return StepPlan(stage, shared_prefix_logprobs.jitted(configs, platform),
-                            (configs, (params, _abstract_sharded_params(pruned, mesh))),
+            both = heads_once([params, _abstract_sharded_params(pruned, mesh)], same=lambda a, b: True)  # one head
+            return StepPlan(stage, shared_prefix_logprobs.jitted(configs, platform), (configs, both),
                             dict(input_ids=ids, targets=ids, segment_ids=ids, positions=ids, shared_prefix_ids=ids,
                                  shared=start, with_greedy=False))
         return StepPlan(stage, score_sums.jitted(config, platform),

@@ -24,6 +24,7 @@ TRAIN_CHECKPOINT = "train_checkpoint"
 DISTILL_CHECKPOINT = "distill_checkpoint"  # train.distill_steps' phase
 PAIR_CACHE = "pair_cache"  # the span's (input, target) pairs on disk while the run lasts (train.pair_cache)
 SPAN_HEAL = "span_heal.json"  # score.metric=heal's candidates, which a resume reads instead of healing again
+OFFLOADED_SPAN = "offloaded_span"  # the dense span's layers on disk while training reads cached pairs
 SELF_DATA = "self_data.jsonl"  # the dense model's own text for the distillation (data.distill_text=self)
 
 log = logging.getLogger(__name__)

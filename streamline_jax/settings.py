@@ -23,6 +23,7 @@ DEFAULT_MODEL = "smollm2-135m"
 STAGES = ("score", "prune", "train", "evaluate", "save")
 PRUNE_INITS = ("default", "linear")
 DISTILL_TEXTS = ("corpus", "self")
+OFFLOAD_SPAN = ("auto", "disk", "none")  # auto: disk where the weights fill a CPU host (host_memory.weights_fill_host)
 NOT_PRESETS = ("pipeline", "meshes")
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class TrainSection(TrainOptions):
     after the training (train_replacement again, in mode kd, from its result)."""
 
     pair_cache: bool = False
+    offload_span: str = "auto"  # auto | disk | none: the dense span on disk while training reads its cached pairs
     distill_steps: int = 0  # then this many steps of mode kd from the result (0: none)
     distill_lr: float = 1e-3
     distill_trainable: tuple[str, ...] | None = None  # what the distillation phase trains (null: train.trainable)
@@ -388,6 +390,7 @@ def check_values(c: RunConfig) -> None:
     choice("train.mode", c.train.mode, MODES)
     choice("train.lr_schedule", c.train.lr_schedule, LR_SCHEDULES)
     choice("train.mse_weighting", c.train.mse_weighting, MSE_WEIGHTINGS)
+    choice("train.offload_span", c.train.offload_span, OFFLOAD_SPAN)
     if (c.score.sparsity is None) == (c.score.num_layers is None):
         raise ConfigError("set exactly one of score.sparsity and score.num_layers (the other to null)")
     if c.score.spans > 1 and c.score.metric in ("perplexity", "last", "heal"):

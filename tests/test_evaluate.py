@@ -347,6 +347,55 @@ def test_what_models_share_is_found_from_their_parameters(tiny):
             np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
+def test_layers_a_pruned_model_holds_as_the_dense_models_own_arrays_are_shared_without_a_copy(monkeypatch):
+    """After `split_stack` the pruned model's kept segments are the dense model's own arrays: those count as shared
+    at once; only the block is compared by value, inside a jit, with no layer sliced out of its stack (each
+    comparison copied a layer of both models: at 7B, 1.7 GiB of host memory held while the evaluation began)."""
+    from streamline_jax.models import transformer
+    from streamline_jax.pruning import prune, split_stack
+    from tiny import SMALL_LLAMA, dense as random_model
+
+    dense = split_stack(random_model(SMALL_LLAMA), [2, 4])
+    pruned = prune(dense, 2, 2, replacement="layer")
+    trained = _trained(pruned, "seg_1")
+    compared, sliced = [], []
+    real = transformer._layers_equal
+    monkeypatch.setattr(transformer, "_layers_equal", lambda *a, **k: compared.append(1) or real(*a, **k))
+    monkeypatch.setattr(transformer, "slice_layers", lambda *a: sliced.append(1))
+    assert ev.model_group([dense, pruned]).shared == 3  # and the untrained block
+    assert len(compared) == 2 and not sliced  # the block (a copy of layer 2), then pruned layer 3 against dense 3
+    compared.clear()
+    assert ev.model_group([dense, trained]).shared == 2
+    assert len(compared) == 1 and not sliced
+
+
+def test_a_head_both_models_hold_is_passed_to_the_joint_step_once():
+    """The dense and the pruned model's head is one array: the joint step takes it once (with float32 products
+    it converted it once per model); a head of its own stays, and the scores are each model's own."""
+    import dataclasses
+
+    import jax
+
+    from streamline_jax.models import transformer
+    from streamline_jax.pruning import prune, split_stack
+    from tiny import SMALL_LLAMA, dense as random_model
+
+    dense = split_stack(random_model(dataclasses.replace(SMALL_LLAMA, tie_word_embeddings=False)), [2, 4])
+    pruned = _trained(prune(dense, 2, 2, replacement="layer"), "seg_1")
+    once = ev.heads_once([dense.params, pruned.params])
+    assert not set(transformer.HEAD_KEYS) & set(once[1]) and once[0] is dense.params
+    own_head = pruned.replace(params={**pruned.params, "lm_head": jax.tree.map(lambda a: a * 2,
+                                                                              pruned.params["lm_head"])})
+    assert "lm_head" in ev.heads_once([dense.params, own_head.params])[1]
+    seqs = [np.arange(3, 40, dtype=np.int32) % 64, np.arange(20, 45, dtype=np.int32) % 64]
+    for other in (pruned, own_head):
+        joint, _ = ev.score_sequences(ev.model_group([dense, other]), seqs, [10, 5])
+        for m, per_model in zip((dense, other), joint):
+            alone, _ = ev.score_sequences(m, seqs, [10, 5])
+            for a, b in zip(per_model, alone):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_models_with_per_layer_attention_types_share_layers_while_the_types_agree():
     """Gemma 3 (sliding s s f s s f): a `layer` block from layer 1 keeps layer 1's parameters and type, so layers 0
     and 1 are shared; the pruned model's next layer (3, sliding) stands where the dense one has layer 2 (full), and

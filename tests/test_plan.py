@@ -318,11 +318,11 @@ def test_plan_lowers_the_evaluation_step_the_run_executes():
                           num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
         layout = plan.StageLayout(2, 2, 2, 8)
         mesh = plan.layout_mesh(layout, jax.devices())
-        dense = Model(cfg, transformer.init_params(cfg, jax.random.PRNGKey(0)))
-        pruned = prune(dense, 1, 2, replacement="layer")
+        dense = place_on_mesh(Model(cfg, transformer.init_params(cfg, jax.random.PRNGKey(0))), mesh)
+        pruned = prune(dense, 1, 2, replacement="layer")  # as the run prunes: the head is the dense model's array
         block = jax.tree.map(lambda a: a + 1, pruned.params["segments"]["seg_1"])  # as if trained
         pruned = pruned.replace(params={**pruned.params, "segments": {**pruned.params["segments"], "seg_1": block}})
-        group = evaluation.model_group([place_on_mesh(dense, mesh), place_on_mesh(pruned, mesh)])
+        group = evaluation.model_group([dense, pruned])
         real, lowered = evaluation.shared_prefix_logprobs, {}
 
         def spy(config, params, **kwargs):

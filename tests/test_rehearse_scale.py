@@ -36,7 +36,7 @@ def test_rehearsal_runs_end_to_end_on_four_simulated_devices(tmp_path):
     cache = tmp_path / "cache"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "rehearse_scale.py"), "--config-json",
                            str(tiny_config_json(tmp_path / "tiny.json")), "--devices", "4", "--restore-devices", "2",
-                           "--cache", str(cache), "--shard-gib", "0.0002"],
+                           "--cache", str(cache), "--shard-gib", "0.0002", "--set", "train.offload_span=disk"],
                           capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     result = json.loads(proc.stdout.splitlines()[-1])
@@ -45,6 +45,7 @@ def test_rehearsal_runs_end_to_end_on_four_simulated_devices(tmp_path):
         assert key in result
     assert {"load", "score", "prune", "train", "evaluate", "save"} <= set(result["stage_seconds"])
     assert result["pair_cache_gib"] > 0 and result["peak_rss_gib"] > 0
+    assert result["offloaded_gib"] > 0  # the span left for training and came back for the evaluation
     assert result["mesh"] == {"run": {"fsdp": 1, "tensor": 4}, "restore": {"fsdp": 1, "tensor": 2}}
     index = json.loads((cache / "tiny" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1  # the random weights are sharded

@@ -25,6 +25,11 @@ class Model:
     def num_params(self) -> int:
         return transformer.count_params(self.params)
 
+    @property
+    def weight_bytes(self) -> int:
+        """The parameters' bytes in the config's dtype."""
+        return self.num_params * jnp.dtype(self.config.dtype).itemsize
+
     def replace(self, **changes) -> "Model":
         return dataclasses.replace(self, **changes)
 

@@ -456,18 +456,52 @@ def shared_prefix_depth(config_a: ModelConfig, params_a, config_b: ModelConfig, 
         return None
     depth = 0
     while depth < min(config_a.depth, config_b.depth):
-        (seg_a, layer_a, _), = stack_pieces(config_a, params_a, depth, depth + 1)
-        (seg_b, layer_b, _), = stack_pieces(config_b, params_b, depth, depth + 1)
-        if (seg_a.kind not in ("layers", "layer") or seg_b.kind not in ("layers", "layer")
-                or config_a.layer_is_local(depth, 1) != config_b.layer_is_local(depth, 1)
-                or not _same_arrays(_one_layer(seg_a, layer_a), _one_layer(seg_b, layer_b))):
+        (seg_a, p_a, first_a), (seg_b, p_b, first_b) = (_segment_at(config_a, params_a, depth),
+                                                         _segment_at(config_b, params_b, depth))
+        if seg_a.kind not in ("layers", "layer") or seg_b.kind not in ("layers", "layer"):
             break
-        depth += 1
+        if first_a == first_b and _identical(p_a, p_b):  # a pruned model's kept segment: the dense model's arrays
+            run = first_a + seg_a.num_layers - depth
+        elif _same_layer(seg_a, p_a, depth - first_a, seg_b, p_b, depth - first_b):
+            run = 1
+        else:
+            break
+        agree = [config_a.layer_is_local(d, 1) == config_b.layer_is_local(d, 1) for d in range(depth, depth + run)]
+        depth += agree.index(False) if False in agree else run
+        if False in agree:
+            break
     return depth
 
 
-def _one_layer(segment: Segment, seg_params):
-    return jax.tree.map(lambda p: p[0], seg_params) if segment.kind == "layers" else seg_params
+def _segment_at(config: ModelConfig, params, layer: int):
+    """(segment, its parameters, its first layer) of the layout segment that holds stack layer `layer`."""
+    for i, (seg, first) in enumerate(zip(config.layout, layer_offsets(config))):
+        if first <= layer < first + seg.num_layers:
+            return seg, params["segments"][segment_key(i)], first
+    raise ValueError(f"layer {layer} is past the model's {config.depth} layers")
+
+
+def _identical(a, b) -> bool:
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        x is y for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _same_layer(seg_a: Segment, params_a, index_a: int, seg_b: Segment, params_b, index_b: int) -> bool:
+    """Whether layer `index_a` of one segment's parameters holds the same values as layer `index_b` of another's;
+    each is sliced inside the comparison's jit, so no layer is copied out of its stack."""
+    stacked = (seg_a.kind == "layers", seg_b.kind == "layers")
+    leaves = [jax.tree.leaves(params_a), jax.tree.leaves(params_b)]
+    shapes = [[(x.shape[1:] if s else x.shape, x.dtype) for x in ls] for ls, s in zip(leaves, stacked)]
+    if jax.tree.structure(params_a) != jax.tree.structure(params_b) or shapes[0] != shapes[1]:
+        return False
+    return bool(_layers_equal(params_a, index_a, params_b, index_b, stacked=stacked))
+
+
+@functools.partial(jax.jit, static_argnames=("stacked",))
+def _layers_equal(a, index_a, b, index_b, *, stacked):
+    pick = lambda tree, i, s: jax.tree.map(lambda x: x[i], tree) if s else tree
+    a, b = pick(a, index_a, stacked[0]), pick(b, index_b, stacked[1])
+    return jnp.all(jnp.stack([jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))
 
 
 def _same_arrays(a, b) -> bool:

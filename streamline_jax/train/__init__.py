@@ -17,8 +17,9 @@ uninterrupted run.
 
 The package's modules, one job each: options (TrainOptions and its checks; no JAX), params (blocks, parameter paths,
 trainable / freeze), losses, optimizer, program (the one builder from options to the compiled program), span_cache
-(the span's pairs on disk), checkpoints, loop (train_replacement). Their public names are importable from here;
-they load on first use, so `streamline_jax.train.options` imports without JAX.
+(the span's pairs on disk), offload (the dense span on disk while the steps read those pairs), checkpoints, loop
+(train_replacement). Their public names are importable from here; they load on first use, so
+`streamline_jax.train.options` imports without JAX.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ _HOMES = {
                "split_params", "trainable_blocks", "trained_paths"),
     "losses": ("HEAD_KEYS", "KD_CHUNK_TOKENS", "LOSSES", "Distillation", "cached_kd_loss", "cached_mse_loss",
                "distillation_loss", "distillation_loss_by_autodiff", "kd_loss", "lm_loss", "masked_mse", "mse_loss",
-               "span_pairs", "span_pairs_fn", "TOP_K_ARRAYS", "teacher_top_k_fn", "top_k_distillation_loss"),
+               "span_pairs", "span_pairs_fn", "TOP_K_ARRAYS", "teacher_top_k_fn", "top_k_distillation_loss",
+               "dense_params_read"),
     "optimizer": ("lr_schedule", "make_optimizer", "scale_updates_by_path", "warmup_steps_for"),
     "program": ("TrainingProgram", "abstract_batch", "abstract_step_arguments", "bind_loss", "build_program",
                 "cached_mse_eval_step",
                 "distillation_settings", "make_steps", "training_program"),
     "span_cache": ("PAIR_ARRAYS", "SpanPairCache", "TeacherTopKCache"),
+    "offload": ("offloaded", "own_segments_before"),
     "checkpoints": ("Checkpoints", "LoopState", "TrainingError"),
     "loop": ("VALID_PAIRS_BYTES", "train_replacement"),
 }

@@ -21,7 +21,8 @@ from ..models.model import Model, with_compute_dtype
 from ..sharding import place_batch
 from ..data import progress_bar, reiterable
 from .checkpoints import Checkpoints, LoopState, TrainingError
-from .losses import TOP_K_ARRAYS, span_pairs_fn
+from .losses import TOP_K_ARRAYS, dense_params_read, span_pairs_fn
+from .offload import offloaded
 from .options import TrainOptions
 from .params import Block, chosen_block, merge_params, split_params
 from .program import TrainingProgram, build_program, cached_mse_eval_step
@@ -244,7 +245,7 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                       checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
                       block_key: str | None = None, on_step=None, batch_size: int | None = None,
                       pair_cache: str | Path | None = None, remat: str = "none", return_history: bool = False,
-                      **option_changes):
+                      offload_span: str | Path | None = None, **option_changes):
     """Train the pruned model's replacement block (or the `trainable` parameters); return the pruned model with the
     trained (best) parameters. The training options are `options` (a TrainOptions; default: its defaults) with
     `option_changes` (TrainOptions fields by name, e.g. lr=1e-3) over them.
@@ -264,7 +265,9 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     teacher's from its input; with `kd_top_k` > 0 as well, the teacher's top k log-probabilities and its tail's mass
     are computed once per cached row (a `TeacherTopKCache` inside `pair_cache`, reused likewise) and the KL is taken
     over them (`top_k_distillation_loss`): the teacher's layers after the span and its head no longer run at every
-    step, except the layers the hidden-state terms need.
+    step, except the layers the hidden-state terms need. With `offload_span` as well, the dense model's own layers
+    that the cached steps do not read (the span's; see `offload.offloaded`) are written to that folder and freed
+    while the steps run, then read back into `dense_model.params` in place.
     `mse_weighting="token"` makes the MSE relative per token (see `masked_mse`). `shuffle`: each epoch reads the
     training chunks (with `batch_size`), the batches of a list, or the cached rows in a fresh permutation drawn from
     `seed`; validation keeps its order. Validation chunks are never dropped: a short last batch is padded with
@@ -306,8 +309,12 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     if pair_cache is not None and not (resume and (checkpoints.last_good or 0) >= data.num_steps):
         _read_from_pair_cache(data, pair_cache, dense_model, block, progress, top_k,
                               options.grad_accum)  # a finished training reads no pairs
-    best, frozen_params, history = _run_program(program, dense_model, pruned_model, block, data, checkpoints, options,
-                                                on_step=on_step, progress=progress)
+    offload = offload_span if pair_cache is not None and options.mode in ("mse", "kd") else None
+    with offloaded(dense_model, pruned_model, block.start + block.length, offload) as moved:
+        best, frozen_params, history = _run_program(program, dense_model, pruned_model, block, data, checkpoints,
+                                                    options, on_step=on_step, progress=progress)
+    if moved is not None:  # what the report says training held
+        history["offloaded"] = moved
     release_host_memory()  # the optimizer state, gradients and step buffers, before the next phase allocates
     trained = pruned_model.replace(config=result_config, params=merge_params(best, frozen_params))
     if top_k:  # what the run's report says the distillation read
@@ -326,8 +333,9 @@ def _run_program(program: TrainingProgram, dense_model: Model, pruned_model: Mod
     # float32 master weights for what trains, whatever the compute dtype (a copy: the train step donates it)
     trained = _placed(jax.tree.map(lambda a: jnp.array(a, jnp.float32, copy=True), initial), program.arguments[0])
     frozen = {"pruned": frozen_params}
-    if program.loss_name in ("mse", "kd", "kd_cached"):
-        frozen["dense"] = dense_model.params
+    dense = dense_params_read(program.loss_name, dense_model.config, dense_model.params, block)
+    if dense is not None:
+        frozen["dense"] = dense
     mesh, grad_accum, num_steps = pruned_model.mesh, options.grad_accum, data.num_steps
     eval_step, valid = program.eval_step, list(data.valid) if data.valid is not None else None
     if valid and program.loss_name == "mse":  # the frozen span's validation pairs once, not on every pass

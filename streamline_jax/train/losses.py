@@ -467,3 +467,17 @@ def _distill_from(teacher, student, trained, frozen, batch, attn, positions, *, 
 
 
 LOSSES = {"mse": mse_loss, "lm": lm_loss, "kd": kd_loss, "mse_cached": cached_mse_loss, "kd_cached": cached_kd_loss}
+
+
+def dense_params_read(loss_name: str, dense_config: ModelConfig, params, block: Block):
+    """What of the dense model's parameters `params` the loss `loss_name` reads, for the train step's arguments
+    (None: nothing). The cached distillation runs the teacher from the span's output: the stack segments that end
+    by then are left out, so that they can be offloaded meanwhile (`offload.offloaded`)."""
+    if loss_name in ("mse", "kd"):
+        return params
+    if loss_name != "kd_cached":
+        return None
+    end = block.start + block.length
+    after = {transformer.segment_key(i) for i, (seg, first) in enumerate(
+        zip(dense_config.layout, transformer.layer_offsets(dense_config))) if first + seg.num_layers > end}
+    return {**params, "segments": {k: v for k, v in params["segments"].items() if k in after}}

@@ -17,7 +17,7 @@ from ..backend import jit_for
 from ..models import transformer
 from ..models.config import ModelConfig
 from ..sharding import batch_sharding, param_shardings
-from .losses import LOSSES, Distillation, cached_mse_loss
+from .losses import LOSSES, Distillation, cached_mse_loss, dense_params_read
 from .optimizer import make_optimizer, warmup_steps_for
 from .options import TrainOptions
 from .params import Block, split_params, trained_paths
@@ -125,7 +125,7 @@ def training_program(dense_config: ModelConfig, pruned_config: ModelConfig, bloc
             return 1.0 if path.startswith(in_block) else beyond
     tx, schedule = make_optimizer(lr, min_lr, warmup_steps, num_steps, weight_decay, clip_norm, grad_accum,
                                   lr_schedule, scale_of)
-    arguments = abstract_step_arguments(dense_config, pruned_config, paths, loss_name, tx, mesh)
+    arguments = abstract_step_arguments(dense_config, pruned_config, block, paths, loss_name, tx, mesh)
     out_shardings = None
     if mesh is not None:
         trained, opt_state, _ = jax.tree.map(lambda a: a.sharding, arguments)
@@ -169,12 +169,12 @@ def cached_mse_eval_step(program: TrainingProgram, dense_config: ModelConfig, pr
     return make_steps(loss, program.tx, transformer.compute_dtype(pruned_config))[1]
 
 
-def abstract_step_arguments(dense_config: ModelConfig, pruned_config: ModelConfig, paths, loss_name: str, tx,
-                            mesh=None):
+def abstract_step_arguments(dense_config: ModelConfig, pruned_config: ModelConfig, block: Block, paths,
+                            loss_name: str, tx, mesh=None):
     """(trained, opt_state, frozen) of the train step as ShapeDtypeStructs: float32 master weights for the
-    parameters in `paths`, the optimizer state for those only, the rest of the pruned model (and the dense model,
-    for the losses that run it) as they are; on `mesh`, each with its logical-axis sharding (optimizer state like
-    its parameter, its counters replicated)."""
+    parameters in `paths`, the optimizer state for those only, the rest of the pruned model (and what the loss
+    reads of the dense model: `dense_params_read`) as they are; on `mesh`, each with its logical-axis sharding
+    (optimizer state like its parameter, its counters replicated)."""
     def model(config):
         abstract = transformer.abstract_params(config)
         if mesh is None:
@@ -186,8 +186,9 @@ def abstract_step_arguments(dense_config: ModelConfig, pruned_config: ModelConfi
     trained, frozen_pruned = split_params(model(pruned_config), paths.__contains__)
     trained = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), trained)
     frozen = {"pruned": frozen_pruned}
-    if loss_name in ("mse", "kd", "kd_cached"):
-        frozen["dense"] = model(dense_config)
+    dense = dense_params_read(loss_name, dense_config, model(dense_config), block)
+    if dense is not None:
+        frozen["dense"] = dense
     opt_state = jax.eval_shape(tx.init, trained)
     if mesh is not None:
         replicated = NamedSharding(mesh, P())
