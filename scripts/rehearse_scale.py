@@ -298,7 +298,8 @@ def run_pipeline(args, folder: Path, preset_yaml: Path | None, out: Path, mesh: 
 def offloaded_gib(report: dict) -> float:
     """GiB of the dense span that training kept on disk while its steps ran (train.offload_span; 0: none)."""
     training = report.get("training") or {}
-    return max(phase.get("offloaded", {}).get("gib", 0) for phase in (training, training.get("distill") or {}))
+    most = max(phase.get("offloaded", {}).get("bytes", 0) for phase in (training, training.get("distill") or {}))
+    return round(most / GIB, 6)
 
 
 COMPARE_TOKENS = 64

@@ -93,8 +93,9 @@ class PruneSection:
 @dataclasses.dataclass(frozen=True)
 class TrainSection(TrainOptions):
     """`train_replacement`'s own options type, so that every training option is a setting, with its default; and
-    the run's own: whether to keep the span's pairs on disk (the API takes the folder), and a distillation phase
-    after the training (train_replacement again, in mode kd, from its result)."""
+    the run's own: whether to keep the span's pairs on disk and whether to offload the dense span meanwhile (the
+    API takes their folders), and a distillation phase after the training (train_replacement again, in mode kd,
+    from its result)."""
 
     pair_cache: bool = False
     offload_span: str = "auto"  # auto | disk | none: the dense span on disk while training reads its cached pairs

@@ -381,13 +381,13 @@ def test_every_training_option_of_the_api_is_a_setting_with_its_default():
 
     from streamline_jax.train import TrainOptions
 
-    # the settings' type is the API's options type, plus whether to keep a pair cache (the API takes its folder) and
-    # the run's distillation phase
+    # the settings' type is the API's options type, plus whether to keep a pair cache and to offload the span (the
+    # API takes their folders) and the run's distillation phase
     assert issubclass(run_mod.TrainSection, TrainOptions)
     section = {f.name: f.default for f in dataclasses.fields(run_mod.TrainSection)}
     # the run's second (kd) phase: train_replacement again
-    run_only = {"pair_cache", "distill_steps", "distill_lr", "distill_lr_beyond_block", "distill_trainable",
-                "distill_freeze"}
+    run_only = {"pair_cache", "offload_span", "distill_steps", "distill_lr", "distill_lr_beyond_block",
+                "distill_trainable", "distill_freeze"}
     assert {k: v for k, v in section.items() if k not in run_only} == dataclasses.asdict(TrainOptions())
     assert set(run_mod.read_yaml(run_mod.CONFIG_DIR / "pipeline.yaml")["train"]) == set(section)
 

@@ -45,8 +45,8 @@ def offloaded(dense: Model, pruned: Model, end: int, folder: str | Path | None):
     """Within the block, the dense model's own segments ending at or before layer `end` (`own_segments_before`)
     are on disk in `folder`, and their arrays deleted; on leaving (whatever the exit), read back into
     `dense.params["segments"]` in place, so every holder of `dense` has them again, and `folder` removed. Yields
-    what was offloaded ({"gib", "segments", "write_s"}), or None where nothing was (no folder, no own segment, or
-    too little disk: then a warning)."""
+    what was offloaded ({"bytes", "gib", "segments", "write_s"}; "read_s" once back), or None where nothing was
+    (no folder, no own segment, or too little disk: then a warning)."""
     from ..distributed import main_only, restore_params, save_params
 
     keys = own_segments_before(dense, pruned, end) if folder is not None else []
@@ -72,7 +72,8 @@ def offloaded(dense: Model, pruned: Model, end: int, folder: str | Path | None):
         leaf.delete()
     del moved
     release_host_memory()
-    info = {"gib": round(nbytes / 2**30, 3), "segments": keys, "write_s": round(time.perf_counter() - start, 2)}
+    info = {"bytes": nbytes, "gib": round(nbytes / 2**30, 3), "segments": keys,
+            "write_s": round(time.perf_counter() - start, 2)}
     log.info("the dense span's %.2f GiB (segments %s) offloaded to %s while the steps run from cached pairs "
              "(%.1f s)", nbytes / 2**30, ", ".join(keys), folder, info["write_s"])
     try:
