@@ -466,18 +466,24 @@ def shared_prefix_depth(config_a: ModelConfig, params_a, config_b: ModelConfig, 
             run = 1
         else:
             break
-        agree = [config_a.layer_is_local(d, 1) == config_b.layer_is_local(d, 1) for d in range(depth, depth + run)]
-        depth += agree.index(False) if False in agree else run
-        if False in agree:
+        agreeing = next((i for i in range(run) if config_a.layer_is_local(depth + i, 1)
+                         != config_b.layer_is_local(depth + i, 1)), run)  # layers of the same attention type
+        depth += agreeing
+        if agreeing < run:
             break
     return depth
 
 
+def segment_starts(config: ModelConfig) -> list[tuple[str, Segment, int]]:
+    """(params["segments"] key, segment, stack index of its first layer) for each layout segment, in order."""
+    return [(segment_key(i), seg, first) for i, (seg, first) in enumerate(zip(config.layout, layer_offsets(config)))]
+
+
 def _segment_at(config: ModelConfig, params, layer: int):
     """(segment, its parameters, its first layer) of the layout segment that holds stack layer `layer`."""
-    for i, (seg, first) in enumerate(zip(config.layout, layer_offsets(config))):
+    for key, seg, first in segment_starts(config):
         if first <= layer < first + seg.num_layers:
-            return seg, params["segments"][segment_key(i)], first
+            return seg, params["segments"][key], first
     raise ValueError(f"layer {layer} is past the model's {config.depth} layers")
 
 
@@ -511,7 +517,7 @@ def _same_arrays(a, b) -> bool:
     pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b)))
     if any(x.shape != y.shape or x.dtype != y.dtype for x, y in pairs):
         return False
-    return all(x is y for x, y in pairs) or bool(_arrays_equal(a, b))
+    return _identical(a, b) or bool(_arrays_equal(a, b))
 
 
 @jax.jit

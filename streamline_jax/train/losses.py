@@ -478,6 +478,5 @@ def dense_params_read(loss_name: str, dense_config: ModelConfig, params, block: 
     if loss_name != "kd_cached":
         return None
     end = block.start + block.length
-    after = {transformer.segment_key(i) for i, (seg, first) in enumerate(
-        zip(dense_config.layout, transformer.layer_offsets(dense_config))) if first + seg.num_layers > end}
+    after = {key for key, seg, first in transformer.segment_starts(dense_config) if first + seg.num_layers > end}
     return {**params, "segments": {k: v for k, v in params["segments"].items() if k in after}}

@@ -32,8 +32,7 @@ def own_segments_before(dense: Model, pruned: Model, end: int) -> list[str]:
     (after `pruning.split_stack`: the cut span's)."""
     shared = {id(leaf) for leaf in jax.tree.leaves(pruned.params)}
     keys = []
-    for i, (seg, first) in enumerate(zip(dense.config.layout, transformer.layer_offsets(dense.config))):
-        key = transformer.segment_key(i)
+    for key, seg, first in transformer.segment_starts(dense.config):
         leaves = jax.tree.leaves(dense.params["segments"][key])
         if first + seg.num_layers <= end and leaves and not any(id(leaf) in shared for leaf in leaves):
             keys.append(key)
