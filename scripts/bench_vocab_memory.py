@@ -8,9 +8,13 @@ default (the block and every decoder layer, the embeddings and head frozen). For
 though it is one buffer) and, for the evaluation's scoring function (`evaluation.target_logprobs` at
 `--eval-batch` x `--eval-seq`), the same. With `--steps N` each (vocabulary, loss) also runs N steps in a fresh
 subprocess on real random weights and prints its peak host RSS and its mean step time after the first (compile
-included in the peak). The machine is shared: run one at a time, and read the times as rough.
+included in the peak; for `eval`, the scoring call's time). The machine is shared: run one at a time, and read the
+times as rough. `--dtype bfloat16 --compute-dtype float32` is the case of a bf16 model on a CPU without bf16 dots,
+whose head the product runs a slice of the vocabulary at a time (`models/vocab_slices.py`); `--head whole` converts it
+whole instead, as before, for the comparison.
 
     python scripts/bench_vocab_memory.py [--vocabs 49152,151936] [--steps 3] [--kd-chunk-logits N]
+    python scripts/bench_vocab_memory.py --vocabs 151936 --dtype bfloat16 --compute-dtype float32 --head whole
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def configs(args, vocab):
 
     compute = auto_compute_dtype()[0] if args.compute_dtype == "auto" else args.compute_dtype
     dense = dataclasses.replace(preset("smollm2-135m"), vocab_size=vocab, num_layers=args.layers, layout=(),
-                                compute_dtype=compute)
+                                compute_dtype=compute, dtype=args.dtype)
     return dense, prune_config(dense, 1, args.span, "layer")
 
 
@@ -72,8 +76,8 @@ def compiled_memory(args, vocab, loss):
         from streamline_jax.models import transformer
 
         ids = jax.ShapeDtypeStruct((args.eval_batch, args.eval_seq), jnp.int32)
-        score = jax.jit(lambda p, i, t: evaluation.target_logprobs(pruned, p, i, t))
-        memory = score.lower(transformer.abstract_params(pruned), ids, ids).compile().memory_analysis()
+        score = evaluation.target_logprobs.jitted(pruned)  # as the run compiles it
+        memory = score.lower(pruned, transformer.abstract_params(pruned), ids, ids).compile().memory_analysis()
     else:
         program, _ = program_for(args, dense, pruned, loss)
         compiled = program.train_step.lower(*program.arguments, abstract_batch(args, dense, loss)).compile()
@@ -90,6 +94,8 @@ def run_steps(args, vocab, loss):
     dense, pruned = configs(args, vocab)
     dense_params = transformer.init_params(dense, jax.random.PRNGKey(0))
     _, pruned_params = prune_params(dense, dense_params, 1, args.span, "layer")  # the embeddings: the same arrays
+    if loss == "eval":
+        return run_scoring(args, vocab, pruned, pruned_params)
     program, paths = program_for(args, dense, pruned, loss, pruned_params)
     trained, frozen_pruned = train.split_params(pruned_params, set(paths).__contains__)
     trained = jax.tree.map(lambda a: a.astype(jnp.float32), trained)
@@ -107,6 +113,20 @@ def run_steps(args, vocab, loss):
         jax.block_until_ready(value)
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"peak_rss_mib": peak, "step_s": float(np.mean(times[1:] or times))}))
+
+
+def run_scoring(args, vocab, config, params):
+    """`args.steps` calls of the evaluation's scoring function on random ids; prints {peak_rss_mib, step_s}."""
+    from streamline_jax import evaluation
+
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, vocab, (args.eval_batch, args.eval_seq)), jnp.int32)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        jax.block_until_ready(evaluation.target_logprobs(config, params, ids, ids))
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"peak_rss_mib": peak, "step_s": float(np.mean(times[1:] or times))}))
 
 
@@ -130,6 +150,9 @@ def main():
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--eval-seq", type=int, default=1024)
     p.add_argument("--compute-dtype", default="auto", help="auto (the product's choice), float32 or bfloat16")
+    p.add_argument("--dtype", default="float32", help="the weights' dtype (float32 or bfloat16)")
+    p.add_argument("--head", choices=("sliced", "whole"), default="sliced",
+                   help="whole: a head converted for its products is converted whole (the product slices it)")
     p.add_argument("--kd-chunk-logits", type=int, default=0,
                    help="train.KD_CHUNK_LOGITS for this run (0: the product's), to weigh memory against time")
     p.add_argument("--steps", type=int, default=0, help="also run this many steps in a subprocess (0: none)")
@@ -139,18 +162,23 @@ def main():
         from streamline_jax import train
 
         train.KD_CHUNK_LOGITS = args.kd_chunk_logits  # read when the losses are traced
+    if args.head == "whole":
+        from streamline_jax.models import vocab_slices
+
+        vocab_slices.converts = lambda *dtypes: False  # read when the head is traced
     if args.child:
         vocab, loss = args.child.split(":")
         return run_steps(args, int(vocab), loss)
     print(f"{args.layers} layers of SmolLM2-135M's shapes, span {args.span}, batch {args.batch} x {args.seq} "
-          f"(eval {args.eval_batch} x {args.eval_seq}), {jax.devices()[0].platform}")
+          f"(eval {args.eval_batch} x {args.eval_seq}), {jax.devices()[0].platform}, weights {args.dtype}, "
+          f"products {args.compute_dtype}, head {args.head}")
     print("| vocabulary | step | temp MiB | arguments MiB | peak RSS MiB | step s |")
     print("|---|---|---|---|---|---|")
     for vocab in (int(v) for v in args.vocabs.split(",")):
         for loss in args.losses.split(","):
             temp, arguments = compiled_memory(args, vocab, loss)
             rss, step = "", ""
-            if args.steps and loss != "eval":
+            if args.steps:
                 run = measured_in_subprocess(args, vocab, loss)
                 rss, step = f"{run['peak_rss_mib']:.0f}", f"{run['step_s']:.2f}"
             print(f"| {vocab} | {loss} | {temp:.0f} | {arguments:.0f} | {rss} | {step} |", flush=True)

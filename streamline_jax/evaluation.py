@@ -22,7 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .backend import jit_by_config
-from .models import transformer
+from .models import transformer, vocab_slices
 from .models.model import Model
 from .sharding import place_batch
 from .tasks import Item, PerplexityTask, Task, get_task, load_items, resolve_path
@@ -58,6 +58,12 @@ def head_logprobs(config, params, hidden, targets, with_greedy=False):
     `with_greedy`, whether each target is the argmax)."""
     b, t, d = hidden.shape
     n = b * t
+    if transformer.converts_head(config):  # a slice of the vocabulary at a time for all tokens: each slice
+        # converted once (in chunks of tokens, every chunk would convert the whole matrix again)
+        features = transformer.head_features(config, params, hidden.reshape(n, d))
+        out = vocab_slices.log_softmax_at(params, features, targets.reshape(n), config.final_logit_softcap,
+                                          with_greedy)
+        return jax.tree.map(lambda x: x.reshape(b, t), out)
     flat_hidden, flat_targets = transformer.chunk_tokens(HEAD_CHUNK, hidden.reshape(n, d), targets.reshape(n))
 
     def one_chunk(args):

@@ -178,6 +178,10 @@ COMMANDS: dict[str, Run] = {
     ".venv/bin/python scripts/bench_vocab_memory.py": PARSE_BENCH,
     "python scripts/bench_vocab_memory.py --steps 3": PARSE_BENCH,
     "python scripts/bench_vocab_memory.py [--vocabs 49152,151936] [--steps 3] [--kd-chunk-logits N]": PARSE_BENCH,
+    "python scripts/bench_vocab_memory.py --vocabs 151936 --dtype bfloat16 --compute-dtype float32 --head whole":
+        PARSE_BENCH,
+    "python scripts/bench_vocab_memory.py --vocabs 151936 --losses kd_cached,eval --dtype bfloat16 --compute-dtype "
+    "float32 --steps 3 --head whole": PARSE_BENCH,
     ".venv/bin/python scripts/bench_load.py": PARSE_BENCH,
     ".venv/bin/python scripts/bench_default.py": PARSE_BENCH,  # the README's next benchmarks
     ".venv/bin/python scripts/bench_pipeline.py": PARSE_BENCH,

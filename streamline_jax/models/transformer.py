@@ -26,6 +26,7 @@ from .layers import (ACTIVATION_DTYPE, LinearBlock, MLPBlock, capped, dense, lay
                      product, rms_norm, within_window)
 from .llama import LlamaDecoderLayer, LlamaFFNBlock
 from .opt import OPTDecoderLayer, OPTFFNBlock
+from . import vocab_slices
 
 OPT_POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
 
@@ -91,6 +92,7 @@ class Embedder(nn.Module):
 
 class Head(nn.Module):
     config: ModelConfig
+    with_logits: bool = True  # False: the vocabulary product's input (`head_features`)
 
     @nn.compact
     def __call__(self, x, embed_table):
@@ -104,13 +106,18 @@ class Head(nn.Module):
             x = dense(c.embed_dim, ("embed",), ("embed_proj",), False, "project_out", dtype=dtype,
                       compute_dtype=compute)(x)
         x = x.astype(compute)
+        if not self.with_logits:
+            return x
         if c.tie_word_embeddings:
-            logits = product("bte,ve->btv", x, embed_table.astype(compute))
+            matrix, spec = {"embed_tokens": embed_table}, "bte,ve->btv"
         else:
-            kernel = self.param("lm_head", param_init(nn.initializers.normal(0.02), ("embed", "vocab")),
-                                (c.embed_dim, c.vocab_size), dtype)
-            logits = product("bte,ev->btv", x, kernel.astype(compute))
-        return capped(logits, c.final_logit_softcap)
+            matrix = {"lm_head": self.param("lm_head", param_init(nn.initializers.normal(0.02), ("embed", "vocab")),
+                                            (c.embed_dim, c.vocab_size), dtype)}
+            spec = "bte,ev->btv"
+        if converts_head(c):  # no float32 copy of the whole matrix: a slice at a time
+            b, t, e = x.shape
+            return vocab_slices.full_logits(matrix, x.reshape(b * t, e), c.final_logit_softcap).reshape(b, t, -1)
+        return capped(product(spec, x, next(iter(matrix.values())).astype(compute)), c.final_logit_softcap)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,6 +248,19 @@ def embed(config: ModelConfig, params, input_ids, positions):
 def head(config: ModelConfig, params, x):
     own = {k: params[k] for k in HEAD_KEYS if k in params and k != "embed_tokens"}
     return Head(config).apply({"params": own}, x, params["embed_tokens"])
+
+
+def converts_head(config: ModelConfig) -> bool:
+    """Whether the head's products convert its weights to a wider dtype: then `head` (and the evaluation's scoring,
+    from `head_features`) runs the vocabulary a slice at a time (`vocab_slices`)."""
+    return vocab_slices.converts(param_dtype(config), compute_dtype(config))
+
+
+def head_features(config: ModelConfig, params, x):
+    """What `head` multiplies by the vocabulary matrix: x after the final norm (and OPT's projection), in the
+    compute dtype (`vocab_slices` runs the product itself)."""
+    own = {k: params[k] for k in HEAD_KEYS if k in params and k != "embed_tokens"}
+    return Head(config, with_logits=False).apply({"params": own}, x, None)
 
 
 def next_token_nll(logits, input_ids, attention_mask):
