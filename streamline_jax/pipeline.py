@@ -121,11 +121,17 @@ def _library_errors_to(handler: logging.Handler):
     threading.excepthook = lambda a: to_log(a.exc_type, a.exc_value, a.exc_traceback, f"thread {a.thread}")
     sys.excepthook = to_log
     sys.unraisablehook = lambda u: to_log(u.exc_type, u.exc_value, u.exc_traceback, f"{u.object!r}")
+    failed = False
     try:
         yield
+    except BaseException:
+        failed = True
+        raise
     finally:
         threading.excepthook, sys.excepthook, sys.unraisablehook = hooks
-        for lg, propagate in kept:
+        # after a failure the loggers stay on run.log: a failed write's asyncio task reports its unread exception
+        # whenever it is collected, often after the run has returned its one line
+        for lg, propagate in [] if failed else kept:
             lg.removeHandler(handler)
             lg.propagate = propagate
 

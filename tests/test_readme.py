@@ -281,6 +281,10 @@ COMMANDS: dict[str, Run] = {
     "python scripts/rehearse_scale.py --preset qwen2.5-7b --devices 4 --restore-devices 2 --set "
     "'train.distill_trainable=[block]'": Run(
         "parse", "qwen2.5-7b end to end: 20 GB of memory, 8 minutes; tests/test_rehearse_scale.py runs it tiny"),
+    "python scripts/rehearse_scale.py --preset qwen2.5-7b --devices 4 --restore-devices 2 --set "
+    "'train.distill_trainable=[block]' --set model.compute_dtype=float32": Run(
+        "parse", "qwen2.5-7b with float32 products: 18 GB of memory, 15 minutes; tests/test_rehearse_scale.py runs "
+        "it tiny"),
     "python scripts/rehearse_scale.py --preset qwen2.5-7b --devices 8": Run(
         "parse", "a 7B model in 19 GB of memory for many minutes; tests/test_rehearse_scale.py runs it tiny"),
 }
