@@ -117,10 +117,10 @@ def log_softmax_at(params, features, targets, softcap=None, with_greedy=False):
         top, total, target, best, best_id = carry
         ids, fresh = slices.ids_and_fresh(i)
         logits = jnp.where(fresh, slice_logits(params, features, slices, i, softcap), -jnp.inf)
-        new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+        here = jnp.max(logits, axis=-1)
+        new_top = jnp.maximum(top, here)
         total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[:, None]), axis=-1)
         target = target + jnp.sum(jnp.where((ids == targets[:, None]) & fresh, logits, 0), axis=-1)
-        here = jnp.max(logits, axis=-1)
         here_id = jnp.min(jnp.where(logits == here[:, None], ids, vocab), axis=-1)
         better = (here > best) | ((here == best) & (here_id < best_id))
         return (new_top, total, target, jnp.where(better, here, best), jnp.where(better, here_id, best_id)), None
