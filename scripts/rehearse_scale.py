@@ -25,6 +25,7 @@ The last line printed is one JSON object. The run's output folder is deleted at 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -187,12 +188,18 @@ def write_model_folder(folder: Path, config, shard_bytes: int) -> dict[str, tupl
 # Child processes: the run, the restore, the export's load
 
 
+# XLA:CPU aborts a collective that some devices have waited 40 s for; simulated devices share this host's few cores,
+# so at a 7B's sizes one device can be that far behind the others (a float32 evaluation was, once in three runs)
+COLLECTIVE_TIMEOUT_S = 900
+
+
 def device_env(devices: int) -> dict:
     """The run's environment: `devices` simulated CPU devices, and no results cache, so that every rehearsal
     evaluates the dense and the pruned model together as a first run does (a cached dense evaluation halves it)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), STREAMLINE_JAX_RESULTS_CACHE="off")
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}",
+                                         f"--xla_cpu_collective_call_terminate_timeout_seconds={COLLECTIVE_TIMEOUT_S}"])
     return env
 
 
@@ -207,10 +214,11 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """/proc's VmRSS (or another of its sizes, e.g. VmHWM: the peak so far) of process `pid`, in bytes."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
     except (OSError, StopIteration):  # exited meanwhile
         return 0
 
@@ -222,18 +230,26 @@ def current_stage(log: Path) -> str:
 
 
 def run_child(command: list[str], env: dict, log: Path, watch: Path | None = None) -> dict:
-    """The exit status (`rc`), peak RSS in bytes (`peak`: the kernel's), the peak RSS seen in each stage the log
-    names (`stage_peaks`, sampled each second) and the largest size `watch` reached on disk (`watch_peak`)."""
+    """The exit status (`rc`), peak RSS in bytes (`peak`: the kernel's), the peak RSS in each stage the log names
+    (`stage_peaks`: the RSS sampled 5 times a second, and the kernel's high-water mark where it rose during the stage,
+    so the stage that set the run's peak shows it even if it lasted between two samples) and the largest size `watch`
+    reached on disk (`watch_peak`)."""
     seen = {"watch_peak": 0, "stage_peaks": {}}
     with open(log, "w") as out:
         child = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         done = threading.Event()
 
         def sample():
-            while not done.wait(1.0):
+            high = 0
+            for tick in itertools.count():
+                if done.wait(0.2):
+                    return
                 name = current_stage(log)
-                seen["stage_peaks"][name] = max(seen["stage_peaks"].get(name, 0), rss_bytes(child.pid))
-                if watch is not None and watch.exists():
+                rss, hwm = rss_bytes(child.pid), rss_bytes(child.pid, "VmHWM")
+                peak = max(rss, hwm if hwm > high else 0)  # a new high-water mark was set in this stage
+                high = max(high, hwm)
+                seen["stage_peaks"][name] = max(seen["stage_peaks"].get(name, 0), peak)
+                if watch is not None and tick % 5 == 0 and watch.exists():
                     seen["watch_peak"] = max(seen["watch_peak"], folder_bytes(watch))
 
         sampler = threading.Thread(target=sample, daemon=True)

@@ -650,6 +650,36 @@ def test_trainable_patterns_train_those_leaves_and_nothing_else(tmp_path):
     assert moments == 2 * size
 
 
+@pytest.mark.parametrize("start", [0, 2, 4])
+def test_before_and_after_block_select_the_decoder_layers_on_each_side(start):
+    """`before_block` / `after_block` name the layers on either side of the block wherever the span falls (segment
+    keys move with it); a side with no layers selects nothing instead of failing, where a regex must match."""
+    from streamline_jax.train import trained_paths
+
+    pruned = prune(dense(LLAMA), start, 2, "layer")
+    block = trainable_blocks(pruned.config)[0]
+    layers = [f"segments/{k}/" for k, seg in zip(pruned.params["segments"], pruned.config.layout)
+              if seg.kind == "layers"]
+    before = [k for k in layers if transformer.segment_index(k.split("/")[1]) < transformer.segment_index(block.key)]
+    after = [k for k in layers if k not in before]
+    assert (len(before), len(after)) == {0: (0, 1), 2: (1, 1), 4: (1, 0)}[start]
+
+    def segments(trainable):
+        return {"/".join(p.split("/")[:2]) + "/" for p in trained_paths(pruned.params, block, trainable)}
+
+    own = f"segments/{block.key}/"
+    assert segments(("block", "after_block")) == {own, *after}
+    assert segments(("block", "before_block")) == {own, *before}
+    assert segments(("block", "before_block", "after_block")) == {own, *layers}
+    if after:
+        assert segments(("after_block",)) == set(after)
+    else:
+        with pytest.raises(ValueError, match="leaves nothing to train"):
+            trained_paths(pruned.params, block, ("after_block",))
+    with pytest.raises(ValueError, match="matches none"):
+        trained_paths(pruned.params, block, ("block", "segments/seg_9/.*"))
+
+
 def test_scaled_paths_get_that_fraction_of_the_adamw_update():
     from streamline_jax.train import make_optimizer
 

@@ -274,7 +274,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     masked rows. `lr_schedule`: "cosine" or "cosine-cycle" (see `lr_schedule`). `freeze`: regexes over the block's
     parameter paths (e.g. ("self_attn", "input_layernorm")) whose parameters stay as initialised. `trainable`:
     regexes matched in full over the pruned model's parameter paths ("segments/seg_2/.*mlp.*", "lm_head/.*"; `block`
-    stands for the block's), whole leaves only (a stacked segment's layers train together); see `trained_paths`.
+    stands for the block's, `before_block` / `after_block` for the decoder layers on either side), whole leaves
+    only (a stacked segment's layers train together); see `trained_paths`.
     MSE mode trains the block only. Everything else stays bitwise as it was, and has no optimizer state.
     `lr_beyond_block`: the peak lr of the trained parameters outside the block, on the same schedule (None: lr).
 

@@ -115,12 +115,31 @@ def freeze_labels(block_params, freeze: Sequence[str]):
     return labels
 
 
+# Keywords of `trainable` besides regexes: `block` (the replacement block's parameters) and the decoder layers on
+# either side of it, which name no segment key, so one setting holds wherever the span falls; unlike a regex, a side
+# with no layers (a span at the model's start or end) selects nothing rather than failing.
+SIDES_OF_BLOCK = ("before_block", "after_block")
+
+
+def _keyword_regex(pattern: str, pruned_params, block: Block) -> str | None:
+    """The regex a `trainable` keyword stands for ("" where it selects nothing), or None for a plain regex."""
+    if pattern == "block":
+        return re.escape(f"segments/{block.key}/") + ".*"
+    if pattern not in SIDES_OF_BLOCK:
+        return None
+    here = transformer.segment_index(block.key)
+    keys = [k for k in pruned_params["segments"]
+            if (transformer.segment_index(k) < here) == (pattern == "before_block") and k != block.key]
+    return "segments/(" + "|".join(re.escape(k) for k in keys) + ")/.*" if keys else ""
+
+
 def trained_paths(pruned_params, block: Block, trainable: Sequence[str] = ("block",),
                   freeze: Sequence[str] = ()) -> list[str]:
     """The '/'-joined paths of the parameters that train: those a `trainable` regex matches in full over the pruned
-    model's paths (e.g. "segments/seg_2/.*mlp.*"; `block` stands for the replacement block's parameters), less the
-    block's parameters a `freeze` pattern matches (see `freeze_labels`). A stacked segment keeps all its layers in one
-    leaf, so patterns select whole leaves: every layer of a segment, or none. Every pattern must match something."""
+    model's paths (e.g. "segments/seg_2/.*mlp.*"; `block` stands for the replacement block's parameters,
+    `before_block` and `after_block` for every decoder layer before or after it), less the block's parameters a
+    `freeze` pattern matches (see `freeze_labels`). A stacked segment keeps all its layers in one leaf, so patterns
+    select whole leaves: every layer of a segment, or none. Every regex must match something."""
     if isinstance(trainable, str):
         trainable = (trainable,)
     if not trainable:
@@ -128,8 +147,11 @@ def trained_paths(pruned_params, block: Block, trainable: Sequence[str] = ("bloc
     paths = [param_path(k) for k, _ in jax.tree_util.tree_leaves_with_path(pruned_params)]
     selected = set()
     for pattern in trainable:
+        keyword = _keyword_regex(pattern, pruned_params, block)
+        if keyword == "":
+            continue
         try:
-            regex = re.compile(re.escape(f"segments/{block.key}/") + ".*" if pattern == "block" else pattern)
+            regex = re.compile(keyword or pattern)
         except re.error as e:
             raise ValueError(f"trainable pattern {pattern!r} is not a regular expression: {e}") from None
         hits = {p for p in paths if regex.fullmatch(p)}
