@@ -112,6 +112,26 @@ EIGEN_DOTS_CPU_FLAG = "amx_bf16"
 # 7B-shaped layers, 2 GiB of weights, a forward peaked at 5.8 GiB; 2.8 without the pass, the same logits).
 BF16_SLICES = {"xla_disable_hlo_passes": "float-normalization-bf16"}
 
+# XLA:CPU's default scheduler (concurrency-optimized) starts every weight conversion a layer needs at the top of the
+# scanned layer, so a layer of bf16 weights with float32 products is held in float32 whole (0.89 GiB at qwen2.5-7b),
+# and the dynamic slices of bf16 products all at once too; the memory-optimized one converts each just before its
+# product: the scoring call's temporaries 906 -> 529 MiB (float32 products) and 447 -> 270 (bf16) at those layer
+# shapes (docs/scale.md, Session 32). Its speed was not shown equal (the default run within a few percent, on a
+# noisy machine), so the run asks for it only where memory limits it (`schedule_for_memory`).
+MEMORY_SCHEDULER = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+_schedule_for_memory = False
+
+
+def schedule_for_memory(on: bool) -> None:
+    """Whether CPU programs compiled from now on take MEMORY_SCHEDULER (the run: where the weights fill the host,
+    `host_memory.weights_fill_host`). Process-wide, as the allocator's setting is."""
+    global _schedule_for_memory
+    _schedule_for_memory = bool(on)
+
+
+def schedules_for_memory() -> bool:
+    return _schedule_for_memory
+
 
 @functools.cache
 def cpu_options_accepted(option: str, value: str) -> bool:
@@ -150,7 +170,8 @@ def compiler_options(compute_dtype, platform: str | None = None) -> dict:
     import jax.numpy as jnp
 
     dots = float32_cpu_dot_options(platform) if jnp.dtype(compute_dtype) == jnp.float32 else {}
-    return {**cpu_options(BF16_SLICES, platform), **dots}
+    memory = cpu_options(MEMORY_SCHEDULER, platform) if _schedule_for_memory else {}
+    return {**cpu_options(BF16_SLICES, platform), **memory, **dots}
 
 
 def jit_for(compute_dtype, fn, platform: str | None = None, **jit_kwargs):
@@ -183,7 +204,7 @@ def jit_by_config(**jit_kwargs):
             memory planner lowers this one."""
             from .models.layers import matmul_dtype
 
-            key = (matmul_dtype(config[0] if isinstance(config, tuple) else config), platform)
+            key = (matmul_dtype(config[0] if isinstance(config, tuple) else config), platform, _schedule_for_memory)
             if key not in compiled:
                 compiled[key] = jit_for(key[0], fn, platform, **jit_kwargs)
             return compiled[key]

@@ -210,7 +210,7 @@ def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
     """The dense model on its mesh, with the compute dtype resolved; (model, its part of the report)."""
     import jax
 
-    from .backend import resolve_compute_dtype
+    from .backend import resolve_compute_dtype, schedule_for_memory
     from .loading import load
     from .models.model import with_compute_dtype
 
@@ -231,6 +231,7 @@ def load_stage(c: RunConfig, preset, target, shared: SharedWork | None):
         log.info("%s: %d layers, %s parameters, %s weights, %s products (%s)", c.model.source, dense.config.depth,
                  f"{dense.num_params:,}", dense.config.dtype, compute, why)
         fit_allocator_to(dense.weight_bytes, jax.default_backend())
+        schedule_for_memory(weights_fill_host(dense.weight_bytes, jax.default_backend()))
         if shared is not None:
             shared.models = {key: (dense, why)}  # one model at a time: a sweep over models frees the last
     compute = dense.config.compute_dtype

@@ -115,20 +115,21 @@ def _block_params(config: ModelConfig, params, start: int, segment: Segment, rng
         module = transformer.block_module(config, segment)
         x = jnp.zeros((1, 1, config.hidden_size), jnp.float32)
         return nn.meta.unbox(module.init(rng, x)["params"])
-    (seg, seg_params, _), = transformer.stack_pieces(config, params, start, start + 1)
-    if seg.kind == "layers":  # layer `start` alone, sliced from its stack
-        source = jax.tree.map(lambda a: a[0], seg_params)
-    elif seg.kind in ("layer", segment.kind):
-        source = seg_params
-    else:
+    (i, seg, first), = [(i, seg, first) for i, (seg, first) in enumerate(zip(config.layout,
+                                                                          transformer.layer_offsets(config)))
+                        if first <= start < first + seg.num_layers]
+    if seg.kind not in ("layers", "layer", segment.kind):
         raise ValueError(f"cannot initialise a {segment.kind!r} block from layer {start}, which is a {seg.kind!r} "
                          f"block")
-    if segment.kind == "layer":
-        return jax.tree.map(jnp.copy, source)
-    # ffn: the sub-block's own names (post_attention_layernorm + mlp, or final_layer_norm + fc1/fc2)
-    one = config.one_block(segment, start)
-    names = transformer.abstract_params(one)["segments"][transformer.segment_key(0)].keys()
-    return {k: jax.tree.map(jnp.copy, source[k]) for k in names}
+    source = params["segments"][transformer.segment_key(i)]
+    if segment.kind != "layer":  # ffn: the sub-block's own names (post_attention_layernorm + mlp, or fc1/fc2's)
+        one = config.one_block(segment, start)
+        source = {k: source[k] for k in transformer.abstract_params(one)["segments"][transformer.segment_key(0)]}
+    # layer `start` copied one leaf at a time, each copy waited for: a 7B's layer is 0.4 GiB, and copies queued ahead
+    # by asynchronous dispatch (or made in several steps: a slice, then a copy) would each hold another
+    if seg.kind == "layers":
+        return jax.tree.map(lambda a: jax.block_until_ready(a[start - first]), source)
+    return jax.tree.map(lambda a: jax.block_until_ready(jnp.copy(a)), source)
 
 
 def prune_params(config: ModelConfig, params, start: int, length: int, replacement: str = "layer",
@@ -208,6 +209,7 @@ def _split_leaf(a, ranges) -> list:
         data = shard.data
         for k, (lo, hi) in enumerate(ranges):
             per_range[k].append(data[lo:hi])
+        jax.block_until_ready(per_range)
         data.delete()
     return [jax.make_array_from_single_device_arrays((hi - lo,) + a.shape[1:], a.sharding, arrays)
             for (lo, hi), arrays in zip(ranges, per_range)]

@@ -102,3 +102,37 @@ def test_a_bf16_forward_holds_no_float32_copy_of_its_layers():
 
     compiled = backend.jit_for("bfloat16", logits).lower(params, ids).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < stack
+
+
+@pytest.mark.parametrize("for_memory", [True, False])
+def test_a_float32_products_forward_converts_one_bf16_weight_at_a_time_when_scheduled_for_memory(for_memory):
+    """bf16 weights with float32 products: XLA:CPU's default scheduler converts all of a scanned layer's weights at the
+    top of the layer, so a forward holds that layer in float32 whole; scheduled for memory (as the run compiles where
+    the weights fill the host: backend.schedule_for_memory) each is converted just before its product, and the
+    temporaries stay under one layer in float32. Without it the same program holds the whole layer."""
+    import jax
+    import jax.numpy as jnp
+
+    from streamline_jax.models import transformer
+    from streamline_jax.models.config import ModelConfig
+
+    if not backend.cpu_options(backend.MEMORY_SCHEDULER):
+        pytest.skip("this jaxlib's CPU compiler does not take the scheduler option")
+    config = ModelConfig(family="llama", model_type="llama", vocab_size=64, hidden_size=128, intermediate_size=1024,
+                         num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32, max_position_embeddings=64,
+                         dtype="bfloat16", compute_dtype="float32")
+    params = transformer.abstract_params(config)
+    layer_f32 = sum(a.size * 4 for a in jax.tree.leaves(params["segments"])) // config.num_layers
+    ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+
+    def logits(params, ids):
+        return transformer.apply(config, params, ids)["logits"]
+
+    backend.schedule_for_memory(for_memory)
+    try:
+        assert (backend.MEMORY_SCHEDULER.items() <= backend.compiler_options("float32").items()) == for_memory
+        compiled = backend.jit_for("float32", logits).lower(params, ids).compile()
+    finally:
+        backend.schedule_for_memory(False)
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert (temp < 0.75 * layer_f32) == for_memory, (temp, layer_f32)  # 0.59 and 1.02 of a layer here

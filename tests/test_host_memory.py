@@ -84,3 +84,21 @@ def test_orbax_may_write_the_largest_shard_at_once_and_no_more_than_the_floor_ot
     assert host_memory.save_concurrent_gb(small) == host_memory.SAVE_CONCURRENT_GB
     big = {"w": jax.ShapeDtypeStruct((152064, 3584), jnp.bfloat16), "b": jnp.zeros(3)}
     assert host_memory.save_concurrent_gb(big) * 1e9 >= 152064 * 3584 * 2
+
+
+@pytest.mark.parametrize("fills", [True, False])
+def test_the_run_compiles_for_memory_only_where_the_weights_fill_the_host(tiny_files, monkeypatch, fills):
+    """Where the weights fill the host, the load stage has every later CPU program scheduled for memory
+    (backend.MEMORY_SCHEDULER); elsewhere (the embedded model on a laptop) for speed, XLA's default."""
+    from streamline_jax import backend, pipeline
+    from streamline_jax.settings import build_config
+
+    monkeypatch.setattr(pipeline, "weights_fill_host", lambda weight_bytes, platform: fills)
+    c, _ = build_config(None, None, [f"model.source={tiny_files['llama']}", "model.compute_dtype=float32",
+                                     "data.seq_len=64"])
+    backend.schedule_for_memory(not fills)
+    try:
+        pipeline.load_stage(c, None, None, None)
+        assert backend.schedules_for_memory() is fills
+    finally:
+        backend.schedule_for_memory(False)

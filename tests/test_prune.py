@@ -207,3 +207,7 @@ def test_split_stack_lets_the_pruned_model_hold_the_dense_models_arrays(pair):
         leaves = [jax.tree.leaves(m.params["segments"][kept]) for m in (dense, pruned)]
         assert all(a is b for a, b in zip(*leaves))
     assert all(a.is_deleted() for a in jax.tree.leaves(model.params["segments"]["seg_0"]))
+    # the block starts as a copy of the span's first layer, in buffers of its own (it trains; the span stays)
+    span, block = (jax.tree.leaves(m.params["segments"]["seg_1"]) for m in (dense, pruned))
+    assert not {a.unsafe_buffer_pointer() for a in block} & {a.unsafe_buffer_pointer() for a in span}
+    assert all(np.array_equal(np.asarray(a[0]), np.asarray(b)) for a, b in zip(span, block))
