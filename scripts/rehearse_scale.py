@@ -214,13 +214,16 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def rss_bytes(pid: int, field: str = "VmRSS") -> int:
-    """/proc's VmRSS (or another of its sizes, e.g. VmHWM: the peak so far) of process `pid`, in bytes."""
+def rss_and_peak(pid: int) -> tuple[int, int]:
+    """/proc's VmRSS and VmHWM (the peak so far) of process `pid` in bytes, read at once; 0 once it has exited."""
+    found = {}
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-    except (OSError, StopIteration):  # exited meanwhile
-        return 0
+            found = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f
+                     if line.startswith(("VmRSS:", "VmHWM:"))}
+    except OSError:  # exited meanwhile
+        pass
+    return found.get("VmRSS", 0), found.get("VmHWM", 0)
 
 
 def current_stage(log: Path) -> str:
@@ -245,7 +248,7 @@ def run_child(command: list[str], env: dict, log: Path, watch: Path | None = Non
                 if done.wait(0.2):
                     return
                 name = current_stage(log)
-                rss, hwm = rss_bytes(child.pid), rss_bytes(child.pid, "VmHWM")
+                rss, hwm = rss_and_peak(child.pid)
                 peak = max(rss, hwm if hwm > high else 0)  # a new high-water mark was set in this stage
                 high = max(high, hwm)
                 seen["stage_peaks"][name] = max(seen["stage_peaks"].get(name, 0), peak)

@@ -115,13 +115,10 @@ def _block_params(config: ModelConfig, params, start: int, segment: Segment, rng
         module = transformer.block_module(config, segment)
         x = jnp.zeros((1, 1, config.hidden_size), jnp.float32)
         return nn.meta.unbox(module.init(rng, x)["params"])
-    (i, seg, first), = [(i, seg, first) for i, (seg, first) in enumerate(zip(config.layout,
-                                                                          transformer.layer_offsets(config)))
-                        if first <= start < first + seg.num_layers]
+    seg, source, first = transformer.segment_at(config, params, start)
     if seg.kind not in ("layers", "layer", segment.kind):
         raise ValueError(f"cannot initialise a {segment.kind!r} block from layer {start}, which is a {seg.kind!r} "
                          f"block")
-    source = params["segments"][transformer.segment_key(i)]
     if segment.kind != "layer":  # ffn: the sub-block's own names (post_attention_layernorm + mlp, or fc1/fc2's)
         one = config.one_block(segment, start)
         source = {k: source[k] for k in transformer.abstract_params(one)["segments"][transformer.segment_key(0)]}

@@ -476,8 +476,8 @@ def shared_prefix_depth(config_a: ModelConfig, params_a, config_b: ModelConfig, 
         return None
     depth = 0
     while depth < min(config_a.depth, config_b.depth):
-        (seg_a, p_a, first_a), (seg_b, p_b, first_b) = (_segment_at(config_a, params_a, depth),
-                                                         _segment_at(config_b, params_b, depth))
+        (seg_a, p_a, first_a), (seg_b, p_b, first_b) = (segment_at(config_a, params_a, depth),
+                                                         segment_at(config_b, params_b, depth))
         if seg_a.kind not in ("layers", "layer") or seg_b.kind not in ("layers", "layer"):
             break
         if first_a == first_b and _identical(p_a, p_b):  # a pruned model's kept segment: the dense model's arrays
@@ -499,7 +499,7 @@ def segment_starts(config: ModelConfig) -> list[tuple[str, Segment, int]]:
     return [(segment_key(i), seg, first) for i, (seg, first) in enumerate(zip(config.layout, layer_offsets(config)))]
 
 
-def _segment_at(config: ModelConfig, params, layer: int):
+def segment_at(config: ModelConfig, params, layer: int):
     """(segment, its parameters, its first layer) of the layout segment that holds stack layer `layer`."""
     for key, seg, first in segment_starts(config):
         if first <= layer < first + seg.num_layers:

@@ -121,16 +121,16 @@ def freeze_labels(block_params, freeze: Sequence[str]):
 SIDES_OF_BLOCK = ("before_block", "after_block")
 
 
-def _keyword_regex(pattern: str, pruned_params, block: Block) -> str | None:
-    """The regex a `trainable` keyword stands for ("" where it selects nothing), or None for a plain regex."""
+def _pattern_regexes(pattern: str, pruned_params, block: Block) -> list[str]:
+    """The regexes a `trainable` pattern stands for: a keyword's (none for a side without layers), or itself."""
     if pattern == "block":
-        return re.escape(f"segments/{block.key}/") + ".*"
+        return [re.escape(f"segments/{block.key}/") + ".*"]
     if pattern not in SIDES_OF_BLOCK:
-        return None
+        return [pattern]
     here = transformer.segment_index(block.key)
-    keys = [k for k in pruned_params["segments"]
-            if (transformer.segment_index(k) < here) == (pattern == "before_block") and k != block.key]
-    return "segments/(" + "|".join(re.escape(k) for k in keys) + ")/.*" if keys else ""
+    before = pattern == "before_block"
+    return [re.escape(f"segments/{k}/") + ".*" for k in pruned_params["segments"]
+            if (transformer.segment_index(k) < here if before else transformer.segment_index(k) > here)]
 
 
 def trained_paths(pruned_params, block: Block, trainable: Sequence[str] = ("block",),
@@ -147,19 +147,17 @@ def trained_paths(pruned_params, block: Block, trainable: Sequence[str] = ("bloc
     paths = [param_path(k) for k, _ in jax.tree_util.tree_leaves_with_path(pruned_params)]
     selected = set()
     for pattern in trainable:
-        keyword = _keyword_regex(pattern, pruned_params, block)
-        if keyword == "":
-            continue
-        try:
-            regex = re.compile(keyword or pattern)
-        except re.error as e:
-            raise ValueError(f"trainable pattern {pattern!r} is not a regular expression: {e}") from None
-        hits = {p for p in paths if regex.fullmatch(p)}
-        if not hits:
-            groups = sorted({"/".join(p.split("/")[:3]) for p in paths})
-            raise ValueError(f"trainable pattern {pattern!r} matches none of the pruned model's parameter paths "
-                             f"(it must match a whole path); they start with {groups}")
-        selected |= hits
+        for expression in _pattern_regexes(pattern, pruned_params, block):
+            try:
+                regex = re.compile(expression)
+            except re.error as e:
+                raise ValueError(f"trainable pattern {pattern!r} is not a regular expression: {e}") from None
+            hits = {p for p in paths if regex.fullmatch(p)}
+            if not hits:
+                groups = sorted({"/".join(p.split("/")[:3]) for p in paths})
+                raise ValueError(f"trainable pattern {pattern!r} matches none of the pruned model's parameter paths "
+                                 f"(it must match a whole path); they start with {groups}")
+            selected |= hits
     labels = freeze_labels(pruned_params["segments"][block.key], freeze)
     if labels is not None:
         selected -= {f"segments/{block.key}/{param_path(k)}"
