@@ -16,6 +16,7 @@ head; the KL over the top k and the tail): compare it with `kd_cached`.
 
     python scripts/bench_backward.py [--batch 8] [--seq 512] [--reps 2] [--top-k 64] [--losses kd,kd_cached,kd_cached_topk,kd_autodiff,lm,mse_cached]
     python scripts/bench_backward.py --batch 2 --weights bfloat16 --kd-chunk-tokens 256 --losses kd_cached,kd_cached_topk
+    python scripts/bench_backward.py --losses kd_cached --trainable block,after_block   # the default distillation
 
 The second in a small host memory (~1.5 GB): bf16 weights, the distillation's head a quarter of its chunk at a time.
 """
@@ -38,6 +39,8 @@ def main():
     p.add_argument("--losses", default="kd,kd_cached,kd_cached_topk,kd_autodiff,lm,mse_cached")
     p.add_argument("--top-k", type=int, default=64, help="kd_cached_topk's k (train.kd_top_k)")
     p.add_argument("--weights", default="float32", help="the weights' dtype as loaded (products in bf16 either way)")
+    p.add_argument("--trainable", default="block", help="comma-separated train.trainable patterns of the steps "
+                   "(e.g. block,after_block: the embedded preset's distillation)")
     p.add_argument("--kd-chunk-tokens", type=int, default=None, help="tokens a distillation head chunk (default: "
                    "train.losses.KD_CHUNK_TOKENS)")
     args = p.parse_args()
@@ -66,7 +69,7 @@ def main():
                "kd_autodiff": {"input_ids": ids, "attention_mask": mask},
                "mse_cached": {"x_in": x, "target": x, "attention_mask": mask}}
     block = train.trainable_blocks(pruned.config)[0]
-    paths = set(train.trained_paths(pruned.params, block, ("block",), ("attention",)))
+    paths = set(train.trained_paths(pruned.params, block, args.trainable.split(","), ("attention",)))
     trained, frozen_pruned = train.split_params(pruned.params, paths.__contains__)
     trained = jax.tree.map(lambda a: a.astype(jnp.float32), trained)
     frozen = {"pruned": frozen_pruned, "dense": dense.params}

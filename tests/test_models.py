@@ -129,6 +129,34 @@ def test_low_precision_backward_off_is_jaxs_own_transpose(monkeypatch):
     assert any("f32" in o for o in dot_operands())
 
 
+def test_low_precision_backward_makes_only_the_gradients_asked_for():
+    """A frozen weight's gradient is not made: differentiating a bf16 product in one input compiles one backward
+    product (two in all), in both inputs two; the gradients are JAX's own transpose's, within bf16 rounding."""
+    from streamline_jax.models import layers
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 2)
+    a, b = jax.random.normal(keys[0], (3, 4), jnp.bfloat16), jax.random.normal(keys[1], (4, 5), jnp.float32)
+
+    def grad(argnums):
+        return jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.sin(layers.product("ij,jk->ik", a, b))), argnums))
+
+    def dots(argnums):
+        return grad(argnums).lower(a, b.astype(jnp.bfloat16)).as_text().count("stablehlo.dot_general")
+
+    assert (dots(0), dots(1), dots((0, 1))) == (2, 2, 3)
+    b16 = b.astype(jnp.bfloat16)
+    (da, db), da_only, db_only = grad((0, 1))(a, b16), grad(0)(a, b16), grad(1)(a, b16)
+    assert (da.dtype, db.dtype) == (jnp.bfloat16, jnp.bfloat16)
+    np.testing.assert_array_equal(da, da_only)
+    np.testing.assert_array_equal(db, db_only)
+    exact = jax.grad(lambda a, b: jnp.sum(jnp.sin(a.astype(jnp.float32) @ b)), (0, 1))(a, b16.astype(jnp.float32))
+    np.testing.assert_allclose(da.astype(jnp.float32), exact[0], rtol=0.05, atol=0.05)
+    np.testing.assert_allclose(db.astype(jnp.float32), exact[1], rtol=0.05, atol=0.05)
+    # mixed inputs: each gradient in its own input's dtype
+    mixed = jax.grad(lambda a, b: jnp.sum(layers.product("ij,jk->ik", a, b)), 0)(a, b)
+    assert mixed.dtype == jnp.bfloat16
+
+
 def test_blocked_causal_attention_keeps_fully_masked_rows_finite():
     """Left padding leaves the first queries no key to see; the blocked softmax, normalised after the value
     product, must still give finite outputs and gradients there (the rows are ignored, but a NaN would spread)."""

@@ -218,12 +218,16 @@ COMMANDS: dict[str, Run] = {
     "data.batch_size=4 eval.batch_size=8 samples.prompts=[]": Run("parse", "two real-model runs: 25 minutes"),
     "python scripts/bench_backward.py --batch 2 --weights bfloat16 --kd-chunk-tokens 256 "
     "--losses kd_cached,kd_cached_topk": PARSE_BENCH,
+    "python scripts/bench_backward.py --losses kd_cached --trainable block,after_block": PARSE_BENCH,
     "python scripts/bench_attention.py [--batch 8] [--seq 512] [--dtype bfloat16] [--reps 3]": PARSE_BENCH,
     "python scripts/profile_forward.py [--batch 8] [--seq 512] [--causal-block 128] [--trace [--torch]]": PARSE_BENCH,
     "python scripts/bench_default.py": PARSE_BENCH,  # bench_default's and bench_pipeline's, once the README names them
     "python scripts/bench_default.py --config paper": PARSE_BENCH,
     "python scripts/bench_default.py --keep runs/bench_default": PARSE_BENCH,
     "python scripts/bench_default.py 'train.distill_trainable=[block,\"segments/.*\"]'": PARSE_BENCH,
+    "python scripts/bench_default.py model.compute_dtype=float32": PARSE_BENCH,
+    "python scripts/bench_default.py train.distill_lr_beyond_block=1e-3": PARSE_BENCH,
+    "python scripts/bench_default.py train.distill_lr_beyond_block=5e-4": PARSE_BENCH,
     "python scripts/bench_pipeline.py": PARSE_BENCH,
     "python scripts/bench_pipeline.py --calib-chunks 8 --train-chunks 16 --valid-chunks 8": PARSE_BENCH,
     "python scripts/bench_pipeline.py --calib-chunks 50 --train-chunks 1000 --valid-chunks 100 --rounds 2": PARSE_BENCH,
@@ -275,6 +279,10 @@ COMMANDS: dict[str, Run] = {
         "parse", "a 7B model in 17 GB of memory for many minutes; tests/test_rehearse_scale.py runs it tiny"),
     "python scripts/rehearse_scale.py --preset llama2-7b --devices 8 --batch 1 --set 'train.distill_trainable=[block]'":
         Run("parse", "llama2-7b end to end: 17 GB of memory, 7 minutes; tests/test_rehearse_scale.py runs it tiny"),
+    "python scripts/rehearse_scale.py --preset llama2-7b --devices 8 --batch 1 --set 'train.distill_trainable=[block]' "
+    "--set model.compute_dtype=float32": Run(
+        "parse", "llama2-7b with float32 products: 16 GB of memory, 7 minutes; tests/test_rehearse_scale.py runs it "
+        "tiny"),
     "python scripts/rehearse_scale.py --config-json runs/mem/l7b4.json --devices 8 --batch 1 --set "
     "'train.distill_trainable=[block]'": Run(
         "parse", "4 llama2-7b layers: 6 GB of memory, 2 minutes; tests/test_rehearse_scale.py runs it tiny"),

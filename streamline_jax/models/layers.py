@@ -41,29 +41,34 @@ def product(spec: str, a, b):
     indices appear in the other input or the output."""
     if (a.dtype == jnp.float32 and b.dtype == jnp.float32) or not LOW_PRECISION_BACKWARD:
         return jnp.einsum(spec, a, b, preferred_element_type=ACTIVATION_DTYPE)
-    return _low_precision_product(spec, a, b)
+    return _low_precision_product(spec, jnp.dtype(a.dtype), jnp.dtype(b.dtype), a, b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _low_precision_product(spec, a, b):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _low_precision_product(spec, a_dtype, b_dtype, a, b):
     return jnp.einsum(spec, a, b, preferred_element_type=ACTIVATION_DTYPE)
 
 
-def _low_precision_product_fwd(spec, a, b):
-    return jnp.einsum(spec, a, b, preferred_element_type=ACTIVATION_DTYPE), (a, b)
+def _low_precision_product_fwd(spec, a_dtype, b_dtype, a, b):
+    # symbolic zeros: each input says whether it is differentiated, so a frozen weight's gradient (a product the
+    # size of the layer's forward one) is not made, nor its input kept for it
+    out = jnp.einsum(spec, a.value, b.value, preferred_element_type=ACTIVATION_DTYPE)
+    return out, (a.value if b.perturbed else None, b.value if a.perturbed else None)
 
 
-def _low_precision_product_bwd(spec, saved, g):
-    a, b = saved
+def _low_precision_product_bwd(spec, a_dtype, b_dtype, saved, g):
+    a, b = saved  # a is kept where b's gradient is wanted, b where a's is
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None
     operands, out = spec.split("->")
     sa, sb = operands.split(",")
-    g = g.astype(jnp.promote_types(a.dtype, b.dtype))
-    da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=ACTIVATION_DTYPE)
-    db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=ACTIVATION_DTYPE)
-    return da.astype(a.dtype), db.astype(b.dtype)
+    g = g.astype(jnp.promote_types(a_dtype, b_dtype))
+    da = None if b is None else jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=ACTIVATION_DTYPE)
+    db = None if a is None else jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=ACTIVATION_DTYPE)
+    return (None if da is None else da.astype(a_dtype)), (None if db is None else db.astype(b_dtype))
 
 
-_low_precision_product.defvjp(_low_precision_product_fwd, _low_precision_product_bwd)
+_low_precision_product.defvjp(_low_precision_product_fwd, _low_precision_product_bwd, symbolic_zeros=True)
 
 
 def trailing_product_spec(x_rank: int, contracted: int, kernel_rank: int) -> str:
