@@ -63,9 +63,11 @@ def _low_precision_product_bwd(spec, a_dtype, b_dtype, saved, g):
     operands, out = spec.split("->")
     sa, sb = operands.split(",")
     g = g.astype(jnp.promote_types(a_dtype, b_dtype))
-    da = None if b is None else jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=ACTIVATION_DTYPE)
-    db = None if a is None else jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=ACTIVATION_DTYPE)
-    return (None if da is None else da.astype(a_dtype)), (None if db is None else db.astype(b_dtype))
+    da = None if b is None else jnp.einsum(f"{out},{sb}->{sa}", g, b,
+                                           preferred_element_type=ACTIVATION_DTYPE).astype(a_dtype)
+    db = None if a is None else jnp.einsum(f"{sa},{out}->{sb}", a, g,
+                                           preferred_element_type=ACTIVATION_DTYPE).astype(b_dtype)
+    return da, db
 
 
 _low_precision_product.defvjp(_low_precision_product_fwd, _low_precision_product_bwd, symbolic_zeros=True)
