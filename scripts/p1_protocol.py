@@ -9,8 +9,9 @@ first 128 windows of 1024 tokens, PIQA accuracy on the first 1000 items (with it
 The MSE rows share one tensorstore cache of the frozen span's (input, target) pairs, so the frozen model runs once.
 Each finished row is appended to OUT/results.json, and a rerun skips rows already there.
 
-    python scripts/p1_protocol.py [--out runs/p1] [--rows ROW,...] [--ridge 1e-4] [--fit-weighting token|uniform]
-        [--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine --warmup N]
+    python scripts/p1_protocol.py [--out runs/p1] [--rows ROW,...] [--ridge 1e-4]
+        [--fit-weighting token|uniform|balanced] [--shuffle [--seed 0]] [--piqa-items 0]
+        [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine --warmup N]
         [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name]
         [--compute-dtype float32|bfloat16|auto] [--trainable block,segments/seg_2/.*mlp.*]
         [--kd-temperature 1 --kd-ce-weight 0 --kd-hidden-layers -1 --kd-hidden-weight 0]

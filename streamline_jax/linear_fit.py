@@ -26,8 +26,10 @@ its output is h + f(h) W_down, h = x + attention(x), so W_down is the least-squa
 f(h) to y - h, with h and f(h) read off the block's own forward (its output less its projection's output). Nothing
 new is added: the exported model is the family's stock layer with other down-projection values. Where a norm
 follows the projection (Gemma's post_feedforward_layernorm, post-norm OPT) the output is not linear in it and the fit
-is refused. On SmolLM2 the fit wants `uniform` weighting: the span makes position 0's massive activation, and a
-`token` fit that neglects it wrecks the attention of every later token (docs/results.md, issue 47).
+is refused. On SmolLM2 the fit wants `uniform` or `balanced` weighting: the span makes position 0's massive
+activation, and a `token` fit that neglects it wrecks the attention of every later token (docs/results.md, issue
+47). The ridge pulls towards the projection the block starts with: 0 for `linear` and `mlp` (the identity), the
+copied layer's for `layer` and `ffn`, so a large ridge gives back the copy and a small one the plain fit.
 
 Per calibration batch one jitted step (sharded like the batch on a mesh; XLA reduces the sums over devices) returns
 X^T X, X^T R, sum |R|^2, the `none` replacement's sum |y - x|^2 and the token count, masked by the attention mask,
@@ -53,10 +55,10 @@ from .models.config import ModelConfig, Segment
 from .models.layers import Dense
 from .models.model import Model
 from .sharding import place_batch
-from .train import Block, span_pairs, trainable_blocks
+from .train import Block, mse_token_weights, span_pairs, trainable_blocks
 
 FITTABLE = ("linear", "mlp", "ffn", "layer")
-WEIGHTINGS = ("uniform", "token")
+WEIGHTINGS = ("uniform", "token", "balanced")
 OUTPUT_PROJECTIONS = ("linear", "fc2", "down_proj")  # the Dense that ends each fittable block
 DEFAULT_RIDGE = 1e-4
 
@@ -106,8 +108,9 @@ def fit_sums_fn(dense_config: ModelConfig, pruned_config: ModelConfig, block: Bl
     sum |y - x|^2, tokens), float32: X the block's projection input (plus a ones column when the projection has a
     bias), R = y - (the block's output less its projection's), y the span's output, x its input (so |y - x|^2 is
     the `none` replacement's error; R = y - x for the blocks whose rest is the identity).
-    `token` weighs each token's squared error by 1 / its target's mean square (relative errors, as `train.masked_mse`
-    does): the massive activation SmolLM2's span creates at position 0 (norm ~23,000) would otherwise own the fit."""
+    `weighting`: 1 a token (`uniform`), 1 / its target's mean square (`token`), or the MSE phase's own (`balanced`,
+    `train.mse_token_weights`: the fit's optimum is the MSE phase's on the same batches). Under `uniform` the
+    massive activation SmolLM2's span creates at position 0 (norm ~23,000) owns the fit."""
     def sums(dense_params, block_params, ids, mask):
         x_in, target = span_pairs(dense_config, dense_params, ids, mask, block.start, block.length)
         attn, positions = transformer.causal_masks(dense_config, mask)
@@ -115,9 +118,10 @@ def fit_sums_fn(dense_config: ModelConfig, pruned_config: ModelConfig, block: Bl
         feats = feats.astype(jnp.float32)
         if bias:
             feats = jnp.concatenate([feats, jnp.ones_like(feats[..., :1])], axis=-1)
-        real = mask.astype(jnp.float32)[..., None]
-        if weighting == "token":
-            real = real / (jnp.mean(jnp.square(target), axis=-1, keepdims=True) + 1e-6)
+        real = mse_token_weights(target, mask, weighting)  # as the MSE phase weighs a batch's tokens
+        if weighting != "balanced":  # but uniform and token weigh a token alike in every batch (ReplaceMe's sums)
+            real = real * jnp.maximum(jnp.sum(mask > 0), 1).astype(jnp.float32)
+        real = real[..., None]
         rest = out.astype(jnp.float32) - projected.astype(jnp.float32)
         residual = (target - rest) * jnp.sqrt(real)
         hi = jax.lax.Precision.HIGHEST
@@ -129,9 +133,9 @@ def fit_sums_fn(dense_config: ModelConfig, pruned_config: ModelConfig, block: Bl
     return jit_for(transformer.compute_dtype(dense_config), sums)
 
 
-def ridge_solve(xtx, xtr, ridge: float):
-    """argmin_W |X W - R|^2 + lam |W|^2 from the sums, lam = ridge * trace(X^T X) / F (relative, so one setting suits
-    any model width and activation scale), in float64."""
+def ridge_solve(xtx, xtr, ridge: float, towards=None):
+    """argmin_W |X W - R|^2 + lam |W - W0|^2 from the sums, lam = ridge * trace(X^T X) / F (relative, so one setting
+    suits any model width and activation scale), W0 = `towards` (None: 0), in float64."""
     xtx, xtr = np.asarray(xtx, np.float64), np.asarray(xtr, np.float64)
     lam = ridge * np.trace(xtx) / len(xtx)
     singular = FitError(f"the calibration features are rank-deficient ({len(xtx)} features; fewer calibration "
@@ -142,7 +146,8 @@ def ridge_solve(xtx, xtr, ridge: float):
         if eig[0] <= eig[-1] * len(xtx) * np.finfo(np.float32).eps:
             raise singular
     try:
-        return np.linalg.solve(xtx + lam * np.eye(len(xtx)), xtr)
+        rhs = xtr if towards is None or lam == 0 else xtr + lam * np.asarray(towards, np.float64)
+        return np.linalg.solve(xtx + lam * np.eye(len(xtx)), rhs)
     except np.linalg.LinAlgError:
         raise singular from None
 
@@ -216,12 +221,12 @@ def _fit_block(dense: Model, pruned: Model, block: Block, segments, batches, rid
     xtx, xtr, r2, none, tokens = fit_block_sums(dense, pruned, block, batches, weighting)
     if tokens <= 0:
         raise FitError("no real (unmasked) tokens in the calibration batches")
-    w = ridge_solve(xtx, xtr, ridge)
     path, bias = _projection_site(pruned.config, block, segments[block.key])
     node = _node(segments[block.key], path)
     start = np.asarray(node["kernel"], np.float64)
     if bias:
         start = np.concatenate([start, np.asarray(node["bias"], np.float64)[None]])
+    w = ridge_solve(xtx, xtr, ridge, towards=start)  # a copied layer's projection, else 0 (blocks start there)
     _set(segments[block.key], path, "kernel", w[:-1] if bias else w)
     if bias:
         _set(segments[block.key], path, "bias", w[-1])
@@ -234,7 +239,8 @@ def fit_linear(dense: Model, pruned: Model, batches: Iterable, ridge: float = DE
                weighting: str = "uniform") -> tuple[Model, list]:
     """Fit the output projection of every `linear`, `mlp`, `ffn` or `layer` block of `pruned` on the dense model's span
     (input, output) pairs over the calibration `batches` (a re-iterable when there are several blocks), each token
-    weighted alike (`uniform`) or by 1 / its target's mean square (`token`).
+    weighted alike (`uniform`), by 1 / its target's mean square (`token`), or as the MSE phase weighs it
+    (`balanced`); the ridge pulls towards the block's starting projection (`ridge_solve`).
     Returns (the model with those projections replaced, [FitResult per block])."""
     if not (isinstance(ridge, (int, float)) and ridge >= 0):
         raise FitError(f"ridge must be a non-negative number, got {ridge!r}")

@@ -88,6 +88,7 @@ class PruneSection:
     init: str = "default"  # `linear`: fit an mlp/ffn/layer block's output projection in closed form before training
     ridge: float = 1e-4  # of the closed-form fits (`linear` blocks, init=linear), relative to trace(X^T X)/width
     fit_weighting: str = "token"  # of the closed-form fits: token (relative error per token) | uniform (ReplaceMe's)
+    #                               | balanced (the MSE phase's weighting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,6 +368,7 @@ def check_values(c: RunConfig) -> None:
     """Choices and ranges, before any work."""
     from .export_gguf import GGUF_TYPES
     from .pruning import REPLACEMENTS
+    from .linear_fit import WEIGHTINGS as FIT_WEIGHTINGS
     from .score import SPAN_METRICS
     from .train.options import LR_SCHEDULES, MODES, MSE_WEIGHTINGS
 
@@ -380,7 +382,7 @@ def check_values(c: RunConfig) -> None:
     choice("prune.replacement", c.prune.replacement, REPLACEMENTS)
     choice("export.gguf_type", c.export.gguf_type, GGUF_TYPES)
     choice("prune.init", c.prune.init, PRUNE_INITS)
-    choice("prune.fit_weighting", c.prune.fit_weighting, ("token", "uniform"))
+    choice("prune.fit_weighting", c.prune.fit_weighting, FIT_WEIGHTINGS)
     if c.prune.init == "linear" and c.prune.replacement not in ("mlp", "ffn", "layer"):
         raise ConfigError(f"prune.init=linear fits the output projection of an mlp, ffn or layer block, not of "
                           f"prune.replacement={c.prune.replacement!r} (a `linear` block is always fitted)")

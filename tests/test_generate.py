@@ -203,12 +203,16 @@ def test_decoding_compiles_once_per_shape():
 # Sampling
 
 
-def test_temperature_top_k_top_p_filter_like_transformers():
+@pytest.mark.parametrize("vocab, scale", [(200, 3.0), (4000, 3.0), (4000, 0.3)])
+def test_temperature_top_k_top_p_filter_like_transformers(vocab, scale):
+    """A vocabulary under NUCLEUS_CANDIDATES, and over it with a peaked (the nucleus inside the top 256) and a flat
+    distribution (the nucleus beyond it: the whole sort); top-k under and over 256."""
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
 
-    logits = np.random.default_rng(0).normal(size=(4, 200)).astype(np.float32) * 3
-    for temperature, k, p in [(1.0, 0, 0.9), (0.7, 10, 1.0), (1.5, 50, 0.6), (1.0, 0, 0.05), (0.5, 3, 0.99)]:
+    logits = np.random.default_rng(0).normal(size=(4, vocab)).astype(np.float32) * scale
+    for temperature, k, p in [(1.0, 0, 0.9), (0.7, 10, 1.0), (1.5, 50, 0.6), (1.0, 0, 0.05), (0.5, 3, 0.99),
+                              (1.0, 1000, 0.9), (1.0, 300, 1.0)]:
         ref = torch.tensor(logits)
         ref = TemperatureLogitsWarper(temperature)(None, ref)
         if k:

@@ -247,6 +247,55 @@ def test_init_linear_layer_equals_numpy_least_squares_given_the_copied_attention
     assert result.start_error == pytest.approx(copied / none, rel=1e-3)
 
 
+def balanced_weights(batches, y):
+    """Each real token's weight in the `balanced` MSE (`train.masked_mse`), batch by batch, in numpy."""
+    out, lo = [], 0
+    for b in batches:
+        n = int(b["attention_mask"].sum())
+        size = np.mean(y[lo:lo + n] ** 2, axis=-1)
+        out.append(0.5 * (1 / (size.sum() + 1e-6) + 1 / (max(n, 1) * (size + 1e-6))))
+        lo += n
+    return np.concatenate(out)
+
+
+def test_balanced_layer_fit_is_the_mse_phase_optimum_and_its_ridge_pulls_towards_the_copy():
+    """`balanced`: weighted least squares with the MSE phase's own token weights, the ridge pulling towards the
+    copied projection: numpy's solve of the same problem; at ridge 0 the training loss (the balanced MSE summed over
+    the batches) has no gradient left in the projection; a huge ridge gives back the copy."""
+    from streamline_jax.train.losses import masked_mse
+
+    dense, path, batches = tiny_model(), PROJECTIONS["llama"], calibration()
+    pruned = prune(dense, START, LENGTH, "layer")
+    _, y = span_pairs_numpy(dense, batches)
+    rest, feats = layer_features(pruned, batches, path)
+    w = balanced_weights(batches, y)[:, None]
+    copy = projection(pruned, path)
+    xtx = feats.T @ (w * feats)
+    for ridge in (0.0, 0.3):
+        fitted, [result] = linear_fit.fit_linear(dense, pruned, batches, ridge=ridge, weighting="balanced")
+        lam = ridge * np.trace(xtx) / len(xtx)
+        expected = np.linalg.solve(xtx + lam * np.eye(len(xtx)), feats.T @ (w * (y - rest)) + lam * copy)
+        got = projection(fitted, path)
+        assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+    assert np.abs(got - copy).max() > 1e-3 * np.abs(copy).max()  # ridge 0.3 moved it
+
+    def loss(kernel):  # the MSE phase's loss on the calibration batches, as a function of the projection
+        out = jnp.asarray(rest) + jnp.asarray(feats, jnp.float32) @ kernel
+        total, lo = 0.0, 0
+        for b in batches:
+            n = int(b["attention_mask"].sum())
+            total += masked_mse(out[None, lo:lo + n], jnp.asarray(y[lo:lo + n])[None], jnp.ones((1, n)), "balanced")
+            lo += n
+        return total
+
+    fitted, _ = linear_fit.fit_linear(dense, pruned, batches, ridge=0.0, weighting="balanced")
+    at_fit, at_copy = (jax.grad(loss)(jnp.asarray(k, jnp.float32)) for k in (projection(fitted, path), copy))
+    assert float(jnp.abs(at_fit).max()) < 1e-2 * float(jnp.abs(at_copy).max())
+    assert float(loss(jnp.asarray(projection(fitted, path), jnp.float32))) < float(loss(jnp.asarray(copy, jnp.float32)))
+    held, _ = linear_fit.fit_linear(dense, pruned, batches, ridge=1e6, weighting="balanced")
+    assert np.abs(projection(held, path) - copy).max() < 1e-3 * np.abs(copy).max()
+
+
 def test_layer_fit_on_fewer_tokens_than_features_needs_the_ridge():
     """7 real tokens against the layer's 48 MLP features: X^T X is singular. Without a ridge: one clear error
     (numpy's solve would return noise, not raise); with one: a finite fit that beats the copied layer there."""

@@ -155,6 +155,15 @@ COMMANDS: dict[str, Run] = {
     "prune.init=default,linear prune.fit_weighting=uniform data.calib_chunks=32 data.batch_size=4 eval.batch_size=4 "
     "data.train_chunks=96 train.epochs=2 train.distill_steps=8 eval.limit=200 eval.ppl_windows=16": Run(
         "parse", "two trained points on the real model: an hour"),
+    # docs/results.md: the `balanced` fit (Session 34)
+    "python -m streamline_jax.run --out runs/s34/zero-copy --quiet --stages score,prune,evaluate data.calib_chunks=32 "
+    "data.batch_size=2 eval.batch_size=4 eval.limit=200 eval.ppl_windows=16": Run("parse", "the real model: 2 minutes"),
+    # docs/results.md: the teacher's top-k cache at P1's sizes (Session 34)
+    "python -m streamline_jax.run --out runs/s34/p1-topk --stages score,prune,train,evaluate data.calib_chunks=50 "
+    "data.train_chunks=1000 data.valid_chunks=100 score.num_layers=8 score.sparsity=null train.epochs=1 "
+    "eval.ppl_windows=128 eval.limit=1000 train.distill_steps=96 'train.distill_trainable=[block,\"segments/.*\"]' "
+    "train.kd_hidden_weight=1.0 'train.kd_hidden_layers=[22,26]' train.kd_top_k=64": Run(
+        "parse", "P1's sizes on the real model: 51 minutes"),
     "python -m streamline_jax.run --sweep score.sparsity=0.2,0.3 --sweep prune.replacement=none,layer": Run(
         "parse", "tests/test_sweep.py sweeps two settings at once on the tiny model"),
     "python -m streamline_jax.run --sweep score.spans=1,2 score.num_layers=8 score.sparsity=null": Run(
@@ -204,7 +213,8 @@ COMMANDS: dict[str, Run] = {
     "[--passes first,compiled,later]": PARSE_BENCH,
     "python scripts/bench_forward.py": PARSE_BENCH,
     "python scripts/bench_forward.py --shapes 4x512 --rounds 3": PARSE_BENCH,
-    "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N]": PARSE_BENCH,
+    "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N] [--sample]": PARSE_BENCH,
+    "python scripts/bench_generate.py --sample --batches 16 64 --new-tokens 256": PARSE_BENCH,
     "python scripts/bench_load.py [--layers 4] [--devices 8] [--mesh 1,8,1] [--keep DIR]": PARSE_BENCH,
     "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2] "
     "[--compute-dtype auto]": PARSE_BENCH,
@@ -228,6 +238,9 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_default.py model.compute_dtype=float32": PARSE_BENCH,
     "python scripts/bench_default.py train.distill_lr_beyond_block=1e-3": PARSE_BENCH,
     "python scripts/bench_default.py train.distill_lr_beyond_block=5e-4": PARSE_BENCH,
+    "python scripts/bench_default.py --keep runs/s34/e1_balfit prune.init=linear prune.fit_weighting=balanced "
+    "prune.ridge=0.03 data.calib_chunks=64": PARSE_BENCH,
+    "python scripts/bench_default.py --keep runs/s34/e2_self data.distill_text=self": PARSE_BENCH,
     "python scripts/bench_pipeline.py": PARSE_BENCH,
     "python scripts/bench_pipeline.py --calib-chunks 8 --train-chunks 16 --valid-chunks 8": PARSE_BENCH,
     "python scripts/bench_pipeline.py --calib-chunks 50 --train-chunks 1000 --valid-chunks 100 --rounds 2": PARSE_BENCH,
@@ -235,9 +248,9 @@ COMMANDS: dict[str, Run] = {
         "parse", "full PIQA and WikiText-2 on the real model"),
     "python scripts/score_smollm2.py [--length 8] [--chunks 50] [--seq-len 512] [--batch-size 8] [--table]": Run(
         "parse", "the real model on the real corpus"),
-    "python scripts/p1_protocol.py [--out runs/p1] [--rows ROW,...] [--ridge 1e-4] [--fit-weighting token|uniform] "
-    "[--shuffle [--seed 0]] [--piqa-items 0] [--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine "
-    "--warmup N] [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name] "
+    "python scripts/p1_protocol.py [--out runs/p1] [--rows ROW,...] [--ridge 1e-4] "
+    "[--fit-weighting token|uniform|balanced] [--shuffle [--seed 0]] [--piqa-items 0] "
+    "[--lr 2e-4 --min-lr 5e-5 --lr-schedule cosine --warmup N] [--grad-accum 1] [--authors-bidirectional] [--freeze self_attn,input_layernorm] [--tag name] "
     "[--compute-dtype float32|bfloat16|auto] [--trainable block,segments/seg_2/.*mlp.*] "
     "[--kd-temperature 1 --kd-ce-weight 0 --kd-hidden-layers -1 --kd-hidden-weight 0] "
     "[--distill-steps 0 --distill-lr 1e-3 --distill-freeze REGEX,... --distill-trainable REGEX,... "

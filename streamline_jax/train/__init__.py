@@ -33,6 +33,7 @@ _HOMES = {
                "split_params", "trainable_blocks", "trained_paths"),
     "losses": ("HEAD_KEYS", "KD_CHUNK_TOKENS", "LOSSES", "Distillation", "cached_kd_loss", "cached_mse_loss",
                "distillation_loss", "distillation_loss_by_autodiff", "kd_loss", "lm_loss", "masked_mse", "mse_loss",
+               "mse_token_weights",
                "span_pairs", "span_pairs_fn", "TOP_K_ARRAYS", "teacher_top_k_fn", "top_k_distillation_loss",
                "dense_params_read"),
     "optimizer": ("lr_schedule", "make_optimizer", "scale_updates_by_path", "warmup_steps_for"),

@@ -45,24 +45,28 @@ def span_pairs_fn(config: ModelConfig, start, length):
     return jit_for(transformer.compute_dtype(config), span_io)
 
 
+def mse_token_weights(target, mask, weighting="uniform"):
+    """[B, T] float32: each token's weight in `masked_mse`, which is the weighted sum of the tokens' mean squared
+    errors (the closed-form fits weigh their least squares the same way, `linear_fit`)."""
+    real = mask.astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(real), 1.0)
+    if weighting == "uniform":
+        return real / count
+    size = jnp.mean(jnp.square(target.astype(jnp.float32)), axis=-1)
+    per_token = real / (size + 1e-6) / count
+    if weighting == "token":
+        return per_token
+    return 0.5 * (real / (jnp.sum(size * real) + 1e-6) + per_token)
+
+
 def masked_mse(out, target, mask, weighting="uniform"):
     """Mean squared error over real tokens. In SmolLM2 the span's output at position 0 carries a massive activation
     (norm ~23,000 against ~200 elsewhere) that makes up ~98% of the plain (`uniform`) MSE of a block that starts as
     the identity. `token` divides each token's error by its target's mean square, so that token counts as one of
     many; `balanced` is the mean of the two relative errors (the batch's summed error over its summed target
     square, and `token`'s), so the massive tokens and the rest each steer about half of the gradient."""
-    target = target.astype(jnp.float32)
-    err = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=-1)
-    real = mask.astype(jnp.float32)
-    count = jnp.maximum(jnp.sum(real), 1.0)
-    if weighting == "uniform":
-        return jnp.sum(err * real) / count
-    size = jnp.mean(jnp.square(target), axis=-1)
-    per_token = jnp.sum(err / (size + 1e-6) * real) / count
-    if weighting == "token":
-        return per_token
-    pooled = jnp.sum(err * real) / (jnp.sum(size * real) + 1e-6)
-    return 0.5 * (pooled + per_token)
+    err = jnp.mean(jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32)), axis=-1)
+    return jnp.sum(err * mse_token_weights(target, mask, weighting))
 
 
 def _block_params(trained, frozen, block: Block):
