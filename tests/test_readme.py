@@ -241,6 +241,7 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_default.py --keep runs/s34/e1_balfit prune.init=linear prune.fit_weighting=balanced "
     "prune.ridge=0.03 data.calib_chunks=64": PARSE_BENCH,
     "python scripts/bench_default.py --keep runs/s34/e2_self data.distill_text=self": PARSE_BENCH,
+    "python scripts/bench_default.py --keep runs/s34/e3_self16 data.distill_text=self data.self_chunks=16": PARSE_BENCH,
     "python scripts/bench_pipeline.py": PARSE_BENCH,
     "python scripts/bench_pipeline.py --calib-chunks 8 --train-chunks 16 --valid-chunks 8": PARSE_BENCH,
     "python scripts/bench_pipeline.py --calib-chunks 50 --train-chunks 1000 --valid-chunks 100 --rounds 2": PARSE_BENCH,
