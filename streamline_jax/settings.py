@@ -367,8 +367,8 @@ def build_config(model: str | None = None, config_file: str | None = None,
 def check_values(c: RunConfig) -> None:
     """Choices and ranges, before any work."""
     from .export_gguf import GGUF_TYPES
-    from .pruning import REPLACEMENTS
     from .linear_fit import WEIGHTINGS as FIT_WEIGHTINGS
+    from .pruning import REPLACEMENTS
     from .score import SPAN_METRICS
     from .train.options import LR_SCHEDULES, MODES, MSE_WEIGHTINGS
 
