@@ -6,7 +6,9 @@ vocabulary's logits, so the tokens differ between the two sides).
 Ours is timed on its second call (the first compiles); transformers after a short warm-up. Tokens per second =
 batch * new tokens / wall time, prompt processing included (the prompt is short). Prints the compiles a run needs.
 
-    python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N] [--sample]
+    python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N] [--sample] [--ours-only]
+
+--ours-only skips transformers (e.g. to set two versions of the package side by side: PYTHONPATH=<other checkout>).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
     parser.add_argument("--sample", action="store_true", help="temperature 0.7, top-p 0.9 instead of greedy")
+    parser.add_argument("--ours-only", action="store_true", help="skip transformers' side")
     args = parser.parse_args()
     sampling = SAMPLING if args.sample else {}
     if args.torch_threads:
@@ -66,7 +69,8 @@ def main():
 
     ours = sj.load("smollm2-135m")
     path = embedded_gguf("smollm2-135m")
-    ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ref = None if args.ours_only else AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                            dtype=torch.float32).eval()
     ids = torch.tensor([ours.tokenizer(PROMPT)["input_ids"]])
     print(f"SmolLM2-135M float32, prompt {ids.shape[1]} tokens, {args.new_tokens} new tokens, "
           f"{'sampled at ' + str(sampling) if sampling else 'greedy'}; "
@@ -75,6 +79,9 @@ def main():
           f"{'compiles':>8} {'same tokens':>11}")
     for batch in args.batches:
         ours_tps, first, compiles, ours_tokens = bench_ours(ours, batch, args.new_tokens, sampling)
+        if args.ours_only:
+            print(f"{batch:>5} {ours_tps:>11.1f} {'-':>12} {'-':>6} {first:>13.1f} {compiles:>8} {'-':>11}")
+            continue
         torch_tps, torch_tokens = bench_torch(ref, ids, batch, args.new_tokens, sampling)
         print(f"{batch:>5} {ours_tps:>11.1f} {torch_tps:>12.1f} {ours_tps / torch_tps:>6.2f} {first:>13.1f} "
               f"{compiles:>8} {str(ours_tokens == torch_tokens):>11}")

@@ -227,7 +227,9 @@ def _self_data_line(made: dict) -> str:
     return (f"The distillation read the dense model's own text (data.distill_text=self, {made['cache']}): "
             f"{made['texts']} answers, {made['tokens']} tokens in {made['chunks']} chunks; {made['batches']} "
             f"batches, {made['batches_reused']} reused, the others generated in {made['generation_s']:.1f} s{speed}; "
-            f"chat template: {'yes' if made['chat_template'] else 'no'}.")
+            f"chat template: {'yes' if made['chat_template'] else 'no'}."
+            + (f" Each batch held {made['self_rows']} rows of them, the rest training chunks (data.self_mix; "
+               f"{made['corpus_chunks']} training chunks in all)." if made.get("self_rows") else ""))
 
 
 def _evaluation_lines(report: dict) -> list[str]:

@@ -67,6 +67,13 @@ class DataSection:
     self_top_p: float = 0.9
     self_batch_size: int = 16  # prompts answered at once
     self_chunks: int | None = None  # seq_len chunks of self data; null: one pass of the distillation's steps
+    self_mix: float = 1.0  # self: the share of each distillation batch's rows that are the model's own answers, the
+    # rest training chunks (the corpus's text beside the model's own)
+
+    @property
+    def self_rows(self) -> int:
+        """How many rows of each distillation batch are the model's own answers (self_mix of batch_size)."""
+        return min(self.batch_size, max(1, round(self.batch_size * self.self_mix)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,6 +394,12 @@ def check_values(c: RunConfig) -> None:
         raise ConfigError(f"prune.init=linear fits the output projection of an mlp, ffn or layer block, not of "
                           f"prune.replacement={c.prune.replacement!r} (a `linear` block is always fitted)")
     choice("data.distill_text", c.data.distill_text, DISTILL_TEXTS)
+    if not 0 < c.data.self_mix <= 1 or c.data.batch_size * c.data.self_mix < 1:
+        raise ConfigError(f"data.self_mix={c.data.self_mix!r} must be in (0, 1] and leave at least one row of each "
+                          f"distillation batch (data.batch_size={c.data.batch_size}) to the model's own answers")
+    if c.data.self_chunks is not None and c.data.self_chunks < c.data.self_rows:
+        raise ConfigError(f"data.self_chunks={c.data.self_chunks} fills no distillation batch: each holds "
+                          f"{c.data.self_rows} rows of the model's own answers (data.batch_size x data.self_mix)")
     if c.data.distill_text == "self" and not c.train.distils_after:
         raise ConfigError("data.distill_text=self is the text of the distillation phase, and there is none: set "
                           "train.distill_steps (with a train.mode other than kd)")

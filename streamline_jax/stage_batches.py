@@ -5,7 +5,10 @@ of what is cached from them."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
+
+import numpy as np
 
 from .run_folder import SELF_DATA
 from .run_inputs import Inputs, data_path
@@ -28,12 +31,13 @@ class ChunkBatches:
         return data.batches(train, self.batch_size, drop_last=True)
 
 
-def training_batches(c: RunConfig, tokenizer, inputs: Inputs, count: int | None = None) -> ChunkBatches:
-    """The first `count` training chunks (null: data.train_chunks) in batches, after the calibration chunks where
-    both come from one source."""
+def training_batches(c: RunConfig, tokenizer, inputs: Inputs, count: int | None = None,
+                     batch_size: int | None = None) -> ChunkBatches:
+    """The first `count` training chunks (null: data.train_chunks) in batches of `batch_size` (null:
+    data.batch_size), after the calibration chunks where both come from one source."""
     skip = c.data.calib_chunks if inputs.train_source is inputs.calib_source else 0
     return ChunkBatches(inputs.train_source, tokenizer, c.data.seq_len, skip, count or c.data.train_chunks,
-                        c.data.batch_size)
+                        batch_size or c.data.batch_size)
 
 
 def validation_batches(c: RunConfig, tokenizer, valid_source) -> list | None:
@@ -52,13 +56,15 @@ SELF_PAIR_CACHE = "self_data"  # in pair_cache/: the span's pairs of the self-da
 
 def distillation_batches(c: RunConfig, dense, inputs: Inputs, out: Path, train_batches):
     """(batches, chunk count, what was generated or None) of the distillation phase: the training chunks, or with
-    data.distill_text=self, chunks of the dense model's own answers (self_data; cached in `out`, resumable)."""
+    data.distill_text=self, chunks of the dense model's own answers (self_data; cached in `out`, resumable), with
+    data.self_mix < 1 beside training chunks in every batch (the answers cycled where there are fewer)."""
     from . import self_data
 
     d, t = c.data, c.train
     if d.distill_text != "self":
         return train_batches, d.train_chunks, None
-    chunks = d.self_chunks or t.distill_steps * t.grad_accum * d.batch_size
+    steps, self_rows = t.distill_steps * t.grad_accum, d.self_rows
+    chunks = d.self_chunks or steps * self_rows
     if d.self_prompts:
         prompts, prompt_source = self_data.read_prompts(data_path(d.self_prompts)), data_path(d.self_prompts)
     else:
@@ -71,8 +77,21 @@ def distillation_batches(c: RunConfig, dense, inputs: Inputs, out: Path, train_b
                               compute_dtype=dense.config.compute_dtype, prompts=_stamp(prompt_source),
                               sampling=dataclasses.asdict(sampling))
     made = self_data.self_texts(dense, prompts, out / SELF_DATA, chunks * d.seq_len, sampling, key)
-    batches = ChunkBatches(made.texts, dense.tokenizer, d.seq_len, 0, chunks, d.batch_size)
-    return (list(batches) if t.shuffle else batches), chunks, {**made.info, "chunks": chunks}
+    batches = ChunkBatches(made.texts, dense.tokenizer, d.seq_len, 0, chunks, self_rows)
+    info = {**made.info, "chunks": chunks}
+    if self_rows == d.batch_size:
+        return (list(batches) if t.shuffle else batches), chunks, info
+    corpus_rows = d.batch_size - self_rows
+    corpus_chunks = min(steps * corpus_rows, d.train_chunks)
+    corpus = training_batches(c, dense.tokenizer, inputs, corpus_chunks, corpus_rows)
+    pairs = zip(itertools.cycle(batches), itertools.cycle(corpus))  # both cycled where they have fewer batches
+    mixed = [_rows_together(own, read) for own, read in itertools.islice(pairs, steps)]
+    return mixed, len(mixed) * d.batch_size, {**info, "self_rows": self_rows, "corpus_chunks": corpus_chunks}
+
+
+def _rows_together(first: dict, second: dict) -> dict:
+    """One batch of both batches' rows (the same keys, each [rows, T])."""
+    return {k: np.concatenate([first[k], second[k]]) for k in first}
 
 
 def _stamp(source):

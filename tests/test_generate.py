@@ -16,7 +16,7 @@ from conftest import rel_err
 from reference import params_from_torch, torch_model
 from streamline_jax.gen_tasks import (GSM8K, evaluate_generative, first_number, gsm8k_answer,
                                       load_generative_items, normalise)
-from streamline_jax.generation import _filter_logits, compile_count, generate
+from streamline_jax.generation import _filter_logits, _next_token, compile_count, generate
 from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig, from_hf_config
 from streamline_jax.models.model import Model
@@ -224,6 +224,36 @@ def test_temperature_top_k_top_p_filter_like_transformers(vocab, scale):
         kept = np.isfinite(ref.numpy())
         assert (np.isfinite(ours) == kept).all(), (temperature, k, p)
         np.testing.assert_allclose(ours[kept], ref.numpy()[kept], rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale, top_k, tie", [(3.0, 0, False), (0.3, 0, False), (3.0, 40, False), (3.0, 300, False),
+                                            (0.3, 256, True)])
+def test_draws_follow_the_filtered_distribution(scale, top_k, tie):
+    """Sampled tokens over many rows of the same logits against the filtered softmax, the threshold from the top 256
+    (peaked, top-k under 256) or from the whole vocabulary (flat, top-k over 256, or top-k 256 with the 257th logit
+    tied with the 256th): the mass of each twentieth of the distribution (tokens by probability)."""
+    vocab, rows, parts = 1000, 10000, 20
+    row = np.random.default_rng(1).normal(size=vocab).astype(np.float32) * scale
+    if tie:  # the 257th largest logit equals the 256th: top-k 256 keeps both
+        order = np.argsort(-row)
+        row[order[256]] = row[order[255]]
+    logits = jnp.asarray(np.tile(row, (rows, 1)))
+    sampling = dict(temperature=jnp.float32(0.8), top_k=jnp.int32(256 if tie else top_k),
+                    top_p=jnp.float32(1.0 if tie else 0.9))
+    filtered = np.asarray(_filter_logits(logits[:1], sampling["temperature"], sampling["top_k"],
+                                         sampling["top_p"]))[0]
+    want = np.exp(filtered - filtered.max())
+    want /= want.sum()
+    drawn = np.asarray(jax.jit(_next_token, static_argnums=4)(logits, jax.random.PRNGKey(0), 0, sampling, False))
+    assert np.isfinite(filtered[drawn]).all()
+    if tie:  # kept, and drawn ~39 times in expectation
+        assert np.isfinite(filtered[order[256]]) and (drawn == order[256]).any()
+    by_rank = np.argsort(-want)
+    part = np.empty(vocab, int)
+    part[by_rank] = np.minimum((np.cumsum(want[by_rank]) - want[by_rank]) * parts, parts - 1).astype(int)
+    seen = np.bincount(part[drawn], minlength=parts) / rows
+    expected = np.bincount(part, weights=want, minlength=parts)
+    assert 0.5 * np.abs(seen - expected).sum() < 0.05, (scale, top_k, tie)  # total variation; noise ~0.02
 
 
 def test_sampling_with_a_seed_is_reproducible():

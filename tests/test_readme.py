@@ -164,6 +164,15 @@ COMMANDS: dict[str, Run] = {
     "eval.ppl_windows=128 eval.limit=1000 train.distill_steps=96 'train.distill_trainable=[block,\"segments/.*\"]' "
     "train.kd_hidden_weight=1.0 'train.kd_hidden_layers=[22,26]' train.kd_top_k=64": Run(
         "parse", "P1's sizes on the real model: 51 minutes"),
+    # docs/results.md: the model's answers beside the corpus, and at P1's sizes (Session 35)
+    "python -m streamline_jax.run --out runs/s35/base": Run("parse", "the default run on the real model: 10 minutes"),
+    "python scripts/bench_default.py --keep runs/s35/r1_mix data.distill_text=self data.self_chunks=16 "
+    "data.self_mix=0.5 data.train_chunks=192 train.epochs=10": PARSE_BENCH,
+    "python -m streamline_jax.run --out runs/s35/p1-self --stages score,prune,train,evaluate data.calib_chunks=50 "
+    "data.train_chunks=1000 data.valid_chunks=100 score.num_layers=8 score.sparsity=null train.epochs=1 "
+    "eval.ppl_windows=128 eval.limit=1000 train.distill_steps=96 'train.distill_trainable=[block,\"segments/.*\"]' "
+    "train.kd_hidden_weight=1.0 'train.kd_hidden_layers=[22,26]' train.kd_top_k=64 data.distill_text=self "
+    "data.self_chunks=128": Run("parse", "P1's sizes on the real model: 70 minutes"),
     "python -m streamline_jax.run --sweep score.sparsity=0.2,0.3 --sweep prune.replacement=none,layer": Run(
         "parse", "tests/test_sweep.py sweeps two settings at once on the tiny model"),
     "python -m streamline_jax.run --sweep score.spans=1,2 score.num_layers=8 score.sparsity=null": Run(
@@ -213,7 +222,9 @@ COMMANDS: dict[str, Run] = {
     "[--passes first,compiled,later]": PARSE_BENCH,
     "python scripts/bench_forward.py": PARSE_BENCH,
     "python scripts/bench_forward.py --shapes 4x512 --rounds 3": PARSE_BENCH,
-    "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N] [--sample]": PARSE_BENCH,
+    "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N] [--sample] [--ours-only]":
+        PARSE_BENCH,
+    "python scripts/bench_generate.py --sample --ours-only --batches 16 64 --new-tokens 256": PARSE_BENCH,
     "python scripts/bench_generate.py --sample --batches 16 64 --new-tokens 256": PARSE_BENCH,
     "python scripts/bench_load.py [--layers 4] [--devices 8] [--mesh 1,8,1] [--keep DIR]": PARSE_BENCH,
     "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2] "

@@ -184,3 +184,44 @@ def test_the_distillation_trains_on_the_self_data(files, tmp_path, monkeypatch):
     assert all(r["text"].startswith(r["prompt"]) for r in records) and distill["self_data"]["generated_tokens"] > 0
     assert sum(r["tokens"] for r in records) == sum(len(tokenizer(t)["input_ids"]) + 1 for t in texts) >= 12 * 32
     assert is_run_folder(out)  # the cache is the run's own file: the folder stays resumable, never foreign
+
+
+@pytest.mark.pipeline
+def test_a_mix_puts_the_models_answers_beside_training_chunks(files, tmp_path, monkeypatch):
+    from streamline_jax import train
+
+    seen = []
+    real = train.train_replacement
+
+    def spy(dense_model, pruned_model, batches, options, **kwargs):
+        seen.append([np.asarray(b["input_ids"]) for b in batches])
+        return real(dense_model, pruned_model, batches, options, **kwargs)
+
+    monkeypatch.setattr(train, "train_replacement", spy)
+    out = tmp_path / "out"
+    assert run_mod.main(run_args(files, "llama", out, "prune.replacement=layer", "train.num_steps=2",
+                                 "train.distill_steps=3", "train.pair_cache=true", "data.distill_text=self",
+                                 "data.self_mix=0.25", "data.self_chunks=2", "data.self_max_new_tokens=8",
+                                 "data.self_batch_size=4", "--stages", "train")) == 0
+    mse_batches, kd_batches = seen
+    assert len(kd_batches) == 3 and all(b.shape == (4, 32) for b in kd_batches)
+    lines = (out / "self_data.jsonl").read_text().splitlines()[1:]
+    texts = [r["text"] for line in lines for r in json.loads(line)["records"]]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(files["llama"])
+    own = [c.tolist() for c in token_chunks(texts, tokenizer, 32)][:2]  # data.self_chunks, one row a batch
+    assert [b[0].tolist() for b in kd_batches] == [own[0], own[1], own[0]]  # cycled
+    training = [r.tolist() for b in mse_batches for r in b]  # the MSE phase's chunks, in their order
+    assert [r.tolist() for b in kd_batches for r in b[1:]] == training[:9]  # the first 3 x 3 training chunks
+    made = json.loads((out / "report.json").read_text())["training"]["distill"]["self_data"]
+    assert (made["self_rows"], made["corpus_chunks"], made["chunks"]) == (1, 9, 2)
+    assert "1 rows of them, the rest training chunks" in (out / "report.md").read_text()
+
+
+def test_a_mix_that_leaves_no_row_to_the_answers_is_refused(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    for override, message in [("data.self_mix=0.1", "data.self_mix=0.1 must be in (0, 1]"),
+                              ("data.self_mix=1.5", "data.self_mix=1.5 must be in (0, 1]"),
+                              ("data.self_chunks=1", "data.self_chunks=1 fills no distillation batch")]:
+        assert run_mod.main(run_args(files, "llama", out, "train.distill_steps=2", "data.distill_text=self",
+                                     override)) == 2
+        assert message in capsys.readouterr().err and not out.exists()
