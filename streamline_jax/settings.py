@@ -72,8 +72,9 @@ class DataSection:
 
     @property
     def self_rows(self) -> int:
-        """How many rows of each distillation batch are the model's own answers (self_mix of batch_size)."""
-        return min(self.batch_size, max(1, round(self.batch_size * self.self_mix)))
+        """How many rows of each distillation batch are the model's own answers (self_mix of batch_size; check_values
+        keeps it in 1..batch_size)."""
+        return round(self.batch_size * self.self_mix)
 
 
 @dataclasses.dataclass(frozen=True)
