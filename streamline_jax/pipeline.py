@@ -390,7 +390,7 @@ def train_stage(c: RunConfig, dense, pruned, inputs: Inputs, out: Path, resume: 
                 dense, pruned, distill_batches, kd, valid_batches=valid_batches, block_key=block.key, remat=remat,
                 checkpoint_dir=out / DISTILL_CHECKPOINT / subfolders[block.key], resume=resume, progress=progress,
                 return_history=True, pair_cache=pairs / subfolders[block.key] if t.pair_cache else None,
-                offload_span=offload)
+                offload_span=offload, reuse_pairs=out / PAIR_CACHE / subfolders[block.key] if self_made else None)
             history["distill"] = {**distilled, "mode": "kd", "lr": t.distill_lr, "trainable": list(kd.trainable),
                                   "freeze": list(kd.freeze), "lr_beyond_block": kd.lr_beyond_block,
                                   "text": c.data.distill_text, **({"self_data": self_made} if self_made else {})}

@@ -121,14 +121,15 @@ class TrainSection(TrainOptions):
 
     def distillation(self, train_chunks: int, batch_size: int) -> "TrainSection":
         """The distillation phase's options: mode kd at distill_lr for distill_steps (the chunks read again where
-        one pass has fewer batches), validated at the end, checkpointed every checkpoint_every steps (null: 8
-        times a phase: it may train every layer, and a checkpoint holds them with their Adam state), training
+        one pass has fewer batches), validated at the end, checkpointed every checkpoint_every steps (null: at its
+        end, and checkpoint_minutes after the last checkpoint: it may train every layer, and a checkpoint holding
+        them with their Adam state took ~20 s of the default run's 2-core CPU at 8 a phase), training
         distill_trainable less distill_freeze (null: the first phase's), those outside the block at distill_lr_beyond_block."""
         per_epoch = max(1, train_chunks // batch_size)
         return self.replace(
             mode="kd", lr=self.distill_lr, num_steps=self.distill_steps, warmup_steps=None,
             epochs=-(-self.distill_steps * self.grad_accum // per_epoch), eval_every=self.distill_steps,
-            checkpoint_every=self.checkpoint_every or -(-self.distill_steps // 8),
+            checkpoint_every=self.checkpoint_every or self.distill_steps,
             trainable=self.trainable if self.distill_trainable is None else self.distill_trainable,
             freeze=self.freeze if self.distill_freeze is None else self.distill_freeze,
             lr_beyond_block=self.distill_lr_beyond_block)
@@ -364,10 +365,17 @@ def build_config(model: str | None = None, config_file: str | None = None,
         if not path.is_file() and Path(str(config_file)).suffix not in (".yaml", ".yml"):
             raise ConfigError(f"--config {config_file}: no such file and not a shipped recipe "
                               f"({', '.join(recipe_names())})")
-        settings = merge(settings, check_layer(read_yaml(path), str(config_file)))
-    settings = merge(settings, check_layer(parse_overrides(list(overrides)), "override"))
+        user = check_layer(read_yaml(path), str(config_file))
+        settings = merge(settings, user)
+    else:
+        user = {}
+    override_layer = check_layer(parse_overrides(list(overrides)), "override")
+    settings, user = merge(settings, override_layer), merge(user, override_layer)
     classes = _section_classes()
     config = RunConfig(**{s: classes[s](**settings.get(s, {})) for s in classes})
+    if (config.data.distill_text == "self" and not config.train.distils_after
+            and "distill_text" not in user.get("data", {})):  # a preset's choice, for a phase these settings drop
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, distill_text="corpus"))
     check_values(config)
     return config, preset
 
@@ -403,7 +411,7 @@ def check_values(c: RunConfig) -> None:
                           f"{c.data.self_rows} rows of the model's own answers (data.batch_size x data.self_mix)")
     if c.data.distill_text == "self" and not c.train.distils_after:
         raise ConfigError("data.distill_text=self is the text of the distillation phase, and there is none: set "
-                          "train.distill_steps (with a train.mode other than kd)")
+                          "train.distill_steps (with a train.mode other than kd), or data.distill_text=corpus")
     choice("train.mode", c.train.mode, MODES)
     choice("train.lr_schedule", c.train.lr_schedule, LR_SCHEDULES)
     choice("train.mse_weighting", c.train.mse_weighting, MSE_WEIGHTINGS)
@@ -449,7 +457,7 @@ RANGES = [
     ("train.num_steps", 1, True), ("train.epochs", 1, True), ("train.lr", 0, False), ("train.min_lr", 0, True),
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
-    ("train.kd_temperature", 0, False), ("train.kd_ce_weight", 0, True), ("train.kd_hidden_weight", 0, True),
+    ("train.checkpoint_minutes", 0, False), ("train.kd_temperature", 0, False), ("train.kd_ce_weight", 0, True), ("train.kd_hidden_weight", 0, True),
     ("train.kd_hidden_every", 0, True), ("train.log_every", 1, True), ("train.distill_steps", 0, True),
     ("train.distill_lr", 0, False), ("train.lr_beyond_block", 0, False), ("train.distill_lr_beyond_block", 0, False),
     ("train.kd_top_k", 0, True),

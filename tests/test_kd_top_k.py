@@ -231,3 +231,25 @@ def test_a_short_distillation_caches_only_the_rows_it_reads_and_trains_as_the_fu
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
     train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs", kd_top_k=V, **dict(kwargs, num_steps=4))
     assert rows == [4, 4] + [4] * 4
+
+
+def test_repeated_rows_get_the_teachers_top_k_once_and_train_as_the_full_kl(tmp_path, monkeypatch):
+    """Eight chunks read twice in one epoch (as the model's answers are, cycled beside training chunks): the span's
+    pairs and the teacher's top k are computed for the 8 distinct rows and copied to the other 8."""
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 2, "layer")
+    data, kwargs = chunks(8) * 2, dict(KD, num_steps=4)
+    full = train_replacement(model, pruned, data, pair_cache=tmp_path / "full", **kwargs)
+    rows = []
+    top_k_fn = train.span_cache.teacher_top_k_fn
+
+    def counted(*args):
+        fn = top_k_fn(*args)
+        return lambda params, x, mask: rows.append(len(x)) or fn(params, x, mask)
+
+    monkeypatch.setattr(train.span_cache, "teacher_top_k_fn", counted)
+    cached = train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs", kd_top_k=V, **kwargs)
+    assert rows == [4, 4]  # the 8 distinct rows of 16
+    assert json.loads((tmp_path / "pairs" / "complete.json").read_text())["computed_rows"] == 8
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(cached.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -146,12 +147,17 @@ def test_distill_phase_trains_what_its_own_settings_say(files, tmp_path):
 
 
 @pytest.mark.pipeline
-def test_distill_phase_after_mse_training_resumes_where_it_stopped(files, tmp_path, monkeypatch):
+def test_distill_phase_after_mse_training_resumes_where_it_stopped(files, tmp_path, monkeypatch, caplog):
     from streamline_jax import train
 
-    args = ["prune.replacement=layer", "train.epochs=2", "train.distill_steps=3", "--stages", "train"]
+    # a checkpoint at every step (by time): the distillation's own default is one at its end
+    args = ["prune.replacement=layer", "train.epochs=2", "train.distill_steps=3", "train.checkpoint_minutes=1e-9",
+            "train.pair_cache=true", "--stages", "train"]
     fresh = tmp_path / "fresh"
-    assert run_mod.main(_args(files, "llama", fresh, *args)) == 0
+    with jax.log_compiles(True):
+        assert run_mod.main(_args(files, "llama", fresh, *args)) == 0
+    # each phase's step compiles once (the first step's inputs are committed to the device like its outputs)
+    assert caplog.text.count("Compiling jit(train_step)") == 2
     done = json.loads((fresh / "report.json").read_text())["training"]
     assert done["mode"] == "mse" and len(done["train"]) == 8
     distill = done["distill"]
@@ -355,6 +361,11 @@ def test_settings_layers(tmp_path):
     paper, _ = run_mod.build_config("smollm2-135m", str(run_mod.CONFIG_DIR / "recipes" / "paper.yaml"))
     assert (paper.train.lr, paper.train.freeze, paper.train.shuffle, paper.train.epochs) == (2e-4, (), False, 1)
     assert paper.data.seq_len == 512 and paper.score.sparsity == 0.2
+    # the embedded preset distils on the model's answers; where the settings leave no distillation phase, the corpus
+    assert paper.data.distill_text == "corpus" and config.data.distill_text == "self"  # mode lm, then distillation
+    assert run_mod.build_config(None, None, ["train.mode=kd"])[0].data.distill_text == "corpus"
+    with pytest.raises(run_mod.ConfigError, match="or data.distill_text=corpus"):  # asked for, it must have a phase
+        run_mod.build_config(None, None, ["train.distill_steps=0", "data.distill_text=self"])
     config, _ = run_mod.build_config(None, None, ["train.freeze=[self_attn, input_layernorm]"])
     assert config.train.freeze == ("self_attn", "input_layernorm")
     config, _ = run_mod.build_config(None, None, ["train.mode=kd", "train.kd_temperature=2", "train.kd_ce_weight=0.5",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import jax
@@ -13,6 +14,7 @@ from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig, from_hf_config
 from streamline_jax.pruning import prune
 from streamline_jax.train import TrainingError, train_replacement, trainable_blocks
+from streamline_jax.train.span_cache import SpanPairCache
 from tiny import SMALL, SMALL_LLAMA as LLAMA, SMALL_OPT as OPT, chunks, dense
 
 QWEN = {"qwen2": ModelConfig(family="llama", model_type="qwen2", num_kv_heads=2, qkv_bias=True, **SMALL),
@@ -204,6 +206,22 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
                           checkpoint_dir=tmp_path, checkpoint_every=1, progress=False)
 
 
+def test_checkpoints_come_every_checkpoint_minutes_as_well_as_by_steps(tmp_path, monkeypatch):
+    from streamline_jax.train import loop
+
+    model = dense(LLAMA)
+    pruned = prune(model, 1, 2, "mlp", mlp_width=16)
+    saved = []
+    monkeypatch.setattr(loop, "LOOP_HOOK", lambda point: saved.append(point) if point == "saved" else None)
+    kwargs = dict(batch_size=4, lr=3e-3, warmup_steps=1, checkpoint_every=100, progress=False)
+    train_replacement(model, pruned, chunks(16), checkpoint_dir=tmp_path / "a", **kwargs)
+    assert len(saved) == 1  # four steps: the last only
+    train_replacement(model, pruned, chunks(16), checkpoint_dir=tmp_path / "b", checkpoint_minutes=1e-9, **kwargs)
+    assert len(saved) == 1 + 4  # every step is that long after the last checkpoint
+    with pytest.raises(ValueError, match=r"checkpoint_minutes must be > 0"):
+        train_replacement(model, pruned, chunks(16), checkpoint_minutes=0, **kwargs)
+
+
 def test_losses_read_every_k_steps_still_give_every_step_to_the_history_and_on_step():
     model = dense(LLAMA)
     pruned = prune(model, 1, 2, "mlp", mlp_width=16)
@@ -318,6 +336,40 @@ def test_tensorstore_pair_cache_trains_like_on_the_fly_mse(tmp_path):
     assert not (tmp_path / "pairs3").exists()
     for a, b in zip(jax.tree.leaves(done.params), jax.tree.leaves(again.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_pair_cache_computes_each_distinct_row_once_and_copies_rows_another_cache_holds(tmp_path, monkeypatch):
+    """Rows repeated within the batches, or held by a finished cache of the span (the MSE phase's, for the
+    distillation), are copied, not computed; every row's pairs equal a cache built without reuse."""
+    from streamline_jax.data import batches
+    from streamline_jax.train import span_cache
+
+    model = dense(LLAMA)
+    first, other = SpanPairCache(tmp_path / "first", 2, 2), SpanPairCache(tmp_path / "other", 2, 2)
+    corpus, own = chunks(8), chunks(4, seed=3)
+    first.build(model, list(batches(corpus, 4)), progress=False)
+    computed = []
+    span_pairs = span_cache.span_pairs_fn
+    monkeypatch.setattr(span_cache, "span_pairs_fn", lambda *a: lambda params, ids, mask: (
+        computed.append(len(ids)), span_pairs(*a)(params, ids, mask))[1])
+    mixed = [own[:2] + corpus[4:6], own[2:] + corpus[:2], own[:2] + corpus[6:], own[2:] + corpus[2:4]]
+    mixed = [{"input_ids": np.stack(rows), "attention_mask": np.ones((4, 16), np.int32)} for rows in mixed]
+    reused = SpanPairCache(tmp_path / "reused", 2, 2)
+    reused.build(model, mixed, progress=False, reuse=[first, other])  # `other` unfinished: nothing read from it
+    assert computed == [4]  # the four answers, once, in one batch
+    plain = SpanPairCache(tmp_path / "plain", 2, 2)
+    plain.build(model, mixed, progress=False)
+    assert computed == [4, 4, 4, 4]  # without reuse: the 12 distinct rows of 16, in three batches
+    direct = [span_pairs(model.config, 2, 2)(model.params, b["input_ids"], b["attention_mask"]) for b in mixed]
+    for cache in (reused, plain):
+        for name, expected in (("x_in", [x for x, _ in direct]), ("target", [y for _, y in direct]),
+                               ("input_ids", [b["input_ids"] for b in mixed])):
+            np.testing.assert_allclose(cache.open(name).read().result(), np.concatenate(expected), rtol=1e-5,
+                                       atol=1e-5)
+    assert json.loads((tmp_path / "reused" / "complete.json").read_text())["computed_rows"] == 4
+    wrong_span = SpanPairCache(tmp_path / "wrong", 1, 2)
+    wrong_span.build(model, mixed[:1], progress=False, reuse=[first])  # pairs of another span are not copied
+    assert computed == [4] * 5
 
 
 @pytest.mark.parametrize("cached", [False, True])
@@ -720,8 +772,9 @@ def test_lr_beyond_block_sets_the_lr_outside_the_block_only():
         train_replacement(model, pruned, patterned_chunks(8), lr_beyond_block=0.0, **kw)
     phase = TrainSection(distill_steps=4, distill_lr_beyond_block=3e-4).distillation(32, 8)
     assert (phase.lr, phase.lr_beyond_block) == (1e-3, 3e-4)
-    # checkpoints: 8 a phase (a checkpoint of every layer and its Adam state is large), or train.checkpoint_every
-    assert [TrainSection(distill_steps=n).distillation(32, 8).checkpoint_every for n in (4, 64, 96)] == [1, 8, 12]
+    # checkpoints: at the end and every train.checkpoint_minutes (one of every layer and its Adam state is large),
+    # or train.checkpoint_every
+    assert [TrainSection(distill_steps=n).distillation(32, 8).checkpoint_every for n in (4, 64, 96)] == [4, 64, 96]
     assert TrainSection(distill_steps=64, checkpoint_every=1).distillation(32, 8).checkpoint_every == 1
 
 

@@ -30,8 +30,11 @@ from .span_cache import SpanPairCache, TeacherTopKCache
 
 
 def _placed(tree, abstract):
-    """`tree` on the shardings of its abstract twin (where it has them): the step is compiled for those."""
-    return jax.tree.map(lambda a, s: a if s.sharding is None else jax.device_put(a, s.sharding), tree, abstract)
+    """`tree` on the shardings of its abstract twin, or committed to the default device where it has none: the step
+    is compiled for those, and its outputs, which the next step takes, are committed (uncommitted inputs to the
+    first step compiled it a second time)."""
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a, s: jax.device_put(a, s.sharding or device), tree, abstract)
 
 
 def _kept(tree):
@@ -168,15 +171,19 @@ def _training_data(train_batches, valid_batches, batch_size, options: TrainOptio
 
 
 def _read_from_pair_cache(data: _TrainingData, pair_cache, dense_model: Model, block: Block, progress,
-                          top_k: tuple | None = None, grad_accum: int = 1) -> None:
+                          top_k: tuple | None = None, grad_accum: int = 1, reuse_pairs=None) -> None:
     """Switch `data` to the span's (input, target) pairs in tensorstore arrays at `pair_cache` (built first unless a
-    finished cache of the same span and size is there); validation's go in its `valid` folder. `top_k`: (k,
-    temperature): the teacher's top k too, in a `TeacherTopKCache` beside each (built once, likewise; for training,
-    of the rows its `grad_accum` x num_steps batches read)."""
+    finished cache of the same span and size is there, copying the rows that the one at `reuse_pairs` holds);
+    validation's go in its `valid` folder. `top_k`: (k, temperature): the teacher's top k too, in a
+    `TeacherTopKCache` beside each (built once, likewise; for training, of the rows its `grad_accum` x num_steps
+    batches read)."""
+    def reusable(sub=""):
+        return [] if reuse_pairs is None else [SpanPairCache(Path(reuse_pairs) / sub, block.start, block.length)]
+
     rows = data.batches_per_epoch * len(np.asarray(data.first["input_ids"]))
     cache = SpanPairCache(pair_cache, block.start, block.length)
     if not cache.complete(rows):
-        cache.build(dense_model, data.train, progress)
+        cache.build(dense_model, data.train, progress, reuse=reusable())
     reads = min(data.num_steps * grad_accum, data.total_batches)  # a short distillation reads only some rows
     rows = cache.rows_read(reads, data.shuffle_seed) if top_k and reads < data.batches_per_epoch else None
     data.train = cache.batches(teacher=_teacher_top_k(cache, dense_model, top_k, progress, rows))
@@ -184,7 +191,7 @@ def _read_from_pair_cache(data: _TrainingData, pair_cache, dense_model: Model, b
         valid_rows = sum(len(np.asarray(b["input_ids"])) for b in data.valid)
         valid_cache = SpanPairCache(Path(pair_cache) / "valid", block.start, block.length)
         if not valid_cache.complete(valid_rows):
-            valid_cache.build(dense_model, data.valid, progress=False)
+            valid_cache.build(dense_model, data.valid, progress=False, reuse=reusable("valid"))
         data.valid = valid_cache.batches(teacher=_teacher_top_k(valid_cache, dense_model, top_k, False))
 
 
@@ -200,10 +207,13 @@ def _teacher_top_k(pairs: SpanPairCache, dense_model: Model, top_k, progress, ro
 
 
 def _train_loop(state: LoopState, data: _TrainingData, train_step, eval_step, frozen, valid, mesh, log: _LossLog,
-                checkpoints: Checkpoints, *, grad_accum, eval_every, checkpoint_every, log_every):
-    """Optimizer steps from `state` to the last, validating, checkpointing and logging on the way."""
+                checkpoints: Checkpoints, *, grad_accum, eval_every, checkpoint_every, log_every,
+                checkpoint_minutes=None):
+    """Optimizer steps from `state` to the last, validating, checkpointing (every `checkpoint_every` steps, at the
+    first step `checkpoint_minutes` after the last checkpoint, and at the last) and logging on the way."""
     num_steps = data.num_steps
     step = state.micro // grad_accum
+    saved_at = time.perf_counter()
     # Ctrl-C stops only between steps, after a checkpoint of that step: whatever the moment it comes, the checkpoint
     # is one consistent (step, data position, block, optimizer state, history) and a resume ends bitwise as an
     # uninterrupted run would.
@@ -223,7 +233,8 @@ def _train_loop(state: LoopState, data: _TrainingData, train_step, eval_step, fr
             _loop_point("logged")
             last = step == num_steps
             validate = valid is not None and (step % eval_every == 0 or last)
-            save = checkpoints.manager is not None and (step % checkpoint_every == 0 or last)
+            due = checkpoint_minutes is not None and time.perf_counter() - saved_at >= 60 * checkpoint_minutes
+            save = checkpoints.manager is not None and (step % checkpoint_every == 0 or last or due)
             if validate or save or last or interrupt.pending or step % log_every == 0:
                 log.flush(checkpoints.where)  # a checkpoint never holds a step past a non-finite loss
             if validate:
@@ -233,6 +244,7 @@ def _train_loop(state: LoopState, data: _TrainingData, train_step, eval_step, fr
                 state.best = state.trained
             if save:
                 checkpoints.save(step, state)
+                saved_at = time.perf_counter()
                 _loop_point("saved")
             if interrupt.pending:
                 checkpoints.save(step, state)
@@ -245,7 +257,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                       checkpoint_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
                       block_key: str | None = None, on_step=None, batch_size: int | None = None,
                       pair_cache: str | Path | None = None, remat: str = "none", return_history: bool = False,
-                      offload_span: str | Path | None = None, **option_changes):
+                      offload_span: str | Path | None = None, reuse_pairs: str | Path | None = None,
+                      **option_changes):
     """Train the pruned model's replacement block (or the `trainable` parameters); return the pruned model with the
     trained (best) parameters. The training options are `options` (a TrainOptions; default: its defaults) with
     `option_changes` (TrainOptions fields by name, e.g. lr=1e-3) over them.
@@ -261,7 +274,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     With `batch_size`, the data are token chunks ([T] arrays, or a callable returning a fresh iterator of them) that
     are batched here. With `pair_cache` (modes mse and kd), the dense span's (input, target) pairs are computed once
     into tensorstore arrays at that path (or reused if a finished cache for the same span is there) and every epoch
-    reads them from disk; in KD mode the teacher then runs from the span's output and a student whose prefix is the
+    reads them from disk (rows that a finished cache of the same span at `reuse_pairs` holds, such as the MSE
+    phase's for the distillation, are copied from it, its `valid` folder's likewise); in KD mode the teacher then runs from the span's output and a student whose prefix is the
     teacher's from its input; with `kd_top_k` > 0 as well, the teacher's top k log-probabilities and its tail's mass
     are computed once per cached row (a `TeacherTopKCache` inside `pair_cache`, reused likewise) and the KL is taken
     over them (`top_k_distillation_loss`): the teacher's layers after the span and its head no longer run at every
@@ -308,8 +322,8 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
                             loss_name=loss_name, params=pruned_model.params, remat=remat, mesh=pruned_model.mesh)
     checkpoints = Checkpoints(checkpoint_dir, resume, state=program.arguments[:2])
     if pair_cache is not None and not (resume and (checkpoints.last_good or 0) >= data.num_steps):
-        _read_from_pair_cache(data, pair_cache, dense_model, block, progress, top_k,
-                              options.grad_accum)  # a finished training reads no pairs
+        _read_from_pair_cache(data, pair_cache, dense_model, block, progress, top_k, options.grad_accum,
+                              reuse_pairs)  # a finished training reads no pairs
     offload = offload_span if pair_cache is not None and options.mode in ("mse", "kd") else None
     with offloaded(dense_model, pruned_model, block.start + block.length, offload) as moved:
         best, frozen_params, history = _run_program(program, dense_model, pruned_model, block, data, checkpoints,
@@ -362,7 +376,8 @@ def _run_program(program: TrainingProgram, dense_model: Model, pruned_model: Mod
     try:
         _train_loop(state, data, program.train_step, eval_step, frozen, valid, mesh, log, checkpoints,
                     grad_accum=grad_accum, eval_every=eval_every,
-                    checkpoint_every=options.checkpoint_every or eval_every, log_every=options.log_every)
+                    checkpoint_every=options.checkpoint_every or eval_every, log_every=options.log_every,
+                    checkpoint_minutes=options.checkpoint_minutes)
     finally:
         if bar is not None:
             bar.close()

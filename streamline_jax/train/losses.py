@@ -5,6 +5,7 @@ chunk of tokens at a time)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,10 @@ def span_pairs(config: ModelConfig, params, ids, mask, start, length):
     return x_in.astype(jnp.float32), target.astype(jnp.float32)
 
 
+@functools.lru_cache(maxsize=16)
 def span_pairs_fn(config: ModelConfig, start, length):
-    """A jitted (params, ids, mask) -> (input, target) in float32: the span's pairs for a pair cache or validation."""
+    """A jitted (params, ids, mask) -> (input, target) in float32: the span's pairs for a pair cache or validation
+    (one function per span, so the training, validation and distillation caches compile it once)."""
     def span_io(params, ids, mask):
         return span_pairs(config, params, ids, mask, start, length)
 

@@ -27,6 +27,7 @@ class TrainOptions:
     grad_accum: int = 1
     eval_every: int | None = None
     checkpoint_every: int | None = None
+    checkpoint_minutes: float | None = None  # also at the first step this long after the last checkpoint
     compute_dtype: str | None = None
     seed: int = 0
     freeze: tuple[str, ...] = ()
@@ -70,6 +71,9 @@ class TrainOptions:
                              f"{self.epochs}")
         if not isinstance(self.log_every, numbers.Integral) or self.log_every < 1:
             raise ValueError(f"{name('log_every')} must be a whole number >= 1, got {self.log_every!r}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:
+            raise ValueError(f"{name('checkpoint_minutes')} must be > 0 (or None: by steps only), got "
+                             f"{self.checkpoint_minutes}")
         if not isinstance(self.kd_top_k, numbers.Integral) or self.kd_top_k < 0:
             raise ValueError(f"{name('kd_top_k')} must be a whole number >= 0 (0: the full-vocabulary KL), got "
                              f"{self.kd_top_k!r}")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -72,40 +73,83 @@ class SpanPairCache(_ArrayFolder):
         return ((meta["start"], meta["length"]) == (self.start, self.length) and rows in (None, meta["rows"])
                 and meta.get("input_ids", False))  # caches written before the token ids were kept: rebuilt
 
-    def build(self, dense_model: Model, batches: Iterable[dict], progress=True):
+    def build(self, dense_model: Model, batches: Iterable[dict], progress=True,
+              reuse: Sequence["SpanPairCache"] = ()):
+        """Compute the pairs of every row of `batches` (iterated once). A row whose tokens and mask another row
+        already has (in these batches, or in one of the finished caches `reuse` of this span and length) is copied
+        from it, not computed: the distillation's batches repeat the model's answers and read training chunks whose
+        pairs the MSE phase's cache holds. The new rows are computed in batches of the first batch's size."""
         import tensorstore as ts
 
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
-        config, params = dense_model.config, dense_model.params
-        span_io = span_pairs_fn(config, self.start, self.length)
         batch_list = iter(batches)
         first = next(batch_list)
         b, t = np.asarray(first["input_ids"]).shape
-        count = 1 + sum(1 for _ in batch_list)
-        n, d = count * b, config.hidden_size
+        n, d = (1 + sum(1 for _ in batch_list)) * b, dense_model.config.hidden_size
         self._check_disk(n, t, d)
         arrays = {name: self._create(name, shape, dtype, [b, t, d][:len(shape)])
                   for name, shape, dtype in (("x_in", (n, t, d), ts.float32), ("target", (n, t, d), ts.float32),
                                              ("attention_mask", (n, t), ts.int32), ("input_ids", (n, t), ts.int32))}
-        bar = progress_bar(progress, count, 0, "cache span pairs", "batch")
+        digests = []  # each row's, in order
         for i, batch in enumerate(batches):
             ids = np.asarray(batch["input_ids"], np.int32)
             mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)), np.int32)
             ids, mask = pad_rows(ids, mask, b)  # a short last batch
-            x_in, target = span_io(params, jnp.asarray(ids), jnp.asarray(mask))
             rows = slice(i * b, (i + 1) * b)
-            writes = [arrays["x_in"][rows].write(np.asarray(x_in)), arrays["target"][rows].write(np.asarray(target)),
-                      arrays["attention_mask"][rows].write(mask), arrays["input_ids"][rows].write(ids)]
-            for w in writes:
+            for w in (arrays["attention_mask"][rows].write(mask), arrays["input_ids"][rows].write(ids)):
+                w.result()
+            digests += _row_digests(ids, mask)
+        first_row = {}
+        for row, digest in enumerate(digests):
+            first_row.setdefault(digest, row)
+        known = {digest: (cache, row) for cache in reversed(reuse) for digest, row in cache._rows_by_digest(t, d)
+                 if digest in first_row}
+        todo = np.array(sorted(row for digest, row in first_row.items() if digest not in known), np.int64)
+        self._compute(dense_model, arrays, todo, b, progress)
+        copies = {}  # (source cache or None for this one) -> [(source row, row)]
+        for row, digest in enumerate(digests):
+            cache, source = known.get(digest, (None, first_row[digest]))
+            if cache is not None or source != row:
+                copies.setdefault(cache, []).append((source, row))
+        for cache, pairs in copies.items():
+            sources = arrays if cache is None else {name: cache.open(name) for name in ("x_in", "target")}
+            for at in range(0, len(pairs), b):
+                source_rows, rows = (np.array(part) for part in zip(*pairs[at:at + b]))
+                for name in ("x_in", "target"):
+                    arrays[name][rows].write(sources[name][source_rows].read().result()).result()
+        write_atomic(self.path / "complete.json", json.dumps(
+            {"start": self.start, "length": self.length, "rows": n, "batch": b, "seq": t, "input_ids": True,
+             "computed_rows": len(todo)}))
+
+    def _compute(self, dense_model: Model, arrays: dict, rows: np.ndarray, b: int, progress) -> None:
+        """The span's pairs of `rows` (their token ids and mask already written), `b` rows at a time."""
+        span_io = span_pairs_fn(dense_model.config, self.start, self.length)
+        count = -(-len(rows) // b)
+        bar = progress_bar(progress, count, 0, "cache span pairs", "batch")
+        for i in range(count):
+            part = rows[i * b:(i + 1) * b]
+            part = np.concatenate([part, np.repeat(part[-1:], b - len(part))])  # a short last batch: one shape
+            ids, mask = (arrays[name][part].read().result() for name in ("input_ids", "attention_mask"))
+            x_in, target = span_io(dense_model.params, jnp.asarray(ids), jnp.asarray(mask))
+            for w in (arrays["x_in"][part].write(np.asarray(x_in)), arrays["target"][part].write(np.asarray(target))):
                 w.result()
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        write_atomic(self.path / "complete.json", json.dumps(
-            {"start": self.start, "length": self.length, "rows": n, "batch": b, "seq": t, "input_ids": True}))
+
+    def _rows_by_digest(self, seq: int, hidden: int):
+        """(digest, row) of each row of this cache where it is finished for this span with `seq`-token rows of
+        `hidden`-wide states (nothing otherwise)."""
+        meta = self._meta()
+        if not self.complete() or meta["seq"] != seq or self.open("x_in").shape[-1] != hidden:
+            return
+        ids, mask = self.open("input_ids"), self.open("attention_mask")
+        for at in range(0, meta["rows"], meta["batch"]):
+            part = slice(at, at + meta["batch"])
+            yield from zip(_row_digests(ids[part].read().result(), mask[part].read().result()), itertools.count(at))
 
     def _check_disk(self, n: int, t: int, d: int) -> None:
         """A clear error before any pair is computed when the disk cannot hold them all."""
@@ -143,6 +187,12 @@ class SpanPairCache(_ArrayFolder):
                 return self.epoch(0)
 
         return _Reader()
+
+
+def _row_digests(ids: np.ndarray, mask: np.ndarray) -> list[bytes]:
+    """One digest per row of [B, T] token ids and mask: rows with equal digests have equal pairs."""
+    return [hashlib.sha1(i.tobytes() + m.tobytes()).digest() for i, m in zip(ids.astype(np.int32),
+                                                                          mask.astype(np.int32))]
 
 
 class TeacherTopKCache(_ArrayFolder):
@@ -186,10 +236,12 @@ class TeacherTopKCache(_ArrayFolder):
                   "tail_logp": self._create("tail_logp", (n, t), ts.float32, [b, t])}
         top_k = teacher_top_k_fn(dense_model.config, self.pairs.start + self.pairs.length, k, self.temperature)
         target, mask = self.pairs.open("target"), self.pairs.open("attention_mask")
-        count = -(-len(todo) // b)
+        source = self._first_equal_rows(todo, b)  # a repeated row (an answer read again) is copied, not recomputed
+        distinct = todo[source == todo]
+        count = -(-len(distinct) // b)
         bar = progress_bar(progress, count, 0, f"cache teacher top {k}", "batch")
         for i in range(count):
-            rows = todo[i * b:(i + 1) * b]
+            rows = distinct[i * b:(i + 1) * b]
             rows = np.concatenate([rows, np.repeat(rows[-1:], b - len(rows))])  # a short last batch: one shape
             out = top_k(dense_model.params, jnp.asarray(target[rows].read().result()),
                         jnp.asarray(mask[rows].read().result()))
@@ -199,4 +251,18 @@ class TeacherTopKCache(_ArrayFolder):
                 bar.update(1)
         if bar is not None:
             bar.close()
+        copied = source != todo
+        for at in range(0, int(copied.sum()), b):
+            rows, sources = todo[copied][at:at + b], source[copied][at:at + b]
+            for name in TOP_K_ARRAYS:
+                arrays[name][rows].write(arrays[name][sources].read().result()).result()
         write_atomic(self.path / "complete.json", json.dumps(self._key(n)))
+
+    def _first_equal_rows(self, rows: np.ndarray, b: int) -> np.ndarray:
+        """For each of `rows`, the first of them with the same tokens and mask in the pair cache (itself if none)."""
+        ids, mask, first, out = self.pairs.open("input_ids"), self.pairs.open("attention_mask"), {}, []
+        for at in range(0, len(rows), b):
+            part = rows[at:at + b]
+            digests = _row_digests(ids[part].read().result(), mask[part].read().result())
+            out += [first.setdefault(digest, row) for digest, row in zip(digests, part)]
+        return np.asarray(out, dtype=rows.dtype)
