@@ -123,7 +123,7 @@ class TrainSection(TrainOptions):
         """The distillation phase's options: mode kd at distill_lr for distill_steps (the chunks read again where
         one pass has fewer batches), validated at the end, checkpointed every checkpoint_every steps (null: at its
         end, and checkpoint_minutes after the last checkpoint: it may train every layer, and a checkpoint holding
-        them with their Adam state took ~20 s of the default run's 2-core CPU at 8 a phase), training
+        them with their Adam state cost the default run's 2-core CPU ~16 s at 8 a phase), training
         distill_trainable less distill_freeze (null: the first phase's), those outside the block at distill_lr_beyond_block."""
         per_epoch = max(1, train_chunks // batch_size)
         return self.replace(
@@ -457,7 +457,8 @@ RANGES = [
     ("train.num_steps", 1, True), ("train.epochs", 1, True), ("train.lr", 0, False), ("train.min_lr", 0, True),
     ("train.warmup_steps", 0, True), ("train.weight_decay", 0, True), ("train.clip_norm", 0, False),
     ("train.grad_accum", 1, True), ("train.eval_every", 1, True), ("train.checkpoint_every", 1, True),
-    ("train.checkpoint_minutes", 0, False), ("train.kd_temperature", 0, False), ("train.kd_ce_weight", 0, True), ("train.kd_hidden_weight", 0, True),
+    ("train.checkpoint_minutes", 0, False), ("train.kd_temperature", 0, False), ("train.kd_ce_weight", 0, True),
+    ("train.kd_hidden_weight", 0, True),
     ("train.kd_hidden_every", 0, True), ("train.log_every", 1, True), ("train.distill_steps", 0, True),
     ("train.distill_lr", 0, False), ("train.lr_beyond_block", 0, False), ("train.distill_lr_beyond_block", 0, False),
     ("train.kd_top_k", 0, True),

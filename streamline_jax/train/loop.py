@@ -275,11 +275,12 @@ def train_replacement(dense_model: Model, pruned_model: Model, train_batches: It
     are batched here. With `pair_cache` (modes mse and kd), the dense span's (input, target) pairs are computed once
     into tensorstore arrays at that path (or reused if a finished cache for the same span is there) and every epoch
     reads them from disk (rows that a finished cache of the same span at `reuse_pairs` holds, such as the MSE
-    phase's for the distillation, are copied from it, its `valid` folder's likewise); in KD mode the teacher then runs from the span's output and a student whose prefix is the
-    teacher's from its input; with `kd_top_k` > 0 as well, the teacher's top k log-probabilities and its tail's mass
-    are computed once per cached row (a `TeacherTopKCache` inside `pair_cache`, reused likewise) and the KL is taken
-    over them (`top_k_distillation_loss`): the teacher's layers after the span and its head no longer run at every
-    step, except the layers the hidden-state terms need. With `offload_span` as well, the dense model's own layers
+    phase's for the distillation, are copied from it, its `valid` folder's likewise); in KD mode the teacher then
+    runs from the span's output and a student whose prefix is the teacher's from its input; with `kd_top_k` > 0 as
+    well, the teacher's top k log-probabilities and its tail's mass are computed once per cached row (a
+    `TeacherTopKCache` inside `pair_cache`, reused likewise; a repeated row copied) and the KL is taken over them
+    (`top_k_distillation_loss`): the teacher's layers after the span and its head no longer run at every step,
+    except the layers the hidden-state terms need. With `offload_span` as well, the dense model's own layers
     that the cached steps do not read (the span's; see `offload.offloaded`) are written to that folder and freed
     while the steps run, then read back into `dense_model.params` in place.
     `mse_weighting="token"` makes the MSE relative per token (see `masked_mse`). `shuffle`: each epoch reads the
