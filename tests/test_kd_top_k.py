@@ -210,13 +210,8 @@ def test_top_k_settings_are_clear_errors_before_the_run(overrides, message, caps
     assert message in capsys.readouterr().err
 
 
-def test_a_short_distillation_caches_only_the_rows_it_reads_and_trains_as_the_full_kl(tmp_path, monkeypatch):
-    """2 steps of 4 shuffled batches: the teacher runs for those 8 rows only, and training at k = vocab ends where
-    the full KL does; a longer run then caches every row."""
-    model = dense(LLAMA)
-    pruned = prune(model, 2, 2, "layer")
-    data, kwargs = chunks(16), dict(KD, num_steps=2, shuffle=True, seed=5)
-    full = train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs", **kwargs)
+def teacher_batches(monkeypatch) -> list:
+    """The rows of each batch the top-k cache runs the teacher on, appended as it runs."""
     rows = []
     top_k_fn = train.span_cache.teacher_top_k_fn
 
@@ -225,6 +220,17 @@ def test_a_short_distillation_caches_only_the_rows_it_reads_and_trains_as_the_fu
         return lambda params, x, mask: rows.append(len(x)) or fn(params, x, mask)
 
     monkeypatch.setattr(train.span_cache, "teacher_top_k_fn", counted)
+    return rows
+
+
+def test_a_short_distillation_caches_only_the_rows_it_reads_and_trains_as_the_full_kl(tmp_path, monkeypatch):
+    """2 steps of 4 shuffled batches: the teacher runs for those 8 rows only, and training at k = vocab ends where
+    the full KL does; a longer run then caches every row."""
+    model = dense(LLAMA)
+    pruned = prune(model, 2, 2, "layer")
+    data, kwargs = chunks(16), dict(KD, num_steps=2, shuffle=True, seed=5)
+    full = train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs", **kwargs)
+    rows = teacher_batches(monkeypatch)
     cached = train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs", kd_top_k=V, **kwargs)
     assert rows == [4, 4]  # 2 batches of 4 rows, of 16
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(cached.params)):
@@ -240,14 +246,7 @@ def test_repeated_rows_get_the_teachers_top_k_once_and_train_as_the_full_kl(tmp_
     pruned = prune(model, 2, 2, "layer")
     data, kwargs = chunks(8) * 2, dict(KD, num_steps=4)
     full = train_replacement(model, pruned, data, pair_cache=tmp_path / "full", **kwargs)
-    rows = []
-    top_k_fn = train.span_cache.teacher_top_k_fn
-
-    def counted(*args):
-        fn = top_k_fn(*args)
-        return lambda params, x, mask: rows.append(len(x)) or fn(params, x, mask)
-
-    monkeypatch.setattr(train.span_cache, "teacher_top_k_fn", counted)
+    rows = teacher_batches(monkeypatch)
     cached = train_replacement(model, pruned, data, pair_cache=tmp_path / "pairs", kd_top_k=V, **kwargs)
     assert rows == [4, 4]  # the 8 distinct rows of 16
     assert json.loads((tmp_path / "pairs" / "complete.json").read_text())["computed_rows"] == 8
