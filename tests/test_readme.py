@@ -180,6 +180,7 @@ COMMANDS: dict[str, Run] = {
     "data.self_mix=0.5": PARSE_BENCH,
     "python scripts/bench_default.py --keep runs/s36/r7_default": PARSE_BENCH,
     "python scripts/bench_default.py --keep runs/s36/r8_topk train.kd_top_k=64": PARSE_BENCH,
+    "python scripts/bench_default.py --keep runs/s36/r9_top256 train.kd_top_k=256": PARSE_BENCH,
     "python -m streamline_jax.run --out runs/s35/p1-self --stages score,prune,train,evaluate data.calib_chunks=50 "
     "data.train_chunks=1000 data.valid_chunks=100 score.num_layers=8 score.sparsity=null train.epochs=1 "
     "eval.ppl_windows=128 eval.limit=1000 train.distill_steps=96 'train.distill_trainable=[block,\"segments/.*\"]' "
