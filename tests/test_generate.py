@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,8 @@ from conftest import rel_err
 from reference import params_from_torch, torch_model
 from streamline_jax.gen_tasks import (GSM8K, evaluate_generative, first_number, gsm8k_answer,
                                       load_generative_items, normalise)
-from streamline_jax.generation import _filter_logits, _next_token, compile_count, generate
+from streamline_jax.generation import (_decode, _filter_logits, _next_token, _prefill, compile_count, generate,
+                                       unrolled)
 from streamline_jax.models import transformer
 from streamline_jax.models.config import ModelConfig, from_hf_config
 from streamline_jax.models.model import Model
@@ -197,6 +200,25 @@ def test_decoding_compiles_once_per_shape():
     sampled = compile_count()
     generate(model, PROMPT_IDS, NEW, temperature=1.3, top_k=5, top_p=0.5, seed=2)  # settings are traced
     assert compile_count() == sampled
+
+
+def test_a_decode_step_does_not_copy_the_kv_cache():
+    """The cache's layout is the attention products' own ([B, K, S, D]): in [B, S, K, D], XLA copied every layer's
+    whole cache into that order at each decode step (60 copies of the cache a step at SmolLM2's 30 layers)."""
+    model, _ = tiny("llama")
+    config, params = unrolled(model.config, model.params)
+    b, prompt, new = 3, 8, 8
+    ids = jnp.ones((b, prompt), jnp.int32)
+    sampling = dict(temperature=jnp.float32(1.0), top_k=jnp.int32(0), top_p=jnp.float32(1.0))
+    eos = jnp.asarray([3], jnp.int32)
+    state = _prefill(config, params, ids, jnp.ones_like(ids), eos, sampling, jax.random.PRNGKey(0),
+                     max_new_tokens=new, cache_len=prompt + new - 1, greedy=True, output_logits=False)
+    hlo = _decode.jitted(config).lower(config, params, state, jnp.int32(new), eos, jnp.int32(0), sampling,
+                                       greedy=True).compile().as_text()
+    cache_elements = b * config.num_kv_heads * (prompt + new - 1) * config.head_dim
+    copied = [line for line in hlo.splitlines() if re.search(r"= \w+\[([\d,]+)\]\S* (copy|transpose)\(", line)
+              and math.prod(int(n) for n in re.search(r"\[([\d,]+)\]", line).group(1).split(",")) == cache_elements]
+    assert not copied, copied[:2]
 
 
 # ----------------------------------------------------------------------------------------------------------------

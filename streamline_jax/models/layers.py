@@ -228,6 +228,12 @@ def attend(q, k, v, mask, causal=False, softcap=None, platform=None):
     platform = platform or jax.default_backend()
     if causal and t == s and t > CAUSAL_BLOCK and platform == "cpu":
         return attend_causal_blocks(q, k, v, mask, softcap)
+    return _attend_dense(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, softcap)
+
+
+def attend_cache(q, cache, mask, softcap=None):
+    """`attend` of q [B, T, H, D] over a KV cache in `update_cache`'s layout ([B, K, S, D] keys and values)."""
+    k, v = cache
     return _attend_dense(q, k, v, mask, softcap)
 
 
@@ -326,23 +332,28 @@ _causal_heads.defvjp(_causal_heads_fwd, _causal_heads_bwd)
 
 
 def _attend_dense(q, k, v, mask, softcap=None):
+    """q [B, T, H, D]; k, v [B, K, S, D] (key heads before slots: each (batch, key head) is a matmul over
+    contiguous rows, where [B, S, K, D] had XLA copy a decode step's whole cache into this order at every layer)."""
     b, t, h, d = q.shape
-    kv = k.shape[2]
+    kv = k.shape[1]
     g = h // kv
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
-    scores = product("bkqd,bskd->bkqs", q, k)
+    scores = product("bkqd,bksd->bkqs", q, k)
     scores = capped(scores, softcap).reshape(b, kv, g, t, -1)
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
-    out = product("bkqs,bskd->bkqd", probs, v).astype(v.dtype)
+    out = product("bkqs,bksd->bkqd", probs, v).astype(v.dtype)
     return out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def update_cache(cache, k, v, cache_index):
-    """Write this step's keys and values into a preallocated [B, S_max, K, D] cache at `cache_index`."""
+    """Write this step's keys and values ([B, T, K, D]) into a preallocated [B, K, S_max, D] cache at slot
+    `cache_index`."""
     k_cache, v_cache = cache
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype),
+                                                  cache_index, axis=2)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype),
+                                                  cache_index, axis=2)
     return k_cache, v_cache
 
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .config import ModelConfig
-from .layers import (SwiGLU, apply_rope, attend, dense, matmul_dtype, rms_norm, rope_inv_freq, update_cache,
-                     within_window)
+from .layers import (SwiGLU, apply_rope, attend, attend_cache, dense, matmul_dtype, rms_norm, rope_inv_freq,
+                     update_cache, within_window)
 
 
 def local_window_mask(mask, cache_index, window, positions=None):
@@ -54,9 +54,9 @@ class LlamaAttention(nn.Module):
         v = v.astype(compute)
         if cache is not None:
             cache = update_cache(cache, k, v, cache_index)
-            k, v = cache
-        out = attend(q, k, v, mask, causal=cache is None, softcap=c.attn_logit_softcap,
-                     platform=c.attention_platform)
+            out = attend_cache(q, cache, mask, softcap=c.attn_logit_softcap)
+        else:
+            out = attend(q, k, v, mask, causal=True, softcap=c.attn_logit_softcap, platform=c.attention_platform)
         out = dense(c.hidden_size, ("heads", "head_dim"), ("embed",), c.attention_bias, "o_proj", axis=(-2, -1),
                     dtype=self.dtype, compute_dtype=compute)(out)
         return out, cache

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from .config import ModelConfig
-from .layers import attend, dense, layer_norm, matmul_dtype, update_cache
+from .layers import attend, attend_cache, dense, layer_norm, matmul_dtype, update_cache
 
 
 class OPTAttention(nn.Module):
@@ -26,8 +26,9 @@ class OPTAttention(nn.Module):
         k, v = k.astype(compute), v.astype(compute)
         if cache is not None:
             cache = update_cache(cache, k, v, cache_index)
-            k, v = cache
-        out = attend(q, k, v, mask, causal=cache is None, platform=c.attention_platform)
+            out = attend_cache(q, cache, mask)
+        else:
+            out = attend(q, k, v, mask, causal=True, platform=c.attention_platform)
         out = dense(c.hidden_size, axes, ("embed",), c.enable_bias, "out_proj", axis=(-2, -1), dtype=self.dtype,
                     compute_dtype=compute)(out)
         return out, cache

@@ -546,13 +546,13 @@ def _arrays_equal(a, b):
 
 
 def _cache_len(caches):
-    return jax.tree.leaves(caches)[0].shape[-3]
+    return jax.tree.leaves(caches)[0].shape[-2]
 
 
 def init_caches(config: ModelConfig, batch: int, length: int, dtype=None):
     """Preallocated key/value caches for every segment that has attention: {seg_i: (k, v)}."""
     dtype = dtype or compute_dtype(config)
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, length, config.head_dim)  # update_cache's layout
     caches = {}
     for i, seg in enumerate(config.layout):
         if seg.kind == "layers":

@@ -101,16 +101,14 @@ class SpanPairCache(_ArrayFolder):
             for w in (arrays["attention_mask"][rows].write(mask), arrays["input_ids"][rows].write(ids)):
                 w.result()
             digests += _row_digests(ids, mask)
-        first_row = {}
-        for row, digest in enumerate(digests):
-            first_row.setdefault(digest, row)
+        first, wanted = first_equal_rows(digests, range(n)), set(digests)
         known = {digest: (cache, row) for cache in reversed(reuse) for digest, row in cache._rows_by_digest(t, d)
-                 if digest in first_row}
-        todo = np.array(sorted(row for digest, row in first_row.items() if digest not in known), np.int64)
+                 if digest in wanted}
+        todo = np.array([row for row in range(n) if first[row] == row and digests[row] not in known], np.int64)
         self._compute(dense_model, arrays, todo, b, progress)
         copies = {}  # (source cache or None for this one) -> [(source row, row)]
         for row, digest in enumerate(digests):
-            cache, source = known.get(digest, (None, first_row[digest]))
+            cache, source = known.get(digest, (None, first[row]))
             if cache is not None or source != row:
                 copies.setdefault(cache, []).append((source, row))
         for cache, pairs in copies.items():
@@ -189,6 +187,12 @@ class SpanPairCache(_ArrayFolder):
         return _Reader()
 
 
+def first_equal_rows(digests: Sequence[bytes], rows: Iterable[int]) -> list[int]:
+    """For each of `rows` (with its digest), the first of them with the same digest: itself where none came before."""
+    first = {}
+    return [first.setdefault(digest, row) for digest, row in zip(digests, rows)]
+
+
 def _row_digests(ids: np.ndarray, mask: np.ndarray) -> list[bytes]:
     """One digest per row of [B, T] token ids and mask: rows with equal digests have equal pairs."""
     return [hashlib.sha1(i.tobytes() + m.tobytes()).digest() for i, m in zip(ids.astype(np.int32),
@@ -260,9 +264,8 @@ class TeacherTopKCache(_ArrayFolder):
 
     def _first_equal_rows(self, rows: np.ndarray, b: int) -> np.ndarray:
         """For each of `rows`, the first of them with the same tokens and mask in the pair cache (itself if none)."""
-        ids, mask, first, out = self.pairs.open("input_ids"), self.pairs.open("attention_mask"), {}, []
+        ids, mask, digests = self.pairs.open("input_ids"), self.pairs.open("attention_mask"), []
         for at in range(0, len(rows), b):
             part = rows[at:at + b]
-            digests = _row_digests(ids[part].read().result(), mask[part].read().result())
-            out += [first.setdefault(digest, row) for digest, row in zip(digests, part)]
-        return np.asarray(out, dtype=rows.dtype)
+            digests += _row_digests(ids[part].read().result(), mask[part].read().result())
+        return np.asarray(first_equal_rows(digests, rows), dtype=rows.dtype)
