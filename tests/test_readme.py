@@ -181,6 +181,8 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_default.py --keep runs/s36/r7_default": PARSE_BENCH,
     "python scripts/bench_default.py --keep runs/s36/r8_topk train.kd_top_k=64": PARSE_BENCH,
     "python scripts/bench_default.py --keep runs/s36/r9_top256 train.kd_top_k=256": PARSE_BENCH,
+    "python scripts/bench_default.py --keep runs/s37/r1_default": PARSE_BENCH,
+    "python scripts/bench_default.py --keep runs/s37/r2_top256 train.kd_top_k=256": PARSE_BENCH,
     "python -m streamline_jax.run --out runs/s35/p1-self --stages score,prune,train,evaluate data.calib_chunks=50 "
     "data.train_chunks=1000 data.valid_chunks=100 score.num_layers=8 score.sparsity=null train.epochs=1 "
     "eval.ppl_windows=128 eval.limit=1000 train.distill_steps=96 'train.distill_trainable=[block,\"segments/.*\"]' "
@@ -238,6 +240,7 @@ COMMANDS: dict[str, Run] = {
     "python scripts/bench_generate.py [--new-tokens 128] [--batches 1 8] [--torch-threads N] [--sample] [--ours-only]":
         PARSE_BENCH,
     "python scripts/bench_generate.py --sample --ours-only --batches 16 64 --new-tokens 256": PARSE_BENCH,
+    "python scripts/bench_generate.py --ours-only --sample --batches 16 --new-tokens 256": PARSE_BENCH,
     "python scripts/bench_generate.py --sample --batches 16 64 --new-tokens 256": PARSE_BENCH,
     "python scripts/bench_load.py [--layers 4] [--devices 8] [--mesh 1,8,1] [--keep DIR]": PARSE_BENCH,
     "python scripts/bench_score.py [--batches 2] [--batch-size 4] [--seq-len 512] [--repeats 2] "
